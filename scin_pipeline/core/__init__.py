@@ -1,0 +1,1 @@
+"""Pure rules of the pipeline: no Dagster imports here, every function is unit-tested directly."""
