@@ -1,0 +1,111 @@
+"""Column names and enum vocabularies of the SCIN v1.0.0 metadata, as published in the bucket.
+
+The vocabularies are what the release actually contains (checked on the real CSVs). A value outside
+them is kept (the categorical grows to hold it) and flagged, never dropped: a new release may add values.
+"""
+
+from __future__ import annotations
+
+RACE_COLUMNS = [
+    "race_ethnicity_american_indian_or_alaska_native",
+    "race_ethnicity_asian",
+    "race_ethnicity_black_or_african_american",
+    "race_ethnicity_hispanic_latino_or_spanish_origin",
+    "race_ethnicity_middle_eastern_or_north_african",
+    "race_ethnicity_native_hawaiian_or_pacific_islander",
+    "race_ethnicity_white",
+    "race_ethnicity_other_race",
+    "race_ethnicity_prefer_not_to_answer",
+    "race_ethnicity_two_or_more_after_mitigation",
+]
+TEXTURE_COLUMNS = [
+    "textures_raised_or_bumpy",
+    "textures_flat",
+    "textures_rough_or_flaky",
+    "textures_fluid_filled",
+]
+BODY_PART_COLUMNS = [
+    "body_parts_head_or_neck",
+    "body_parts_arm",
+    "body_parts_palm",
+    "body_parts_back_of_hand",
+    "body_parts_torso_front",
+    "body_parts_torso_back",
+    "body_parts_genitalia_or_groin",
+    "body_parts_buttocks",
+    "body_parts_leg",
+    "body_parts_foot_top_or_side",
+    "body_parts_foot_sole",
+    "body_parts_other",
+]
+SYMPTOM_COLUMNS = [
+    "condition_symptoms_bothersome_appearance",
+    "condition_symptoms_bleeding",
+    "condition_symptoms_increasing_size",
+    "condition_symptoms_darkening",
+    "condition_symptoms_itching",
+    "condition_symptoms_burning",
+    "condition_symptoms_pain",
+    "condition_symptoms_no_relevant_experience",
+    "other_symptoms_fever",
+    "other_symptoms_chills",
+    "other_symptoms_fatigue",
+    "other_symptoms_joint_pain",
+    "other_symptoms_mouth_sores",
+    "other_symptoms_shortness_of_breath",
+    "other_symptoms_no_relevant_symptoms",
+]
+# Check-box answers: "YES" when ticked, empty otherwise.
+YES_FLAG_COLUMNS = RACE_COLUMNS + TEXTURE_COLUMNS + BODY_PART_COLUMNS + SYMPTOM_COLUMNS
+
+IMAGE_PATH_COLUMNS = ["image_1_path", "image_2_path", "image_3_path"]
+SHOT_TYPE_COLUMNS = ["image_1_shot_type", "image_2_shot_type", "image_3_shot_type"]
+
+GRADABLE_CONDITION_COLUMNS = [f"dermatologist_gradable_for_skin_condition_{i}" for i in (1, 2, 3)]
+GRADABLE_FST_COLUMNS = [f"dermatologist_gradable_for_fitzpatrick_skin_type_{i}" for i in (1, 2, 3)]
+DERM_FST_COLUMNS = [f"dermatologist_fitzpatrick_skin_type_label_{i}" for i in (1, 2, 3)]
+LABEL_NAMES_COLUMN = "dermatologist_skin_condition_on_label_name"
+LABEL_CONFIDENCE_COLUMN = "dermatologist_skin_condition_confidence"
+WEIGHTED_LABEL_COLUMN = "weighted_skin_condition_label"
+
+# Columns without which nothing downstream can be trusted; a file missing one is refused outright.
+REQUIRED_CASE_COLUMNS = [
+    "case_id", "release", "age_group", "sex_at_birth", "fitzpatrick_skin_type",
+    *IMAGE_PATH_COLUMNS, *SHOT_TYPE_COLUMNS,
+]
+REQUIRED_LABEL_COLUMNS = [
+    "case_id", *GRADABLE_CONDITION_COLUMNS, LABEL_NAMES_COLUMN, LABEL_CONFIDENCE_COLUMN,
+    WEIGHTED_LABEL_COLUMN, "dermatologist_fitzpatrick_skin_type_label_1",
+    "monk_skin_tone_label_us", "monk_skin_tone_label_india",
+]
+
+FST_VALUES = ["FST1", "FST2", "FST3", "FST4", "FST5", "FST6"]
+GRADABILITY_VALUES = [
+    "DEFAULT_YES_IMAGE_QUALITY_SUFFICIENT",
+    "YES_IMAGE_QUALITY_SUFFICIENT_NO_DISCERNIBLE_PATHOLOGY",
+    "NO_IMAGE_QUALITY_INSUFFICIENT",
+]
+
+# Enum columns and their known values, in a meaningful order (ordinal where the scale is ordinal).
+ENUM_VALUES: dict[str, list[str]] = {
+    "age_group": [
+        "AGE_18_TO_29", "AGE_30_TO_39", "AGE_40_TO_49", "AGE_50_TO_59", "AGE_60_TO_69",
+        "AGE_70_TO_79", "AGE_80_OR_ABOVE", "AGE_UNKNOWN",
+    ],
+    "sex_at_birth": ["FEMALE", "MALE", "INTERSEX_OR_NON_BINARY", "OTHER_OR_UNSPECIFIED"],
+    "fitzpatrick_skin_type": [*FST_VALUES, "NONE_IDENTIFIED"],
+    "related_category": [
+        "RASH", "ACNE", "GROWTH_OR_MOLE", "PIGMENTARY_PROBLEM", "NAIL_PROBLEM", "HAIR_LOSS",
+        "OTHER_HAIR_PROBLEM", "LOOKS_HEALTHY", "OTHER_ISSUE_DESCRIPTION",
+    ],
+    "condition_duration": [
+        "ONE_DAY", "LESS_THAN_ONE_WEEK", "ONE_TO_FOUR_WEEKS", "ONE_TO_THREE_MONTHS",
+        "THREE_TO_TWELVE_MONTHS", "MORE_THAN_ONE_YEAR", "MORE_THAN_FIVE_YEARS", "SINCE_CHILDHOOD",
+        "UNKNOWN",
+    ],
+    **{col: list(GRADABILITY_VALUES) for col in GRADABLE_CONDITION_COLUMNS},
+    **{col: ["YES", "NO"] for col in GRADABLE_FST_COLUMNS},
+    **{col: list(FST_VALUES) for col in DERM_FST_COLUMNS},
+}
+SHOT_TYPE_VALUES = ["CLOSE_UP", "AT_AN_ANGLE", "AT_DISTANCE"]
+MONK_TONES = list(range(1, 11))
