@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make run` (the main job) and `make test` (the test suite).
+# Both build the virtual environment from pyproject.toml + requirements.lock first, once.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run demo test ui bench clean-venv
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip==25.3"
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/scin-pipeline run $(ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/scin-pipeline demo $(ARGS)
+
+ui: $(STAMP)
+	$(VENV)/bin/scin-pipeline ui $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

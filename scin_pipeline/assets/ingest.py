@@ -1,0 +1,245 @@
+"""Ingestion assets: raw_metadata -> (cases, images, metadata_quarantine) -> image_files.
+
+Thin on purpose: every rule lives in scin_pipeline.core; these functions read, call, and describe.
+"""
+
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetOut,
+    Config,
+    DataVersion,
+    MetadataValue,
+    Output,
+    RetryPolicy,
+    asset,
+    asset_check,
+    multi_asset,
+)
+from pydantic import Field
+
+from scin_pipeline.core import schema
+from scin_pipeline.core.fetch import FetchRequest, FetchResult, fetch_images
+from scin_pipeline.core.metadata import CASES_FILE, LABELS_FILE, parse_metadata, read_csv_bytes
+from scin_pipeline.core.paths import CASES_OBJECT, LABELS_OBJECT
+from scin_pipeline.core.raw import releases_in_csv, store_verbatim
+from scin_pipeline.resources import ScinSourceResource, StoragePaths
+
+GROUP = "ingest"
+PREVIEW_ROWS = 10
+
+
+def preview(frame: pd.DataFrame, columns: list[str] | None = None, rows: int = PREVIEW_ROWS) -> MetadataValue:
+    shown = frame[columns] if columns else frame
+    return MetadataValue.md(shown.head(rows).to_markdown(index=False))
+
+
+@asset(
+    group_name=GROUP,
+    code_version="1",
+    retry_policy=RetryPolicy(max_retries=2, delay=5),
+    description="Verbatim scin_cases.csv and scin_labels.csv, stored by content hash, with the release id "
+    "and the source object versions (generation, checksums).",
+)
+def raw_metadata(context: AssetExecutionContext, scin_source: ScinSourceResource,
+                 storage: StoragePaths) -> Output[pd.DataFrame]:
+    source = scin_source.open()
+    rows = []
+    for object_path in (CASES_OBJECT, LABELS_OBJECT):
+        data, info = source.read_bytes(object_path)
+        local, digest = store_verbatim(data, Path(object_path).name, storage.raw_dir)
+        rows.append({
+            "object_path": object_path, "file_name": Path(object_path).name, "local_path": str(local),
+            "bytes": len(data), "sha256": digest, "crc32c": info.crc32c, "md5": info.md5,
+            "generation": info.generation, "updated": info.updated,
+            "release": ",".join(releases_in_csv(data)), "source_uri": source.uri,
+            "synthetic": source.is_synthetic(),
+        })
+    table = pd.DataFrame(rows)
+    releases = sorted({r for value in table["release"] for r in value.split(",") if r})
+    combined = hashlib.sha256("".join(table["sha256"]).encode()).hexdigest()
+    return Output(
+        table,
+        data_version=DataVersion(combined[:16]),
+        metadata={
+            "source": source.uri,
+            "synthetic_images": bool(table["synthetic"].any()),
+            "release": ", ".join(releases) or "unknown",
+            "sha256": MetadataValue.json(dict(zip(table["file_name"], table["sha256"]))),
+            "generations": MetadataValue.json(dict(zip(table["file_name"], table["generation"].astype(str)))),
+            "files": preview(table, ["file_name", "bytes", "sha256", "generation"]),
+        },
+    )
+
+
+@asset_check(asset=raw_metadata, blocking=True,
+             description="Both CSVs are readable and carry every required column.")
+def metadata_required_columns(raw_metadata: pd.DataFrame) -> AssetCheckResult:
+    required = {CASES_FILE: schema.REQUIRED_CASE_COLUMNS, LABELS_FILE: schema.REQUIRED_LABEL_COLUMNS}
+    problems = {}
+    for row in raw_metadata.itertuples():
+        data = Path(row.local_path).read_bytes()
+        try:
+            read_csv_bytes(row.file_name, data, required[row.file_name])
+        except ValueError as exc:
+            problems[row.file_name] = str(exc)
+    return AssetCheckResult(passed=not problems, metadata={"problems": MetadataValue.json(problems)})
+
+
+class CasesConfig(Config):
+    limit_cases: int | None = Field(
+        default=None, ge=1, description="keep a deterministic sample of N cases (None: all)")
+    sample_seed: int = Field(default=0, description="seed of the case sample")
+
+
+@multi_asset(
+    group_name=GROUP,
+    outs={
+        "cases": AssetOut(description="One typed row per case: demographics, self-reported and "
+                          "dermatologist FST, Monk skin tone, symptoms, textures, body parts, duration, "
+                          "parsed labels, gradability.", code_version="1"),
+        "images": AssetOut(description="One row per image reference: image_id, case_id, position, "
+                           "shot type, object path; unsafe paths rejected with their reason.",
+                           code_version="1"),
+        "metadata_quarantine": AssetOut(description="Every metadata row or value that was dropped, "
+                                        "nulled or flagged, naming file, line, column and reason.",
+                                        code_version="1"),
+    },
+    check_specs=[
+        AssetCheckSpec("case_id_unique", asset="cases",
+                       description="No case_id appears twice in either CSV (repeats are quarantined)."),
+        AssetCheckSpec("labels_reference_known_cases", asset="cases",
+                       description="Every scin_labels.csv row belongs to a case of scin_cases.csv."),
+        AssetCheckSpec("label_literals_parse", asset="cases",
+                       description="Every label literal parses (ast.literal_eval) to the expected shape."),
+        AssetCheckSpec("enum_values_known", asset="cases",
+                       description="Enum columns hold only known values (unknown ones are kept and flagged)."),
+        AssetCheckSpec("image_paths_safe", asset="images",
+                       description="Every image path is dataset/images/<signed int>.png; others are "
+                       "rejected and never opened."),
+    ],
+)
+def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_metadata: pd.DataFrame):
+    files = {row.file_name: Path(row.local_path) for row in raw_metadata.itertuples()}
+    parsed = parse_metadata(files[CASES_FILE].read_bytes(), files[LABELS_FILE].read_bytes(),
+                            limit_cases=config.limit_cases, sample_seed=config.sample_seed)
+    cases, images, quarantine = parsed.cases, parsed.images, parsed.quarantine
+    synthetic = bool(raw_metadata["synthetic"].any())
+
+    label_counts = cases["label_status"].value_counts().to_dict()
+    yield Output(cases, output_name="cases", metadata={
+        "rows": len(cases),
+        "labelled_cases": int(cases["has_label"].sum()),
+        "label_status": MetadataValue.json({str(k): int(v) for k, v in label_counts.items()}),
+        "limit_cases": config.limit_cases or "all",
+        "synthetic_images": synthetic,
+        "preview": preview(cases, ["case_id", "age_group", "sex_at_birth", "fitzpatrick_skin_type",
+                                   "monk_skin_tone_label_us", "top_label", "label_status"]),
+    })
+    yield Output(images, output_name="images", metadata={
+        "rows": len(images),
+        "distinct_files": int(images["object_path"].nunique()),
+        "shared_files": int(images.loc[images["n_references"] > 1, "object_path"].nunique()),
+        "rejected_paths": int((images["path_status"] == "rejected").sum()),
+        "preview": preview(images, ["image_id", "case_id", "position", "shot_type", "object_path"]),
+    })
+    yield Output(quarantine, output_name="metadata_quarantine", metadata={
+        "rows": len(quarantine),
+        "by_action": MetadataValue.json(quarantine["action"].value_counts().to_dict()),
+        "preview": preview(quarantine, rows=25),
+    })
+
+    def issues(predicate) -> pd.DataFrame:
+        return quarantine[predicate(quarantine)]
+
+    duplicate = issues(lambda q: q["reason"].str.startswith("duplicate case_id"))
+    orphans = issues(lambda q: q["reason"].str.startswith("references a case not in"))
+    malformed = issues(lambda q: q["reason"].str.startswith("labels not used"))
+    unknown = issues(lambda q: q["action"].eq("flagged"))
+    rejected = images[images["path_status"] == "rejected"]
+    for name, asset_key, bad, severity in (
+        ("case_id_unique", "cases", duplicate, AssetCheckSeverity.ERROR),
+        ("labels_reference_known_cases", "cases", orphans, AssetCheckSeverity.WARN),
+        ("label_literals_parse", "cases", malformed, AssetCheckSeverity.ERROR),
+        ("enum_values_known", "cases", unknown, AssetCheckSeverity.WARN),
+    ):
+        yield AssetCheckResult(check_name=name, asset_key=asset_key, passed=bad.empty, severity=severity,
+                               metadata={"failures": len(bad), "examples": preview(bad)})
+    yield AssetCheckResult(
+        check_name="image_paths_safe", asset_key="images", passed=rejected.empty,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"rejected": len(rejected),
+                  "examples": preview(rejected, ["case_id", "position", "object_path", "path_reason"])})
+
+
+@asset(
+    group_name=GROUP,
+    code_version="1",
+    retry_policy=RetryPolicy(max_retries=2, delay=10),
+    description="Local, verified copies of the images (size + CRC32C/MD5), fetched in parallel and "
+    "resumably; status ok | missing | corrupt | rejected with a reason.",
+)
+def image_files(context: AssetExecutionContext, images: pd.DataFrame, scin_source: ScinSourceResource,
+                storage: StoragePaths) -> pd.DataFrame:
+    source = scin_source.open()
+    ok_refs = images[images["path_status"] == "ok"].drop_duplicates("object_path")
+    requests = [FetchRequest(image_id=str(r.image_id), object_path=str(r.object_path))
+                for r in ok_refs.itertuples()]
+    started = time.perf_counter()
+    results = fetch_images(source, requests, storage.images_dir,
+                           quarantine_dir=storage.quarantine_dir("image_files"),
+                           workers=scin_source.download_workers, retries=scin_source.download_retries,
+                           progress=_progress_logger(context, len(requests)))
+    elapsed = time.perf_counter() - started
+    rejected = images[images["path_status"] == "rejected"].drop_duplicates("object_path")
+    # Rejected references were never opened; they are listed so that nothing is silently lost.
+    rows = [dataclasses.asdict(r) for r in results] + [
+        {"image_id": None, "object_path": r.object_path, "local_path": None, "bytes": None, "crc32c": None,
+         "status": "rejected", "reason": r.path_reason, "fetched": False, "attempts": 0}
+        for r in rejected.itertuples()]
+    table = pd.DataFrame(rows, columns=list(FetchResult.__dataclass_fields__))
+    table["image_id"] = table["image_id"].astype("string")
+    table["bytes"] = pd.to_numeric(table["bytes"]).astype("Int64")
+    table["fetched"] = table["fetched"].astype(bool)
+    table["status"] = pd.Categorical(table["status"], categories=["ok", "missing", "corrupt", "rejected"])
+    counts = table["status"].value_counts().reindex(table["status"].cat.categories, fill_value=0)
+    n_fetched = int(table["fetched"].sum())
+    megabytes = float(table.loc[table["fetched"], "bytes"].sum() or 0) / 1e6
+    context.add_output_metadata({
+        "status_counts": MetadataValue.json({k: int(v) for k, v in counts.items()}),
+        "fetched_now": n_fetched,
+        "reused_verified": int(((table["status"] == "ok") & ~table["fetched"]).sum()),
+        "total_mb": round(float(table["bytes"].sum() or 0) / 1e6, 2),
+        "download_mb_per_s": round(megabytes / elapsed, 2) if n_fetched and elapsed > 0 else 0.0,
+        "problems": preview(table[table["status"] != "ok"], ["object_path", "status", "reason"], rows=25),
+    })
+    return table
+
+
+def _progress_logger(context: AssetExecutionContext, total: int):
+    step = max(total // 10, 1)
+
+    def report(done: int, _total: int) -> None:
+        if done == total or done % step == 0:
+            context.log.info(f"image_files: {done}/{total} objects processed")
+
+    return report
+
+
+@asset_check(asset=image_files, description="Every referenced image is present and verified "
+             "(missing, corrupt and rejected objects are listed; the run goes on without them).")
+def image_files_verified(image_files: pd.DataFrame) -> AssetCheckResult:
+    bad = image_files[image_files["status"] != "ok"]
+    return AssetCheckResult(
+        passed=bad.empty, severity=AssetCheckSeverity.WARN,
+        metadata={"not_ok": len(bad), "ok": int((image_files["status"] == "ok").sum()),
+                  "examples": preview(bad, ["object_path", "status", "reason"], rows=25)})

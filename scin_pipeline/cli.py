@@ -1,0 +1,180 @@
+"""The ``scin-pipeline`` console script: run, demo, ui.
+
+Errors a user can fix (unreachable bucket, unwritable data root, bad arguments) are printed as one clear
+message with a non-zero exit; set SCIN_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DATA_ROOT = "data"
+DEMO_DEFAULT_OUT = "scin-demo"
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"scin-pipeline: {message}", file=sys.stderr)
+    return code
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--select", default=None,
+                        help="Dagster asset selection, e.g. 'cases+' or 'key:images' (default: all)")
+    parser.add_argument("--strict", action="store_true",
+                        help="also exit non-zero when a non-blocking ERROR check fails")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scin-pipeline",
+        description="Orchestrated SCIN pipeline: curated data, classifiers and fairness reports.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="materialise the asset graph on embedded defaults")
+    run.add_argument("--source", default=os.environ.get("SCIN_SOURCE", "gcs"),
+                     help="'gcs' (the public bucket gs://dx-scin-public-data) or a local mirror folder")
+    run.add_argument("--data-root", default=os.environ.get("SCIN_DATA_ROOT", DEFAULT_DATA_ROOT))
+    run.add_argument("--limit-cases", type=int, default=None,
+                     help="a deterministic sample of N cases (default: all 5,033)")
+    _add_run_arguments(run)
+
+    demo = sub.add_parser("demo", help="write a SYNTHETIC mirror in the bucket's layout and run on it")
+    demo.add_argument("--metadata", default=os.environ.get("SCIN_METADATA_DIR"),
+                      help="folder with the real scin_cases.csv and scin_labels.csv "
+                      "(default: $SCIN_METADATA_DIR; without it, synthetic metadata too)")
+    demo.add_argument("--cases", type=int, default=300, help="number of cases (default 300)")
+    demo.add_argument("--out", default=DEMO_DEFAULT_OUT, help="output folder (the data root)")
+    demo.add_argument("--seed", type=int, default=0)
+    _add_run_arguments(demo)
+
+    ui = sub.add_parser("ui", help="dagster dev on 127.0.0.1 plus the MLflow UI")
+    ui.add_argument("--data-root", default=os.environ.get("SCIN_DATA_ROOT", DEFAULT_DATA_ROOT))
+    ui.add_argument("--source", default=os.environ.get("SCIN_SOURCE", "gcs"))
+    ui.add_argument("--port", type=int, default=3000)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "demo": cmd_demo, "ui": cmd_ui}[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear line for the user; the traceback only on request
+        if os.environ.get("SCIN_DEBUG"):
+            raise
+        return _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+
+
+def _execute(data_root: str, source: str, limit_cases: int | None, select: str | None,
+             strict: bool) -> int:
+    from scin_pipeline.core.sources import SourceUnreachable, open_source
+    from scin_pipeline.runner import DataRootError, prepare_data_root, run_pipeline
+
+    try:
+        prepare_data_root(data_root)
+    except DataRootError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    try:
+        open_source(source).check_reachable(timeout_s=15)
+    except SourceUnreachable as exc:
+        hint = ("\nNo network to the SCIN bucket? Run the offline demo on synthetic images instead:\n"
+                "  scin-pipeline demo --metadata ../shared/data/scin --cases 300")
+        return _fail(f"{exc}{hint if source in ('gcs',) or source.startswith('gs://') else ''}",
+                     EXIT_UNREACHABLE)
+    summary = run_pipeline(data_root=data_root, source=source, limit_cases=limit_cases, select=select)
+    print(summary.render())
+    print(f"tables: {Path(data_root).resolve() / 'tables'}")
+    return summary.exit_code(strict=strict)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.limit_cases is not None and args.limit_cases < 1:
+        return _fail("--limit-cases must be at least 1", EXIT_USAGE)
+    return _execute(args.data_root, args.source, args.limit_cases, args.select, args.strict)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from scin_pipeline.core.synthetic import write_synthetic_mirror
+
+    if args.cases < 1:
+        return _fail("--cases must be at least 1", EXIT_USAGE)
+    out = Path(args.out).expanduser().resolve()
+    metadata = Path(args.metadata).expanduser().resolve() if args.metadata else None
+    mirror = out / "synthetic_mirror"
+    params = {"metadata": str(metadata) if metadata else None, "cases": args.cases, "seed": args.seed}
+    params_file = out / "synthetic_mirror.json"
+    # Same parameters, same mirror: reuse it so a rerun does no work (the generator is deterministic).
+    reuse = (mirror.exists() and params_file.exists()
+             and json.loads(params_file.read_text()) == params)
+    if not reuse:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"writing a SYNTHETIC mirror of {args.cases} cases to {mirror} "
+              f"({'real metadata from ' + str(metadata) if metadata else 'synthetic metadata'})")
+        generated = write_synthetic_mirror(mirror, metadata_dir=metadata, n_cases=args.cases,
+                                           seed=args.seed, overwrite=True)
+        params_file.write_text(json.dumps(params))
+        print(f"  {generated.n_cases} cases, {generated.n_image_refs} image references, "
+              f"{generated.n_files_written} synthetic image files; planted defects listed in "
+              f"{mirror / 'synthetic_plants.csv'}")
+    else:
+        print(f"reusing the SYNTHETIC mirror at {mirror}")
+    print("NOTE: images are synthetic; no figure from this run describes real skin conditions.")
+    return _execute(str(out), str(mirror), None, args.select, args.strict)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from scin_pipeline.runner import embedded_instance, embedded_mlflow_uri, prepare_data_root
+
+    root = prepare_data_root(args.data_root)
+    embedded_instance(root)  # writes dagster_home/dagster.yaml
+    (root / "mlflow").mkdir(exist_ok=True)
+    env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "SCIN_DATA_ROOT": str(root),
+           "SCIN_SOURCE": args.source}
+    env.setdefault("MLFLOW_TRACKING_URI", embedded_mlflow_uri(root))
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    bin_dir = Path(sys.executable).parent
+    dagster_cmd = [str(bin_dir / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(args.port)]
+    dagster_cmd += ["-w", str(workspace)] if workspace.exists() else ["-m", "scin_pipeline.definitions"]
+    mlflow_exe = bin_dir / "mlflow"
+    procs = [subprocess.Popen(dagster_cmd, env=env, start_new_session=True)]
+    if mlflow_exe.exists() or shutil.which("mlflow"):
+        procs.append(subprocess.Popen(
+            [str(mlflow_exe if mlflow_exe.exists() else shutil.which("mlflow")), "ui", "--host",
+             "127.0.0.1", "--port", str(args.mlflow_port), "--backend-store-uri",
+             env["MLFLOW_TRACKING_URI"]], env=env, start_new_session=True))
+    print(f"Dagster UI: http://127.0.0.1:{args.port}   MLflow UI: http://127.0.0.1:{args.mlflow_port}")
+    print("Ctrl-C stops both.")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # `dagster dev` ignores SIGTERM: stop each process group, escalating to SIGKILL.
+        for proc in procs:
+            for sig in (signal.SIGINT, signal.SIGKILL):
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, sig)
+                        proc.wait(timeout=15)
+                    except (ProcessLookupError, subprocess.TimeoutExpired):
+                        continue
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
