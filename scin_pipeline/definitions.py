@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import os
 
-from dagster import AssetSelection, Definitions, define_asset_job
+import warnings
+
+from dagster import AssetSelection, BetaWarning, Definitions, define_asset_job
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
 from scin_pipeline.resources import ParquetTableIOManager, ScinSourceResource, StoragePaths
+
+# Output(data_version=...) is marked beta; we rely on it for content-based data versions on purpose.
+warnings.filterwarnings("ignore", category=BetaWarning)
 
 
 def build_resources(data_root: str | None = None, source: str | None = None) -> dict:

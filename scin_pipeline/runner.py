@@ -98,10 +98,8 @@ def run_pipeline(*, data_root: str | Path, source: str, limit_cases: int | None 
         config["ops"] = {"parsed_metadata": {"config": {"limit_cases": limit_cases}}}
     for key, value in (run_config or {}).items():
         config.setdefault(key, {}).update(value)
+    # A selected asset's checks run with it (Dagster includes them in an asset job by default).
     selection = AssetSelection.from_coercible(select) if select else None
-    if selection is not None:
-        # Checks of the selected assets run with them, as in the UI.
-        selection = selection | AssetSelection.checks_for_assets(selection)
     result = materialize(
         [*ALL_ASSETS, *ALL_ASSET_CHECKS],
         run_config=config,

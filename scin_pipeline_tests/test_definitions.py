@@ -1,0 +1,49 @@
+"""Snapshot of the asset graph, its checks and jobs: a structural change must be made on purpose.
+
+After a deliberate change, regenerate with:  UPDATE_SNAPSHOTS=1 make test ARGS=scin_pipeline_tests/test_definitions.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from scin_pipeline.definitions import defs
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "asset_graph.json"
+
+
+def graph_snapshot() -> dict:
+    graph = defs.resolve_asset_graph()
+    assets = {
+        spec.key.to_user_string(): {
+            "deps": sorted(d.asset_key.to_user_string() for d in spec.deps),
+            "group": spec.group_name,
+            "code_version": spec.code_version,
+        }
+        for spec in defs.resolve_all_asset_specs()
+    }
+    blocking = {(s.asset_key, s.name) for a in defs.assets for s in getattr(a, "check_specs", [])
+                if s.blocking}
+    blocking |= {(s.asset_key, s.name) for c in defs.asset_checks for s in c.check_specs if s.blocking}
+    checks = sorted(
+        f"{k.asset_key.to_user_string()}:{k.name}{' (blocking)' if (k.asset_key, k.name) in blocking else ''}"
+        for k in graph.asset_check_keys)
+    jobs = sorted(j.name for j in defs.resolve_all_job_defs() if not j.name.startswith("__"))
+    return {"assets": dict(sorted(assets.items())), "checks": checks, "jobs": jobs}
+
+
+def test_asset_graph_matches_snapshot():
+    current = graph_snapshot()
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        SNAPSHOT.write_text(json.dumps(current, indent=2) + "\n")
+    assert SNAPSHOT.exists(), f"{SNAPSHOT} missing: create it with UPDATE_SNAPSHOTS=1"
+    assert current == json.loads(SNAPSHOT.read_text()), (
+        "the asset graph changed; if on purpose, rerun with UPDATE_SNAPSHOTS=1 and commit the snapshot")
+
+
+def test_every_asset_has_a_description_and_a_code_version():
+    for spec in defs.resolve_all_asset_specs():
+        assert spec.description, spec.key
+        assert spec.code_version, spec.key
