@@ -7,7 +7,6 @@ MLFLOW_TRACKING_URI); everything else is Dagster config with defaults, overridab
 from __future__ import annotations
 
 import os
-
 import warnings
 
 from dagster import AssetSelection, BetaWarning, Definitions, define_asset_job
