@@ -72,25 +72,54 @@ def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
 
 
 class ParquetTableIOManager(ConfigurableIOManager):
-    """Stores each DataFrame asset at ``<data_root>/tables/<asset_name>.parquet``."""
+    """Stores each DataFrame asset at ``<data_root>/tables/<asset_name>.parquet``.
+
+    A partitioned asset is stored one file per partition, ``tables/<asset_name>/<partition>.parquet``
+    (readable whole with ``pandas.read_parquet("tables/<asset_name>")``). A run over several partitions
+    at once (a single-run backfill) returns ``{partition_key: DataFrame}``. A downstream asset that is
+    not partitioned receives all partitions concatenated: the cheap merge of a sharded stage.
+    """
 
     data_root: str = Field(default_factory=default_data_root)
 
-    def _path(self, context: InputContext | OutputContext) -> Path:
-        key = context.asset_key.path
-        return Path(self.data_root).expanduser().resolve() / "tables" / f"{'__'.join(key)}.parquet"
+    def _table_path(self, context: InputContext | OutputContext, partition: str | None = None) -> Path:
+        name = "__".join(context.asset_key.path)
+        tables = Path(self.data_root).expanduser().resolve() / "tables"
+        return tables / f"{name}.parquet" if partition is None else tables / name / f"{partition}.parquet"
 
-    def handle_output(self, context: OutputContext, obj: pd.DataFrame) -> None:
+    def handle_output(self, context: OutputContext, obj) -> None:
         if obj is None:
             return
+        if not context.has_asset_partitions:
+            self._write(context, obj, self._table_path(context))
+            context.add_output_metadata({"table_path": str(self._table_path(context)), "rows": len(obj)})
+            return
+        keys = list(context.asset_partition_keys)
+        frames = obj if isinstance(obj, dict) else {keys[0]: obj}
+        if len(keys) > 1 and set(frames) != set(keys):
+            raise ValueError(f"{context.asset_key.to_user_string()}: expected one DataFrame per partition "
+                             f"{keys}, got {sorted(frames)}")
+        for key, frame in frames.items():
+            self._write(context, frame, self._table_path(context, key))
+        context.add_output_metadata({
+            "table_path": str(self._table_path(context, keys[0]).parent),
+            "rows": int(sum(len(f) for f in frames.values()))})
+
+    @staticmethod
+    def _write(context: OutputContext, obj, path: Path) -> None:
         if not isinstance(obj, pd.DataFrame):
             raise TypeError(f"{context.asset_key.to_user_string()}: expected a DataFrame, got {type(obj)}")
-        path = self._path(context)
         write_parquet_atomic(obj, path)
-        context.add_output_metadata({"table_path": str(path), "rows": len(obj)})
 
     def load_input(self, context: InputContext) -> pd.DataFrame:
-        path = self._path(context)
+        if not context.has_asset_partitions:
+            return self._read(context, self._table_path(context))
+        frames = [self._read(context, self._table_path(context, key))
+                  for key in sorted(context.asset_partition_keys)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    @staticmethod
+    def _read(context: InputContext, path: Path) -> pd.DataFrame:
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} does not exist: materialise {context.asset_key.to_user_string()} first")
