@@ -1,0 +1,250 @@
+"""Safe image decoding: every file gives a :class:`DecodedImage`, never an exception.
+
+A photo that cannot be used is a normal outcome of a crawl of phone photos, not an error, so
+:func:`decode_image` returns a status and a reason naming the file instead of raising. The checks run
+cheapest first and nothing big is allocated before the file has shown that it is what it claims to be:
+
+1. ``empty_file``: zero bytes.
+2. magic bytes: ``wrong_format`` when the bytes are a known format other than the one the extension names
+   (e.g. "JPEG bytes named .png"); ``corrupt`` when they are no known image format at all.
+3. ``decompression_bomb``: the PNG IHDR (or, for other formats, the header PIL reads without decoding)
+   declares more than ``max_pixels`` pixels. A 30000 x 30000 declaration is refused from its 33 header
+   bytes, before any pixel buffer exists.
+4. ``truncated``: a walk over the PNG chunk list (length + type, no payload read) that runs off the end of
+   the file before IEND; for JPEG, no end-of-image marker. Such files are not handed to the decoder at all
+   (libpng would only fail noisily on them).
+5. decode from memory with ``cv2.imdecode(IMREAD_COLOR)``: 16-bit samples come back as 8-bit, alpha is
+   dropped, grey becomes 3 channels; then BGR -> RGB. A decoder failure on a structurally complete file
+   (bad CRC, bad deflate stream, size mismatch) is ``corrupt``.
+
+``missing`` (no such file) and ``unreadable`` (an OS error, e.g. permission or a directory) come from
+reading the bytes; the file is read exactly once (``np.fromfile``) and decoded from that buffer.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import PIL.Image
+
+DEFAULT_MAX_PIXELS = 50_000_000  # a 48 MP phone photo passes; 30000 x 30000 (900 MP) does not
+
+DECODE_STATUSES = (
+    "ok", "empty_file", "truncated", "corrupt", "wrong_format", "decompression_bomb", "unreadable", "missing",
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOR_TYPE_MODE = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}  # named as PIL names the modes
+_MAX_PNG_DIMENSION = 2**31 - 1  # the PNG spec's limit for width and height
+
+# Extension -> the format its bytes must have. Anything else is accepted in whatever known format it is.
+_FORMAT_OF_EXTENSION = {
+    ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".gif": "GIF", ".webp": "WEBP", ".bmp": "BMP",
+    ".tif": "TIFF", ".tiff": "TIFF",
+}
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """The outcome of decoding one file. ``rgb`` is set only when ``status == "ok"``."""
+
+    status: str
+    reason: str | None  # human text naming the file; None when ok
+    rgb: np.ndarray | None  # H x W x 3 uint8, RGB order
+    width: int | None  # as decoded, else as declared by the header, else None
+    height: int | None
+    format: str | None  # what the bytes are ("PNG", "JPEG", ...), None when unrecognised
+    bytes: int | None  # file size; None when the file could not be read
+    source_mode: str | None = None  # colour type of the file in PIL's names ("L", "RGB", "RGBA", "I;16"...)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def sniff_format(data: bytes | np.ndarray) -> str | None:
+    """The image format the leading bytes announce, or None.
+
+    Written here instead of using PIL's plugin registry: PIL's ``Image.open`` would also parse the header
+    (and may allocate, e.g. a palette), while we need a pure look at a dozen bytes.
+    """
+    head = bytes(data[:16])
+    if head.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+            return "HEIF"
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+    if head.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n"):
+        return "JPEG2000"
+    return None
+
+
+@dataclass(frozen=True)
+class PngLayout:
+    """What the chunk walk learnt about a PNG without decoding it."""
+
+    width: int
+    height: int
+    bit_depth: int
+    color_type: int
+    complete: bool  # IEND reached inside the file
+    problem: str | None  # why it is not complete / not valid, None when fine
+
+    @property
+    def mode(self) -> str:
+        base = _PNG_COLOR_TYPE_MODE.get(self.color_type, "?")
+        return f"{base};16" if self.bit_depth == 16 else base
+
+
+def read_png_layout(buf: np.ndarray | bytes) -> PngLayout | None:
+    """Parse the IHDR and walk the chunk headers of a PNG held in memory; None when there is no IHDR.
+
+    Written by hand (struct, a few lines) rather than asking a decoder: a decoder would allocate the
+    declared pixel buffer before telling us the size, and a walk over chunk headers is the cheapest exact
+    truncation test (each chunk's length says where the next must start; a file cut short runs out).
+    """
+    data = memoryview(buf).cast("B") if isinstance(buf, np.ndarray) else memoryview(buf)
+    n = len(data)
+    if n < 33 or bytes(data[8:16]) != b"\x00\x00\x00\x0dIHDR":
+        return None
+    width, height, bit_depth, color_type = struct.unpack(">IIBB", data[16:26])
+    pos = 8
+    saw_idat = False
+    while True:
+        if pos + 8 > n:
+            return PngLayout(width, height, bit_depth, color_type, False,
+                             f"file ends after {n} bytes, inside a chunk header at offset {pos} (no IEND)")
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length  # length + type + data + CRC
+        if end > n:
+            name = ctype.decode("latin-1")
+            return PngLayout(width, height, bit_depth, color_type, False,
+                             f"chunk {name!r} at offset {pos} declares {length} bytes but the file ends "
+                             f"after {n} bytes (no IEND)")
+        if ctype == b"IDAT":
+            saw_idat = True
+        if ctype == b"IEND":
+            problem = None if saw_idat else "no IDAT chunk before IEND"
+            return PngLayout(width, height, bit_depth, color_type, True, problem)
+        pos = end
+
+
+def pixel_limit_guard(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Make PIL and OpenCV refuse images at the same size :func:`decode_image` does; return PIL's old limit.
+
+    PIL only *warns* above ``MAX_IMAGE_PIXELS`` and raises ``DecompressionBombError`` above twice that, so
+    half our limit puts its hard refusal exactly where ours is. OpenCV reads ``OPENCV_IO_MAX_IMAGE_PIXELS``
+    once, at its first decode in the process, so this must run before that (the quality workers call it
+    in their initializer); our own header check stays the first line of defence either way.
+    """
+    previous = PIL.Image.MAX_IMAGE_PIXELS
+    PIL.Image.MAX_IMAGE_PIXELS = max(1, int(max_pixels) // 2)
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(int(max_pixels))
+    return previous
+
+
+def _header_size_via_pil(data: np.ndarray) -> tuple[int, int, str]:
+    # PIL's open() reads only the header (lazy decode); it raises DecompressionBombError itself above
+    # 2 x MAX_IMAGE_PIXELS, which the caller treats like our own refusal.
+    with PIL.Image.open(io.BytesIO(data.tobytes())) as im:
+        return int(im.width), int(im.height), str(im.mode)
+
+
+def decode_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode one image file into RGB uint8 safely (see the module docstring for the order of checks).
+
+    Never raises for anything about the file; the status says what went wrong and the reason names it.
+    """
+    name = str(path)
+    try:
+        data = np.fromfile(name, dtype=np.uint8)  # one read; everything below works on this buffer
+    except FileNotFoundError:
+        return DecodedImage("missing", f"{name}: no such file", None, None, None, None, None)
+    except (OSError, ValueError) as err:  # a directory, no permission, an I/O error
+        return DecodedImage("unreadable", f"{name}: cannot read: {err}", None, None, None, None, None)
+    n_bytes = int(data.size)
+    if n_bytes == 0:
+        return DecodedImage("empty_file", f"{name}: empty file (0 bytes)", None, None, None, None, 0)
+
+    fmt = sniff_format(data)
+    expected = _FORMAT_OF_EXTENSION.get(Path(name).suffix.lower())
+    if fmt is None:
+        head = bytes(data[:8]).hex(" ")
+        return DecodedImage("corrupt", f"{name}: not an image (no known signature; first bytes {head})",
+                            None, None, None, None, n_bytes)
+    if expected is not None and fmt != expected:
+        return DecodedImage("wrong_format", f"{name}: {fmt} bytes named {Path(name).suffix.lower()}",
+                            None, None, None, fmt, n_bytes)
+
+    mode: str | None = None
+    if fmt == "PNG":
+        layout = read_png_layout(data)
+        if layout is None:
+            return DecodedImage("corrupt", f"{name}: PNG signature but no IHDR chunk", None, None, None, fmt, n_bytes)
+        width, height, mode = layout.width, layout.height, layout.mode
+        if not (0 < width <= _MAX_PNG_DIMENSION and 0 < height <= _MAX_PNG_DIMENSION):
+            return DecodedImage("corrupt", f"{name}: IHDR declares an invalid size {width} x {height}",
+                                None, width, height, fmt, n_bytes, mode)
+        if width * height > max_pixels:
+            return DecodedImage(
+                "decompression_bomb",
+                f"{name}: IHDR declares {width} x {height} = {width * height:,} pixels, over the limit of "
+                f"{max_pixels:,} ({n_bytes:,} bytes on disk); not decoded",
+                None, width, height, fmt, n_bytes, mode)
+        if not layout.complete:
+            return DecodedImage("truncated", f"{name}: truncated PNG: {layout.problem}",
+                                None, width, height, fmt, n_bytes, mode)
+        if layout.problem:
+            return DecodedImage("corrupt", f"{name}: {layout.problem}", None, width, height, fmt, n_bytes, mode)
+    else:
+        try:
+            width, height, mode = _header_size_via_pil(data)
+        except PIL.Image.DecompressionBombError as err:
+            return DecodedImage("decompression_bomb", f"{name}: {err}; not decoded", None, None, None, fmt, n_bytes)
+        except Exception as err:  # noqa: BLE001 - any header parse failure means the bytes are bad
+            return DecodedImage("corrupt", f"{name}: unreadable {fmt} header: {err}", None, None, None, fmt, n_bytes)
+        if width * height > max_pixels:
+            return DecodedImage(
+                "decompression_bomb",
+                f"{name}: header declares {width} x {height} = {width * height:,} pixels, over the limit of "
+                f"{max_pixels:,}; not decoded", None, width, height, fmt, n_bytes, mode)
+        # libjpeg fills a cut-off JPEG with grey and only warns, so test for the end-of-image marker.
+        if fmt == "JPEG" and bytes(data[-2:]) != b"\xff\xd9" and b"\xff\xd9" not in bytes(data[-64:]):
+            return DecodedImage("truncated", f"{name}: truncated JPEG: no end-of-image marker in the last bytes",
+                                None, width, height, fmt, n_bytes, mode)
+
+    try:
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error as err:
+        return DecodedImage("corrupt", f"{name}: decoder error: {str(err).strip()}",
+                            None, width, height, fmt, n_bytes, mode)
+    if bgr is None:
+        return DecodedImage("corrupt", f"{name}: {fmt} decoder failed (bad CRC or compressed data)",
+                            None, width, height, fmt, n_bytes, mode)
+    if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
+        return DecodedImage("corrupt", f"{name}: decoder returned shape {bgr.shape} {bgr.dtype}",
+                            None, width, height, fmt, n_bytes, mode)
+    if (bgr.shape[1], bgr.shape[0]) != (width, height) and fmt == "PNG":
+        return DecodedImage("corrupt", f"{name}: decoded {bgr.shape[1]} x {bgr.shape[0]}, header says "
+                            f"{width} x {height}", None, width, height, fmt, n_bytes, mode)
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return DecodedImage("ok", None, rgb, int(rgb.shape[1]), int(rgb.shape[0]), fmt, n_bytes, mode)
