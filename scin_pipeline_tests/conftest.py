@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["scin_pipeline_tests.gcs_emulator"]
+
 REAL_METADATA_ENV = "SCIN_METADATA_DIR"
 
 

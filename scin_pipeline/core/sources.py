@@ -650,15 +650,15 @@ def write_mirror_manifest(root: str | Path) -> Path:
     return target
 
 
-def open_source(location: str) -> ScinSource:
+def open_source(location: str, *, timeout_s: float = 60.0) -> ScinSource:
     """ "gcs" or "gs://<bucket>" -> the bucket; anything else is a local mirror folder."""
     if location == "gcs":
-        return GcsBucketSource()
+        return GcsBucketSource(timeout_s=timeout_s)
     if location.startswith("gs://"):
         bucket = location[len("gs://") :].rstrip("/")
         if not bucket or "/" in bucket:
             raise ValueError(f"expected gs://<bucket> with no object path, got {location!r}")
-        return GcsBucketSource(bucket)
+        return GcsBucketSource(bucket, timeout_s=timeout_s)
     return LocalMirrorSource(location)
 
 

@@ -21,4 +21,4 @@ class ScinSourceResource(ConfigurableResource):
     timeout_s: float = Field(default=60.0, gt=0, description="per-request timeout, seconds")
 
     def open(self) -> ScinSource:
-        return open_source(self.location)  # TODO timeout_s
+        return open_source(self.location, timeout_s=self.timeout_s)
