@@ -77,3 +77,34 @@ def test_bad_arguments_are_usage_errors(tmp_path, capsys):
     assert main(["run", "--source", str(tmp_path), "--limit-cases", "0"]) == EXIT_USAGE
     with pytest.raises(SystemExit):
         main(["nonsense"])
+
+
+def test_demo_on_synthetic_metadata_marks_everything_synthetic(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--cases", "40", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC" in printed
+    assert (out / "synthetic_mirror" / "SYNTHETIC_DATA.md").exists()
+    report = (out / "tables" / "data_report" / "data_report.md").read_text()
+    assert report.startswith("SYNTHETIC DATA")
+    raw = pd.read_parquet(out / "tables" / "raw_metadata.parquet")
+    assert raw["synthetic"].all()
+    # A rerun with the same parameters reuses the mirror and fetches nothing.
+    assert main(["demo", "--cases", "40", "--out", str(out)]) == 0
+    assert "reusing the SYNTHETIC mirror" in capsys.readouterr().out
+    assert not pd.read_parquet(out / "tables" / "image_files.parquet")["fetched"].any()
+
+
+@pytest.mark.real_metadata
+@pytest.mark.slow
+def test_demo_on_real_metadata_300_cases(scin_metadata_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--metadata", str(scin_metadata_dir), "--cases", "300", "--out", str(out)]) == 0
+    for name in ("raw_metadata", "cases", "images", "metadata_quarantine", "image_files", "data_report"):
+        assert (out / "tables" / f"{name}.parquet").exists(), name
+    cases = pd.read_parquet(out / "tables" / "cases.parquet")
+    assert len(cases) == 300
+    files = pd.read_parquet(out / "tables" / "image_files.parquet")
+    plants = pd.read_csv(out / "synthetic_mirror" / "synthetic_plants.csv", dtype=str)
+    missing_planted = set(plants.loc[plants["planted"] == "missing", "image_id"])
+    assert missing_planted and missing_planted <= set(files.loc[files["status"] == "missing", "image_id"])
