@@ -112,3 +112,39 @@ def test_selection_materialises_only_the_selected_assets(tmp_path):
     assert result.success
     assert not (tmp_path / "data" / "tables" / "image_files.parquet").exists()
     assert (tmp_path / "data" / "tables" / "cases.parquet").exists()
+
+
+def test_graph_on_the_gcs_path_through_the_emulator(gcs_emulator, tmp_path):
+    """The real GCS code path (anonymous client, STORAGE_EMULATOR_HOST) end to end."""
+    mirror = write_tiny_mirror(tmp_path / "mirror")
+    for path in sorted(p for p in mirror.rglob("*") if p.is_file()):
+        gcs_emulator.upload(path.relative_to(mirror).as_posix(), path.read_bytes())
+    # 4.png's stored bytes no longer match the checksum the listing reports.
+    gcs_emulator.corrupt("dataset/images/4.png")
+    data_root = tmp_path / "data"
+    instance = DagsterInstance.ephemeral()
+    result = materialize([*ALL_ASSETS, *ALL_ASSET_CHECKS], instance=instance,
+                         resources=build_resources(data_root=str(data_root), source="gcs"))
+    assert result.success
+    files = pd.read_parquet(data_root / "tables" / "image_files.parquet").set_index("object_path")
+    assert files.loc["dataset/images/1.png", "status"] == "ok"
+    assert Path(files.loc["dataset/images/1.png", "local_path"]).read_bytes() == (
+        mirror / "dataset" / "images" / "1.png").read_bytes()
+    assert files.loc[MISSING_IMAGE, "status"] == "missing"
+    assert files.loc["dataset/images/4.png", "status"] == "corrupt"
+    assert "crc32c" in files.loc["dataset/images/4.png", "reason"]
+    assert not (data_root / "images" / "4.png").exists()
+    assert list((data_root / "quarantine" / "image_files").glob("4.png*"))
+    raw = pd.read_parquet(data_root / "tables" / "raw_metadata.parquet")
+    assert raw["source_uri"].iloc[0] == "gs://dx-scin-public-data"
+    assert raw["generation"].notna().all() and raw["crc32c"].notna().all()
+    verified = [f"dataset/images/{i}.png" for i in (1, 2, 3)]
+    downloads_before = {path: gcs_emulator.downloads(path) for path in verified}
+    again = materialize([*ALL_ASSETS, *ALL_ASSET_CHECKS], instance=instance,
+                        resources=build_resources(data_root=str(data_root), source="gcs"),
+                        selection=["image_files"])
+    assert again.success
+    files = pd.read_parquet(data_root / "tables" / "image_files.parquet")
+    ok = files[files["status"] == "ok"]
+    assert len(ok) == 3 and not ok["fetched"].any()
+    assert {path: gcs_emulator.downloads(path) for path in verified} == downloads_before
