@@ -158,6 +158,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
              env["MLFLOW_TRACKING_URI"]], env=env, start_new_session=True))
     print(f"Dagster UI: http://127.0.0.1:{args.port}   MLflow UI: http://127.0.0.1:{args.mlflow_port}")
     print("Ctrl-C stops both.")
+    # A SIGTERM to us must stop the children too (they run in their own process groups).
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while all(p.poll() is None for p in procs):
             time.sleep(1)
