@@ -197,6 +197,9 @@ def decode_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXEL
 
     mode: str | None = None
     if fmt == "PNG":
+        if n_bytes < 33:  # signature (8) + IHDR chunk (25)
+            return DecodedImage("truncated", f"{name}: truncated PNG: file ends after {n_bytes} bytes, inside "
+                                "the header", None, None, None, fmt, n_bytes)
         layout = read_png_layout(data)
         if layout is None:
             return DecodedImage("corrupt", f"{name}: PNG signature but no IHDR chunk", None, None, None, fmt, n_bytes)
