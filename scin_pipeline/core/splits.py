@@ -99,8 +99,14 @@ def assign_labels(cases: pd.DataFrame, policy: LabelPolicy) -> pd.DataFrame:
     return labels.reset_index(drop=True)
 
 
-def _stable_hash(seed: int, value: str) -> int:
+def stable_hash(seed: int | str, value: str) -> int:
+    """A 64-bit hash that is the same on every machine and Python run (unlike ``hash()``)."""
     return int.from_bytes(hashlib.blake2b(f"{seed}:{value}".encode(), digest_size=8).digest(), "big")
+
+
+def stable_shard(key: str, n_shards: int) -> str:
+    """The shard ("00".."NN") a key belongs to: fixed for the key, spread evenly over the shards."""
+    return f"{stable_hash('shard', key) % n_shards:02d}"
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ def assign_group_splits(groups: pd.DataFrame, config: SplitConfig = SplitConfig(
     targets = np.asarray(config.fractions, dtype=float)
     assignment: dict[str, str] = {}
     for _label, stratum in sorted(groups.groupby("label", observed=True), key=lambda kv: str(kv[0])):
-        order = sorted(stratum.itertuples(index=False), key=lambda r: _stable_hash(config.seed, str(r.group_id)))
+        order = sorted(stratum.itertuples(index=False), key=lambda r: stable_hash(config.seed, str(r.group_id)))
         filled = np.zeros(3)
         for row in order:
             # The split furthest below its target share (filled / target smallest; ties: train, val,
