@@ -192,22 +192,34 @@ def plan_search(n: int, max_distance: int, n2: int | None = None, *, n_substring
 
 
 def as_uint64_hashes(hashes, name: str = "hashes") -> np.ndarray:
-    """A 1-D np.uint64 array of the hashes (int64 bit patterns are reinterpreted, not converted)."""
+    """A 1-D np.uint64 array of the hashes (int64 bit patterns are reinterpreted, not converted).
+
+    Accepts numpy arrays, lists and pandas Series, including the nullable UInt64 / Int64 columns the quality
+    stage writes; a missing hash is an error (an image that did not decode has no place in the search).
+    """
+    if isinstance(hashes, (pd.Series, pd.Index, pd.api.extensions.ExtensionArray)):
+        series = pd.Series(hashes)
+        n_missing = int(series.isna().sum())
+        if n_missing:
+            raise ValueError(f"{name} has {n_missing} missing values: leave out images without hashes")
+        # np.asarray would turn a nullable integer column into float64 and lose the low bits.
+        numpy_dtype = getattr(series.dtype, "numpy_dtype", series.dtype)
+        hashes = series.to_numpy(dtype=numpy_dtype)
     arr = np.asarray(hashes)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.uint64)
     if arr.dtype == np.uint64:
         return np.ascontiguousarray(arr)
     if arr.dtype == np.int64:
-        # Parquet writers without unsigned support store the same 64 bits as int64: keep the bits.
+        # Stores without unsigned 64-bit support keep the same 64 bits as int64: reinterpret, keep the bits.
         return np.ascontiguousarray(arr).view(np.uint64)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.uint64)
     if np.issubdtype(arr.dtype, np.integer):
         if (arr < 0).any():
             raise ValueError(f"{name} holds negative values of dtype {arr.dtype}; pass uint64 or int64 bit patterns")
         return arr.astype(np.uint64)
-    raise TypeError(f"{name} must be an integer array (uint64 hash bits), got dtype {arr.dtype}")
+    raise TypeError(f"{name} must hold integers (64 hash bits), got dtype {arr.dtype}")
 
 
 @dataclass
@@ -488,3 +500,320 @@ def near_duplicate_pairs(phash: np.ndarray, dhash: np.ndarray, max_phash: int, m
         "i": i[keep], "j": j[keep],
         "phash_distance": by_phash["distance"].to_numpy()[keep], "dhash_distance": dhash_distance[keep],
     }).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Clusters
+# --------------------------------------------------------------------------------------------------------
+
+
+def cluster_labels(n: int, pairs) -> np.ndarray:
+    """Connected components of nodes 0..n-1 linked by ``pairs`` (k x 2 integer array, or a DataFrame with
+    columns i and j): each node's label is the smallest node index of its component.
+
+    scipy's connected_components is the union-find here (a well-kept library, compiled); labelling by the
+    smallest member makes the labels independent of its traversal order and of the order of the pairs.
+    """
+    n = int(n)
+    if isinstance(pairs, pd.DataFrame):
+        pairs = pairs[["i", "j"]].to_numpy()
+    edges = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if n == 0:
+        if edges.size:
+            raise ValueError("pairs given for n = 0 nodes")
+        return np.zeros(0, dtype=np.int64)
+    if edges.size and (edges.min() < 0 or edges.max() >= n):
+        raise ValueError(f"pairs reference nodes outside 0..{n - 1}")
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    _, first_member = np.unique(component, return_index=True)  # first occurrence = smallest node index
+    return first_member[component].astype(np.int64)
+
+
+# Cluster kinds, from least to most severe for leakage; a cluster takes the most severe that applies.
+# exact_reuse ranks first: the very same pixels under two cases are the strongest leak a split can suffer
+# (a model can memorise the file). A cross-case near-duplicate is almost as strong and is invisible in the
+# metadata. Both force their cases into one group; the kind says what a reviewer will find in the cluster
+# (the pairs table lists every near-duplicate link, so nothing is hidden by the precedence).
+SINGLETON = "singleton"
+SAME_CASE_MULTI_ANGLE = "same_case_multi_angle"
+CROSS_CASE_NEAR_DUPLICATE = "cross_case_near_duplicate"
+EXACT_REUSE = "exact_reuse"
+CLUSTER_KIND_PRECEDENCE = (SINGLETON, SAME_CASE_MULTI_ANGLE, CROSS_CASE_NEAR_DUPLICATE, EXACT_REUSE)
+
+CLUSTER_COLUMNS = ("image_id", "case_id", "cluster_id", "cluster_size", "cluster_n_cases", "cluster_kind")
+PAIR_TABLE_COLUMNS = ("image_id_a", "image_id_b", "phash_distance", "dhash_distance", "same_case", "kind",
+                      "cluster_id")
+
+
+def _id_strings(values: pd.Series, column: str) -> pd.Series:
+    if values.isna().any():
+        raise ValueError(f"{column} has {int(values.isna().sum())} missing values")
+    return values.astype(str)
+
+
+def build_dedup_clusters(
+    images: pd.DataFrame,
+    hashes: pd.DataFrame,
+    *,
+    max_phash_distance: int = DEFAULT_MAX_PHASH_DISTANCE,
+    max_dhash_distance: int = DEFAULT_MAX_DHASH_DISTANCE,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Duplicate clusters over image references, and the near-duplicate pairs that link them.
+
+    ``images``: one row per image reference with ``image_id`` and ``case_id`` (only references whose file
+    decoded and has hashes). ``hashes``: one row per distinct file with ``image_id``, ``phash``, ``dhash``
+    (64-bit, as the quality stage writes them). Files hashed but not referenced in ``images`` are ignored,
+    so that they cannot bridge two clusters.
+
+    Images are linked (a) by exact reuse: one image_id referenced by several cases is one node shared by
+    those cases, and (b) by near-duplicate pairs: pHash within ``max_phash_distance`` AND dHash within
+    ``max_dhash_distance``. Clusters are the connected components.
+
+    Returns ``(clusters, pairs)``:
+
+    - clusters: one row per distinct (image_id, case_id) reference: ``cluster_id`` (the smallest image_id of
+      the cluster, in string order: a member, independent of row order and of the run), ``cluster_size``
+      (distinct images), ``cluster_n_cases``, ``cluster_kind`` (see ``CLUSTER_KIND_PRECEDENCE``):
+      ``exact_reuse`` (a file of the cluster is referenced by several cases) over
+      ``cross_case_near_duplicate`` (a near-duplicate pair between images that share no case) over
+      ``same_case_multi_angle`` (several images, every link within one case) over ``singleton``.
+      Sorted by (cluster_id, image_id, case_id).
+    - pairs: one row per near-duplicate pair of distinct files, ``image_id_a < image_id_b``, their
+      distances, ``same_case`` (the two files share at least one referencing case), ``kind``
+      (``same_case_multi_angle`` or ``cross_case_near_duplicate``) and ``cluster_id``.
+
+    Pass the images a split will use (after the quality filter): blown-out or black frames share hashes
+    (on the synthetic mirror, 107 pairs of its 32 over-exposed images are at pHash distance <= 4) and
+    would join unrelated cases into one group.
+    """
+    for frame, name, needed in ((images, "images", ("image_id", "case_id")),
+                                (hashes, "hashes", ("image_id", "phash", "dhash"))):
+        missing = [c for c in needed if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{name} lacks columns {missing}")
+    refs = pd.DataFrame({"image_id": _id_strings(images["image_id"], "images.image_id"),
+                         "case_id": _id_strings(images["case_id"], "images.case_id")}).drop_duplicates()
+    image_ids = np.sort(refs["image_id"].unique()).astype(object)
+    hash_ids = _id_strings(hashes["image_id"], "hashes.image_id")
+    if hash_ids.duplicated().any():
+        raise ValueError(f"hashes has duplicate image_id values, e.g. {hash_ids[hash_ids.duplicated()].iloc[0]}")
+    hash_rows = pd.Series(np.arange(len(hash_ids)), index=hash_ids.to_numpy())
+    unhashed = [i for i in image_ids if i not in hash_rows.index]
+    if unhashed:
+        raise ValueError(f"{len(unhashed)} referenced images have no hashes (e.g. {unhashed[:3]}); pass only "
+                         "references whose file decoded")
+    rows = hash_rows.loc[image_ids].to_numpy()
+    phash = as_uint64_hashes(hashes["phash"].iloc[rows], "hashes.phash")
+    dhash = as_uint64_hashes(hashes["dhash"].iloc[rows], "hashes.dhash")
+
+    near = near_duplicate_pairs(phash, dhash, max_phash_distance, max_dhash_distance)
+    n_images = len(image_ids)
+    labels = cluster_labels(n_images, near[["i", "j"]].to_numpy())
+    cluster_ids = image_ids[labels]  # image_ids are sorted: the smallest index is the smallest id
+
+    image_index = pd.Series(np.arange(n_images), index=image_ids)
+    ref_image = image_index.loc[refs["image_id"].to_numpy()].to_numpy()
+    refs = refs.assign(_image=ref_image, cluster_id=cluster_ids[labels[ref_image]])
+
+    # Which near pairs share a referencing case (both files belong to one case: multi-angle shots).
+    pair_ends = pd.DataFrame({"_pair": np.arange(len(near)), "_a": near["i"].to_numpy(), "_b": near["j"].to_numpy()})
+    cases_of_a = pair_ends.merge(refs[["_image", "case_id"]], left_on="_a", right_on="_image")[["_pair", "case_id"]]
+    cases_of_b = pair_ends.merge(refs[["_image", "case_id"]], left_on="_b", right_on="_image")[["_pair", "case_id"]]
+    shared_case_pairs = cases_of_a.merge(cases_of_b, on=["_pair", "case_id"])["_pair"].unique()
+    same_case = np.zeros(len(near), dtype=bool)
+    same_case[shared_case_pairs] = True
+
+    n_cases_per_image = refs.groupby("_image")["case_id"].nunique().reindex(range(n_images), fill_value=0)
+    cluster_of_image = pd.Series(cluster_ids, index=range(n_images))
+    per_cluster = pd.DataFrame({
+        "cluster_size": cluster_of_image.value_counts(),
+        "cluster_n_cases": refs.groupby("cluster_id")["case_id"].nunique(),
+    })
+    reused = set(cluster_of_image[n_cases_per_image.to_numpy() > 1])
+    cross_case = set(cluster_ids[labels[near["i"].to_numpy()[~same_case]]])
+    kind = np.where(per_cluster["cluster_size"] > 1, SAME_CASE_MULTI_ANGLE, SINGLETON).astype(object)
+    kind[per_cluster.index.isin(cross_case)] = CROSS_CASE_NEAR_DUPLICATE
+    kind[per_cluster.index.isin(reused)] = EXACT_REUSE
+    per_cluster["cluster_kind"] = kind
+
+    clusters = refs.drop(columns="_image").join(per_cluster, on="cluster_id")
+    clusters = clusters.sort_values(["cluster_id", "image_id", "case_id"], kind="stable").reset_index(drop=True)
+    clusters["cluster_size"] = clusters["cluster_size"].astype(np.int64)
+    clusters["cluster_n_cases"] = clusters["cluster_n_cases"].astype(np.int64)
+    clusters = clusters[list(CLUSTER_COLUMNS)]
+
+    pairs = pd.DataFrame({
+        "image_id_a": image_ids[near["i"].to_numpy()],
+        "image_id_b": image_ids[near["j"].to_numpy()],
+        "phash_distance": near["phash_distance"].to_numpy(),
+        "dhash_distance": near["dhash_distance"].to_numpy(),
+        "same_case": same_case,
+        "kind": np.where(same_case, SAME_CASE_MULTI_ANGLE, CROSS_CASE_NEAR_DUPLICATE),
+        "cluster_id": cluster_ids[labels[near["i"].to_numpy()]],
+    }, columns=list(PAIR_TABLE_COLUMNS))
+    for col in ("image_id_a", "image_id_b", "kind", "cluster_id"):
+        pairs[col] = pairs[col].astype(str)
+    return clusters, pairs.sort_values(["image_id_a", "image_id_b"], kind="stable").reset_index(drop=True)
+
+
+def case_groups(clusters: pd.DataFrame) -> pd.Series:
+    """case_id -> group id: connected components of cases linked by any shared cluster.
+
+    A split must keep each group on one side. The group id is the smallest case_id of the group (string
+    order), so it does not depend on row order. Index ``case_id`` (sorted), name ``case_group``.
+    """
+    missing = [c for c in ("case_id", "cluster_id") if c not in clusters.columns]
+    if missing:
+        raise ValueError(f"clusters lacks columns {missing}")
+    case_ids = _id_strings(clusters["case_id"], "clusters.case_id")
+    cluster_ids = _id_strings(clusters["cluster_id"], "clusters.cluster_id")
+    cases = np.sort(case_ids.unique()).astype(object)
+    cluster_nodes = np.sort(cluster_ids.unique()).astype(object)
+    # Nodes: the cases first, then the clusters; every component holds a case, so its smallest node index
+    # is its smallest case_id.
+    case_node = pd.Series(np.arange(len(cases)), index=cases).loc[case_ids.to_numpy()].to_numpy()
+    cluster_node = len(cases) + pd.Series(np.arange(len(cluster_nodes)), index=cluster_nodes).loc[
+        cluster_ids.to_numpy()].to_numpy()
+    labels = cluster_labels(len(cases) + len(cluster_nodes), np.column_stack([case_node, cluster_node]))
+    groups = pd.Series(cases[labels[: len(cases)]], index=pd.Index(cases, name="case_id"), name="case_group")
+    return groups.astype(str)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scoring against a synthetic mirror's plants
+# --------------------------------------------------------------------------------------------------------
+
+# synthetic.py writes the copy's row with detail "source_image_id=<id>; crop=...; ...; source_case_id=<id>".
+_SOURCE_IMAGE_ID = re.compile(r"source_image_id=(-?\d+)")
+
+
+def planted_near_duplicate_pairs(plants: pd.DataFrame) -> pd.DataFrame:
+    """(image_id_a, image_id_b), a < b, for every planted near_duplicate row of synthetic_plants.csv."""
+    rows = plants[plants["planted"].astype(str) == "near_duplicate"]
+    sources = rows["detail"].astype(str).str.extract(_SOURCE_IMAGE_ID, expand=False)
+    if sources.isna().any():
+        bad = rows.loc[sources.isna(), "image_id"].astype(str).tolist()
+        raise ValueError(f"near_duplicate plants without source_image_id in detail: {bad[:3]}")
+    copies = rows["image_id"].astype(str).to_numpy()
+    sources = sources.astype(str).to_numpy()
+    first = copies < sources
+    pairs = pd.DataFrame({"image_id_a": np.where(first, copies, sources), "image_id_b": np.where(first, sources, copies)})
+    return pairs.drop_duplicates().sort_values(["image_id_a", "image_id_b"]).reset_index(drop=True)
+
+
+def planted_near_duplicate_scores(pairs_or_clusters: pd.DataFrame, plants: pd.DataFrame, *,
+                                  image_ids: Iterable[str] | None = None) -> dict:
+    """Precision and recall of cross-case near-duplicate detection against planted near-duplicates.
+
+    With the ``pairs`` table of :func:`build_dedup_clusters` (pair level): a planted pair found among the
+    pairs is a true positive; a detected cross-case pair (kind ``cross_case_near_duplicate``) that was not
+    planted is a false positive. Exact reuse is never a false positive: it is no near-duplicate pair (rows
+    of kind ``exact_reuse`` or with image_id_a == image_id_b, if a table has them, are left out).
+
+    With the ``clusters`` table (cluster level): a planted pair is found when both images share a cluster;
+    precision is the share of ``cross_case_near_duplicate`` clusters that hold at least one planted pair
+    (a cluster of exact reuse is, again, no false positive).
+
+    Only planted pairs whose two images were searched count: those in ``image_ids`` when given, else, with
+    clusters, those in the clusters table. Returns n_planted, n_detected, true_positives, false_positives,
+    false_negatives, precision, recall (nan where undefined), and the missed and unexpected items.
+    """
+    planted = planted_near_duplicate_pairs(plants)
+    columns = set(pairs_or_clusters.columns)
+    if {"image_id_a", "image_id_b"} <= columns:
+        level = "pairs"
+    elif {"image_id", "cluster_id", "cluster_kind"} <= columns:
+        level = "clusters"
+        if image_ids is None:
+            image_ids = pairs_or_clusters["image_id"].astype(str)
+    else:
+        raise ValueError("expected the pairs table (image_id_a, image_id_b) or the clusters table "
+                         "(image_id, cluster_id, cluster_kind)")
+    if image_ids is not None:
+        searched = set(map(str, image_ids))
+        planted = planted[planted["image_id_a"].isin(searched) & planted["image_id_b"].isin(searched)]
+    planted_set = set(zip(planted["image_id_a"], planted["image_id_b"]))
+
+    if level == "pairs":
+        table = pairs_or_clusters
+        a0, b0 = table["image_id_a"].astype(str).to_numpy(), table["image_id_b"].astype(str).to_numpy()
+        a, b = np.where(a0 < b0, a0, b0), np.where(a0 < b0, b0, a0)  # either order in, a < b out
+        is_link = a != b
+        if "kind" in columns:
+            is_link &= (table["kind"].astype(str) != EXACT_REUSE).to_numpy()
+        found_set = set(zip(a[is_link], b[is_link]))
+        cross_case = is_link.copy()
+        if "kind" in columns:
+            cross_case &= (table["kind"].astype(str) == CROSS_CASE_NEAR_DUPLICATE).to_numpy()
+        elif "same_case" in columns:
+            cross_case &= ~table["same_case"].astype(bool).to_numpy()
+        detected = set(zip(a[cross_case], b[cross_case]))
+        true_positives = len(planted_set & found_set)
+        unexpected = sorted(detected - planted_set)
+        n_detected = len(detected)
+        precision_hits = len(detected & planted_set)
+    else:
+        table = pairs_or_clusters
+        cluster_of = dict(zip(table["image_id"].astype(str), table["cluster_id"].astype(str)))
+        found = {p for p in planted_set if cluster_of.get(p[0]) is not None and cluster_of.get(p[0]) == cluster_of.get(p[1])}
+        true_positives = len(found)
+        cross_clusters = set(table.loc[table["cluster_kind"].astype(str) == CROSS_CASE_NEAR_DUPLICATE, "cluster_id"].astype(str))
+        clusters_with_plant = {cluster_of[p[0]] for p in found}
+        unexpected = sorted(cross_clusters - clusters_with_plant)
+        n_detected = len(cross_clusters)
+        precision_hits = len(cross_clusters & clusters_with_plant)
+        found_set = found
+    missed = sorted(planted_set - found_set)
+    return {
+        "level": level,
+        "n_planted": len(planted_set),
+        "n_detected": n_detected,
+        "true_positives": true_positives,
+        "false_positives": len(unexpected),
+        "false_negatives": len(missed),
+        "precision": precision_hits / n_detected if n_detected else float("nan"),
+        "recall": true_positives / len(planted_set) if planted_set else float("nan"),
+        "missed": missed,
+        "unexpected": unexpected,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Optional backend: imagededup
+# --------------------------------------------------------------------------------------------------------
+
+IMAGEDEDUP_MISSING = ("imagededup is not installed: install scin-pipeline[imagededup] (it pulls PyTorch, "
+                      "several GB) to use find_near_duplicates_imagededup")
+
+
+def imagededup_available() -> bool:
+    try:
+        import imagededup.methods  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def find_near_duplicates_imagededup(paths: Sequence[str | Path], max_distance: int) -> pd.DataFrame:
+    """Near-duplicate pairs by imagededup's own PHash and search (a cross-check of ours, not used by the
+    pipeline): ``path_a < path_b``, ``distance``, sorted. Files imagededup cannot encode are left out.
+
+    imagededup is an optional extra (``pip install scin-pipeline[imagededup]``); without it this raises
+    ImportError saying so.
+    """
+    try:
+        from imagededup.methods import PHash
+    except ImportError as err:
+        raise ImportError(IMAGEDEDUP_MISSING) from err
+    hasher = PHash(verbose=False)
+    encodings = {}
+    for path in sorted({str(p) for p in paths}):
+        encoding = hasher.encode_image(image_file=path)
+        if encoding:
+            encodings[path] = encoding
+    duplicates = hasher.find_duplicates(encoding_map=encodings, max_distance_threshold=int(max_distance),
+                                        scores=True)
+    rows = sorted({(a, b, int(distance)) for a, found in duplicates.items() for b, distance in found if a < b})
+    frame = pd.DataFrame(rows, columns=["path_a", "path_b", "distance"])
+    return frame.astype({"path_a": str, "path_b": str, "distance": np.int64})

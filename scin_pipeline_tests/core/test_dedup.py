@@ -1,0 +1,408 @@
+"""Tests for core.dedup: the exact Hamming search, clusters and their kinds, case groups, plant scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scin_pipeline.core import dedup
+from scin_pipeline.core.dedup import (
+    CROSS_CASE_NEAR_DUPLICATE,
+    EXACT_REUSE,
+    SAME_CASE_MULTI_ANGLE,
+    SINGLETON,
+    build_dedup_clusters,
+    case_groups,
+    cluster_labels,
+    find_near_duplicate_pairs,
+    near_duplicate_pairs,
+    planted_near_duplicate_scores,
+)
+
+# --------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+def random_hashes(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, np.iinfo(np.uint64).max, n, dtype=np.uint64, endpoint=True)
+
+
+def flip_bits(rng: np.random.Generator, value: np.uint64, n_bits: int) -> np.uint64:
+    mask = 0
+    for bit in rng.choice(64, size=n_bits, replace=False):
+        mask |= 1 << int(bit)
+    return np.uint64(int(value) ^ mask)
+
+
+def reference_pairs(hashes: np.ndarray, max_distance: int, hashes2: np.ndarray | None = None) -> set:
+    """The O(N^2) truth: the full distance matrix, written independently of the module."""
+    other = hashes if hashes2 is None else hashes2
+    distance = np.bitwise_count(hashes[:, None] ^ other[None, :])
+    hit = distance <= max_distance
+    if hashes2 is None:
+        hit &= np.triu(np.ones_like(hit), k=1)
+    i, j = np.nonzero(hit)
+    return set(zip(i.tolist(), j.tolist(), distance[i, j].tolist()))
+
+
+def as_set(pairs: pd.DataFrame) -> set:
+    return set(zip(pairs["i"].tolist(), pairs["j"].tolist(), pairs["distance"].tolist()))
+
+
+@pytest.fixture(scope="module")
+def search_hashes() -> np.ndarray:
+    """3,000 random hashes, planted near pairs at distances 0..12, exact copies, and a crowded family that
+    shares its top 40 bits (so substring buckets hold many members)."""
+    rng = np.random.default_rng(20240229)
+    base = random_hashes(rng, 3000)
+    planted = [flip_bits(rng, base[s], int(k)) for s, k in zip(rng.integers(0, 3000, 800), np.arange(800) % 13)]
+    copies = base[rng.integers(0, 3000, 40)]
+    family_top = int(rng.integers(0, 1 << 40)) << 24
+    family = np.array([family_top | int(low) for low in rng.integers(0, 1 << 24, 150)], dtype=np.uint64)
+    hashes = np.concatenate([base, np.array(planted, dtype=np.uint64), copies, family])
+    return hashes[rng.permutation(hashes.size)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The search
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_distance", [0, 2, 5, 8])
+@pytest.mark.parametrize("n_substrings", [None, 0, 3, 4, 5, 7, 11])
+def test_search_returns_exactly_the_brute_force_pairs(search_hashes, max_distance, n_substrings):
+    found = find_near_duplicate_pairs(search_hashes, max_distance, n_substrings=n_substrings)
+    i, j = found["i"].to_numpy(), found["j"].to_numpy()
+    assert (i < j).all()
+    assert not found.duplicated(["i", "j"]).any()
+    assert found.equals(found.sort_values(["i", "j"]).reset_index(drop=True))
+    assert (found["distance"].to_numpy() == np.bitwise_count(search_hashes[i] ^ search_hashes[j])).all()
+    assert as_set(found) == reference_pairs(search_hashes, max_distance)
+
+
+def test_search_finds_the_planted_distances_around_the_threshold(search_hashes):
+    # The fixture plants pairs at every distance 0..12: d = 6 must keep 0..6 and drop 7 and 8.
+    found = find_near_duplicate_pairs(search_hashes, 6)
+    assert set(found["distance"].unique()) == set(range(0, 7))
+
+
+@pytest.mark.parametrize("n_substrings", [None, 0, 3, 6])
+@pytest.mark.parametrize("max_distance", [1, 6])
+def test_two_set_search_matches_brute_force(search_hashes, n_substrings, max_distance):
+    rng = np.random.default_rng(7)
+    queries = np.array([flip_bits(rng, h, int(k)) for h, k in zip(search_hashes[:700], np.arange(700) % 9)],
+                       dtype=np.uint64)
+    found = find_near_duplicate_pairs(search_hashes, max_distance, hashes2=queries, n_substrings=n_substrings)
+    assert not found.duplicated(["i", "j"]).any()
+    assert as_set(found) == reference_pairs(search_hashes, max_distance, queries)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 1000])
+def test_block_size_bounds_memory_not_the_result(search_hashes, block_size):
+    expected = find_near_duplicate_pairs(search_hashes, 5, n_substrings=4)
+    assert find_near_duplicate_pairs(search_hashes, 5, n_substrings=4, block_size=block_size).equals(expected)
+
+
+def test_identical_hashes_pair_with_each_other_once():
+    hashes = np.full(60, 0x0123456789ABCDEF, dtype=np.uint64)
+    found = find_near_duplicate_pairs(hashes, 3, n_substrings=4)
+    assert len(found) == 60 * 59 // 2
+    assert (found["distance"] == 0).all()
+
+
+def test_tiny_and_empty_inputs():
+    assert find_near_duplicate_pairs(np.zeros(0, np.uint64), 4).empty
+    assert find_near_duplicate_pairs(np.array([5], np.uint64), 4).empty
+    pair = find_near_duplicate_pairs(np.array([0b1011, 0b0011], np.uint64), 1)
+    assert pair[["i", "j", "distance"]].values.tolist() == [[0, 1, 1]]
+    with pytest.raises(ValueError):
+        find_near_duplicate_pairs(np.array([1, 2], np.uint64), -1)
+
+
+def test_int64_bit_patterns_are_reinterpreted_and_missing_hashes_refused():
+    values = np.array([np.uint64(2**63 + 5), np.uint64(2**63 + 4)], dtype=np.uint64)
+    as_int64 = values.view(np.int64)  # what a store without uint64 support keeps
+    assert (dedup.as_uint64_hashes(as_int64) == values).all()
+    nullable = pd.Series(pd.array([2**63 + 5, 2**63 + 4], dtype="UInt64"))
+    assert (dedup.as_uint64_hashes(nullable) == values).all()  # no float round trip: the low bit survives
+    with pytest.raises(ValueError, match="missing"):
+        dedup.as_uint64_hashes(pd.Series(pd.array([1, None], dtype="UInt64")))
+    with pytest.raises(TypeError):
+        dedup.as_uint64_hashes(np.array([1.0, 2.0]))
+
+
+def test_refined_pigeonhole_radii():
+    assert [t.radius for t in dedup.substring_tables(3, 8)] == [2, 2, 2]  # 8 = 2*3 + 2
+    assert [t.radius for t in dedup.substring_tables(4, 6)] == [1, 1, 1, 0]  # 6 = 1*4 + 2
+    assert [t.radius for t in dedup.substring_tables(5, 3)] == [0, 0, 0, 0, -1]  # 3 = 0*5 + 3
+    tables = dedup.substring_tables(3, 0)
+    assert [t.width for t in tables] == [22, 21, 21] and sum(t.width for t in tables) == 64
+    assert int(np.bitwise_or.reduce([t.bit_mask for t in tables])) == 2**64 - 1
+
+
+def test_plan_uses_multi_index_at_scale_and_brute_force_when_tiny():
+    big = dedup.plan_search(1_000_000, 8)
+    assert big.method == "multi_index"
+    assert max(t.width for t in big.tables if t.radius >= 0) <= dedup.MAX_DENSE_SUBSTRING_BITS
+    assert dedup.plan_search(10_000, 8).method == "multi_index"
+    assert dedup.plan_search(50, 8).method == "brute_force"
+    with pytest.raises(ValueError):
+        dedup.plan_search(1000, 8, n_substrings=2)  # 32-bit substrings: no dense key space
+
+
+def test_near_duplicate_pairs_require_both_hashes():
+    rng = np.random.default_rng(3)
+    phash = random_hashes(rng, 4)
+    dhash = random_hashes(rng, 4)
+    phash[1] = flip_bits(rng, phash[0], 2)
+    dhash[1] = flip_bits(rng, dhash[0], 3)  # 0-1: both close
+    phash[3] = flip_bits(rng, phash[2], 1)
+    dhash[3] = flip_bits(rng, dhash[2], 20)  # 2-3: pHash close, dHash far
+    found = near_duplicate_pairs(phash, dhash, max_phash=4, max_dhash=6)
+    assert found[["i", "j", "phash_distance", "dhash_distance"]].values.tolist() == [[0, 1, 2, 3]]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Connected components
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_cluster_labels_are_components_labelled_by_smallest_member():
+    labels = cluster_labels(7, np.array([[5, 3], [3, 1], [6, 4]]))
+    assert labels.tolist() == [0, 1, 2, 1, 4, 1, 4]
+    shuffled = cluster_labels(7, np.array([[4, 6], [1, 3], [3, 5]]))
+    assert shuffled.tolist() == labels.tolist()
+    assert cluster_labels(3, np.zeros((0, 2), int)).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError):
+        cluster_labels(3, np.array([[0, 3]]))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Clusters on a hand-made example
+# --------------------------------------------------------------------------------------------------------
+
+
+def hand_made_example():
+    """Images and hashes (pHash and dHash equal, for legibility) with known relations.
+
+    - 100 in cases A and B: exact reuse.
+    - 110, 111 in case C, 3 bits apart: same-case multi-angle.
+    - 120 (case D) and 121 (case E), 4 bits apart: cross-case near-duplicate.
+    - 130 (F) - 131 (G) - 132 (H): a chain, 5 bits per step, 10 bits end to end (over the threshold).
+    - 140 (case I) alone; 141 (case J) a far image; 150 (case K) near 100 -> the exact-reuse cluster also
+      holds a cross-case near duplicate.
+    """
+    rng = np.random.default_rng(11)
+    base = {k: random_hashes(rng, 1)[0] for k in (100, 110, 120, 130, 140, 141)}
+    chain_mid = flip_bits(rng, base[130], 5)
+    # The chain's end: 5 bits from the middle and 10 from the start (5 bits not flipped before).
+    flipped = int(chain_mid ^ base[130])
+    free = [b for b in range(64) if not (flipped >> b) & 1]
+    chain_end = np.uint64(int(chain_mid) ^ sum(1 << b for b in free[:5]))
+    hashes = {
+        100: base[100], 110: base[110], 111: flip_bits(rng, base[110], 3), 120: base[120],
+        121: flip_bits(rng, base[120], 4), 130: base[130], 131: chain_mid, 132: chain_end,
+        140: base[140], 141: base[141], 150: flip_bits(rng, base[100], 2),
+    }
+    refs = [(100, "A"), (100, "B"), (110, "C"), (111, "C"), (120, "D"), (121, "E"), (130, "F"), (131, "G"),
+            (132, "H"), (140, "I"), (141, "J"), (150, "K")]
+    images = pd.DataFrame({"image_id": [str(i) for i, _ in refs], "case_id": [c for _, c in refs],
+                           "position": range(len(refs))})
+    hash_table = pd.DataFrame({"image_id": [str(k) for k in hashes],
+                               "phash": np.array(list(hashes.values()), dtype=np.uint64),
+                               "dhash": np.array(list(hashes.values()), dtype=np.uint64)})
+    return images, hash_table
+
+
+def test_cluster_kinds_on_a_hand_made_example():
+    images, hashes = hand_made_example()
+    clusters, pairs = build_dedup_clusters(images, hashes, max_phash_distance=6, max_dhash_distance=6)
+    assert list(clusters.columns) == list(dedup.CLUSTER_COLUMNS)
+    assert len(clusters) == len(images)  # one row per reference
+    by_ref = clusters.set_index(["image_id", "case_id"])
+
+    def cluster_of(image_id, case_id):
+        return by_ref.loc[(image_id, case_id)]
+
+    reuse = cluster_of("100", "A")
+    assert cluster_of("100", "B")["cluster_id"] == reuse["cluster_id"] == cluster_of("150", "K")["cluster_id"]
+    assert reuse["cluster_kind"] == EXACT_REUSE  # exact reuse outranks its cross-case near duplicate
+    assert (reuse["cluster_size"], reuse["cluster_n_cases"]) == (2, 3)
+
+    multi = cluster_of("110", "C")
+    assert multi["cluster_id"] == cluster_of("111", "C")["cluster_id"] == "110"
+    assert multi["cluster_kind"] == SAME_CASE_MULTI_ANGLE
+    assert (multi["cluster_size"], multi["cluster_n_cases"]) == (2, 1)
+
+    cross = cluster_of("121", "E")
+    assert cross["cluster_id"] == cluster_of("120", "D")["cluster_id"] == "120"
+    assert cross["cluster_kind"] == CROSS_CASE_NEAR_DUPLICATE
+
+    chain = clusters[clusters["case_id"].isin(["F", "G", "H"])]
+    assert chain["cluster_id"].nunique() == 1  # 130 and 132 are 10 bits apart: linked through 131
+    assert (chain["cluster_kind"] == CROSS_CASE_NEAR_DUPLICATE).all()
+    assert (chain["cluster_size"] == 3).all() and (chain["cluster_n_cases"] == 3).all()
+
+    for image_id, case_id in (("140", "I"), ("141", "J")):
+        alone = cluster_of(image_id, case_id)
+        assert alone["cluster_kind"] == SINGLETON and alone["cluster_id"] == image_id
+        assert (alone["cluster_size"], alone["cluster_n_cases"]) == (1, 1)
+
+    pair_rows = {(a, b): (same, kind) for a, b, same, kind in
+                 pairs[["image_id_a", "image_id_b", "same_case", "kind"]].itertuples(index=False)}
+    assert pair_rows == {
+        ("100", "150"): (False, CROSS_CASE_NEAR_DUPLICATE),
+        ("110", "111"): (True, SAME_CASE_MULTI_ANGLE),
+        ("120", "121"): (False, CROSS_CASE_NEAR_DUPLICATE),
+        ("130", "131"): (False, CROSS_CASE_NEAR_DUPLICATE),
+        ("131", "132"): (False, CROSS_CASE_NEAR_DUPLICATE),
+    }
+    assert pairs.set_index(["image_id_a", "image_id_b"]).loc[("120", "121"), "phash_distance"] == 4
+
+
+def test_clusters_do_not_depend_on_row_order():
+    images, hashes = hand_made_example()
+    expected = build_dedup_clusters(images, hashes, max_phash_distance=6, max_dhash_distance=6)
+    for seed in range(3):
+        shuffled = build_dedup_clusters(images.sample(frac=1, random_state=seed),
+                                        hashes.sample(frac=1, random_state=seed + 10),
+                                        max_phash_distance=6, max_dhash_distance=6)
+        pd.testing.assert_frame_equal(shuffled[0], expected[0])
+        pd.testing.assert_frame_equal(shuffled[1], expected[1])
+
+
+def test_dhash_threshold_splits_a_pair_that_phash_alone_would_join():
+    images, hashes = hand_made_example()
+    far_dhash = hashes.copy()
+    far_dhash.loc[far_dhash["image_id"] == "121", "dhash"] = ~far_dhash.loc[far_dhash["image_id"] == "120", "dhash"].to_numpy()
+    clusters, _ = build_dedup_clusters(images, far_dhash, max_phash_distance=6, max_dhash_distance=6)
+    assert clusters.set_index("image_id").loc["121", "cluster_kind"] == SINGLETON
+
+
+def test_unreferenced_hashes_cannot_bridge_clusters_and_missing_hashes_are_refused():
+    images, hashes = hand_made_example()
+    # An unreferenced file halfway between 140 and 141 would join them if it took part.
+    a = int(hashes.set_index("image_id").loc["140", "phash"])
+    b = int(hashes.set_index("image_id").loc["141", "phash"])
+    diff = [bit for bit in range(64) if ((a ^ b) >> bit) & 1]
+    middle = np.uint64(a ^ sum(1 << bit for bit in diff[: len(diff) // 2]))
+    bridged = pd.concat([hashes, pd.DataFrame({"image_id": ["999"], "phash": [middle], "dhash": [middle]})],
+                        ignore_index=True)
+    clusters, _ = build_dedup_clusters(images, bridged, max_phash_distance=64, max_dhash_distance=64)
+    assert "999" not in set(clusters["image_id"])
+    with pytest.raises(ValueError, match="no hashes"):
+        build_dedup_clusters(images, hashes[hashes["image_id"] != "141"])
+
+
+def test_case_groups_join_cases_linked_through_a_chain_of_clusters():
+    clusters = pd.DataFrame({
+        "image_id": ["1", "1", "2", "2", "3", "4"],
+        "case_id": ["c9", "c5", "c5", "c7", "c8", "c8"],
+        "cluster_id": ["1", "1", "2", "2", "3", "4"],
+    })
+    groups = case_groups(clusters)
+    assert groups.to_dict() == {"c5": "c5", "c7": "c5", "c8": "c8", "c9": "c5"}
+    assert groups.index.name == "case_id"
+    assert case_groups(clusters.iloc[::-1]).equals(groups)
+
+
+def test_case_groups_from_the_hand_made_clusters():
+    images, hashes = hand_made_example()
+    clusters, _ = build_dedup_clusters(images, hashes, max_phash_distance=6, max_dhash_distance=6)
+    groups = case_groups(clusters)
+    assert groups["B"] == groups["A"] == groups["K"] == "A"
+    assert groups["F"] == groups["G"] == groups["H"] == "F"
+    assert groups["D"] == groups["E"] != groups["I"]
+    assert groups["C"] == "C"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scores against plants
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_planted_scores_count_exactly():
+    plants = pd.DataFrame({
+        "image_id": ["5", "6", "7"],
+        "case_id": ["a", "b", "c"],
+        "planted": ["near_duplicate", "near_duplicate", "clean"],
+        "detail": ["source_image_id=1; crop=0.03; source_case_id=x",
+                   "source_image_id=-2; crop=0.04; source_case_id=y", ""],
+    })
+    pairs = pd.DataFrame({
+        "image_id_a": ["1", "7", "8", "3"], "image_id_b": ["5", "9", "8", "4"],
+        "phash_distance": [2, 3, 0, 1], "dhash_distance": [1, 2, 0, 1],
+        "same_case": [False, False, False, True],
+        "kind": [CROSS_CASE_NEAR_DUPLICATE, CROSS_CASE_NEAR_DUPLICATE, EXACT_REUSE, SAME_CASE_MULTI_ANGLE],
+    })
+    scores = planted_near_duplicate_scores(pairs, plants)
+    assert (scores["true_positives"], scores["false_positives"], scores["false_negatives"]) == (1, 1, 1)
+    assert scores["precision"] == 0.5 and scores["recall"] == 0.5
+    assert scores["missed"] == [("-2", "6")] and scores["unexpected"] == [("7", "9")]
+
+
+@pytest.fixture(scope="module")
+def synthetic_hashed(tmp_path_factory):
+    """A synthetic mirror with many planted near duplicates, hashed with imagehash directly."""
+    imagehash = pytest.importorskip("imagehash")
+    from PIL import Image
+
+    from scin_pipeline.core.synthetic import write_synthetic_mirror
+
+    root = tmp_path_factory.mktemp("dedup_mirror")
+    mirror = write_synthetic_mirror(root, n_cases=160, seed=3, image_size=(320, 240), defect_rate=0.5)
+    plants = mirror.plants
+    # The images a quality filter keeps: blown-out and black frames share hashes (see build_dedup_clusters).
+    kept = plants[plants["planted"].isin(["clean", "near_duplicate", "dark_diagnostic", "wrong_format"])]
+
+    def packed(image_hash) -> np.uint64:
+        return np.uint64(int.from_bytes(np.packbits(image_hash.hash.ravel()).tobytes(), "big"))
+
+    rows = []
+    for image_id, path in kept[["image_id", "image_path"]].itertuples(index=False):
+        with Image.open(root / path) as image:
+            grey = image.convert("L")
+        rows.append((image_id, packed(imagehash.phash(grey)), packed(imagehash.dhash(grey))))
+    hashes = pd.DataFrame(rows, columns=["image_id", "phash", "dhash"])
+    images = kept[["image_id", "case_id"]]
+    return images, hashes, plants
+
+
+def test_planted_near_duplicates_found_with_high_precision_and_recall(synthetic_hashed):
+    images, hashes, plants = synthetic_hashed
+    assert (plants["planted"] == "near_duplicate").sum() >= 10
+    clusters, pairs = build_dedup_clusters(images, hashes)
+    by_pairs = planted_near_duplicate_scores(pairs, plants)
+    assert by_pairs["n_planted"] >= 10
+    assert by_pairs["recall"] >= 0.9, by_pairs
+    assert by_pairs["precision"] >= 0.9, by_pairs
+    by_clusters = planted_near_duplicate_scores(clusters, plants)
+    assert by_clusters["recall"] >= 0.9 and by_clusters["precision"] >= 0.9, by_clusters
+
+
+# --------------------------------------------------------------------------------------------------------
+# Optional imagededup backend
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(dedup.imagededup_available(), reason="imagededup is installed: the missing-extra error cannot show")
+def test_imagededup_backend_says_how_to_install_it():
+    with pytest.raises(ImportError, match=r"install scin-pipeline\[imagededup\]"):
+        dedup.find_near_duplicates_imagededup(["a.png"], 4)
+
+
+@pytest.mark.skipif(not dedup.imagededup_available(),
+                    reason="imagededup not installed (optional extra scin-pipeline[imagededup]; it pulls PyTorch)")
+def test_imagededup_backend_finds_the_planted_near_duplicates(tmp_path):
+    from scin_pipeline.core.synthetic import write_synthetic_mirror
+
+    mirror = write_synthetic_mirror(tmp_path / "m", n_cases=80, seed=5, image_size=(320, 240), defect_rate=0.5)
+    plants = mirror.plants
+    kept = plants[plants["planted"].isin(["clean", "near_duplicate"])]
+    paths = [str(tmp_path / "m" / p) for p in kept["image_path"]]
+    found = dedup.find_near_duplicates_imagededup(paths, 10)
+    stem = lambda p: p.rsplit("/", 1)[-1].removesuffix(".png")  # noqa: E731
+    pairs = pd.DataFrame({"image_id_a": found["path_a"].map(stem), "image_id_b": found["path_b"].map(stem)})
+    assert planted_near_duplicate_scores(pairs, plants, image_ids=kept["image_id"])["recall"] >= 0.9
