@@ -1,0 +1,701 @@
+"""Per-image quality metrics, perceptual hashes, and the keep/exclude rule.
+
+One decode per file (:mod:`scin_pipeline.core.imageio`), then everything is computed from a *working copy*
+scaled down to a long side of ``QualityConfig.working_long_side`` px (512) with ``cv2.INTER_AREA``. That
+keeps every metric cheap (the decode itself is the floor) and makes the metrics scale-invariant: a 4000 px
+and a 1000 px photo of the same scene give the same sharpness and texture. Images smaller than that are
+not enlarged.
+
+The rule (:func:`decide_quality`), first match wins:
+
+1. the file did not decode: the decode status is the reason (``empty_file``, ``truncated``, ``corrupt``,
+   ``wrong_format``, ``decompression_bomb``, ``unreadable``, ``missing``);
+2. ``overexposed``: more than ``overexposed_fraction_max`` of the frame is blown out;
+3. ``dark``: the median lightness is below ``dark_relative_min`` times the lightness *expected for the
+   case's skin* (the CIELAB L* of its Monk skin tone swatch): a well-exposed photo of deep skin (Monk 10,
+   swatch L* 14.6) is not dark, the same pixels on a Monk 1 case (L* 94.1) are. A dark image is kept, with
+   ``dark_but_diagnostic``, when texture or redness is still visible (``texture >= diagnostic_texture_min``
+   or ``redness_contrast >= diagnostic_redness_min``);
+4. ``low_information``: grey-level entropy below ``low_information_entropy_min`` bits (a near-uniform
+   frame); not applied to dark-but-diagnostic images, whose entropy is low because they are dark;
+5. ``blurry``: variance of the Laplacian below ``blurry_sharpness_min``.
+
+Dermatologist gradability is not part of this rule; it is a separate filter downstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import cv2
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageFilter, ImageStat
+
+from scin_pipeline.core.imageio import DEFAULT_MAX_PIXELS, decode_image, pixel_limit_guard
+
+# The published Monk Skin Tone scale swatches (sRGB), tone 1 (lightest) to 10 (deepest).
+MONK_SKIN_TONE_SRGB_HEX = {
+    1: "#f6ede4", 2: "#f3e7db", 3: "#f7ead0", 4: "#eadaba", 5: "#d7bd96",
+    6: "#a07e56", 7: "#825c43", 8: "#604134", 9: "#3a312a", 10: "#292420",
+}
+
+
+def _hex_lightness(hex_colour: str) -> float:
+    rgb = np.array([[[int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)]]], np.float32) / 255.0
+    return float(cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab)[0, 0, 0])
+
+
+# CIELAB L* (D65) of each swatch: 94.1, 92.1, 92.9, 87.5, 77.8, 55.1, 42.4, 30.6, 21.0, 14.6.
+MONK_SWATCH_LIGHTNESS = {tone: _hex_lightness(h) for tone, h in MONK_SKIN_TONE_SRGB_HEX.items()}
+
+DECODE_FAILURE_REASONS = (
+    "empty_file", "truncated", "corrupt", "wrong_format", "decompression_bomb", "unreadable", "missing",
+)
+QUALITY_REASONS = ("overexposed", "dark", "low_information", "blurry")
+
+# cleanvision 0.3.7 defaults (ImagePropertyIssueManager.get_default_params), for the per-image scores.
+_CV_LOW_INFORMATION_NORMALIZING = 0.1
+_CV_BLURRY_NORMALIZING = 0.01
+_CV_BLURRY_COLOR_THRESHOLD = 0.18
+_CV_BLURRY_MAX_RESOLUTION = 64  # cleanvision.utils.constants.MAX_RESOLUTION_FOR_BLURRY_DETECTION
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Settings of the quality stage; the thresholds of the keep/exclude rule (see the module docstring).
+
+    Defaults are measured, not guessed: ``bench/curation.py --calibrate`` sweeps each threshold on a
+    synthetic mirror with planted defects (400 cases, 10 Monk tones equally represented, 60 % of the files
+    defective, seed 7: 789 files, 260 clean) and reports precision and recall per planted reason.
+    Measured ranges where every planted reason reaches precision and recall >= 0.9 with the other
+    defaults held (the default sits inside, away from both edges):
+
+    - ``dark_relative_min`` 0.40: fine from 0.27 to 0.70 (planted dark frames reach at most 0.26 of their
+      swatch lightness, clean photos of any tone at least 0.73);
+    - ``diagnostic_redness_min`` 6.0 a* units: planted dark frames reach 0.7, dark-but-diagnostic ones 12;
+    - ``diagnostic_texture_min`` 1.0 L*/px: planted dark frames reach 0.31, dark-but-diagnostic ones 2.2;
+    - ``overexposed_fraction_max`` 0.5: clean images reach 0.13, over-exposed ones 1.0;
+    - ``blurry_sharpness_min`` 2.5: blurred images reach 1.35, clean ones no less than 18.7 and
+      dark-but-diagnostic ones 4.9;
+    - ``low_information_entropy_min`` 1.0 bit: no planted kind; the largest value, with a 3x margin, that
+      excludes no clean image (the lowest clean entropy is 3.0 bits, on deep skin: grey-level entropy is
+      lower on deep skin, so cleanvision's own threshold of 3 bits would exclude deep skin first).
+
+    With these defaults, on that mirror: precision and recall 1.00 for dark, blurred, overexposed and every
+    decode failure; 100 % of dark-but-diagnostic images kept; clean images excluded: 0 % of Monk 1-3,
+    0 % of Monk 4-6, 0 % of Monk 7-10 (see the README of bench/ for the full table).
+    """
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    working_long_side: int = 512
+    dark_relative_min: float = 0.40
+    diagnostic_texture_min: float = 1.0
+    diagnostic_redness_min: float = 6.0
+    overexposed_fraction_max: float = 0.5
+    blurry_sharpness_min: float = 3.0
+    low_information_entropy_min: float = 1.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hashes
+# --------------------------------------------------------------------------------------------------------
+
+
+def hash_to_uint64(image_hash: imagehash.ImageHash) -> np.uint64:
+    """An 8x8 ImageHash as one uint64: bits in imagehash's order (row-major flatten), first bit = MSB.
+
+    This is the same number as ``int(str(image_hash), 16)``, so hex strings stay comparable.
+    """
+    bits = np.asarray(image_hash.hash, dtype=bool).ravel()
+    if bits.size != 64:
+        raise ValueError(f"need a 64-bit hash (hash_size=8), got {bits.size} bits")
+    return np.uint64(int.from_bytes(np.packbits(bits).tobytes(), "big"))
+
+
+def uint64_to_hex(value: int | np.uint64) -> str:
+    """16 hex digits, as imagehash prints an 8x8 hash (``imagehash.hex_to_hash`` reads it back)."""
+    return f"{int(value):016x}"
+
+
+def uint64_to_hash(value: int | np.uint64) -> imagehash.ImageHash:
+    bits = np.unpackbits(np.frombuffer(int(value).to_bytes(8, "big"), np.uint8)).astype(bool)
+    return imagehash.ImageHash(bits.reshape(8, 8))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Metrics of one decoded image
+# --------------------------------------------------------------------------------------------------------
+
+METRIC_COLUMNS = (
+    "aspect_ratio", "brightness_mean", "brightness_p05", "brightness_median", "brightness_p95", "contrast",
+    "underexposed_fraction", "overexposed_fraction", "sharpness", "texture", "redness", "redness_contrast",
+    "entropy", "skin_fraction", "skin_mean_r", "skin_mean_g", "skin_mean_b",
+    # cleanvision's per-image raw properties (same formulas, on the working copy; sizes from the original)
+    "cv_brightness", "cv_brightness_perc_5", "cv_brightness_perc_99", "cv_entropy", "cv_blurriness",
+    "cv_blurriness_grayscale_std", "cv_size",
+    # cleanvision's per-image scores (1 = no issue, 0 = worst); odd_size is dataset-relative: see
+    # cleanvision_scores()
+    "dark_score", "light_score", "blurry_score", "low_information_score", "odd_aspect_ratio_score",
+    "grayscale_score",
+)
+ROW_COLUMNS = (
+    "image_id", "decode_status", "decode_reason", "width", "height", "bytes", "format", "source_mode",
+    *METRIC_COLUMNS, "phash", "dhash",
+)
+
+
+def working_copy(rgb: np.ndarray, long_side: int) -> np.ndarray:
+    """The image scaled down (area averaging, never up) so that its long side is at most long_side."""
+    h, w = rgb.shape[:2]
+    scale = long_side / max(h, w)
+    if scale >= 1:
+        return rgb
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def _shannon_entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0].astype(np.float64)
+    p /= p.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def _percentiles(values: np.ndarray, q: Sequence[float]) -> np.ndarray:
+    return np.percentile(values, q) if values.size else np.full(len(q), np.nan)
+
+
+def image_metrics(rgb: np.ndarray, *, original_size: tuple[int, int], source_mode: str | None,
+                  working_long_side: int = 512) -> dict:
+    """All metrics and both hashes of one decoded RGB image (see ROW_COLUMNS for the names)."""
+    width, height = original_size
+    work = np.ascontiguousarray(working_copy(rgb, working_long_side))
+    pil_rgb = Image.fromarray(work)
+    pil_gray = pil_rgb.convert("L")  # PIL's luma, the grey imagehash would compute: one conversion for both
+    gray = np.asarray(pil_gray)
+
+    # CIELAB on float input: L* in 0..100 and a*, b* in their own units (uint8 Lab would quantise L* to 0.4).
+    lab = cv2.cvtColor(work.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)
+    lightness, a_star, b_star = lab[..., 0], lab[..., 1], lab[..., 2]
+    l_p05, l_med, l_p95 = _percentiles(lightness, (5, 50, 95))
+    n_px = lightness.size
+
+    # Skin area: not near-black or near-white, and in the warm/neutral half of the a*b* plane (skin,
+    # erythema, crusts, scale); a blue shirt or green wall is not skin. The lesion itself must stay in,
+    # so the test is one-sided (no "far from the median chroma" cut, which would drop the redness).
+    skin = (lightness > 1) & (lightness < 98) & (a_star > -8) & (b_star > -8)
+    skin_fraction = float(skin.mean())
+    if skin_fraction < 0.05:  # e.g. an almost black frame: judge the whole frame rather than nothing
+        skin = np.ones_like(skin)
+    skin_a = a_star[skin]
+    a_med, a_p99 = _percentiles(skin_a, (50, 99))
+    skin_rgb = work[skin]
+
+    # Sharpness: the classic variance of the Laplacian of the grey working copy.
+    laplacian = cv2.Laplacian(gray, cv2.CV_32F)
+    # Texture: the steepest 1 % of local lightness change, in L* per pixel after a light smoothing (sigma
+    # 1 px drops pixel noise, keeps lesion-scale structure). L* is already brightness-normalised (cube
+    # root of luminance: equal steps look equal at any exposure), which is what a dark image needs;
+    # dividing by the brightness again would blow up the noise of dark frames (measured: it no longer
+    # separated dark from dark-but-diagnostic frames).
+    smooth = cv2.GaussianBlur(lightness, (0, 0), 1.0)
+    gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3)
+    gradient = cv2.magnitude(gx, gy) * np.float32(1 / 8)  # Sobel 3x3 weighs the difference by 8
+    texture = float(np.percentile(gradient, 99))
+
+    gray_hist = np.bincount(gray.ravel(), minlength=256)
+    channel_max = work.max(axis=2)
+
+    # cleanvision's raw properties, same formulas as cleanvision.issue_managers.image_property (written
+    # out here: importing cleanvision costs ~1 s per worker process, pulls matplotlib, and its percentile
+    # code works on int64 copies of the full-size image).
+    work_f = work.astype(np.float32)
+    cv_pixel_brightness = np.sqrt(0.241 * work_f[..., 0] ** 2 + 0.691 * work_f[..., 1] ** 2
+                                  + 0.068 * work_f[..., 2] ** 2) / 255
+    cv_p5, cv_p99 = _percentiles(cv_pixel_brightness, (5, 99))
+    r_mean, g_mean, b_mean = ImageStat.Stat(pil_rgb).mean
+    cv_brightness = math.sqrt(0.241 * r_mean ** 2 + 0.691 * g_mean ** 2 + 0.068 * b_mean ** 2) / 255
+    rgb_hist = np.concatenate([np.bincount(work[..., c].ravel(), minlength=256) for c in range(3)])
+    cv_entropy = _shannon_entropy(rgb_hist)  # = PIL Image.entropy() of an RGB image (768-bin histogram)
+    # Blurriness: cleanvision shrinks to 64 px with PIL's default filter, then FIND_EDGES on grey.
+    ratio = max(work.shape[1], work.shape[0]) / _CV_BLURRY_MAX_RESOLUTION
+    small = pil_rgb.resize((max(int(work.shape[1] // ratio), 1), max(int(work.shape[0] // ratio), 1))) \
+        if ratio > 1 else pil_rgb
+    small_gray = small.convert("L")
+    cv_blurriness = math.sqrt(ImageStat.Stat(small_gray.filter(ImageFilter.FIND_EDGES)).var[0])
+    cv_gray_std = float(np.std(small_gray.histogram()))
+    aspect = min(width / height, height / width)
+    is_grey_file = source_mode in ("L", "L;16", "LA", "LA;16")
+
+    return {
+        "aspect_ratio": aspect,
+        "brightness_mean": float(lightness.mean()),
+        "brightness_p05": float(l_p05),
+        "brightness_median": float(l_med),
+        "brightness_p95": float(l_p95),
+        "contrast": float(lightness.std()),
+        "underexposed_fraction": float(np.count_nonzero(lightness < 5) / n_px),
+        "overexposed_fraction": float(np.count_nonzero((lightness > 97) | (channel_max >= 250)) / n_px),
+        "sharpness": float(laplacian.var()),
+        "texture": texture,
+        "redness": float(skin_a.mean()),
+        "redness_contrast": float(a_p99 - a_med),
+        "entropy": _shannon_entropy(gray_hist),
+        "skin_fraction": skin_fraction,
+        "skin_mean_r": float(skin_rgb[:, 0].mean()),
+        "skin_mean_g": float(skin_rgb[:, 1].mean()),
+        "skin_mean_b": float(skin_rgb[:, 2].mean()),
+        "cv_brightness": cv_brightness,
+        "cv_brightness_perc_5": float(cv_p5),
+        "cv_brightness_perc_99": float(cv_p99),
+        "cv_entropy": cv_entropy,
+        "cv_blurriness": cv_blurriness,
+        "cv_blurriness_grayscale_std": cv_gray_std,
+        "cv_size": math.sqrt(width) * math.sqrt(height),
+        **_cleanvision_image_scores(cv_p99, cv_p5, cv_entropy, cv_blurriness, cv_gray_std, aspect, is_grey_file),
+        "phash": hash_to_uint64(imagehash.phash(pil_gray)),
+        "dhash": hash_to_uint64(imagehash.dhash(pil_gray)),
+    }
+
+
+def _cleanvision_image_scores(perc_99, perc_5, entropy, blurriness, gray_std, aspect, is_grey_file) -> dict:
+    # The per-image score formulas of cleanvision 0.3.7 (BrightnessProperty, EntropyProperty,
+    # BlurrinessProperty, AspectRatioProperty, ColorSpaceProperty .get_scores) with its default parameters;
+    # cleanvision_scores() recomputes them with cleanvision's own classes, and a test checks they agree.
+    blur = 1 - math.exp(-blurriness * _CV_BLURRY_NORMALIZING)
+    std_score = 1 - math.exp(-gray_std * _CV_BLURRY_NORMALIZING)
+    if std_score <= _CV_BLURRY_COLOR_THRESHOLD:
+        std_score = 0.0
+    return {
+        "dark_score": float(perc_99),
+        "light_score": float(1 - perc_5),
+        "blurry_score": float(min(blur + std_score, 1.0)),
+        "low_information_score": float(min(entropy * _CV_LOW_INFORMATION_NORMALIZING, 1.0)),
+        "odd_aspect_ratio_score": float(aspect),
+        # cleanvision flags an image whose PIL mode is "L"; we also count 16-bit and alpha grey files.
+        "grayscale_score": 0.0 if is_grey_file else 1.0,
+    }
+
+
+def _failed_row(image_id: str, status: str, reason: str | None, decoded=None) -> dict:
+    row = {col: np.nan for col in METRIC_COLUMNS}
+    row.update(image_id=image_id, decode_status=status, decode_reason=reason,
+               width=getattr(decoded, "width", None), height=getattr(decoded, "height", None),
+               bytes=getattr(decoded, "bytes", None), format=getattr(decoded, "format", None),
+               source_mode=getattr(decoded, "source_mode", None), phash=None, dhash=None)
+    return {col: row[col] for col in ROW_COLUMNS}
+
+
+def assess_image(image_id: str, path: str | os.PathLike | None, config: QualityConfig = QualityConfig()) -> dict:
+    """One flat row (ROW_COLUMNS) for one image: decode once, then every metric and both hashes.
+
+    Never raises: a file that cannot be decoded gives its decode status and reason with empty metrics; a
+    failure while computing metrics (a bug, not the file's fault) gives ``unreadable`` with the error text.
+    ``path`` None means there is no local file (the fetch stage reported it missing).
+    """
+    if path is None:
+        return _failed_row(image_id, "missing", f"image {image_id}: no local file")
+    decoded = decode_image(path, max_pixels=config.max_pixels)
+    if not decoded.ok:
+        return _failed_row(image_id, decoded.status, decoded.reason, decoded)
+    try:
+        metrics = image_metrics(decoded.rgb, original_size=(decoded.width, decoded.height),
+                                source_mode=decoded.source_mode, working_long_side=config.working_long_side)
+    except Exception as err:  # noqa: BLE001 - one image must never stop the run; the reason says what failed
+        return _failed_row(image_id, "unreadable",
+                           f"{path}: decoded, but computing metrics failed: {type(err).__name__}: {err}", decoded)
+    row = dict(image_id=image_id, decode_status="ok", decode_reason=None, width=decoded.width,
+               height=decoded.height, bytes=decoded.bytes, format=decoded.format,
+               source_mode=decoded.source_mode, **metrics)
+    return {col: row[col] for col in ROW_COLUMNS}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Many images: worker processes, streaming, in order, surviving worker crashes
+# --------------------------------------------------------------------------------------------------------
+
+AssessOne = Callable[[str, "str | None", QualityConfig], dict]
+
+
+def _worker_init(max_pixels: int) -> None:
+    pixel_limit_guard(max_pixels)
+    cv2.setNumThreads(1)  # one image per process: OpenCV's own threads would only fight the other workers
+
+
+def _worker_ready() -> bool:
+    return True
+
+
+def _assess_chunk(chunk: list[tuple[str, str | None]], config: QualityConfig, assess_one: AssessOne) -> list[dict]:
+    return [assess_one(image_id, path, config) for image_id, path in chunk]
+
+
+def _crashed_row(image_id: str, path, detail: str) -> dict:
+    return _failed_row(image_id, "unreadable", f"{path}: the worker process died while reading this file ({detail})")
+
+
+def assess_images(
+    items: Iterable[tuple[str, str | None]],
+    *,
+    config: QualityConfig = QualityConfig(),
+    workers: int | None = None,
+    chunksize: int = 8,
+    assess_one: AssessOne = assess_image,
+) -> Iterator[dict]:
+    """assess_image over many (image_id, path) pairs in worker processes; rows come back in input order.
+
+    - Streaming: ``items`` is consumed lazily and at most ``3 * workers`` chunks of ``chunksize`` items
+      are in flight, so memory does not grow with the number of images (no list of all images or rows).
+    - Processes are started with ``spawn``: safe when the parent has threads (Dagster, gRPC), the same on
+      Linux and macOS; it costs about a second of start-up per worker per call.
+    - A worker that dies (a decoder segfault, the OOM killer) breaks the pool; the chunks in flight are
+      retried one item at a time in a fresh pool, and an item that kills its worker again is reported as
+      ``unreadable`` with the reason, so one poisoned file never stops the run.
+    - ``workers`` 0 runs in this process (no isolation; for debugging). ``assess_one`` is the per-item
+      function run in the workers (module-level so that it pickles); tests substitute one that crashes.
+    """
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    if workers <= 0:
+        for image_id, path in items:
+            yield assess_one(image_id, path, config)
+        return
+
+    context = multiprocessing.get_context("spawn")
+
+    def new_pool(*, check: bool = False) -> ProcessPoolExecutor:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
+                                   initargs=(config.max_pixels,))
+        if check:
+            # After a crash, a fresh pool must first run a no-op: if even that dies, the workers cannot
+            # start at all (e.g. a script without the ``if __name__ == "__main__"`` guard that spawn
+            # needs), and blaming the next image would wrongly mark every file unreadable.
+            try:
+                pool.submit(_worker_ready).result()
+            except BrokenProcessPool as err:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise RuntimeError(f"quality worker processes cannot start: {err}") from err
+        return pool
+
+    def chunks() -> Iterator[list[tuple[str, str | None]]]:
+        chunk: list[tuple[str, str | None]] = []
+        for image_id, path in items:
+            chunk.append((str(image_id), None if path is None else str(path)))
+            if len(chunk) == chunksize:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    pending = chunks()
+    in_flight: deque = deque()  # (chunk, future), oldest first
+    max_in_flight = 3 * workers
+    pool = new_pool()
+    try:
+        while True:
+            while len(in_flight) < max_in_flight:
+                chunk = next(pending, None)
+                if chunk is None:
+                    break
+                in_flight.append((chunk, pool.submit(_assess_chunk, chunk, config, assess_one)))
+            if not in_flight:
+                return
+            chunk, future = in_flight.popleft()
+            try:
+                rows = future.result()
+            except BrokenProcessPool:
+                # Every chunk in flight may be lost; keep the ones that finished, redo the rest item by item.
+                pool.shutdown(wait=False, cancel_futures=True)
+                survivors = [(chunk, future)] + list(in_flight)
+                in_flight.clear()
+                pool = new_pool(check=True)
+                for lost_chunk, lost_future in survivors:
+                    done_ok = lost_future.done() and not lost_future.cancelled() and lost_future.exception() is None
+                    if done_ok:
+                        yield from lost_future.result()
+                        continue
+                    for image_id, path in lost_chunk:
+                        single = pool.submit(_assess_chunk, [(image_id, path)], config, assess_one)
+                        try:
+                            yield from single.result()
+                        except BrokenProcessPool as err:
+                            pool.shutdown(wait=False, cancel_futures=True)
+                            pool = new_pool(check=True)
+                            yield _crashed_row(image_id, path, f"{type(err).__name__}: {err}")
+                continue
+            yield from rows
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def assessments_frame(rows: Iterable[dict]) -> pd.DataFrame:
+    """Rows of assess_image as a typed table: hashes as nullable UInt64, ids as strings."""
+    frame = pd.DataFrame(list(rows), columns=list(ROW_COLUMNS))
+    for col in ("phash", "dhash"):
+        frame[col] = pd.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
+                               for v in frame[col]], dtype="UInt64")
+    for col in ("width", "height", "bytes"):
+        frame[col] = pd.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
+                               for v in frame[col]], dtype="Int64")
+    frame["image_id"] = frame["image_id"].astype(str)
+    for col in METRIC_COLUMNS:
+        frame[col] = frame[col].astype(float)
+    return frame
+
+
+# --------------------------------------------------------------------------------------------------------
+# cleanvision's issue scores, dataset level
+# --------------------------------------------------------------------------------------------------------
+
+CLEANVISION_ISSUES = ("dark", "light", "blurry", "low_information", "odd_aspect_ratio", "grayscale", "odd_size")
+
+
+def cleanvision_scores(frame: pd.DataFrame) -> pd.DataFrame:
+    """cleanvision's scores and issue flags for decoded rows of an assessments table, by its own code.
+
+    Uses cleanvision's property classes and default parameters on our raw properties, so the dataset-level
+    ones (odd_size: an IQR rule over the whole set) come out as cleanvision would compute them on these
+    images. Columns ``<issue>_score`` and ``is_<issue>_issue``; rows that did not decode are left out.
+    """
+    from cleanvision.issue_managers.image_property import (  # noqa: PLC0415 - heavy import, only here
+        AspectRatioProperty, BlurrinessProperty, BrightnessProperty, ColorSpaceProperty, EntropyProperty,
+        SizeProperty,
+    )
+    from cleanvision.issue_managers.image_property_issue_manager import ImagePropertyIssueManager
+
+    ok = frame[frame["decode_status"] == "ok"]
+    raw = pd.DataFrame({
+        "brightness_perc_99": ok["cv_brightness_perc_99"], "brightness_perc_5": ok["cv_brightness_perc_5"],
+        "aspect_ratio": ok["aspect_ratio"], "entropy": ok["cv_entropy"], "blurriness": ok["cv_blurriness"],
+        "blurriness_grayscale_std": ok["cv_blurriness_grayscale_std"], "size": ok["cv_size"],
+        "color_space": np.where(ok["grayscale_score"] == 0, "L", "RGB"),
+    }, index=ok.index)
+    params = ImagePropertyIssueManager().get_default_params()
+    properties = {
+        "dark": BrightnessProperty("dark"), "light": BrightnessProperty("light"), "blurry": BlurrinessProperty(),
+        "low_information": EntropyProperty(), "odd_aspect_ratio": AspectRatioProperty(),
+        "grayscale": ColorSpaceProperty(), "odd_size": SizeProperty(),
+    }
+    out = pd.DataFrame(index=ok.index)
+    out["image_id"] = ok["image_id"]
+    for issue, prop in properties.items():
+        issue_params = dict(params[issue])
+        threshold = issue_params.pop("threshold", None)
+        scores = prop.get_scores(raw[prop.score_columns], issue, **issue_params) if len(raw) else \
+            pd.DataFrame({f"{issue}_score": pd.Series(dtype=float)})
+        flags = prop.mark_issue(scores, issue, threshold) if len(raw) else \
+            pd.DataFrame({f"is_{issue}_issue": pd.Series(dtype=bool)})
+        out[f"{issue}_score"] = scores[f"{issue}_score"].astype(float)
+        out[f"is_{issue}_issue"] = flags[f"is_{issue}_issue"].astype(bool)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# The rule
+# --------------------------------------------------------------------------------------------------------
+
+
+def expected_lightness(monk_tone: pd.Series, metrics: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(expected L* of each image's skin, where it came from) for the dark rule.
+
+    The Monk swatch lightness of the case's tone; when the tone is unknown, the population median of the
+    decoded images' median lightness (the typical photo of this set). That fallback can call a
+    well-exposed photo of deep skin dark, which is why the source is reported per row.
+    """
+    tones = pd.to_numeric(monk_tone.reindex(metrics.index), errors="coerce")
+    expected = tones.map(MONK_SWATCH_LIGHTNESS).astype(float)
+    ok = metrics["decode_status"] == "ok"
+    population = float(metrics.loc[ok, "brightness_median"].median()) if ok.any() else float("nan")
+    source = pd.Series(np.where(expected.notna(), "monk_tone", "population_median"), index=metrics.index)
+    return expected.fillna(population), source
+
+
+def decide_quality(metrics: pd.DataFrame, monk_tone: pd.Series | None,
+                   config: QualityConfig = QualityConfig()) -> pd.DataFrame:
+    """keep / reason for each row of an assessments table (see the module docstring for the rule).
+
+    ``monk_tone`` (1-10, missing = unknown) is aligned on the index of ``metrics``; None = all unknown.
+    Columns: image_id, keep, reason (None when kept), dark_relative (median L* / expected L* of the
+    skin), expected_lightness, expected_lightness_source, dark_but_diagnostic (dark yet kept because
+    texture or redness is visible).
+    """
+    if monk_tone is None:
+        monk_tone = pd.Series(np.nan, index=metrics.index)
+    expected, source = expected_lightness(monk_tone, metrics)
+    status = metrics["decode_status"].astype(str)
+    ok = status == "ok"
+    dark_relative = metrics["brightness_median"].astype(float) / expected.clip(lower=1.0)
+
+    overexposed = ok & (metrics["overexposed_fraction"] > config.overexposed_fraction_max)
+    dark = ok & ~overexposed & (dark_relative < config.dark_relative_min)
+    visible = (metrics["texture"] >= config.diagnostic_texture_min) | \
+              (metrics["redness_contrast"] >= config.diagnostic_redness_min)
+    dark_diagnostic = dark & visible
+    low_information = ok & ~overexposed & ~dark & (metrics["entropy"] < config.low_information_entropy_min)
+    # A dark image kept for its visible texture or redness is not judged blurry or low in information:
+    # its darkness explains both, and the visible lesion is the evidence the rule asks for.
+    blurry = ok & ~overexposed & ~dark & (metrics["sharpness"] < config.blurry_sharpness_min)
+
+    reason = pd.Series(None, index=metrics.index, dtype=object)
+    reason[~ok] = status[~ok]
+    reason[overexposed] = "overexposed"
+    reason[dark & ~visible] = "dark"
+    reason[low_information & reason.isna()] = "low_information"
+    reason[blurry & reason.isna()] = "blurry"
+    reason = reason.where(reason.notna(), None)  # pandas turns the unset entries into NaN; kept means None
+    return pd.DataFrame({
+        "image_id": metrics["image_id"],
+        "keep": reason.isna(),
+        "reason": reason,
+        "dark_relative": dark_relative.where(ok),
+        "expected_lightness": expected,
+        "expected_lightness_source": source,
+        "dark_but_diagnostic": dark_diagnostic,
+    }, index=metrics.index)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Measuring the rule
+# --------------------------------------------------------------------------------------------------------
+
+# Planted kind of the synthetic mirror -> the reason(s) the rule should give it.
+PLANTED_EXPECTED_REASONS = {
+    "dark": ("dark",),
+    "blurred": ("blurry",),
+    "overexposed": ("overexposed",),
+    "corrupt_truncated": ("truncated", "corrupt"),
+    "corrupt_zero_byte": ("empty_file",),
+    "wrong_format": ("wrong_format",),
+    "decompression_bomb": ("decompression_bomb",),
+}
+# Not scored: their look belongs to another case (near_duplicate, exact_reuse: the dedup stage's business)
+# or there is no file (missing, rejected_path: the image_files stage's business).
+UNSCORED_PLANTS = ("near_duplicate", "exact_reuse", "missing", "rejected_path")
+MONK_TONE_GROUPS = {"1-3": (1, 3), "4-6": (4, 6), "7-10": (7, 10)}
+
+
+def planted_defect_scores(decisions: pd.DataFrame, plants: pd.DataFrame) -> pd.DataFrame:
+    """Precision and recall of the rule per planted kind of a synthetic mirror, plus fairness rows.
+
+    ``decisions`` from decide_quality, ``plants`` the mirror's synthetic_plants.csv (image_id, planted,
+    monk_tone); joined on image_id. Scored images: clean ones and every planted quality defect (not
+    UNSCORED_PLANTS). Per planted kind: n_planted, n_flagged (scored images given that reason),
+    true_positives, precision, recall. ``dark_diagnostic``: flagged = kept as dark-but-diagnostic.
+    ``clean_kept:monk_<group>``: n_planted clean images of that Monk group, n_flagged how many were
+    excluded, true_positives how many kept, recall the share kept (precision does not apply).
+    """
+    plants = plants[plants["image_id"].notna() & (plants["image_id"].astype(str) != "")]
+    joined = plants.assign(image_id=plants["image_id"].astype(str)).merge(
+        decisions.assign(image_id=decisions["image_id"].astype(str)), on="image_id", how="inner")
+    scored = joined[~joined["planted"].isin(UNSCORED_PLANTS)]
+    rows = []
+    for kind, reasons in PLANTED_EXPECTED_REASONS.items():
+        planted = scored["planted"] == kind
+        flagged = scored["reason"].isin(reasons)
+        rows.append(_score_row(kind, "|".join(reasons), int(planted.sum()), int(flagged.sum()),
+                               int((planted & flagged).sum())))
+    planted = scored["planted"] == "dark_diagnostic"
+    flagged = scored["dark_but_diagnostic"].astype(bool) & scored["keep"].astype(bool)
+    rows.append(_score_row("dark_diagnostic", "kept:dark_but_diagnostic", int(planted.sum()), int(flagged.sum()),
+                           int((planted & flagged).sum())))
+    clean = scored[scored["planted"] == "clean"]
+    for group, (lo, hi) in MONK_TONE_GROUPS.items():
+        in_group = clean[clean["monk_tone"].between(lo, hi)]
+        kept = int(in_group["keep"].sum())
+        rows.append({"planted": "clean", "reason": f"clean_kept:monk_{group}", "n_planted": len(in_group),
+                     "n_flagged": len(in_group) - kept, "true_positives": kept, "precision": np.nan,
+                     "recall": kept / len(in_group) if len(in_group) else np.nan})
+    return pd.DataFrame(rows, columns=["planted", "reason", "n_planted", "n_flagged", "true_positives",
+                                       "precision", "recall"])
+
+
+def _score_row(kind: str, reason: str, n_planted: int, n_flagged: int, tp: int) -> dict:
+    return {"planted": kind, "reason": reason, "n_planted": n_planted, "n_flagged": n_flagged,
+            "true_positives": tp, "precision": tp / n_flagged if n_flagged else np.nan,
+            "recall": tp / n_planted if n_planted else np.nan}
+
+
+def exclusion_rates_by_monk_tone(decisions: pd.DataFrame, monk_tone: pd.Series) -> pd.DataFrame:
+    """Per Monk tone (1-10, and "unknown"): n, n_excluded, rate, and rate_<reason> for each reason seen."""
+    tone = pd.to_numeric(monk_tone.reindex(decisions.index), errors="coerce")
+    label = tone.map(lambda t: "unknown" if pd.isna(t) else str(int(t)))
+    reasons = sorted(r for r in decisions["reason"].dropna().unique())
+    rows = []
+    order = [str(t) for t in range(1, 11)] + ["unknown"]
+    for value in [v for v in order if (label == v).any()]:
+        group = decisions[label == value]
+        excluded = ~group["keep"].astype(bool)
+        row = {"monk_tone": value, "n": len(group), "n_excluded": int(excluded.sum()),
+               "rate": float(excluded.mean())}
+        for reason in reasons:
+            row[f"rate_{reason}"] = float((group["reason"] == reason).mean())
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["monk_tone", "n", "n_excluded", "rate", *[f"rate_{r}" for r in reasons]])
+
+
+def threshold_sweep(metrics: pd.DataFrame, monk_tone: pd.Series | None, plants: pd.DataFrame,
+                    parameter: str, values: Iterable[float], config: QualityConfig = QualityConfig()) -> pd.DataFrame:
+    """planted_defect_scores for each value of one QualityConfig threshold, the others held at config.
+
+    One row per (value, planted kind): the table bench/curation.py prints to justify the defaults.
+    """
+    if parameter not in asdict(config):
+        raise ValueError(f"unknown QualityConfig field {parameter!r}")
+    frames = []
+    for value in values:
+        swept = QualityConfig(**{**asdict(config), parameter: value})
+        scores = planted_defect_scores(decide_quality(metrics, monk_tone, swept), plants)
+        frames.append(scores.assign(parameter=parameter, value=value))
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Agreement with cleanvision itself
+# --------------------------------------------------------------------------------------------------------
+
+
+def validate_against_cleanvision(paths: Sequence[str], ours: pd.DataFrame) -> pd.DataFrame:
+    """Run cleanvision's Imagelab on ``paths`` and compare with our scores for the same files.
+
+    ``ours`` is the assessments table of the same files in the same order (row i is paths[i]); files that
+    did not decode are left out (cleanvision would stop on them). Per issue: n, the Spearman rank
+    correlation of the scores, the share of files where both flag or both pass, and how many each flags.
+    Meant for a small sample: cleanvision reads every file again at full size.
+    """
+    from cleanvision import Imagelab  # noqa: PLC0415 - heavy import, only here
+
+    if len(paths) != len(ours):
+        raise ValueError(f"{len(paths)} paths but {len(ours)} rows of ours")
+    ours = ours.reset_index(drop=True)
+    ok = (ours["decode_status"] == "ok").to_numpy()
+    ok_paths = [str(p) for p, keep in zip(paths, ok) if keep]
+    ours_ok = ours[ok].reset_index(drop=True)
+    if not ok_paths:
+        return pd.DataFrame(columns=["issue", "n", "spearman", "flag_agreement", "n_flagged_cleanvision",
+                                     "n_flagged_ours"])
+    lab = Imagelab(filepaths=ok_paths)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        # cleanvision draws tqdm progress bars even with verbose=False
+        lab.find_issues({issue: {} for issue in CLEANVISION_ISSUES}, n_jobs=1, verbose=False)
+    theirs = lab.issues.reindex(ok_paths).reset_index(drop=True)
+    mine = cleanvision_scores(ours_ok).reset_index(drop=True)
+    rows = []
+    for issue in CLEANVISION_ISSUES:
+        a, b = mine[f"{issue}_score"], theirs[f"{issue}_score"].astype(float)
+        fa, fb = mine[f"is_{issue}_issue"].astype(bool), theirs[f"is_{issue}_issue"].astype(bool)
+        constant = a.nunique() < 2 or b.nunique() < 2
+        rows.append({"issue": issue, "n": len(a),
+                     "spearman": np.nan if constant else float(a.corr(b, method="spearman")),
+                     "flag_agreement": float((fa == fb).mean()),
+                     "n_flagged_cleanvision": int(fb.sum()), "n_flagged_ours": int(fa.sum())})
+    return pd.DataFrame(rows)
