@@ -441,3 +441,17 @@ def test_agreement_with_cleanvision_on_a_sample(tmp_path):
     assert report.loc["dark", "spearman"] > 0.8 and report.loc["blurry", "spearman"] > 0.8
     assert report.loc["dark", "flag_agreement"] >= 0.9 and report.loc["light", "flag_agreement"] >= 0.9
     assert (report["n"] == 30).all()
+
+
+def test_binned_percentiles_agree_with_numpy_to_the_bin_width():
+    from scin_pipeline.core.quality import binned_percentiles
+
+    rng = np.random.default_rng(8)
+    values = (rng.beta(2, 5, (300, 200)) * 100).astype(np.float32)
+    q = (1, 5, 50, 95, 99)
+    np.testing.assert_allclose(binned_percentiles(values, q, lo=0, hi=100, step=0.05),
+                               np.percentile(values, q), atol=0.05)
+    mask = (values > 30).astype(np.uint8) * 255
+    np.testing.assert_allclose(binned_percentiles(values, (50,), lo=0, hi=100, step=0.05, mask=mask),
+                               np.percentile(values[values > 30], 50), atol=0.05)
+    assert np.isnan(binned_percentiles(values, (50,), lo=0, hi=100, step=0.05, mask=np.zeros_like(mask))).all()
