@@ -239,3 +239,20 @@ def test_pixel_limit_guard_makes_pil_refuse_at_the_same_limit(tmp_path, rgb, mon
             assert im.size == (160, 120)
     finally:
         PIL.Image.MAX_IMAGE_PIXELS = previous
+
+
+def test_min_long_side_halves_big_pngs_by_2x2_means_and_keeps_the_file_size(tmp_path):
+    rng = np.random.default_rng(6)
+    big = rng.integers(0, 256, (400, 600, 3), dtype=np.uint8)
+    path = tmp_path / "15.png"
+    path.write_bytes(_png_bytes(big))
+    out = decode_image(path, min_long_side=300)
+    assert out.status == "ok" and out.rgb.shape == (200, 300, 3)
+    assert (out.width, out.height) == (600, 400)
+    block_means = big.reshape(200, 2, 300, 2, 3).mean(axis=(1, 3))
+    assert np.abs(out.rgb.astype(float) - block_means).max() <= 0.5 + 1e-9
+    assert decode_image(path, min_long_side=301).rgb.shape == (400, 600, 3)  # would fall below: full size
+    odd = tmp_path / "16.png"
+    odd.write_bytes(_png_bytes(big[:399, :599]))
+    out = decode_image(odd, min_long_side=256)
+    assert out.status == "ok" and out.rgb.shape == (199, 299, 3) and (out.width, out.height) == (599, 399)
