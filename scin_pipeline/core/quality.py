@@ -1,10 +1,13 @@
 """Per-image quality metrics, perceptual hashes, and the keep/exclude rule.
 
-One decode per file (:mod:`scin_pipeline.core.imageio`), then everything is computed from a *working copy*
-scaled down to a long side of ``QualityConfig.working_long_side`` px (512) with ``cv2.INTER_AREA``. That
-keeps every metric cheap (the decode itself is the floor) and makes the metrics scale-invariant: a 4000 px
-and a 1000 px photo of the same scene give the same sharpness and texture. Images smaller than that are
-not enlarged.
+One decode per file (:mod:`scin_pipeline.core.imageio`; a PNG at least twice the working size is decoded
+at half size), then everything is computed from a *working copy* scaled down to a long side of
+``QualityConfig.working_long_side`` px (512) with ``cv2.INTER_AREA``. That keeps every metric cheap (the
+decode itself is the floor: metrics and hashes add ~9 ms to a ~17 ms decode of a 1,200 px phone PNG) and
+makes the metrics close to scale-invariant: a 1600 px and an 800 px copy of one photo give the same
+brightness, redness, entropy, texture and pHash (within 2 bits); sharpness, a pixel-scale measure, still
+moves with the resampling (within ~1.5x), far less than the gap between sharp and blurred photos. Images
+smaller than the working size are not enlarged.
 
 The rule (:func:`decide_quality`), first match wins:
 
@@ -260,7 +263,7 @@ def image_metrics(rgb: np.ndarray, *, original_size: tuple[int, int], source_mod
     squares = cv2.multiply(work_f, work_f)
     cv_pixel_brightness = cv2.sqrt(cv2.transform(squares, np.array([[0.241, 0.691, 0.068]], np.float32)))
     cv_p5, cv_p99 = binned_percentiles(cv_pixel_brightness[every_other], (5, 99), lo=0, hi=255, step=0.01) / 255
-    r_mean, g_mean, b_mean = ImageStat.Stat(pil_rgb).mean
+    r_mean, g_mean, b_mean, _ = cv2.mean(work)  # what ImageStat.Stat(image).mean gives, at a quarter of the cost
     cv_brightness = math.sqrt(0.241 * r_mean ** 2 + 0.691 * g_mean ** 2 + 0.068 * b_mean ** 2) / 255
     cv_entropy = _shannon_entropy(np.asarray(pil_rgb.histogram()))  # = PIL Image.entropy(): 768 bins
     # Blurriness: cleanvision shrinks to 64 px with PIL's default filter, then FIND_EDGES on grey. We let
