@@ -12,9 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagster import AssetSelection, DagsterInstance, materialize
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
+from scin_pipeline.assets.curation import quality_shards
 from scin_pipeline.definitions import build_resources
+
+
+QUALITY_SHARD_KEYS = quality_shards.get_partition_keys()
 
 
 class DataRootError(RuntimeError):
@@ -107,7 +112,9 @@ def run_pipeline(*, data_root: str | Path, source: str, limit_cases: int | None 
         resources=build_resources(data_root=str(root), source=source),
         selection=selection,
         raise_on_error=False,
-        tags={"scin/entry": "cli"},
+        # Every shard of a sharded asset in this one run (its process pool does the fan-out).
+        tags={"scin/entry": "cli", ASSET_PARTITION_RANGE_START_TAG: QUALITY_SHARD_KEYS[0],
+              ASSET_PARTITION_RANGE_END_TAG: QUALITY_SHARD_KEYS[-1]},
     )
     summary = RunSummary(success=result.success, run_id=result.run_id)
     for event in result.get_asset_materialization_events():

@@ -44,14 +44,19 @@ def test_unwritable_data_root_is_a_clear_error(tmp_path, capsys):
 
 def test_run_on_a_mirror_prints_a_summary_and_writes_the_tables(tmp_path, capsys):
     mirror = write_tiny_mirror(tmp_path / "mirror")
-    code = main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data")])
+    code = main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"),
+                 "--select", "group:ingest"])
     out = capsys.readouterr().out
     assert code == 0  # the failed checks here are not blocking
     assert "succeeded" in out and "FAILED images:image_paths_safe" in out
     assert (tmp_path / "data" / "dagster_home" / "dagster.yaml").exists()
     assert len(pd.read_parquet(tmp_path / "data" / "tables" / "cases.parquet")) == 4
     # --strict turns a failed ERROR check into a non-zero exit.
-    assert main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"), "--strict"]) == 1
+    assert main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"), "--strict",
+                 "--select", "group:ingest"]) == 1
+    # The whole graph: one missing file of five trips the blocking quarantine gate of curation.
+    assert main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data")]) == 1
+    assert "quarantined_fraction_below_threshold (ERROR, blocking)" in capsys.readouterr().out
 
 
 def test_limit_cases_and_select(tmp_path, capsys):

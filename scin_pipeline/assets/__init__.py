@@ -1,9 +1,14 @@
 """Thin Dagster assets, one module per stage; the rules they apply live in scin_pipeline.core."""
 
-from dagster import load_asset_checks_from_modules, load_assets_from_modules
+import warnings
 
-from scin_pipeline.assets import ingest, report
+from dagster import BetaWarning, load_asset_checks_from_modules, load_assets_from_modules
 
-_MODULES = [ingest, report]
+# backfill_policy and Output(data_version=...) are beta in Dagster 1.13; we use both on purpose.
+warnings.filterwarnings("ignore", category=BetaWarning)
+
+from scin_pipeline.assets import curation, ingest, report
+
+_MODULES = [ingest, report, curation]
 ALL_ASSETS = load_assets_from_modules(_MODULES)
 ALL_ASSET_CHECKS = load_asset_checks_from_modules(_MODULES)

@@ -71,6 +71,18 @@ def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
             os.unlink(tmp)
 
 
+def _stable_text_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text columns as pandas' string dtype, so that a column that happens to be all-missing in one
+    partition is still written as text (not Arrow's null type) and the partitions read back as one
+    dataset."""
+    frame = frame.copy()
+    for column in frame.columns[frame.dtypes == object]:
+        values = frame[column].dropna()
+        if values.map(lambda v: isinstance(v, str)).all():
+            frame[column] = frame[column].astype("string")
+    return frame
+
+
 class ParquetTableIOManager(ConfigurableIOManager):
     """Stores each DataFrame asset at ``<data_root>/tables/<asset_name>.parquet``.
 
@@ -100,7 +112,7 @@ class ParquetTableIOManager(ConfigurableIOManager):
             raise ValueError(f"{context.asset_key.to_user_string()}: expected one DataFrame per partition "
                              f"{keys}, got {sorted(frames)}")
         for key, frame in frames.items():
-            self._write(context, frame, self._table_path(context, key))
+            self._write(context, _stable_text_columns(frame), self._table_path(context, key))
         context.add_output_metadata({
             "table_path": str(self._table_path(context, keys[0]).parent),
             "rows": int(sum(len(f) for f in frames.values()))})
@@ -116,7 +128,11 @@ class ParquetTableIOManager(ConfigurableIOManager):
             return self._read(context, self._table_path(context))
         frames = [self._read(context, self._table_path(context, key))
                   for key in sorted(context.asset_partition_keys)]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        # Back to plain Python text with None for missing, as the unpartitioned tables hold it.
+        for column in merged.columns[merged.dtypes == "string"]:
+            merged[column] = merged[column].astype(object).where(merged[column].notna(), None)
+        return merged
 
     @staticmethod
     def _read(context: InputContext, path: Path) -> pd.DataFrame:
