@@ -227,13 +227,16 @@ class DedupConfig(Config):
     group_name=GROUP,
     code_version="1",
     description="Near-duplicate clusters: pHash + dHash pairs within the configured Hamming distances "
-    "(multi-index hashing search), union-find clusters typed exact_reuse, same_case_multi_angle or "
-    "cross_case_near_duplicate. Pairs in tables/dedup_clusters/pairs.parquet.",
+    "(multi-index hashing search) among the images that passed quality, connected-component clusters "
+    "typed exact_reuse, same_case_multi_angle or cross_case_near_duplicate. Pairs in "
+    "tables/dedup_clusters/pairs.parquet.",
 )
 def dedup_clusters(context: AssetExecutionContext, config: DedupConfig, image_quality: pd.DataFrame,
                    images: pd.DataFrame, scin_source: ScinSourceResource,
                    storage: StoragePaths) -> pd.DataFrame:
-    hashed = image_quality[image_quality["decode_status"] == "ok"][["image_id", "phash", "dhash"]]
+    # Only images that passed quality: they are the ones a split can leak, and blown-out or black frames
+    # all hash alike, so including them would only add false clusters.
+    hashed = image_quality[image_quality["keep"].astype(bool)][["image_id", "phash", "dhash"]]
     refs = images[(images["path_status"] == "ok") & images["image_id"].isin(hashed["image_id"])]
     started = time.perf_counter()
     clusters, pairs = dedup.build_dedup_clusters(
@@ -253,8 +256,10 @@ def dedup_clusters(context: AssetExecutionContext, config: DedupConfig, image_qu
     }
     plants = synthetic_plants(scin_source)
     if plants is not None:
-        scores = dedup.planted_near_duplicate_scores(pairs, plants)
-        metadata["planted_near_duplicates (synthetic)"] = MetadataValue.json(scores)
+        scores = dedup.planted_near_duplicate_scores(pairs, plants, image_ids=hashed["image_id"])
+        summary = {k: v for k, v in scores.items() if not isinstance(v, list)}
+        summary.update({k: v[:10] for k, v in scores.items() if isinstance(v, list)})  # a sample, not all
+        metadata["planted_near_duplicates (synthetic)"] = MetadataValue.json(summary)
     context.add_output_metadata(metadata)
     return clusters
 
@@ -270,7 +275,8 @@ class LabeledSplitsConfig(Config):
     val_fraction: float = Field(default=0.15, ge=0, le=1)
     test_fraction: float = Field(default=0.15, ge=0, le=1)
     seed: int = 0
-    min_cases_per_split: int = Field(default=5, ge=0, description="check: each class in val and test")
+    min_cases_per_split: int = Field(default=3, ge=0, description="check: each class in val and test "
+                                     "(20 cases per class at 15 % give 3)")
 
     def policy(self) -> splits.LabelPolicy:
         return splits.LabelPolicy(mode=self.label_mode, min_weight=self.min_weight, top_k=self.top_k,

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from dagster import AssetCheckKey, AssetKey, AssetSelection, DagsterInstance
 
+from scin_pipeline.core.dedup import planted_near_duplicate_scores
 from scin_pipeline.core.synthetic import write_synthetic_mirror
 from scin_pipeline.runner import run_pipeline
 
@@ -20,7 +21,7 @@ def synthetic_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("curation")
     mirror = write_synthetic_mirror(root / "mirror", n_cases=160, seed=3, image_size=SMALL,
                                     defect_rate=0.12)
-    # 12 % planted defects, half of them undecodable or missing: above the default 10 % quarantine gate.
+    # 12 % planted defects, half of them undecodable or missing: near the default 10 % quarantine gate.
     summary = run_pipeline(data_root=root / "data", source=str(mirror.root), log_level="WARNING",
                            run_config=LENIENT)
     return root / "data", mirror, summary
@@ -78,6 +79,11 @@ def test_near_duplicates_are_clustered_and_typed(synthetic_run):
     plants = mirror.plants
     near = plants[plants["planted"] == "near_duplicate"]
     assert len(near)
+    pairs = pd.read_parquet(data_root / "tables" / "dedup_clusters" / "pairs.parquet")
+    quality = pd.read_parquet(data_root / "tables" / "image_quality")
+    scores = planted_near_duplicate_scores(pairs, plants, image_ids=quality.loc[quality["keep"], "image_id"])
+    assert scores["n_planted"] > 0
+    assert scores["precision"] >= 0.9 and scores["recall"] >= 0.9, scores
     by_id = clusters.drop_duplicates("image_id").set_index("image_id")
     for row in near.itertuples():
         if row.image_id in by_id.index:
@@ -125,8 +131,9 @@ def test_a_planted_leak_turns_the_blocking_checks_red(synthetic_run, tmp_path):
 
 def test_too_many_broken_files_block_the_splits(synthetic_run):
     data_root, mirror, _summary = synthetic_run
+    strict = {"ops": {"quality_filtered_index": {"config": {"max_quarantined_fraction": 0.01}}}}
     summary = run_pipeline(data_root=data_root, source=str(mirror.root), log_level="CRITICAL",
-                           select="key:quality_filtered_index or key:labeled_splits")
+                           select="key:quality_filtered_index or key:labeled_splits", run_config=strict)
     assert not summary.success
     assert "quality_filtered_index:quarantined_fraction_below_threshold" in summary.failed_blocking_checks
     assert "labeled_splits" not in summary.materialized
