@@ -98,7 +98,7 @@ class ImageQualityConfig(Config):
 
 @asset(
     group_name=GROUP,
-    code_version="1",
+    code_version="2",
     partitions_def=quality_shards,
     # One run can cover every shard (a process pool inside); a multi-run backfill fans shards out
     # across run workers or machines instead.
@@ -221,13 +221,17 @@ def quality_filtered_index(context: AssetExecutionContext, config: QualityFilter
 class DedupConfig(Config):
     max_phash_distance: int = Field(default=dedup.DEFAULT_MAX_PHASH_DISTANCE, ge=0, le=32)
     max_dhash_distance: int = Field(default=dedup.DEFAULT_MAX_DHASH_DISTANCE, ge=0, le=32)
+    max_dhash256_distance: int | None = Field(
+        default=dedup.DEFAULT_MAX_DHASH256_DISTANCE, ge=0, le=256,
+        description="verify each candidate with the 256-bit dHash (None: no verification)")
 
 
 @asset(
     group_name=GROUP,
-    code_version="1",
+    code_version="2",
     description="Near-duplicate clusters: pHash + dHash pairs within the configured Hamming distances "
-    "(multi-index hashing search) among the images that passed quality, connected-component clusters "
+    "(multi-index hashing search) among the images that passed quality, each candidate verified with a "
+    "256-bit dHash; connected-component clusters "
     "typed exact_reuse, same_case_multi_angle or cross_case_near_duplicate. Pairs in "
     "tables/dedup_clusters/pairs.parquet.",
 )
@@ -236,12 +240,12 @@ def dedup_clusters(context: AssetExecutionContext, config: DedupConfig, image_qu
                    storage: StoragePaths) -> pd.DataFrame:
     # Only images that passed quality: they are the ones a split can leak, and blown-out or black frames
     # all hash alike, so including them would only add false clusters.
-    hashed = image_quality[image_quality["keep"].astype(bool)][["image_id", "phash", "dhash"]]
+    hashed = image_quality[image_quality["keep"].astype(bool)][["image_id", "phash", "dhash", "dhash256"]]
     refs = images[(images["path_status"] == "ok") & images["image_id"].isin(hashed["image_id"])]
     started = time.perf_counter()
     clusters, pairs = dedup.build_dedup_clusters(
         refs[["image_id", "case_id"]], hashed, max_phash_distance=config.max_phash_distance,
-        max_dhash_distance=config.max_dhash_distance)
+        max_dhash_distance=config.max_dhash_distance, max_dhash256_distance=config.max_dhash256_distance)
     elapsed = time.perf_counter() - started
     out_dir = storage.table_files_dir("dedup_clusters")
     write_parquet_atomic(pairs, out_dir / "pairs.parquet")

@@ -95,8 +95,21 @@ HASH_BITS = 64
 # pHash <= 12 AND dHash <= 12 accepts 2. Blown-out and black frames are another matter: 1,715 of their pairs
 # are at distance ~0 under any threshold, so dedup runs on the images the quality filter keeps.
 # Synthetic skin is not a photograph: recheck on real hashes (the pairs table carries both distances).
-DEFAULT_MAX_PHASH_DISTANCE = 12
+# At the scale of the whole release the tail matters more than 1.5 M pairs show: on a synthetic mirror of
+# all 5,033 cases (10,337 files at 480x360, 6,5k kept; ~21 M pairs) pHash <= 12 AND dHash <= 10 found
+# all 41 planted cross-case pairs but also 342 unrelated ones (precision 0.11), nearly all between
+# plain-skin images with faint marks (their hashes encode little beyond the lighting). pHash <= 8 AND
+# dHash <= 8 kept 38 of 41 planted pairs and 1 unrelated (precision 0.97, recall 0.93): the defaults.
+# pHash <= 8 AND dHash <= 8 kept 38 of 41 planted pairs and 1 unrelated (precision 0.97, recall 0.93).
+# Better: keep the loose 64-bit thresholds to find candidates and verify each candidate with a 256-bit
+# dHash (hash_size=16, computed by the quality stage). On those 383 candidates the 256-bit distance of
+# planted pairs was 15-49 (of 256) and of unrelated pairs 64-121: a threshold of 56 separates them.
+# The search radius is the pHash one; 10 rather than 12 keeps a 1,000,000-hash search near 35 s instead
+# of ~2 min on this 2-core machine (bench/dedup_search.py), at the cost of planted pairs at pHash 11-12
+# (1 of 41 at full scale).
+DEFAULT_MAX_PHASH_DISTANCE = 10
 DEFAULT_MAX_DHASH_DISTANCE = 10
+DEFAULT_MAX_DHASH256_DISTANCE = 56
 
 # Dense key spaces above 2^24 cost >= 16 MiB per occupancy array and > 8 M byte operations per flip mask.
 MAX_DENSE_SUBSTRING_BITS = 24
@@ -569,14 +582,28 @@ def _id_strings(values: pd.Series, column: str) -> pd.Series:
     return values.astype(str)
 
 
+def hex_hashes_to_bits(values: pd.Series) -> np.ndarray:
+    """Hex hash strings (all the same length) as an (n, bytes) uint8 array, for vectorised popcounts."""
+    texts = values.astype(str).to_numpy()
+    lengths = {len(t) for t in texts}
+    if len(lengths) > 1 or any(t in ("None", "nan", "<NA>") for t in texts):
+        raise ValueError("fine hashes must be present and of one length for every referenced image")
+    width = lengths.pop() // 2 if texts.size else 0
+    return np.frombuffer(bytes.fromhex("".join(texts)), dtype=np.uint8).reshape(len(texts), width)
+
+
 def build_dedup_clusters(
     images: pd.DataFrame,
     hashes: pd.DataFrame,
     *,
     max_phash_distance: int = DEFAULT_MAX_PHASH_DISTANCE,
     max_dhash_distance: int = DEFAULT_MAX_DHASH_DISTANCE,
+    max_dhash256_distance: int | None = DEFAULT_MAX_DHASH256_DISTANCE,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Duplicate clusters over image references, and the near-duplicate pairs that link them.
+
+    When ``hashes`` has a ``dhash256`` column (hex, 256 bits) and ``max_dhash256_distance`` is set, every
+    candidate pair of the 64-bit search is verified against it (coarse to fine; see the thresholds note).
 
     ``images``: one row per image reference with ``image_id`` and ``case_id`` (only references whose file
     decoded and has hashes). ``hashes``: one row per distinct file with ``image_id``, ``phash``, ``dhash``
@@ -625,6 +652,10 @@ def build_dedup_clusters(
     dhash = as_uint64_hashes(hashes["dhash"].iloc[rows], "hashes.dhash")
 
     near = near_duplicate_pairs(phash, dhash, max_phash_distance, max_dhash_distance)
+    if max_dhash256_distance is not None and "dhash256" in hashes.columns:
+        fine = hex_hashes_to_bits(hashes["dhash256"].iloc[rows])
+        distance = np.bitwise_count(fine[near["i"].to_numpy()] ^ fine[near["j"].to_numpy()]).sum(axis=1)
+        near = near.assign(dhash256_distance=distance)[distance <= max_dhash256_distance].reset_index(drop=True)
     n_images = len(image_ids)
     labels = cluster_labels(n_images, near[["i", "j"]].to_numpy())
     cluster_ids = image_ids[labels]  # image_ids are sorted: the smallest index is the smallest id
@@ -669,6 +700,8 @@ def build_dedup_clusters(
         "kind": np.where(same_case, SAME_CASE_MULTI_ANGLE, CROSS_CASE_NEAR_DUPLICATE),
         "cluster_id": cluster_ids[labels[near["i"].to_numpy()]],
     }, columns=list(PAIR_TABLE_COLUMNS))
+    if "dhash256_distance" in near:
+        pairs["dhash256_distance"] = near["dhash256_distance"].to_numpy()
     for col in ("image_id_a", "image_id_b", "kind", "cluster_id"):
         pairs[col] = pairs[col].astype(str)
     return clusters, pairs.sort_values(["image_id_a", "image_id_b"], kind="stable").reset_index(drop=True)

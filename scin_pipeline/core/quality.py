@@ -160,7 +160,7 @@ METRIC_COLUMNS = (
 )
 ROW_COLUMNS = (
     "image_id", "decode_status", "decode_reason", "width", "height", "bytes", "format", "source_mode",
-    *METRIC_COLUMNS, "phash", "dhash",
+    *METRIC_COLUMNS, "phash", "dhash", "dhash256",
 )
 
 
@@ -305,6 +305,9 @@ def image_metrics(rgb: np.ndarray, *, original_size: tuple[int, int], source_mod
         **_cleanvision_image_scores(cv_p99, cv_p5, cv_entropy, cv_blurriness, cv_gray_std, aspect, is_grey_file),
         "phash": hash_to_uint64(imagehash.phash(pil_gray)),
         "dhash": hash_to_uint64(imagehash.dhash(pil_gray)),
+        # A 256-bit dHash (hex) to verify 64-bit candidates: it keeps the detail that tells two plain-skin
+        # photos apart, where the 64-bit hashes encode little beyond the lighting (see core.dedup).
+        "dhash256": str(imagehash.dhash(pil_gray, hash_size=16)),
     }
 
 
@@ -332,7 +335,8 @@ def _failed_row(image_id: str, status: str, reason: str | None, decoded=None) ->
     row.update(image_id=image_id, decode_status=status, decode_reason=reason,
                width=getattr(decoded, "width", None), height=getattr(decoded, "height", None),
                bytes=getattr(decoded, "bytes", None), format=getattr(decoded, "format", None),
-               source_mode=getattr(decoded, "source_mode", None), phash=None, dhash=None)
+               source_mode=getattr(decoded, "source_mode", None), phash=None, dhash=None,
+               dhash256=None)
     return {col: row[col] for col in ROW_COLUMNS}
 
 

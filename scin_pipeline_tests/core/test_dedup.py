@@ -364,10 +364,25 @@ def synthetic_hashed(tmp_path_factory):
     for image_id, path in kept[["image_id", "image_path"]].itertuples(index=False):
         with Image.open(root / path) as image:
             grey = image.convert("L")
-        rows.append((image_id, packed(imagehash.phash(grey)), packed(imagehash.dhash(grey))))
-    hashes = pd.DataFrame(rows, columns=["image_id", "phash", "dhash"])
+        rows.append((image_id, packed(imagehash.phash(grey)), packed(imagehash.dhash(grey)),
+                     str(imagehash.dhash(grey, hash_size=16))))
+    hashes = pd.DataFrame(rows, columns=["image_id", "phash", "dhash", "dhash256"])
     images = kept[["image_id", "case_id"]]
     return images, hashes, plants
+
+
+def test_fine_hash_verification_drops_candidates_whose_detail_differs(synthetic_hashed):
+    images, hashes, plants = synthetic_hashed
+    _c, coarse = build_dedup_clusters(images, hashes.drop(columns=["dhash256"]), max_phash_distance=22,
+                                      max_dhash_distance=22)
+    _c, verified = build_dedup_clusters(images, hashes, max_phash_distance=22, max_dhash_distance=22)
+    assert len(verified) < len(coarse)
+    assert (verified["dhash256_distance"] <= dedup.DEFAULT_MAX_DHASH256_DISTANCE).all()
+    loose = planted_near_duplicate_scores(coarse, plants)
+    tight = planted_near_duplicate_scores(verified, plants)
+    assert tight["precision"] > loose["precision"] and tight["recall"] >= 0.9, (loose, tight)
+    with pytest.raises(ValueError, match="fine hashes"):
+        build_dedup_clusters(images, hashes.assign(dhash256=None))
 
 
 def test_planted_near_duplicates_found_with_high_precision_and_recall(synthetic_hashed):
