@@ -147,3 +147,26 @@ def test_rerun_gives_the_same_splits(synthetic_run, tmp_path):
     assert summary.success
     after = table(data_root, "labeled_splits")
     pd.testing.assert_frame_equal(before, after)
+
+
+@pytest.mark.real_metadata
+@pytest.mark.slow
+def test_whole_real_release_with_synthetic_images_has_no_leakage(scin_metadata_dir, tmp_path):
+    """All 5,033 real cases (real exact reuse: 15 files in 42 references), small synthetic images."""
+    mirror = write_synthetic_mirror(tmp_path / "mirror", metadata_dir=scin_metadata_dir, image_size=(160, 120),
+                                    workers=2)
+    summary = run_pipeline(data_root=tmp_path / "data", source=str(mirror.root), log_level="WARNING")
+    assert summary.success, summary.render()
+    data_root = tmp_path / "data"
+    assert len(table(data_root, "cases")) == 5033
+    clusters = table(data_root, "dedup_clusters")
+    reuse = clusters[clusters["cluster_kind"] == "exact_reuse"]
+    assert reuse["cluster_id"].nunique() == 15
+    splits = table(data_root, "labeled_splits")
+    assert splits.groupby("case_id")["split"].nunique().max() == 1
+    assert splits.groupby("cluster_id")["split"].nunique().max() == 1
+    # Every case sharing a reused file lands in one split.
+    shared = splits[splits["image_id"].isin(reuse["image_id"])]
+    assert shared.groupby("image_id")["split"].nunique().max() == 1
+    checks = {name.split(":")[1]: passed for name, passed, _s, _b in summary.checks}
+    assert checks["no_case_leakage"] and checks["no_cluster_leakage"]
