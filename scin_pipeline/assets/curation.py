@@ -30,7 +30,7 @@ from pydantic import Field
 
 from scin_pipeline.core import dedup, quality, splits
 from scin_pipeline.core.contact_sheet import write_contact_sheet
-from scin_pipeline.core.report import markdown_table, representation_table
+from scin_pipeline.core.report import markdown_table, png_data_uri, representation_table
 from scin_pipeline.core.synthetic import PLANTS_FILE
 from scin_pipeline.resources import ScinSourceResource, StoragePaths
 from scin_pipeline.resources.storage import write_parquet_atomic
@@ -46,12 +46,7 @@ def _md(frame: pd.DataFrame, rows: int = 30) -> MetadataValue:
 
 
 def _image_md(path: Path | None) -> str:
-    """A PNG inline (Dagster metadata cannot reach local files)."""
-    import base64
-
-    if path is None:
-        return "_no image_"
-    return f"![{path.stem}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+    return "_no image_" if path is None else f"![{path.stem}]({png_data_uri(path)})"
 
 
 def monk_tone_per_image(images: pd.DataFrame, cases: pd.DataFrame) -> pd.Series:

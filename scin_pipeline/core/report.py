@@ -611,14 +611,18 @@ def _build_markdown(report: DataReport, n_cases: int, n_labelled: int, *, synthe
     return "\n".join(lines)
 
 
+def png_data_uri(path: str | Path) -> str:
+    """A PNG file as a ``data:`` URI, for Markdown viewers that cannot reach local files (Dagster's
+    ``MetadataValue.md``)."""
+    return f"data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode('ascii')}"
+
+
 def markdown_with_inline_images(report: DataReport) -> str:
     """The report's Markdown with each plot embedded as a base64 ``data:`` URI, for viewers that cannot
     reach ``out_dir`` (Dagster's ``MetadataValue.md``)."""
     markdown = report.markdown
     for name, path in report.plots.items():
-        encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-        markdown = markdown.replace(f"![{name}]({Path(path).name})",
-                                    f"![{name}](data:image/png;base64,{encoded})")
+        markdown = markdown.replace(f"![{name}]({Path(path).name})", f"![{name}]({png_data_uri(path)})")
     return markdown
 
 
