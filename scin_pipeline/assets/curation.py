@@ -28,9 +28,10 @@ from dagster import (
 )
 from pydantic import Field
 
+from scin_pipeline.assets._metadata import image_md, table_md
 from scin_pipeline.core import dedup, quality, splits
 from scin_pipeline.core.contact_sheet import write_contact_sheet
-from scin_pipeline.core.report import markdown_table, png_data_uri, representation_table
+from scin_pipeline.core.report import representation_table
 from scin_pipeline.core.synthetic import PLANTS_FILE
 from scin_pipeline.resources import ScinSourceResource, StoragePaths
 from scin_pipeline.resources.storage import write_parquet_atomic
@@ -39,14 +40,6 @@ GROUP = "curation"
 N_QUALITY_SHARDS = 16
 quality_shards = StaticPartitionsDefinition([f"{i:02d}" for i in range(N_QUALITY_SHARDS)])
 _DEFAULT_QUALITY = quality.QualityConfig()
-
-
-def _md(frame: pd.DataFrame, rows: int = 30) -> MetadataValue:
-    return MetadataValue.md(markdown_table(frame.head(rows)) if len(frame) else "_none_")
-
-
-def _image_md(path: Path | None) -> str:
-    return "_no image_" if path is None else f"![{path.stem}]({png_data_uri(path)})"
 
 
 def monk_tone_per_image(images: pd.DataFrame, cases: pd.DataFrame) -> pd.Series:
@@ -115,16 +108,17 @@ def image_quality(context: AssetExecutionContext, config: ImageQualityConfig, im
     metrics = quality.assessments_frame(quality.assess_images(items, config=config.rule(), workers=workers))
     elapsed = time.perf_counter() - started
     # A file that never arrived keeps the reason image_files gave (missing, corrupt download).
-    not_fetched = files.set_index("image_id")["status"].ne("ok").reindex(metrics["image_id"]).to_numpy()
+    by_id = files.set_index("image_id")
+    not_fetched = by_id["status"].ne("ok").reindex(metrics["image_id"]).to_numpy()
     metrics.loc[not_fetched, "decode_status"] = "missing"
-    metrics.loc[not_fetched, "decode_reason"] = files.set_index("image_id")["reason"].reindex(
+    metrics.loc[not_fetched, "decode_reason"] = by_id["reason"].reindex(
         metrics.loc[not_fetched, "image_id"]).to_numpy()
     tone = metrics["image_id"].map(monk_tone_per_image(images, cases))
     decisions = quality.decide_quality(metrics, tone, config.rule())
     table = pd.concat([metrics, decisions.drop(columns=["image_id"])], axis=1)
     table["monk_tone"] = tone.astype("Float64")
-    table["local_path"] = files.set_index("image_id")["local_path"].reindex(table["image_id"]).to_numpy()
-    table["shard"] = table["image_id"].map(lambda i: splits.stable_shard(i, N_QUALITY_SHARDS))
+    table["local_path"] = by_id["local_path"].reindex(table["image_id"]).to_numpy()
+    table["shard"] = by_id["shard"].reindex(table["image_id"]).to_numpy()
     reasons = table["reason"].value_counts().to_dict()
     context.add_output_metadata({
         "shards": ", ".join(keys) if len(keys) < N_QUALITY_SHARDS else "all",
@@ -195,14 +189,14 @@ def quality_filtered_index(context: AssetExecutionContext, config: QualityFilter
         "references_excluded_derm_ungradable": int(ungradable.sum()) if config.exclude_derm_ungradable else 0,
         "dark_but_diagnostic_kept": int(per_file["dark_but_diagnostic"].fillna(False).sum()),
         "quarantined_fraction": round(quarantined_fraction, 4),
-        "exclusion_rate_by_monk_tone": _md(rates),
-        "contact_sheet": MetadataValue.md(_image_md(sheet)),
+        "exclusion_rate_by_monk_tone": table_md(rates, rows=30),
+        "contact_sheet": image_md(sheet),
     }
     plants = synthetic_plants(scin_source)
     if plants is not None:
         scores = quality.planted_defect_scores(per_file.drop(columns=["monk_tone"]), plants)
         write_parquet_atomic(scores, out_dir / "planted_defect_scores.parquet")
-        metadata["planted_defect_scores (synthetic)"] = _md(scores)
+        metadata["planted_defect_scores (synthetic)"] = table_md(scores, rows=30)
     kept = refs[refs["kept"]].drop(columns=["keep", "reason", "excluded_by", "kept"]).reset_index(drop=True)
     yield Output(kept, metadata=metadata)
     yield AssetCheckResult(
@@ -251,7 +245,7 @@ def dedup_clusters(context: AssetExecutionContext, config: DedupConfig, image_qu
         "near_duplicate_pairs": len(pairs),
         "largest_cluster": int(clusters["cluster_size"].max()) if len(clusters) else 0,
         "search_seconds": round(elapsed, 3),
-        "pairs_preview": _md(pairs, 20),
+        "pairs_preview": table_md(pairs, rows=20),
     }
     plants = synthetic_plants(scin_source)
     if plants is not None:
@@ -326,13 +320,13 @@ def labeled_splits(context: AssetExecutionContext, config: LabeledSplitsConfig,
         "images_per_split": MetadataValue.json({str(k): int(v) for k, v in counts["images"].items()}),
         "cases_per_split": MetadataValue.json({str(k): int(v) for k, v in counts["cases"].items()}),
         "classes": int(table["label"].nunique()),
-        "class_counts_per_split": _md(presence, 60),
-        "split_report": _md(report, 80),
+        "class_counts_per_split": table_md(presence, rows=60),
+        "split_report": table_md(report, rows=80),
     })
     short = presence[~presence["ok"]]
     yield AssetCheckResult(check_name="classes_in_val_and_test", passed=short.empty,
                            severity=AssetCheckSeverity.WARN,
-                           metadata={"classes_short": len(short), "details": _md(short)})
+                           metadata={"classes_short": len(short), "details": table_md(short, rows=30)})
 
 
 def split_report(table: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame:
@@ -356,11 +350,13 @@ def split_report(table: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame:
              description="No case appears in two splits.")
 def no_case_leakage(labeled_splits: pd.DataFrame) -> AssetCheckResult:
     bad = splits.leakage(labeled_splits, "case_id")
-    return AssetCheckResult(passed=bad.empty, metadata={"leaking_cases": len(bad), "examples": _md(bad, 20)})
+    return AssetCheckResult(passed=bad.empty,
+                            metadata={"leaking_cases": len(bad), "examples": table_md(bad, rows=20)})
 
 
 @asset_check(asset=labeled_splits, blocking=True,
              description="No duplicate cluster (exact reuse or near duplicate) appears in two splits.")
 def no_cluster_leakage(labeled_splits: pd.DataFrame) -> AssetCheckResult:
     bad = splits.leakage(labeled_splits, "cluster_id")
-    return AssetCheckResult(passed=bad.empty, metadata={"leaking_clusters": len(bad), "examples": _md(bad, 20)})
+    return AssetCheckResult(passed=bad.empty,
+                            metadata={"leaking_clusters": len(bad), "examples": table_md(bad, rows=20)})

@@ -27,6 +27,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from scin_pipeline.assets._metadata import table_md
 from scin_pipeline.core import schema
 from scin_pipeline.core.fetch import FetchRequest, FetchResult, fetch_images
 from scin_pipeline.core.metadata import CASES_FILE, LABELS_FILE, parse_metadata, read_csv_bytes
@@ -35,12 +36,6 @@ from scin_pipeline.core.raw import releases_in_csv, store_verbatim
 from scin_pipeline.resources import ScinSourceResource, StoragePaths
 
 GROUP = "ingest"
-PREVIEW_ROWS = 10
-
-
-def preview(frame: pd.DataFrame, columns: list[str] | None = None, rows: int = PREVIEW_ROWS) -> MetadataValue:
-    shown = frame[columns] if columns else frame
-    return MetadataValue.md(shown.head(rows).to_markdown(index=False))
 
 
 @asset(
@@ -76,7 +71,7 @@ def raw_metadata(context: AssetExecutionContext, scin_source: ScinSourceResource
             "release": ", ".join(releases) or "unknown",
             "sha256": MetadataValue.json(dict(zip(table["file_name"], table["sha256"]))),
             "generations": MetadataValue.json(dict(zip(table["file_name"], table["generation"].astype(str)))),
-            "files": preview(table, ["file_name", "bytes", "sha256", "generation"]),
+            "files": table_md(table, ["file_name", "bytes", "sha256", "generation"]),
         },
     )
 
@@ -142,7 +137,7 @@ def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_met
         "label_status": MetadataValue.json({str(k): int(v) for k, v in label_counts.items()}),
         "limit_cases": config.limit_cases or "all",
         "synthetic_images": synthetic,
-        "preview": preview(cases, ["case_id", "age_group", "sex_at_birth", "fitzpatrick_skin_type",
+        "preview": table_md(cases, ["case_id", "age_group", "sex_at_birth", "fitzpatrick_skin_type",
                                    "monk_skin_tone_label_us", "top_label", "label_status"]),
     })
     yield Output(images, output_name="images", metadata={
@@ -150,12 +145,12 @@ def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_met
         "distinct_files": int(images["object_path"].nunique()),
         "shared_files": int(images.loc[images["n_references"] > 1, "object_path"].nunique()),
         "rejected_paths": int((images["path_status"] == "rejected").sum()),
-        "preview": preview(images, ["image_id", "case_id", "position", "shot_type", "object_path"]),
+        "preview": table_md(images, ["image_id", "case_id", "position", "shot_type", "object_path"]),
     })
     yield Output(quarantine, output_name="metadata_quarantine", metadata={
         "rows": len(quarantine),
         "by_action": MetadataValue.json(quarantine["action"].value_counts().to_dict()),
-        "preview": preview(quarantine, rows=25),
+        "preview": table_md(quarantine, rows=25),
     })
 
     def issues(predicate) -> pd.DataFrame:
@@ -173,12 +168,12 @@ def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_met
         ("enum_values_known", "cases", unknown, AssetCheckSeverity.WARN),
     ):
         yield AssetCheckResult(check_name=name, asset_key=asset_key, passed=bad.empty, severity=severity,
-                               metadata={"failures": len(bad), "examples": preview(bad)})
+                               metadata={"failures": len(bad), "examples": table_md(bad)})
     yield AssetCheckResult(
         check_name="image_paths_safe", asset_key="images", passed=rejected.empty,
         severity=AssetCheckSeverity.ERROR,
         metadata={"rejected": len(rejected),
-                  "examples": preview(rejected, ["case_id", "position", "object_path", "path_reason"])})
+                  "examples": table_md(rejected, ["case_id", "position", "object_path", "path_reason"])})
 
 
 @asset(
@@ -220,7 +215,7 @@ def image_files(context: AssetExecutionContext, images: pd.DataFrame, scin_sourc
         "reused_verified": int(((table["status"] == "ok") & ~table["fetched"]).sum()),
         "total_mb": round(float(table["bytes"].sum() or 0) / 1e6, 2),
         "download_mb_per_s": round(megabytes / elapsed, 2) if n_fetched and elapsed > 0 else 0.0,
-        "problems": preview(table[table["status"] != "ok"], ["object_path", "status", "reason"], rows=25),
+        "problems": table_md(table[table["status"] != "ok"], ["object_path", "status", "reason"], rows=25),
     })
     return table
 
@@ -242,4 +237,4 @@ def image_files_verified(image_files: pd.DataFrame) -> AssetCheckResult:
     return AssetCheckResult(
         passed=bad.empty, severity=AssetCheckSeverity.WARN,
         metadata={"not_ok": len(bad), "ok": int((image_files["status"] == "ok").sum()),
-                  "examples": preview(bad, ["object_path", "status", "reason"], rows=25)})
+                  "examples": table_md(bad, ["object_path", "status", "reason"], rows=25)})

@@ -359,6 +359,13 @@ def _no_data(ax, message: str = "no data") -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=12)
 
 
+def _paired_bars(ax, x: np.ndarray, left, right, left_style: dict, right_style: dict,
+                 width: float = 0.4) -> None:
+    """Two bars per group, side by side, each labelled with its count."""
+    for offset, values, style in ((-width / 2, left, left_style), (width / 2, right, right_style)):
+        ax.bar_label(ax.bar(x + offset, values, width, **style), fontsize=7, padding=1)
+
+
 def _plot_monk(representation: pd.DataFrame, n_cases: int, path: Path) -> Path:
     us = _attribute(representation, "monk_skin_tone_us")
     india = _attribute(representation, "monk_skin_tone_india")
@@ -366,15 +373,11 @@ def _plot_monk(representation: pd.DataFrame, n_cases: int, path: Path) -> Path:
     ax = figure.add_subplot()
     x = np.arange(len(us))
     colours = [MONK_SWATCH_COLOURS.get(int(g), "#bdbdbd") if g.isdigit() else "#bdbdbd" for g in us["group"]]
-    width = 0.4
     # Same swatch colour for both grader pools (the bar *is* the tone); hatching tells them apart, and a
     # dark edge keeps the near-white swatches visible.
-    bars_us = ax.bar(x - width / 2, us["n_cases"], width, color=colours, edgecolor="#333333",
-                     linewidth=0.8, label="US graders")
-    bars_india = ax.bar(x + width / 2, india["n_cases"], width, color=colours, edgecolor="#333333",
-                        linewidth=0.8, hatch="///", label="India graders")
-    for bars in (bars_us, bars_india):
-        ax.bar_label(bars, fontsize=7, padding=1)
+    _paired_bars(ax, x, us["n_cases"], india["n_cases"],
+                 dict(color=colours, edgecolor="#333333", linewidth=0.8, label="US graders"),
+                 dict(color=colours, edgecolor="#333333", linewidth=0.8, hatch="///", label="India graders"))
     ax.set_xticks(x, [f"tone {g}" if g.isdigit() else g for g in us["group"]], fontsize=9)
     ax.set_ylabel("cases")
     ax.set_xlabel("Monk skin tone (1 lightest .. 10 deepest), estimated by lay graders")
@@ -392,13 +395,8 @@ def _plot_fitzpatrick(representation: pd.DataFrame, n_cases: int, path: Path) ->
     figure = _new_figure(10, 5)
     ax = figure.add_subplot()
     x = np.arange(len(groups))
-    width = 0.4
-    bars_self = ax.bar(x - width / 2, self_reported.reindex(groups, fill_value=0), width,
-                       color="#4c72b0", label="self-reported")
-    bars_derm = ax.bar(x + width / 2, dermatologist.reindex(groups, fill_value=0), width,
-                       color="#dd8452", label="dermatologist (grader 1)")
-    for bars in (bars_self, bars_derm):
-        ax.bar_label(bars, fontsize=7, padding=1)
+    _paired_bars(ax, x, self_reported.reindex(groups, fill_value=0), dermatologist.reindex(groups, fill_value=0),
+                 dict(color="#4c72b0", label="self-reported"), dict(color="#dd8452", label="dermatologist (grader 1)"))
     ax.set_xticks(x, [g.replace("_", " ") for g in groups], fontsize=9)
     ax.set_ylabel("cases")
     ax.set_title(f"Fitzpatrick skin type: self-reported vs dermatologist (n = {n_cases:,} cases)")

@@ -117,16 +117,18 @@ def test_gcs_read_bytes_detects_bytes_that_do_not_match_the_checksum(gcs_emulato
         GcsBucketSource().read_bytes(LABELS_OBJECT)
 
 
+def assert_refuses_unsafe_path(source, path: str, dest) -> None:
+    """Every way of reaching an object refuses the path before any request or file access."""
+    for call in (lambda: source.stat(path), lambda: source.read_bytes(path),
+                 lambda: source.download_to(path, dest)):
+        with pytest.raises(UnsafeObjectPath):
+            call()
+
+
 @pytest.mark.parametrize("path", UNSAFE_PATHS)
 def test_gcs_refuses_unsafe_paths_without_a_request(gcs_emulator, path, tmp_path):
     source = GcsBucketSource()
-    for call in (
-        lambda: source.stat(path),
-        lambda: source.read_bytes(path),
-        lambda: source.download_to(path, tmp_path / "x"),
-    ):
-        with pytest.raises(UnsafeObjectPath):
-            call()
+    assert_refuses_unsafe_path(source, path, tmp_path / "x")
     assert gcs_emulator.downloads() == 0
     assert not (tmp_path / "x").exists()
 
@@ -243,13 +245,7 @@ def test_mirror_refuses_unsafe_paths(tmp_path, path):
     (tmp_path / "a" / "etc").mkdir()
     (tmp_path / "a" / "etc" / "passwd").write_text("secret")
     source = LocalMirrorSource(root)
-    for call in (
-        lambda: source.stat(path),
-        lambda: source.read_bytes(path),
-        lambda: source.download_to(path, tmp_path / "x"),
-    ):
-        with pytest.raises(UnsafeObjectPath):
-            call()
+    assert_refuses_unsafe_path(source, path, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

@@ -1,0 +1,19 @@
+"""How assets show tables and images in their Dagster metadata (one renderer for every stage)."""
+
+import pandas as pd
+from dagster import MetadataValue
+
+from scin_pipeline.core.report import markdown_table, png_data_uri
+
+PREVIEW_ROWS = 10
+
+
+def table_md(frame: pd.DataFrame, columns: list[str] | None = None, rows: int = PREVIEW_ROWS) -> MetadataValue:
+    """The first ``rows`` rows (of ``columns``) as a Markdown table; "_none_" for an empty table."""
+    shown = frame[columns] if columns else frame
+    return MetadataValue.md(markdown_table(shown.head(rows)) if len(shown) else "_none_")
+
+
+def image_md(path) -> MetadataValue:
+    """A PNG inline: Dagster's Markdown cannot reach files on the data root."""
+    return MetadataValue.md("_no image_" if path is None else f"![{path.stem}]({png_data_uri(path)})")
