@@ -5,7 +5,6 @@ the result, and make it visible: counts per reason, exclusion rates per Monk ski
 precision and recall on planted defects when the source is a synthetic mirror.
 """
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -311,9 +310,7 @@ def labeled_splits(context: AssetExecutionContext, config: LabeledSplitsConfig,
     report = split_report(table, cases)
     write_parquet_atomic(report, out_dir / "split_report.parquet")
     presence = splits.class_presence(table, config.min_cases_per_split)
-    version = hashlib.sha256(pd.util.hash_pandas_object(
-        table[["image_id", "case_id", "split", "label"]].astype(str), index=False).to_numpy().tobytes()
-    ).hexdigest()[:16]
+    version = splits.splits_data_version(table)
     counts = table.groupby("split", observed=True).agg(images=("image_id", "size"), cases=("case_id", "nunique"))
     yield Output(table, data_version=DataVersion(version), metadata={
         "data_version": version,

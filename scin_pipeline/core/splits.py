@@ -158,6 +158,13 @@ def make_splits(labels: pd.DataFrame, case_groups: pd.Series, config: SplitConfi
     return frame
 
 
+def splits_data_version(table: pd.DataFrame) -> str:
+    """A short content hash of who is in which split with which label: the data version every trained
+    model is tagged with, so a model is traceable to the exact split it saw."""
+    key = table[["image_id", "case_id", "split", "label"]].astype(str)
+    return hashlib.sha256(pd.util.hash_pandas_object(key, index=False).to_numpy().tobytes()).hexdigest()[:16]
+
+
 def leakage(frame: pd.DataFrame, key: str) -> pd.DataFrame:
     """Values of ``key`` (case_id, cluster_id, group_id) that appear in more than one split."""
     spread = frame.groupby(key, observed=True)["split"].nunique()
