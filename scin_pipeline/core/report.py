@@ -612,7 +612,12 @@ def _build_markdown(report: DataReport, n_cases: int, n_labelled: int, *, synthe
 def png_data_uri(path: str | Path) -> str:
     """A PNG file as a ``data:`` URI, for Markdown viewers that cannot reach local files (Dagster's
     ``MetadataValue.md``)."""
-    return f"data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode('ascii')}"
+    return png_data_uri_bytes(Path(path).read_bytes())
+
+
+def png_data_uri_bytes(data: bytes) -> str:
+    """PNG bytes as a ``data:`` URI (see ``png_data_uri``)."""
+    return f"data:image/png;base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def markdown_with_inline_images(report: DataReport) -> str:
