@@ -1,4 +1,4 @@
-"""The one Definitions object of the code location: assets, checks, resources and jobs.
+"""The one Definitions object of the code location: assets, checks, resources, jobs, schedules, sensors.
 
 Deployment settings come from the environment only (SCIN_DATA_ROOT, SCIN_SOURCE, DAGSTER_HOME,
 MLFLOW_TRACKING_URI); everything else is Dagster config with defaults, overridable in the Launchpad.
@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import warnings
 
-from dagster import AssetSelection, BetaWarning, Definitions, define_asset_job
+from dagster import BetaWarning, Definitions
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
+# Jobs, the weekly schedule, the release sensor and failure alerts live in scin_pipeline.orchestration.
+from scin_pipeline.orchestration import ALL_JOBS, ALL_SCHEDULES, ALL_SENSORS, full_pipeline_job  # noqa: F401
 from scin_pipeline.resources import ParquetTableIOManager, ScinSourceResource, StoragePaths
 
 # Output(data_version=...) is marked beta; we rely on it for content-based data versions on purpose.
@@ -27,13 +29,11 @@ def build_resources(data_root: str | None = None, source: str | None = None) -> 
     }
 
 
-full_pipeline_job = define_asset_job(
-    "full_pipeline", selection=AssetSelection.all(),
-    description="Every asset and check, from the source to the reports.")
-
 defs = Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_ASSET_CHECKS,
     resources=build_resources(),
-    jobs=[full_pipeline_job],
+    jobs=ALL_JOBS,
+    schedules=ALL_SCHEDULES,
+    sensors=ALL_SENSORS,
 )

@@ -16,8 +16,10 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetOut,
+    Backoff,
     Config,
     DataVersion,
+    Jitter,
     MetadataValue,
     Output,
     RetryPolicy,
@@ -41,7 +43,9 @@ GROUP = "ingest"
 @asset(
     group_name=GROUP,
     code_version="1",
-    retry_policy=RetryPolicy(max_retries=2, delay=5),
+    # Exponential backoff with jitter (Dagster: (2^n - 1) x 5 s, +/- 5 s: about 5, 15, 35 s): the source's own
+    # retries cover short blips; this covers an outage of about a minute, and jitter spreads parallel runs.
+    retry_policy=RetryPolicy(max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS),
     description="Verbatim scin_cases.csv and scin_labels.csv, stored by content hash, with the release id "
     "and the source object versions (generation, checksums).",
 )
@@ -179,7 +183,8 @@ def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_met
 @asset(
     group_name=GROUP,
     code_version="1",
-    retry_policy=RetryPolicy(max_retries=2, delay=10),
+    # Resumable (verified files are kept), so a retry fetches only what is still missing; about 10, 30, 70 s.
+    retry_policy=RetryPolicy(max_retries=3, delay=10, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS),
     description="Local, verified copies of the images (size + CRC32C/MD5), fetched in parallel and "
     "resumably; status ok | missing | corrupt | rejected with a reason.",
 )
