@@ -1,0 +1,782 @@
+"""Fairness of one model on the test split: metrics per group of each sensitive attribute with bootstrap
+confidence intervals, gaps to the overall value, the worst group, a gate for the champion decision,
+each split's composition against the whole data set, and the reports (Markdown, self-contained HTML,
+plots).
+
+Decisions:
+
+- Sensitive attributes (:func:`sensitive_features`): Monk skin tone from the US and from the India lay
+  graders, each also binned (default 1-2, 3-4, 5-6, 7-10, because tones 9-10 hold a dozen cases in all),
+  dermatologist-estimated and self-reported Fitzpatrick type, race/ethnicity, sex at birth, age group.
+  A missing answer is the group ``"unknown"``; an answer that means "don't know" (``AGE_UNKNOWN``,
+  ``NONE_IDENTIFIED``, ``OTHER_OR_UNSPECIFIED``) keeps its own group, as in the data report.
+- Race/ethnicity is multi-select in SCIN. For a per-group metric each row must be in exactly one group,
+  so: one box ticked -> that box's group (``WHITE``, ``ASIAN``, ..., ``PREFER_NOT_TO_ANSWER``); two or
+  more boxes ticked, or the release's own ``race_ethnicity_two_or_more_after_mitigation`` flag (set
+  where the release merged rare combinations to protect privacy) -> ``"multiple"``; none -> ``"unknown"``.
+  The data report counts the same answers multi-select; the two views differ on purpose.
+- Metrics (:data:`FAIRNESS_METRICS`): accuracy, balanced accuracy, macro-F1, mean one-vs-rest AUC,
+  top-3 accuracy, with exactly the definitions of :mod:`scin_pipeline.core.evaluation`; ``n`` is a
+  column. Point estimates come from ``fairlearn.metrics.MetricFrame``, one frame per attribute (one
+  frame over all attributes would give their intersections). AUC and top-3 need probabilities, which
+  MetricFrame cannot carry as a 2-D sample parameter (it stores each as one DataFrame column), so they
+  get the row numbers as a sample parameter ``row`` and look the probabilities up: ``proba[row]``.
+- Bootstrap: percentile intervals; rows are resampled with replacement *within each group* (and over
+  all rows for the overall block), ``n_bootstrap`` times. A resample is a vector of row counts, so
+  every metric of all resamples of a group is a few matrix products (counts @ one-hot classes) and,
+  for AUC, one sort per class with weighted cumulative sums (Mann-Whitney with ties counted 1/2,
+  which equals sklearn's ROC AUC). One resample is exactly the point estimate when every count is 1
+  (tested). Each (attribute, group) draws from its own generator seeded by (seed, attribute, group),
+  so a group's interval does not change when another group is added. A resample where a metric is
+  undefined (AUC with a single class left) is skipped for that metric; ``n_boot_valid`` counts the
+  rest. Rows of one case share a person, so row resampling makes intervals somewhat narrow when cases
+  have several images; the lead may pass one row per case if that matters more.
+- Groups with ``n < min_group_n`` are kept, with their numbers and intervals, and flagged
+  ``insufficient_data``; they are never the ``worst`` group and never decide the gate.
+- Gate (:func:`fairness_gate`): the reference is the overall value, not the best group. The best group
+  is itself a noisy pick among many (its value is biased upward), and "how much worse than everyone"
+  is what a user of the model experiences. It fails when some group's gap to overall exceeds
+  ``max_gap`` AND its interval does not overlap the overall interval; a gap inside overlapping
+  intervals is not distinguishable from sampling noise and is reported, not blocked. Without
+  intervals (``n_bootstrap=0``) the gap alone decides (fail-safe).
+
+Plots are drawn on :class:`matplotlib.figure.Figure` objects (no pyplot global state).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+from fairlearn.metrics import MetricFrame
+from matplotlib.figure import Figure
+from sklearn.metrics import accuracy_score
+
+from scin_pipeline.core import schema
+from scin_pipeline.core.evaluation import (
+    figure_png,
+    balanced_accuracy,
+    macro_f1,
+    mean_ovr_auc,
+    predicted_class,
+    top_k_hits,
+    validate_predictions,
+)
+
+UNKNOWN_GROUP = "unknown"
+MULTIPLE_GROUP = "multiple"
+OVERALL = "overall"  # attribute and group name of the overall block
+DEFAULT_MONK_BINS: tuple[tuple[int, int], ...] = ((1, 2), (3, 4), (5, 6), (7, 10))
+ATTRIBUTES = ["monk_skin_tone_us", "monk_us_bin", "monk_skin_tone_india", "monk_india_bin",
+              "fst_dermatologist", "fst_self_reported", "race_ethnicity", "sex_at_birth", "age_group"]
+ATTRIBUTE_TITLES = {
+    "monk_skin_tone_us": "Monk skin tone (US lay graders)",
+    "monk_us_bin": "Monk skin tone bins (US lay graders)",
+    "monk_skin_tone_india": "Monk skin tone (India lay graders)",
+    "monk_india_bin": "Monk skin tone bins (India lay graders)",
+    "fst_dermatologist": "Fitzpatrick skin type, dermatologist-estimated (grader 1)",
+    "fst_self_reported": "Fitzpatrick skin type, self-reported",
+    "race_ethnicity": "Race/ethnicity, self-reported (several boxes ticked: 'multiple')",
+    "sex_at_birth": "Sex at birth, self-reported",
+    "age_group": "Age group, self-reported",
+    OVERALL: "All rows",
+}
+FAIRNESS_METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "mean_ovr_auc", "top3_accuracy"]
+TABLE_COLUMNS = ["model", "attribute", "group", "n", "metric", "value", "ci_low", "ci_high",
+                 "diff_to_overall", "ratio_to_overall", "insufficient_data", "worst", "n_boot_valid",
+                 "n_boot", "ci_level"]
+REPRESENTATION_COLUMNS = ["split", "attribute", "group", "n", "n_images", "share", "n_in_dataset",
+                          "share_in_dataset", "share_ratio"]
+ALL_SPLITS = "all_splits"
+SYNTHETIC_BANNER = ("SYNTHETIC DATA: the images of this run are synthetic; no number in this report "
+                    "describes how a model performs on real skin")
+
+# attribute -> columns of ``cases`` that may hold it, first found wins (parsed SCIN name first).
+SOURCE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "monk_skin_tone_us": ("monk_skin_tone_label_us", "monk_skin_tone_us"),
+    "monk_skin_tone_india": ("monk_skin_tone_label_india", "monk_skin_tone_india"),
+    "fst_dermatologist": ("fst_dermatologist", "dermatologist_fitzpatrick_skin_type_label_1"),
+    "fst_self_reported": ("fitzpatrick_skin_type", "fst_self_reported"),
+    "sex_at_birth": ("sex_at_birth",),
+    "age_group": ("age_group",),
+}
+RACE_MITIGATION_COLUMN = "race_ethnicity_two_or_more_after_mitigation"
+RACE_BOX_COLUMNS = [c for c in schema.RACE_COLUMNS if c != RACE_MITIGATION_COLUMN]
+RACE_PREFIX = "race_ethnicity_"
+KNOWN_GROUP_ORDER: dict[str, list[str]] = {
+    "monk_skin_tone_us": [str(t) for t in schema.MONK_TONES],
+    "monk_skin_tone_india": [str(t) for t in schema.MONK_TONES],
+    "fst_dermatologist": list(schema.FST_VALUES),
+    "fst_self_reported": schema.ENUM_VALUES["fitzpatrick_skin_type"],
+    "race_ethnicity": [c.removeprefix(RACE_PREFIX).upper() for c in RACE_BOX_COLUMNS] + [MULTIPLE_GROUP],
+    "sex_at_birth": schema.ENUM_VALUES["sex_at_birth"],
+    "age_group": schema.ENUM_VALUES["age_group"],
+}
+# Cap on resamples x rows held at once by the bootstrap (memory), ~16 MB per float64 matrix.
+_BOOTSTRAP_CELLS = 2_000_000
+
+
+# ------------------------------------------------------------------------------ sensitive features
+
+
+def _group_name(value) -> str:
+    if value is None or (np.isscalar(value) and pd.isna(value)) or value is pd.NA:
+        return UNKNOWN_GROUP
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return text if text else UNKNOWN_GROUP
+
+
+def _groups(values: pd.Series) -> pd.Series:
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        values = values.astype(object)
+    return values.map(_group_name).astype(object)
+
+
+def _source_column(cases: pd.DataFrame, attribute: str) -> str:
+    for column in SOURCE_COLUMNS[attribute]:
+        if column in cases.columns:
+            return column
+    raise ValueError(f"cases lacks a column for the sensitive attribute {attribute!r}: expected one of "
+                     f"{', '.join(SOURCE_COLUMNS[attribute])}")
+
+
+def _bin_label(low: int, high: int) -> str:
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _check_monk_bins(monk_bins: Sequence[tuple[int, int]]) -> None:
+    covered = [t for low, high in monk_bins for t in range(int(low), int(high) + 1)]
+    if sorted(covered) != list(schema.MONK_TONES) or any(low > high for low, high in monk_bins):
+        raise ValueError(f"monk_bins {list(monk_bins)!r} must split the tones 1-10 into ascending "
+                         "(low, high) ranges, each tone in exactly one bin")
+
+
+def _monk(cases: pd.DataFrame, attribute: str, monk_bins) -> tuple[pd.Series, pd.Series]:
+    column = _source_column(cases, attribute)
+    tones = pd.to_numeric(cases[column].astype(object), errors="coerce")
+    bad = tones.notna() & ~tones.isin(schema.MONK_TONES)
+    if bad.any():
+        row = bad[bad].index[0]
+        raise ValueError(f"cases column {column!r}, row {row}: Monk skin tone "
+                         f"{cases[column].loc[row]} is not an integer 1-10")
+    tone_groups = _groups(tones)
+    lookup = {str(t): _bin_label(low, high) for low, high in monk_bins for t in range(low, high + 1)}
+    return tone_groups, tone_groups.map(lambda g: lookup.get(g, UNKNOWN_GROUP)).astype(object)
+
+
+def _ticked(values: pd.Series) -> np.ndarray:
+    """A check box as bool: True / "YES" is ticked; False, empty or missing is not."""
+    if pd.api.types.is_bool_dtype(values.dtype):
+        return values.fillna(False).to_numpy(dtype=bool)
+    return values.map(lambda v: v is True or isinstance(v, np.bool_) and bool(v)
+                      or isinstance(v, str) and v.strip().upper() == "YES").to_numpy(dtype=bool)
+
+
+def _race(cases: pd.DataFrame) -> pd.Series:
+    missing = [c for c in RACE_BOX_COLUMNS if c not in cases.columns]
+    if missing:
+        raise ValueError(f"cases lacks race/ethnicity column(s): {', '.join(missing)}")
+    ticks = np.column_stack([_ticked(cases[c]) for c in RACE_BOX_COLUMNS])
+    names = np.array([c.removeprefix(RACE_PREFIX).upper() for c in RACE_BOX_COLUMNS], dtype=object)
+    n_ticked = ticks.sum(axis=1)
+    merged = (_ticked(cases[RACE_MITIGATION_COLUMN]) if RACE_MITIGATION_COLUMN in cases.columns
+              else np.zeros(len(cases), dtype=bool))
+    single = names[ticks.argmax(axis=1)]
+    groups = np.where(merged | (n_ticked >= 2), MULTIPLE_GROUP,
+                      np.where(n_ticked == 1, single, UNKNOWN_GROUP))
+    return pd.Series(groups, index=cases.index, dtype=object)
+
+
+def sensitive_features(cases: pd.DataFrame, *,
+                       monk_bins: Sequence[tuple[int, int]] = DEFAULT_MONK_BINS) -> pd.DataFrame:
+    """One string column per attribute of :data:`ATTRIBUTES`, indexed like ``cases`` (pass the case
+    metadata joined onto the rows being evaluated, e.g. one row per test image). Missing -> "unknown";
+    race/ethnicity multi-select folded as described in the module docstring; Monk bins from
+    ``monk_bins`` (ascending (low, high) ranges that cover 1-10)."""
+    _check_monk_bins(monk_bins)
+    us, us_bin = _monk(cases, "monk_skin_tone_us", monk_bins)
+    india, india_bin = _monk(cases, "monk_skin_tone_india", monk_bins)
+    columns = {
+        "monk_skin_tone_us": us,
+        "monk_us_bin": us_bin,
+        "monk_skin_tone_india": india,
+        "monk_india_bin": india_bin,
+        "fst_dermatologist": _groups(cases[_source_column(cases, "fst_dermatologist")]),
+        "fst_self_reported": _groups(cases[_source_column(cases, "fst_self_reported")]),
+        "race_ethnicity": _race(cases),
+        "sex_at_birth": _groups(cases[_source_column(cases, "sex_at_birth")]),
+        "age_group": _groups(cases[_source_column(cases, "age_group")]),
+    }
+    return pd.DataFrame(columns, index=cases.index)[ATTRIBUTES]
+
+
+def group_order(attribute: str, groups: Iterable[str]) -> list[str]:
+    """Natural order of the given groups: the attribute's known vocabulary (Monk 1..10, bins by their
+    first tone, FST1..FST6, ages ascending, ...), then other values by name, "unknown" last."""
+    groups = list(dict.fromkeys(str(g) for g in groups))
+    known = KNOWN_GROUP_ORDER.get(attribute, [])
+    rank = {g: i for i, g in enumerate(known)}
+
+    def key(group: str):
+        if group == UNKNOWN_GROUP:
+            return (3, 0, group)
+        if group in rank:
+            return (0, rank[group], group)
+        first = group.split("-")[0]
+        if first.isdigit():  # bins "1-2", "7-10" or a single tone
+            return (1, int(first), group)
+        return (2, 0, group)
+
+    return sorted(groups, key=key)
+
+
+# ----------------------------------------------------------------------------- metrics per group
+
+
+def _metric_functions(proba: np.ndarray) -> dict:
+    """MetricFrame callables ``fn(y_true, y_pred, **sample_params)``; probabilities via the row trick."""
+
+    def top3_accuracy(y_true, y_pred, row):
+        return float(top_k_hits(y_true, proba[row]).mean())
+
+    def auc(y_true, y_pred, row):
+        return mean_ovr_auc(y_true, proba[row])
+
+    return {
+        "accuracy": lambda y_true, y_pred: float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": balanced_accuracy,
+        "macro_f1": macro_f1,
+        "mean_ovr_auc": auc,
+        "top3_accuracy": top3_accuracy,
+    }
+
+
+def _metric_frame(y, pred, proba, groups: np.ndarray, name: str) -> MetricFrame:
+    rows = np.arange(len(y))
+    return MetricFrame(metrics=_metric_functions(proba), y_true=y, y_pred=pred,
+                       sensitive_features=pd.Series(groups, name=name),
+                       sample_params={"mean_ovr_auc": {"row": rows}, "top3_accuracy": {"row": rows}})
+
+
+def _weighted_mean_auc(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mean one-vs-rest AUC of each weighted resample (weights: resamples x rows); NaN if none defined.
+
+    Per class: sort once by the class's score; for each positive row, the weight of negatives scored
+    below it plus half the weight of negatives tied with it (Mann-Whitney), from cumulative sums.
+    """
+    n_resamples = weights.shape[0]
+    total = np.zeros(n_resamples)
+    n_defined = np.zeros(n_resamples)
+    for k in np.unique(y):
+        positive = y == k
+        if positive.all():
+            continue
+        order = np.argsort(proba[:, k], kind="mergesort")
+        scores = proba[order, k]
+        w = weights[:, order]
+        is_pos = positive[order]
+        cum_neg = np.zeros((n_resamples, len(y) + 1))
+        np.cumsum(w * ~is_pos, axis=1, out=cum_neg[:, 1:])
+        pos_at = np.flatnonzero(is_pos)
+        tie_start = np.searchsorted(scores, scores[pos_at], side="left")
+        tie_end = np.searchsorted(scores, scores[pos_at], side="right")
+        below = cum_neg[:, tie_start]
+        tied = cum_neg[:, tie_end] - below
+        w_pos = w[:, pos_at]
+        mass_pos, mass_neg = w_pos.sum(axis=1), cum_neg[:, -1]
+        defined = (mass_pos > 0) & (mass_neg > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = (w_pos * (below + 0.5 * tied)).sum(axis=1) / (mass_pos * mass_neg)
+        total += np.where(defined, auc, 0.0)
+        n_defined += defined
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_defined > 0, total / n_defined, np.nan)
+
+
+def weighted_metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray, top3_hits: np.ndarray,
+                     weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric of :data:`FAIRNESS_METRICS` for each row of ``weights`` (resamples x rows, the
+    number of times each row was drawn). All-ones weights give the plain (MetricFrame) values."""
+    k = proba.shape[1]
+    weights = np.asarray(weights, dtype="float64")
+    total = weights.sum(axis=1)
+    correct = (pred == y).astype("float64")
+    true_onehot = np.eye(k)[y]
+    n_true = weights @ true_onehot
+    n_pred = weights @ np.eye(k)[pred]
+    n_hit = weights @ (true_onehot * correct[:, None])
+    present = n_true > 0
+    seen = (n_true + n_pred) > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(present, n_hit / n_true, 0.0)
+        f1 = np.where(seen, 2.0 * n_hit / (n_true + n_pred), 0.0)
+        return {
+            "accuracy": weights @ correct / total,
+            "balanced_accuracy": recall.sum(axis=1) / present.sum(axis=1),
+            "macro_f1": f1.sum(axis=1) / seen.sum(axis=1),
+            "mean_ovr_auc": _weighted_mean_auc(y, proba, weights),
+            "top3_accuracy": weights @ top3_hits.astype("float64") / total,
+        }
+
+
+def _group_rng(seed: int, attribute: str, group: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(f"{attribute}\x00{group}".encode())])
+
+
+def bootstrap_metrics(y, pred, proba, top3_hits, n_bootstrap: int,
+                      rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``n_bootstrap`` resamples (rows with replacement) of the given rows -> metric -> (n_bootstrap,)
+    values, NaN where undefined. Resamples are processed in chunks to bound memory."""
+    n = len(y)
+    chunk = max(1, _BOOTSTRAP_CELLS // max(n, 1))
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, n_bootstrap, chunk):
+        size = min(chunk, n_bootstrap - start)
+        draws = rng.integers(0, n, size=(size, n))
+        flat = (np.arange(size)[:, None] * n + draws).ravel()
+        weights = np.bincount(flat, minlength=size * n).reshape(size, n).astype("float64")
+        parts.append(weighted_metrics(y, pred, proba, top3_hits, weights))
+    if not parts:
+        return {m: np.empty(0) for m in FAIRNESS_METRICS}
+    return {m: np.concatenate([p[m] for p in parts]) for m in FAIRNESS_METRICS}
+
+
+def _interval(values: np.ndarray, quantiles: tuple[float, float]) -> tuple[float, float, int]:
+    valid = values[np.isfinite(values)]
+    if len(valid) == 0:
+        return float("nan"), float("nan"), 0
+    low, high = np.quantile(valid, quantiles)
+    return float(low), float(high), int(len(valid))
+
+
+def fairness_table(model: str, y_true, proba, classes: Sequence[str], sensitive: pd.DataFrame, *,
+                   n_bootstrap: int = 200, min_group_n: int = 30, seed: int = 0,
+                   ci: float = 0.95) -> pd.DataFrame:
+    """Per attribute and group, every metric of :data:`FAIRNESS_METRICS` with a bootstrap interval.
+
+    ``sensitive``: one column per attribute (e.g. :func:`sensitive_features`), rows in the order of
+    ``y_true`` / ``proba``. Returns :data:`TABLE_COLUMNS`, long form: the overall block first
+    (attribute and group ``"overall"``), then each attribute's groups in natural order. ``diff`` is
+    value - overall, ``ratio`` value / overall; ``worst`` marks the lowest value per (attribute,
+    metric) among groups with ``n >= min_group_n`` and a defined value, when there are at least two
+    such groups (every metric here is higher-is-better); ``n_boot_valid`` counts resamples where the
+    metric was defined (of ``n_boot``).
+    """
+    y, p = validate_predictions(y_true, proba, classes)
+    if len(sensitive) != len(y):
+        raise ValueError(f"sensitive features have {len(sensitive)} rows, predictions {len(y)}")
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    if n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    pred = predicted_class(p)
+    hits = top_k_hits(y, p)
+    quantiles = ((1 - ci) / 2, 1 - (1 - ci) / 2)
+    records: list[dict] = []
+
+    def add_group(attribute: str, group: str, rows: np.ndarray, point: pd.Series) -> None:
+        boot = bootstrap_metrics(y[rows], pred[rows], p[rows], hits[rows], n_bootstrap,
+                                 _group_rng(seed, attribute, group))
+        for metric in FAIRNESS_METRICS:
+            low, high, n_valid = _interval(boot[metric], quantiles)
+            records.append({"model": model, "attribute": attribute, "group": group, "n": len(rows),
+                            "metric": metric, "value": float(point[metric]), "ci_low": low,
+                            "ci_high": high, "n_boot_valid": n_valid})
+
+    everyone = np.full(len(y), OVERALL, dtype=object)
+    add_group(OVERALL, OVERALL, np.arange(len(y)),
+              _metric_frame(y, pred, p, everyone, OVERALL).by_group.loc[OVERALL])
+    for attribute in sensitive.columns:
+        groups = _groups(sensitive[attribute].reset_index(drop=True)).to_numpy()
+        by_group = _metric_frame(y, pred, p, groups, str(attribute)).by_group
+        for group in group_order(str(attribute), by_group.index):
+            add_group(str(attribute), group, np.flatnonzero(groups == group), by_group.loc[group])
+
+    table = pd.DataFrame.from_records(records)
+    overall = table[table["attribute"] == OVERALL].set_index("metric")["value"]
+    reference = table["metric"].map(overall)
+    table["diff_to_overall"] = table["value"] - reference
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table["ratio_to_overall"] = table["value"] / reference.replace(0.0, np.nan)
+    table["insufficient_data"] = (table["n"] < min_group_n) & (table["attribute"] != OVERALL)
+    eligible = ~table["insufficient_data"] & table["value"].notna() & (table["attribute"] != OVERALL)
+    table["worst"] = False
+    by = table[eligible].groupby(["attribute", "metric"], sort=False)["value"]
+    # "Worst" needs a comparison: an attribute with a single judgeable group has none.
+    lowest = by.idxmin()[by.size() >= 2]
+    table.loc[lowest.to_numpy(), "worst"] = True
+    table["n_boot"] = int(n_bootstrap)
+    table["ci_level"] = float(ci)
+    table["n"] = table["n"].astype("int64")
+    return table[TABLE_COLUMNS]
+
+
+# ------------------------------------------------------------------------------------------- gate
+
+
+@dataclass(frozen=True)
+class GroupEstimate:
+    attribute: str
+    group: str
+    n: int
+    value: float
+    ci_low: float
+    ci_high: float
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return (self.ci_low, self.ci_high)
+
+    def describe(self) -> str:
+        interval = (f" [{self.ci_low:.3f}, {self.ci_high:.3f}]"
+                    if np.isfinite(self.ci_low) and np.isfinite(self.ci_high) else " [no interval]")
+        where = "overall" if self.attribute == OVERALL else f"{self.attribute}={self.group}"
+        return f"{where}: {self.value:.3f}{interval} (n={self.n:,})"
+
+
+@dataclass
+class GateResult:
+    """Outcome of :func:`fairness_gate`. ``worst`` is the group that decided it (the failing group with
+    the largest gap, else the group with the largest gap); ``reference`` the overall estimate."""
+
+    passed: bool
+    metric: str
+    max_gap: float
+    model: str
+    worst: GroupEstimate | None
+    reference: GroupEstimate | None
+    gap: float
+    cis_overlap: bool | None
+    reason: str
+    failing_groups: list[GroupEstimate] = field(default_factory=list)
+    insufficient_groups: list[GroupEstimate] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable (NaN becomes None)."""
+        def clean(value):
+            if isinstance(value, float) and not np.isfinite(value):
+                return None
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [clean(v) for v in value]
+            if isinstance(value, (np.floating, np.integer, np.bool_)):
+                return clean(value.item())
+            return value
+        return clean(asdict(self))
+
+
+def _estimate(row) -> GroupEstimate:
+    return GroupEstimate(str(row["attribute"]), str(row["group"]), int(row["n"]), float(row["value"]),
+                         float(row["ci_low"]), float(row["ci_high"]))
+
+
+def _overlaps(a: GroupEstimate, b: GroupEstimate) -> bool | None:
+    if not all(np.isfinite([a.ci_low, a.ci_high, b.ci_low, b.ci_high])):
+        return None
+    return not (a.ci_high < b.ci_low or a.ci_low > b.ci_high)
+
+
+def fairness_gate(table: pd.DataFrame, *, metric: str = "balanced_accuracy", max_gap: float = 0.10,
+                  attributes: Sequence[str] | None = None) -> GateResult:
+    """Fail when some group (with enough data) is more than ``max_gap`` below the overall value on
+    ``metric`` and its interval does not overlap the overall interval (module docstring: why overall,
+    why both conditions). Insufficient-data groups are listed in the result, never decide it."""
+    models = table["model"].unique()
+    if len(models) != 1:
+        raise ValueError(f"fairness_gate needs the table of one model, got {list(models)!r}")
+    rows = table[table["metric"] == metric]
+    if rows.empty:
+        raise ValueError(f"the fairness table has no metric {metric!r}; it has "
+                         f"{sorted(table['metric'].unique())}")
+    overall_rows = rows[rows["attribute"] == OVERALL]
+    if overall_rows.empty:
+        raise ValueError("the fairness table has no overall block (attribute 'overall')")
+    reference = _estimate(overall_rows.iloc[0])
+    groups = rows[rows["attribute"] != OVERALL]
+    if attributes is not None:
+        unknown = sorted(set(attributes) - set(groups["attribute"]))
+        if unknown:
+            raise ValueError(f"fairness gate attributes not in the table: {unknown}")
+        groups = groups[groups["attribute"].isin(list(attributes))]
+    insufficient = [_estimate(r) for _, r in groups[groups["insufficient_data"]].iterrows()]
+    judged = [_estimate(r) for _, r in groups[~groups["insufficient_data"]].iterrows()
+              if np.isfinite(r["value"])]
+    skipped = ""
+    if insufficient:
+        listed = ", ".join(f"{g.attribute}={g.group} (n={g.n})" for g in insufficient[:12])
+        more = f" and {len(insufficient) - 12} more" if len(insufficient) > 12 else ""
+        skipped = f" Not judged, insufficient data: {listed}{more}."
+    if not judged:
+        return GateResult(True, metric, max_gap, str(models[0]), None, reference, float("nan"), None,
+                          f"PASSED by default: no group has enough data to judge {metric}.{skipped}",
+                          [], insufficient)
+
+    def fails(group: GroupEstimate) -> bool:
+        gap = reference.value - group.value
+        overlap = _overlaps(group, reference)
+        return gap > max_gap and overlap is not True  # no interval -> the gap alone decides
+
+    failing = sorted((g for g in judged if fails(g)), key=lambda g: g.value)
+    worst = failing[0] if failing else min(judged, key=lambda g: g.value)
+    gap = reference.value - worst.value
+    overlap = _overlaps(worst, reference)
+    comparison = (f"worst group {worst.describe()} vs {reference.describe()}: gap {gap:.3f} "
+                  f"(max_gap {max_gap:.3f})")
+    if failing:
+        others = ""
+        if len(failing) > 1:
+            others = " Also failing: " + "; ".join(g.describe() for g in failing[1:6]) + "."
+        why = ("the intervals do not overlap" if overlap is False
+               else "no intervals were computed, so the gap alone decides")
+        reason = f"FAILED on {metric}: {comparison} exceeds max_gap and {why}.{others}{skipped}"
+    elif gap > max_gap:
+        reason = (f"PASSED on {metric}: {comparison} exceeds max_gap, but the intervals overlap, so the "
+                  f"gap is not distinguishable from sampling noise at this n.{skipped}")
+    else:
+        reason = f"PASSED on {metric}: {comparison} is within max_gap.{skipped}"
+    return GateResult(not failing, metric, max_gap, str(models[0]), worst, reference, float(gap),
+                      overlap, reason, failing, insufficient)
+
+
+# ------------------------------------------------------------------------------- representation
+
+
+def representation_by_split(split_table: pd.DataFrame, cases: pd.DataFrame,
+                            attributes: Sequence[str] | None = None, *,
+                            monk_bins: Sequence[tuple[int, int]] = DEFAULT_MONK_BINS) -> pd.DataFrame:
+    """Each split's composition by group against the whole data set (all of ``cases``), counted in
+    cases (a case is one person's contribution; its images are ``n_images``). ``split_table`` has
+    case_id and split (one row per image, e.g. labeled_splits); the split ``"all_splits"`` is their
+    union. Every group of the data set appears in every split, at 0 when absent. ``share_ratio`` =
+    share / share_in_dataset (1 = represented as in the data set)."""
+    for what, frame, needed in (("split_table", split_table, ["case_id", "split"]),
+                                ("cases", cases, ["case_id"])):
+        missing = [c for c in needed if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{what} lacks column(s): {', '.join(missing)}")
+    attributes = list(attributes) if attributes is not None else list(ATTRIBUTES)
+    features = sensitive_features(cases, monk_bins=monk_bins)
+    unknown = sorted(set(attributes) - set(features.columns))
+    if unknown:
+        raise ValueError(f"unknown attribute(s) {unknown}; known: {ATTRIBUTES}")
+    features.index = cases["case_id"].astype(str).to_numpy()
+    if features.index.has_duplicates:
+        raise ValueError(f"cases has duplicate case_id {features.index[features.index.duplicated()][0]!r}")
+    images = split_table[["case_id", "split"]].astype({"case_id": str, "split": str})
+    absent = ~images["case_id"].isin(features.index)
+    if absent.any():
+        raise ValueError(f"split_table row {images.index[absent][0]}: case_id "
+                         f"{images['case_id'][absent].iloc[0]!r} is not in cases")
+    order = [s for s in ("train", "val", "test") if s in set(images["split"])]
+    order += sorted(set(images["split"]) - set(order))
+    parts = []
+    for split in [*order, ALL_SPLITS]:
+        rows = images if split == ALL_SPLITS else images[images["split"] == split]
+        split_cases = rows["case_id"].drop_duplicates()
+        for attribute in attributes:
+            in_dataset = features[attribute].value_counts()
+            groups = group_order(attribute, in_dataset.index)
+            n = features.loc[split_cases, attribute].value_counts().reindex(groups, fill_value=0)
+            n_images = features.loc[rows["case_id"], attribute].value_counts().reindex(groups,
+                                                                                      fill_value=0)
+            dataset_n = in_dataset.reindex(groups, fill_value=0)
+            share = n / len(split_cases) if len(split_cases) else n * np.nan
+            share_in_dataset = dataset_n / len(features)
+            parts.append(pd.DataFrame({
+                "split": split, "attribute": attribute, "group": pd.Series(groups, dtype=object),
+                "n": n.to_numpy("int64"), "n_images": n_images.to_numpy("int64"),
+                "share": share.to_numpy("float64"), "n_in_dataset": dataset_n.to_numpy("int64"),
+                "share_in_dataset": share_in_dataset.to_numpy("float64"),
+            }))
+    table = pd.concat(parts, ignore_index=True)
+    table["share_ratio"] = table["share"] / table["share_in_dataset"]
+    return table[REPRESENTATION_COLUMNS]
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def plot_key(attribute: str, metric: str) -> str:
+    """Name of a fairness plot in the ``plots`` dict of :func:`fairness_html`."""
+    return f"{attribute}.{metric}"
+
+
+def fairness_plot_png(table: pd.DataFrame, attribute: str, metric: str) -> bytes:
+    """Point and interval per group of ``attribute`` on ``metric``; overall value as a line with its
+    interval as a band; insufficient-data groups grey, the worst group red; n under each group."""
+    rows = table[(table["attribute"] == attribute) & (table["metric"] == metric)].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(f"the fairness table has no rows for {attribute!r} / {metric!r}")
+    overall = table[(table["attribute"] == OVERALL) & (table["metric"] == metric)]
+    figure = Figure(figsize=(max(5.0, 0.7 * len(rows) + 2.5), 4.2))
+    ax = figure.add_subplot()
+    if not overall.empty:
+        o = overall.iloc[0]
+        ax.axhline(o["value"], color="#4c72b0", lw=1, ls="--", label=f"overall {o['value']:.3f}")
+        if np.isfinite(o["ci_low"]) and np.isfinite(o["ci_high"]):
+            ax.axhspan(o["ci_low"], o["ci_high"], color="#4c72b0", alpha=0.12, lw=0)
+    for i, row in rows.iterrows():
+        colour = "#aaaaaa" if row["insufficient_data"] else ("#c44e52" if row["worst"] else "#222222")
+        low = row["value"] - row["ci_low"] if np.isfinite(row["ci_low"]) else 0.0
+        high = row["ci_high"] - row["value"] if np.isfinite(row["ci_high"]) else 0.0
+        if np.isfinite(row["value"]):
+            ax.errorbar([i], [row["value"]], yerr=[[max(low, 0.0)], [max(high, 0.0)]], fmt="o",
+                        color=colour, ecolor=colour, capsize=3, ms=5)
+    ax.set_xticks(range(len(rows)), [f"{g}\nn={n:,}" for g, n in zip(rows["group"], rows["n"])],
+                  rotation=45 if len(rows) > 6 else 0, ha="right" if len(rows) > 6 else "center",
+                  fontsize=8)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel(metric)
+    model = str(table["model"].iloc[0]) if len(table) else ""
+    level = float(rows["ci_level"].iloc[0]) if "ci_level" in rows else 0.95
+    ax.set_title(f"{model}: {metric} by {ATTRIBUTE_TITLES.get(attribute, attribute)}\n"
+                 f"points: estimate; bars: {level:.0%} bootstrap interval; grey: insufficient data; "
+                 "red: worst", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    return figure_png(figure)
+
+
+def fairness_plots(table: pd.DataFrame, metrics: Sequence[str] = ("balanced_accuracy",)) -> dict[str, bytes]:
+    """One plot per attribute of the table and metric, keyed by :func:`plot_key`."""
+    attributes = [a for a in table["attribute"].unique() if a != OVERALL]
+    return {plot_key(a, m): fairness_plot_png(table, a, m) for a in attributes for m in metrics}
+
+
+# ---------------------------------------------------------------------------------------- reports
+
+
+def _cell(value: float, low: float, high: float) -> str:
+    if not np.isfinite(value):
+        return "undefined"
+    interval = f" [{low:.3f}, {high:.3f}]" if np.isfinite(low) and np.isfinite(high) else ""
+    return f"{value:.3f}{interval}"
+
+
+def group_metrics_wide(table: pd.DataFrame, attribute: str) -> pd.DataFrame:
+    """One row per group: group, n, one 'value [low, high]' cell per metric, and a note."""
+    rows = table[table["attribute"] == attribute]
+    out = []
+    for group, part in rows.groupby("group", sort=False):
+        by_metric = part.set_index("metric")
+        record = {"group": group, "n": f"{int(part['n'].iloc[0]):,}"}
+        for metric in [m for m in FAIRNESS_METRICS if m in by_metric.index]:
+            r = by_metric.loc[metric]
+            record[metric] = _cell(r["value"], r["ci_low"], r["ci_high"])
+        notes = []
+        if bool(part["insufficient_data"].iloc[0]):
+            notes.append("insufficient data")
+        worst = list(part.loc[part["worst"], "metric"])
+        if worst:
+            notes.append("worst on " + ", ".join(worst))
+        record["note"] = "; ".join(notes)
+        out.append(record)
+    return pd.DataFrame(out)
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    def text(v) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(map(text, frame.columns)) + " |",
+             "| " + " | ".join("---" for _ in frame.columns) + " |"]
+    lines += ["| " + " | ".join(text(v) for v in row) + " |"
+              for row in frame.itertuples(index=False, name=None)]
+    return "\n".join(lines)
+
+
+def _how_to_read(table: pd.DataFrame) -> str:
+    level = float(table["ci_level"].iloc[0]) if "ci_level" in table and len(table) else 0.95
+    n_boot = int(table["n_boot"].iloc[0]) if "n_boot" in table and len(table) else 0
+    return (f"Each cell: estimate [{level:.0%} percentile bootstrap interval, {n_boot} resamples within "
+            "the group]. Groups flagged 'insufficient data' are shown but never called worst and never "
+            "decide the gate. 'unknown' = not answered; 'multiple' = several race/ethnicity boxes.")
+
+
+def _attributes(table: pd.DataFrame) -> list[str]:
+    return [a for a in table["attribute"].unique() if a != OVERALL]
+
+
+def fairness_markdown(table: pd.DataFrame, gate: GateResult, *, model: str, synthetic: bool) -> str:
+    """The fairness report as Markdown: synthetic banner first (when synthetic), the gate, the overall
+    block and one table per attribute."""
+    lines = [SYNTHETIC_BANNER, ""] if synthetic else []
+    lines += [f"# Fairness report: {model}", "",
+              f"**Fairness gate: {'PASSED' if gate.passed else 'FAILED'}** ({gate.metric}, "
+              f"max_gap {gate.max_gap:.2f}). {gate.reason}", "", _how_to_read(table), "",
+              f"## {ATTRIBUTE_TITLES[OVERALL]}", "",
+              _markdown_table(group_metrics_wide(table, OVERALL).drop(columns=["group", "note"])), ""]
+    for attribute in _attributes(table):
+        lines += [f"## {ATTRIBUTE_TITLES.get(attribute, attribute)} (`{attribute}`)", "",
+                  _markdown_table(group_metrics_wide(table, attribute)), ""]
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1200px}
+.banner{background:#fff3cd;border:2px solid #d39e00;padding:.6em 1em;font-weight:bold}
+.pass{color:#1e7e34}.fail{color:#b21f2d}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.85em}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}th{background:#f2f2f2}
+td:first-child,th:first-child{text-align:left}
+tr.insufficient td{color:#888}tr.worst td{background:#fde2e2}
+img{max-width:100%;display:block;margin:.5em 0}
+"""
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for record in frame.to_dict("records"):
+        note = str(record.get("note", ""))
+        css = ("insufficient" if "insufficient" in note else "worst" if "worst" in note else "")
+        cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in record.values())
+        body.append(f'<tr class="{css}">{cells}</tr>' if css else f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _img(name: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+
+
+def fairness_html(table: pd.DataFrame, gate: GateResult, plots: dict[str, bytes], *, model: str,
+                  synthetic: bool) -> str:
+    """The fairness report as one self-contained HTML page: inline CSS, plots as ``data:`` URIs, no
+    external asset. A plot keyed ``"<attribute>.<metric>"`` is placed under its attribute; any other
+    plot at the end."""
+    title = f"Fairness report: {model}" + (" (SYNTHETIC)" if synthetic else "")
+    status = "PASSED" if gate.passed else "FAILED"
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"]
+    if synthetic:
+        parts.append(f'<p class="banner">{html.escape(SYNTHETIC_BANNER)}</p>')
+    parts += [f"<h1>{html.escape(f'Fairness report: {model}')}</h1>",
+              f'<p><strong class="{"pass" if gate.passed else "fail"}">Fairness gate: '
+              f"{status}</strong> ({html.escape(gate.metric)}, max_gap {gate.max_gap:.2f}). "
+              f"{html.escape(gate.reason)}</p>",
+              f"<p>{html.escape(_how_to_read(table))}</p>",
+              f"<h2>{html.escape(ATTRIBUTE_TITLES[OVERALL])}</h2>",
+              _html_table(group_metrics_wide(table, OVERALL).drop(columns=["group", "note"]))]
+    placed = set()
+    for attribute in _attributes(table):
+        parts += [f"<h2>{html.escape(ATTRIBUTE_TITLES.get(attribute, attribute))} "
+                  f"(<code>{html.escape(attribute)}</code>)</h2>",
+                  _html_table(group_metrics_wide(table, attribute))]
+        for name, png in plots.items():
+            if name.startswith(f"{attribute}."):
+                parts.append(_img(name, png))
+                placed.add(name)
+    rest = [name for name in plots if name not in placed]
+    if rest:
+        parts.append("<h2>Other plots</h2>")
+        parts += [_img(name, plots[name]) for name in rest]
+    parts.append("</body></html>")
+    return "\n".join(parts)

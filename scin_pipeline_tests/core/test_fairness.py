@@ -1,0 +1,432 @@
+"""Fairness core: sensitive features from case metadata, MetricFrame-based group metrics checked against
+values computed by hand, bootstrap intervals (contain the estimate, narrow with n, agree with the point
+estimate at unit weights), tiny groups flagged, the gate on planted gaps and on hand-made tables,
+representation by split, and the reports."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from scin_pipeline.core import schema
+from scin_pipeline.core.evaluation import top_k_hits
+from scin_pipeline.core.fairness import (
+    ATTRIBUTES,
+    FAIRNESS_METRICS,
+    MULTIPLE_GROUP,
+    OVERALL,
+    SYNTHETIC_BANNER,
+    TABLE_COLUMNS,
+    UNKNOWN_GROUP,
+    fairness_gate,
+    fairness_html,
+    fairness_markdown,
+    fairness_plot_png,
+    fairness_plots,
+    fairness_table,
+    group_order,
+    representation_by_split,
+    sensitive_features,
+    weighted_metrics,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def proba_for(pred, k: int, top: float = 0.6) -> np.ndarray:
+    pred = np.asarray(pred)
+    proba = np.full((len(pred), k), (1.0 - top) / (k - 1))
+    proba[np.arange(len(pred)), pred] = top
+    return proba
+
+
+def model_output(n: int, k: int, signal: float, rng: np.random.Generator):
+    """Labels and softmax probabilities of a model whose true-class logit is raised by ``signal``."""
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), y] += signal
+    proba = np.exp(logits)
+    return y, proba / proba.sum(axis=1, keepdims=True)
+
+
+def value(table: pd.DataFrame, attribute: str, group: str, metric: str, column: str = "value"):
+    row = table[(table["attribute"] == attribute) & (table["group"] == group)
+                & (table["metric"] == metric)]
+    assert len(row) == 1, (attribute, group, metric)
+    return row[column].iloc[0]
+
+
+# ------------------------------------------------------------------------------ sensitive features
+
+
+def case_frame() -> pd.DataFrame:
+    """Five cases in the parsed-metadata layout (race boxes as bools, tones as Int8, enums as category)."""
+    race = {c: [False] * 5 for c in schema.RACE_COLUMNS}
+    race["race_ethnicity_white"] = [True, True, False, False, False]
+    race["race_ethnicity_asian"] = [False, True, False, False, False]        # case 2: two boxes
+    race["race_ethnicity_prefer_not_to_answer"] = [False, False, True, False, False]
+    race["race_ethnicity_two_or_more_after_mitigation"] = [False, False, False, True, False]
+    frame = pd.DataFrame({
+        "case_id": ["c1", "c2", "c3", "c4", "c5"],
+        "monk_skin_tone_label_us": pd.array([1, 4, 7, 10, None], dtype="Int8"),
+        "monk_skin_tone_label_india": pd.array([2, 3, None, 9, 6], dtype="Int8"),
+        "fst_dermatologist": pd.Categorical(["FST1", None, "FST6", "FST3", "FST2"],
+                                            categories=schema.FST_VALUES),
+        "fitzpatrick_skin_type": pd.Categorical(["FST2", "NONE_IDENTIFIED", None, "FST5", "FST1"]),
+        "sex_at_birth": pd.Categorical(["FEMALE", "MALE", None, "FEMALE", "OTHER_OR_UNSPECIFIED"]),
+        "age_group": pd.Categorical(["AGE_18_TO_29", "AGE_UNKNOWN", "AGE_80_OR_ABOVE", None,
+                                     "AGE_30_TO_39"]),
+        **race,
+    }, index=[10, 11, 12, 13, 14])
+    return frame
+
+
+def test_sensitive_features_by_hand():
+    features = sensitive_features(case_frame())
+    assert list(features.columns) == ATTRIBUTES
+    assert list(features.index) == [10, 11, 12, 13, 14]
+    assert features["monk_skin_tone_us"].tolist() == ["1", "4", "7", "10", UNKNOWN_GROUP]
+    assert features["monk_us_bin"].tolist() == ["1-2", "3-4", "7-10", "7-10", UNKNOWN_GROUP]
+    assert features["monk_india_bin"].tolist() == ["1-2", "3-4", UNKNOWN_GROUP, "7-10", "5-6"]
+    assert features["fst_dermatologist"].tolist() == ["FST1", UNKNOWN_GROUP, "FST6", "FST3", "FST2"]
+    # "NONE_IDENTIFIED" / "AGE_UNKNOWN" are answers, kept apart from a missing answer.
+    assert features["fst_self_reported"].tolist() == ["FST2", "NONE_IDENTIFIED", UNKNOWN_GROUP, "FST5",
+                                                      "FST1"]
+    assert features["age_group"].tolist() == ["AGE_18_TO_29", "AGE_UNKNOWN", "AGE_80_OR_ABOVE",
+                                              UNKNOWN_GROUP, "AGE_30_TO_39"]
+    # one box -> its group; two boxes or the release's mitigation flag -> multiple; none -> unknown
+    assert features["race_ethnicity"].tolist() == ["WHITE", MULTIPLE_GROUP, "PREFER_NOT_TO_ANSWER",
+                                                   MULTIPLE_GROUP, UNKNOWN_GROUP]
+
+
+def test_sensitive_features_reads_raw_yes_flags_and_custom_bins():
+    cases = case_frame()
+    for column in schema.RACE_COLUMNS:
+        cases[column] = cases[column].map({True: "YES", False: None})
+    features = sensitive_features(cases, monk_bins=[(1, 3), (4, 6), (7, 8), (9, 10)])
+    assert features["race_ethnicity"].tolist() == ["WHITE", MULTIPLE_GROUP, "PREFER_NOT_TO_ANSWER",
+                                                   MULTIPLE_GROUP, UNKNOWN_GROUP]
+    assert features["monk_us_bin"].tolist() == ["1-3", "4-6", "7-8", "9-10", UNKNOWN_GROUP]
+
+
+@pytest.mark.parametrize("bins", [[(1, 2), (3, 10), (5, 6)], [(1, 4), (6, 10)], [(2, 1), (3, 10)]])
+def test_bad_monk_bins_are_refused(bins):
+    with pytest.raises(ValueError, match="monk_bins"):
+        sensitive_features(case_frame(), monk_bins=bins)
+
+
+def test_bad_tone_and_missing_column_are_named():
+    cases = case_frame()
+    cases["monk_skin_tone_label_us"] = [1, 4, 12, 10, None]
+    with pytest.raises(ValueError, match=r"monk_skin_tone_label_us.*row 12.*not an integer 1-10"):
+        sensitive_features(cases)
+    with pytest.raises(ValueError, match="age_group"):
+        sensitive_features(case_frame().drop(columns=["age_group"]))
+
+
+@pytest.mark.real_metadata
+def test_sensitive_features_on_the_real_release(real_parsed_metadata):
+    cases = real_parsed_metadata.cases
+    features = sensitive_features(cases)
+    tones = features["monk_skin_tone_us"].value_counts()
+    # README facts: tones 1-10 = 577, 1,660, 1,265, 687, 361, 248, 137, 57, 11, 2; 28 missing.
+    assert [tones[str(t)] for t in range(1, 11)] == [577, 1660, 1265, 687, 361, 248, 137, 57, 11, 2]
+    assert tones[UNKNOWN_GROUP] == 28
+    assert features["monk_us_bin"].value_counts()["7-10"] == 137 + 57 + 11 + 2
+    race = features["race_ethnicity"].value_counts()
+    ticks = cases[[c for c in schema.RACE_COLUMNS if "two_or_more" not in c]].astype(bool).sum(axis=1)
+    merged = cases["race_ethnicity_two_or_more_after_mitigation"].astype(bool)
+    assert race[MULTIPLE_GROUP] == int(((ticks >= 2) | merged).sum())
+    assert race[UNKNOWN_GROUP] == int(((ticks == 0) & ~merged).sum())
+    assert race.sum() == len(cases)
+
+
+def test_group_order_is_natural():
+    assert group_order("monk_skin_tone_us", ["10", UNKNOWN_GROUP, "2", "1"]) == ["1", "2", "10",
+                                                                               UNKNOWN_GROUP]
+    assert group_order("monk_us_bin", ["7-10", "1-2", UNKNOWN_GROUP, "3-4"]) == ["1-2", "3-4", "7-10",
+                                                                              UNKNOWN_GROUP]
+    assert group_order("age_group", [UNKNOWN_GROUP, "AGE_40_TO_49", "AGE_18_TO_29"]) == [
+        "AGE_18_TO_29", "AGE_40_TO_49", UNKNOWN_GROUP]
+
+
+# ------------------------------------------------------------------------ group metrics by hand
+
+
+def hand_fixture():
+    """Twelve rows, two groups of six, three classes.
+
+    A: y 0 0 0 1 1 2, pred 0 0 1 1 1 0 -> accuracy 4/6; recall 2/3, 2/2, 0/1 -> balanced 5/9;
+       F1 c0 2/3, c1 4/5, c2 0 -> macro 22/45
+    B: y 0 1 1 1 2 2, pred 1 1 0 0 2 2 -> accuracy 3/6; recall 0/1, 1/3, 2/2 -> balanced 4/9;
+       F1 c0 0 (TP0), c1 2*1/(3+2) = 2/5, c2 2*2/(2+2) = 1 -> macro 7/15
+    all: accuracy 7/12; recall c0 2/4, c1 3/5, c2 2/3 -> balanced (1/2 + 3/5 + 2/3) / 3 = 53/90
+    """
+    y = np.array([0, 0, 0, 1, 1, 2, 0, 1, 1, 1, 2, 2])
+    pred = np.array([0, 0, 1, 1, 1, 0, 1, 1, 0, 0, 2, 2])
+    sensitive = pd.DataFrame({"colour": ["A"] * 6 + ["B"] * 6})
+    return y, proba_for(pred, 3), sensitive
+
+
+def test_group_metrics_match_hand_computed_values():
+    y, proba, sensitive = hand_fixture()
+    table = fairness_table("m", y, proba, list("abc"), sensitive, n_bootstrap=50, min_group_n=1)
+    assert list(table.columns) == TABLE_COLUMNS
+    assert value(table, "colour", "A", "accuracy") == pytest.approx(4 / 6)
+    assert value(table, "colour", "B", "accuracy") == pytest.approx(3 / 6)
+    assert value(table, "colour", "A", "balanced_accuracy") == pytest.approx(5 / 9)
+    assert value(table, "colour", "B", "balanced_accuracy") == pytest.approx(4 / 9)
+    assert value(table, "colour", "A", "macro_f1") == pytest.approx(22 / 45)
+    assert value(table, "colour", "B", "macro_f1") == pytest.approx(7 / 15)
+    assert value(table, OVERALL, OVERALL, "accuracy") == pytest.approx(7 / 12)
+    assert value(table, OVERALL, OVERALL, "balanced_accuracy") == pytest.approx(53 / 90)
+    assert value(table, "colour", "B", "balanced_accuracy", "diff_to_overall") == pytest.approx(
+        4 / 9 - 53 / 90)
+    assert value(table, "colour", "B", "accuracy", "ratio_to_overall") == pytest.approx((3 / 6) / (7 / 12))
+    assert value(table, "colour", "A", "accuracy", "n") == 6
+    # The worst group per metric: B on accuracy and balanced accuracy.
+    worst = table[table["worst"]].set_index("metric")["group"]
+    assert worst["accuracy"] == "B" and worst["balanced_accuracy"] == "B"
+    assert table.loc[table["attribute"] == OVERALL, "worst"].eq(False).all()
+
+
+def test_unit_weights_reproduce_the_point_estimates():
+    """The bootstrap's vectorised metrics and MetricFrame agree exactly at one draw per row, ties and
+    absent classes included."""
+    rng = np.random.default_rng(7)
+    y, proba = model_output(300, 6, signal=1.0, rng=rng)
+    proba = np.round(proba, 2)  # ties in the scores
+    proba /= proba.sum(axis=1, keepdims=True)
+    y[y == 5] = 4  # class 5 absent from y_true
+    groups = pd.DataFrame({"g": rng.choice(["x", "y", "z"], size=300)})
+    table = fairness_table("m", y, proba, [f"c{i}" for i in range(6)], groups, n_bootstrap=0)
+    pred = proba.argmax(axis=1)
+    for group in ["x", "y", "z", OVERALL]:
+        rows = (np.arange(300) if group == OVERALL else np.flatnonzero(groups["g"] == group))
+        unit = weighted_metrics(y[rows], pred[rows], proba[rows], top_k_hits(y[rows], proba[rows]),
+                                np.ones((1, len(rows))))
+        attribute = OVERALL if group == OVERALL else "g"
+        for metric in FAIRNESS_METRICS:
+            assert unit[metric][0] == pytest.approx(value(table, attribute, group, metric)), (group, metric)
+
+
+# ------------------------------------------------------------------------------------- intervals
+
+
+def test_intervals_contain_the_estimate_and_narrow_with_n():
+    rng = np.random.default_rng(8)
+    widths = {}
+    for n in (100, 2_000):
+        y, proba = model_output(n, 5, signal=1.5, rng=rng)
+        table = fairness_table("m", y, proba, list("abcde"), pd.DataFrame({"g": ["all"] * n}),
+                               n_bootstrap=200, seed=1)
+        group = table[table["attribute"] == "g"]
+        assert (group["ci_low"] <= group["value"]).all() and (group["value"] <= group["ci_high"]).all()
+        assert (group["n_boot_valid"] == 200).all()
+        widths[n] = (group["ci_high"] - group["ci_low"]).to_numpy()
+    # Width shrinks like 1/sqrt(n): 20x the rows -> about 4.5x narrower; ask for at least 2.5x.
+    assert (widths[2_000] * 2.5 < widths[100]).all(), widths
+
+
+def test_intervals_are_reproducible_and_independent_of_other_groups():
+    y, proba, sensitive = hand_fixture()
+    one = fairness_table("m", y, proba, list("abc"), sensitive, n_bootstrap=100, seed=3)
+    again = fairness_table("m", y, proba, list("abc"), sensitive, n_bootstrap=100, seed=3)
+    pd.testing.assert_frame_equal(one, again)
+    wider = sensitive.assign(other=["p", "q"] * 6)
+    more = fairness_table("m", y, proba, list("abc"), wider, n_bootstrap=100, seed=3)
+    pd.testing.assert_frame_equal(one, more[more["attribute"] != "other"].reset_index(drop=True))
+    different_seed = fairness_table("m", y, proba, list("abc"), sensitive, n_bootstrap=100, seed=4)
+    assert not np.allclose(one["ci_low"], different_seed["ci_low"], equal_nan=True)
+
+
+def test_undefined_resamples_are_skipped_and_counted():
+    # Group "tiny": 3 rows, classes 0, 0, 1 -> about a third of resamples hold one class (no AUC).
+    rng = np.random.default_rng(9)
+    y, proba = model_output(200, 3, signal=1.0, rng=rng)
+    y[:3] = [0, 0, 1]
+    sensitive = pd.DataFrame({"g": ["tiny"] * 3 + ["big"] * 197})
+    table = fairness_table("m", y, proba, list("abc"), sensitive, n_bootstrap=200)
+    valid = value(table, "g", "tiny", "mean_ovr_auc", "n_boot_valid")
+    assert 80 < valid < 200
+    assert value(table, "g", "tiny", "accuracy", "n_boot_valid") == 200
+
+
+def test_tiny_groups_are_flagged_never_hidden_never_worst():
+    rng = np.random.default_rng(10)
+    y, proba = model_output(400, 4, signal=2.0, rng=rng)
+    groups = np.array(["big"] * 190 + ["large"] * 190 + ["tiny"] * 20, dtype=object)
+    wrong = np.flatnonzero(groups == "tiny")
+    proba[wrong] = proba_for((y[wrong] + 1) % 4, 4)  # the tiny group is always wrong
+    table = fairness_table("m", y, proba, list("abcd"), pd.DataFrame({"g": groups}), min_group_n=30)
+    tiny = table[(table["attribute"] == "g") & (table["group"] == "tiny")]
+    assert len(tiny) == len(FAIRNESS_METRICS)
+    assert tiny["insufficient_data"].all() and not tiny["worst"].any()
+    assert value(table, "g", "tiny", "accuracy") == 0.0
+    assert np.isfinite(tiny["ci_low"]).all()
+    worst = table[table["worst"] & (table["attribute"] == "g")]
+    assert len(worst) == len(FAIRNESS_METRICS) and set(worst["group"]) <= {"big", "large"}
+    # One judgeable group alone is not "worst": there is nothing to compare it with.
+    alone = fairness_table("m", y, proba, list("abcd"), pd.DataFrame({"g": np.where(groups == "tiny",
+                                                                                   "tiny", "big")}))
+    assert not alone["worst"].any()
+
+
+def test_mismatched_rows_are_refused():
+    y, proba, sensitive = hand_fixture()
+    with pytest.raises(ValueError, match="12"):
+        fairness_table("m", y, proba, list("abc"), sensitive.iloc[:5])
+
+
+# -------------------------------------------------------------------------------------------- gate
+
+
+def planted(gap: bool, *, tiny_random: bool = False, seed: int = 11):
+    """3,000 rows of a good 5-class model; group "bad" (400 rows) gets random predictions if ``gap``;
+    group "tiny" (12 rows) gets random predictions if ``tiny_random``."""
+    rng = np.random.default_rng(seed)
+    y, proba = model_output(3_000, 5, signal=3.0, rng=rng)
+    groups = np.array(["ok"] * 2_588 + ["bad"] * 400 + ["tiny"] * 12, dtype=object)
+    for name, on in (("bad", gap), ("tiny", tiny_random)):
+        if on:
+            rows = np.flatnonzero(groups == name)
+            proba[rows] = rng.dirichlet(np.ones(5), size=len(rows))
+    return fairness_table("m", y, proba, list("abcde"), pd.DataFrame({"skin": groups}),
+                          n_bootstrap=100, min_group_n=30)
+
+
+def test_gate_fails_on_a_planted_gap():
+    gate = fairness_gate(planted(gap=True), metric="balanced_accuracy", max_gap=0.10)
+    assert not gate.passed
+    assert (gate.worst.attribute, gate.worst.group) == ("skin", "bad")
+    assert gate.gap > 0.10 and gate.cis_overlap is False
+    assert "FAILED" in gate.reason and "skin=bad" in gate.reason
+    assert gate.to_dict()["worst"]["group"] == "bad"
+
+
+def test_gate_passes_without_the_gap():
+    gate = fairness_gate(planted(gap=False), metric="balanced_accuracy", max_gap=0.10)
+    assert gate.passed, gate.reason
+    assert gate.gap <= 0.10
+    assert "PASSED" in gate.reason
+
+
+def test_gate_ignores_an_insufficient_group_but_names_it():
+    table = planted(gap=False, tiny_random=True)
+    assert value(table, "skin", "tiny", "balanced_accuracy", "diff_to_overall") < -0.10
+    gate = fairness_gate(table, metric="balanced_accuracy", max_gap=0.10)
+    assert gate.passed, gate.reason
+    assert [g.group for g in gate.insufficient_groups] == ["tiny"]
+    assert "skin=tiny (n=12)" in gate.reason
+
+
+def gate_table(rows, overall=(0.80, 0.78, 0.82)) -> pd.DataFrame:
+    """A hand-made fairness table for the gate: (group, n, value, ci_low, ci_high, insufficient)."""
+    records = [{"model": "m", "attribute": OVERALL, "group": OVERALL, "n": 1000,
+                "metric": "balanced_accuracy", "value": overall[0], "ci_low": overall[1],
+                "ci_high": overall[2], "insufficient_data": False}]
+    records += [{"model": "m", "attribute": "tone", "group": g, "n": n, "metric": "balanced_accuracy",
+                 "value": v, "ci_low": lo, "ci_high": hi, "insufficient_data": ins}
+                for g, n, v, lo, hi, ins in rows]
+    return pd.DataFrame(records)
+
+
+@pytest.mark.parametrize("rows, passed, phrase", [
+    ([("a", 500, 0.82, 0.79, 0.85, False), ("b", 300, 0.65, 0.60, 0.70, False)], False, "do not overlap"),
+    ([("a", 500, 0.82, 0.79, 0.85, False), ("b", 40, 0.65, 0.45, 0.79, False)], True, "overlap"),
+    ([("a", 500, 0.82, 0.79, 0.85, False), ("b", 300, 0.75, 0.71, 0.77, False)], True, "within max_gap"),
+    ([("b", 300, 0.65, np.nan, np.nan, False)], False, "gap alone"),
+    ([("b", 10, 0.20, 0.00, 0.40, True)], True, "no group has enough data"),
+])
+def test_gate_rules_on_hand_made_tables(rows, passed, phrase):
+    gate = fairness_gate(gate_table(rows), metric="balanced_accuracy", max_gap=0.10)
+    assert gate.passed is passed
+    assert phrase in gate.reason
+
+
+def test_gate_picks_the_failing_group_over_a_larger_noisy_gap():
+    rows = [("noisy", 40, 0.55, 0.30, 0.79, False), ("clear", 400, 0.65, 0.62, 0.68, False)]
+    gate = fairness_gate(gate_table(rows), max_gap=0.10)
+    assert not gate.passed and gate.worst.group == "clear"
+    assert [g.group for g in gate.failing_groups] == ["clear"]
+
+
+def test_gate_refuses_unknown_metric_and_attribute():
+    table = gate_table([("a", 500, 0.82, 0.79, 0.85, False)])
+    with pytest.raises(ValueError, match="no metric 'auc'"):
+        fairness_gate(table, metric="auc")
+    with pytest.raises(ValueError, match="not in the table"):
+        fairness_gate(table, attributes=["age"])
+
+
+# ------------------------------------------------------------------------------- representation
+
+
+def test_representation_by_split():
+    cases = case_frame()
+    splits = pd.DataFrame({"case_id": ["c1", "c1", "c2", "c3", "c4"],     # c1 has two images, c5 none
+                           "split": ["train", "train", "train", "val", "test"]})
+    table = representation_by_split(splits, cases, ["monk_us_bin"])
+    train = table[table["split"] == "train"].set_index("group")
+    assert train.loc["1-2", "n"] == 1 and train.loc["1-2", "n_images"] == 2
+    assert train.loc["3-4", "share"] == pytest.approx(0.5)
+    assert train.loc["7-10", "n"] == 0  # every group of the data set appears, at 0 when absent
+    assert train.loc["7-10", "share_in_dataset"] == pytest.approx(2 / 5)
+    assert train.loc["1-2", "share_ratio"] == pytest.approx(0.5 / 0.2)
+    union = table[table["split"] == "all_splits"].set_index("group")
+    assert union["n"].sum() == 4 and union.loc[UNKNOWN_GROUP, "n"] == 0
+    assert list(table["split"].unique()) == ["train", "val", "test", "all_splits"]
+    with pytest.raises(ValueError, match="'c9' is not in cases"):
+        representation_by_split(pd.DataFrame({"case_id": ["c9"], "split": ["test"]}), cases)
+
+
+# ----------------------------------------------------------------------------------------- reports
+
+
+@pytest.fixture(scope="module")
+def report_inputs():
+    rng = np.random.default_rng(12)
+    y, proba = model_output(600, 4, signal=2.0, rng=rng)
+    cases = pd.concat([case_frame()] * 120, ignore_index=True)
+    table = fairness_table("synthetic-cnn", y, proba, list("abcd"), sensitive_features(cases),
+                           n_bootstrap=30, min_group_n=130)
+    return table, fairness_gate(table)
+
+
+def test_markdown_report(report_inputs):
+    table, gate = report_inputs
+    text = fairness_markdown(table, gate, model="synthetic-cnn", synthetic=True)
+    assert text.splitlines()[0] == SYNTHETIC_BANNER
+    assert "Fairness gate: PASSED" in text or "Fairness gate: FAILED" in text
+    for attribute in ATTRIBUTES:
+        assert f"`{attribute}`" in text
+    assert "insufficient data" in text
+    real = fairness_markdown(table, gate, model="synthetic-cnn", synthetic=False)
+    assert SYNTHETIC_BANNER not in real
+
+
+def test_html_report_is_self_contained(report_inputs):
+    table, gate = report_inputs
+    plots = fairness_plots(table)
+    page = fairness_html(table, gate, plots, model="synthetic-cnn", synthetic=True)
+    assert not re.search(r"https?:|(src|href)\s*=\s*[\"']?//|url\(|@import", page, re.I)
+    assert page.count("data:image/png;base64,") == len(plots) == len(ATTRIBUTES)
+    for attribute in ATTRIBUTES:
+        assert f"<code>{attribute}</code>" in page
+    assert page.index(SYNTHETIC_BANNER) < page.index("<h1>")
+    assert "<style>" in page and "<link" not in page and "<script" not in page
+
+
+def test_fairness_plot_png(report_inputs):
+    table, _ = report_inputs
+    data = fairness_plot_png(table, "monk_skin_tone_us", "balanced_accuracy")
+    assert data.startswith(PNG_SIGNATURE)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.size[0] >= 500
+    with pytest.raises(ValueError, match="no rows"):
+        fairness_plot_png(table, "shoe_size", "accuracy")
