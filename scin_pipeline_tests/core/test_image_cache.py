@@ -214,22 +214,28 @@ def test_failed_files_get_reasons_and_the_rest_is_intact(tmp_path):
         "bomb": (decompression_bomb_png(30000, 30000), "decompression_bomb"),
     }
     extra = []
-    for name, (data, _) in bad.items():
+    # ids sort between the good ones ("1000" < "1000-zero" < "1001"), so shards mix failures and
+    # good images, failures first in some: the good images behind them must move up without loss
+    for k, (name, (data, _)) in enumerate(bad.items()):
         (bad_dir / f"{name}.png").write_bytes(data)
-        extra.append({"image_id": name, "local_path": str(bad_dir / f"{name}.png"), "split": "train"})
-    extra.append({"image_id": "gone", "local_path": str(bad_dir / "gone.png"), "split": "train"})
-    extra.append({"image_id": "nopath", "local_path": None, "split": "train"})
-    # interleave the bad rows between good ones, across two shards
+        extra.append({"image_id": f"{1000 + k}-{name}", "local_path": str(bad_dir / f"{name}.png"),
+                      "split": "train"})
+    extra.append({"image_id": "1004-gone", "local_path": str(bad_dir / "gone.png"), "split": "train"})
+    extra.append({"image_id": "1005-nopath", "local_path": None, "split": "train"})
     all_rows = pd.concat([rows.iloc[:3], pd.DataFrame(extra), rows.iloc[3:]], ignore_index=True)
     index = build_image_cache(all_rows, tmp_path / "cache", image_size=S, shard_size=4, workers=2)
 
     by_id = index.set_index("image_id")
-    for name, (_, kind) in bad.items():
-        row = by_id.loc[name]
+    for k, (name, (_, kind)) in enumerate(bad.items()):
+        row = by_id.loc[f"{1000 + k}-{name}"]
         assert row["status"] == "failed" and row["shard"] is None and row["offset"] == -1
         assert row["reason"].startswith(kind + ": ") and f"{name}.png" in row["reason"]
-    assert by_id.loc["gone", "reason"].startswith("missing: ")
-    assert by_id.loc["nopath", "reason"].startswith("missing: ") and "nopath" in by_id.loc["nopath", "reason"]
+    assert by_id.loc["1004-gone", "reason"].startswith("missing: ")
+    assert by_id.loc["1005-nopath", "reason"].startswith("missing: ") and "1005-nopath" in by_id.loc[
+        "1005-nopath", "reason"]
+    # first shard: 1000, 1000-zero (failed), 1001, 1001-cut (failed): 1001 moved up into slot 1
+    assert by_id.loc["1001", "offset"] == 1 and by_id.loc["1001", "shard"] == by_id.loc["1000", "shard"]
+    assert np.load(tmp_path / "cache" / by_id.loc["1001", "shard"]).shape == (2, S, S, 3)
     ok = index[index["status"] == "ok"]
     assert list(ok["image_id"]) == list(rows["image_id"])
     images = load_images(index, tmp_path / "cache")
