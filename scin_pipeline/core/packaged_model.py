@@ -1,0 +1,403 @@
+"""The packaged classifier: one folder that holds a trained model and everything needed to predict with it,
+and the MLflow pyfunc wrapper that the registry serves (``models:/scin-condition-classifier@champion``).
+
+A package folder holds ``spec.json`` (kind, class names in output order, image size, metadata feature
+columns, free-form ``extra``) and the model file: ``model.keras`` (one end-to-end Keras model that takes raw
+uint8 images, and metadata when it uses it) or ``model.joblib`` (a fitted scikit-learn-style object with
+``predict_proba``). Three kinds:
+
+- ``keras_image``: input ``images`` uint8 (N, S, S, 3);
+- ``keras_multimodal``: ``{"image": images, "metadata": metadata_features(cases)[metadata_columns]}``;
+- ``sklearn_metadata``: ``metadata_features(cases)[metadata_columns]``.
+
+Decisions:
+
+- Every kind predicts a probability distribution over ``classes`` (single-label, the contract of the image
+  models). An output that is not one (negative, not finite, or rows not summing to 1 within 1e-3, e.g. a
+  multi-label sigmoid model packaged by mistake) is refused with a ValueError rather than renormalised
+  silently; rows within tolerance are renormalised exactly so that consumers can rely on sum == 1.
+- Metadata features are rebuilt from raw case columns at prediction time by the same
+  ``metadata_features`` that training used; the package stores the column list it was trained on, and a
+  package whose columns the current code no longer produces fails loudly, naming the columns.
+- ``model.joblib`` is a pickle: load packages only from our own store (the MLflow artifact store is one).
+- The pyfunc wrapper gets no ``code_paths``: the ``scin_pipeline`` package is installed in every
+  environment that serves the model (the pipeline's own venv and the serving image), and shipping a copy
+  of it inside each model would let a served model silently run stale preprocessing code. For the same
+  reason ``pip_requirements`` are the pinned versions of the libraries installed here (this also skips
+  MLflow's requirement inference, which loads the model in a subprocess: seconds per logged model).
+- The input signature is left open (only outputs are declared): MLflow's schema enforcement drops every
+  column the signature does not name and rejects 0/1 integers in a boolean column, while the case metadata
+  columns are many and optional. The expected inputs are recorded in the model's ``metadata`` instead.
+
+``mlflow.pyfunc`` is imported at module level because ``ScinClassifierPyfunc`` must subclass its
+``PythonModel`` (and be pickled by reference to this module); Keras, TensorFlow and joblib are imported only
+when a model is loaded or saved.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+KINDS = ("keras_image", "keras_multimodal", "sklearn_metadata")
+KERAS_KINDS = ("keras_image", "keras_multimodal")
+METADATA_KINDS = ("keras_multimodal", "sklearn_metadata")
+SPEC_FILE = "spec.json"
+KERAS_FILE = "model.keras"
+SKLEARN_FILE = "model.joblib"
+PACKAGE_FORMAT = "scin-packaged-classifier"
+PACKAGE_FORMAT_VERSION = 1
+IMAGE_COLUMN = "image"
+SUM_TOLERANCE = 1e-3
+# Libraries the pyfunc needs at serving time, pinned to the versions installed here (those not installed
+# are left out). scin-pipeline itself is not on PyPI: it is installed in the serving environment.
+SERVING_DISTRIBUTIONS = ("mlflow", "numpy", "pandas", "scikit-learn", "keras", "tensorflow-cpu", "tensorflow",
+                         "jax", "pillow", "opencv-python-headless")
+
+
+@dataclass
+class PackagedClassifier:
+    """A trained classifier with its class names and input description (see the module docstring)."""
+
+    kind: str
+    classes: list[str]
+    model: Any
+    image_size: int | None = None
+    metadata_columns: list[str] | None = None
+    extra: dict = field(default_factory=dict)
+    # Modules to import before loading the Keras file (they register custom layers); scin_pipeline.* only.
+    keras_modules: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        self.classes = [str(c) for c in self.classes]
+        if not self.classes:
+            raise ValueError("classes is empty")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes has duplicates: {self.classes}")
+        if self.kind in KERAS_KINDS:
+            if not isinstance(self.image_size, (int, np.integer)) or self.image_size <= 0:
+                raise ValueError(f"{self.kind} needs a positive int image_size, got {self.image_size!r}")
+            self.image_size = int(self.image_size)
+        if self.kind in METADATA_KINDS and not self.metadata_columns:
+            raise ValueError(f"{self.kind} needs metadata_columns (the features it was trained on)")
+        if self.metadata_columns is not None:
+            self.metadata_columns = [str(c) for c in self.metadata_columns]
+        for module in self.keras_modules:
+            if not str(module).startswith("scin_pipeline."):
+                raise ValueError(f"keras_modules may only name scin_pipeline.* modules, got {module!r}")
+
+    @property
+    def model_file(self) -> str:
+        return KERAS_FILE if self.kind in KERAS_KINDS else SKLEARN_FILE
+
+    def spec(self) -> dict:
+        return {
+            "format": PACKAGE_FORMAT, "format_version": PACKAGE_FORMAT_VERSION, "kind": self.kind,
+            "classes": self.classes, "image_size": self.image_size, "metadata_columns": self.metadata_columns,
+            "model_file": self.model_file, "keras_modules": list(self.keras_modules), "extra": self.extra,
+        }
+
+    # ---------------------------------------------------------------- save / load
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``spec.json`` and the model file into ``directory``, replacing it whole.
+
+        The package is written into a temporary sibling folder and renamed into place, so a reader never
+        sees a half-written package and a crash leaves the previous one intact.
+        """
+        directory = Path(directory).expanduser().resolve()
+        try:
+            spec_text = json.dumps(self.spec(), indent=2, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"package spec for {directory} is not plain JSON (check `extra`): {exc}") from exc
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+        old = None
+        try:
+            if self.kind in KERAS_KINDS:
+                self.model.save(tmp / KERAS_FILE)
+            else:
+                import joblib
+
+                if not callable(getattr(self.model, "predict_proba", None)):
+                    raise TypeError(f"{self.kind} model must have predict_proba(X), got {type(self.model)}")
+                joblib.dump(self.model, tmp / SKLEARN_FILE)
+            (tmp / SPEC_FILE).write_text(spec_text + "\n")
+            if directory.exists():
+                # A non-empty folder cannot be renamed over: move the old one aside first.
+                old = Path(tempfile.mkdtemp(prefix=f".old-{directory.name}-", dir=directory.parent))
+                os.replace(directory, old / "package")
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not directory.exists():
+                os.replace(old / "package", directory)
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> PackagedClassifier:
+        directory = Path(directory)
+        spec = read_spec(directory)
+        model_path = directory / spec["model_file"]
+        if not model_path.is_file():
+            raise FileNotFoundError(f"{model_path}: model file named in {directory / SPEC_FILE} is missing")
+        if spec["kind"] in KERAS_KINDS:
+            for module in spec.get("keras_modules") or []:
+                if not str(module).startswith("scin_pipeline."):
+                    raise ValueError(f"{directory / SPEC_FILE}: keras_modules may only name scin_pipeline.* "
+                                     f"modules, got {module!r}")
+                importlib.import_module(module)
+            import keras
+
+            try:
+                model = keras.saving.load_model(model_path, compile=False)
+            except Exception as exc:
+                raise ValueError(f"cannot load the Keras model {model_path}: {exc}") from exc
+        else:
+            import joblib
+
+            model = joblib.load(model_path)
+        return cls(kind=spec["kind"], classes=spec["classes"], model=model, image_size=spec.get("image_size"),
+                   metadata_columns=spec.get("metadata_columns"), extra=spec.get("extra") or {},
+                   keras_modules=spec.get("keras_modules") or [])
+
+    # ---------------------------------------------------------------- prediction
+
+    def metadata_matrix(self, cases: pd.DataFrame | None) -> np.ndarray:
+        """The float32 (N, F) feature matrix of ``cases`` in this package's column order."""
+        from scin_pipeline.core.metadata_model import metadata_features
+
+        if cases is None:
+            raise ValueError(f"{self.kind} model needs `cases` (case metadata rows), got None")
+        if not isinstance(cases, pd.DataFrame):
+            raise ValueError(f"cases must be a pandas DataFrame, got {type(cases).__name__}")
+        features = metadata_features(cases)
+        missing = [c for c in self.metadata_columns if c not in features.columns]
+        if missing:
+            raise ValueError(f"this package was trained on metadata feature columns that the current "
+                             f"metadata_features does not produce: {missing[:10]}"
+                             f"{' ...' if len(missing) > 10 else ''} ({len(missing)} missing)")
+        return features[self.metadata_columns].to_numpy(dtype=np.float32)
+
+    def _check_images(self, images) -> np.ndarray:
+        if images is None:
+            raise ValueError(f"{self.kind} model needs `images` (uint8 (N, {self.image_size}, "
+                             f"{self.image_size}, 3)), got None")
+        images = np.asarray(images)
+        expected = (self.image_size, self.image_size, 3)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"images must have shape (N, {', '.join(map(str, expected))}), got {images.shape}")
+        if images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 (raw pixels; scaling happens inside the model), "
+                             f"got {images.dtype}")
+        return images
+
+    def predict_proba(self, images: np.ndarray | None = None, cases: pd.DataFrame | None = None) -> np.ndarray:
+        """(N, K) float64 class probabilities, columns in ``classes`` order, rows summing to 1."""
+        if self.kind == "keras_image":
+            x = self._check_images(images)
+            n = len(x)
+            raw = self.model.predict(x, verbose=0) if n else np.zeros((0, len(self.classes)))
+        elif self.kind == "keras_multimodal":
+            x = self._check_images(images)
+            m = self.metadata_matrix(cases)
+            if len(m) != len(x):
+                raise ValueError(f"images and cases disagree on the number of rows: {len(x)} vs {len(m)}")
+            n = len(x)
+            raw = (self.model.predict({"image": x, "metadata": m}, verbose=0) if n
+                   else np.zeros((0, len(self.classes))))
+        else:
+            m = self.metadata_matrix(cases)
+            n = len(m)
+            if n == 0:
+                raw = np.zeros((0, len(self.classes)))
+            else:
+                # Match how the estimator was fitted: with feature names (a DataFrame) or without.
+                if hasattr(self.model, "feature_names_in_"):
+                    m = pd.DataFrame(m, columns=self.metadata_columns)
+                raw = self.model.predict_proba(m)
+        return _as_distribution(raw, n, self.classes)
+
+
+def _as_distribution(raw, n: int, classes: list[str]) -> np.ndarray:
+    probabilities = np.asarray(raw, dtype=np.float64)
+    if probabilities.shape != (n, len(classes)):
+        raise ValueError(f"model output has shape {probabilities.shape}, expected ({n}, {len(classes)}) "
+                         f"for classes {classes}")
+    if n == 0:
+        return probabilities
+    if not np.isfinite(probabilities).all() or (probabilities < 0).any():
+        raise ValueError("model output has negative or non-finite values: not class probabilities")
+    sums = probabilities.sum(axis=1)
+    worst = int(np.argmax(np.abs(sums - 1.0)))
+    if abs(sums[worst] - 1.0) > SUM_TOLERANCE:
+        raise ValueError(f"model output row {worst} sums to {sums[worst]:.4f}, not 1: the packaged model must "
+                         f"output one probability distribution over the classes (softmax), not per-class "
+                         f"scores")
+    return probabilities / sums[:, None]
+
+
+def read_spec(directory: str | os.PathLike) -> dict:
+    """The validated ``spec.json`` of a package folder (clear errors naming the file)."""
+    path = Path(directory) / SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {directory} is not a packaged classifier")
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(spec, dict) or spec.get("format") != PACKAGE_FORMAT:
+        raise ValueError(f"{path}: not a {PACKAGE_FORMAT} spec")
+    if spec.get("format_version") != PACKAGE_FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {spec.get('format_version')!r} is not supported "
+                         f"(this code reads {PACKAGE_FORMAT_VERSION})")
+    if spec.get("kind") not in KINDS:
+        raise ValueError(f"{path}: kind must be one of {KINDS}, got {spec.get('kind')!r}")
+    expected_file = KERAS_FILE if spec["kind"] in KERAS_KINDS else SKLEARN_FILE
+    if spec.get("model_file") != expected_file:
+        raise ValueError(f"{path}: model_file must be {expected_file!r} for kind {spec['kind']!r}, "
+                         f"got {spec.get('model_file')!r}")
+    if not isinstance(spec.get("classes"), list) or not spec["classes"]:
+        raise ValueError(f"{path}: classes must be a non-empty list")
+    return spec
+
+
+# -------------------------------------------------------------------- the MLflow pyfunc
+
+
+def _image_bytes(value, row: int) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        # JSON requests (MLflow's scoring server) carry binary columns as base64 text.
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"row {row}: `{IMAGE_COLUMN}` is text but not base64: {exc}") from exc
+    raise ValueError(f"row {row}: `{IMAGE_COLUMN}` must be the image file's bytes, got {type(value).__name__}")
+
+
+def _is_missing(value) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+class ScinClassifierPyfunc(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc over a :class:`PackagedClassifier` stored as the model artifact ``package``.
+
+    ``predict(df)``: column ``image`` holds each row's raw image file bytes (or base64 text); it may be
+    absent for a metadata-only model. The other columns are case metadata (any subset of the raw case
+    columns; absent ones read as unanswered). Returns one float column per class, rows summing to 1.
+    """
+
+    def load_context(self, context):
+        self.package = PackagedClassifier.load(context.artifacts["package"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        package: PackagedClassifier = self.package
+        if not isinstance(model_input, pd.DataFrame):
+            raise ValueError(f"input must be a pandas DataFrame, got {type(model_input).__name__}")
+        images = None
+        if package.kind in KERAS_KINDS:
+            images = self._decode_images(model_input, package.image_size)
+        cases = None
+        if package.kind in METADATA_KINDS:
+            cases = model_input.drop(columns=[IMAGE_COLUMN], errors="ignore")
+        probabilities = package.predict_proba(images=images, cases=cases)
+        return pd.DataFrame(probabilities, columns=package.classes, index=model_input.index)
+
+    @staticmethod
+    def _decode_images(frame: pd.DataFrame, image_size: int) -> np.ndarray:
+        from scin_pipeline.core.image_cache import preprocess_image_bytes
+
+        if IMAGE_COLUMN not in frame.columns:
+            raise ValueError(f"this model needs an `{IMAGE_COLUMN}` column with each row's image file bytes")
+        decoded = []
+        for i, value in enumerate(frame[IMAGE_COLUMN].tolist()):
+            if _is_missing(value):
+                raise ValueError(f"row {i}: `{IMAGE_COLUMN}` is missing; this model needs an image per row")
+            decoded.append(preprocess_image_bytes(_image_bytes(value, i), image_size, name=f"row {i}"))
+        if not decoded:
+            return np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
+        return np.stack(decoded)
+
+
+def serving_requirements() -> list[str]:
+    """``name==version`` of the serving libraries installed here (see SERVING_DISTRIBUTIONS)."""
+    requirements = []
+    for name in SERVING_DISTRIBUTIONS:
+        try:
+            requirements.append(f"{name}=={importlib_metadata.version(name)}")
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return requirements
+
+
+def output_signature(classes: list[str]):
+    """Outputs only: one double column per class (see the module docstring for why inputs stay open)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(inputs=None, outputs=Schema([ColSpec("double", c) for c in classes]))
+
+
+def log_packaged_model(package_dir: str | os.PathLike, *, name: str = "model",
+                       registered_model_name: str | None = None, input_example: pd.DataFrame | None = None,
+                       tags: dict | None = None):
+    """Log the package as an MLflow pyfunc model in the active run; returns MLflow's ``ModelInfo``.
+
+    Uses the fluent API: call it inside an active run on the intended tracking URI (``MlflowTracking``'s
+    ``TrackedRun.log_model`` does). ``registered_model_name`` registers it through MLflow's fluent registry.
+    """
+    package_dir = Path(package_dir).expanduser().resolve()
+    spec = read_spec(package_dir)
+    model_inputs = {}
+    if spec["kind"] in KERAS_KINDS:
+        model_inputs["image"] = "raw image file bytes (or base64 text), one per row"
+    if spec["kind"] in METADATA_KINDS:
+        model_inputs["case metadata"] = "optional raw case columns (scin_pipeline.core.schema); absent = unanswered"
+    with warnings.catch_warnings():
+        # The input side of the signature is left open on purpose (module docstring): no input example.
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        return _log_pyfunc(package_dir, spec, model_inputs, name=name, registered_model_name=registered_model_name,
+                           input_example=input_example, tags=tags)
+
+
+def _log_pyfunc(package_dir: Path, spec: dict, model_inputs: dict, *, name, registered_model_name, input_example,
+                tags):
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=ScinClassifierPyfunc(),
+        artifacts={"package": str(package_dir)},
+        signature=output_signature(spec["classes"]),
+        input_example=input_example,
+        pip_requirements=serving_requirements(),
+        registered_model_name=registered_model_name,
+        metadata={"scin_model_kind": spec["kind"], "scin_classes": spec["classes"],
+                  "scin_image_size": spec.get("image_size"), "scin_inputs": model_inputs},
+        tags=tags,
+    )

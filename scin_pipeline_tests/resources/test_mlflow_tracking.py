@@ -1,0 +1,379 @@
+"""MlflowTracking on a SQLite store under tmp_path: tagging, artifacts' location, resumed runs, the registry's
+champion alias, and prediction from the registry in a fresh process. Models are tiny and synthetic."""
+
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import PIL.Image
+import pytest
+from dagster import AssetExecutionContext, asset, materialize
+from sklearn.linear_model import LogisticRegression
+
+from scin_pipeline.core import schema
+from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
+from scin_pipeline.core.packaged_model import PackagedClassifier
+from scin_pipeline.resources.mlflow_tracking import MlflowTracking, dagster_tags, run_key_for
+
+CLASSES = ["Eczema", "Psoriasis", "Urticaria"]
+PARAMS = {"C": 0.1, "epochs": 2, "layers": [8, 4]}
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> MlflowTracking:
+    # MLflow's default artifact root is ./mlruns: working in tmp_path lets the test see any stray folder.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return MlflowTracking(data_root=str(tmp_path / "data"))
+
+
+def synthetic_cases(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    ages = np.array(schema.ENUM_VALUES["age_group"][:3])
+    return pd.DataFrame({"age_group": ages[y], schema.SYMPTOM_COLUMNS[0]: y == 1}), y
+
+
+def metadata_package(folder: Path, C: float = 1.0) -> Path:
+    cases, y = synthetic_cases(60)
+    model = LogisticRegression(C=C, max_iter=500).fit(metadata_features(cases).to_numpy(), y)
+    return PackagedClassifier(kind="sklearn_metadata", classes=CLASSES, model=model,
+                              metadata_columns=list(METADATA_FEATURE_COLUMNS)).save(folder)
+
+
+def keras_image_package(folder: Path) -> Path:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    image = keras.Input((16, 16, 3), dtype="uint8", name="image")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255.0)(image))
+    out = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
+    return PackagedClassifier(kind="keras_image", classes=CLASSES, model=keras.Model(image, out),
+                              image_size=16).save(folder)
+
+
+def synthetic_png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+        buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tags_for(candidate: str, dagster_run_id: str = "dagster-run-1") -> dict[str, str]:
+    return {"dagster.run_id": dagster_run_id, "dagster.asset_key": candidate, "scin.candidate": candidate}
+
+
+def runs_in_experiment(tracking: MlflowTracking) -> list:
+    client = tracking.client()
+    return list(client.search_runs([tracking.experiment_id(client)]))
+
+
+# ------------------------------------------------------------------------------------------- tagging
+
+
+def test_a_training_materialisation_is_one_tagged_run_with_params_epochs_and_artifacts(tracking, tmp_path):
+    splits_version = "splits-3f2a"
+
+    @asset(code_version="v7")
+    def synthetic_candidate(context: AssetExecutionContext, mlflow_tracking: MlflowTracking) -> str:
+        tags = dagster_tags(context, code_version="v7", splits_data_version=splits_version, synthetic_data=True,
+                            keras_backend="jax") | {"scin.candidate": "synthetic_candidate"}
+        key = run_key_for(asset_key="synthetic_candidate", code_version="v7", config=PARAMS,
+                          splits_data_version=splits_version)
+        with mlflow_tracking.training_run(run_key=key, run_name="synthetic_candidate", tags=tags,
+                                          params=PARAMS) as run:
+            for epoch, loss in enumerate([0.9, 0.5, 0.4]):
+                run.log_epoch(epoch, {"loss": loss, "val_loss": loss + 0.1, "note": "not a number"})
+            run.log_metrics({"test_balanced_accuracy": 0.5})
+            plot = io.BytesIO()
+            PIL.Image.new("RGB", (4, 4)).save(plot, format="PNG")
+            run.log_figure_png(plot.getvalue(), "plots/confusion_matrix.png")
+            run.log_table(pd.DataFrame({"class": CLASSES, "auc": [0.6, 0.7, 0.8]}), "tables/per_class.csv")
+            run.log_text("synthetic images: not a dermatology result", "README.txt")
+            (tmp_path / "history.json").write_text("{}")
+            run.log_artifact(tmp_path / "history.json", "training")
+            context.add_output_metadata(run.metadata())
+            return run.run_id
+
+    result = materialize([synthetic_candidate], resources={"mlflow_tracking": tracking})
+    run_id = result.output_for_node("synthetic_candidate")
+    client = tracking.client()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert {k: run.data.tags[k] for k in ("dagster.run_id", "dagster.asset_key", "dagster.code_version",
+                                          "scin.splits_data_version", "scin.keras_backend",
+                                          "scin.synthetic_data", "scin.candidate")} == {
+        "dagster.run_id": result.run_id, "dagster.asset_key": "synthetic_candidate",
+        "dagster.code_version": "v7", "scin.splits_data_version": splits_version,
+        "scin.keras_backend": "jax", "scin.synthetic_data": "true", "scin.candidate": "synthetic_candidate"}
+    assert run.data.tags["scin.run_key"].startswith("synthetic_candidate:code=v7:config=")
+    assert run.data.params == {"C": "0.1", "epochs": "2", "layers": "[8, 4]"}
+    history = client.get_metric_history(run_id, "val_loss")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(0, 1.0), (1, 0.6), (2, 0.5)]
+    assert "note" not in run.data.metrics
+
+    # Artifacts live under <data_root>/mlflow/artifacts, and nothing appeared in the working directory.
+    artifact_root = (tmp_path / "data" / "mlflow" / "artifacts").resolve()
+    assert run.info.artifact_uri.startswith(artifact_root.as_uri())
+    run_dir = Path(run.info.artifact_uri.removeprefix("file://"))
+    stored = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    assert stored == ["README.txt", "plots/confusion_matrix.png", "tables/per_class.csv", "training/history.json"]
+    assert pd.read_csv(run_dir / "tables/per_class.csv")["class"].tolist() == CLASSES
+    assert not (tmp_path / "mlruns").exists()
+    assert (tmp_path / "data" / "mlflow" / "mlflow.db").is_file()
+
+    metadata = result.asset_materializations_for_node("synthetic_candidate")[0].metadata
+    assert metadata["mlflow_run_id"].value == run_id
+    assert metadata["mlflow_experiment_id"].value == run.info.experiment_id
+
+
+def test_synthetic_flag_and_optional_backend_tag():
+    class Context:
+        class run:  # noqa: N801 - mimics DagsterRun's API
+            run_id = "r1"
+
+        class asset_key:  # noqa: N801 - mimics AssetKey's API
+            @staticmethod
+            def to_user_string():
+                return "models/metadata_model"
+
+    tags = dagster_tags(Context(), code_version="1", splits_data_version="s", synthetic_data=False)
+    assert tags == {"dagster.run_id": "r1", "dagster.asset_key": "models/metadata_model",
+                    "dagster.code_version": "1", "scin.splits_data_version": "s", "scin.synthetic_data": "false"}
+
+
+def test_run_keys_are_deterministic_and_checked():
+    first = run_key_for(asset_key="models/baseline_cnn", code_version="3", config={"a": 1, "b": 2},
+                        splits_data_version="abc")
+    assert first == run_key_for(asset_key="models/baseline_cnn", code_version="3", config={"b": 2, "a": 1},
+                                splits_data_version="abc")
+    assert first != run_key_for(asset_key="models/baseline_cnn", code_version="3", config={"a": 1, "b": 3},
+                                splits_data_version="abc")
+    tracking = MlflowTracking(data_root="unused")
+    with pytest.raises(ValueError, match="run_key must be"):
+        tracking.runs_with_key("x' OR '1'='1")
+
+
+def test_artifact_names_may_not_leave_the_run_folder(tracking):
+    with tracking.training_run(run_key="k-names", run_name="n", tags={}, params={}) as run:
+        with pytest.raises(ValueError, match="relative path"):
+            run.log_bytes(b"x", "../outside.txt")
+        with pytest.raises(ValueError, match="PNG bytes"):
+            run.log_figure_png(b"GIF89a", "plot.png")
+
+
+# ------------------------------------------------------------------------------------------- resumed runs
+
+
+KILLED_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from scin_pipeline.resources.mlflow_tracking import MlflowTracking
+    tracking = MlflowTracking(data_root=sys.argv[1])
+    with tracking.training_run(run_key="synthetic-key", run_name="synthetic", params={"C": 0.1},
+                               tags={"dagster.run_id": "dagster-run-killed"}) as run:
+        run.log_epoch(0, {"loss": 0.9})
+        print(run.run_id, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all, as when the machine or the OOM killer stops us
+""")
+
+
+def test_a_killed_run_is_resumed_not_duplicated(tracking, tmp_path):
+    child = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(tmp_path / "data")], capture_output=True,
+                           text=True, timeout=300, env={k: v for k, v in os.environ.items()
+                                                        if k != "MLFLOW_TRACKING_URI"})
+    assert child.returncode == -9, child.stderr[-2000:]
+    killed_run_id = child.stdout.split()[0]
+    assert tracking.client().get_run(killed_run_id).info.status == "RUNNING"
+    assert tracking.find_finished_run("synthetic-key") is None
+
+    with tracking.training_run(run_key="synthetic-key", run_name="synthetic", params={"C": 0.1},
+                               tags={"dagster.run_id": "dagster-run-retry"}) as run:
+        assert (run.run_id, run.resumed) == (killed_run_id, True)
+        run.log_epoch(1, {"loss": 0.5})
+    resumed = tracking.client().get_run(killed_run_id)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["dagster.run_id"] == "dagster-run-retry"
+    assert resumed.data.tags["scin.previous_dagster_run_ids"] == "dagster-run-killed"
+    assert resumed.data.tags["scin.resume_count"] == "1"
+    assert [(m.step, m.value) for m in tracking.client().get_metric_history(killed_run_id, "loss")] == [
+        (0, 0.9), (1, 0.5)]
+    assert [r.info.run_id for r in tracking.runs_with_key("synthetic-key")] == [killed_run_id]
+    assert tracking.find_finished_run("synthetic-key").info.run_id == killed_run_id
+
+
+def test_failed_and_interrupted_runs_are_resumed_and_finished_ones_are_not(tracking):
+    with pytest.raises(RuntimeError, match="synthetic failure"):
+        with tracking.training_run(run_key="key-a", run_name="a", tags={}, params=PARAMS) as run:
+            first_id = run.run_id
+            assert run.resumed is False
+            raise RuntimeError("synthetic failure")
+    assert tracking.client().get_run(first_id).info.status == "FAILED"
+
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.training_run(run_key="key-a", run_name="a", tags={}, params=PARAMS) as run:
+            assert (run.run_id, run.resumed) == (first_id, True)
+            raise KeyboardInterrupt
+    assert tracking.client().get_run(first_id).info.status == "KILLED"
+
+    with tracking.training_run(run_key="key-a", run_name="a", tags={}, params=PARAMS) as run:
+        assert (run.run_id, run.resumed) == (first_id, True)
+    assert tracking.find_finished_run("key-a").info.run_id == first_id
+    assert tracking.client().get_run(first_id).data.tags["scin.resume_count"] == "2"
+
+    # Another key is another run.
+    with tracking.training_run(run_key="key-b", run_name="b", tags={}, params=PARAMS) as run:
+        assert run.run_id != first_id and run.resumed is False
+    # A finished run is never reopened: training again under its key is a new run (a deliberate retrain).
+    with tracking.training_run(run_key="key-a", run_name="a", tags={}, params=PARAMS) as run:
+        retrain_id = run.run_id
+        assert retrain_id != first_id and run.resumed is False
+    assert [r.info.run_id for r in tracking.runs_with_key("key-a")] == [retrain_id, first_id]
+    assert len(runs_in_experiment(tracking)) == 3
+
+
+def test_resuming_with_changed_params_fails_the_run_clearly(tracking):
+    with pytest.raises(RuntimeError):
+        with tracking.training_run(run_key="key-p", run_name="p", tags={}, params={"C": 1.0}):
+            raise RuntimeError("synthetic failure")
+    with pytest.raises(ValueError, match=r"different values for parameters.*'C': \('1.0', '2.0'\)"):
+        with tracking.training_run(run_key="key-p", run_name="p", tags={}, params={"C": 2.0}):
+            pass
+    (run,) = tracking.runs_with_key("key-p")
+    assert run.info.status == "FAILED" and run.data.params == {"C": "1.0"}
+
+
+def test_logging_after_the_run_ended_is_an_error(tracking):
+    with tracking.training_run(run_key="key-closed", run_name="c", tags={}, params={}) as run:
+        pass
+    with pytest.raises(RuntimeError, match="has ended"):
+        run.log_metrics({"loss": 1.0})
+
+
+# ------------------------------------------------------------------------------------------- tracking URI
+
+
+def test_mlflow_tracking_uri_is_honoured_when_no_uri_is_configured(tracking, tmp_path, monkeypatch):
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere' / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    assert tracking.resolved_tracking_uri() == elsewhere
+    configured = MlflowTracking(data_root=str(tmp_path / "data"), tracking_uri=f"sqlite:///{tmp_path}/own.db")
+    assert configured.resolved_tracking_uri() == f"sqlite:///{tmp_path}/own.db"
+
+    with tracking.training_run(run_key="key-env", run_name="env", tags={}, params={}) as run:
+        pass
+    assert mlflow.MlflowClient(elsewhere).get_run(run.run_id).info.status == "FINISHED"
+    assert (tmp_path / "elsewhere" / "store.db").is_file()
+    assert not (tmp_path / "data" / "mlflow" / "mlflow.db").exists()
+    # The fluent URI was set only for the block: the environment and MLflow's global URI are as before.
+    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere
+
+
+def test_the_global_tracking_uri_does_not_leak_out_of_a_run(tracking, monkeypatch):
+    before = mlflow.get_tracking_uri()
+    with tracking.training_run(run_key="key-leak", run_name="leak", tags={}, params={}):
+        assert mlflow.get_tracking_uri() == tracking.resolved_tracking_uri()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == before
+    assert mlflow.active_run() is None
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+
+def test_models_are_registered_with_lineage_tags_and_the_champion_alias_moves(tracking, tmp_path):
+    assert tracking.champion_version() is None
+    versions = {}
+    for C in (1.0, 0.01):
+        candidate = f"logistic_C{C}"
+        with tracking.training_run(run_key=f"key-{candidate}", run_name=candidate, tags=tags_for(candidate),
+                                   params={"C": C}) as run:
+            model_uri, version = run.log_model(metadata_package(tmp_path / candidate, C=C))
+            metadata = run.metadata()
+        assert model_uri.startswith("models:/m-")
+        assert metadata["mlflow_model_uri"] == model_uri
+        assert metadata["mlflow_registered_model"] == f"models:/scin-condition-classifier/{version}"
+        versions[candidate] = version
+    assert sorted(versions.values()) == ["1", "2"]
+
+    client = tracking.client()
+    second = client.get_model_version("scin-condition-classifier", versions["logistic_C0.01"])
+    assert {k: second.tags[k] for k in ("scin.candidate", "scin.model_kind", "scin.run_key", "dagster.run_id")} \
+        == {"scin.candidate": "logistic_C0.01", "scin.model_kind": "sklearn_metadata",
+            "scin.run_key": "key-logistic_C0.01", "dagster.run_id": "dagster-run-1"}
+    assert not (tmp_path / "mlruns").exists()
+
+    tracking.set_champion(versions["logistic_C0.01"], reason="highest val macro-F1 (synthetic)")
+    champion = tracking.champion_version()
+    assert str(champion.version) == versions["logistic_C0.01"]
+    assert champion.tags["scin.champion_reason"] == "highest val macro-F1 (synthetic)"
+    assert tracking.model_uri_for_alias() == "models:/scin-condition-classifier@champion"
+
+    tracking.set_champion(versions["logistic_C1.0"], reason="moved back (synthetic)")
+    assert str(tracking.champion_version().version) == versions["logistic_C1.0"]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="not found"):
+        tracking.set_champion(99, reason="no such version")
+    with pytest.raises(ValueError, match="reason"):
+        tracking.set_champion(versions["logistic_C1.0"], reason=" ")
+    assert str(tracking.champion_version().version) == versions["logistic_C1.0"]
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import json, sys
+    import mlflow.pyfunc
+    import pandas as pd
+    from scin_pipeline.core import schema
+    out = {}
+    cases = pd.DataFrame({"age_group": schema.ENUM_VALUES["age_group"][:3], "sex_at_birth": ["MALE", None, "FEMALE"]})
+    metadata_model = mlflow.pyfunc.load_model(sys.argv[1])
+    out["metadata"] = metadata_model.predict(cases).to_dict(orient="split")
+    images = [bytes.fromhex(h) for h in json.loads(sys.argv[2])]
+    champion = mlflow.pyfunc.load_model("models:/scin-condition-classifier@champion")
+    out["champion"] = champion.predict(pd.DataFrame({"image": images})).to_dict(orient="split")
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_the_champion_predicts_from_a_fresh_process(tracking, tmp_path):
+    with tracking.training_run(run_key="key-metadata", run_name="metadata", tags=tags_for("metadata"),
+                               params={}) as run:
+        _, metadata_version = run.log_model(metadata_package(tmp_path / "metadata_pkg"))
+    with tracking.training_run(run_key="key-image", run_name="image", tags=tags_for("image"), params={}) as run:
+        _, image_version = run.log_model(keras_image_package(tmp_path / "image_pkg"))
+    tracking.set_champion(image_version, reason="synthetic test: the image model")
+
+    images = [synthetic_png(seed) for seed in range(2)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.resolved_tracking_uri()}
+    child = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, f"models:/scin-condition-classifier/{metadata_version}",
+         json.dumps([image.hex() for image in images])],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout.split("RESULT", 1)[1])
+    for name, rows in (("metadata", 3), ("champion", 2)):
+        frame = result[name]
+        assert frame["columns"] == CLASSES
+        probabilities = np.array(frame["data"])
+        assert probabilities.shape == (rows, len(CLASSES))
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-9)
+    # The registry's models give the same numbers as the packages they were made from.
+    expected = PackagedClassifier.load(tmp_path / "metadata_pkg").predict_proba(
+        cases=pd.DataFrame({"age_group": schema.ENUM_VALUES["age_group"][:3],
+                            "sex_at_birth": ["MALE", None, "FEMALE"]}))
+    np.testing.assert_allclose(np.array(result["metadata"]["data"]), expected, rtol=1e-6)
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_run_links_use_the_ui_url_or_an_http_tracking_uri_without_credentials(tracking):
+    assert tracking.run_url("abc", experiment_id="1") is None  # SQLite: no UI address is known
+    with_ui = MlflowTracking(data_root="unused", ui_url="http://127.0.0.1:5000/")
+    assert with_ui.run_url("abc", experiment_id="1") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
+    server = MlflowTracking(data_root="unused", tracking_uri="https://user:secret@mlflow.example:8443")
+    assert server.run_url("abc", experiment_id="2") == "https://mlflow.example:8443/#/experiments/2/runs/abc"
