@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         for stage, what, r, ratio in table:
             print(f"{stage:<6} {what:<56} {r:>10,.0f} {ratio:>8.2f}")
         print(f"\nbatch size {bs}, {epochs} epochs per read measurement; builds: best of {args.rounds} "
-              "interleaved rounds; rerun/read/load: best of 3. Synthetic images: throughput only, says nothing about any model.")
+              "interleaved rounds; rerun/read/load: best of 3.\nSynthetic images: throughput only, says nothing "
+              "about any model.")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
