@@ -1,0 +1,497 @@
+"""The training loop shared by every Keras model of the pipeline: macro metrics, early stopping, resume.
+
+Decisions:
+
+- Model selection on the validation split uses ``val_macro_f1`` (default) or ``val_balanced_accuracy``,
+  not accuracy: SCIN's condition labels are very skewed, and a model predicting the majority class has
+  high accuracy and useless macro scores. ``MacroMetricsCallback`` computes them with scikit-learn at
+  each epoch end and writes them into the Keras ``logs`` dict, so EarlyStopping, ModelCheckpoint, the
+  History, the CSV log and the caller's MLflow hook all see the same numbers. It also writes
+  ``val_loss`` / ``val_accuracy`` from the same predictions (we do not pass ``validation_data`` to
+  ``fit``: that would predict the validation split a second time each epoch).
+- Early stopping always restores the best epoch's weights (Keras 3 restores them at train end even
+  when patience did not run out).
+- Resume: with ``checkpoint_dir``, ``keras.callbacks.BackupAndRestore`` saves weights + epoch after
+  every epoch, a ``CSVLogger`` appends one history row per epoch and ``ModelCheckpoint`` keeps the best
+  weights on disk. Calling ``fit_classifier`` again with the same directory after a kill continues at
+  the first unfinished epoch, with the early-stopping state (best, wait) rebuilt from the CSV and the best
+  weights taken from disk, so a best epoch from before the kill is not lost. A finished fit writes
+  ``completed.json`` + ``final.weights.h5``; calling again then loads them instead of training
+  (this is what lets ``fine_tune_transfer`` resume inside its second phase).
+- Epoch numbers are 1-based and global: phase 2 of ``fine_tune_transfer`` continues the numbering of
+  phase 1 (``initial_epoch_offset``), so per-epoch MLflow steps stay monotonic.
+- Class imbalance: ``class_weighting="balanced"`` (scikit-learn's n / (k * count)); classes absent from
+  the training split get weight 0 (they contribute no samples; Keras needs a weight for every index).
+- ``extract_embeddings`` / ``predict_in_batches`` call ``predict_on_batch`` on fixed-size slices (the
+  last one padded) instead of ``model.predict``: one compiled shape, no per-call dataset adapter or
+  callback machinery, and a memory-mapped cache is read slice by slice rather than materialised whole.
+  bench/train_cpu.py measures it against ``model.predict``.
+
+Mixed precision is a global Keras policy that must be set before models are built
+(``core.backend.apply_mixed_precision(config.mixed_precision)``); this module does not build backbones.
+keras is imported inside functions (the backend is fixed at keras import time, see core.backend).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+MONITORS = ("val_macro_f1", "val_balanced_accuracy")
+HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1",
+                   "val_balanced_accuracy", "learning_rate")
+_HISTORY_CSV = "history.csv"
+_BEST_WEIGHTS = "best.weights.h5"
+_FINAL_WEIGHTS = "final.weights.h5"
+_COMPLETED = "completed.json"
+_BACKUP_DIR = "backup"
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run (the Dagster asset config mirrors these fields)."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    fine_tune_epochs: int = 5
+    fine_tune_learning_rate: float = 1e-5
+    unfreeze_layers: int = 30
+    early_stopping_patience: int = 5
+    monitor: str = "val_macro_f1"
+    seed: int = 0
+    class_weighting: str = "balanced"
+    mixed_precision: str = "auto"
+    augment: bool = True
+
+    def __post_init__(self):
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor={self.monitor!r}: choose one of {', '.join(MONITORS)}")
+        if self.class_weighting not in ("balanced", "none"):
+            raise ValueError(f"class_weighting={self.class_weighting!r}: choose 'balanced' or 'none'")
+        if self.mixed_precision not in ("auto", "bfloat16", "off"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}: choose 'auto', 'bfloat16' or 'off'")
+        for name in ("epochs", "batch_size", "early_stopping_patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("fine_tune_epochs", "unfreeze_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """One ``fit_classifier`` call. Epochs are 1-based and global (see module docstring)."""
+
+    model: Any
+    history: pd.DataFrame  # one row per epoch, HISTORY_COLUMNS first
+    best_epoch: int
+    best_score: float
+    monitor: str
+    stopped_early: bool
+    resumed_from_epoch: int | None  # last finished epoch restored from checkpoint_dir; None = fresh start
+
+
+@dataclass
+class TransferResult:
+    """``fine_tune_transfer``: the end-to-end model (weights of the best phase) and both phases."""
+
+    model: Any
+    history: pd.DataFrame  # both phases, column "phase" = "frozen" | "fine_tune"
+    best_epoch: int
+    best_score: float
+    monitor: str
+    fine_tune_kept: bool  # False when fine-tuning never beat the frozen phase and its weights were restored
+    phases: dict[str, TrainResult] = field(default_factory=dict)
+
+
+def balanced_class_weights(y, num_classes: int) -> dict[int, float]:
+    """{class index: weight} with scikit-learn's "balanced" rule; classes absent from ``y`` get 0.0."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = np.asarray(y).astype(int)
+    if y.size == 0:
+        raise ValueError("cannot compute class weights of an empty label array")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
+    present = np.unique(y)
+    weights = compute_class_weight("balanced", classes=present, y=y)
+    result = {k: 0.0 for k in range(num_classes)}
+    result.update({int(k): float(w) for k, w in zip(present, weights)})
+    return result
+
+
+def _class_weights_for(config: TrainConfig, y, num_classes: int) -> dict[int, float] | None:
+    return balanced_class_weights(y, num_classes) if config.class_weighting == "balanced" else None
+
+
+def _num_rows(inputs) -> int:
+    if isinstance(inputs, dict):
+        lengths = {name: len(v) for name, v in inputs.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"inputs have different lengths: {lengths}")
+        return next(iter(lengths.values()))
+    return len(inputs)
+
+
+def _slice(inputs, start: int, stop: int, pad_to: int):
+    def one(a):
+        chunk = np.asarray(a[start:stop])
+        if len(chunk) < pad_to:  # pad with copies of the last row: keeps one compiled batch shape
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad_to - len(chunk), axis=0)])
+        return chunk
+
+    return {k: one(v) for k, v in inputs.items()} if isinstance(inputs, dict) else one(inputs)
+
+
+def predict_in_batches(model, inputs, batch_size: int = 64) -> np.ndarray:
+    """``model`` outputs for array (or {name: array}) inputs, as float32 numpy, in fixed-size batches."""
+    import keras
+
+    n = _num_rows(inputs)
+    if n == 0:
+        raise ValueError("no rows to predict")
+    batch_size = min(batch_size, n)
+    out = None
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        batch = keras.ops.convert_to_numpy(model.predict_on_batch(_slice(inputs, start, stop, batch_size)))
+        if out is None:
+            out = np.empty((n, *batch.shape[1:]), dtype=np.float32)
+        out[start:stop] = batch[: stop - start]
+    return out
+
+
+def extract_embeddings(backbone, images_uint8, batch_size: int = 64) -> np.ndarray:
+    """Embeddings (N, D) float32 of uint8 images (N, S, S, 3); works on a memory-mapped cache."""
+    images = images_uint8
+    if getattr(images, "dtype", None) != np.uint8 or getattr(images, "ndim", 0) != 4:
+        raise ValueError(f"images must be a uint8 array (N, S, S, 3), got {getattr(images, 'dtype', type(images))} "
+                         f"with shape {getattr(images, 'shape', '?')}")
+    return predict_in_batches(backbone, images, batch_size)
+
+
+def _macro_scores(y_true, probabilities) -> dict[str, float]:
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    y_true = np.asarray(y_true).astype(int)
+    y_pred = probabilities.argmax(axis=1)
+    p_true = np.clip(probabilities[np.arange(len(y_true)), y_true], 1e-7, 1.0)  # Keras' epsilon
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true" is expected early on
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = balanced_accuracy_score(y_true, y_pred)
+    return {
+        "val_loss": float(-np.log(p_true).mean()),
+        "val_accuracy": float((y_pred == y_true).mean()),
+        "val_balanced_accuracy": float(balanced),
+        "val_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+@functools.cache
+def _macro_metrics_class():
+    import keras
+
+    class MacroMetricsCallback(keras.callbacks.Callback):
+        """Writes val_loss, val_accuracy, val_balanced_accuracy, val_macro_f1 and learning_rate into the
+        epoch-end logs, from one prediction of the validation inputs. Put it before the callbacks that
+        read these keys (EarlyStopping, ModelCheckpoint, CSVLogger; Keras' History always runs last)."""
+
+        def __init__(self, val_inputs, val_y, batch_size: int = 64):
+            super().__init__()
+            self.val_inputs, self.val_y, self.batch_size = val_inputs, np.asarray(val_y), batch_size
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is None:
+                return
+            probabilities = predict_in_batches(self.model, self.val_inputs, self.batch_size)
+            logs.update(_macro_scores(self.val_y, probabilities))
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    MacroMetricsCallback.__module__ = __name__
+    MacroMetricsCallback.__qualname__ = "MacroMetricsCallback"
+    return MacroMetricsCallback
+
+
+def __getattr__(name: str):
+    # MacroMetricsCallback subclasses keras.callbacks.Callback, so it is created on first access: importing
+    # this module must not import keras (the backend is chosen at keras import time).
+    if name == "MacroMetricsCallback":
+        return _macro_metrics_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _resumable_early_stopping(monitor: str, patience: int, prior: dict | None):
+    """EarlyStopping whose best/wait continue from a resumed run (Keras resets them at train begin)."""
+    import keras
+
+    class _ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            if prior:
+                self.best, self.best_epoch, self.wait = prior["best"], prior["best_epoch"], prior["wait"]
+
+    return _ResumableEarlyStopping(monitor=monitor, mode="max", patience=patience, restore_best_weights=True)
+
+
+def _history_frame(records: pd.DataFrame, phase: str) -> pd.DataFrame:
+    frame = records.copy()
+    frame["epoch"] = frame["epoch"].astype(int) + 1  # Keras epochs are 0-based
+    frame["phase"] = phase
+    first = [c for c in HISTORY_COLUMNS if c in frame.columns]
+    return frame[first + sorted(c for c in frame.columns if c not in first)].reset_index(drop=True)
+
+
+def _best(history: pd.DataFrame, monitor: str) -> tuple[int, float]:
+    scores = history[monitor].to_numpy(dtype=float)
+    if len(scores) == 0 or np.all(np.isnan(scores)):
+        return 0, float("nan")
+    i = int(np.nanargmax(scores))  # first maximum, like EarlyStopping's strict improvement
+    return int(history["epoch"].iloc[i]), float(scores[i])
+
+
+def _compile(model, learning_rate: float):
+    import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+
+
+def fit_classifier(model, train_data, val_inputs, val_y, *, config: TrainConfig,
+                   class_weight: dict[int, float] | None, checkpoint_dir: str | Path | None = None,
+                   on_epoch_end: Callable[[int, dict], None] | None = None, initial_epoch_offset: int = 0,
+                   learning_rate: float | None = None, epochs: int | None = None, phase: str = "train",
+                   callbacks: list | tuple = (), verbose: int = 0) -> TrainResult:
+    """Compile ``model`` (Adam, sparse categorical cross-entropy) and fit it with macro metrics, early
+    stopping on ``config.monitor`` (best weights restored) and, with ``checkpoint_dir``, resume.
+
+    ``train_data``: a ``keras.utils.PyDataset`` (or other iterable Keras accepts) of (x, y) batches, or a
+    tuple ``(x, y)`` of arrays (shuffled, ``config.batch_size``). ``val_inputs``: array or {name: array}.
+    ``on_epoch_end(epoch, logs)`` gets the 1-based global epoch and the float logs (for MLflow).
+    ``learning_rate`` / ``epochs`` default to ``config.learning_rate`` / ``config.epochs``.
+    ``callbacks`` run after ours (they see the finished epoch's logs and backup).
+    """
+    import keras
+
+    learning_rate = config.learning_rate if learning_rate is None else learning_rate
+    epochs = config.epochs if epochs is None else epochs
+    keras.utils.set_random_seed(config.seed)
+    _compile(model, learning_rate)
+
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    prior = None
+    resumed_from = None
+    if ckpt is not None:
+        if (ckpt / _COMPLETED).exists() and (ckpt / _FINAL_WEIGHTS).exists():
+            return _load_completed(model, ckpt, config.monitor, phase)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        state_file = ckpt / _BACKUP_DIR / "training_metadata.json"
+        if state_file.exists():
+            finished = int(json.loads(state_file.read_text())["epoch"])  # Keras epochs done (absolute)
+            resumed_from = finished
+            prior = _truncate_history(ckpt / _HISTORY_CSV, finished, config.monitor)
+        else:
+            for stale in (_HISTORY_CSV, _BEST_WEIGHTS):
+                (ckpt / stale).unlink(missing_ok=True)
+
+    early_stopping = _resumable_early_stopping(config.monitor, config.early_stopping_patience, prior)
+    all_callbacks = [_macro_metrics_class()(val_inputs, val_y, config.batch_size)]
+    if ckpt is not None:
+        all_callbacks += [
+            keras.callbacks.CSVLogger(str(ckpt / _HISTORY_CSV), append=True),
+            keras.callbacks.ModelCheckpoint(
+                str(ckpt / _BEST_WEIGHTS), monitor=config.monitor, mode="max", save_best_only=True,
+                save_weights_only=True, initial_value_threshold=prior["best"] if prior else None),
+        ]
+    all_callbacks.append(early_stopping)
+    if ckpt is not None:
+        all_callbacks.append(keras.callbacks.BackupAndRestore(str(ckpt / _BACKUP_DIR)))
+    if on_epoch_end is not None:
+        all_callbacks.append(keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: on_epoch_end(epoch + 1, {k: float(v) for k, v in logs.items()})))
+    all_callbacks += list(callbacks)
+
+    # Keras never clears the epoch BackupAndRestore stored on the model; a later fit of the same model
+    # (phase 2 of fine-tuning) would otherwise start from it.
+    model._initial_epoch = None
+    fit_kwargs = dict(epochs=initial_epoch_offset + epochs, initial_epoch=initial_epoch_offset,
+                      class_weight=class_weight, callbacks=all_callbacks, verbose=verbose)
+    if isinstance(train_data, tuple):
+        x, y = train_data
+        fit_history = model.fit(x, np.asarray(y), batch_size=config.batch_size, shuffle=True, **fit_kwargs)
+    else:
+        fit_history = model.fit(train_data, **fit_kwargs)
+
+    if ckpt is not None:
+        records = pd.read_csv(ckpt / _HISTORY_CSV) if (ckpt / _HISTORY_CSV).exists() else pd.DataFrame()
+        if (ckpt / _BEST_WEIGHTS).exists():  # the best epoch may lie before a resume
+            model.load_weights(str(ckpt / _BEST_WEIGHTS))
+    else:
+        records = pd.DataFrame(fit_history.history).assign(epoch=fit_history.epoch)
+    if records.empty:
+        raise RuntimeError(f"fit of {model.name!r} ran no epoch (epochs={epochs}, checkpoint_dir={ckpt})")
+    history = _history_frame(records, phase)
+    best_epoch, best_score = _best(history, config.monitor)
+    result = TrainResult(model=model, history=history, best_epoch=best_epoch, best_score=best_score,
+                         monitor=config.monitor, stopped_early=early_stopping.stopped_epoch > 0,
+                         resumed_from_epoch=resumed_from)
+    if ckpt is not None:
+        model.save_weights(str(ckpt / _FINAL_WEIGHTS))
+        (ckpt / _COMPLETED).write_text(json.dumps({
+            "best_epoch": best_epoch, "best_score": best_score, "stopped_early": result.stopped_early,
+            "resumed_from_epoch": resumed_from}))
+        (ckpt / _BEST_WEIGHTS).unlink(missing_ok=True)
+    return result
+
+
+def _truncate_history(csv_path: Path, finished: int, monitor: str) -> dict | None:
+    """Keep the CSV rows of the epochs the backup holds; return the early-stopping state they imply."""
+    if not csv_path.exists():
+        return None
+    records = pd.read_csv(csv_path)
+    records = records[records["epoch"] < finished]  # a row written just before the kill is redone
+    records.to_csv(csv_path, index=False)
+    if records.empty or monitor not in records:
+        return None
+    i = int(np.nanargmax(records[monitor].to_numpy(dtype=float)))
+    best_epoch = int(records["epoch"].iloc[i])
+    return {"best": float(records[monitor].iloc[i]), "best_epoch": best_epoch,
+            "wait": int(records["epoch"].iloc[-1]) - best_epoch}
+
+
+def _load_completed(model, ckpt: Path, monitor: str, phase: str) -> TrainResult:
+    logger.info("fit in %s already completed: loading its weights and history instead of training", ckpt)
+    with warnings.catch_warnings():  # the saved optimizer state is irrelevant: this model is done training
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(str(ckpt / _FINAL_WEIGHTS))
+    state = json.loads((ckpt / _COMPLETED).read_text())
+    history = _history_frame(pd.read_csv(ckpt / _HISTORY_CSV), phase)
+    return TrainResult(model=model, history=history, best_epoch=int(state["best_epoch"]),
+                       best_score=float(state["best_score"]), monitor=monitor,
+                       stopped_early=bool(state["stopped_early"]), resumed_from_epoch=int(history["epoch"].max()))
+
+
+def _model_inputs(images_or_embeddings, metadata, key: str):
+    return images_or_embeddings if metadata is None else {key: images_or_embeddings, "metadata": metadata}
+
+
+def _snapshot(model) -> dict[str, np.ndarray]:
+    import keras
+
+    return {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}
+
+
+def _restore(model, snapshot: dict[str, np.ndarray]) -> None:
+    for v in model.weights:
+        v.assign(snapshot[v.path])
+
+
+def default_dataset_factory(images, y, *, batch_size, shuffle, augment, seed, metadata=None):
+    """The production batches: ``core.image_cache.CachedImageSequence`` (uint8 images, geometric
+    augmentation). Imported lazily: the cache module belongs to the image-cache stage."""
+    from scin_pipeline.core.image_cache import CachedImageSequence
+
+    return CachedImageSequence(images, y, batch_size, shuffle=shuffle, augment=augment, seed=seed,
+                               metadata=metadata)
+
+
+def fine_tune_transfer(backbone, head, train_images, train_y, val_images, val_y, *, config: TrainConfig,
+                       train_metadata=None, val_metadata=None, checkpoint_dir: str | Path | None = None,
+                       on_epoch_end: Callable[[int, dict], None] | None = None,
+                       dataset_factory: Callable[..., Any] | None = None, verbose: int = 0) -> TransferResult:
+    """Transfer learning end to end on uint8 images: phase "frozen" trains the head on the frozen
+    backbone at ``learning_rate`` for ``epochs``; phase "fine_tune" unfreezes the top
+    ``unfreeze_layers`` (BatchNormalization stays frozen) at ``fine_tune_learning_rate`` for
+    ``fine_tune_epochs``. If fine-tuning never beats the frozen phase's best score, the frozen phase's
+    weights are restored. Returns the end-to-end model (the one file to save) and both histories.
+
+    ``dataset_factory(images, y, *, batch_size, shuffle, augment, seed, metadata)`` builds the training
+    batches (default ``default_dataset_factory``: CachedImageSequence). Metadata arrays switch on the
+    multimodal inputs (``head`` must then take "embedding" and "metadata").
+    """
+    from scin_pipeline.core.models import compose_end_to_end, unfreeze_top
+
+    with_metadata = train_metadata is not None
+    if with_metadata != (val_metadata is not None):
+        raise ValueError("pass metadata for both train and validation, or for neither")
+    dataset_factory = dataset_factory or default_dataset_factory
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    backbone.trainable = False
+    model = compose_end_to_end(backbone, head, with_metadata=with_metadata)
+    num_classes = int(model.output_shape[-1])
+    class_weight = _class_weights_for(config, train_y, num_classes)
+    val_inputs = _model_inputs(val_images, val_metadata, "image")
+
+    def batches(phase_seed: int):
+        return dataset_factory(train_images, np.asarray(train_y), batch_size=config.batch_size, shuffle=True,
+                               augment=config.augment, seed=phase_seed, metadata=train_metadata)
+
+    frozen = fit_classifier(model, batches(config.seed), val_inputs, val_y, config=config,
+                            class_weight=class_weight, checkpoint_dir=ckpt / "frozen" if ckpt else None,
+                            on_epoch_end=on_epoch_end, phase="frozen", verbose=verbose)
+    phases = {"frozen": frozen}
+    if config.fine_tune_epochs == 0 or config.unfreeze_layers == 0:
+        return TransferResult(model=model, history=frozen.history, best_epoch=frozen.best_epoch,
+                              best_score=frozen.best_score, monitor=config.monitor, fine_tune_kept=False,
+                              phases=phases)
+
+    frozen_weights = _snapshot(model)
+    unfreeze_top(backbone, config.unfreeze_layers)
+    tuned = fit_classifier(model, batches(config.seed + 1), val_inputs, val_y, config=config,
+                           class_weight=class_weight, checkpoint_dir=ckpt / "fine_tune" if ckpt else None,
+                           on_epoch_end=on_epoch_end, initial_epoch_offset=int(frozen.history["epoch"].max()),
+                           learning_rate=config.fine_tune_learning_rate, epochs=config.fine_tune_epochs,
+                           phase="fine_tune", verbose=verbose)
+    phases["fine_tune"] = tuned
+    kept = bool(tuned.best_score > frozen.best_score)
+    if not kept:
+        logger.info("fine-tuning best %s=%.4f did not beat the frozen phase's %.4f: keeping frozen weights",
+                    config.monitor, tuned.best_score, frozen.best_score)
+        _restore(model, frozen_weights)
+    backbone.trainable = False  # the returned model is for inference / saving
+    best = tuned if kept else frozen
+    return TransferResult(model=model, history=pd.concat([frozen.history, tuned.history], ignore_index=True),
+                          best_epoch=best.best_epoch, best_score=best.best_score, monitor=config.monitor,
+                          fine_tune_kept=kept, phases=phases)
+
+
+def train_head_on_embeddings(train_emb, train_y, val_emb, val_y, *, head_builder: Callable[[], Any],
+                             config: TrainConfig, train_metadata=None, val_metadata=None,
+                             checkpoint_dir: str | Path | None = None,
+                             on_epoch_end: Callable[[int, dict], None] | None = None,
+                             verbose: int = 0) -> TrainResult:
+    """The CPU default: a head trained on precomputed frozen-backbone embeddings (float32 (N, D)).
+
+    ``head_builder()`` returns a fresh head (e.g. ``functools.partial(build_classifier_head, 2048, k)``);
+    it is called after the seed is set, so initialisation is reproducible. With metadata arrays the head
+    gets {"embedding", "metadata"}. ``config.augment`` does not apply (embeddings are fixed). Compose the
+    result with the backbone (``models.compose_end_to_end``) before saving.
+    """
+    import keras
+
+    if (train_metadata is None) != (val_metadata is None):
+        raise ValueError("pass metadata for both train and validation, or for neither")
+    keras.utils.set_random_seed(config.seed)
+    head = head_builder()
+    num_classes = int(head.output_shape[-1])
+    train_inputs = _model_inputs(np.asarray(train_emb, dtype=np.float32), train_metadata, "embedding")
+    val_inputs = _model_inputs(np.asarray(val_emb, dtype=np.float32), val_metadata, "embedding")
+    return fit_classifier(head, (train_inputs, np.asarray(train_y)), val_inputs, val_y, config=config,
+                          class_weight=_class_weights_for(config, train_y, num_classes),
+                          checkpoint_dir=checkpoint_dir, on_epoch_end=on_epoch_end, phase="head",
+                          verbose=verbose)
