@@ -9,9 +9,9 @@ from sklearn.metrics import roc_auc_score
 
 from scin_pipeline.core import schema
 from scin_pipeline.core.metadata_model import (
-    BASELINE_CONFIG, CHOSEN_CONFIG, METADATA_FEATURE_COLUMNS, MetadataModelConfig, evaluate_metadata_model,
-    metadata_dataset, metadata_features, multilabel_classes, multilabel_metrics, multilabel_targets,
-    predict_proba, train_metadata_model)
+    BASELINE_CONFIG, CHOSEN_CONFIG, METADATA_FEATURE_COLUMNS, MetadataModelConfig, evaluate_predictions,
+    fit_predict_split, fit_single_label_metadata_model, metadata_dataset, metadata_features, multilabel_classes,
+    multilabel_metrics, multilabel_targets, predict_proba, top_k_classes, train_metadata_model)
 
 
 def _cases(rows: list[dict]) -> pd.DataFrame:
@@ -121,25 +121,114 @@ def test_models_learn_a_planted_signal_and_are_deterministic():
         MetadataModelConfig(kind="svm")
 
 
+def test_top_k_classes_rank_by_top_label_or_by_mention():
+    cases = pd.DataFrame({"weighted_label_names": [["A", "B"], ["A", "C"], ["B", "C"], ["D", "C"], [], None]})
+    # As top label: A twice, B and D once. As any mention: C three times, A and B twice, D once.
+    assert top_k_classes(cases, 1, "top_label") == ["A"]
+    assert top_k_classes(cases, 1, "mention") == ["C"]
+    # Ties in frequency go by name, the result is sorted by name.
+    assert top_k_classes(cases, 2, "top_label") == ["A", "B"]
+    assert top_k_classes(cases, 3, "mention") == ["A", "B", "C"]
+    with pytest.raises(ValueError, match="rank_by"):
+        top_k_classes(cases, 2, "weight")
+
+
+def _planted_single_label(n=300, seed=0):
+    """Binary features; class 0 when feature 0 is set, else class 2 when feature 5 is set, else class 3."""
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, 2, size=(n, len(METADATA_FEATURE_COLUMNS))).astype(np.float32)
+    y = np.where(X[:, 0] == 1, 0, np.where(X[:, 5] == 1, 2, 3))
+    return pd.DataFrame(X, columns=METADATA_FEATURE_COLUMNS), y
+
+
+def test_single_label_model_shapes_unseen_classes_and_signal():
+    X, y = _planted_single_label()
+    model = fit_single_label_metadata_model(X, y, num_classes=5)
+    P = model.predict_proba(X)
+    assert P.shape == (300, 5)
+    np.testing.assert_allclose(P.sum(axis=1), 1.0, rtol=1e-9)
+    # Classes 1 and 4 never occur in training: their columns are 0, the others carry the probability.
+    assert (P[:, [1, 4]] == 0).all() and (P[:, [0, 2, 3]] > 0).all()
+    assert (P.argmax(axis=1) == y).mean() > 0.9
+    # The same answers from a column-shuffled frame (matched by name) and from the plain array.
+    np.testing.assert_allclose(model.predict_proba(X[X.columns[::-1]]), P)
+    np.testing.assert_allclose(model.predict_proba(X.to_numpy()), P)
+
+
+def test_single_label_model_balances_classes():
+    X, y = _planted_single_label(n=400, seed=3)
+    # Keep only 12 rows of class 0: balanced weights must still let it win where feature 0 is set.
+    rare = np.flatnonzero(y == 0)[12:]
+    X, y = X.drop(index=X.index[rare]), np.delete(y, rare)
+    P = fit_single_label_metadata_model(X, y, 4, MetadataModelConfig(kind="logistic", C=1.0)).predict_proba(X)
+    assert (P[y == 0].argmax(axis=1) == 0).mean() > 0.8
+
+
+def test_single_label_model_is_deterministic_and_picklable(tmp_path):
+    import joblib
+
+    X, y = _planted_single_label(seed=1)
+    model = fit_single_label_metadata_model(X, y, 4, seed=7)
+    P = model.predict_proba(X)
+    np.testing.assert_array_equal(P, fit_single_label_metadata_model(X, y, 4, seed=7).predict_proba(X))
+    joblib.dump(model, tmp_path / "model.joblib")
+    np.testing.assert_array_equal(joblib.load(tmp_path / "model.joblib").predict_proba(X), P)
+
+
+def test_single_label_model_edge_cases_and_bad_input():
+    X, y = _planted_single_label(n=20)
+    one_class = fit_single_label_metadata_model(X, np.full(20, 2), 3)
+    np.testing.assert_array_equal(one_class.predict_proba(X), np.tile([0.0, 0.0, 1.0], (20, 1)))
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        fit_single_label_metadata_model(X, y, 3)  # y holds class 3
+    with pytest.raises(ValueError, match="1-d"):
+        fit_single_label_metadata_model(X, y[:5], 4)
+    with pytest.raises(ValueError, match="lacks 1 of METADATA_FEATURE_COLUMNS"):
+        fit_single_label_metadata_model(X.drop(columns=METADATA_FEATURE_COLUMNS[3]), y, 4)
+    with pytest.raises(ValueError, match=r"\(N, 90\)"):
+        fit_single_label_metadata_model(X.to_numpy()[:, :10], y, 4)
+
+
 @pytest.fixture(scope="module")
 def real_dataset(real_parsed_metadata):
     return metadata_dataset(real_parsed_metadata.cases)
 
 
-def test_real_dataset_is_the_top10_task_on_a_case_split(real_dataset):
+def test_real_dataset_is_the_top10_task_on_a_case_split(real_dataset, real_parsed_metadata):
     assert len(real_dataset.classes) == 10 and "other" not in real_dataset.classes
     assert len(real_dataset.case_ids) == 3061 == len(set(real_dataset.case_ids))
     assert {s: int((real_dataset.split == s).sum()) for s in ("train", "val", "test")} == \
         {"train": 2138, "val": 462, "test": 461}
+    # Classes are the 10 most frequent top labels; targets are every mention of them.
+    top_labels = real_parsed_metadata.cases["weighted_label_names"].dropna().map(
+        lambda names: names[0] if len(names) else None).dropna()
+    assert set(real_dataset.classes) == set(top_labels.value_counts().index[:10])
+    # Cases outside the 10 stay in as all-negative rows.
+    assert 0 < (real_dataset.Y.sum(axis=1) == 0).sum() < len(real_dataset.Y) // 2
 
 
-def test_real_baseline_and_chosen_model_auc(real_dataset):
-    baseline = evaluate_metadata_model(real_dataset, BASELINE_CONFIG)
-    chosen = evaluate_metadata_model(real_dataset, CHOSEN_CONFIG)
-    assert 0.60 <= baseline["test"]["mean_auc"] <= 0.75
-    # The goal was 0.72; the chosen model honestly reaches 0.656 on test (0.670 on val), see the module
-    # docstring. Assert what it reaches, and that it beats the baseline on both splits.
-    assert chosen["test"]["mean_auc"] >= 0.65
-    assert chosen["val"]["mean_auc"] > baseline["val"]["mean_auc"]
-    assert chosen["test"]["mean_auc"] > baseline["test"]["mean_auc"]
-    assert chosen["test"]["classes_without_auc"] == []
+# The chosen model's test gain over the logistic baseline, measured once (module docstring): 0.6857 - 0.6698.
+MEASURED_TEST_GAIN = 0.0159
+
+
+def test_real_chosen_model_beats_the_logistic_baseline(real_dataset):
+    test = real_dataset.split == "test"
+    Y = real_dataset.Y[test]
+    P_baseline = fit_predict_split(real_dataset, BASELINE_CONFIG, ("test",))["test"]
+    P_chosen = fit_predict_split(real_dataset, CHOSEN_CONFIG, ("test",))["test"]
+    results = {name: evaluate_predictions(real_dataset, {"test": P})["test"]
+               for name, P in (("baseline", P_baseline), ("chosen", P_chosen))}
+    assert results["chosen"]["classes_without_auc"] == []
+    gain = results["chosen"]["mean_auc"] - results["baseline"]["mean_auc"]
+    # Noise: the standard error of the paired gain over bootstrap resamples of the 461 test cases.
+    rng = np.random.default_rng(0)
+    resampled = []
+    for _ in range(100):
+        rows = rng.integers(0, len(Y), len(Y))
+        resampled.append(multilabel_metrics(Y[rows], P_chosen[rows])["mean_auc"]
+                         - multilabel_metrics(Y[rows], P_baseline[rows])["mean_auc"])
+    noise = float(np.std(resampled))
+    assert 0 < noise < MEASURED_TEST_GAIN
+    assert gain > max(0.0, MEASURED_TEST_GAIN - 2 * noise)
+    # The baseline is the issue's reference task: a plain logistic regression at about 0.67.
+    assert abs(results["baseline"]["mean_auc"] - 0.67) < 2 * noise + 0.01
