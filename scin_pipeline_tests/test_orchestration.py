@@ -34,6 +34,7 @@ from scin_pipeline.definitions import build_resources, defs
 from scin_pipeline.orchestration import (
     ALL_JOBS,
     FINGERPRINT_TAG,
+    GPU_POOL,
     RELEASE_TAG,
     ReleaseState,
     all_shards_tags,
@@ -75,6 +76,20 @@ def test_jobs_select_by_group_so_they_follow_the_assets_a_group_gains():
     assert job_asset_keys("training_job") == asset_keys_in_groups("training", "evaluation")
     assert not job_asset_keys("training_job") & asset_keys_in_groups("ingest", "curation")
     assert job_asset_keys("full_pipeline") == {spec.key for spec in defs.resolve_all_asset_specs()}
+
+
+def test_every_step_that_asks_kubernetes_for_a_gpu_is_in_the_gpu_pool():
+    """The pool (one step per GPU, docker/dagster.yaml) and the k8s GPU request must travel together:
+    a GPU step outside the pool would oversubscribe a GPU host; a pool member without the request would
+    get a pod with no GPU on Kubernetes."""
+    for assets_def in defs.assets:
+        op_def = assets_def.op
+        config = op_def.tags.get("dagster-k8s/config") or {}
+        if isinstance(config, str):
+            config = json.loads(config)
+        limits = config.get("container_config", {}).get("resources", {}).get("limits", {})
+        asks_for_gpu = "nvidia.com/gpu" in limits
+        assert asks_for_gpu == (op_def.pool == GPU_POOL), f"{op_def.name}: pool {op_def.pool}, k8s limits {limits}"
 
 
 def test_automation_is_opt_in_and_failure_alerts_are_always_on():
