@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip==25.3"
 	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev]"
+	# Postgres storage for Dagster (docker/, the topology test). --no-deps: dagster-postgres's newest release
+	# pins dagster==1.13.27 exactly, one patch behind ours; its code works with 1.13.28 (tested).
+	$(PY) -m pip install --quiet --no-deps -c requirements.lock dagster-postgres psycopg2-binary
 	touch $(STAMP)
 
 run: $(STAMP)
