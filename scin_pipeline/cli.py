@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cases", type=int, default=300, help="number of cases (default 300)")
     demo.add_argument("--out", default=DEMO_DEFAULT_OUT, help="output folder (the data root)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--image-size", type=int, default=64,
+                      help="side of the cached training images in px (default 64: CPU-sized; the pipeline's "
+                      "own default is 224)")
+    demo.add_argument("--epochs", type=int, default=12, help="maximum training epochs per model (default 12)")
     _add_run_arguments(demo)
 
     ui = sub.add_parser("ui", help="dagster dev on 127.0.0.1 plus the MLflow UI")
@@ -79,8 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
 
 
+def demo_run_config(image_size: int, epochs: int) -> dict:
+    """Training settings that keep the demo CPU-sized: small cached images, few epochs, heads on frozen
+    embeddings (the asset's CPU default)."""
+    keras_training = {"epochs": epochs, "batch_size": 32, "early_stopping_patience": 4}
+    return {"ops": {
+        "image_tensors": {"config": {"image_size": image_size}},
+        "baseline_cnn": {"config": keras_training},
+        "resnet50_transfer": {"config": {**keras_training, "mode": "head_on_embeddings"}},
+        "multimodal": {"config": {**keras_training, "mode": "head_on_embeddings"}},
+    }}
+
+
 def _execute(data_root: str, source: str, limit_cases: int | None, select: str | None,
-             strict: bool) -> int:
+             strict: bool, run_config: dict | None = None) -> int:
     from scin_pipeline.core.sources import SourceUnreachable, open_source
     from scin_pipeline.runner import DataRootError, prepare_data_root, run_pipeline
 
@@ -95,7 +111,8 @@ def _execute(data_root: str, source: str, limit_cases: int | None, select: str |
                 "  scin-pipeline demo --metadata ../shared/data/scin --cases 300")
         return _fail(f"{exc}{hint if source in ('gcs',) or source.startswith('gs://') else ''}",
                      EXIT_UNREACHABLE)
-    summary = run_pipeline(data_root=data_root, source=source, limit_cases=limit_cases, select=select)
+    summary = run_pipeline(data_root=data_root, source=source, limit_cases=limit_cases, select=select,
+                           run_config=run_config)
     print(summary.render())
     print(f"tables: {Path(data_root).resolve() / 'tables'}")
     return summary.exit_code(strict=strict)
@@ -133,7 +150,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         print(f"reusing the SYNTHETIC mirror at {mirror}")
     print("NOTE: images are synthetic; no figure from this run describes real skin conditions.")
-    return _execute(str(out), str(mirror), None, args.select, args.strict)
+    if args.image_size < 32 or args.epochs < 1:
+        return _fail("--image-size must be at least 32 and --epochs at least 1", EXIT_USAGE)
+    return _execute(str(out), str(mirror), None, args.select, args.strict,
+                    run_config=demo_run_config(args.image_size, args.epochs))
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

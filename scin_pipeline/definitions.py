@@ -14,7 +14,7 @@ from dagster import BetaWarning, Definitions
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
 # Jobs, the weekly schedule, the release sensor and failure alerts live in scin_pipeline.orchestration.
 from scin_pipeline.orchestration import ALL_JOBS, ALL_SCHEDULES, ALL_SENSORS, full_pipeline_job  # noqa: F401
-from scin_pipeline.resources import ParquetTableIOManager, ScinSourceResource, StoragePaths
+from scin_pipeline.resources import MlflowTracking, ParquetTableIOManager, ScinSourceResource, StoragePaths
 
 # Output(data_version=...) is marked beta; we rely on it for content-based data versions on purpose.
 warnings.filterwarnings("ignore", category=BetaWarning)
@@ -26,6 +26,8 @@ def build_resources(data_root: str | None = None, source: str | None = None) -> 
         "scin_source": ScinSourceResource(location=source or os.environ.get("SCIN_SOURCE", "gcs")),
         "storage": StoragePaths(data_root=data_root),
         "io_manager": ParquetTableIOManager(data_root=data_root),
+        # tracking_uri None: MLFLOW_TRACKING_URI, else SQLite under <data_root>/mlflow (read at run time).
+        "mlflow": MlflowTracking(data_root=data_root),
     }
 
 

@@ -297,6 +297,24 @@ class MlflowTracking(ConfigurableResource):
                 tracked._open = False
                 mlflow.end_run("FINISHED")
 
+    @contextlib.contextmanager
+    def log_to_run(self, run_id: str) -> Iterator[TrackedRun]:
+        """Log evaluation results into a candidate's existing (usually FINISHED) run by id, leaving its
+        status alone: a model's test metrics and fairness report sit beside its training record."""
+        client = self.client()
+        run = client.get_run(run_id)
+        tracked = TrackedRun(tracking=self, client=client, run_id=run_id,
+                             experiment_id=run.info.experiment_id, resumed=False, tags=dict(run.data.tags))
+        try:
+            yield tracked
+        finally:
+            tracked._open = False
+
+    def set_run_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        client = self.client()
+        for key, value in tags.items():
+            client.set_tag(run_id, str(key), str(value))
+
     # ---------------------------------------------------------------- registry
 
     def model_uri_for_alias(self, alias: str = CHAMPION_ALIAS) -> str:

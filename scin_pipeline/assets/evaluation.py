@@ -1,0 +1,219 @@
+"""Evaluation assets: model_evaluation (every candidate on val and test) -> model_comparison (champion).
+
+Every candidate is scored on the same rows (one per image and case with cached pixels), through the same
+packaged model that the registry serves, so the comparison is like for like. The champion is chosen on the
+validation split by a stated rule; test figures are reported, never used to choose.
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+)
+from pydantic import Field
+
+from scin_pipeline.assets._metadata import table_md
+from scin_pipeline.assets.training import split_arrays
+from scin_pipeline.core.report import png_data_uri_bytes
+from scin_pipeline.resources import MlflowTracking, StoragePaths
+from scin_pipeline.resources.storage import write_parquet_atomic
+
+GROUP = "evaluation"
+CANDIDATES = ("baseline_cnn", "resnet50_transfer", "metadata_model", "multimodal")
+OVERALL_METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "mean_ovr_auc", "ece"]
+EVALUATED_SPLITS = ("val", "test")
+
+
+def candidates_table(*frames: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([f for f in frames if f is not None and len(f)], ignore_index=True)
+
+
+def _metric_md(frame: pd.DataFrame, rows: int = 60) -> MetadataValue:
+    """Metrics rounded to 3 decimals as text (the shared renderer shows floats in [0, 1] as shares)."""
+    shown = frame.copy()
+    for column in shown.columns[shown.dtypes == float]:
+        shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    return table_md(shown, rows=rows)
+
+
+def predict_split(package, rows: pd.DataFrame, images: np.ndarray, cases: pd.DataFrame) -> np.ndarray:
+    """Probabilities of one packaged candidate for ``rows`` (images from the cache, metadata from cases)."""
+    case_rows = rows[["case_id"]].merge(cases, on="case_id", how="left")
+    uses_images = package.kind != "sklearn_metadata"
+    return package.predict_proba(images=images if uses_images else None,
+                                 cases=case_rows if package.kind != "keras_image" else None)
+
+
+@asset(
+    group_name=GROUP,
+    code_version="1",
+    description="Every candidate on the validation and test splits: accuracy, balanced accuracy, macro-F1, "
+    "top-3 accuracy, per-class one-vs-rest AUC and their mean, expected calibration error. Long table "
+    "(model, split, metric, class, value); per-row predictions in tables/model_evaluation/predictions.parquet; "
+    "confusion matrices in the metadata and in each model's MLflow run.",
+)
+def model_evaluation(context: AssetExecutionContext, baseline_cnn: pd.DataFrame, resnet50_transfer: pd.DataFrame,
+                     metadata_model: pd.DataFrame, multimodal: pd.DataFrame, labeled_splits: pd.DataFrame,
+                     image_tensors: pd.DataFrame, cases: pd.DataFrame, storage: StoragePaths,
+                     mlflow: MlflowTracking):
+    from scin_pipeline.core import evaluation
+    from scin_pipeline.core.packaged_model import PackagedClassifier
+
+    candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)
+    classes = json.loads(candidates["classes"].iloc[0])
+    cache_dir = storage.folder("cache", "image_tensors")
+    out_dir = storage.table_files_dir("model_evaluation")
+    data = {split: split_arrays(labeled_splits, image_tensors, cache_dir, split, classes)
+            for split in EVALUATED_SPLITS}
+    tables, predictions, metadata = [], [], {}
+    for candidate in candidates.itertuples():
+        package = PackagedClassifier.load(candidate.package_dir)
+        if list(package.classes) != classes:
+            raise ValueError(f"{candidate.model}: trained on classes {package.classes}, splits have {classes}")
+        for split, (rows, images, y) in data.items():
+            proba = predict_split(package, rows, images, cases)
+            table = evaluation.evaluation_table(candidate.model, y, proba, classes).assign(split=split)
+            tables.append(table)
+            predictions.append(rows[["image_id", "case_id", "label"]].assign(
+                model=candidate.model, split=split, y_true=y, y_pred=proba.argmax(axis=1),
+                **{f"p_{i}": proba[:, i] for i in range(len(classes))}))
+            if split != "test":
+                continue
+            confusion = evaluation.confusion_matrix_png(y, proba.argmax(axis=1), classes,
+                                                        title=f"{candidate.model} (test)")
+            (out_dir / f"confusion_{candidate.model}.png").write_bytes(confusion)
+            overall = table[table["class"].isna() | (table["class"] == "")]
+            with mlflow.log_to_run(candidate.mlflow_run_id) as run:
+                run.log_metrics({f"test_{r.metric}": float(r.value) for r in overall.itertuples()
+                                 if np.isfinite(r.value)})
+                run.log_figure_png(confusion, "evaluation/confusion_test.png")
+                run.log_table(table, "evaluation/test_metrics.csv")
+            metadata[f"confusion_{candidate.model}"] = MetadataValue.md(
+                f"![{candidate.model}]({png_data_uri_bytes(confusion)})")
+    result = pd.concat(tables, ignore_index=True)
+    result = result[["model", "split", "metric", "class", "value"]]
+    write_parquet_atomic(pd.concat(predictions, ignore_index=True), out_dir / "predictions.parquet")
+    overall = result[result["class"].isna() | (result["class"] == "")]
+    wide = overall.pivot_table(index="model", columns=["split", "metric"], values="value").reindex(
+        columns=pd.MultiIndex.from_product([EVALUATED_SPLITS, OVERALL_METRICS])).round(3)
+    wide.columns = [f"{s}_{m}" for s, m in wide.columns]
+    per_class = result[(result["split"] == "test") & result["class"].notna() & (result["class"] != "")]
+    metadata.update({
+        "classes": len(classes),
+        "rows_per_split": MetadataValue.json({s: int(len(d[0])) for s, d in data.items()}),
+        "overall": _metric_md(wide.reset_index()),
+        "per_class_test": _metric_md(per_class.pivot_table(index=["class"], columns=["model", "metric"],
+                                                            values="value").round(3)
+                                     .pipe(lambda f: f.set_axis([f"{m}:{k}" for m, k in f.columns], axis=1))
+                                     .reset_index(), rows=40),
+        "predictions": MetadataValue.path(str(out_dir / "predictions.parquet")),
+    })
+    return Output(result, metadata=metadata)
+
+
+class ComparisonConfig(Config):
+    selection_split: str = Field(default="val", description="the split the rule reads (never test)")
+    selection_metric: str = Field(default="macro_f1", description="ranked by this, higher is better")
+    tie_breakers: list[str] = Field(default=["balanced_accuracy", "mean_ovr_auc"])
+    chance_margin: float = Field(
+        default=0.05, ge=0, description="eligible only when balanced accuracy beats chance (1/K) by this")
+
+
+def champion_rule_text(config: ComparisonConfig) -> str:
+    return (f"highest {config.selection_split} {config.selection_metric} (ties: "
+            f"{', '.join(config.tie_breakers)}, then name), among candidates whose {config.selection_split} "
+            f"balanced accuracy beats chance (1/K) by at least {config.chance_margin:.2f} and that pass the "
+            "fairness gate")
+
+
+def choose_champion(wide: pd.DataFrame, n_classes: int, config: ComparisonConfig,
+                    gates: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Rank candidates by the rule; ``passed_over`` says why an ineligible one was not considered.
+
+    ``gates`` (model, passed, reason): a candidate failing the fairness gate is passed over, whatever its
+    average metrics.
+    """
+    split = config.selection_split
+    table = wide.copy()
+    chance = 1.0 / max(n_classes, 1)
+    table["passed_over"] = ""
+    if gates is not None and len(gates):
+        failed = gates[~gates["passed"].astype(bool)].set_index("model")["reason"]
+        unfair = table["model"].isin(failed.index)
+        table.loc[unfair, "passed_over"] = [f"fairness gate failed: {failed[m]}" for m in table.loc[unfair, "model"]]
+    low = ~(table[f"{split}_balanced_accuracy"] >= chance + config.chance_margin) & (table["passed_over"] == "")
+    table.loc[low, "passed_over"] = (f"{split} balanced accuracy not above chance ({chance:.3f}) "
+                                     f"+ {config.chance_margin:.2f}")
+    keys = [f"{split}_{config.selection_metric}", *[f"{split}_{m}" for m in config.tie_breakers]]
+    eligible = table[table["passed_over"] == ""].sort_values(
+        keys + ["model"], ascending=[False] * len(keys) + [True], na_position="last")
+    table["rank"] = table["model"].map({m: i + 1 for i, m in enumerate(eligible["model"])}).astype("Int64")
+    table["champion"] = table["rank"] == 1
+    return table.sort_values(["rank", "model"], na_position="last").reset_index(drop=True)
+
+
+@asset(
+    group_name=GROUP,
+    code_version="1",
+    description="Every candidate side by side (validation and test); the champion chosen by the stated rule "
+    "(on validation, never test) and set as the MLflow registry alias 'champion': "
+    "models:/<registered name>@champion serves it.",
+    check_specs=[AssetCheckSpec("champion_chosen", asset="model_comparison", blocking=True,
+                                description="A champion passing the fairness gate was chosen and the registry "
+                                "alias points at it; blocks the model card otherwise.")],
+)
+def model_comparison(context: AssetExecutionContext, config: ComparisonConfig, model_evaluation: pd.DataFrame,
+                     fairness_report: pd.DataFrame, baseline_cnn: pd.DataFrame, resnet50_transfer: pd.DataFrame,
+                     metadata_model: pd.DataFrame, multimodal: pd.DataFrame, storage: StoragePaths,
+                     mlflow: MlflowTracking):
+    from scin_pipeline.core.plots import metric_comparison_png
+
+    if config.selection_split == "test":
+        raise ValueError("selection_split must not be 'test': the test split only reports")
+    candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)
+    n_classes = len(json.loads(candidates["classes"].iloc[0]))
+    overall = model_evaluation[model_evaluation["class"].isna() | (model_evaluation["class"] == "")]
+    wide = overall.pivot_table(index="model", columns=["split", "metric"], values="value")
+    wide.columns = [f"{s}_{m}" for s, m in wide.columns]
+    wide = wide.reset_index()
+    gates = pd.read_parquet(storage.table_files_dir("fairness_report") / "gates.parquet")
+    ranked = choose_champion(wide, n_classes, config, gates).merge(
+        candidates[["model", "kind", "registered_version", "model_uri", "mlflow_run_id"]], on="model")
+    champion = ranked[ranked["champion"]]
+    rule = champion_rule_text(config)
+    alias_uri = None
+    if len(champion):
+        best = champion.iloc[0]
+        reason = f"{best['model']}: {rule}; {config.selection_split}_{config.selection_metric}=" \
+                 f"{best[f'{config.selection_split}_{config.selection_metric}']:.3f}"
+        mlflow.set_champion(best["registered_version"], reason=reason)
+        alias_uri = mlflow.model_uri_for_alias("champion")
+        context.log.info(f"champion: {reason}")
+    bars = metric_comparison_png(
+        overall[overall["split"] == "test"], metrics=["balanced_accuracy", "macro_f1", "top3_accuracy",
+                                                      "mean_ovr_auc"], title="test split")
+    shown = [c for c in ["rank", "model", "champion", f"val_{config.selection_metric}", "val_balanced_accuracy",
+                         "test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_top3_accuracy",
+                         "test_mean_ovr_auc", "test_ece", "registered_version", "passed_over"] if c in ranked]
+    yield Output(ranked, metadata={
+        "rule": rule,
+        "champion": str(champion["model"].iloc[0]) if len(champion) else "none",
+        "champion_model_uri": alias_uri or "none",
+        "comparison": _metric_md(ranked[shown]),
+        "test_metrics_plot": MetadataValue.md(f"![comparison]({png_data_uri_bytes(bars)})"),
+    })
+    current = mlflow.champion_version()
+    yield AssetCheckResult(
+        check_name="champion_chosen",
+        passed=bool(len(champion)) and current is not None
+        and str(current.version) == str(champion["registered_version"].iloc[0]),
+        metadata={"champion": str(champion["model"].iloc[0]) if len(champion) else "none",
+                  "passed_over": _metric_md(ranked[ranked["passed_over"] != ""][["model", "passed_over"]])})

@@ -1,0 +1,198 @@
+"""Fairness assets: fairness_report (every candidate, per skin-tone and demographic group, with bootstrap
+intervals and a gate) and model_card (the champion's card, Markdown + JSON manifest).
+
+Fairness is measured per CASE on the test split: a case's images are averaged into one prediction (what a
+reader of the case would see), so rows are independent for the bootstrap and a case with three photos does
+not weigh three times. The gate reads the groups with enough data only; tiny groups are shown, marked
+"insufficient data", never hidden.
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+)
+from pydantic import Field
+
+from scin_pipeline.assets._metadata import table_md
+from scin_pipeline.assets.evaluation import _metric_md, candidates_table
+from scin_pipeline.assets.training import _is_synthetic
+from scin_pipeline.core.report import png_data_uri_bytes
+from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
+from scin_pipeline.resources.storage import write_parquet_atomic
+
+GROUP = "evaluation"
+# The gate reads skin tone and skin type: the groups SCIN exists to make visible. Fine-grained attributes
+# (single Monk tones, race, age) are reported but would fail a gate on noise alone with ~50 groups.
+DEFAULT_GATE_ATTRIBUTES = ["monk_us_bin", "monk_india_bin", "fst_dermatologist", "fst_self_reported"]
+
+
+def case_level_predictions(predictions: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """One row per (model, case): the mean of the case's image probabilities, argmax as prediction."""
+    part = predictions[predictions["split"] == split]
+    p_cols = [c for c in part.columns if c.startswith("p_")]
+    grouped = part.groupby(["model", "case_id"], sort=True)
+    frame = grouped[p_cols].mean().join(grouped["y_true"].first()).reset_index()
+    frame["y_pred"] = frame[p_cols].to_numpy().argmax(axis=1)
+    return frame
+
+
+class FairnessConfig(Config):
+    n_bootstrap: int = Field(default=200, ge=0, description="bootstrap resamples per group (0: no intervals)")
+    min_group_n: int = Field(default=30, ge=1, description="groups smaller than this are 'insufficient data'")
+    gate_metric: str = Field(default="balanced_accuracy")
+    max_gap: float = Field(default=0.10, ge=0, le=1,
+                           description="gate: worst group below overall by more than this, CIs apart -> fail")
+    gate_attributes: list[str] = Field(default=DEFAULT_GATE_ATTRIBUTES)
+    seed: int = 0
+
+
+@asset(
+    group_name=GROUP,
+    code_version="1",
+    description="Per candidate, per group of Monk skin tone (US and India graders, single tones and bins "
+    "1-2/3-4/5-6/7-10), dermatologist and self-reported Fitzpatrick type, race/ethnicity, sex at birth and "
+    "age group: n, accuracy, balanced accuracy, macro-F1, mean one-vs-rest AUC, top-3 accuracy, with "
+    "bootstrap intervals, difference and ratio to overall, the worst group; per case on the test split. "
+    "HTML and Markdown reports in tables/fairness_report/ and in each model's MLflow run; the gate per model.",
+    check_specs=[AssetCheckSpec(
+        "fairness_gate", asset="fairness_report",
+        description="Every candidate's worst group (gate attributes) is within max_gap of overall, or its "
+        "interval overlaps overall's. A failing candidate cannot become champion (model_comparison).")],
+)
+def fairness_report(context: AssetExecutionContext, config: FairnessConfig, model_evaluation: pd.DataFrame,
+                    baseline_cnn: pd.DataFrame, resnet50_transfer: pd.DataFrame, metadata_model: pd.DataFrame,
+                    multimodal: pd.DataFrame, labeled_splits: pd.DataFrame, cases: pd.DataFrame,
+                    storage: StoragePaths, mlflow: MlflowTracking, scin_source: ScinSourceResource):
+    from scin_pipeline.core import fairness
+
+    candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)
+    classes = json.loads(candidates["classes"].iloc[0])
+    predictions = pd.read_parquet(storage.table_files_dir("model_evaluation") / "predictions.parquet")
+    per_case = case_level_predictions(predictions)
+    synthetic = _is_synthetic(scin_source)
+    out_dir = storage.table_files_dir("fairness_report")
+    tables, gates, metadata = [], {}, {}
+    for candidate in candidates.itertuples():
+        part = per_case[per_case["model"] == candidate.model].reset_index(drop=True)
+        case_rows = part[["case_id"]].merge(cases, on="case_id", how="left")
+        sensitive = fairness.sensitive_features(case_rows).reset_index(drop=True)
+        proba = part[[f"p_{i}" for i in range(len(classes))]].to_numpy()
+        table = fairness.fairness_table(candidate.model, part["y_true"].to_numpy(), proba, classes, sensitive,
+                                        n_bootstrap=config.n_bootstrap, min_group_n=config.min_group_n,
+                                        seed=config.seed)
+        gate = fairness.fairness_gate(table, metric=config.gate_metric, max_gap=config.max_gap,
+                                      attributes=config.gate_attributes)
+        plots = fairness.fairness_plots(table, metrics=(config.gate_metric,))
+        html = fairness.fairness_html(table, gate, plots, model=candidate.model, synthetic=synthetic)
+        markdown = fairness.fairness_markdown(table, gate, model=candidate.model, synthetic=synthetic)
+        (out_dir / f"{candidate.model}.html").write_text(html)
+        (out_dir / f"{candidate.model}.md").write_text(markdown)
+        with mlflow.log_to_run(candidate.mlflow_run_id) as run:
+            run.log_text(html, "fairness/fairness_report.html")
+            run.log_text(markdown, "fairness/fairness_report.md")
+            run.log_table(table, "fairness/fairness_table.csv")
+            run.log_metrics({"fairness_gate_passed": float(gate.passed),
+                             "fairness_worst_gap": float(gate.gap) if gate.gap is not None else float("nan")})
+        tables.append(table)
+        gates[candidate.model] = gate
+        monk = fairness.plot_key("monk_us_bin", config.gate_metric)
+        if monk in plots:
+            metadata[f"{candidate.model}_monk_us_bin"] = MetadataValue.md(
+                f"![{candidate.model}]({png_data_uri_bytes(plots[monk])})")
+    result = pd.concat(tables, ignore_index=True)
+    gate_rows = pd.DataFrame([{"model": m, "passed": g.passed, "reason": g.reason, "metric": config.gate_metric,
+                               "max_gap": config.max_gap, "attributes": json.dumps(config.gate_attributes)}
+                              for m, g in gates.items()])
+    write_parquet_atomic(gate_rows, out_dir / "gates.parquet")
+    representation = fairness.representation_by_split(labeled_splits, cases)
+    write_parquet_atomic(representation, out_dir / "representation_by_split.parquet")
+    worst = result[result["worst"] & (result["metric"] == config.gate_metric)]
+    metadata.update({
+        "unit": "case (test split; a case's images averaged)",
+        "gate": _metric_md(gate_rows),
+        "worst_groups": _metric_md(worst[["model", "attribute", "group", "n", "value", "ci_low", "ci_high",
+                                          "diff_to_overall"]], rows=60),
+        "insufficient_groups": int(result.loc[result["insufficient_data"], ["attribute", "group"]]
+                                   .drop_duplicates().shape[0]),
+        "representation_monk_us_bin": table_md(
+            representation[representation["attribute"] == "monk_us_bin"], rows=30),
+        "reports": MetadataValue.path(str(out_dir)),
+    })
+    if synthetic:
+        metadata["note"] = "SYNTHETIC images: these figures say nothing about fairness on real skin"
+    yield Output(result, metadata=metadata)
+    failing = [m for m, g in gates.items() if not g.passed]
+    yield AssetCheckResult(
+        check_name="fairness_gate", passed=not failing, severity=AssetCheckSeverity.ERROR,
+        metadata={"failing_models": ", ".join(failing) or "none",
+                  "reasons": MetadataValue.json({m: g.reason for m, g in gates.items()})})
+
+
+def fairness_gate_results(storage: StoragePaths) -> pd.DataFrame:
+    return pd.read_parquet(storage.table_files_dir("fairness_report") / "gates.parquet")
+
+
+@asset(
+    group_name=GROUP,
+    code_version="1",
+    description="The champion's model card (Markdown + JSON manifest): intended use (education and research, "
+    "not diagnosis), data and licence, exclusions, preprocessing, metrics overall and per group with "
+    "intervals, limitations, ethical considerations. Written to tables/model_card/ and the champion's run.",
+)
+def model_card(context: AssetExecutionContext, model_comparison: pd.DataFrame, model_evaluation: pd.DataFrame,
+               fairness_report: pd.DataFrame, quality_filtered_index: pd.DataFrame, labeled_splits: pd.DataFrame,
+               image_tensors: pd.DataFrame, storage: StoragePaths, mlflow: MlflowTracking,
+               scin_source: ScinSourceResource):
+    from scin_pipeline.core import fairness
+    from scin_pipeline.core.model_card import build_model_card
+
+    champion = model_comparison[model_comparison["champion"]].iloc[0]
+    name = str(champion["model"])
+    table = fairness_report[fairness_report["model"] == name]
+    gates = fairness_gate_results(storage).set_index("model")
+    settings = gates.loc[name]  # the gate exactly as fairness_report applied it
+    gate = fairness.fairness_gate(table, metric=str(settings["metric"]), max_gap=float(settings["max_gap"]),
+                                  attributes=json.loads(settings["attributes"]))
+    overall = model_evaluation[(model_evaluation["model"] == name) & (model_evaluation["split"] == "test")
+                               & ((model_evaluation["class"] == "") | model_evaluation["class"].isna())]
+    metrics = {r.metric: float(r.value) for r in overall.itertuples()}
+    exclusions = quality_filtered_index if "reason" in quality_filtered_index else pd.DataFrame()
+    counts = labeled_splits.groupby("split", observed=True)["case_id"].nunique().to_dict()
+    data_summary = {
+        "cases_per_split": {str(k): int(v) for k, v in counts.items()},
+        "images_with_pixels": int((image_tensors["status"] == "ok").sum()),
+        "fairness_gate": gate.reason,
+    }
+    if len(exclusions):
+        data_summary["exclusions"] = {str(k): int(v) for k, v in exclusions["reason"].value_counts().items()}
+    image_size = int(image_tensors["image_size"].iloc[0]) if len(image_tensors) else None
+    preprocessing = {"image": f"guarded decode; shorter side resized to {image_size} px, centre crop; uint8; "
+                              "rescaling inside the model", "augmentation": "flips, 90° turns, 85-100 % crops; "
+                              "no colour change (skin tone preserved)",
+                     "metadata": "questionnaire answers one-hot with missing/unrecognised masks"}
+    markdown, manifest = build_model_card(
+        model_name=name, model_version=str(champion["registered_version"]),
+        model_uri=mlflow.model_uri_for_alias("champion"), kind=str(champion["kind"]),
+        classes=sorted(labeled_splits["label"].astype(str).unique()), metrics=metrics, fairness_table=table,
+        gate=gate, data_summary=data_summary, preprocessing=preprocessing,
+        synthetic=_is_synthetic(scin_source))
+    out_dir = storage.table_files_dir("model_card")
+    (out_dir / "model_card.md").write_text(markdown)
+    (out_dir / "model_card.json").write_text(json.dumps(manifest, indent=2, default=str))
+    with mlflow.log_to_run(str(champion["mlflow_run_id"])) as run:
+        run.log_text(markdown, "model_card/model_card.md")
+        run.log_text(json.dumps(manifest, indent=2, default=str), "model_card/model_card.json")
+    row = pd.DataFrame([{"model": name, "registered_version": str(champion["registered_version"]),
+                         "model_card_md": str(out_dir / "model_card.md"),
+                         "model_card_json": str(out_dir / "model_card.json")}])
+    return Output(row, metadata={"champion": name, "model_card": MetadataValue.md(markdown)})

@@ -1,0 +1,601 @@
+"""Training assets: image_tensors (decoded uint8 cache) -> image_embeddings -> four candidate classifiers.
+
+Each candidate is one asset and one MLflow run (tagged with the Dagster run id, asset key, code version
+and the splits' data version); its output is a one-row table pointing at the packaged model (one file that
+takes raw uint8 images and/or case metadata) and its registered version. The rules (models, training
+loop, cache, packaging) live in scin_pipeline.core; these assets feed them and record what happened.
+
+Idempotent by construction: a candidate's MLflow run is keyed by (asset, code version, config, splits data
+version, inputs' versions). A rerun with the same key finds the FINISHED run and its packaged model and
+returns them without training or opening a new run; a run killed mid-training is resumed (same MLflow run,
+Keras BackupAndRestore from the last finished epoch).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, Output, asset
+from pydantic import Field
+
+from scin_pipeline.assets._metadata import table_md
+from scin_pipeline.core import image_cache
+from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
+from scin_pipeline.core.report import png_data_uri_bytes
+from scin_pipeline.core.splits import splits_data_version
+from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
+from scin_pipeline.resources.mlflow_tracking import dagster_tags
+
+GROUP = "training"
+# One training per GPU (the deployment sets the pool's limit); Kubernetes gets a GPU request per step.
+GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+CANDIDATE_COLUMNS = ["model", "kind", "classes", "image_size", "package_dir", "mlflow_run_id", "model_uri",
+                     "registered_version", "run_key", "splits_data_version", "best_epoch", "best_val_score",
+                     "monitor", "reused", "resumed", "keras_backend", "weights"]
+
+
+def frame_version(frame: pd.DataFrame, columns: list[str]) -> str:
+    """A short content hash of a table's key columns (the asset's data version)."""
+    key = frame[columns].astype(str)
+    return hashlib.sha256(pd.util.hash_pandas_object(key, index=False).to_numpy().tobytes()).hexdigest()[:16]
+
+
+def class_names(labeled_splits: pd.DataFrame) -> list[str]:
+    return sorted(labeled_splits["label"].astype(str).unique())
+
+
+# --------------------------------------------------------------------------------------------------------
+# image_tensors
+
+
+class ImageTensorsConfig(Config):
+    image_size: int = Field(default=224, ge=32, le=1024, description="side of the square cached image (px)")
+    shard_size: int = Field(default=512, ge=1, description="images per .npy shard")
+    workers: int = Field(default=2, ge=1, description="decode threads")
+
+
+@asset(
+    group_name=GROUP,
+    code_version="1",
+    description="Every kept image of labeled_splits decoded once, resized (shorter side) and centre-cropped "
+    "to a square, stored as uint8 .npy shards under <data-root>/cache/image_tensors/<size>px/. The table is "
+    "the index (image_id, split, shard, offset, status): training and evaluation read pixels from the "
+    "shards, never from PNGs.",
+)
+def image_tensors(context: AssetExecutionContext, config: ImageTensorsConfig, labeled_splits: pd.DataFrame,
+                  storage: StoragePaths):
+    rows = labeled_splits.drop_duplicates("image_id")[["image_id", "local_path", "split"]]
+    cache_dir = storage.folder("cache", "image_tensors")
+    index = image_cache.build_image_cache(rows, cache_dir, image_size=config.image_size,
+                                          shard_size=config.shard_size, workers=config.workers)
+    failed = index[index["status"] != "ok"]
+    ok = index[index["status"] == "ok"]
+    shard_bytes = sum((cache_dir / s).stat().st_size for s in ok["shard"].unique() if (cache_dir / s).exists())
+    preview = image_cache.load_images(ok.groupby("split").head(4), cache_dir) if len(ok) else None
+    version = frame_version(index, ["image_id", "split", "shard", "offset", "status"])
+    metadata = {
+        "data_version": version,
+        "image_size": config.image_size,
+        "images_per_split": MetadataValue.json(ok["split"].value_counts().astype(int).to_dict()),
+        "failed": len(failed),
+        "failures": table_md(failed, ["image_id", "split", "reason"], rows=20),
+        "cache_dir": MetadataValue.path(str(cache_dir)),
+        "cache_megabytes": round(shard_bytes / 1e6, 1),
+    }
+    if preview is not None and len(preview):
+        metadata["preview"] = MetadataValue.md(f"![cached images]({png_data_uri_bytes(_grid(preview))})")
+    return Output(index, data_version=DataVersion(version), metadata=metadata)
+
+
+def _grid(images: np.ndarray, columns: int = 6) -> bytes:
+    """A PNG contact grid of cached uint8 images (what the models see)."""
+    import cv2
+
+    n, size = len(images), images.shape[1]
+    rows = -(-n // columns)
+    canvas = np.full((rows * size, columns * size, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[r * size:(r + 1) * size, c * size:(c + 1) * size] = image
+    ok, data = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+    return data.tobytes()
+
+
+def split_rows(labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, split: str,
+               classes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """Rows of one split that have cached pixels (one row per image and case, with shard and offset) and
+    their class indices, in a fixed order."""
+    ok = image_tensors[image_tensors["status"] == "ok"][["image_id", "shard", "offset", "status", "image_size"]]
+    rows = labeled_splits[labeled_splits["split"].astype(str) == split][["image_id", "case_id", "label"]]
+    rows = rows.merge(ok, on="image_id").sort_values(["case_id", "image_id"]).reset_index(drop=True)
+    y = rows["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy(np.int32)
+    return rows, y
+
+
+def split_arrays(labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, cache_dir: Path, split: str,
+                 classes: list[str]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """``split_rows`` plus the rows' uint8 images from the cache."""
+    rows, y = split_rows(labeled_splits, image_tensors, split, classes)
+    images = image_cache.load_images(rows, cache_dir) if len(rows) else np.zeros((0, 1, 1, 3), np.uint8)
+    return rows, images, y
+
+
+# --------------------------------------------------------------------------------------------------------
+# shared training configuration
+
+
+class TrainingConfig(Config):
+    """Common knobs of every Keras candidate (Launchpad-editable; fixed seeds)."""
+
+    backend: Literal["auto", "tensorflow", "jax", "torch"] = Field(
+        default="auto", description="Keras backend (auto: KERAS_BACKEND, else jax on a GPU host, else tensorflow)")
+    mixed_precision: Literal["auto", "bfloat16", "off"] = Field(
+        default="auto", description="auto: bfloat16 on an accelerator, float32 on CPU")
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    early_stopping_patience: int = Field(default=4, ge=1)
+    monitor: Literal["val_macro_f1", "val_balanced_accuracy"] = "val_macro_f1"
+    class_weighting: Literal["balanced", "none"] = "balanced"
+    augment: bool = Field(default=True, description="flips, 90° turns, small crops; never colour (skin tone)")
+    seed: int = 0
+
+
+class TransferConfig(TrainingConfig):
+    mode: Literal["auto", "head_on_embeddings", "fine_tune"] = Field(
+        default="auto", description="auto: fine_tune on an accelerator; on CPU a head on frozen embeddings")
+    fine_tune_epochs: int = Field(default=5, ge=0)
+    fine_tune_learning_rate: float = Field(default=1e-5, gt=0)
+    unfreeze_layers: int = Field(default=30, ge=0, description="top backbone layers unfrozen in phase 2")
+    dropout: float = Field(default=0.3, ge=0, lt=1)
+
+
+class EmbeddingsConfig(Config):
+    backend: Literal["auto", "tensorflow", "jax", "torch"] = "auto"
+    weights: Literal["imagenet", "none"] = Field(
+        default="imagenet", description="ResNet50 backbone weights; 'none' = random init (tests, offline)")
+    allow_offline_fallback: bool = Field(
+        default=True, description="when the ImageNet weights cannot be downloaded, warn and use weights=None")
+    batch_size: int = Field(default=32, ge=1)
+
+
+class MetadataModelConfig(Config):
+    seed: int = 0
+
+
+def _config_hash(config: Config) -> str:
+    return hashlib.sha256(json.dumps(config.model_dump(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _prepare_keras(config) -> dict:
+    """Select the Keras backend and precision policy before Keras is imported in this process."""
+    from scin_pipeline.core import backend
+
+    backend.select_backend(config.backend)
+    policy = backend.apply_mixed_precision(getattr(config, "mixed_precision", "off"))
+    described = backend.describe_backend()
+    described["policy"] = policy
+    described["accelerator"] = bool(backend.accelerator_devices())
+    return described
+
+
+# --------------------------------------------------------------------------------------------------------
+# image_embeddings
+
+
+@asset(
+    group_name=GROUP,
+    code_version="1",
+    pool="gpu",
+    op_tags=GPU_TAGS,
+    description="ResNet50 (ImageNet weights where reachable; random init offline, flagged) pooled 2048-d "
+    "embeddings of every cached image, computed once: the CPU default trains heads on them, and the "
+    "multimodal model fuses them with the metadata. The backbone is saved beside them.",
+)
+def image_embeddings(context: AssetExecutionContext, config: EmbeddingsConfig, image_tensors: pd.DataFrame,
+                     storage: StoragePaths):
+    from scin_pipeline.core import models, training
+
+    described = _prepare_keras(config)
+    ok = image_tensors[image_tensors["status"] == "ok"].reset_index(drop=True)
+    image_size = int(ok["image_size"].iloc[0]) if len(ok) else 224
+    key = hashlib.sha256(f"{frame_version(ok, ['image_id', 'shard', 'offset'])}:{_config_hash(config)}:"
+                         f"{described['backend']}".encode()).hexdigest()[:16]
+    out_dir = storage.folder("cache", "image_embeddings")
+    emb_path, backbone_path = out_dir / f"embeddings-{key}.npy", out_dir / f"backbone-{key}.keras"
+    weights = models.resolve_weights(None if config.weights == "none" else "imagenet",
+                                     allow_fallback=config.allow_offline_fallback)
+    if weights is None and config.weights == "imagenet":
+        context.log.warning("ImageNet weights unreachable: ResNet50 backbone with random weights "
+                            "(embeddings carry far less signal; do not compare with ImageNet runs)")
+    if not (emb_path.exists() and backbone_path.exists()):
+        backbone = models.build_resnet50_backbone(image_size, weights)
+        images = image_cache.load_images(ok, storage.folder("cache", "image_tensors"))
+        embeddings = training.extract_embeddings(backbone, images, batch_size=config.batch_size)
+        _save_atomic(lambda p: np.save(p, embeddings), emb_path)
+        _save_atomic(lambda p: backbone.save(p), backbone_path)
+        reused = False
+    else:
+        embeddings = np.load(emb_path, mmap_mode="r")
+        reused = True
+    for stale in out_dir.glob("*"):
+        if key not in stale.name and not stale.name.startswith("."):
+            stale.unlink(missing_ok=True)
+    table = ok[["image_id", "split"]].assign(row=np.arange(len(ok)), embeddings_file=str(emb_path),
+                                            backbone_file=str(backbone_path),
+                                            weights=weights or "none", image_size=image_size)
+    return Output(table, data_version=DataVersion(key), metadata={
+        "data_version": key, "images": len(table), "embedding_dim": int(embeddings.shape[1]) if len(ok) else 0,
+        "weights": weights or "none (random init)", "reused_cached_embeddings": reused,
+        "keras_backend": described["backend"],
+        "embeddings_file": MetadataValue.path(str(emb_path)),
+    })
+
+
+def _save_atomic(write, path: Path) -> None:
+    """Write through a temp name in the same folder, then rename: a killed run leaves no half file."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_embeddings(image_embeddings: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    """Embeddings for ``rows`` (one per image and case) in row order."""
+    if image_embeddings.empty:
+        return np.zeros((len(rows), 0), np.float32)
+    matrix = np.load(image_embeddings["embeddings_file"].iloc[0], mmap_mode="r")
+    position = image_embeddings.set_index("image_id")["row"]
+    return np.asarray(matrix[position.reindex(rows["image_id"]).to_numpy()], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# candidates
+
+
+class CandidateRun:
+    """One candidate's training: its MLflow run key, reuse of a finished run, packaging and registration."""
+
+    def __init__(self, context: AssetExecutionContext, name: str, config: Config, labeled_splits: pd.DataFrame,
+                 inputs_version: str, storage: StoragePaths, mlflow: MlflowTracking, synthetic: bool):
+        self.context, self.name, self.config, self.mlflow = context, name, config, mlflow
+        self.classes = class_names(labeled_splits)
+        self.splits_version = splits_data_version(labeled_splits)
+        code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or "none"
+        self.code_version = code_version
+        self.run_key = hashlib.sha256(
+            f"{name}:{code_version}:{_config_hash(config)}:{self.splits_version}:{inputs_version}".encode()
+        ).hexdigest()[:24]
+        self.package_dir = storage.folder("models", name) / self.run_key
+        self.synthetic = synthetic
+
+    def reusable(self) -> dict | None:
+        """The finished run and package of an identical earlier training, if both are still there."""
+        run = self.mlflow.find_finished_run(self.run_key)
+        if run is None or not (self.package_dir / "spec.json").exists():
+            return None
+        tags = run.data.tags
+        return {"mlflow_run_id": run.info.run_id, "model_uri": tags.get("scin.model_uri", ""),
+                "registered_version": tags.get("scin.registered_version", ""),
+                "best_epoch": int(float(run.data.metrics.get("best_epoch", -1))),
+                "best_val_score": float(run.data.metrics.get("best_val_score", float("nan"))),
+                "keras_backend": tags.get("scin.keras_backend", ""), "weights": tags.get("scin.weights", "")}
+
+    def tags(self, **extra) -> dict:
+        tags = dagster_tags(self.context, code_version=self.code_version, splits_data_version=self.splits_version,
+                            synthetic_data=self.synthetic)
+        tags["scin.candidate"] = self.name
+        tags.update({k: str(v) for k, v in extra.items()})
+        return tags
+
+    def output(self, row: dict, *, kind: str, image_size: int | None, monitor: str, reused: bool,
+               resumed: bool, metadata: dict) -> Output:
+        record = {"model": self.name, "kind": kind, "classes": json.dumps(self.classes),
+                  "image_size": image_size or 0, "package_dir": str(self.package_dir),
+                  "run_key": self.run_key, "splits_data_version": self.splits_version, "monitor": monitor,
+                  "reused": reused, "resumed": resumed, **row}
+        table = pd.DataFrame([record])[CANDIDATE_COLUMNS]
+        meta = {"mlflow_run_id": row["mlflow_run_id"], "model_uri": row["model_uri"],
+                "registered_version": str(row["registered_version"]), "splits_data_version": self.splits_version,
+                "reused_finished_run": reused, "resumed_run": resumed, "classes": len(self.classes),
+                "best_val_score": row["best_val_score"], "best_epoch": row["best_epoch"], **metadata}
+        if self.synthetic:
+            meta["note"] = "SYNTHETIC images: these figures say nothing about skin conditions"
+        return Output(table, data_version=DataVersion(self.run_key), metadata=meta)
+
+    def finish(self, run, package, history: pd.DataFrame | None, best_epoch: int, best_score: float,
+               extra_tags: dict) -> dict:
+        """Save the package, log it, its curves and summary to the run, register it."""
+        from scin_pipeline.core import plots
+
+        if self.package_dir.exists():
+            shutil.rmtree(self.package_dir)
+        tmp = self.package_dir.with_name(f".tmp-{self.package_dir.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        package.save(tmp)
+        os.replace(tmp, self.package_dir)
+        if history is not None and len(history):
+            run.log_table(history, "history.csv")
+            run.log_figure_png(plots.training_curves_png(history, title=self.name), "training_curves.png")
+        for keras_file in self.package_dir.glob("*.keras"):
+            run.log_artifact(str(keras_file), "keras")
+        run.log_metrics({"best_epoch": best_epoch, "best_val_score": best_score})
+        model_uri, version = run.log_model(str(self.package_dir), register=True)
+        self.mlflow.set_run_tags(run.run_id, {"scin.model_uri": model_uri,
+                                              "scin.registered_version": str(version or ""), **extra_tags})
+        return {"mlflow_run_id": run.run_id, "model_uri": model_uri, "registered_version": str(version or ""),
+                "best_epoch": int(best_epoch), "best_val_score": float(best_score)}
+
+
+def _is_synthetic(scin_source: ScinSourceResource) -> bool:
+    try:
+        return scin_source.open().is_synthetic()
+    except Exception:  # an unreachable source is not synthetic; its tables are already here
+        return False
+
+
+def _train_config(config: TrainingConfig, **overrides):
+    from scin_pipeline.core.training import TrainConfig
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    values = {k: v for k, v in config.model_dump().items() if k in fields}
+    values.update({k: v for k, v in overrides.items() if k in fields})
+    return TrainConfig(**values)
+
+
+def _checkpoint_dir(storage: StoragePaths, candidate: CandidateRun) -> Path:
+    return storage.folder("checkpoints", candidate.name, candidate.run_key)
+
+
+def _epoch_logger(run):
+    return lambda epoch, logs: run.log_epoch(epoch, logs)
+
+
+def _image_candidate_inputs(labeled_splits, image_tensors, storage, classes):
+    cache_dir = storage.folder("cache", "image_tensors")
+    return {split: split_arrays(labeled_splits, image_tensors, cache_dir, split, classes)
+            for split in ("train", "val")}
+
+
+@asset(
+    group_name=GROUP,
+    code_version="1",
+    pool="gpu",
+    op_tags=GPU_TAGS,
+    description="The student notebooks' two-layer CNN (32 and 64 filters), trained from the uint8 cache "
+    "with class weights and early stopping on validation macro-F1: the baseline every model must beat.",
+)
+def baseline_cnn(context: AssetExecutionContext, config: TrainingConfig, labeled_splits: pd.DataFrame,
+                 image_tensors: pd.DataFrame, storage: StoragePaths, mlflow: MlflowTracking,
+                 scin_source: ScinSourceResource):
+    candidate = CandidateRun(context, "baseline_cnn", config, labeled_splits,
+                             frame_version(image_tensors, ["image_id", "shard", "offset"]), storage, mlflow,
+                             _is_synthetic(scin_source))
+    image_size = int(image_tensors["image_size"].iloc[0])
+    previous = candidate.reusable()
+    if previous:
+        context.log.info(f"unchanged inputs, code and config: reusing MLflow run {previous['mlflow_run_id']}")
+        return candidate.output(previous, kind="keras_image", image_size=image_size, monitor=config.monitor,
+                                reused=True, resumed=False, metadata={})
+    described = _prepare_keras(config)
+    from scin_pipeline.core import models, training
+    from scin_pipeline.core.packaged_model import PackagedClassifier
+
+    data = _image_candidate_inputs(labeled_splits, image_tensors, storage, candidate.classes)
+    (_, x_train, y_train), (_, x_val, y_val) = data["train"], data["val"]
+    train_config = _train_config(config)
+    with mlflow.training_run(run_key=candidate.run_key, run_name="baseline_cnn",
+                             tags=candidate.tags(**{"scin.keras_backend": described["backend"]}),
+                             params={**config.model_dump(), "image_size": image_size,
+                                     "n_train": len(y_train), "n_val": len(y_val),
+                                     "classes": len(candidate.classes)}) as run:
+        model = models.build_baseline_cnn(len(candidate.classes), image_size)
+        sequence = training.default_dataset_factory(x_train, y_train, batch_size=config.batch_size, shuffle=True,
+                                                    augment=config.augment, seed=config.seed)
+        result = training.fit_classifier(
+            model, sequence, x_val, y_val, config=train_config,
+            class_weight=_class_weight(config, y_train, len(candidate.classes)),
+            checkpoint_dir=_checkpoint_dir(storage, candidate), on_epoch_end=_epoch_logger(run))
+        package = PackagedClassifier(kind="keras_image", classes=candidate.classes, image_size=image_size,
+                                     metadata_columns=None, model=model, extra={"candidate": "baseline_cnn"})
+        row = candidate.finish(run, package, result.history, result.best_epoch, result.best_score,
+                               {"scin.keras_backend": described["backend"]})
+        resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
+    row.update(keras_backend=described["backend"], weights="none")
+    return candidate.output(row, kind="keras_image", image_size=image_size, monitor=config.monitor,
+                            reused=False, resumed=resumed,
+                            metadata={"history": table_md(result.history, rows=40),
+                                      "stopped_early": bool(result.stopped_early)})
+
+
+def _class_weight(config: TrainingConfig, y: np.ndarray, n_classes: int) -> dict | None:
+    from scin_pipeline.core.training import balanced_class_weights
+
+    return balanced_class_weights(y, n_classes) if config.class_weighting == "balanced" else None
+
+
+@asset(
+    group_name=GROUP,
+    code_version="1",
+    pool="gpu",
+    op_tags=GPU_TAGS,
+    description="ResNet50 transfer: on an accelerator (or mode=fine_tune) the head is trained on a frozen "
+    "backbone, then the top layers are unfrozen at a lower learning rate (BatchNorm stays frozen), from the "
+    "uint8 cache with bfloat16 on GPU. On CPU (mode=auto) the head is trained on image_embeddings so a full "
+    "run stays practical. Saved as one end-to-end model on raw uint8 images.",
+)
+def resnet50_transfer(context: AssetExecutionContext, config: TransferConfig, labeled_splits: pd.DataFrame,
+                      image_tensors: pd.DataFrame, image_embeddings: pd.DataFrame, storage: StoragePaths,
+                      mlflow: MlflowTracking, scin_source: ScinSourceResource):
+    candidate = CandidateRun(context, "resnet50_transfer", config, labeled_splits,
+                             f"{frame_version(image_tensors, ['image_id', 'shard', 'offset'])}:"
+                             f"{image_embeddings['embeddings_file'].iloc[0] if len(image_embeddings) else ''}",
+                             storage, mlflow, _is_synthetic(scin_source))
+    image_size = int(image_tensors["image_size"].iloc[0])
+    weights = str(image_embeddings["weights"].iloc[0]) if len(image_embeddings) else "none"
+    previous = candidate.reusable()
+    if previous:
+        context.log.info(f"unchanged inputs, code and config: reusing MLflow run {previous['mlflow_run_id']}")
+        return candidate.output(previous, kind="keras_image", image_size=image_size, monitor=config.monitor,
+                                reused=True, resumed=False, metadata={})
+    described = _prepare_keras(config)
+    import keras
+
+    from scin_pipeline.core import models, training
+    from scin_pipeline.core.packaged_model import PackagedClassifier
+
+    mode = config.mode if config.mode != "auto" else (
+        "fine_tune" if described.get("accelerator") else "head_on_embeddings")
+    data = _image_candidate_inputs(labeled_splits, image_tensors, storage, candidate.classes)
+    (train_rows, x_train, y_train), (val_rows, x_val, y_val) = data["train"], data["val"]
+    train_config = _train_config(config)
+    n_classes = len(candidate.classes)
+    with mlflow.training_run(run_key=candidate.run_key, run_name="resnet50_transfer",
+                             tags=candidate.tags(**{"scin.keras_backend": described["backend"],
+                                                    "scin.weights": weights, "scin.mode": mode}),
+                             params={**config.model_dump(), "resolved_mode": mode, "weights": weights,
+                                     "image_size": image_size, "n_train": len(y_train), "n_val": len(y_val),
+                                     "classes": n_classes}) as run:
+        if mode == "head_on_embeddings":
+            backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
+            e_train, e_val = load_embeddings(image_embeddings, train_rows), load_embeddings(image_embeddings,
+                                                                                           val_rows)
+            result = training.train_head_on_embeddings(
+                e_train, y_train, e_val, y_val,
+                head_builder=lambda: models.build_classifier_head(e_train.shape[1], n_classes, config.dropout),
+                config=train_config, checkpoint_dir=_checkpoint_dir(storage, candidate),
+                on_epoch_end=_epoch_logger(run))
+            model = models.compose_end_to_end(backbone, result.model, with_metadata=False)
+        else:
+            backbone = models.build_resnet50_backbone(image_size, None if weights == "none" else weights)
+            head = models.build_classifier_head(backbone.output_shape[-1], n_classes, config.dropout)
+            result = training.fine_tune_transfer(
+                backbone, head, x_train, y_train, x_val, y_val, config=train_config,
+                checkpoint_dir=_checkpoint_dir(storage, candidate), on_epoch_end=_epoch_logger(run))
+            model = result.model
+        package = PackagedClassifier(kind="keras_image", classes=candidate.classes, image_size=image_size,
+                                     metadata_columns=None, model=model,
+                                     extra={"candidate": "resnet50_transfer", "mode": mode, "weights": weights})
+        row = candidate.finish(run, package, result.history, result.best_epoch, result.best_score,
+                               {"scin.keras_backend": described["backend"], "scin.weights": weights})
+        resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
+    row.update(keras_backend=described["backend"], weights=weights)
+    return candidate.output(row, kind="keras_image", image_size=image_size, monitor=config.monitor,
+                            reused=False, resumed=resumed,
+                            metadata={"mode": mode, "history": table_md(result.history, rows=40)})
+
+
+@asset(
+    group_name=GROUP,
+    code_version="1",
+    pool="cpu",
+    description="Metadata-only classifier (the contributor's answers: symptoms, body parts, textures, "
+    "duration, age group, sex, self-reported Fitzpatrick type): scikit-learn logistic regression plus "
+    "boosted stumps, class-balanced, one row per case. A floor for the image models.",
+)
+def metadata_model(context: AssetExecutionContext, config: MetadataModelConfig, labeled_splits: pd.DataFrame,
+                   cases: pd.DataFrame, storage: StoragePaths, mlflow: MlflowTracking,
+                   scin_source: ScinSourceResource):
+    from scin_pipeline.core import evaluation
+    from scin_pipeline.core import metadata_model as core_model
+    from scin_pipeline.core.packaged_model import PackagedClassifier
+
+    candidate = CandidateRun(context, "metadata_model", config, labeled_splits,
+                             frame_version(cases, ["case_id"]), storage, mlflow, _is_synthetic(scin_source))
+    previous = candidate.reusable()
+    if previous:
+        return candidate.output(previous, kind="sklearn_metadata", image_size=None, monitor="val_macro_f1",
+                                reused=True, resumed=False, metadata={})
+    index = {c: i for i, c in enumerate(candidate.classes)}
+    per_case = labeled_splits.drop_duplicates("case_id")[["case_id", "split", "label"]]
+    frame = per_case.merge(cases, on="case_id", how="left")
+    features = metadata_features(frame)
+    y = frame["label"].astype(str).map(index).to_numpy(np.int32)
+    train, val = (frame["split"].astype(str) == "train").to_numpy(), (frame["split"].astype(str) == "val").to_numpy()
+    with mlflow.training_run(run_key=candidate.run_key, run_name="metadata_model", tags=candidate.tags(),
+                             params={**config.model_dump(), "n_train_cases": int(train.sum()),
+                                     "n_val_cases": int(val.sum()), "features": len(METADATA_FEATURE_COLUMNS),
+                                     "classes": len(candidate.classes)}) as run:
+        model = core_model.fit_single_label_metadata_model(features[train], y[train], len(candidate.classes),
+                                                           seed=config.seed)
+        val_metrics = evaluation.classification_metrics(y[val], model.predict_proba(features[val]),
+                                                        candidate.classes) if val.any() else {}
+        run.log_metrics({f"val_{k}": v for k, v in val_metrics.items() if np.isfinite(v)})
+        package = PackagedClassifier(kind="sklearn_metadata", classes=candidate.classes, image_size=None,
+                                     metadata_columns=list(METADATA_FEATURE_COLUMNS), model=model,
+                                     extra={"candidate": "metadata_model"})
+        row = candidate.finish(run, package, None, 0, float(val_metrics.get("macro_f1", float("nan"))), {})
+        resumed = bool(run.resumed)
+    row.update(keras_backend="", weights="")
+    return candidate.output(row, kind="sklearn_metadata", image_size=None, monitor="val_macro_f1", reused=False,
+                            resumed=resumed, metadata={"val_metrics": MetadataValue.json(
+                                {k: round(float(v), 4) for k, v in val_metrics.items()})})
+
+
+@asset(
+    group_name=GROUP,
+    code_version="1",
+    pool="gpu",
+    op_tags=GPU_TAGS,
+    description="Multimodal: the frozen ResNet50 image embedding and a metadata branch (the answers with "
+    "their missing-value masks) fused by concatenation, class-balanced, early stopping on validation "
+    "macro-F1. Saved as one model on raw uint8 images plus the metadata vector.",
+)
+def multimodal(context: AssetExecutionContext, config: TransferConfig, labeled_splits: pd.DataFrame,
+               image_tensors: pd.DataFrame, image_embeddings: pd.DataFrame, cases: pd.DataFrame,
+               storage: StoragePaths, mlflow: MlflowTracking, scin_source: ScinSourceResource):
+    candidate = CandidateRun(context, "multimodal", config, labeled_splits,
+                             f"{frame_version(image_tensors, ['image_id', 'shard', 'offset'])}:"
+                             f"{image_embeddings['embeddings_file'].iloc[0] if len(image_embeddings) else ''}:"
+                             f"{frame_version(cases, ['case_id'])}",
+                             storage, mlflow, _is_synthetic(scin_source))
+    image_size = int(image_tensors["image_size"].iloc[0])
+    weights = str(image_embeddings["weights"].iloc[0]) if len(image_embeddings) else "none"
+    previous = candidate.reusable()
+    if previous:
+        return candidate.output(previous, kind="keras_multimodal", image_size=image_size, monitor=config.monitor,
+                                reused=True, resumed=False, metadata={})
+    described = _prepare_keras(config)
+    import keras
+
+    from scin_pipeline.core import models, training
+    from scin_pipeline.core.packaged_model import PackagedClassifier
+
+    classes, n_classes = candidate.classes, len(candidate.classes)
+    parts = {}
+    for split in ("train", "val"):
+        rows, y = split_rows(labeled_splits, image_tensors, split, classes)
+        emb = load_embeddings(image_embeddings, rows)
+        meta = metadata_features(rows[["case_id"]].merge(cases, on="case_id", how="left")).to_numpy(np.float32)
+        parts[split] = (emb, meta, y)
+    (e_train, m_train, y_train), (e_val, m_val, y_val) = parts["train"], parts["val"]
+    train_config = _train_config(config)
+    with mlflow.training_run(run_key=candidate.run_key, run_name="multimodal",
+                             tags=candidate.tags(**{"scin.keras_backend": described["backend"],
+                                                    "scin.weights": weights}),
+                             params={**config.model_dump(), "weights": weights, "image_size": image_size,
+                                     "n_train": len(y_train), "n_val": len(y_val), "classes": n_classes,
+                                     "metadata_features": m_train.shape[1]}) as run:
+        result = training.train_head_on_embeddings(
+            e_train, y_train, e_val, y_val, train_metadata=m_train, val_metadata=m_val,
+            head_builder=lambda: models.build_multimodal_head(e_train.shape[1], m_train.shape[1], n_classes),
+            config=train_config, checkpoint_dir=_checkpoint_dir(storage, candidate),
+            on_epoch_end=_epoch_logger(run))
+        backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
+        model = models.compose_end_to_end(backbone, result.model, with_metadata=True)
+        package = PackagedClassifier(kind="keras_multimodal", classes=classes, image_size=image_size,
+                                     metadata_columns=list(METADATA_FEATURE_COLUMNS), model=model,
+                                     extra={"candidate": "multimodal", "weights": weights})
+        row = candidate.finish(run, package, result.history, result.best_epoch, result.best_score,
+                               {"scin.keras_backend": described["backend"], "scin.weights": weights})
+        resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
+    row.update(keras_backend=described["backend"], weights=weights)
+    return candidate.output(row, kind="keras_multimodal", image_size=image_size, monitor=config.monitor,
+                            reused=False, resumed=resumed, metadata={"history": table_md(result.history, rows=40)})
