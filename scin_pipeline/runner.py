@@ -6,6 +6,7 @@ MLflow store live under the data root, so one folder holds a whole, inspectable 
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
 from scin_pipeline.assets.curation import quality_shards
+from scin_pipeline.core.atomic import describe_os_error
 from scin_pipeline.definitions import build_resources
 
 
@@ -34,7 +36,12 @@ def prepare_data_root(data_root: str | Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise DataRootError(f"cannot write to the data root {root}: {exc.strerror or exc}") from None
+        # e.g. "<path> is a file, not a folder" rather than the bare "File exists" of mkdir.
+        why = describe_os_error(exc)
+        if exc.errno == errno.ENOENT and exc.filename is not None:
+            # mkdir's ENOENT after its parents were made: the file system refuses new folders (/proc).
+            why = f"{exc.filename} cannot be created ({exc.strerror})"
+        raise DataRootError(f"cannot write to the data root {root}: {why}") from None
     return root
 
 

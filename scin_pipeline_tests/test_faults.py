@@ -204,10 +204,6 @@ write_parquet_atomic(frame, Path(sys.argv[1]))
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect: write_parquet_atomic (resources/storage.py) and store_verbatim (core/raw.py) name their "
-    "temp files .tmp-<random> with no writer pid, so nothing can tell a killed writer's leftover from a "
-    "live write and no run removes it (core/fetch.py does: pid in the name + sweep of dead writers)"))
 def test_a_table_writer_killed_mid_write_leaves_no_partial_file_after_the_rerun(mirror, reference, tmp_path):
     """The SIGKILL lands inside the IO manager's write (deterministically: the frame takes ~1 s to write);
     readers never see the partial file (it is never renamed into place), and a rerun must remove it."""

@@ -1,12 +1,18 @@
 """Ingestion assets: raw_metadata -> (cases, images, metadata_quarantine) -> image_files.
 
 Thin on purpose: every rule lives in scin_pipeline.core; these functions read, call, and describe.
+
+raw_metadata and image_files talk to the bucket, so they carry a retry policy; an error that no retry
+can heal (a local filesystem error, bad metadata content, an object the source does not have) raises
+``dagster.Failure(allow_retries=False)`` instead, so it fails at once rather than after a minute.
 """
 
 
 import dataclasses
 import hashlib
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +25,7 @@ from dagster import (
     Backoff,
     Config,
     DataVersion,
+    Failure,
     Jitter,
     MetadataValue,
     Output,
@@ -35,9 +42,37 @@ from scin_pipeline.core.fetch import FetchRequest, FetchResult, fetch_images
 from scin_pipeline.core.metadata import CASES_FILE, LABELS_FILE, parse_metadata, read_csv_bytes
 from scin_pipeline.core.paths import CASES_OBJECT, LABELS_OBJECT
 from scin_pipeline.core.raw import releases_in_csv, store_verbatim
+from scin_pipeline.core.sources import CorruptObject, ObjectMissing, TransientSourceError
 from scin_pipeline.resources import ScinSourceResource, StoragePaths
+from scin_pipeline.resources.storage import local_fs_failure
 
 GROUP = "ingest"
+
+# Errors a later attempt may not meet: the source's transient and network errors, bytes damaged in
+# transit. Checked first, since a ConnectionError is an OSError too.
+CAN_HEAL = (TransientSourceError, ConnectionError, TimeoutError, CorruptObject)
+# Errors every attempt meets again: bad content (ValueError covers UnicodeDecodeError, UnsafeObjectPath
+# and the metadata parsers' named errors) and an object the source does not have.
+CANNOT_HEAL = (ValueError, ObjectMissing)
+
+
+@contextmanager
+def retry_only_what_can_heal(asset_name: str) -> Iterator[None]:
+    """Let the retry policy see only errors that a retry may heal; turn the others into a Failure that
+    is not retried (local filesystem errors: see resources.storage.local_fs_failure)."""
+    try:
+        yield
+    except (Failure, *CAN_HEAL):
+        raise
+    except Exception as exc:
+        failure = local_fs_failure(asset_name, exc)
+        if failure is not None:
+            raise failure from None  # its description names what, where and why
+        if isinstance(exc, CANNOT_HEAL):
+            # from exc: the traceback shows where the content went wrong.
+            raise Failure(description=f"{asset_name}: {type(exc).__name__}: {exc} (not retried: a retry "
+                          "reads the same content)", allow_retries=False) from exc
+        raise
 
 
 @asset(
@@ -51,6 +86,11 @@ GROUP = "ingest"
 )
 def raw_metadata(context: AssetExecutionContext, scin_source: ScinSourceResource,
                  storage: StoragePaths) -> Output[pd.DataFrame]:
+    with retry_only_what_can_heal("raw_metadata"):
+        return _raw_metadata(scin_source, storage)
+
+
+def _raw_metadata(scin_source: ScinSourceResource, storage: StoragePaths) -> Output[pd.DataFrame]:
     source = scin_source.open()
     rows = []
     for object_path in (CASES_OBJECT, LABELS_OBJECT):
@@ -190,6 +230,12 @@ def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_met
 )
 def image_files(context: AssetExecutionContext, images: pd.DataFrame, scin_source: ScinSourceResource,
                 storage: StoragePaths) -> pd.DataFrame:
+    with retry_only_what_can_heal("image_files"):
+        return _image_files(context, images, scin_source, storage)
+
+
+def _image_files(context: AssetExecutionContext, images: pd.DataFrame, scin_source: ScinSourceResource,
+                 storage: StoragePaths) -> pd.DataFrame:
     source = scin_source.open()
     ok_refs = images[images["path_status"] == "ok"].drop_duplicates("object_path")
     requests = [FetchRequest(image_id=str(r.image_id), object_path=str(r.object_path))

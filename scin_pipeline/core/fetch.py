@@ -1,7 +1,8 @@
 """Verified, resumable, parallel image downloads from a :class:`~scin_pipeline.core.sources.ScinSource`.
 
 A local copy is trusted only after its size and checksum match the source listing. Downloads go to a
-``.tmp-`` file in the destination folder and are renamed into place only once verified, so the
+``.tmp-`` file in the destination folder (named, and swept when its writer died, by
+:mod:`scin_pipeline.core.atomic`) and are renamed into place only once verified, so the
 destination never holds a partial or unverified ``<image_id>.png``. Bytes that keep failing
 verification are moved to a quarantine folder with the reason beside them.
 
@@ -19,12 +20,12 @@ import shutil
 import stat as stat_module
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from scin_pipeline.core.atomic import TMP_PREFIX, remove_orphaned_temp_files, temp_path
 from scin_pipeline.core.paths import IMAGE_PREFIX, UnsafeObjectPath, image_id_from_path
 from scin_pipeline.core.sources import (
     ObjectInfo,
@@ -36,7 +37,6 @@ from scin_pipeline.core.sources import (
 
 logger = logging.getLogger(__name__)
 
-TMP_PREFIX = ".tmp-"
 # Per-file records of verified fetches; lets a source without checksums (a plain mirror) resume.
 VERIFIED_MANIFEST = ".verified.json"
 _MAX_BACKOFF_S = 30.0
@@ -89,7 +89,7 @@ def fetch_images(
     dest_dir = Path(dest_dir)
     quarantine_dir = Path(quarantine_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    _remove_orphaned_tmp_files(dest_dir)
+    remove_orphaned_temp_files(dest_dir)
 
     request_list = list(requests)
     # Validate first: a path that fails the rule is never joined onto anything or sent anywhere.
@@ -190,28 +190,6 @@ def _validate(request: FetchRequest) -> str | FetchResult:
     return image_id
 
 
-def _remove_orphaned_tmp_files(dest_dir: Path) -> None:
-    """Delete .tmp- files left by a process that was killed (a live process cleans up its own).
-
-    The writer's pid is in the name, so files of a live run into the same folder (this process
-    included) are kept; names without a pid are not ours and are left alone.
-    """
-    for tmp in dest_dir.glob(f"{TMP_PREFIX}*"):
-        pid_text = tmp.name[len(TMP_PREFIX) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            tmp.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _load_verified(dest_dir: Path) -> dict[str, dict]:
     path = dest_dir / VERIFIED_MANIFEST
     try:
@@ -258,7 +236,7 @@ class _RunState:
         if not self._dirty:
             return
         target = self.dest_dir / VERIFIED_MANIFEST
-        tmp = self.dest_dir / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}{VERIFIED_MANIFEST}"
+        tmp = temp_path(self.dest_dir, suffix=VERIFIED_MANIFEST)
         try:
             tmp.write_text(json.dumps(self.verified, indent=0, sort_keys=True), encoding="utf-8")
             os.replace(tmp, target)
@@ -319,7 +297,7 @@ class _RunState:
         max_attempts = 1 + self.retries
         last_error = ""
         for attempt in range(1, max_attempts + 1):
-            tmp = self.dest_dir / f"{TMP_PREFIX}{os.getpid()}-{image_id}-{uuid.uuid4().hex[:12]}.png"
+            tmp = temp_path(self.dest_dir, label=image_id, suffix=".png")
             try:
                 try:
                     served = self.source.download_to(object_path, tmp)

@@ -1,14 +1,18 @@
-"""Verbatim copies of the release's metadata files, identified by content."""
+"""Verbatim copies of the release's metadata files, identified by content.
+
+Written atomically (see :mod:`scin_pipeline.core.atomic`): a copy is whole or absent, and a killed
+writer's temp file is swept by the next store into the same folder.
+"""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from scin_pipeline.core.atomic import remove_orphaned_temp_files, write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -45,13 +49,7 @@ def store_verbatim(data: bytes, file_name: str, raw_dir: Path) -> tuple[Path, st
         raise ValueError(f"not a plain file name: {file_name!r}")
     target = raw_dir / digest / file_name
     if not target.exists() or hashlib.sha256(target.read_bytes()).hexdigest() != digest:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_bytes_atomic(data, target)  # sweeps dead writers' temp files first
+    else:
+        remove_orphaned_temp_files(target.parent)  # the copy is whole, but a killed rewrite may have left one
     return target, digest

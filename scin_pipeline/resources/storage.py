@@ -7,17 +7,26 @@ Layout under the data root (documented in the README; users and scripts may rely
     images/<image_id>.png         verified local copies of the images
     quarantine/                   rejected or corrupt inputs, each with its reason
     dagster_home/, mlflow/        the embedded Dagster instance and MLflow store
+
+Every file is written atomically (:mod:`scin_pipeline.core.atomic`): temp files are dot-files named
+after their writer's pid, swept by the next write into the same folder once that writer is dead.
+A local filesystem error no retry can fix (a file where a folder must be, a permission, a read-only
+mount) raises ``dagster.Failure(allow_retries=False)``, so a step's retry policy does not spend a
+minute repeating it.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
-from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
+from dagster import ConfigurableIOManager, ConfigurableResource, Failure, InputContext, OutputContext
 from pydantic import Field
+
+from scin_pipeline.core.atomic import atomic_target, describe_os_error, unfixable_os_error
 
 
 def default_data_root() -> str:
@@ -36,7 +45,8 @@ class StoragePaths(ConfigurableResource):
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RuntimeError(f"cannot create {path} under the data root {self.root}: {exc}") from exc
+            raise RuntimeError(f"cannot create {path} under the data root {self.root}: "
+                               f"{describe_os_error(exc)}") from exc
         return path
 
     @property
@@ -59,16 +69,35 @@ class StoragePaths(ConfigurableResource):
 
 
 def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=path.parent)
-    os.close(fd)
-    try:
+    """Write to a temporary file in the same folder, then rename: readers never see half a table.
+    Temp files that killed writers left in that folder are removed first."""
+    with atomic_target(Path(path)) as tmp:
         frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+
+def local_fs_failure(what: str, exc: BaseException) -> Failure | None:
+    """A ``Failure`` that stops step retries when ``exc`` (or a cause) is a local filesystem error no
+    retry can fix; None for any other error."""
+    error = unfixable_os_error(exc)
+    if error is None:
+        return None
+    return Failure(description=f"{what}: {describe_os_error(error)} (a local filesystem error: not retried)",
+                   allow_retries=False)
+
+
+@contextmanager
+def no_retry_on_local_fs_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Failure:
+        raise
+    except Exception as exc:
+        failure = local_fs_failure(what, exc)
+        if failure is None:
+            raise
+        # from None: the description says what, where and why, and the run summary shows the innermost
+        # cause, which would otherwise be the bare "[Errno 17] File exists: ...".
+        raise failure from None
 
 
 def _stable_text_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -102,6 +131,10 @@ class ParquetTableIOManager(ConfigurableIOManager):
     def handle_output(self, context: OutputContext, obj) -> None:
         if obj is None:
             return
+        with no_retry_on_local_fs_errors(f"storing {context.asset_key.to_user_string()}"):
+            self._handle_output(context, obj)
+
+    def _handle_output(self, context: OutputContext, obj) -> None:
         if not context.has_asset_partitions:
             self._write(context, obj, self._table_path(context))
             context.add_output_metadata({"table_path": str(self._table_path(context)), "rows": len(obj)})
@@ -124,6 +157,10 @@ class ParquetTableIOManager(ConfigurableIOManager):
         write_parquet_atomic(obj, path)
 
     def load_input(self, context: InputContext) -> pd.DataFrame:
+        with no_retry_on_local_fs_errors(f"loading {context.asset_key.to_user_string()}"):
+            return self._load_input(context)
+
+    def _load_input(self, context: InputContext) -> pd.DataFrame:
         if not context.has_asset_partitions:
             return self._read(context, self._table_path(context))
         frames = [self._read(context, self._table_path(context, key))
