@@ -23,9 +23,12 @@ Decisions:
 - Class imbalance: ``class_weighting="balanced"`` (scikit-learn's n / (k * count)); classes absent from
   the training split get weight 0 (they contribute no samples; Keras needs a weight for every index).
 - ``extract_embeddings`` / ``predict_in_batches`` call ``predict_on_batch`` on fixed-size slices (the
-  last one padded) instead of ``model.predict``: one compiled shape, no per-call dataset adapter or
-  callback machinery, and a memory-mapped cache is read slice by slice rather than materialised whole.
-  bench/train_cpu.py measures it against ``model.predict``.
+  last one padded, so one compiled shape) instead of ``model.predict``: a memory-mapped cache is read
+  slice by slice, and the small validation predictions made every epoch skip predict's data adapter,
+  callbacks and progress bar. Speed: bench/train_cpu.py (ResNet50 embeddings, CPU, 96 and 128 px, TF and
+  JAX) measures 1.01-1.04x ``model.predict``'s img/s: no real speed-up (the convolutions dominate), so
+  this is kept for memory and simplicity, not speed. (A jitted JAX ``stateless_call`` variant measured
+  the same and was dropped.)
 
 Mixed precision is a global Keras policy that must be set before models are built
 (``core.backend.apply_mixed_precision(config.mixed_precision)``); this module does not build backbones.
@@ -74,6 +77,7 @@ class TrainConfig:
     class_weighting: str = "balanced"
     mixed_precision: str = "auto"
     augment: bool = True
+    loader_workers: int = 4  # threads of the default training PyDataset (cv2 augmentation releases the GIL)
 
     def __post_init__(self):
         if self.monitor not in MONITORS:
@@ -82,7 +86,7 @@ class TrainConfig:
             raise ValueError(f"class_weighting={self.class_weighting!r}: choose 'balanced' or 'none'")
         if self.mixed_precision not in ("auto", "bfloat16", "off"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r}: choose 'auto', 'bfloat16' or 'off'")
-        for name in ("epochs", "batch_size", "early_stopping_patience"):
+        for name in ("epochs", "batch_size", "early_stopping_patience", "loader_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("fine_tune_epochs", "unfreeze_layers"):
@@ -334,7 +338,9 @@ def fit_classifier(model, train_data, val_inputs, val_y, *, config: TrainConfig,
         x, y = train_data
         fit_history = model.fit(x, np.asarray(y), batch_size=config.batch_size, shuffle=True, **fit_kwargs)
     else:
-        fit_history = model.fit(train_data, **fit_kwargs)
+        # A PyDataset shuffles its own samples (CachedImageSequence: reproducibly, per seed and epoch);
+        # Keras' batch-order shuffle would draw from Python's global random.
+        fit_history = model.fit(train_data, shuffle=False, **fit_kwargs)
 
     if ckpt is not None:
         records = pd.read_csv(ckpt / _HISTORY_CSV) if (ckpt / _HISTORY_CSV).exists() else pd.DataFrame()
@@ -400,19 +406,20 @@ def _restore(model, snapshot: dict[str, np.ndarray]) -> None:
         v.assign(snapshot[v.path])
 
 
-def default_dataset_factory(images, y, *, batch_size, shuffle, augment, seed, metadata=None):
+def default_dataset_factory(images, y, *, batch_size, shuffle, augment, seed, metadata=None, workers=1):
     """The production batches: ``core.image_cache.CachedImageSequence`` (uint8 images, geometric
-    augmentation). Imported lazily: the cache module belongs to the image-cache stage."""
+    augmentation), ``workers`` threads preparing batches ahead of the model."""
     from scin_pipeline.core.image_cache import CachedImageSequence
 
     return CachedImageSequence(images, y, batch_size, shuffle=shuffle, augment=augment, seed=seed,
-                               metadata=metadata)
+                               metadata=metadata, workers=workers, use_multiprocessing=False)
 
 
 def fine_tune_transfer(backbone, head, train_images, train_y, val_images, val_y, *, config: TrainConfig,
                        train_metadata=None, val_metadata=None, checkpoint_dir: str | Path | None = None,
                        on_epoch_end: Callable[[int, dict], None] | None = None,
-                       dataset_factory: Callable[..., Any] | None = None, verbose: int = 0) -> TransferResult:
+                       dataset_factory: Callable[..., Any] | None = None, callbacks: list | tuple = (),
+                       verbose: int = 0) -> TransferResult:
     """Transfer learning end to end on uint8 images: phase "frozen" trains the head on the frozen
     backbone at ``learning_rate`` for ``epochs``; phase "fine_tune" unfreezes the top
     ``unfreeze_layers`` (BatchNormalization stays frozen) at ``fine_tune_learning_rate`` for
@@ -420,15 +427,17 @@ def fine_tune_transfer(backbone, head, train_images, train_y, val_images, val_y,
     weights are restored. Returns the end-to-end model (the one file to save) and both histories.
 
     ``dataset_factory(images, y, *, batch_size, shuffle, augment, seed, metadata)`` builds the training
-    batches (default ``default_dataset_factory``: CachedImageSequence). Metadata arrays switch on the
-    multimodal inputs (``head`` must then take "embedding" and "metadata").
+    batches (default ``default_dataset_factory``: CachedImageSequence with ``config.loader_workers``
+    threads). Metadata arrays switch on the multimodal inputs (``head`` must then take "embedding" and
+    "metadata"). ``callbacks`` are passed to both phases' ``fit_classifier``.
     """
     from scin_pipeline.core.models import compose_end_to_end, unfreeze_top
 
     with_metadata = train_metadata is not None
     if with_metadata != (val_metadata is not None):
         raise ValueError("pass metadata for both train and validation, or for neither")
-    dataset_factory = dataset_factory or default_dataset_factory
+    dataset_factory = dataset_factory or functools.partial(default_dataset_factory,
+                                                           workers=config.loader_workers)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     backbone.trainable = False
@@ -443,7 +452,7 @@ def fine_tune_transfer(backbone, head, train_images, train_y, val_images, val_y,
 
     frozen = fit_classifier(model, batches(config.seed), val_inputs, val_y, config=config,
                             class_weight=class_weight, checkpoint_dir=ckpt / "frozen" if ckpt else None,
-                            on_epoch_end=on_epoch_end, phase="frozen", verbose=verbose)
+                            on_epoch_end=on_epoch_end, phase="frozen", callbacks=callbacks, verbose=verbose)
     phases = {"frozen": frozen}
     if config.fine_tune_epochs == 0 or config.unfreeze_layers == 0:
         return TransferResult(model=model, history=frozen.history, best_epoch=frozen.best_epoch,
@@ -456,7 +465,7 @@ def fine_tune_transfer(backbone, head, train_images, train_y, val_images, val_y,
                            class_weight=class_weight, checkpoint_dir=ckpt / "fine_tune" if ckpt else None,
                            on_epoch_end=on_epoch_end, initial_epoch_offset=int(frozen.history["epoch"].max()),
                            learning_rate=config.fine_tune_learning_rate, epochs=config.fine_tune_epochs,
-                           phase="fine_tune", verbose=verbose)
+                           phase="fine_tune", callbacks=callbacks, verbose=verbose)
     phases["fine_tune"] = tuned
     kept = bool(tuned.best_score > frozen.best_score)
     if not kept:

@@ -35,7 +35,7 @@ TRAIN_SAVE_LOAD = """
     chosen = select_backend("auto")  # KERAS_BACKEND comes from the environment
     import keras
     from scin_pipeline.core.models import build_baseline_cnn
-    from scin_pipeline.core.training import TrainConfig, fit_classifier
+    from scin_pipeline.core.training import TrainConfig, fit_classifier, predict_in_batches
 
     save_to, load_from, probabilities_to = sys.argv[1:4]
     rng = np.random.default_rng(0)
@@ -46,6 +46,9 @@ TRAIN_SAVE_LOAD = """
                             config=TrainConfig(epochs=1, batch_size=16))
     report = {"chosen": chosen, "keras": keras.config.backend(), "described": describe_backend(),
               "epochs": len(result.history), "val_macro_f1": float(result.history["val_macro_f1"].iloc[0])}
+    # The jitted JAX path (and predict_on_batch elsewhere) must agree with Keras' own predict.
+    report["batched_vs_predict"] = float(np.abs(predict_in_batches(model, images, batch_size=20)
+                                                - model.predict(images, verbose=0)).max())
     if save_to != "-":
         model.save(save_to)
     if load_from != "-":
@@ -65,6 +68,7 @@ def test_baseline_trains_on_tensorflow_and_jax_and_a_jax_model_loads_on_tensorfl
     assert (tf_report["chosen"], tf_report["keras"], tf_report["described"]["backend"]) == ("tensorflow",) * 3
     for report in (jax_report, tf_report):
         assert report["epochs"] == 1 and 0.0 <= report["val_macro_f1"] <= 1.0
+        assert report["batched_vs_predict"] < 1e-5
         assert report["described"]["policy"] == "float32" and report["described"]["devices"] == "cpu"
     saved_under_jax, loaded_under_tf = np.load(tmp_path / "jax.npy"), np.load(tmp_path / "tf.npy")
     assert saved_under_jax.shape == (8, 3)

@@ -340,8 +340,7 @@ def test_fine_tune_transfer_keeps_fine_tuned_weights_when_they_are_better(monkey
     keras.utils.set_random_seed(0)
     weights = WeightsAtEpochEnd()
     config = TrainConfig(epochs=2, fine_tune_epochs=1, unfreeze_layers=5, batch_size=12, seed=0)
-    monkeypatch.setattr(training, "fit_classifier", functools.partial(training.fit_classifier, callbacks=[weights]))
     result = fine_tune_transfer(_small_bn_backbone(), build_classifier_head(16, 3), images, y, images[:12],
-                                y[:12], config=config, dataset_factory=ArrayBatches)
+                                y[:12], config=config, dataset_factory=ArrayBatches, callbacks=[weights])
     assert result.fine_tune_kept and (result.best_epoch, result.best_score) == (3, pytest.approx(0.9))
     _assert_same_weights(result.model, weights.by_epoch[3])
