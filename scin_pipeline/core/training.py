@@ -288,6 +288,8 @@ def fit_classifier(model, train_data, val_inputs, val_y, *, config: TrainConfig,
     ``on_epoch_end(epoch, logs)`` gets the 1-based global epoch and the float logs (for MLflow).
     ``learning_rate`` / ``epochs`` default to ``config.learning_rate`` / ``config.epochs``.
     ``callbacks`` run after ours (they see the finished epoch's logs and backup).
+    ``checkpoint_dir`` must belong to this one training (e.g. the run id, or a hash of inputs + config):
+    a finished fit found there is loaded, not redone, whatever the arguments.
     """
     import keras
 
@@ -308,6 +310,8 @@ def fit_classifier(model, train_data, val_inputs, val_y, *, config: TrainConfig,
             finished = int(json.loads(state_file.read_text())["epoch"])  # Keras epochs done (absolute)
             resumed_from = finished
             prior = _truncate_history(ckpt / _HISTORY_CSV, finished, config.monitor)
+            if hasattr(train_data, "set_epoch"):  # CachedImageSequence: continue its shuffle/augment stream
+                train_data.set_epoch(finished - initial_epoch_offset)
         else:
             for stale in (_HISTORY_CSV, _BEST_WEIGHTS):
                 (ckpt / stale).unlink(missing_ok=True)

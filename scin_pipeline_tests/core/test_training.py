@@ -61,6 +61,10 @@ class ArrayBatches(keras.utils.PyDataset):
         super().__init__()
         self.images, self.y, self.batch_size, self.metadata = images, np.asarray(y), batch_size, metadata
         self.order = np.random.default_rng(seed).permutation(len(y)) if shuffle else np.arange(len(y))
+        self.epochs_set = []
+
+    def set_epoch(self, epoch):  # as CachedImageSequence: fit_classifier calls it on resume
+        self.epochs_set.append(epoch)
 
     def __len__(self):
         return -(-len(self.y) // self.batch_size)
@@ -205,11 +209,13 @@ def test_resume_after_a_kill_continues_at_the_next_epoch(monkeypatch, tmp_path):
     keras.utils.set_random_seed(0)
     restarted = _tiny_model()  # a fresh process would rebuild the model from scratch
     second_epochs, begin = [], WeightsAtEpochBegin()
-    result = fit_classifier(restarted, (x, y), x, y, config=config, class_weight=None,
+    batches = ArrayBatches(x, y, 16, shuffle=True, augment=False, seed=0)
+    result = fit_classifier(restarted, batches, x, y, config=config, class_weight=None,
                             checkpoint_dir=checkpoint_dir,
                             on_epoch_end=lambda epoch, logs: second_epochs.append(epoch), callbacks=[begin])
     assert second_epochs == [3, 4]  # finished epochs are not redone
     assert result.resumed_from_epoch == 2
+    assert batches.epochs_set == [2]  # the loader's shuffle/augment stream continues after epoch 2
     for restored, saved in zip(begin.first, weights.by_epoch[2], strict=True):
         np.testing.assert_array_equal(restored, saved)
     assert list(result.history["epoch"]) == [1, 2, 3, 4]
