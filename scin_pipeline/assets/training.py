@@ -469,7 +469,8 @@ def resnet50_transfer(context: AssetExecutionContext, config: TransferConfig, la
                                                                                            val_rows)
             result = training.train_head_on_embeddings(
                 e_train, y_train, e_val, y_val,
-                head_builder=lambda: models.build_classifier_head(e_train.shape[1], n_classes, config.dropout),
+                head_builder=lambda: models.build_classifier_head(e_train.shape[1], n_classes, config.dropout,
+                                                                  normalize_with=e_train),
                 config=train_config, checkpoint_dir=_checkpoint_dir(storage, candidate),
                 on_epoch_end=_epoch_logger(run))
             model = models.compose_end_to_end(backbone, result.model, with_metadata=False)
@@ -585,7 +586,9 @@ def multimodal(context: AssetExecutionContext, config: TransferConfig, labeled_s
                                      "metadata_features": m_train.shape[1]}) as run:
         result = training.train_head_on_embeddings(
             e_train, y_train, e_val, y_val, train_metadata=m_train, val_metadata=m_val,
-            head_builder=lambda: models.build_multimodal_head(e_train.shape[1], m_train.shape[1], n_classes),
+            head_builder=lambda: models.build_multimodal_head(
+                e_train.shape[1], m_train.shape[1], n_classes, dropout=config.dropout, normalize_with=e_train,
+                normalize_metadata_with=m_train),
             config=train_config, checkpoint_dir=_checkpoint_dir(storage, candidate),
             on_epoch_end=_epoch_logger(run))
         backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
