@@ -141,7 +141,7 @@ def main() -> None:
 
     keras.utils.set_random_seed(0)
     backbone = build_resnet50_backbone(args.image_size, weights=None)
-    head = build_classifier_head(2048, args.classes)
+    head = build_classifier_head(backbone.output_shape[-1], args.classes)
     timer = _timer_class()(args.warmup, args.steps, args.batch_size)
     config = TrainConfig(epochs=1, fine_tune_epochs=1, batch_size=args.batch_size, unfreeze_layers=args.unfreeze,
                          early_stopping_patience=1, mixed_precision=args.precision, augment=True,

@@ -34,7 +34,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-RESNET50_EMBEDDING_DIM = 2048
+RESNET50_EMBEDDING_DIM = 512 + 1024 + 2048  # the pooled stages of build_resnet50_backbone (POOLED_STAGES)
 RESNET50_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
@@ -125,8 +125,19 @@ def build_baseline_cnn(num_classes: int, image_size: int):
     return keras.Model(image, _float_softmax(num_classes)(x), name="baseline_cnn")
 
 
-def build_resnet50_backbone(image_size: int, weights: str | None = "imagenet"):
-    """ResNet50 without top, global-average pooled: uint8 "image" (S,S,3) -> 2048-d embedding.
+# Pooled stages of the embedding. Skin lesions are largely texture and colour: mid-level ResNet features
+# transfer across domains better than the last, most ImageNet-specific block, and with random weights
+# (offline) they are the only ones that carry signal. Measured on the 600-case synthetic mirror at 64 px,
+# logistic probe on random-init features, val balanced accuracy: conv3 0.67, conv4 0.48, conv5 0.38.
+POOLED_STAGES = ("conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
+STAGE_CHANNELS = {"conv2_block3_out": 256, "conv3_block4_out": 512, "conv4_block6_out": 1024,
+                  "conv5_block3_out": 2048}
+
+
+def build_resnet50_backbone(image_size: int, weights: str | None = "imagenet", *,
+                            pooled_stages: tuple[str, ...] = POOLED_STAGES):
+    """ResNet50 without top: uint8 "image" (S,S,3) -> the global-average-pooled outputs of
+    ``pooled_stages`` concatenated (3,584-d by default; ``("conv5_block3_out",)`` gives the classic 2048-d).
 
     ``weights``: "imagenet", None / "none" (random init) or a weights-file path. The layers form one flat
     model (preprocessing included), so ``unfreeze_top`` counts from the real top of the network.
@@ -134,19 +145,25 @@ def build_resnet50_backbone(image_size: int, weights: str | None = "imagenet"):
     import keras
     from keras import layers
 
+    unknown = set(pooled_stages) - set(STAGE_CHANNELS)
+    if not pooled_stages or unknown:
+        raise ValueError(f"pooled_stages must be a non-empty subset of {sorted(STAGE_CHANNELS)}, got {pooled_stages}")
     weights = _normalise_weights(weights)
     weights_path = imagenet_weights_file() if weights == "imagenet" else weights
     image = _image_input(image_size)
     # Rescaling(1.0) is the built-in cast uint8 -> float; float32 so preprocessing is exact (see module doc).
     x = layers.Rescaling(1.0, dtype="float32", name="to_float")(image)
     x = keras.applications.resnet50.preprocess_input(x)  # RGB -> BGR, minus the ImageNet channel means
-    resnet = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x, pooling="avg")
+    resnet = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x, pooling=None)
+    pooled = [layers.GlobalAveragePooling2D(name=f"pool_{stage}")(resnet.get_layer(stage).output)
+              for stage in pooled_stages]
+    joined = pooled[0] if len(pooled) == 1 else layers.Concatenate(name="pooled_stages")(pooled)
     # float32 embeddings under any policy: they are cached, compared and fed to float32 heads.
-    embedding = layers.Activation("linear", dtype="float32", name="embedding")(resnet.output)
+    embedding = layers.Activation("linear", dtype="float32", name="embedding")(joined)
     backbone = keras.Model(image, embedding, name="resnet50_backbone")
     if weights_path is not None:
         # The keras .h5 files are matched layer by layer among layers that hold weights; our extra
-        # preprocessing layers hold none.
+        # preprocessing and pooling layers hold none.
         backbone.load_weights(weights_path)
     return backbone
 

@@ -62,10 +62,10 @@ def test_outputs_stay_float32_under_mixed_bfloat16(bfloat16_policy):
     assert embeddings.shape == (2, models.RESNET50_EMBEDDING_DIM) and embeddings.dtype == np.float32
 
 
-def test_backbone_maps_uint8_images_to_2048_float32_embeddings(backbone):
+def test_backbone_maps_uint8_images_to_pooled_float32_embeddings(backbone):
     assert backbone.input.dtype == "uint8" and backbone.input.name == "image"
     embeddings = backbone.predict(_images(3), verbose=0)
-    assert embeddings.shape == (3, 2048) and embeddings.dtype == np.float32
+    assert embeddings.shape == (3, models.RESNET50_EMBEDDING_DIM) and embeddings.dtype == np.float32
     assert np.isfinite(embeddings).all()
 
 
@@ -92,7 +92,8 @@ def test_imagenet_weights_are_loaded_and_preprocess_input_runs_inside(tmp_path, 
     assert requests and requests[0][0] == models.RESNET50_NOTOP_FILE and requests[0][1].startswith("https://")
     images = _images(3, seed=1)
     expected = plain.predict(keras.applications.resnet50.preprocess_input(images.astype("float32")), verbose=0)
-    np.testing.assert_allclose(backbone.predict(images, verbose=0), expected, rtol=1e-4, atol=1e-4)
+    # The last pooled stage (conv5, the classic 2048-d embedding) is the tail of ours.
+    np.testing.assert_allclose(backbone.predict(images, verbose=0)[:, -2048:], expected, rtol=1e-4, atol=1e-4)
 
 
 def _offline(monkeypatch):
@@ -153,7 +154,8 @@ def test_multimodal_head_has_named_embedding_and_metadata_inputs():
 
 
 def test_end_to_end_model_equals_head_of_backbone_and_survives_save_load(backbone, tmp_path):
-    head = build_classifier_head(2048, 3, normalize_with=np.random.default_rng(1).normal(size=(50, 2048)))
+    head = build_classifier_head(models.RESNET50_EMBEDDING_DIM, 3, normalize_with=np.random.default_rng(1).normal(
+        size=(50, models.RESNET50_EMBEDDING_DIM)))
     model = compose_end_to_end(backbone, head, with_metadata=False)
     images = _images(4, seed=2)
     expected = head.predict(backbone.predict(images, verbose=0), verbose=0)

@@ -14,7 +14,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from scin_pipeline.core import training
 from scin_pipeline.core.models import (
-    build_baseline_cnn, build_classifier_head, build_multimodal_head, build_resnet50_backbone)
+    RESNET50_EMBEDDING_DIM, build_baseline_cnn, build_classifier_head, build_multimodal_head, build_resnet50_backbone)
 from scin_pipeline.core.training import (
     TrainConfig, balanced_class_weights, extract_embeddings, fine_tune_transfer, fit_classifier,
     predict_in_batches, train_head_on_embeddings)
@@ -263,11 +263,11 @@ def test_head_on_frozen_random_resnet50_embeddings_learns_a_planted_pattern():
     backbone = build_resnet50_backbone(64, weights=None)
     train_emb = extract_embeddings(backbone, images, batch_size=64)
     val_emb = extract_embeddings(backbone, val_images, batch_size=64)
-    assert train_emb.shape == (300, 2048) and train_emb.dtype == np.float32
+    assert train_emb.shape == (300, RESNET50_EMBEDDING_DIM) and train_emb.dtype == np.float32
     config = TrainConfig(epochs=15, batch_size=32, early_stopping_patience=15, seed=0)
     result = train_head_on_embeddings(
         train_emb, y, val_emb, val_y, config=config,
-        head_builder=functools.partial(build_classifier_head, 2048, 3, 0.2, normalize_with=train_emb))
+        head_builder=functools.partial(build_classifier_head, RESNET50_EMBEDDING_DIM, 3, 0.2, normalize_with=train_emb))
     assert result.history["phase"].eq("head").all()
     test_images, test_y = synthetic_pattern_images(120, 64, seed=2)  # held out from model selection
     predicted = result.model.predict(extract_embeddings(backbone, test_images), verbose=0).argmax(axis=1)
