@@ -1,4 +1,4 @@
-"""The ``scin-pipeline`` console script: run, demo, ui.
+"""The ``scin-pipeline`` console script: run, demo, ui, serve.
 
 Errors a user can fix (unreachable bucket, unwritable data root, bad arguments) are printed as one clear
 message with a non-zero exit; set SCIN_DEBUG=1 to see tracebacks.
@@ -68,13 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--source", default=os.environ.get("SCIN_SOURCE", "gcs"))
     ui.add_argument("--port", type=int, default=3000)
     ui.add_argument("--mlflow-port", type=int, default=5000)
+
+    serve = sub.add_parser("serve", help="a web page and JSON API that classify one photo with the champion "
+                                         "(NOT A DIAGNOSIS)")
+    serve.add_argument("--data-root", default=os.environ.get("SCIN_DATA_ROOT", DEFAULT_DATA_ROOT),
+                       help="where the embedded MLflow store is (ignored when MLFLOW_TRACKING_URI is set)")
+    serve.add_argument("--model", default="models:/scin-condition-classifier@champion",
+                       help="models:/NAME@ALIAS or models:/NAME/VERSION (default: the champion)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10)")
+    serve.add_argument("--store-uploads", default=None, metavar="DIR",
+                       help="keep accepted uploads in DIR under random names (default: kept in memory only)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "demo": cmd_demo, "ui": cmd_ui}[args.command](args)
+        return {"run": cmd_run, "demo": cmd_demo, "ui": cmd_ui, "serve": cmd_serve}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clear line for the user; the traceback only on request
@@ -195,6 +207,41 @@ def cmd_ui(args: argparse.Namespace) -> int:
                         proc.wait(timeout=15)
                     except (ProcessLookupError, subprocess.TimeoutExpired):
                         continue
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """uvicorn on the FastAPI app of scin_pipeline.serve; the model is loaded before the port opens."""
+    import logging
+
+    from scin_pipeline.runner import embedded_mlflow_uri
+
+    if not 0 < args.max_upload_mb <= 1024 or not 0 < args.port <= 65535:
+        return _fail("--max-upload-mb must be in (0, 1024] and --port in [1, 65535]", EXIT_USAGE)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        root = Path(args.data_root).expanduser().resolve()
+        if not (root / "mlflow" / "mlflow.db").is_file():
+            return _fail(f"no MLflow store at {root / 'mlflow' / 'mlflow.db'}: no model has been trained under "
+                         f"--data-root {args.data_root}; run `scin-pipeline demo --out {args.data_root}` first "
+                         f"(or set MLFLOW_TRACKING_URI)", EXIT_USAGE)
+        tracking_uri = embedded_mlflow_uri(root)
+    import uvicorn
+
+    from scin_pipeline.serve import ServeError, create_app
+
+    try:
+        app = create_app(args.model, tracking_uri=tracking_uri, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                         store_uploads_dir=args.store_uploads)
+    except ServeError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    served = app.state.served
+    print(f"serving {served.loaded_uri} ({served.kind}"
+          f"{', trained on SYNTHETIC images' if served.synthetic_data else ''}) at http://{args.host}:{args.port}/"
+          f"  (NOT A DIAGNOSIS; Ctrl-C stops)", flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # No access log: it would record client addresses. The app logs method, path, status and time only.
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")
     return 0
 
 

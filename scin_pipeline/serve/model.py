@@ -1,0 +1,148 @@
+"""The served model: the registry's version behind a ``models:/`` URI, loaded once, unwrapped to its package.
+
+``load_served_model`` resolves the URI to one registered version first (``@alias`` through
+``MlflowClient.get_model_version_by_alias``, or an explicit version number), then loads exactly that
+version (``models:/NAME/VERSION``) with ``mlflow.pyfunc.load_model``: if the alias moves while the service
+starts, the name and version shown to users are still those of the weights that answer. The pyfunc is then
+unwrapped to its :class:`~scin_pipeline.core.packaged_model.PackagedClassifier`, so that the service
+decodes each upload once (its quality check needs the full-size pixels) and calls the package's
+``predict_proba`` directly, instead of handing raw bytes to the pyfunc, which would decode them again.
+
+Errors a user can fix (no store, no registered model, no champion yet, a model that is not one of ours)
+are :class:`ServeError` with one clear message; the CLI prints it and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from scin_pipeline.core.packaged_model import KERAS_KINDS, METADATA_KINDS, PackagedClassifier
+
+DEFAULT_MODEL_NAME = "scin-condition-classifier"
+DEFAULT_MODEL_URI = f"models:/{DEFAULT_MODEL_NAME}@champion"
+SYNTHETIC_TAG = "scin.synthetic_data"
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
+
+
+class ServeError(RuntimeError):
+    """The service cannot start (or a model cannot be served); the message says what to do."""
+
+
+@dataclass
+class ServedModel:
+    """A loaded package and where it came from. ``predict_proba`` is serialised by a lock: Keras does not
+    promise that one model may predict from several threads at once."""
+
+    package: PackagedClassifier
+    requested_uri: str
+    loaded_uri: str
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+    synthetic_data: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return self.package.kind
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.package.classes)
+
+    @property
+    def uses_image(self) -> bool:
+        return self.package.kind in KERAS_KINDS
+
+    @property
+    def uses_metadata(self) -> bool:
+        return self.package.kind in METADATA_KINDS
+
+    def predict_proba(self, images: np.ndarray | None, cases: pd.DataFrame | None) -> np.ndarray:
+        """The package's ``predict_proba`` with only the inputs its kind uses; (N, K) rows summing to 1."""
+        with self._lock:
+            return self.package.predict_proba(images=images if self.uses_image else None,
+                                               cases=cases if self.uses_metadata else None)
+
+    def warm_up(self) -> None:
+        """One prediction on a blank image and an empty questionnaire, so that the first user does not wait
+        for graph tracing."""
+        size = self.package.image_size or 1
+        self.predict_proba(np.zeros((1, size, size, 3), np.uint8), pd.DataFrame(index=[0]))
+
+
+def _display_uri(uri: str) -> str:
+    from scin_pipeline.resources.mlflow_tracking import _without_credentials
+
+    return _without_credentials(uri)
+
+
+def _registry_version(client, name: str, alias: str | None, version: str | None, where: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code not in _MISSING:
+            raise
+    try:
+        client.get_registered_model(name)
+        known = True
+    except MlflowException as exc:
+        if exc.error_code not in _MISSING:
+            raise
+        known = False
+    if not known:
+        raise ServeError(f"the registry at {where} has no model named {name!r}: no model has been trained yet; "
+                         f"run `scin-pipeline demo` (or the training job) first, or pass --model") from None
+    if alias == "champion":
+        raise ServeError(f"no champion yet: {name!r} in the registry at {where} has no version with the alias "
+                         f"@champion; run `scin-pipeline demo` first (model_comparison sets it)") from None
+    what = f"the alias @{alias}" if alias is not None else f"a version {version}"
+    raise ServeError(f"{name!r} in the registry at {where} has no {what}") from None
+
+
+def load_served_model(model_uri: str, *, tracking_uri: str | None = None) -> ServedModel:
+    """Resolve ``model_uri`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) and load that version.
+
+    ``tracking_uri`` (also the registry URI) None: MLflow's own default (``$MLFLOW_TRACKING_URI``).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from scin_pipeline.resources.mlflow_tracking import _fluent_tracking_uri
+
+    match = _MODELS_URI.match(model_uri or "")
+    if match is None:
+        raise ServeError(f"--model must be models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
+    name = match["name"]
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    where = _display_uri(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    registered = _registry_version(client, name, match["alias"], match["version"], where)
+    loaded_uri = f"models:/{name}/{registered.version}"
+    # The fluent loader reads the process-wide URI: point it at ours for the call, restore it after.
+    scope = _fluent_tracking_uri(uri) if tracking_uri else contextlib.nullcontext()
+    with scope:
+        try:
+            pyfunc = mlflow.pyfunc.load_model(loaded_uri)
+        except Exception as exc:
+            raise ServeError(f"cannot load {loaded_uri} from {where}: {type(exc).__name__}: {exc}") from exc
+    package = getattr(pyfunc.unwrap_python_model(), "package", None)
+    if not isinstance(package, PackagedClassifier):
+        raise ServeError(f"{loaded_uri} is not a SCIN packaged classifier (its pyfunc holds no "
+                         f"PackagedClassifier); only models logged by scin_pipeline can be served")
+    tags = dict(registered.tags or {})
+    return ServedModel(package=package, requested_uri=model_uri, loaded_uri=loaded_uri, name=name,
+                       version=str(registered.version), run_id=registered.run_id,
+                       synthetic_data=tags.get(SYNTHETIC_TAG, "").lower() == "true", tags=tags)

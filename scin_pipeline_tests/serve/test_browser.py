@@ -1,0 +1,73 @@
+"""The page in a real browser: headless Chromium from Debian's package, driven by Playwright (no browser
+download), against ``scin-pipeline serve`` running as a subprocess. A SYNTHETIC photo is uploaded, the
+result is read off the page and compared with the JSON API's answer for the same bytes; the screenshot
+goes to artifacts/screenshots/serve-prediction.png.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scin_pipeline_tests.serve.conftest import MODEL_NAME, encode, require_chromium, synthetic_skin_rgb
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOT = REPO_ROOT / "artifacts" / "screenshots" / "serve-prediction.png"
+MIN_SCREENSHOT_BYTES = 20_000  # a blank page compresses to a few kB
+PAGE_TIMEOUT_MS = 60_000
+UPLOAD_NAME = "synthetic-jane-doe-forearm.png"  # must never reach the server's log
+
+
+def test_upload_a_photo_and_read_the_prediction_in_chromium(serve_process, registry):
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = require_chromium()
+    png = encode(synthetic_skin_rgb(4, (320, 240)))
+    expected = httpx.post(f"{serve_process.base_url}/predict", files={"file": ("a.png", png, "image/png")},
+                          timeout=60).json()
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    SCREENSHOT.unlink(missing_ok=True)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 820})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            external = []
+            page.on("request", lambda request: None if request.url.startswith(serve_process.base_url)
+                    or request.url.startswith(("blob:", "data:")) else external.append(request.url))
+            page.goto(serve_process.base_url)
+            expect(page.locator("#model-line")).to_contain_text(
+                f"{MODEL_NAME} version {registry.versions['keras_image']}")
+            expect(page.locator("#notice")).to_contain_text("NOT A DIAGNOSIS")
+            expect(page.locator("#synthetic")).to_be_visible()
+            expect(page.locator("#metadata")).to_be_hidden()  # the image-only champion asks no questions
+
+            page.set_input_files("#file", files=[{"name": UPLOAD_NAME, "mimeType": "image/png", "buffer": png}])
+            expect(page.locator("#preview")).to_be_visible()
+            page.click("#submit")
+            top = page.get_by_test_id("top-condition")
+            expect(top).to_be_visible()
+            best = expected["top"][0]
+            expect(top.locator(".name")).to_have_text(best["condition"])
+            expect(top.locator(".pct")).to_have_text(f"{100 * best['probability']:.1f} %")
+            expect(page.locator("#result-notice")).to_contain_text("NOT A DIAGNOSIS")
+            expect(page.locator("#quality-verdict")).to_contain_text("no problem found (320 x 240 px)")
+            expect(page.locator("#result-model")).to_contain_text("SYNTHETIC")
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+
+    print(f"\nscreenshot: {SCREENSHOT}")
+    assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert SCREENSHOT.stat().st_size > MIN_SCREENSHOT_BYTES
+    assert external == []  # the page loads nothing from elsewhere
+    log = serve_process.log_text()
+    assert re.search(r"POST /predict 200", log)
+    assert "jane-doe" not in log
+    assert not re.search(r"POST /predict.*127\.0\.0\.1", log)  # no client address on request lines
