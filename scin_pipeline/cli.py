@@ -100,6 +100,9 @@ def demo_run_config(image_size: int, epochs: int) -> dict:
     embeddings (the asset's CPU default)."""
     keras_training = {"epochs": epochs, "batch_size": 32, "early_stopping_patience": 4}
     return {"ops": {
+        # A few hundred cases hold few cases per condition: a lower bar keeps several classes (the
+        # pipeline's default, 20, suits the full release).
+        "labeled_splits": {"config": {"min_cases_per_class": 8}},
         "image_tensors": {"config": {"image_size": image_size}},
         "baseline_cnn": {"config": keras_training},
         "resnet50_transfer": {"config": {**keras_training, "mode": "head_on_embeddings"}},

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output, asset
 from pydantic import Field
 
 from scin_pipeline.assets._metadata import table_md
@@ -267,6 +267,10 @@ class CandidateRun:
                  inputs_version: str, storage: StoragePaths, mlflow: MlflowTracking, synthetic: bool):
         self.context, self.name, self.config, self.mlflow = context, name, config, mlflow
         self.classes = class_names(labeled_splits)
+        if len(self.classes) < 2:
+            raise Failure(f"{name}: labeled_splits holds {len(self.classes)} class(es) {self.classes}: nothing to "
+                          "tell apart; use more cases or lower labeled_splits' min_cases_per_class",
+                          allow_retries=False)
         self.splits_version = splits_data_version(labeled_splits)
         code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or "none"
         self.code_version = code_version

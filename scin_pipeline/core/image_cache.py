@@ -143,7 +143,7 @@ def _ensure_pixel_limit_guard() -> None:
             _GUARD_SET = True
 
 
-def _decode_bytes_rgb(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_bytes_rgb(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """core.imageio.decode_image's checks, in its order, for bytes held in memory (uploads); RGB uint8.
 
     decode_image reads a path; a web upload is bytes, and writing it to a temp file just to read it back
@@ -216,7 +216,7 @@ def preprocess_image_bytes(data: bytes, image_size: int, *, name: str = "upload"
     size = _check_image_size(image_size)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImagePreprocessError(f"{name}: expected image bytes, got {type(data).__name__}", "corrupt")
-    return preprocess_image(_decode_bytes_rgb(bytes(data), name), size)
+    return preprocess_image(decode_bytes_rgb(bytes(data), name), size)
 
 
 def preprocess_image_file(path: str | os.PathLike, image_size: int) -> np.ndarray:

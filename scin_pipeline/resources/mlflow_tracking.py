@@ -120,7 +120,7 @@ def _safe_artifact_file(filename: str) -> str:
 
 
 @contextlib.contextmanager
-def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at ``uri`` for the block; restore the previous URI and env var after."""
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils  # only place the unset state lives
@@ -145,7 +145,7 @@ def _sqlite_path(uri: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
-def _without_credentials(uri: str) -> str:
+def without_credentials(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.username or parts.password:
         host = parts.hostname or ""
@@ -264,7 +264,7 @@ class MlflowTracking(ConfigurableResource):
         run_tags = {str(k): str(v) for k, v in tags.items()}
         run_tags[RUN_KEY_TAG] = run_key
         uri = self.resolved_tracking_uri()
-        with _fluent_tracking_uri(uri):
+        with fluent_tracking_uri(uri):
             if unfinished:
                 previous = unfinished[0]
                 old_tags = previous.data.tags
@@ -351,7 +351,7 @@ class MlflowTracking(ConfigurableResource):
         base = self.ui_url
         if base is None:
             uri = self.resolved_tracking_uri()
-            base = _without_credentials(uri) if uri.startswith(("http://", "https://")) else None
+            base = without_credentials(uri) if uri.startswith(("http://", "https://")) else None
         if base is None:
             return None
         experiment_id = experiment_id or self.client().get_run(run_id).info.experiment_id

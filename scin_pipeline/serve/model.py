@@ -80,9 +80,9 @@ class ServedModel:
 
 
 def _display_uri(uri: str) -> str:
-    from scin_pipeline.resources.mlflow_tracking import _without_credentials
+    from scin_pipeline.resources.mlflow_tracking import without_credentials
 
-    return _without_credentials(uri)
+    return without_credentials(uri)
 
 
 def _registry_version(client, name: str, alias: str | None, version: str | None, where: str):
@@ -120,7 +120,7 @@ def load_served_model(model_uri: str, *, tracking_uri: str | None = None) -> Ser
     import mlflow
     from mlflow import MlflowClient
 
-    from scin_pipeline.resources.mlflow_tracking import _fluent_tracking_uri
+    from scin_pipeline.resources.mlflow_tracking import fluent_tracking_uri
 
     match = _MODELS_URI.match(model_uri or "")
     if match is None:
@@ -132,7 +132,7 @@ def load_served_model(model_uri: str, *, tracking_uri: str | None = None) -> Ser
     registered = _registry_version(client, name, match["alias"], match["version"], where)
     loaded_uri = f"models:/{name}/{registered.version}"
     # The fluent loader reads the process-wide URI: point it at ours for the call, restore it after.
-    scope = _fluent_tracking_uri(uri) if tracking_uri else contextlib.nullcontext()
+    scope = fluent_tracking_uri(uri) if tracking_uri else contextlib.nullcontext()
     with scope:
         try:
             pyfunc = mlflow.pyfunc.load_model(loaded_uri)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from scin_pipeline.core.image_cache import _decode_bytes_rgb, preprocess_image
+from scin_pipeline.core.image_cache import decode_bytes_rgb, preprocess_image
 from scin_pipeline.core.quality import MONK_SWATCH_LIGHTNESS, QualityConfig, decide_quality, image_metrics
 from scin_pipeline.serve.inputs import PredictionRequest, RequestError
 from scin_pipeline.serve.model import ServedModel
@@ -55,7 +55,7 @@ def decode_upload(data: bytes) -> np.ndarray:
     from scin_pipeline.core.image_cache import ImagePreprocessError
 
     try:
-        return _decode_bytes_rgb(bytes(data), UPLOAD_NAME)
+        return decode_bytes_rgb(bytes(data), UPLOAD_NAME)
     except ImagePreprocessError as exc:
         raise RequestError(STATUS_BY_DECODE_KIND.get(exc.kind, 422), exc.kind, str(exc)) from None
 
