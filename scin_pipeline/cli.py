@@ -34,6 +34,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Dagster asset selection, e.g. 'cases+' or 'key:images' (default: all)")
     parser.add_argument("--strict", action="store_true",
                         help="also exit non-zero when a non-blocking ERROR check fails")
+    parser.add_argument("--only-stale", action="store_true",
+                        help="materialise only missing or stale assets (code and data versions); "
+                        "nothing at all when everything is up to date")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +114,7 @@ def demo_run_config(image_size: int, epochs: int) -> dict:
 
 
 def _execute(data_root: str, source: str, limit_cases: int | None, select: str | None,
-             strict: bool, run_config: dict | None = None) -> int:
+             strict: bool, run_config: dict | None = None, only_stale: bool = False) -> int:
     from scin_pipeline.core.sources import SourceUnreachable, open_source
     from scin_pipeline.runner import DataRootError, prepare_data_root, run_pipeline
 
@@ -127,7 +130,7 @@ def _execute(data_root: str, source: str, limit_cases: int | None, select: str |
         return _fail(f"{exc}{hint if source in ('gcs',) or source.startswith('gs://') else ''}",
                      EXIT_UNREACHABLE)
     summary = run_pipeline(data_root=data_root, source=source, limit_cases=limit_cases, select=select,
-                           run_config=run_config)
+                           run_config=run_config, only_stale=only_stale)
     print(summary.render())
     print(f"tables: {Path(data_root).resolve() / 'tables'}")
     return summary.exit_code(strict=strict)
@@ -136,7 +139,8 @@ def _execute(data_root: str, source: str, limit_cases: int | None, select: str |
 def cmd_run(args: argparse.Namespace) -> int:
     if args.limit_cases is not None and args.limit_cases < 1:
         return _fail("--limit-cases must be at least 1", EXIT_USAGE)
-    return _execute(args.data_root, args.source, args.limit_cases, args.select, args.strict)
+    return _execute(args.data_root, args.source, args.limit_cases, args.select, args.strict,
+                    only_stale=args.only_stale)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -168,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.image_size < 32 or args.epochs < 1:
         return _fail("--image-size must be at least 32 and --epochs at least 1", EXIT_USAGE)
     return _execute(str(out), str(mirror), None, args.select, args.strict,
-                    run_config=demo_run_config(args.image_size, args.epochs))
+                    run_config=demo_run_config(args.image_size, args.epochs), only_stale=args.only_stale)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -215,3 +215,17 @@ def test_no_eligible_candidate_means_no_champion():
     ranked = choose_champion(wide, n_classes=4, config=ComparisonConfig(chance_margin=0.05))
     assert not ranked["champion"].any()
     assert ranked["passed_over"].str.contains("chance").all()
+
+
+def test_only_stale_rerun_launches_nothing_when_everything_is_up_to_date(trained):
+    data_root, mirror, _summary, uri = trained
+    from scin_pipeline.runner import stale_asset_keys
+
+    assert stale_asset_keys(data_root, str(mirror.root)) == []
+    client = mlflow.MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    before = {r.info.run_id for r in client.search_runs(experiments)}
+    again = run_pipeline(data_root=data_root, source=str(mirror.root), log_level="WARNING",
+                         run_config=RUN_CONFIG, only_stale=True)
+    assert again.success and not again.materialized
+    assert {r.info.run_id for r in client.search_runs(experiments)} == before
