@@ -682,9 +682,11 @@ def group_metrics_wide(table: pd.DataFrame, attribute: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _markdown_table(frame: pd.DataFrame) -> str:
+def markdown_text_table(frame: pd.DataFrame, fmt=str) -> str:
+    """A Markdown table whose cells are ``fmt(value)`` taken as text (pipes escaped); the report's own
+    formatting, unlike core.report.markdown_table's share-as-percentage rule."""
     def text(v) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
+        return fmt(v).replace("|", "\\|").replace("\n", " ")
     lines = ["| " + " | ".join(map(text, frame.columns)) + " |",
              "| " + " | ".join("---" for _ in frame.columns) + " |"]
     lines += ["| " + " | ".join(text(v) for v in row) + " |"
@@ -712,10 +714,10 @@ def fairness_markdown(table: pd.DataFrame, gate: GateResult, *, model: str, synt
               f"**Fairness gate: {'PASSED' if gate.passed else 'FAILED'}** ({gate.metric}, "
               f"max_gap {gate.max_gap:.2f}). {gate.reason}", "", _how_to_read(table), "",
               f"## {ATTRIBUTE_TITLES[OVERALL]}", "",
-              _markdown_table(group_metrics_wide(table, OVERALL).drop(columns=["group", "note"])), ""]
+              markdown_text_table(group_metrics_wide(table, OVERALL).drop(columns=["group", "note"])), ""]
     for attribute in _attributes(table):
         lines += [f"## {ATTRIBUTE_TITLES.get(attribute, attribute)} (`{attribute}`)", "",
-                  _markdown_table(group_metrics_wide(table, attribute)), ""]
+                  markdown_text_table(group_metrics_wide(table, attribute)), ""]
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ from scin_pipeline.core.fairness import (
     SYNTHETIC_BANNER,
     GateResult,
     group_metrics_wide,
+    markdown_text_table,
 )
 
 SCIN_DATASET_NAME = "Skin Condition Image Network (SCIN)"
@@ -119,13 +120,7 @@ def _bullets(mapping: Mapping, indent: int = 0) -> list[str]:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    def text(v) -> str:
-        return _format(v).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
-             "| " + " | ".join("---" for _ in frame.columns) + " |"]
-    lines += ["| " + " | ".join(text(v) for v in row) + " |"
-              for row in frame.itertuples(index=False, name=None)]
-    return "\n".join(lines)
+    return markdown_text_table(frame, _format)
 
 
 def _overall_with_intervals(metrics: Mapping[str, float], fairness_table: pd.DataFrame) -> pd.DataFrame:
