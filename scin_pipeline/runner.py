@@ -7,12 +7,11 @@ MLflow store live under the data root, so one folder holds a whole, inspectable 
 from __future__ import annotations
 
 import errno
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagster import AssetSelection, DagsterInstance, materialize
+from dagster import AssetSelection, DagsterInstance, Definitions, materialize
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
@@ -145,12 +144,21 @@ def run_pipeline(*, data_root: str | Path, source: str, limit_cases: int | None 
 
 def _materialize(root: Path, source: str, limit_cases: int | None, selection, run_config: dict | None,
                  log_level: str) -> RunSummary:
-    os.environ.setdefault("MLFLOW_TRACKING_URI", embedded_mlflow_uri(root))
+    # MLflow: the `mlflow` resource reads MLFLOW_TRACKING_URI, else uses SQLite under this data root; the
+    # environment is not touched, so runs on different data roots in one process stay apart.
     config: dict = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     if limit_cases:
         config["ops"] = {"parsed_metadata": {"config": {"limit_cases": limit_cases}}}
     for key, value in (run_config or {}).items():
         config.setdefault(key, {}).update(value)
+    if selection is not None and "ops" in config:
+        # Config for an op outside the selection is an error to Dagster; callers (the demo) pass one
+        # config for the whole graph, so keep only the selected ops' entries.
+        graph = Definitions(assets=ALL_ASSETS, asset_checks=ALL_ASSET_CHECKS,
+                            resources=build_resources(data_root=str(root), source=source)).resolve_asset_graph()
+        selected = selection.resolve(graph)
+        ops = {d.node_def.name for d in ALL_ASSETS if set(d.keys) & selected}
+        config["ops"] = {name: value for name, value in config["ops"].items() if name in ops}
     # A selected asset's checks run with it (Dagster includes them in an asset job by default).
     result = materialize(
         [*ALL_ASSETS, *ALL_ASSET_CHECKS],

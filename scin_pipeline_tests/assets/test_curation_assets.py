@@ -13,6 +13,7 @@ from scin_pipeline.core.synthetic import write_synthetic_mirror
 from scin_pipeline.runner import run_pipeline
 
 SMALL = (240, 180)  # half the demo size keeps the suite fast (the rules are tuned on 480 px)
+CURATION = "group:ingest or group:curation"  # these tests stop at labeled_splits; training has its own
 LENIENT = {"ops": {"quality_filtered_index": {"config": {"max_quarantined_fraction": 0.2}}}}  # small synthetic images keep the suite fast; the rules are size-relative
 
 
@@ -23,7 +24,7 @@ def synthetic_run(tmp_path_factory):
                                     defect_rate=0.12)
     # 12 % planted defects, half of them undecodable or missing: near the default 10 % quarantine gate.
     summary = run_pipeline(data_root=root / "data", source=str(mirror.root), log_level="WARNING",
-                           run_config=LENIENT)
+                           run_config=LENIENT, select=CURATION)
     return root / "data", mirror, summary
 
 
@@ -155,7 +156,8 @@ def test_whole_real_release_with_synthetic_images_has_no_leakage(scin_metadata_d
     """All 5,033 real cases (real exact reuse: 15 files in 42 references), small synthetic images."""
     mirror = write_synthetic_mirror(tmp_path / "mirror", metadata_dir=scin_metadata_dir, image_size=(160, 120),
                                     workers=2)
-    summary = run_pipeline(data_root=tmp_path / "data", source=str(mirror.root), log_level="WARNING")
+    summary = run_pipeline(data_root=tmp_path / "data", source=str(mirror.root), log_level="WARNING",
+                           select=CURATION)
     assert summary.success, summary.render()
     data_root = tmp_path / "data"
     assert len(table(data_root, "cases")) == 5033
