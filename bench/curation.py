@@ -344,7 +344,6 @@ def dedup_section(skip_big: bool) -> None:
 
 
 def calibration_section(cache: Path, workers: int) -> None:
-    import pandas as pd
 
     from scin_pipeline.core.quality import (
         QualityConfig, assess_images, assessments_frame, decide_quality, exclusion_rates_by_monk_tone,

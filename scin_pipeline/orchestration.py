@@ -46,7 +46,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from scin_pipeline.assets.curation import quality_shards
 from scin_pipeline.core.alerts import DAGSTER_URL_ENV, Alert, alert_sinks_from_env, deliver, run_link, shorten
-from scin_pipeline.core.paths import CASES_OBJECT, LABELS_OBJECT, METADATA_OBJECTS
+from scin_pipeline.core.paths import CASES_OBJECT, METADATA_OBJECTS
 from scin_pipeline.core.raw import releases_in_csv
 from scin_pipeline.core.sources import (
     CorruptObject,

@@ -9,7 +9,6 @@ not weigh three times. The gate reads the groups with enough data only; tiny gro
 
 import json
 
-import numpy as np
 import pandas as pd
 from dagster import (
     AssetCheckResult,
