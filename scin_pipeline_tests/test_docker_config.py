@@ -100,7 +100,7 @@ def test_mlflow_server_uses_postgres_and_serves_artifacts_from_a_volume(compose)
     mlflow = compose["services"]["mlflow"]
     command = command_text(mlflow)
     assert "mlflow server" in command and "--port 5000" in command
-    assert "--backend-store-uri \"postgresql://" in command and "@postgres:5432/mlflow" in command
+    assert "--backend-store-uri \"postgresql+psycopg2://" in command and "@postgres:5432/mlflow" in command
     assert "--serve-artifacts" in command and "--artifacts-destination /mlflow-artifacts" in command
     assert "mlflow-artifacts:/mlflow-artifacts" in mlflow["volumes"]
     assert "mlflow" in mlflow["environment"]["MLFLOW_ALLOWED_HOSTS"]
@@ -154,7 +154,8 @@ def test_dagster_yaml_passes_the_instance_and_postgres_schemas(monkeypatch):
                                                                           "DagsterPostgresStorage")
     storage = validated(ref.storage_data)
     assert storage["postgres_db"] == {**{"username": "scin", "password": "secret", "hostname": "postgres",
-                                         "db_name": "dagster", "port": 5432}, "params": {}, "scheme": "postgresql"}
+                                         "db_name": "dagster", "port": 5432}, "params": {},
+                                      "scheme": "postgresql+psycopg2"}
     assert ref.run_coordinator_data.class_name == "QueuedRunCoordinator"
     validated(ref.run_coordinator_data)
     assert validated(ref.compute_logs_data)["base_dir"].startswith("/data/")
