@@ -31,6 +31,20 @@ Decisions:
   undefined (AUC with a single class left) is skipped for that metric; ``n_boot_valid`` counts the
   rest. Rows of one case share a person, so row resampling makes intervals somewhat narrow when cases
   have several images; the lead may pass one row per case if that matters more.
+- Degenerate bootstrap (:func:`metric_interval`): a group with no correct prediction (0 of 37) or only
+  correct ones resamples to the same value every time, and the percentile interval collapses to a
+  point ([0, 0]) that can never overlap anything, although 0/37 is compatible with an accuracy up to
+  ~0.09. Rule, per (group, metric), when every valid resample gives the same value:
+  accuracy and top-3 accuracy (proportions) take the Wilson score interval of (hits, n) instead,
+  ``ci_method`` "wilson"; balanced accuracy and macro-F1 (not proportions, no closed form) keep the
+  point but are widened to at least the Wilson interval of plain accuracy's (hits, n), a conservative
+  stand-in, ``ci_method`` "bootstrap+wilson"; AUC stays bootstrap. Any metric with spread in its
+  resamples keeps the plain percentile interval (``ci_method`` "bootstrap"), so ordinary groups are
+  unchanged; we chose "Wilson only when degenerate" over "always the wider of the two" for exactly
+  that. Wilson rather than Clopper-Pearson: its coverage is close to nominal at small n and p near 0
+  or 1 (0/37 -> upper 0.094; exact gives 0.095). It is five lines of our own (:func:`wilson_interval`)
+  because statsmodels is not a dependency (tested against scipy's ``binomtest``). With
+  ``n_bootstrap=0`` there are no intervals at all, Wilson included (the gate then uses the gap alone).
 - Groups with ``n < min_group_n`` are kept, with their numbers and intervals, and flagged
   ``insufficient_data``; they are never the ``worst`` group and never decide the gate.
 - Gate (:func:`fairness_gate`): the reference is the overall value, not the best group. The best group
@@ -47,9 +61,11 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -89,7 +105,13 @@ ATTRIBUTE_TITLES = {
 FAIRNESS_METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "mean_ovr_auc", "top3_accuracy"]
 TABLE_COLUMNS = ["model", "attribute", "group", "n", "metric", "value", "ci_low", "ci_high",
                  "diff_to_overall", "ratio_to_overall", "insufficient_data", "worst", "n_boot_valid",
-                 "n_boot", "ci_level"]
+                 "n_boot", "ci_level", "ci_method"]
+# ci_method values (module docstring, "Degenerate bootstrap").
+CI_BOOTSTRAP = "bootstrap"
+CI_WILSON = "wilson"
+CI_BOOTSTRAP_WILSON = "bootstrap+wilson"
+PROPORTION_METRICS = ("accuracy", "top3_accuracy")  # degenerate -> Wilson of their own hits
+WIDENED_METRICS = ("balanced_accuracy", "macro_f1")  # degenerate -> at least Wilson of accuracy's hits
 REPRESENTATION_COLUMNS = ["split", "attribute", "group", "n", "n_images", "share", "n_in_dataset",
                           "share_in_dataset", "share_ratio"]
 ALL_SPLITS = "all_splits"
@@ -348,12 +370,49 @@ def bootstrap_metrics(y, pred, proba, top3_hits, n_bootstrap: int,
     return {m: np.concatenate([p[m] for p in parts]) for m in FAIRNESS_METRICS}
 
 
+def wilson_interval(hits: int, n: int, ci: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of the proportion ``hits / n`` at level ``ci`` (no continuity correction).
+    Own code because statsmodels is not a dependency; NaN interval when ``n == 0``."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = NormalDist().inv_cdf(1 - (1 - ci) / 2)
+    p, z2 = hits / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _interval(values: np.ndarray, quantiles: tuple[float, float]) -> tuple[float, float, int]:
     valid = values[np.isfinite(values)]
     if len(valid) == 0:
         return float("nan"), float("nan"), 0
     low, high = np.quantile(valid, quantiles)
     return float(low), float(high), int(len(valid))
+
+
+def _degenerate(values: np.ndarray) -> bool:
+    """Every valid resample gave the same value (tolerance for float sums); False with none valid."""
+    valid = values[np.isfinite(values)]
+    return len(valid) > 0 and float(np.ptp(valid)) <= 1e-12
+
+
+def metric_interval(metric: str, resampled: np.ndarray, hits: Mapping[str, int], n: int,
+                    ci: float = 0.95) -> tuple[float, float, int, str]:
+    """(ci_low, ci_high, n_boot_valid, ci_method) of one metric of one group from its bootstrap values
+    ``resampled``; ``hits``: {"accuracy": top-1 hits, "top3_accuracy": top-3 hits} of the group's ``n``
+    rows. Percentile interval, except a degenerate bootstrap (module docstring): proportions -> Wilson
+    of their own hits, balanced accuracy / macro-F1 -> widened to cover Wilson of accuracy's hits."""
+    quantiles = ((1 - ci) / 2, 1 - (1 - ci) / 2)
+    low, high, n_valid = _interval(resampled, quantiles)
+    if not _degenerate(resampled):
+        return low, high, n_valid, CI_BOOTSTRAP
+    if metric in PROPORTION_METRICS:
+        w_low, w_high = wilson_interval(hits[metric], n, ci)
+        return w_low, w_high, n_valid, CI_WILSON
+    if metric in WIDENED_METRICS:
+        w_low, w_high = wilson_interval(hits["accuracy"], n, ci)
+        return min(low, w_low), max(high, w_high), n_valid, CI_BOOTSTRAP_WILSON
+    return low, high, n_valid, CI_BOOTSTRAP
 
 
 def fairness_table(model: str, y_true, proba, classes: Sequence[str], sensitive: pd.DataFrame, *,
@@ -367,7 +426,8 @@ def fairness_table(model: str, y_true, proba, classes: Sequence[str], sensitive:
     value - overall, ``ratio`` value / overall; ``worst`` marks the lowest value per (attribute,
     metric) among groups with ``n >= min_group_n`` and a defined value, when there are at least two
     such groups (every metric here is higher-is-better); ``n_boot_valid`` counts resamples where the
-    metric was defined (of ``n_boot``).
+    metric was defined (of ``n_boot``); ``ci_method`` says how the interval was made ("bootstrap",
+    "wilson" or "bootstrap+wilson", see :func:`metric_interval`).
     """
     y, p = validate_predictions(y_true, proba, classes)
     if len(sensitive) != len(y):
@@ -378,17 +438,18 @@ def fairness_table(model: str, y_true, proba, classes: Sequence[str], sensitive:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
     pred = predicted_class(p)
     hits = top_k_hits(y, p)
-    quantiles = ((1 - ci) / 2, 1 - (1 - ci) / 2)
+    correct = pred == y
     records: list[dict] = []
 
     def add_group(attribute: str, group: str, rows: np.ndarray, point: pd.Series) -> None:
         boot = bootstrap_metrics(y[rows], pred[rows], p[rows], hits[rows], n_bootstrap,
                                  _group_rng(seed, attribute, group))
+        group_hits = {"accuracy": int(correct[rows].sum()), "top3_accuracy": int(hits[rows].sum())}
         for metric in FAIRNESS_METRICS:
-            low, high, n_valid = _interval(boot[metric], quantiles)
+            low, high, n_valid, method = metric_interval(metric, boot[metric], group_hits, len(rows), ci)
             records.append({"model": model, "attribute": attribute, "group": group, "n": len(rows),
                             "metric": metric, "value": float(point[metric]), "ci_low": low,
-                            "ci_high": high, "n_boot_valid": n_valid})
+                            "ci_high": high, "n_boot_valid": n_valid, "ci_method": method})
 
     everyone = np.full(len(y), OVERALL, dtype=object)
     add_group(OVERALL, OVERALL, np.arange(len(y)),
@@ -638,8 +699,8 @@ def fairness_plot_png(table: pd.DataFrame, attribute: str, metric: str) -> bytes
     model = str(table["model"].iloc[0]) if len(table) else ""
     level = float(rows["ci_level"].iloc[0]) if "ci_level" in rows else 0.95
     ax.set_title(f"{model}: {metric} by {ATTRIBUTE_TITLES.get(attribute, attribute)}\n"
-                 f"points: estimate; bars: {level:.0%} bootstrap interval; grey: insufficient data; "
-                 "red: worst", fontsize=9)
+                 f"points: estimate; bars: {level:.0%} bootstrap (or Wilson) interval; "
+                 "grey: insufficient data; red: worst", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     return figure_png(figure)
@@ -677,6 +738,10 @@ def group_metrics_wide(table: pd.DataFrame, attribute: str) -> pd.DataFrame:
         worst = list(part.loc[part["worst"], "metric"])
         if worst:
             notes.append("worst on " + ", ".join(worst))
+        if "ci_method" in part:
+            wilson = list(part.loc[part["ci_method"] != CI_BOOTSTRAP, "metric"])
+            if wilson:
+                notes.append("Wilson interval (bootstrap without spread) on " + ", ".join(wilson))
         record["note"] = "; ".join(notes)
         out.append(record)
     return pd.DataFrame(out)
@@ -698,8 +763,10 @@ def _how_to_read(table: pd.DataFrame) -> str:
     level = float(table["ci_level"].iloc[0]) if "ci_level" in table and len(table) else 0.95
     n_boot = int(table["n_boot"].iloc[0]) if "n_boot" in table and len(table) else 0
     return (f"Each cell: estimate [{level:.0%} percentile bootstrap interval, {n_boot} resamples within "
-            "the group]. Groups flagged 'insufficient data' are shown but never called worst and never "
-            "decide the gate. 'unknown' = not answered; 'multiple' = several race/ethnicity boxes.")
+            "the group; where every resample gave the same value, e.g. 0 of n right, the Wilson score "
+            "interval instead, noted per group]. Groups flagged 'insufficient data' are shown but never "
+            "called worst and never decide the gate. 'unknown' = not answered; 'multiple' = several "
+            "race/ethnicity boxes.")
 
 
 def _attributes(table: pd.DataFrame) -> list[str]:

@@ -1,7 +1,7 @@
 """Fairness core: sensitive features from case metadata, MetricFrame-based group metrics checked against
 values computed by hand, bootstrap intervals (contain the estimate, narrow with n, agree with the point
-estimate at unit weights), tiny groups flagged, the gate on planted gaps and on hand-made tables,
-representation by split, and the reports."""
+estimate at unit weights), Wilson intervals where the bootstrap has no spread (0/n, n/n), tiny groups
+flagged, the gate on planted gaps and on hand-made tables, representation by split, and the reports."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from scin_pipeline.core import schema
 from scin_pipeline.core.evaluation import top_k_hits
 from scin_pipeline.core.fairness import (
     ATTRIBUTES,
+    CI_BOOTSTRAP,
+    CI_BOOTSTRAP_WILSON,
+    CI_WILSON,
     FAIRNESS_METRICS,
     MULTIPLE_GROUP,
     OVERALL,
@@ -32,7 +35,11 @@ from scin_pipeline.core.fairness import (
     group_order,
     representation_by_split,
     sensitive_features,
+    bootstrap_metrics,
+    metric_interval,
     weighted_metrics,
+    wilson_interval,
+    _group_rng,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -275,6 +282,126 @@ def test_tiny_groups_are_flagged_never_hidden_never_worst():
     alone = fairness_table("m", y, proba, list("abcd"), pd.DataFrame({"g": np.where(groups == "tiny",
                                                                                    "tiny", "big")}))
     assert not alone["worst"].any()
+
+
+# ------------------------------------------------------------------- degenerate bootstrap -> Wilson
+
+
+@pytest.mark.parametrize("hits, n", [(0, 37), (37, 37), (1, 10), (12, 400), (0, 1)])
+def test_wilson_interval_matches_scipy(hits, n):
+    """Our five-line Wilson against an independent implementation (scipy comes with scikit-learn)."""
+    from scipy.stats import binomtest
+    expected = binomtest(hits, n).proportion_ci(0.95, method="wilson")
+    assert wilson_interval(hits, n, 0.95) == pytest.approx((expected.low, expected.high), abs=1e-9)
+    assert np.isnan(wilson_interval(0, 0)).all()
+
+
+def degenerate_fixture(n_rest: int = 363, rest_hits: int = 40, n_zero: int = 37, n_all_right: int = 0,
+                       k: int = 5, seed: int = 21):
+    """Group "rest" with ``rest_hits`` of ``n_rest`` right (top-1), group "zero" with none right, not
+    even in the top 3 (the true class scores lowest), group "all_right" (if any) with every row right."""
+    rng = np.random.default_rng(seed)
+    n = n_rest + n_zero + n_all_right
+    y = rng.integers(0, k, n)
+    groups = np.array(["rest"] * n_rest + ["zero"] * n_zero + ["all_right"] * n_all_right, dtype=object)
+    right = np.zeros(n, dtype=bool)
+    right[rng.choice(n_rest, rest_hits, replace=False)] = True
+    right[n_rest + n_zero:] = True
+    pred = np.where(right, y, (y + rng.integers(1, k, n)) % k)
+    proba = proba_for(pred, k)
+    zero = np.flatnonzero(groups == "zero")
+    proba[zero] = 0.2  # true class lowest, three others above it -> top-3 miss as well
+    proba[zero, y[zero]] = 0.05
+    proba[zero, pred[zero]] = 0.35
+    proba /= proba.sum(axis=1, keepdims=True)
+    return y, proba, pd.DataFrame({"fst": groups})
+
+
+def test_zero_of_37_gets_the_wilson_upper_bound():
+    y, proba, sensitive = degenerate_fixture()
+    table = fairness_table("m", y, proba, list("abcde"), sensitive, n_bootstrap=200, seed=5)
+    assert list(table.columns) == TABLE_COLUMNS and TABLE_COLUMNS[-1] == "ci_method"
+    for metric in ("accuracy", "top3_accuracy"):
+        assert value(table, "fst", "zero", metric) == 0.0
+        assert value(table, "fst", "zero", metric, "ci_method") == CI_WILSON
+        assert value(table, "fst", "zero", metric, "ci_low") == 0.0
+        # 95 % Wilson upper bound for 0/37 = z^2 / (37 + z^2) = 0.0941 (exact binomial: 0.095).
+        assert value(table, "fst", "zero", metric, "ci_high") == pytest.approx(0.0941, abs=5e-4)
+    for metric in ("balanced_accuracy", "macro_f1"):
+        assert value(table, "fst", "zero", metric) == 0.0
+        assert value(table, "fst", "zero", metric, "ci_method") == CI_BOOTSTRAP_WILSON
+        assert value(table, "fst", "zero", metric, "ci_high") == pytest.approx(0.0941, abs=5e-4)
+    assert value(table, "fst", "zero", "mean_ovr_auc", "ci_method") == CI_BOOTSTRAP
+
+
+def test_all_right_group_gets_a_lower_bound_below_one():
+    y, proba, sensitive = degenerate_fixture(n_zero=0, n_all_right=20)
+    table = fairness_table("m", y, proba, list("abcde"), sensitive, n_bootstrap=200)
+    for metric, method in (("accuracy", CI_WILSON), ("top3_accuracy", CI_WILSON),
+                           ("balanced_accuracy", CI_BOOTSTRAP_WILSON), ("macro_f1", CI_BOOTSTRAP_WILSON)):
+        assert value(table, "fst", "all_right", metric) == 1.0
+        assert value(table, "fst", "all_right", metric, "ci_method") == method
+        # Wilson lower bound for 20/20 = 20 / (20 + z^2) = 0.839
+        assert value(table, "fst", "all_right", metric, "ci_low") == pytest.approx(0.839, abs=1e-3)
+        assert value(table, "fst", "all_right", metric, "ci_high") == 1.0
+
+
+def test_groups_with_spread_keep_the_plain_percentile_interval():
+    y, proba, sensitive = degenerate_fixture()
+    table = fairness_table("m", y, proba, list("abcde"), sensitive, n_bootstrap=200, seed=5)
+    pred = proba.argmax(axis=1)
+    for attribute, group in (("fst", "rest"), (OVERALL, OVERALL)):
+        rows = np.flatnonzero(sensitive["fst"] == group) if group != OVERALL else np.arange(len(y))
+        boot = bootstrap_metrics(y[rows], pred[rows], proba[rows], top_k_hits(y[rows], proba[rows]), 200,
+                                 _group_rng(5, attribute, group))
+        for metric in FAIRNESS_METRICS:
+            assert value(table, attribute, group, metric, "ci_method") == CI_BOOTSTRAP
+            low, high = np.quantile(boot[metric][np.isfinite(boot[metric])], (0.025, 0.975))
+            # approx only for the last bit: BLAS matrix products may round differently between calls
+            assert value(table, attribute, group, metric, "ci_low") == pytest.approx(low, rel=1e-12)
+            assert value(table, attribute, group, metric, "ci_high") == pytest.approx(high, rel=1e-12)
+
+
+def test_metric_interval_rules():
+    spread = np.array([0.4, 0.5, 0.6, np.nan])
+    flat = np.array([0.5, 0.5, np.nan, 0.5])
+    hits = {"accuracy": 20, "top3_accuracy": 30}
+    assert metric_interval("accuracy", spread, hits, 40)[3] == CI_BOOTSTRAP
+    low, high, valid, method = metric_interval("top3_accuracy", flat, hits, 40)
+    assert (low, high) == pytest.approx(wilson_interval(30, 40)) and valid == 3 and method == CI_WILSON
+    # balanced accuracy stuck at 0.5 (one class all right, one all wrong): widened to cover Wilson of
+    # accuracy's 20/40, the point stays inside.
+    low, high, _, method = metric_interval("balanced_accuracy", flat, hits, 40)
+    assert method == CI_BOOTSTRAP_WILSON and (low, high) == pytest.approx(wilson_interval(20, 40))
+    low, high, _, method = metric_interval("macro_f1", np.zeros(5), {"accuracy": 3, "top3_accuracy": 9}, 40)
+    assert method == CI_BOOTSTRAP_WILSON and low == 0.0 and high == pytest.approx(wilson_interval(3, 40)[1])
+    assert metric_interval("mean_ovr_auc", flat, hits, 40)[:2] == (0.5, 0.5)  # AUC stays bootstrap
+    assert np.isnan(metric_interval("accuracy", np.empty(0), hits, 40)[:2]).all()  # n_bootstrap=0
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy"])
+def test_gate_passes_a_zero_of_37_group_whose_wilson_interval_overlaps(metric):
+    # Overall 40/400 = 0.10, percentile interval about [0.07, 0.13]; group "zero" 0/37 -> [0, 0.094].
+    # Before the Wilson rule its interval was [0, 0] and the gate failed on it.
+    y, proba, sensitive = degenerate_fixture()
+    table = fairness_table("m", y, proba, list("abcde"), sensitive, n_bootstrap=200, min_group_n=30)
+    zero_high = value(table, "fst", "zero", metric, "ci_high")
+    assert value(table, OVERALL, OVERALL, metric, "ci_low") < zero_high
+    gate = fairness_gate(table, metric=metric, max_gap=0.05)
+    assert gate.passed, gate.reason
+    assert gate.worst.group == "zero" and gate.gap > 0.05 and gate.cis_overlap is True
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy"])
+def test_gate_still_fails_a_large_group_with_a_clear_gap(metric):
+    # Overall 400/1000 = 0.40; group "zero" 0/600 -> Wilson [0, 0.0064], far below.
+    y, proba, sensitive = degenerate_fixture(n_rest=400, rest_hits=400, n_zero=600)
+    table = fairness_table("m", y, proba, list("abcde"), sensitive, n_bootstrap=200, min_group_n=30)
+    assert value(table, "fst", "zero", metric, "ci_high") == pytest.approx(wilson_interval(0, 600)[1])
+    gate = fairness_gate(table, metric=metric, max_gap=0.10)
+    assert not gate.passed
+    assert gate.worst.group == "zero" and gate.cis_overlap is False
+    assert "FAILED" in gate.reason
 
 
 def test_mismatched_rows_are_refused():
