@@ -104,7 +104,8 @@ def test_automation_is_opt_in_and_failure_alerts_are_always_on():
 
 def test_release_sensor_interval_defaults_to_an_hour_and_rejects_nonsense():
     assert release_sensor_interval_s({}) == 3600
-    assert scin_release_sensor.minimum_interval_seconds == 3600
+    sensor_interval = scin_release_sensor.minimum_interval_seconds
+    assert sensor_interval == 3600
     assert release_sensor_interval_s({"SCIN_RELEASE_SENSOR_INTERVAL_S": "600"}) == 600
     with pytest.raises(ValueError, match="SCIN_RELEASE_SENSOR_INTERVAL_S"):
         release_sensor_interval_s({"SCIN_RELEASE_SENSOR_INTERVAL_S": "hourly"})
