@@ -193,9 +193,9 @@ def _prepare_keras(config) -> dict:
     code_version="1",
     pool="gpu",
     op_tags=GPU_TAGS,
-    description="ResNet50 (ImageNet weights where reachable; random init offline, flagged) pooled 2048-d "
-    "embeddings of every cached image, computed once: the CPU default trains heads on them, and the "
-    "multimodal model fuses them with the metadata. The backbone is saved beside them.",
+    description="ResNet50 (ImageNet weights where reachable; random init offline, flagged) embeddings of every "
+    "cached image, the pooled conv3, conv4 and conv5 stages (3,584-d), computed once: the CPU default trains "
+    "heads on them, and the multimodal model fuses them with the metadata. The backbone is saved beside them.",
 )
 def image_embeddings(context: AssetExecutionContext, config: EmbeddingsConfig, image_tensors: pd.DataFrame,
                      storage: StoragePaths):
@@ -245,6 +245,18 @@ def _save_atomic(write, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def pixels_version(image_tensors: pd.DataFrame, image_embeddings: pd.DataFrame | None = None) -> str:
+    """What a candidate trained on: the cached pixels, and the embeddings file (keyed by its content)."""
+    version = frame_version(image_tensors, ["image_id", "shard", "offset"])
+    if image_embeddings is not None:
+        version += ":" + (str(image_embeddings["embeddings_file"].iloc[0]) if len(image_embeddings) else "")
+    return version
+
+
+def backbone_weights(image_embeddings: pd.DataFrame) -> str:
+    return str(image_embeddings["weights"].iloc[0]) if len(image_embeddings) else "none"
 
 
 def load_embeddings(image_embeddings: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
@@ -379,9 +391,8 @@ def _image_candidate_inputs(labeled_splits, image_tensors, storage, classes):
 def baseline_cnn(context: AssetExecutionContext, config: TrainingConfig, labeled_splits: pd.DataFrame,
                  image_tensors: pd.DataFrame, storage: StoragePaths, mlflow: MlflowTracking,
                  scin_source: ScinSourceResource):
-    candidate = CandidateRun(context, "baseline_cnn", config, labeled_splits,
-                             frame_version(image_tensors, ["image_id", "shard", "offset"]), storage, mlflow,
-                             _is_synthetic(scin_source))
+    candidate = CandidateRun(context, "baseline_cnn", config, labeled_splits, pixels_version(image_tensors),
+                             storage, mlflow, _is_synthetic(scin_source))
     image_size = int(image_tensors["image_size"].iloc[0])
     previous = candidate.reusable()
     if previous:
@@ -439,11 +450,10 @@ def resnet50_transfer(context: AssetExecutionContext, config: TransferConfig, la
                       image_tensors: pd.DataFrame, image_embeddings: pd.DataFrame, storage: StoragePaths,
                       mlflow: MlflowTracking, scin_source: ScinSourceResource):
     candidate = CandidateRun(context, "resnet50_transfer", config, labeled_splits,
-                             f"{frame_version(image_tensors, ['image_id', 'shard', 'offset'])}:"
-                             f"{image_embeddings['embeddings_file'].iloc[0] if len(image_embeddings) else ''}",
-                             storage, mlflow, _is_synthetic(scin_source))
+                             pixels_version(image_tensors, image_embeddings), storage, mlflow,
+                             _is_synthetic(scin_source))
     image_size = int(image_tensors["image_size"].iloc[0])
-    weights = str(image_embeddings["weights"].iloc[0]) if len(image_embeddings) else "none"
+    weights = backbone_weights(image_embeddings)
     previous = candidate.reusable()
     if previous:
         context.log.info(f"unchanged inputs, code and config: reusing MLflow run {previous['mlflow_run_id']}")
@@ -557,12 +567,10 @@ def multimodal(context: AssetExecutionContext, config: TransferConfig, labeled_s
                image_tensors: pd.DataFrame, image_embeddings: pd.DataFrame, cases: pd.DataFrame,
                storage: StoragePaths, mlflow: MlflowTracking, scin_source: ScinSourceResource):
     candidate = CandidateRun(context, "multimodal", config, labeled_splits,
-                             f"{frame_version(image_tensors, ['image_id', 'shard', 'offset'])}:"
-                             f"{image_embeddings['embeddings_file'].iloc[0] if len(image_embeddings) else ''}:"
-                             f"{frame_version(cases, ['case_id'])}",
+                             f"{pixels_version(image_tensors, image_embeddings)}:{frame_version(cases, ['case_id'])}",
                              storage, mlflow, _is_synthetic(scin_source))
     image_size = int(image_tensors["image_size"].iloc[0])
-    weights = str(image_embeddings["weights"].iloc[0]) if len(image_embeddings) else "none"
+    weights = backbone_weights(image_embeddings)
     previous = candidate.reusable()
     if previous:
         return candidate.output(previous, kind="keras_multimodal", image_size=image_size, monitor=config.monitor,
