@@ -12,15 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagster import AssetSelection, DagsterInstance, Definitions, materialize
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
-from scin_pipeline.assets.curation import quality_shards
 from scin_pipeline.core.atomic import describe_os_error
 from scin_pipeline.definitions import build_resources
-
-
-QUALITY_SHARD_KEYS = quality_shards.get_partition_keys()
+from scin_pipeline.orchestration import all_shards_tags
 
 
 class DataRootError(RuntimeError):
@@ -168,8 +164,7 @@ def _materialize(root: Path, source: str, limit_cases: int | None, selection, ru
         selection=selection,
         raise_on_error=False,
         # Every shard of a sharded asset in this one run (its process pool does the fan-out).
-        tags={"scin/entry": "cli", ASSET_PARTITION_RANGE_START_TAG: QUALITY_SHARD_KEYS[0],
-              ASSET_PARTITION_RANGE_END_TAG: QUALITY_SHARD_KEYS[-1]},
+        tags={"scin/entry": "cli", **all_shards_tags()},
     )
     summary = RunSummary(success=result.success, run_id=result.run_id)
     for event in result.get_asset_materialization_events():
