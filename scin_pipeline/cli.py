@@ -184,6 +184,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "SCIN_DATA_ROOT": str(root),
            "SCIN_SOURCE": args.source}
     env.setdefault("MLFLOW_TRACKING_URI", embedded_mlflow_uri(root))
+    # MLflow 3's job-execution workers (six idle processes) only slow the UI's start and stop here.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
     bin_dir = Path(sys.executable).parent
     dagster_cmd = [str(bin_dir / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(args.port)]
