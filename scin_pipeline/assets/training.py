@@ -374,12 +374,6 @@ def _epoch_logger(run):
     return lambda epoch, logs: run.log_epoch(epoch, logs)
 
 
-def _image_candidate_inputs(labeled_splits, image_tensors, storage, classes):
-    cache_dir = storage.folder("cache", "image_tensors")
-    return {split: split_arrays(labeled_splits, image_tensors, cache_dir, split, classes)
-            for split in ("train", "val")}
-
-
 @asset(
     group_name=GROUP,
     code_version="1",
@@ -403,8 +397,9 @@ def baseline_cnn(context: AssetExecutionContext, config: TrainingConfig, labeled
     from scin_pipeline.core import models, training
     from scin_pipeline.core.packaged_model import PackagedClassifier
 
-    data = _image_candidate_inputs(labeled_splits, image_tensors, storage, candidate.classes)
-    (_, x_train, y_train), (_, x_val, y_val) = data["train"], data["val"]
+    cache_dir = storage.folder("cache", "image_tensors")
+    _, x_train, y_train = split_arrays(labeled_splits, image_tensors, cache_dir, "train", candidate.classes)
+    _, x_val, y_val = split_arrays(labeled_splits, image_tensors, cache_dir, "val", candidate.classes)
     train_config = _train_config(config)
     with mlflow.training_run(run_key=candidate.run_key, run_name="baseline_cnn",
                              tags=candidate.tags(**{"scin.keras_backend": described["backend"]}),
@@ -467,8 +462,10 @@ def resnet50_transfer(context: AssetExecutionContext, config: TransferConfig, la
 
     mode = config.mode if config.mode != "auto" else (
         "fine_tune" if described.get("accelerator") else "head_on_embeddings")
-    data = _image_candidate_inputs(labeled_splits, image_tensors, storage, candidate.classes)
-    (train_rows, x_train, y_train), (val_rows, x_val, y_val) = data["train"], data["val"]
+    # Pixels are read only for fine-tuning; a head on embeddings needs the rows alone (on the full release
+    # the train split's pixels are ~1.5 GB at 224 px).
+    train_rows, y_train = split_rows(labeled_splits, image_tensors, "train", candidate.classes)
+    val_rows, y_val = split_rows(labeled_splits, image_tensors, "val", candidate.classes)
     train_config = _train_config(config)
     n_classes = len(candidate.classes)
     with mlflow.training_run(run_key=candidate.run_key, run_name="resnet50_transfer",
@@ -489,6 +486,9 @@ def resnet50_transfer(context: AssetExecutionContext, config: TransferConfig, la
                 on_epoch_end=_epoch_logger(run))
             model = models.compose_end_to_end(backbone, result.model, with_metadata=False)
         else:
+            cache_dir = storage.folder("cache", "image_tensors")
+            x_train = image_cache.load_images(train_rows, cache_dir)
+            x_val = image_cache.load_images(val_rows, cache_dir)
             backbone = models.build_resnet50_backbone(image_size, None if weights == "none" else weights)
             head = models.build_classifier_head(backbone.output_shape[-1], n_classes, config.dropout)
             result = training.fine_tune_transfer(
