@@ -31,12 +31,16 @@ def _fail(message: str, code: int) -> int:
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--select", default=None,
-                        help="Dagster asset selection, e.g. 'cases+' or 'key:images' (default: all)")
+                        help="Dagster asset selection ('key:image_files+', 'group:ingest') or a comma-separated "
+                        "key list as `dagster asset materialize` takes ('raw_metadata,cases'); default: all")
     parser.add_argument("--strict", action="store_true",
                         help="also exit non-zero when a non-blocking ERROR check fails")
     parser.add_argument("--only-stale", action="store_true",
                         help="materialise only missing or stale assets (code and data versions); "
                         "nothing at all when everything is up to date")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: Dagster's run log and the libraries' own logs (TensorFlow, MLflow progress "
+                        "bars); -vv: Dagster's debug events too")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,9 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
 
     demo = sub.add_parser("demo", help="write a SYNTHETIC mirror in the bucket's layout and run on it")
-    demo.add_argument("--metadata", default=os.environ.get("SCIN_METADATA_DIR"),
-                      help="folder with the real scin_cases.csv and scin_labels.csv "
-                      "(default: $SCIN_METADATA_DIR; without it, synthetic metadata too)")
+    demo_metadata = demo.add_mutually_exclusive_group()
+    demo_metadata.add_argument("--metadata", default=None, metavar="DIR",
+                               help="folder with the real scin_cases.csv and scin_labels.csv (default: "
+                               "$SCIN_METADATA_DIR if set, else the real SCIN 1.0.0 metadata bundled in "
+                               "the package)")
+    demo_metadata.add_argument("--synthetic-metadata", action="store_true",
+                               help="generate the metadata too (fully synthetic; ignores $SCIN_METADATA_DIR)")
     demo.add_argument("--cases", type=int, default=300, help="number of cases (default 300)")
     demo.add_argument("--out", default=DEMO_DEFAULT_OUT, help="output folder (the data root)")
     demo.add_argument("--seed", type=int, default=0)
@@ -83,13 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10)")
     serve.add_argument("--store-uploads", default=None, metavar="DIR",
                        help="keep accepted uploads in DIR under random names (default: kept in memory only)")
+    serve.add_argument("--alias-poll-s", type=float, default=5.0, metavar="S",
+                       help="re-resolve the alias every S seconds: a new version is swapped in without a restart, "
+                       "a removed alias makes /predict answer 503 (default 5; 0: never; a models:/NAME/VERSION "
+                       "is never re-resolved)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scin_pipeline.run_console import quiet_console
+
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "demo": cmd_demo, "ui": cmd_ui, "serve": cmd_serve}[args.command](args)
+        with quiet_console(getattr(args, "verbose", 1)):
+            return {"run": cmd_run, "demo": cmd_demo, "ui": cmd_ui, "serve": cmd_serve}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clear line for the user; the traceback only on request
@@ -113,10 +128,11 @@ def demo_run_config(image_size: int, epochs: int) -> dict:
     }}
 
 
-def _execute(data_root: str, source: str, limit_cases: int | None, select: str | None,
-             strict: bool, run_config: dict | None = None, only_stale: bool = False) -> int:
+def _execute(data_root: str, source: str, limit_cases: int | None, args: argparse.Namespace,
+             run_config: dict | None = None) -> int:
     from scin_pipeline.core.sources import SourceUnreachable, open_source
     from scin_pipeline.runner import DataRootError, prepare_data_root, run_pipeline
+    from scin_pipeline.selection import SelectionError
 
     try:
         prepare_data_root(data_root)
@@ -125,41 +141,62 @@ def _execute(data_root: str, source: str, limit_cases: int | None, select: str |
     try:
         open_source(source).check_reachable(timeout_s=15)
     except SourceUnreachable as exc:
-        hint = ("\nNo network to the SCIN bucket? Run the offline demo on synthetic images instead:\n"
-                "  scin-pipeline demo --metadata ../shared/data/scin --cases 300")
+        hint = ("\nNo network to the SCIN bucket? Run the offline demo (bundled real metadata, SYNTHETIC "
+                "images) instead:\n  make demo   (or: scin-pipeline demo --cases 300)")
         return _fail(f"{exc}{hint if source in ('gcs',) or source.startswith('gs://') else ''}",
                      EXIT_UNREACHABLE)
-    summary = run_pipeline(data_root=data_root, source=source, limit_cases=limit_cases, select=select,
-                           run_config=run_config, only_stale=only_stale)
+    log_level = {0: "CRITICAL", 1: "INFO"}.get(args.verbose, "DEBUG")
+    try:
+        summary = run_pipeline(data_root=data_root, source=source, limit_cases=limit_cases, select=args.select,
+                               run_config=run_config, only_stale=args.only_stale, log_level=log_level,
+                               echo=lambda line: print(line, flush=True))
+    except SelectionError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     print(summary.render())
     print(f"tables: {Path(data_root).resolve() / 'tables'}")
-    return summary.exit_code(strict=strict)
+    return summary.exit_code(strict=args.strict)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.limit_cases is not None and args.limit_cases < 1:
         return _fail("--limit-cases must be at least 1", EXIT_USAGE)
-    return _execute(args.data_root, args.source, args.limit_cases, args.select, args.strict,
-                    only_stale=args.only_stale)
+    return _execute(args.data_root, args.source, args.limit_cases, args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from scin_pipeline.core import bundled_metadata
     from scin_pipeline.core.synthetic import write_synthetic_mirror
 
     if args.cases < 1:
         return _fail("--cases must be at least 1", EXIT_USAGE)
+    if args.image_size < 32 or args.epochs < 1:
+        return _fail("--image-size must be at least 32 and --epochs at least 1", EXIT_USAGE)
     out = Path(args.out).expanduser().resolve()
-    metadata = Path(args.metadata).expanduser().resolve() if args.metadata else None
+    # Metadata: --synthetic-metadata, else --metadata, else $SCIN_METADATA_DIR, else the bundled release.
+    chosen = args.metadata or os.environ.get("SCIN_METADATA_DIR")
+    if args.synthetic_metadata:
+        metadata, metadata_key, metadata_text = None, None, "SYNTHETIC metadata (--synthetic-metadata)"
+    elif chosen:
+        given_by = "--metadata" if args.metadata else "SCIN_METADATA_DIR"
+        metadata = Path(chosen).expanduser().resolve()
+        if not metadata.is_dir():
+            return _fail(f"{given_by} {chosen}: no such folder", EXIT_USAGE)
+        metadata_key, metadata_text = str(metadata), f"real SCIN metadata from {metadata} ({given_by})"
+    else:
+        metadata = bundled_metadata.verify()
+        # The key names the release, not the folder: an extracted copy's temporary path changes per run.
+        metadata_key = f"bundled:scin-{bundled_metadata.RELEASE}"
+        metadata_text = bundled_metadata.DESCRIPTION
     mirror = out / "synthetic_mirror"
-    params = {"metadata": str(metadata) if metadata else None, "cases": args.cases, "seed": args.seed}
+    params = {"metadata": metadata_key, "cases": args.cases, "seed": args.seed}
     params_file = out / "synthetic_mirror.json"
+    print(f"metadata: {metadata_text}; images: SYNTHETIC")
     # Same parameters, same mirror: reuse it so a rerun does no work (the generator is deterministic).
     reuse = (mirror.exists() and params_file.exists()
              and json.loads(params_file.read_text()) == params)
     if not reuse:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"writing a SYNTHETIC mirror of {args.cases} cases to {mirror} "
-              f"({'real metadata from ' + str(metadata) if metadata else 'synthetic metadata'})")
+        print(f"writing a mirror of {args.cases} cases with SYNTHETIC images to {mirror}")
         generated = write_synthetic_mirror(mirror, metadata_dir=metadata, n_cases=args.cases,
                                            seed=args.seed, overwrite=True)
         params_file.write_text(json.dumps(params))
@@ -169,10 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         print(f"reusing the SYNTHETIC mirror at {mirror}")
     print("NOTE: images are synthetic; no figure from this run describes real skin conditions.")
-    if args.image_size < 32 or args.epochs < 1:
-        return _fail("--image-size must be at least 32 and --epochs at least 1", EXIT_USAGE)
-    return _execute(str(out), str(mirror), None, args.select, args.strict,
-                    run_config=demo_run_config(args.image_size, args.epochs), only_stale=args.only_stale)
+    return _execute(str(out), str(mirror), None, args, run_config=demo_run_config(args.image_size, args.epochs))
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -220,13 +254,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """uvicorn on the FastAPI app of scin_pipeline.serve; the model is loaded before the port opens."""
+    """uvicorn on the FastAPI app of scin_pipeline.serve; the model (if the alias has one) is loaded before the
+    port opens, and the alias is followed while it runs."""
     import logging
 
     from scin_pipeline.runner import embedded_mlflow_uri
 
     if not 0 < args.max_upload_mb <= 1024 or not 0 < args.port <= 65535:
         return _fail("--max-upload-mb must be in (0, 1024] and --port in [1, 65535]", EXIT_USAGE)
+    if not 0 <= args.alias_poll_s <= 86400:
+        return _fail("--alias-poll-s must be in [0, 86400] seconds", EXIT_USAGE)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         root = Path(args.data_root).expanduser().resolve()
@@ -241,13 +278,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         app = create_app(args.model, tracking_uri=tracking_uri, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                         store_uploads_dir=args.store_uploads)
+                         store_uploads_dir=args.store_uploads, alias_poll_s=args.alias_poll_s)
     except ServeError as exc:
         return _fail(str(exc), EXIT_FAILED)
-    served = app.state.served
-    print(f"serving {served.loaded_uri} ({served.kind}"
-          f"{', trained on SYNTHETIC images' if served.synthetic_data else ''}) at http://{args.host}:{args.port}/"
-          f"  (NOT A DIAGNOSIS; Ctrl-C stops)", flush=True)
+    print(f"{app.state.model_source.describe()}; at http://{args.host}:{args.port}/  (NOT A DIAGNOSIS; Ctrl-C stops)",
+          flush=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # No access log: it would record client addresses. The app logs method, path, status and time only.
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")

@@ -39,3 +39,9 @@ defs = Definitions(
     schedules=ALL_SCHEDULES,
     sensors=ALL_SENSORS,
 )
+
+
+def named_job(name: str):
+    """One of this code location's jobs, resolved with its resources: what the CLI runner launches
+    (through ``dagster.build_reconstructable_job``), so a CLI run is a run of that job."""
+    return defs.resolve_job_def(name)

@@ -282,15 +282,15 @@ def _root_error(error) -> str:
     return f"{error.cls_name}: {message}" if error.cls_name and not message.startswith(error.cls_name) else message
 
 
-def alert_from_failure(context: RunFailureSensorContext, now: datetime | None = None) -> Alert:
-    """The alert for one failed run: its job, id, failed steps and root error."""
-    run = context.dagster_run
-    step_failures = context.get_step_failure_events()
+def alert_for_run(run, step_failures, failure_message: str | None = None,
+                  now: datetime | None = None) -> Alert:
+    """The alert for one failed run: its job, id, failed steps and root error. ``step_failures`` are its
+    STEP_FAILURE events; ``failure_message`` the run failure's message, used when no step failed."""
     failed_steps = sorted({event.step_key for event in step_failures if event.step_key})
     errors = [_root_error(event.step_failure_data.error) for event in step_failures
               if event.step_failure_data and event.step_failure_data.error]
     if not errors:  # a run-level failure (bad config, a killed worker): the failure event says why
-        errors = [context.failure_event.message or "run failed"]
+        errors = [failure_message or "run failed"]
     return Alert(
         kind="run_failure",
         job=run.job_name,
@@ -301,6 +301,12 @@ def alert_from_failure(context: RunFailureSensorContext, now: datetime | None = 
         link=run_link(run.run_id, os.environ.get(DAGSTER_URL_ENV)),
         tags={k: v for k, v in run.tags.items() if k.startswith("scin/")},
     )
+
+
+def alert_from_failure(context: RunFailureSensorContext, now: datetime | None = None) -> Alert:
+    """The alert for the failed run a failure sensor was called for."""
+    return alert_for_run(context.dagster_run, context.get_step_failure_events(), context.failure_event.message,
+                         now=now)
 
 
 @run_failure_sensor(

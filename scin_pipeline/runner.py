@@ -1,23 +1,27 @@
-"""Run the asset graph in-process on embedded defaults and summarise the outcome.
+"""Run the asset graph on embedded defaults, as a real run of a named job, and summarise the outcome.
 
 Used by the ``scin-pipeline`` console script and by the tests. The Dagster instance (SQLite) and the
-MLflow store live under the data root, so one folder holds a whole, inspectable run history.
+MLflow store live under the data root, so one folder holds a whole, inspectable run history; a CLI run is
+listed in the UI under its job's name (``full_pipeline``, or the smaller job that covers ``--select``) and
+can be re-executed from there.
 """
 
 from __future__ import annotations
 
 import errno
 import tempfile
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
-from dagster import AssetSelection, DagsterInstance, Definitions, materialize
+from dagster import DagsterInstance, Definitions
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
 from scin_pipeline.core.atomic import describe_os_error
-from scin_pipeline.definitions import build_resources
 from scin_pipeline.orchestration import all_shards_tags
-
+from scin_pipeline.run_console import INVOCATION_TAG
 
 class DataRootError(RuntimeError):
     """The data root cannot be created or written."""
@@ -54,44 +58,59 @@ def embedded_mlflow_uri(root: Path) -> str:
     return f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
 
 
+class CheckOutcome(NamedTuple):
+    name: str  # "<asset>:<check>"
+    passed: bool
+    severity: str  # "ERROR" | "WARN"
+    blocking: bool
+    reason: str = ""  # why it failed, one line
+
+
 @dataclass
 class RunSummary:
     success: bool
     run_id: str
+    job_name: str = ""
     materialized: dict[str, int | None] = field(default_factory=dict)  # asset -> rows (when known)
-    checks: list[tuple[str, bool, str, bool]] = field(default_factory=list)  # (name, passed, severity, blocking)
+    checks: list[CheckOutcome] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # one line per failed step
+    alert_deliveries: list[str] = field(default_factory=list)  # where a failed run's alert went
 
     @property
     def failed_blocking_checks(self) -> list[str]:
-        return [name for name, passed, _sev, blocking in self.checks if not passed and blocking]
+        return [c.name for c in self.checks if not c.passed and c.blocking]
 
     @property
     def failed_checks(self) -> list[str]:
-        return [name for name, passed, _sev, _blocking in self.checks if not passed]
+        return [c.name for c in self.checks if not c.passed]
 
     def exit_code(self, strict: bool = False) -> int:
         if not self.success or self.failed_blocking_checks:
             return 1
-        if strict and any(not p and sev == "ERROR" for _n, p, sev, _b in self.checks):
+        if strict and any(not c.passed and c.severity == "ERROR" for c in self.checks):
             return 1
         return 0
 
     def render(self) -> str:
-        lines = [f"run {self.run_id}: {'succeeded' if self.success else 'FAILED'}"]
+        job = f" of {self.job_name}" if self.job_name else ""
+        lines = [f"run {self.run_id}{job}: {'succeeded' if self.success else 'FAILED'}"]
         if self.materialized:
             lines.append("materialised:")
             width = max(len(k) for k in self.materialized)
             for key, rows in self.materialized.items():
                 lines.append(f"  {key:<{width}}  {'' if rows is None else f'{rows:,} rows'}")
         if self.checks:
-            passed = sum(1 for c in self.checks if c[1])
+            passed = sum(1 for c in self.checks if c.passed)
             lines.append(f"checks: {passed}/{len(self.checks)} passed")
-            for name, ok, severity, blocking in self.checks:
-                if not ok:
-                    lines.append(f"  FAILED {name} ({severity}{', blocking' if blocking else ''})")
+            for check in self.checks:
+                if not check.passed:
+                    why = f": {check.reason}" if check.reason else ""
+                    lines.append(f"  FAILED {check.name} ({check.severity}"
+                                 f"{', blocking' if check.blocking else ''}){why}")
         for failure in self.failures:
             lines.append(f"step failed: {failure}")
+        for delivery in self.alert_deliveries:
+            lines.append(f"alert: {delivery}")
         return "\n".join(lines)
 
 
@@ -102,9 +121,10 @@ def stale_asset_keys(root: Path, source: str) -> list:
     it is internal API (``dagster._core``), hence this one function around it. Config edits are not
     tracked by Dagster's versions: a changed config is a deliberate rerun with ``--select``.
     """
-    from dagster import Definitions
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._core.loader import LoadingContextForTest
+
+    from scin_pipeline.definitions import build_resources
 
     instance = embedded_instance(root)
     graph = Definitions(assets=ALL_ASSETS, asset_checks=ALL_ASSET_CHECKS,
@@ -120,67 +140,161 @@ def stale_asset_keys(root: Path, source: str) -> list:
     return stale
 
 
+CLI_ENTRY_TAG = "scin/entry"
+# The named jobs, smallest first: a CLI run is a run of the smallest one that covers its selection.
+JOBS_BY_SIZE = ("curation_job", "training_job", "full_pipeline")
+
+
+def job_covering(asset_graph, keys: frozenset | None) -> str:
+    """The smallest named job whose assets include ``keys`` (None: everything -> ``full_pipeline``)."""
+    from scin_pipeline.definitions import defs
+
+    if keys:
+        for name in JOBS_BY_SIZE:
+            job_keys = defs.resolve_job_def(name).asset_layer.asset_graph.get_all_asset_keys()
+            executable = {k for k in job_keys if asset_graph.get(k).is_materializable}
+            if keys <= executable:
+                return name
+    return "full_pipeline"
+
+
+def resource_run_config(root: Path, source: str) -> dict:
+    """The data root and source as run config of the job's resources: recorded with the run, so a
+    re-execution from the UI writes to the same data root and reads the same source."""
+    data_root = str(root)
+    return {"resources": {
+        "scin_source": {"config": {"location": source}},
+        "storage": {"config": {"data_root": data_root}},
+        "io_manager": {"config": {"data_root": data_root}},
+        "mlflow": {"config": {"data_root": data_root}},
+    }}
+
+
 def run_pipeline(*, data_root: str | Path, source: str, limit_cases: int | None = None,
                  select: str | None = None, run_config: dict | None = None,
-                 log_level: str = "INFO", only_stale: bool = False) -> RunSummary:
-    """Materialise the graph (or ``select``); ``only_stale``: only what is missing or stale, and no run at
-    all when everything is up to date (an idempotent rerun does no work)."""
+                 log_level: str = "INFO", only_stale: bool = False,
+                 echo: Callable[[str], None] | None = None) -> RunSummary:
+    """Launch the graph (or ``select``) as a run of the named job that covers it, in the data root's
+    Dagster instance. ``only_stale``: only what is missing or stale, and no run at all when everything is
+    up to date (an idempotent rerun does no work). ``echo`` gets one line per step as the run goes
+    (started, finished with rows and seconds, progress of long steps), and the note about added
+    multi-asset siblings. A failed run writes the same alert as ``run_failure_alert_sensor``."""
+    from scin_pipeline.definitions import build_resources
+    from scin_pipeline.selection import resolve_selection
+
     root = prepare_data_root(data_root)
+    graph = Definitions(assets=ALL_ASSETS, asset_checks=ALL_ASSET_CHECKS,
+                        resources=build_resources(data_root=str(root), source=source)).resolve_asset_graph()
+    resolved = resolve_selection(select, graph)
+    if resolved is not None and resolved.note and echo:
+        echo(resolved.note)
+    keys = None if resolved is None else resolved.keys
     if only_stale:
-        keys = stale_asset_keys(root, source)
+        stale = frozenset(stale_asset_keys(root, source))
+        keys = stale if keys is None else stale & keys
         if not keys:
             return RunSummary(success=True, run_id="none (every asset up to date)")
-        stale_selection = AssetSelection.assets(*keys)
-        select_selection = AssetSelection.from_coercible(select) if select else None
-        selection = stale_selection if select_selection is None else stale_selection & select_selection
-        return _materialize(root, source, limit_cases, selection, run_config, log_level)
-    selection = AssetSelection.from_coercible(select) if select else None
-    return _materialize(root, source, limit_cases, selection, run_config, log_level)
+    return _execute_job(root, source, limit_cases, keys, graph, run_config, log_level, echo)
 
 
-def _materialize(root: Path, source: str, limit_cases: int | None, selection, run_config: dict | None,
-                 log_level: str) -> RunSummary:
+def _execute_job(root: Path, source: str, limit_cases: int | None, keys: frozenset | None, graph,
+                 run_config: dict | None, log_level: str, echo: Callable[[str], None] | None) -> RunSummary:
+    from dagster import build_reconstructable_job, execute_job
+
+    from scin_pipeline.run_console import StepEcho, follow_run
+
     # MLflow: the `mlflow` resource reads MLFLOW_TRACKING_URI, else uses SQLite under this data root; the
     # environment is not touched, so runs on different data roots in one process stay apart.
-    config: dict = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    config: dict = {
+        "loggers": {"console": {"config": {"log_level": log_level}}},
+        # In this process, as materialize() did: the image stage has its own process pool, and a
+        # process per step would pay the package import (seconds) for each of ~20 short steps.
+        "execution": {"config": {"in_process": {}}},
+        **resource_run_config(root, source),
+    }
     if limit_cases:
         config["ops"] = {"parsed_metadata": {"config": {"limit_cases": limit_cases}}}
     for key, value in (run_config or {}).items():
         config.setdefault(key, {}).update(value)
-    if selection is not None and "ops" in config:
+    if keys is not None and "ops" in config:
         # Config for an op outside the selection is an error to Dagster; callers (the demo) pass one
         # config for the whole graph, so keep only the selected ops' entries.
-        graph = Definitions(assets=ALL_ASSETS, asset_checks=ALL_ASSET_CHECKS,
-                            resources=build_resources(data_root=str(root), source=source)).resolve_asset_graph()
-        selected = selection.resolve(graph)
-        ops = {d.node_def.name for d in ALL_ASSETS if set(d.keys) & selected}
+        ops = {d.node_def.name for d in ALL_ASSETS if set(d.keys) & keys}
         config["ops"] = {name: value for name, value in config["ops"].items() if name in ops}
-    # A selected asset's checks run with it (Dagster includes them in an asset job by default).
-    result = materialize(
-        [*ALL_ASSETS, *ALL_ASSET_CHECKS],
-        run_config=config,
-        instance=embedded_instance(root),
-        resources=build_resources(data_root=str(root), source=source),
-        selection=selection,
-        raise_on_error=False,
-        # Every shard of a sharded asset in this one run (its process pool does the fan-out).
-        tags={"scin/entry": "cli", **all_shards_tags()},
-    )
-    summary = RunSummary(success=result.success, run_id=result.run_id)
+    job_name = job_covering(graph, keys)
+    job = build_reconstructable_job("scin_pipeline.definitions", "named_job", reconstructable_args=(job_name,))
+    invocation = uuid.uuid4().hex
+    # Every shard of a sharded asset in this one run (its process pool does the fan-out).
+    tags = {CLI_ENTRY_TAG: "cli", INVOCATION_TAG: invocation, **all_shards_tags()}
+    with embedded_instance(root) as instance:
+        with follow_run(instance, invocation, StepEcho(echo) if echo else None):
+            result = execute_job(job, instance, run_config=config, tags=tags,
+                                 asset_selection=sorted(keys, key=lambda k: k.to_user_string()) if keys else None)
+        summary = _summarize(result)
+        if not result.success:
+            summary.alert_deliveries = _alert_failed_run(instance, result.dagster_run, root)
+    return summary
+
+
+def _summarize(result) -> RunSummary:
+    summary = RunSummary(success=result.success, run_id=result.run_id, job_name=result.dagster_run.job_name)
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization
-        rows = mat.metadata.get("rows")
-        summary.materialized[mat.asset_key.to_user_string()] = None if rows is None else int(rows.value)
+        summary.materialized[mat.asset_key.to_user_string()] = row_count(mat.metadata)
     blocking = _blocking_checks()
     for evaluation in result.get_asset_check_evaluations():
         name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
-        summary.checks.append((name, evaluation.passed, evaluation.severity.value,
-                               (evaluation.asset_key, evaluation.check_name) in blocking))
+        summary.checks.append(CheckOutcome(
+            name, evaluation.passed, evaluation.severity.value,
+            (evaluation.asset_key, evaluation.check_name) in blocking,
+            check_reason(evaluation.description, evaluation.metadata)))
     for event in result.get_step_failure_events():
         error = event.step_failure_data.error
         message = _root_message(error) if error else "unknown error"
         summary.failures.append(f"{event.step_key}: {message}")
     return summary
+
+
+def _alert_failed_run(instance, run, root: Path) -> list[str]:
+    """The alert the failure sensor would send for this run (alerts.jsonl, the webhook when set): the
+    sensor watches runs launched from the code location, so a CLI run reports its own failure."""
+    from dagster import DagsterEventType
+
+    from scin_pipeline.core.alerts import alert_sinks_from_env, deliver
+    from scin_pipeline.orchestration import alert_for_run
+
+    records = instance.get_records_for_run(run.run_id, of_type={DagsterEventType.STEP_FAILURE,
+                                                                DagsterEventType.RUN_FAILURE}).records
+    events = [r.event_log_entry.dagster_event for r in records if r.event_log_entry.dagster_event]
+    step_failures = [e for e in events if e.event_type == DagsterEventType.STEP_FAILURE]
+    run_failure = next((e for e in events if e.event_type == DagsterEventType.RUN_FAILURE), None)
+    alert = alert_for_run(instance.get_run_by_id(run.run_id) or run, step_failures,
+                          run_failure.message if run_failure else None)
+    return [f"{o.sink}: {'delivered' if o.ok else 'NOT delivered, ' + o.detail}"
+            for o in deliver(alert, alert_sinks_from_env(root))]
+
+
+ROW_COUNT_KEYS = ("dagster/row_count", "rows")
+
+
+def row_count(metadata) -> int | None:
+    for key in ROW_COUNT_KEYS:
+        if key in metadata:
+            return int(metadata[key].value)
+    return None
+
+
+def check_reason(description: str | None, metadata) -> str:
+    """Why a check failed, in one line: its description, else its small metadata values."""
+    if description:
+        return " ".join(description.split())
+    parts = []
+    for key, value in metadata.items():
+        text = str(getattr(value, "value", value))
+        if "\n" in text or "|" in text or len(text) > 300:  # tables and plots: see the UI
+            continue
+        parts.append(f"{key}={text}")
+    return "; ".join(parts)
 
 
 def _blocking_checks() -> set:

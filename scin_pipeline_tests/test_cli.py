@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from scin_pipeline.cli import EXIT_UNREACHABLE, EXIT_USAGE, main
+from scin_pipeline.core.alerts import read_alerts
 from scin_pipeline_tests.tiny_mirror import write_tiny_mirror
 
 SCRIPT = str(Path(sys.executable).parent / "scin-pipeline")
@@ -69,13 +70,86 @@ def test_limit_cases_and_select(tmp_path, capsys):
     assert not (tmp_path / "data" / "tables" / "image_files.parquet").exists()
 
 
-def test_a_blocking_check_failure_exits_non_zero(tmp_path, capsys):
+def test_a_blocking_check_failure_exits_non_zero_says_why_and_alerts(tmp_path, capsys):
     mirror = write_tiny_mirror(tmp_path / "mirror")
     labels = mirror / "dataset" / "scin_labels.csv"
     labels.write_text(labels.read_text().replace("weighted_skin_condition_label", "weighted", 1))
     assert main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data")]) == 1
     out = capsys.readouterr().out
-    assert "FAILED raw_metadata:metadata_required_columns (ERROR, blocking)" in out
+    # The reason is in the summary, not only the check's name: the file and the missing column.
+    failed = next(line for line in out.splitlines()
+                  if "FAILED raw_metadata:metadata_required_columns (ERROR, blocking)" in line)
+    assert "scin_labels.csv" in failed and "weighted_skin_condition_label" in failed
+    # A failed CLI run alerts as the failure sensor does: one line in alerts.jsonl naming the run.
+    alerts = read_alerts(tmp_path / "data")
+    assert len(alerts) == 1
+    run_id = out.split("run ", 1)[1].split(" ", 1)[0]
+    assert alerts[0]["run_id"] == run_id and alerts[0]["job"] == "full_pipeline"
+    assert alerts[0]["failed_steps"] == ["raw_metadata_metadata_required_columns"]
+    assert alerts[0]["tags"]["scin/entry"] == "cli"
+    assert "alert: file " in out and "delivered" in out
+
+
+def test_a_missing_cases_column_is_named_with_its_file(tmp_path, capsys):
+    mirror = write_tiny_mirror(tmp_path / "mirror")
+    cases = mirror / "dataset" / "scin_cases.csv"
+    cases.write_text(cases.read_text().replace("image_1_path", "image_one_path", 1))
+    assert main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"),
+                 "--select", "raw_metadata"]) == 1
+    out = capsys.readouterr().out
+    failed = next(line for line in out.splitlines() if "FAILED raw_metadata:metadata_required_columns" in line)
+    assert "scin_cases.csv" in failed and "image_1_path" in failed
+
+
+def test_a_cli_run_is_a_run_of_the_named_job_and_can_be_reexecuted(tmp_path, capsys):
+    from dagster import DagsterInstance, RunsFilter, build_reconstructable_job, execute_job
+    from dagster import ReexecutionOptions
+
+    mirror = write_tiny_mirror(tmp_path / "mirror")
+    data = tmp_path / "data"
+    assert main(["run", "--source", str(mirror), "--data-root", str(data)]) == 1  # the quarantine gate
+    assert main(["run", "--source", str(mirror), "--data-root", str(data), "--select", "group:ingest"]) == 0
+    out = capsys.readouterr().out
+    # Each step reported as it went, with rows and seconds.
+    assert "  started   raw_metadata" in out
+    assert any(line.startswith("  finished  parsed_metadata") and "cases 4 rows" in line
+               for line in out.splitlines())
+    with DagsterInstance.from_config(str(data / "dagster_home")) as instance:
+        full = instance.get_runs(RunsFilter(job_name="full_pipeline"))
+        curation = instance.get_runs(RunsFilter(job_name="curation_job"))
+        assert len(full) == 1 and len(curation) == 1  # the smallest named job that covers group:ingest
+        run = curation[0]
+        assert run.tags["scin/entry"] == "cli"
+        # The run records its data root as resource config: a re-execution (what the UI's button does)
+        # reconstructs the job from the code location and writes to the same place.
+        assert run.run_config["resources"]["storage"]["config"]["data_root"] == str(data.resolve())
+        job = build_reconstructable_job("scin_pipeline.definitions", "named_job", reconstructable_args=("curation_job",))
+        with execute_job(job, instance, run_config=run.run_config,
+                         reexecution_options=ReexecutionOptions(parent_run_id=run.run_id)) as again:
+            assert again.success
+            assert again.dagster_run.parent_run_id == run.run_id
+            assert {e.asset_key.to_user_string() for e in again.get_asset_materialization_events()} >= {
+                "raw_metadata", "cases", "image_files"}
+
+
+def test_select_takes_the_comma_list_and_adds_multi_asset_siblings(tmp_path, capsys):
+    mirror = write_tiny_mirror(tmp_path / "mirror")
+    code = main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"),
+                 "--select", "raw_metadata,cases,images"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "also selected metadata_quarantine" in out
+    assert (tmp_path / "data" / "tables" / "metadata_quarantine.parquet").exists()
+    assert not (tmp_path / "data" / "tables" / "image_files.parquet").exists()
+
+
+def test_a_bad_selection_is_one_line_with_an_example(tmp_path, capsys):
+    mirror = write_tiny_mirror(tmp_path / "mirror")
+    assert main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"),
+                 "--select", "raw_metadata,no_such_asset"]) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert "e.g. 'raw_metadata,cases'" in captured.err and "labeled_splits" in captured.err
 
 
 def test_bad_arguments_are_usage_errors(tmp_path, capsys):
@@ -88,18 +162,53 @@ def test_demo_on_synthetic_metadata_marks_everything_synthetic(tmp_path, capsys)
     out = tmp_path / "demo"
     # 40 synthetic cases hold too few labels to train on: the ingest stage only (the demo's training
     # config is dropped for the unselected ops).
-    assert main(["demo", "--cases", "40", "--out", str(out), "--select", "group:ingest"]) == 0
+    assert main(["demo", "--synthetic-metadata", "--cases", "40", "--out", str(out),
+                 "--select", "group:ingest"]) == 0
     printed = capsys.readouterr().out
     assert "SYNTHETIC" in printed
+    assert "metadata: SYNTHETIC metadata (--synthetic-metadata); images: SYNTHETIC" in printed
     assert (out / "synthetic_mirror" / "SYNTHETIC_DATA.md").exists()
     report = (out / "tables" / "data_report" / "data_report.md").read_text()
     assert report.startswith("SYNTHETIC DATA")
     raw = pd.read_parquet(out / "tables" / "raw_metadata.parquet")
     assert raw["synthetic"].all()
     # A rerun with the same parameters reuses the mirror and fetches nothing.
-    assert main(["demo", "--cases", "40", "--out", str(out), "--select", "group:ingest"]) == 0
+    assert main(["demo", "--synthetic-metadata", "--cases", "40", "--out", str(out),
+                 "--select", "group:ingest"]) == 0
     assert "reusing the SYNTHETIC mirror" in capsys.readouterr().out
     assert not pd.read_parquet(out / "tables" / "image_files.parquet")["fetched"].any()
+    # The synthetic metadata is not the real release: none of its case ids is a real one.
+    assert not set(pd.read_parquet(out / "tables" / "cases.parquet")["case_id"]) & _bundled_case_ids()
+
+
+def _bundled_case_ids() -> set[str]:
+    from scin_pipeline.core import bundled_metadata
+
+    cases = pd.read_csv(bundled_metadata.metadata_dir() / "scin_cases.csv", dtype=str, usecols=["case_id"])
+    return set(cases["case_id"])
+
+
+def test_demo_uses_the_bundled_real_metadata_by_default(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SCIN_METADATA_DIR", raising=False)
+    out = tmp_path / "demo"
+    assert main(["demo", "--cases", "20", "--out", str(out), "--select", "group:ingest"]) == 0
+    printed = capsys.readouterr().out
+    assert "metadata: bundled real SCIN 1.0.0 metadata; images: SYNTHETIC" in printed
+    assert "NOTE: images are synthetic" in printed
+    ids = set(pd.read_parquet(out / "tables" / "cases.parquet")["case_id"])
+    assert len(ids) == 20 and ids <= _bundled_case_ids()
+    assert "real SCIN metadata" in (out / "synthetic_mirror" / "SYNTHETIC_DATA.md").read_text()
+
+
+def test_demo_metadata_and_synthetic_metadata_exclude_each_other(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["demo", "--metadata", str(tmp_path), "--synthetic-metadata", "--out", str(tmp_path / "d")])
+
+
+def test_demo_scin_metadata_dir_overrides_the_bundled_copy(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SCIN_METADATA_DIR", str(tmp_path / "absent"))
+    assert main(["demo", "--cases", "5", "--out", str(tmp_path / "d")]) == EXIT_USAGE
+    assert "SCIN_METADATA_DIR" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 @pytest.mark.real_metadata

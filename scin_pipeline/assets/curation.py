@@ -30,6 +30,7 @@ from pydantic import Field
 from scin_pipeline.assets._metadata import image_md, table_md
 from scin_pipeline.core import dedup, quality, splits
 from scin_pipeline.core.contact_sheet import write_contact_sheet
+from scin_pipeline.core.progress import Progress, tracked
 from scin_pipeline.core.report import representation_table
 from scin_pipeline.core.synthetic import PLANTS_FILE
 from scin_pipeline.resources import ScinSourceResource, StoragePaths
@@ -104,7 +105,10 @@ def image_quality(context: AssetExecutionContext, config: ImageQualityConfig, im
     items = ((str(r.image_id), r.local_path if r.status == "ok" else None) for r in files.itertuples())
     workers = config.workers or os.cpu_count() or 1
     started = time.perf_counter()
-    metrics = quality.assessments_frame(quality.assess_images(items, config=config.rule(), workers=workers))
+    progress = Progress(f"image_quality ({len(keys)} of {N_QUALITY_SHARDS} shards)", len(files), context.log.info,
+                        unit="images")
+    metrics = quality.assessments_frame(
+        tracked(quality.assess_images(items, config=config.rule(), workers=workers), progress))
     elapsed = time.perf_counter() - started
     # A file that never arrived keeps the reason image_files gave (missing, corrupt download).
     by_id = files.set_index("image_id")
@@ -200,6 +204,9 @@ def quality_filtered_index(context: AssetExecutionContext, config: QualityFilter
     yield Output(kept, metadata=metadata)
     yield AssetCheckResult(
         check_name="quarantined_fraction_below_threshold", passed=quarantined_fraction <= config.max_quarantined_fraction,
+        description=(f"{quarantined_fraction:.1%} of the image files were quarantined (unreadable or missing), "
+                     f"above the limit max_quarantined_fraction={config.max_quarantined_fraction:.1%}"
+                     if quarantined_fraction > config.max_quarantined_fraction else None),
         metadata={"quarantined_fraction": round(quarantined_fraction, 4),
                   "threshold": config.max_quarantined_fraction,
                   "by_status": MetadataValue.json(
@@ -323,7 +330,10 @@ def labeled_splits(context: AssetExecutionContext, config: LabeledSplitsConfig,
     short = presence[~presence["ok"]]
     yield AssetCheckResult(check_name="classes_in_val_and_test", passed=short.empty,
                            severity=AssetCheckSeverity.WARN,
-                           metadata={"classes_short": len(short), "details": table_md(short, rows=30)})
+                           metadata={"classes_short": len(short), "details": table_md(short, rows=30)},
+                           description=None if short.empty else
+                           f"{len(short)} class(es) missing from val or test: "
+                           f"{', '.join(map(str, short['label'].head(5)))}{' ...' if len(short) > 5 else ''}")
 
 
 def split_report(table: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame:
@@ -348,7 +358,8 @@ def split_report(table: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame:
 def no_case_leakage(labeled_splits: pd.DataFrame) -> AssetCheckResult:
     bad = splits.leakage(labeled_splits, "case_id")
     return AssetCheckResult(passed=bad.empty,
-                            metadata={"leaking_cases": len(bad), "examples": table_md(bad, rows=20)})
+                            metadata={"leaking_cases": len(bad), "examples": table_md(bad, rows=20)},
+                            description=None if bad.empty else f"{len(bad)} case(s) appear in more than one split")
 
 
 @asset_check(asset=labeled_splits, blocking=True,
@@ -356,4 +367,6 @@ def no_case_leakage(labeled_splits: pd.DataFrame) -> AssetCheckResult:
 def no_cluster_leakage(labeled_splits: pd.DataFrame) -> AssetCheckResult:
     bad = splits.leakage(labeled_splits, "cluster_id")
     return AssetCheckResult(passed=bad.empty,
-                            metadata={"leaking_clusters": len(bad), "examples": table_md(bad, rows=20)})
+                            metadata={"leaking_clusters": len(bad), "examples": table_md(bad, rows=20)},
+                            description=None if bad.empty else
+                            f"{len(bad)} duplicate cluster(s) appear in more than one split")

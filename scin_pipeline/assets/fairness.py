@@ -134,7 +134,8 @@ def fairness_report(context: AssetExecutionContext, config: FairnessConfig, mode
     yield AssetCheckResult(
         check_name="fairness_gate", passed=not failing, severity=AssetCheckSeverity.ERROR,
         metadata={"failing_models": ", ".join(failing) or "none",
-                  "reasons": MetadataValue.json({m: g.reason for m, g in gates.items()})})
+                  "reasons": MetadataValue.json({m: g.reason for m, g in gates.items()})},
+        description="; ".join(f"{m}: {gates[m].reason}" for m in failing) or None)
 
 
 def fairness_gate_results(storage: StoragePaths) -> pd.DataFrame:

@@ -131,7 +131,9 @@ def metadata_required_columns(raw_metadata: pd.DataFrame) -> AssetCheckResult:
             read_csv_bytes(row.file_name, data, required[row.file_name])
         except ValueError as exc:
             problems[row.file_name] = str(exc)
-    return AssetCheckResult(passed=not problems, metadata={"problems": MetadataValue.json(problems)})
+    return AssetCheckResult(passed=not problems, metadata={"problems": MetadataValue.json(problems)},
+                            description="; ".join(why if why.startswith(name) else f"{name}: {why}"
+                                                  for name, why in problems.items()) or None)
 
 
 class CasesConfig(Config):
@@ -212,12 +214,16 @@ def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_met
         ("enum_values_known", "cases", unknown, AssetCheckSeverity.WARN),
     ):
         yield AssetCheckResult(check_name=name, asset_key=asset_key, passed=bad.empty, severity=severity,
-                               metadata={"failures": len(bad), "examples": table_md(bad)})
+                               metadata={"failures": len(bad), "examples": table_md(bad)},
+                               description=_first_rows(bad, len(bad)))
     yield AssetCheckResult(
         check_name="image_paths_safe", asset_key="images", passed=rejected.empty,
         severity=AssetCheckSeverity.ERROR,
         metadata={"rejected": len(rejected),
-                  "examples": table_md(rejected, ["case_id", "position", "object_path", "path_reason"])})
+                  "examples": table_md(rejected, ["case_id", "position", "object_path", "path_reason"])},
+        description=None if rejected.empty else (
+            f"{len(rejected)} image path(s) rejected, e.g. case {rejected['case_id'].iloc[0]} "
+            f"{rejected['object_path'].iloc[0]!r}: {rejected['path_reason'].iloc[0]}"))
 
 
 @asset(
@@ -281,6 +287,15 @@ def _progress_logger(context: AssetExecutionContext, total: int):
     return report
 
 
+def _first_rows(bad: pd.DataFrame, n: int) -> str | None:
+    """A failed metadata check's reason in one line: how many rows, and the first one's file, line and why."""
+    if bad.empty:
+        return None
+    first = bad.iloc[0]
+    where = ", ".join(f"{c} {first[c]}" for c in ("file", "line", "case_id") if c in bad.columns and pd.notna(first[c]))
+    return f"{n} row(s), e.g. {where}: {first.get('reason', '')}"
+
+
 @asset_check(asset=image_files, description="Every referenced image is present and verified "
              "(missing, corrupt and rejected objects are listed; the run goes on without them).")
 def image_files_verified(image_files: pd.DataFrame) -> AssetCheckResult:
@@ -288,4 +303,7 @@ def image_files_verified(image_files: pd.DataFrame) -> AssetCheckResult:
     return AssetCheckResult(
         passed=bad.empty, severity=AssetCheckSeverity.WARN,
         metadata={"not_ok": len(bad), "ok": int((image_files["status"] == "ok").sum()),
-                  "examples": table_md(bad, ["object_path", "status", "reason"], rows=25)})
+                  "examples": table_md(bad, ["object_path", "status", "reason"], rows=25)},
+        description=None if bad.empty else (
+            f"{len(bad)} of {len(image_files)} image(s) not ok, e.g. {bad['object_path'].iloc[0]}: "
+            f"{bad['status'].iloc[0]} ({bad['reason'].iloc[0]})"))

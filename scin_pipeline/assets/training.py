@@ -26,6 +26,7 @@ from pydantic import Field
 from scin_pipeline.assets._metadata import table_md
 from scin_pipeline.core import image_cache
 from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
+from scin_pipeline.core.progress import Progress
 from scin_pipeline.core.report import png_data_uri_bytes
 from scin_pipeline.core.splits import splits_data_version
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
@@ -71,8 +72,10 @@ def image_tensors(context: AssetExecutionContext, config: ImageTensorsConfig, la
                   storage: StoragePaths):
     rows = labeled_splits.drop_duplicates("image_id")[["image_id", "local_path", "split"]]
     cache_dir = storage.folder("cache", "image_tensors")
+    progress = Progress(f"image_tensors {config.image_size} px", len(rows), context.log.info, unit="images")
     index = image_cache.build_image_cache(rows, cache_dir, image_size=config.image_size,
-                                          shard_size=config.shard_size, workers=config.workers)
+                                          shard_size=config.shard_size, workers=config.workers,
+                                          on_shard=progress.advance)
     failed = index[index["status"] != "ok"]
     ok = index[index["status"] == "ok"]
     shard_bytes = sum((cache_dir / s).stat().st_size for s in ok["shard"].unique() if (cache_dir / s).exists())
@@ -216,7 +219,9 @@ def image_embeddings(context: AssetExecutionContext, config: EmbeddingsConfig, i
     if not (emb_path.exists() and backbone_path.exists()):
         backbone = models.build_resnet50_backbone(image_size, weights)
         images = image_cache.load_images(ok, storage.folder("cache", "image_tensors"))
-        embeddings = training.extract_embeddings(backbone, images, batch_size=config.batch_size)
+        progress = Progress("image_embeddings", len(images), context.log.info, unit="images")
+        embeddings = training.extract_embeddings(backbone, images, batch_size=config.batch_size,
+                                                 on_batch=progress.advance)
         _save_atomic(lambda p: np.save(p, embeddings), emb_path)
         _save_atomic(lambda p: backbone.save(p), backbone_path)
         reused = False
@@ -370,8 +375,17 @@ def _checkpoint_dir(storage: StoragePaths, candidate: CandidateRun) -> Path:
     return storage.folder("checkpoints", candidate.name, candidate.run_key)
 
 
-def _epoch_logger(run):
-    return lambda epoch, logs: run.log_epoch(epoch, logs)
+def _epoch_logger(run, context: AssetExecutionContext):
+    """Each finished epoch to MLflow, and one progress line with its validation metrics to the run log."""
+    from scin_pipeline.core.progress import report
+
+    def on_epoch_end(epoch: int, logs: dict) -> None:
+        run.log_epoch(epoch, logs)
+        shown = ", ".join(f"{k} {logs[k]:.3f}" for k in ("val_macro_f1", "val_balanced_accuracy", "val_loss")
+                          if k in logs)
+        report(context.log.info, f"{context.op_def.name} epoch {epoch}: {shown}")
+
+    return on_epoch_end
 
 
 @asset(
@@ -412,7 +426,7 @@ def baseline_cnn(context: AssetExecutionContext, config: TrainingConfig, labeled
         result = training.fit_classifier(
             model, sequence, x_val, y_val, config=train_config,
             class_weight=_class_weight(config, y_train, len(candidate.classes)),
-            checkpoint_dir=_checkpoint_dir(storage, candidate), on_epoch_end=_epoch_logger(run))
+            checkpoint_dir=_checkpoint_dir(storage, candidate), on_epoch_end=_epoch_logger(run, context))
         package = PackagedClassifier(kind="keras_image", classes=candidate.classes, image_size=image_size,
                                      metadata_columns=None, model=model, extra={"candidate": "baseline_cnn"})
         row = candidate.finish(run, package, result.history, result.best_epoch, result.best_score,
@@ -483,7 +497,7 @@ def resnet50_transfer(context: AssetExecutionContext, config: TransferConfig, la
                 head_builder=lambda: models.build_classifier_head(e_train.shape[1], n_classes, config.dropout,
                                                                   normalize_with=e_train),
                 config=train_config, checkpoint_dir=_checkpoint_dir(storage, candidate),
-                on_epoch_end=_epoch_logger(run))
+                on_epoch_end=_epoch_logger(run, context))
             model = models.compose_end_to_end(backbone, result.model, with_metadata=False)
         else:
             cache_dir = storage.folder("cache", "image_tensors")
@@ -493,7 +507,7 @@ def resnet50_transfer(context: AssetExecutionContext, config: TransferConfig, la
             head = models.build_classifier_head(backbone.output_shape[-1], n_classes, config.dropout)
             result = training.fine_tune_transfer(
                 backbone, head, x_train, y_train, x_val, y_val, config=train_config,
-                checkpoint_dir=_checkpoint_dir(storage, candidate), on_epoch_end=_epoch_logger(run))
+                checkpoint_dir=_checkpoint_dir(storage, candidate), on_epoch_end=_epoch_logger(run, context))
             model = result.model
         package = PackagedClassifier(kind="keras_image", classes=candidate.classes, image_size=image_size,
                                      metadata_columns=None, model=model,
@@ -602,7 +616,7 @@ def multimodal(context: AssetExecutionContext, config: TransferConfig, labeled_s
                 e_train.shape[1], m_train.shape[1], n_classes, dropout=config.dropout, normalize_with=e_train,
                 normalize_metadata_with=m_train),
             config=train_config, checkpoint_dir=_checkpoint_dir(storage, candidate),
-            on_epoch_end=_epoch_logger(run))
+            on_epoch_end=_epoch_logger(run, context))
         backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
         model = models.compose_end_to_end(backbone, result.model, with_metadata=True)
         package = PackagedClassifier(kind="keras_multimodal", classes=classes, image_size=image_size,

@@ -58,6 +58,7 @@ import json
 import math
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -323,12 +324,14 @@ def _atomic_write(target: Path, write) -> None:
 
 
 def build_image_cache(rows: pd.DataFrame, cache_dir: Path, *, image_size: int = DEFAULT_IMAGE_SIZE,
-                      shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2) -> pd.DataFrame:
+                      shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2,
+                      on_shard: Callable[[int], None] | None = None) -> pd.DataFrame:
     """Decode and preprocess every row's ``local_path`` once into uint8 shards; return the index.
 
     ``rows``: image_id, local_path, split (other columns ignored). The index has one row per input row,
     in input order, with columns ``INDEX_COLUMNS``: shard (path relative to ``cache_dir``) and offset
     (row in that shard) for status "ok"; shard None, offset -1 and a reason for status "failed".
+    ``on_shard(n)`` is called after each shard with its number of rows (progress).
     """
     size = _check_image_size(image_size)
     if int(shard_size) < 1 or int(workers) < 1:
@@ -362,6 +365,8 @@ def build_image_cache(rows: pd.DataFrame, cache_dir: Path, *, image_size: int = 
                 else:
                     entry = _write_shard(folder, file, key, split, chunk, size, old_items, pool)
                 new_shards.append(entry)
+                if on_shard is not None:
+                    on_shard(len(chunk))
                 for item in entry["items"]:
                     placement[item["image_id"]] = (file if item["offset"] is not None else None,
                                                    item["offset"], item["reason"])

@@ -162,8 +162,10 @@ def _slice(inputs, start: int, stop: int, pad_to: int):
     return {k: one(v) for k, v in inputs.items()} if isinstance(inputs, dict) else one(inputs)
 
 
-def predict_in_batches(model, inputs, batch_size: int = 64) -> np.ndarray:
-    """``model`` outputs for array (or {name: array}) inputs, as float32 numpy, in fixed-size batches."""
+def predict_in_batches(model, inputs, batch_size: int = 64,
+                       on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """``model`` outputs for array (or {name: array}) inputs, as float32 numpy, in fixed-size batches;
+    ``on_batch(n)`` after each batch of n rows (progress)."""
     import keras
 
     n = _num_rows(inputs)
@@ -177,16 +179,19 @@ def predict_in_batches(model, inputs, batch_size: int = 64) -> np.ndarray:
         if out is None:
             out = np.empty((n, *batch.shape[1:]), dtype=np.float32)
         out[start:stop] = batch[: stop - start]
+        if on_batch is not None:
+            on_batch(stop - start)
     return out
 
 
-def extract_embeddings(backbone, images_uint8, batch_size: int = 64) -> np.ndarray:
+def extract_embeddings(backbone, images_uint8, batch_size: int = 64,
+                       on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """Embeddings (N, D) float32 of uint8 images (N, S, S, 3); works on a memory-mapped cache."""
     images = images_uint8
     if getattr(images, "dtype", None) != np.uint8 or getattr(images, "ndim", 0) != 4:
         raise ValueError(f"images must be a uint8 array (N, S, S, 3), got {getattr(images, 'dtype', type(images))} "
                          f"with shape {getattr(images, 'shape', '?')}")
-    return predict_in_batches(backbone, images, batch_size)
+    return predict_in_batches(backbone, images, batch_size, on_batch=on_batch)
 
 
 def _macro_scores(y_true, probabilities) -> dict[str, float]:
