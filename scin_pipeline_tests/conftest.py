@@ -1,4 +1,5 @@
-"""Shared fixtures. The real SCIN metadata comes in through SCIN_METADATA_DIR (set by .ci/run)."""
+"""Shared fixtures. The real SCIN 1.0.0 metadata is the copy bundled in the package
+(scin_pipeline/data/scin, checked against its published SHA-256); SCIN_METADATA_DIR, when set, overrides it."""
 
 from __future__ import annotations
 
@@ -14,12 +15,22 @@ REAL_METADATA_ENV = "SCIN_METADATA_DIR"
 
 @pytest.fixture(scope="session")
 def scin_metadata_dir() -> Path:
+    """The real SCIN metadata folder: SCIN_METADATA_DIR when set (it must hold the CSVs), else the bundled
+    copy (verified). Never skips."""
+    from scin_pipeline.core import bundled_metadata
+
     value = os.environ.get(REAL_METADATA_ENV)
     if not value:
-        pytest.skip(f"{REAL_METADATA_ENV} not set: real SCIN metadata needed (see README, Tests)")
+        try:
+            return bundled_metadata.verify()
+        except bundled_metadata.BundledMetadataError as exc:
+            pytest.fail(str(exc))
     path = Path(value).expanduser().resolve()
-    if not (path / "scin_cases.csv").exists() or not (path / "scin_labels.csv").exists():
-        pytest.fail(f"{REAL_METADATA_ENV}={value} does not hold scin_cases.csv and scin_labels.csv")
+    lacking = [name for name in (bundled_metadata.CASES_FILE, bundled_metadata.LABELS_FILE)
+               if not (path / name).is_file()]
+    if lacking:
+        pytest.fail(f"{REAL_METADATA_ENV}={value} does not hold {' and '.join(lacking)} "
+                    f"(unset it to use the bundled SCIN {bundled_metadata.RELEASE} metadata)")
     return path
 
 

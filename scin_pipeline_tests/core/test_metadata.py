@@ -199,7 +199,7 @@ def test_limit_cases_is_a_deterministic_sample():
     assert set(first.images["case_id"]) == set(first.cases["case_id"])
 
 
-# --- The real release (SCIN v1.0.0), through SCIN_METADATA_DIR -------------------------------------
+# --- The real release (SCIN v1.0.0): the bundled copy (SCIN_METADATA_DIR overrides) -----------------
 
 @pytest.mark.real_metadata
 def test_real_release_counts(real_parsed_metadata):

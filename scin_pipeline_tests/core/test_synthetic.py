@@ -1,7 +1,7 @@
 """Behaviour of the synthetic SCIN mirror: layout, verbatim metadata, determinism, planted defects, image signal.
 
-Tests marked by the `real_metadata_dir` fixture need the real SCIN CSVs (SCIN_METADATA_DIR); the others
-generate their own metadata.
+Tests using the `real_metadata_dir` fixture read the real SCIN CSVs (the bundled copy; SCIN_METADATA_DIR
+overrides); the others generate their own metadata.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -84,11 +83,9 @@ def generated(tmp_path_factory) -> syn.SyntheticMirror:
 
 
 @pytest.fixture(scope="module")
-def real_metadata_dir() -> Path:
-    value = os.environ.get("SCIN_METADATA_DIR")
-    if not value:
-        pytest.skip("SCIN_METADATA_DIR not set: real SCIN metadata needed")
-    return Path(value)
+def real_metadata_dir(scin_metadata_dir) -> Path:
+    """The real SCIN CSVs: the shared fixture (the bundled copy; SCIN_METADATA_DIR overrides)."""
+    return scin_metadata_dir
 
 
 @pytest.fixture(scope="module")
