@@ -124,8 +124,10 @@ def main() -> None:
             model_uri = args.model
         else:
             tracking_uri, model_uri = register_bench_model(Path(tmp), args.arch, args.image_size)
-        app = create_app(model_uri, tracking_uri=tracking_uri, max_upload_bytes=64 * 2**20)
-        served = app.state.served
+        app = create_app(model_uri, tracking_uri=tracking_uri, max_upload_bytes=64 * 2**20, alias_poll_s=0)
+        served = app.state.model_source.served
+        if served is None:
+            raise SystemExit(f"nothing to benchmark: {app.state.model_source.state.reason}")
         photo = _encode_png(render_skin_image("bench-serve", 6, "eczema_blotches", (args.width, args.height), seed=3))
         size = served.package.image_size
         images = preprocess_image_bytes(photo, size)[None] if served.uses_image else None

@@ -24,12 +24,14 @@ from scin_pipeline.assets._metadata import table_md
 from scin_pipeline.assets.training import split_arrays
 from scin_pipeline.core.report import png_data_uri_bytes
 from scin_pipeline.resources import MlflowTracking, StoragePaths
+from scin_pipeline.resources.mlflow_tracking import CHAMPION_CLEARED_REASON_TAG
 from scin_pipeline.resources.storage import write_parquet_atomic
 
 GROUP = "evaluation"
 CANDIDATES = ("baseline_cnn", "resnet50_transfer", "metadata_model", "multimodal")
 OVERALL_METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "mean_ovr_auc", "ece"]
 EVALUATED_SPLITS = ("val", "test")
+PASSED_OVER_TAG = "scin.passed_over"  # on a candidate's run when no champion is named: why it was not eligible
 
 
 def candidates_table(*frames: pd.DataFrame) -> pd.DataFrame:
@@ -160,12 +162,19 @@ def choose_champion(wide: pd.DataFrame, n_classes: int, config: ComparisonConfig
     return table.sort_values(["rank", "model"], na_position="last").reset_index(drop=True)
 
 
+def no_champion_reason(ranked: pd.DataFrame, rule: str) -> str:
+    """Why no candidate is champion: the rule and each candidate's reason for being passed over."""
+    passed_over = "; ".join(f"{model}: {why}" for model, why in zip(ranked["model"], ranked["passed_over"]) if why)
+    return f"no eligible candidate by the rule ({rule}); {passed_over or 'no candidate was evaluated'}"
+
+
 @asset(
     group_name=GROUP,
-    code_version="1",
+    code_version="2",
     description="Every candidate side by side (validation and test); the champion chosen by the stated rule "
     "(on validation, never test) and set as the MLflow registry alias 'champion': "
-    "models:/<registered name>@champion serves it.",
+    "models:/<registered name>@champion serves it. When no candidate is eligible the alias is removed "
+    "(the reason is on the registered model, tag scin.champion_cleared_reason, and on every candidate's run).",
     check_specs=[AssetCheckSpec("champion_chosen", asset="model_comparison", blocking=True,
                                 description="A champion passing the fairness gate was chosen and the registry "
                                 "alias points at it; blocks the model card otherwise.")],
@@ -197,6 +206,19 @@ def model_comparison(context: AssetExecutionContext, config: ComparisonConfig, m
         mlflow.set_champion(best["registered_version"], reason=reason)
         alias_uri = mlflow.model_uri_for_alias("champion")
         context.log.info(f"champion: {reason}")
+        cleared_metadata = {}
+    else:
+        # No candidate may be champion: the previous one must not stay served by default. The alias is
+        # removed and the reason recorded on the registered model and on every candidate's run.
+        cleared_reason = no_champion_reason(ranked, rule)
+        previous = mlflow.clear_champion(reason=cleared_reason)
+        for run_id, passed_over in zip(ranked["mlflow_run_id"], ranked["passed_over"]):
+            if isinstance(run_id, str) and run_id:
+                mlflow.set_run_tags(run_id, {CHAMPION_CLEARED_REASON_TAG: cleared_reason[:4000],
+                                             PASSED_OVER_TAG: passed_over[:4000]})
+        previous_version = str(previous.version) if previous is not None else "none"
+        context.log.warning(f"no champion; alias removed (it was on version {previous_version}): {cleared_reason}")
+        cleared_metadata = {"champion_cleared_reason": cleared_reason, "previous_champion_version": previous_version}
     bars = metric_comparison_png(
         overall[overall["split"] == "test"], metrics=["balanced_accuracy", "macro_f1", "top3_accuracy",
                                                       "mean_ovr_auc"], title="test split")
@@ -207,6 +229,7 @@ def model_comparison(context: AssetExecutionContext, config: ComparisonConfig, m
         "rule": rule,
         "champion": str(champion["model"].iloc[0]) if len(champion) else "none",
         "champion_model_uri": alias_uri or "none",
+        **cleared_metadata,
         "comparison": _metric_md(ranked[shown]),
         "test_metrics_plot": MetadataValue.md(f"![comparison]({png_data_uri_bytes(bars)})"),
     })
@@ -216,4 +239,5 @@ def model_comparison(context: AssetExecutionContext, config: ComparisonConfig, m
         passed=bool(len(champion)) and current is not None
         and str(current.version) == str(champion["registered_version"].iloc[0]),
         metadata={"champion": str(champion["model"].iloc[0]) if len(champion) else "none",
+                  **{k: v for k, v in cleared_metadata.items() if k == "champion_cleared_reason"},
                   "passed_over": _metric_md(ranked[ranked["passed_over"] != ""][["model", "passed_over"]])})

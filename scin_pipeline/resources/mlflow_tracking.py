@@ -56,6 +56,11 @@ RESUME_COUNT_TAG = "scin.resume_count"
 PREVIOUS_DAGSTER_RUNS_TAG = "scin.previous_dagster_run_ids"
 CHAMPION_ALIAS = "champion"
 CHAMPION_REASON_TAG = "scin.champion_reason"
+# On the registered model while no version holds the alias (set by clear_champion, removed by set_champion):
+# why there is no champion, and when it was cleared. `scin-pipeline serve` shows them in its 503 answers.
+CHAMPION_CLEARED_REASON_TAG = "scin.champion_cleared_reason"
+CHAMPION_CLEARED_AT_TAG = "scin.champion_cleared_at"
+_MAX_TAG_VALUE = 4000  # under MLflow's 5000-character limit on tag values, whatever the store
 # Run tags copied onto a registered model version, so the registry alone says where a version came from.
 _VERSION_TAG_PREFIXES = ("dagster.", "scin.")
 _RUN_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:/=+@-]{1,250}")
@@ -331,7 +336,55 @@ class MlflowTracking(ConfigurableResource):
         client.set_model_version_tag(name, model_version.version, CHAMPION_REASON_TAG, reason)
         client.update_model_version(name, model_version.version, description=f"champion: {reason}")
         client.set_registered_model_tag(name, CHAMPION_REASON_TAG, f"version {model_version.version}: {reason}")
+        for stale in (CHAMPION_CLEARED_REASON_TAG, CHAMPION_CLEARED_AT_TAG):
+            client.delete_registered_model_tag(name, stale)
         return client.get_model_version(name, model_version.version)
+
+    def clear_champion(self, *, reason: str):
+        """Remove the alias ``champion`` (no version is served any more) and record why, and when, on the
+        registered model (tags ``scin.champion_cleared_reason``, ``scin.champion_cleared_at``) and on the
+        version that held it (``scin.champion_cleared_reason``). Creates the registered model when it does
+        not exist yet, so the reason is there for whoever looks for a champion. Returns the ModelVersion
+        that was champion, or None."""
+        from mlflow.exceptions import MlflowException
+
+        reason = str(reason or "").strip()
+        if not reason:
+            raise ValueError("clear_champion needs the reason (why no candidate may be champion)")
+        reason = reason if len(reason) <= _MAX_TAG_VALUE else reason[:_MAX_TAG_VALUE - 3] + "..."
+        client = self.client()
+        name = self.registered_model_name
+        try:
+            client.create_registered_model(
+                name, description="SCIN skin-condition classifier candidates; alias `champion` is served")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        previous = self.champion_version()
+        cleared_at = pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds")
+        # The reason first, then the alias: a server that sees the alias gone finds the reason already there.
+        client.set_registered_model_tag(name, CHAMPION_CLEARED_REASON_TAG, reason)
+        client.set_registered_model_tag(name, CHAMPION_CLEARED_AT_TAG, cleared_at)
+        client.delete_registered_model_tag(name, CHAMPION_REASON_TAG)
+        if previous is not None:
+            client.delete_registered_model_alias(name, CHAMPION_ALIAS)
+            client.set_model_version_tag(name, previous.version, CHAMPION_CLEARED_REASON_TAG,
+                                         f"{cleared_at}: {reason}")
+        return previous
+
+    def champion_cleared_reason(self) -> tuple[str, str] | None:
+        """(reason, cleared_at) recorded by the last ``clear_champion`` while no champion was set since."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tags = self.client().get_registered_model(self.registered_model_name).tags or {}
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                return None
+            raise
+        if CHAMPION_CLEARED_REASON_TAG not in tags:
+            return None
+        return tags[CHAMPION_CLEARED_REASON_TAG], tags.get(CHAMPION_CLEARED_AT_TAG, "")
 
     def champion_version(self):
         """The ModelVersion the alias ``champion`` points at, or None (no model or no alias yet)."""

@@ -1,4 +1,12 @@
-"""The FastAPI application of ``scin-pipeline serve``: the page, ``POST /predict``, ``GET /model``, ``GET /healthz``.
+"""The FastAPI application of ``scin-pipeline serve``: the page, ``POST /predict``, ``GET /model``, ``GET /status``,
+``GET /healthz``.
+
+The model comes from a :class:`~scin_pipeline.serve.follow.ModelFollower`: ``models:/NAME@ALIAS`` is
+re-resolved every ``alias_poll_s`` seconds by a thread that runs with the app's lifespan, and a new version
+is swapped in without a restart; each request reads the current model once and finishes on it. While no
+version holds the alias, ``POST /predict`` and ``GET /model`` answer 503 with the reason (the one
+model_comparison recorded when it removed the alias, else "no champion yet"); the page, ``/status`` and
+``/healthz`` keep working.
 
 FastAPI (on Starlette, served by uvicorn) rather than bare Starlette: the OpenAPI schema of the answers
 comes from the pydantic models below. ``POST /predict`` reads its multipart body itself
@@ -14,7 +22,9 @@ form value.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -37,8 +47,9 @@ from scin_pipeline.serve.inputs import (
     metadata_field_descriptions,
     read_prediction_request,
 )
-from scin_pipeline.serve.model import DEFAULT_MODEL_URI, ServedModel, load_served_model
-from scin_pipeline.serve.prediction import model_info, notice_for, predict
+from scin_pipeline.serve.follow import DEFAULT_ALIAS_POLL_S, ModelFollower, ServingState
+from scin_pipeline.serve.model import DEFAULT_MODEL_URI, ServedModel
+from scin_pipeline.serve.prediction import NOT_A_DIAGNOSIS, model_info, notice_for, predict
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # phone photos are 2-6 MB
 PAGE_RESOURCE = "static/index.html"
@@ -58,6 +69,8 @@ PAGE_SECURITY_HEADERS = {
 class ModelInfo(BaseModel):
     name: str | None = Field(description="registered model name")
     version: str | None = Field(description="registered model version that answers")
+    alias: str | None = Field(description="the alias this version was reached through (e.g. champion); "
+                                          "null: the service was started on a pinned version")
     uri: str = Field(description="the exact version loaded, models:/NAME/VERSION")
     kind: Literal["keras_image", "keras_multimodal", "sklearn_metadata"]
     classes: list[str]
@@ -119,6 +132,33 @@ class ErrorResponse(BaseModel):
     notice: str
 
 
+class UnavailableResponse(ErrorResponse):
+    error: Literal["no_model"]
+    detail: str = Field(description="why no version is served, e.g. the reason model_comparison recorded when "
+                                    "it removed the alias @champion")
+    requested_uri: str
+    name: str
+    alias: str | None
+    cleared_at: str | None = Field(description="when model_comparison removed the alias (null: never set, "
+                                               "or not removed by the pipeline)")
+
+
+class ServingStatus(BaseModel):
+    serving: bool = Field(description="a version is loaded and answers POST /predict")
+    requested_uri: str = Field(description="what the service was started with (--model)")
+    name: str
+    alias: str | None = Field(description="the alias followed (null: a pinned models:/NAME/VERSION)")
+    version: str | None = Field(description="the registered version that answers now")
+    uri: str | None = Field(description="models:/NAME/VERSION of the version that answers now")
+    reason: str | None = Field(description="why nothing is served (when serving is false)")
+    cleared_at: str | None
+    since: str = Field(description="when the current state began (UTC, ISO 8601)")
+    follows_alias: bool = Field(description="the alias is re-resolved and a new version swapped in")
+    poll_interval_s: float | None
+    last_checked: str | None = Field(description="the last time the registry was asked (UTC)")
+    last_error: str | None = Field(description="the last registry or load error, while it lasts")
+
+
 def _predict_request_schema() -> dict:
     properties: dict = {FILE_FIELD: {"type": "string", "format": "binary",
                                      "description": "PNG or JPEG image (required unless the model is "
@@ -136,6 +176,8 @@ _ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for st
     400: "malformed multipart body", 413: "upload over the size limit",
     415: "not multipart/form-data, or not a PNG/JPEG image",
     422: "empty, truncated, corrupt or decompression-bomb image; unknown field or value; no image"}.items()}
+_UNAVAILABLE = {503: {"model": UnavailableResponse, "description": "no version holds the alias (no champion yet, "
+                      "or model_comparison removed it): the reason is in `detail`"}}
 
 
 # ------------------------------------------------------------------------------------------------ app
@@ -160,25 +202,53 @@ def _page_html() -> str:
 
 def create_app(model_uri: str = DEFAULT_MODEL_URI, *, tracking_uri: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, store_uploads_dir: str | os.PathLike | None = None,
-               served_model: ServedModel | None = None) -> FastAPI:
-    """The service for ``model_uri``, loaded now (once): a ServeError here means it cannot start.
+               served_model: ServedModel | None = None, alias_poll_s: float = DEFAULT_ALIAS_POLL_S) -> FastAPI:
+    """The service for ``model_uri``. Its version is resolved and loaded now: a ServeError here means it
+    cannot start (no such model, a model that is not ours); an alias that holds no version is not one: the
+    service starts and answers 503 until it does. ``alias_poll_s``: how often the alias is re-resolved
+    while the app runs (0: never; a pinned ``models:/NAME/VERSION`` never is).
 
     ``served_model`` skips the registry (an already loaded model, e.g. for benchmarks).
     """
     if not isinstance(max_upload_bytes, int) or max_upload_bytes < 1:
         raise ValueError(f"max_upload_bytes must be a positive int, got {max_upload_bytes!r}")
-    served = served_model or load_served_model(model_uri, tracking_uri=tracking_uri)
-    served.warm_up()
+    if served_model is not None:
+        served_model.warm_up()
+        follower = ModelFollower.fixed(served_model)
+    else:
+        follower = ModelFollower(model_uri, tracking_uri=tracking_uri, poll_s=alias_poll_s)
+        follower.start()
     store = Path(store_uploads_dir).expanduser().resolve() if store_uploads_dir else None
     page = _page_html()
-    app = FastAPI(title="SCIN skin-condition classifier (NOT A DIAGNOSIS)",
-                  description="Classifies a skin photo with the registry's model. " + notice_for(served),
-                  version="1", docs_url=None, redoc_url=None)
-    app.state.served = served
 
-    def error_response(status: int, error: str, detail: str) -> JSONResponse:
-        return JSONResponse({"error": error, "detail": detail, "notice": notice_for(served)}, status_code=status,
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        follower.start_polling()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(follower.stop_polling)
+
+    app = FastAPI(title="SCIN skin-condition classifier (NOT A DIAGNOSIS)",
+                  description="Classifies a skin photo with the registry's model. " + NOT_A_DIAGNOSIS,
+                  version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.model_source = follower
+
+    def notice(served: ServedModel | None) -> str:
+        return notice_for(served) if served is not None else NOT_A_DIAGNOSIS
+
+    def error_response(status: int, error: str, detail: str, served: ServedModel | None) -> JSONResponse:
+        return JSONResponse({"error": error, "detail": detail, "notice": notice(served)}, status_code=status,
                             headers={"Cache-Control": "no-store"})
+
+    def unavailable_response(state: ServingState) -> JSONResponse:
+        headers = {"Cache-Control": "no-store"}
+        if follower.follows_alias:
+            headers["Retry-After"] = str(max(1, math.ceil(follower.poll_s)))
+        body = {"error": "no_model", "detail": state.reason or "no model is loaded", "notice": NOT_A_DIAGNOSIS,
+                "requested_uri": follower.requested_uri, "name": follower.name, "alias": follower.alias,
+                "cleared_at": state.cleared_at}
+        return JSONResponse(body, status_code=503, headers=headers)
 
     @app.middleware("http")
     async def log_without_personal_data(request: Request, call_next):
@@ -188,7 +258,8 @@ def create_app(model_uri: str = DEFAULT_MODEL_URI, *, tracking_uri: str | None =
         except Exception:
             # The traceback names code, not the request; form values and file names never reach a log.
             LOG.exception("%s %s failed", request.method, request.url.path)
-            response = error_response(500, "internal_error", "the service failed on this request")
+            response = error_response(500, "internal_error", "the service failed on this request",
+                                      follower.served)
         LOG.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code,
                  (time.perf_counter() - started) * 1000)
         return response
@@ -199,25 +270,42 @@ def create_app(model_uri: str = DEFAULT_MODEL_URI, *, tracking_uri: str | None =
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok", "model": served.loaded_uri}
+        """Liveness: 200 while the process serves HTTP, with or without a model (see /status)."""
+        served = follower.served
+        return {"status": "ok", "serving": served is not None, "model": served.loaded_uri if served else None}
 
-    @app.get("/model", response_model=ModelDescription)
-    def describe_model() -> dict:
-        return {**model_info(served), "notice": notice_for(served), "max_upload_bytes": max_upload_bytes,
-                "stores_uploads": store is not None,
-                "metadata_fields": metadata_field_descriptions()}
+    @app.get("/status", response_model=ServingStatus)
+    def status() -> JSONResponse:
+        """Which registered version answers, or why none does; when the registry was last asked."""
+        return JSONResponse(ServingStatus.model_validate(follower.status()).model_dump(mode="json"),
+                            headers={"Cache-Control": "no-store"})
 
-    @app.post("/predict", response_model=PredictionResponse, responses=_ERROR_RESPONSES,
+    @app.get("/model", response_model=ModelDescription, responses=_UNAVAILABLE)
+    def describe_model():
+        state = follower.state
+        served = state.served
+        if served is None:
+            return unavailable_response(state)
+        description = {**model_info(served), "notice": notice(served), "max_upload_bytes": max_upload_bytes,
+                       "stores_uploads": store is not None, "metadata_fields": metadata_field_descriptions()}
+        return JSONResponse(ModelDescription.model_validate(description).model_dump(mode="json"),
+                            headers={"Cache-Control": "no-store"})
+
+    @app.post("/predict", response_model=PredictionResponse, responses={**_ERROR_RESPONSES, **_UNAVAILABLE},
               openapi_extra=_predict_request_schema(),
               summary="Class probabilities for one skin photo (NOT A DIAGNOSIS)")
     async def predict_endpoint(request: Request):
+        state = follower.state  # read once: this request answers with this model, whatever is swapped in
+        served = state.served
+        if served is None:
+            return unavailable_response(state)
         try:
             parsed: PredictionRequest = await read_prediction_request(request, max_upload_bytes=max_upload_bytes)
             answer = await run_in_threadpool(predict, served, parsed)
             if store is not None and parsed.image is not None:
                 await run_in_threadpool(_store_upload, store, parsed.image)
         except RequestError as exc:
-            return error_response(exc.status, exc.error, exc.detail)
+            return error_response(exc.status, exc.error, exc.detail, served)
         return JSONResponse(PredictionResponse.model_validate(answer).model_dump(mode="json"),
                             headers={"Cache-Control": "no-store"})
 

@@ -97,7 +97,8 @@ def quality_verdict(rgb: np.ndarray, config: QualityConfig = QualityConfig()) ->
 
 
 def model_info(served: ServedModel) -> dict:
-    return {"name": served.name, "version": served.version, "uri": served.loaded_uri, "kind": served.kind,
+    return {"name": served.name, "version": served.version, "alias": served.alias, "uri": served.loaded_uri,
+            "kind": served.kind,
             "classes": served.classes, "image_size": served.package.image_size, "uses_image": served.uses_image,
             "uses_metadata": served.uses_metadata, "synthetic_data": served.synthetic_data,
             "run_id": served.run_id}

@@ -325,6 +325,32 @@ def test_models_are_registered_with_lineage_tags_and_the_champion_alias_moves(tr
     assert str(tracking.champion_version().version) == versions["logistic_C1.0"]
 
 
+def test_clearing_the_champion_removes_the_alias_and_keeps_the_reason(tracking, tmp_path):
+    from scin_pipeline.resources.mlflow_tracking import CHAMPION_CLEARED_REASON_TAG
+
+    # Before anything is registered: the model is created so that the reason has a place to live.
+    assert tracking.clear_champion(reason="nothing trained passed") is None
+    assert tracking.champion_cleared_reason()[0] == "nothing trained passed"
+    with tracking.training_run(run_key="key-clear", run_name="clear", tags=tags_for("clear"), params={}) as run:
+        _, version = run.log_model(metadata_package(tmp_path / "clear"))
+    tracking.set_champion(version, reason="the only candidate")
+    assert tracking.champion_cleared_reason() is None
+
+    previous = tracking.clear_champion(reason="fairness gate failed for every candidate")
+    assert str(previous.version) == version
+    assert tracking.champion_version() is None
+    reason, cleared_at = tracking.champion_cleared_reason()
+    assert reason == "fairness gate failed for every candidate"
+    assert pd.Timestamp(cleared_at).tzinfo is not None
+    version_tags = tracking.client().get_model_version("scin-condition-classifier", version).tags
+    assert version_tags[CHAMPION_CLEARED_REASON_TAG].endswith(reason)
+    # Clearing again (no alias left) only updates the reason.
+    assert tracking.clear_champion(reason="still none") is None
+    assert tracking.champion_cleared_reason()[0] == "still none"
+    with pytest.raises(ValueError, match="reason"):
+        tracking.clear_champion(reason="  ")
+
+
 FRESH_PROCESS = textwrap.dedent("""
     import json, sys
     import mlflow.pyfunc

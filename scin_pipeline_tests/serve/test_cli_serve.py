@@ -31,3 +31,10 @@ def test_serve_with_an_unknown_model_fails_with_one_line(registry, monkeypatch, 
 def test_serve_rejects_a_bad_port(tmp_path, capsys):
     assert main(["serve", "--data-root", str(tmp_path), "--port", "0"]) == EXIT_USAGE
     assert "--port" in capsys.readouterr().err
+
+
+def test_serve_follows_the_alias_every_few_seconds_by_default(tmp_path, capsys):
+    assert build_parser().parse_args(["serve"]).alias_poll_s == 5.0
+    assert build_parser().parse_args(["serve", "--alias-poll-s", "0"]).alias_poll_s == 0.0
+    assert main(["serve", "--data-root", str(tmp_path), "--alias-poll-s", "-1"]) == EXIT_USAGE
+    assert "--alias-poll-s" in capsys.readouterr().err

@@ -1,0 +1,115 @@
+"""model_comparison against a real (temporary SQLite) MLflow registry: the asset is invoked directly with
+hand-made evaluation tables, so the registry side of the champion rule is checked without training.
+
+Two tiny SYNTHETIC sklearn packages are registered; the earlier run made version 1 champion. When no
+candidate is eligible now, the alias must be removed (not left on the old version), the reason recorded on
+the registered model and each candidate's run, and the blocking check must fail.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from dagster import AssetCheckResult, Output, build_asset_context
+
+from scin_pipeline.assets.evaluation import PASSED_OVER_TAG, ComparisonConfig, model_comparison
+from scin_pipeline.resources import MlflowTracking, StoragePaths
+from scin_pipeline.resources.mlflow_tracking import (
+    CHAMPION_CLEARED_AT_TAG,
+    CHAMPION_CLEARED_REASON_TAG,
+    CHAMPION_REASON_TAG,
+)
+from scin_pipeline_tests.resources.test_mlflow_tracking import CLASSES, metadata_package, tags_for
+
+MODELS = ("baseline_cnn", "metadata_model")
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "mean_ovr_auc", "ece")
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """Two registered candidates (versions "1", "2"); version 1 is champion from an earlier run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking = MlflowTracking(data_root=str(tmp_path / "data"))
+    storage = StoragePaths(data_root=str(tmp_path / "data"))
+    frames = {}
+    for index, model in enumerate(MODELS):
+        with tracking.training_run(run_key=f"key-{model}", run_name=model, tags=tags_for(model),
+                                   params={"C": 1.0}) as run:
+            model_uri, version = run.log_model(metadata_package(tmp_path / model, C=1.0 + index))
+        frames[model] = pd.DataFrame([{"model": model, "kind": "sklearn_metadata", "registered_version": version,
+                                       "model_uri": model_uri, "mlflow_run_id": run.run_id,
+                                       "classes": json.dumps(CLASSES)}])
+    tracking.set_champion(frames["baseline_cnn"]["registered_version"].iloc[0], reason="an earlier run's winner")
+    gates = pd.DataFrame({"model": list(MODELS), "passed": [True, True], "reason": ["ok", "ok"]})
+    gates.to_parquet(storage.table_files_dir("fairness_report") / "gates.parquet")
+    return tracking, storage, frames
+
+
+def evaluation_table(val_balanced_accuracy: dict[str, float]) -> pd.DataFrame:
+    rows = []
+    for model, bacc in val_balanced_accuracy.items():
+        for split in ("val", "test"):
+            for metric in METRICS:
+                value = bacc if metric == "balanced_accuracy" else 0.4 if metric != "ece" else 0.1
+                rows.append({"model": model, "split": split, "metric": metric, "class": None, "value": value})
+    return pd.DataFrame(rows)
+
+
+def run_comparison(registry, val_balanced_accuracy: dict[str, float]) -> tuple[Output, AssetCheckResult]:
+    tracking, storage, frames = registry
+    empty = pd.DataFrame()
+    results = list(model_comparison(
+        build_asset_context(), config=ComparisonConfig(), model_evaluation=evaluation_table(val_balanced_accuracy),
+        fairness_report=empty, baseline_cnn=frames["baseline_cnn"], resnet50_transfer=empty,
+        metadata_model=frames["metadata_model"], multimodal=empty, storage=storage, mlflow=tracking))
+    output = next(r for r in results if isinstance(r, Output))
+    check = next(r for r in results if isinstance(r, AssetCheckResult))
+    return output, check
+
+
+def test_no_eligible_candidate_removes_the_old_champion_and_records_why(registry):
+    tracking, _, frames = registry
+    assert tracking.champion_version() is not None
+    # Chance for 3 classes is 0.333: with the 0.05 margin neither candidate is eligible.
+    output, check = run_comparison(registry, {"baseline_cnn": 0.35, "metadata_model": 0.30})
+
+    assert tracking.champion_version() is None  # the alias is gone, not left on version 1
+    client = tracking.client()
+    model = client.get_registered_model(tracking.registered_model_name)
+    reason = model.tags[CHAMPION_CLEARED_REASON_TAG]
+    assert reason.startswith("no eligible candidate") and "baseline_cnn" in reason and "metadata_model" in reason
+    assert "chance" in reason
+    assert model.tags[CHAMPION_CLEARED_AT_TAG]
+    assert CHAMPION_REASON_TAG not in model.tags  # no stale "version 1: ..." champion reason
+    assert tracking.champion_cleared_reason() == (reason, model.tags[CHAMPION_CLEARED_AT_TAG])
+    old = client.get_model_version(tracking.registered_model_name, frames["baseline_cnn"]["registered_version"][0])
+    assert reason in old.tags[CHAMPION_CLEARED_REASON_TAG]
+    for model_name, frame in frames.items():
+        run_tags = client.get_run(frame["mlflow_run_id"].iloc[0]).data.tags
+        assert run_tags[CHAMPION_CLEARED_REASON_TAG] == reason
+        assert "chance" in run_tags[PASSED_OVER_TAG], model_name
+
+    assert output.metadata["champion"].value == "none"
+    assert output.metadata["champion_model_uri"].value == "none"
+    assert output.metadata["champion_cleared_reason"].value == reason
+    assert output.metadata["previous_champion_version"].value == frames["baseline_cnn"]["registered_version"][0]
+    assert check.check_name == "champion_chosen" and check.passed is False
+    assert check.metadata["champion_cleared_reason"].value == reason
+
+
+def test_a_new_champion_after_a_cleared_one_drops_the_cleared_reason(registry):
+    tracking, _, frames = registry
+    run_comparison(registry, {"baseline_cnn": 0.30, "metadata_model": 0.30})
+    assert tracking.champion_version() is None
+
+    output, check = run_comparison(registry, {"baseline_cnn": 0.30, "metadata_model": 0.60})
+    champion = tracking.champion_version()
+    assert str(champion.version) == frames["metadata_model"]["registered_version"][0]
+    assert check.passed is True and output.metadata["champion"].value == "metadata_model"
+    assert "champion_cleared_reason" not in output.metadata
+    tags = tracking.client().get_registered_model(tracking.registered_model_name).tags
+    assert CHAMPION_CLEARED_REASON_TAG not in tags and CHAMPION_CLEARED_AT_TAG not in tags
+    assert tracking.champion_cleared_reason() is None
