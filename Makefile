@@ -1,11 +1,12 @@
-# Two commands on a fresh machine: `make run` (the main job) and `make test` (the test suite).
-# Both build the virtual environment from pyproject.toml + requirements.lock first, once.
+# Quick start on a fresh machine: `make demo` (the whole graph offline: bundled real SCIN metadata, SYNTHETIC
+# images) and `make test` (the test suite). `make run` is the real job on the public bucket.
+# Each builds the virtual environment from pyproject.toml + requirements.lock first, once.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo test ui bench clean-venv
+.PHONY: run demo test test-shuffled ui clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,12 @@ ui: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
+
+# The suite in a shuffled order (pytest-randomly): `make test-shuffled SEED=7`. Tests must not depend on
+# their order; this is how that is checked.
+SEED ?= 1
+test-shuffled: $(STAMP)
+	$(PY) -m pytest -n 2 -p randomly --randomly-seed=$(SEED) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

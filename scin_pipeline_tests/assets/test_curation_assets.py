@@ -98,7 +98,7 @@ def test_no_case_or_cluster_straddles_two_splits(synthetic_run):
     assert splits.groupby("case_id")["split"].nunique().max() == 1
     assert splits.groupby("cluster_id")["split"].nunique().max() == 1
     assert splits.groupby("group_id")["split"].nunique().max() == 1
-    checks = {name.split(":")[1]: passed for name, passed, _s, _b in summary.checks}
+    checks = {check.name.split(":")[1]: check.passed for check in summary.checks}
     assert checks["no_case_leakage"] and checks["no_cluster_leakage"]
 
 
@@ -170,5 +170,5 @@ def test_whole_real_release_with_synthetic_images_has_no_leakage(scin_metadata_d
     # Every case sharing a reused file lands in one split.
     shared = splits[splits["image_id"].isin(reuse["image_id"])]
     assert shared.groupby("image_id")["split"].nunique().max() == 1
-    checks = {name.split(":")[1]: passed for name, passed, _s, _b in summary.checks}
+    checks = {check.name.split(":")[1]: check.passed for check in summary.checks}
     assert checks["no_case_leakage"] and checks["no_cluster_leakage"]
