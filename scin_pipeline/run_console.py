@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,14 +26,57 @@ QUIET_ENV = {
     "ABSL_MIN_LOG_LEVEL": "2",  # absl's C++ logging (XLA, JAX)
     "GRPC_VERBOSITY": "ERROR",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # the download/upload bars of artifacts
+    "MLFLOW_LOGGING_LEVEL": "ERROR",  # read when mlflow is imported ("Creating initial MLflow database tables")
 }
+# Lines that native libraries write straight to file descriptor 2 before any setting above is read (TF 2.21
+# prints "oneDNN custom operations are on" through absl whatever TF_CPP_MIN_LOG_LEVEL says): absl/glog's
+# "I0000 00:00:1796226684.197802 17370 port.cc:153] ..." format and absl's pre-initialisation notice.
+NATIVE_LOG_LINE = re.compile(
+    rb"^(?:[IW]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\]\s]+:\d+\] "
+    rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR)")
 QUIET_LOGGERS = ("absl", "tensorflow", "keras", "jax", "mlflow", "alembic", "urllib3", "h5py")
 
 
 @contextmanager
+def native_log_lines_dropped() -> Iterator[None]:
+    """File descriptor 2 goes through a pipe that drops :data:`NATIVE_LOG_LINE` lines and passes every
+    other byte on, for the duration; then fd 2 is restored. No-op where fd 2 cannot be duplicated."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb") as source:
+            for line in source:
+                if not NATIVE_LOG_LINE.match(line):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=pump, name="scin-stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)  # the pipe's last write end closes: the pump reads to the end and stops
+        # A child process still holding the pipe (none should outlive a run) must not hang the caller.
+        thread.join(timeout=5)
+        os.close(saved)
+
+
+@contextmanager
 def quiet_console(verbose: int = 0) -> Iterator[None]:
-    """Libraries' logs off for the duration (verbose >= 1 leaves them as they are); the environment and
-    the loggers are restored afterwards, so a caller in a longer process (a test) keeps its state."""
+    """Libraries' logs off for the duration (verbose >= 1 leaves them as they are); the environment, the
+    loggers and file descriptor 2 are restored afterwards, so a caller in a longer process (a test) keeps
+    its state."""
     if verbose:
         yield
         return
@@ -42,7 +87,8 @@ def quiet_console(verbose: int = 0) -> Iterator[None]:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        yield
+        with native_log_lines_dropped():
+            yield
     finally:
         for name, value in saved_env.items():
             if value is None:

@@ -146,14 +146,13 @@ JOBS_BY_SIZE = ("curation_job", "training_job", "full_pipeline")
 
 
 def job_covering(asset_graph, keys: frozenset | None) -> str:
-    """The smallest named job whose assets include ``keys`` (None: everything -> ``full_pipeline``)."""
-    from scin_pipeline.definitions import defs
+    """The smallest named job whose selection includes ``keys`` (None: everything -> ``full_pipeline``)."""
+    from scin_pipeline.orchestration import ALL_JOBS
 
     if keys:
+        selections = {job.name: job.selection for job in ALL_JOBS}
         for name in JOBS_BY_SIZE:
-            job_keys = defs.resolve_job_def(name).asset_layer.asset_graph.get_all_asset_keys()
-            executable = {k for k in job_keys if asset_graph.get(k).is_materializable}
-            if keys <= executable:
+            if keys <= selections[name].resolve(asset_graph):
                 return name
     return "full_pipeline"
 

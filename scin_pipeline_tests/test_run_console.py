@@ -52,3 +52,24 @@ def test_verbose_leaves_everything_as_it_is(monkeypatch):
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
     with quiet_console(verbose=1):
         assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+
+
+def test_native_info_and_warning_lines_are_dropped_from_fd2_and_the_rest_passes(capfd):
+    native_info = (b"I0000 00:00:1796226684.197802   17370 port.cc:153] oneDNN custom operations are on. "
+                   b"You may see slightly different numerical results.\n")
+    absl_notice = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+    native_error = b"E0000 00:00:1796226684.197802   17370 cuda.cc:12] a real error\n"
+    with quiet_console(verbose=0):
+        os.write(2, native_info + absl_notice + b"a line of ours\n" + native_error)
+    err = capfd.readouterr().err
+    assert "oneDNN" not in err and "InitializeLog" not in err
+    assert "a line of ours" in err and "a real error" in err
+    # fd 2 is itself again afterwards.
+    os.write(2, native_info)
+    assert "oneDNN" in capfd.readouterr().err
+
+
+def test_verbose_keeps_native_lines(capfd):
+    with quiet_console(verbose=1):
+        os.write(2, b"I0000 00:00:1.5   1 port.cc:1] kept\n")
+    assert "kept" in capfd.readouterr().err
