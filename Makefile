@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo test test-shuffled ui clean-venv
+.PHONY: run demo test test-fast test-shuffled ui clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ ui: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
+
+# The tests that need no end-to-end run of the graph (about a minute): for the edit-test loop.
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -m "not slow" $(ARGS)
 
 # The suite in a shuffled order (pytest-randomly): `make test-shuffled SEED=7`. Tests must not depend on
 # their order; this is how that is checked.

@@ -506,12 +506,6 @@ def _pairs_frame(found_left, found_right, found_distance, *, ordered: bool = Tru
     return pd.DataFrame({"i": i[order], "j": j[order], "distance": distance[order]})
 
 
-def brute_force_pairs(hashes: np.ndarray, max_distance: int, *, hashes2: np.ndarray | None = None,
-                      block_size: int = DEFAULT_BLOCK_SIZE) -> pd.DataFrame:
-    """The same result as :func:`find_near_duplicate_pairs` by the blockwise O(N^2) popcount (a reference)."""
-    return find_near_duplicate_pairs(hashes, max_distance, hashes2=hashes2, n_substrings=0, block_size=block_size)
-
-
 def near_duplicate_pairs(phash: np.ndarray, dhash: np.ndarray, max_phash: int, max_dhash: int) -> pd.DataFrame:
     """Pairs i < j whose pHash AND dHash are both within their thresholds.
 

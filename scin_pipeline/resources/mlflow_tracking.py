@@ -479,18 +479,6 @@ class TrackedRun:
         """Per-epoch metrics (Keras ``logs``) at step ``epoch``."""
         self.log_metrics(logs or {}, step=int(epoch))
 
-    def keras_callback(self):
-        """A Keras callback that logs every epoch's ``logs`` through :meth:`log_epoch`."""
-        import keras
-
-        tracked = self
-
-        class _MlflowEpochLogger(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                tracked.log_epoch(epoch, logs or {})
-
-        return _MlflowEpochLogger()
-
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Log a file, or a folder's files, under ``artifact_path``."""
         self._check_open()

@@ -100,7 +100,6 @@ def test_image_models_learn_the_planted_signal(trained):
 
 def test_training_runs_are_tagged_with_dagster_run_and_split_version(trained):
     data_root, _mirror, summary, uri = trained
-    splits_version = table(data_root, "model_comparison")  # noqa: F841 (the table must exist)
     from scin_pipeline.core.splits import splits_data_version
 
     expected_version = splits_data_version(table(data_root, "labeled_splits"))
@@ -169,7 +168,12 @@ def test_fairness_report_and_model_card_are_written(trained):
     card = (data_root / "tables" / "model_card" / "model_card.md").read_text()
     assert "NOT FOR DIAGNOSIS" in card.upper()
     manifest = json.loads((data_root / "tables" / "model_card" / "model_card.json").read_text())
-    assert manifest["model"]["name"] if isinstance(manifest.get("model"), dict) else manifest
+    # The manifest names the champion that model_comparison chose, as registered.
+    comparison = table(data_root, "model_comparison")
+    champion = comparison[comparison["champion"].fillna(False).astype(bool)].iloc[0]
+    assert manifest["model"]["name"] == champion["model"]
+    assert manifest["model"]["version"] == str(champion["registered_version"])
+    assert manifest["model"]["uri"] == "models:/scin-condition-classifier@champion"
 
 
 def test_rerun_with_unchanged_inputs_trains_nothing_and_opens_no_mlflow_run(trained):

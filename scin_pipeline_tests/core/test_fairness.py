@@ -529,7 +529,8 @@ def test_markdown_report(report_inputs):
     table, gate = report_inputs
     text = fairness_markdown(table, gate, model="synthetic-cnn", synthetic=True)
     assert text.splitlines()[0] == SYNTHETIC_BANNER
-    assert "Fairness gate: PASSED" in text or "Fairness gate: FAILED" in text
+    assert f"**Fairness gate: {'PASSED' if gate.passed else 'FAILED'}**" in text
+    assert f"**Fairness gate: {'FAILED' if gate.passed else 'PASSED'}**" not in text
     for attribute in ATTRIBUTES:
         assert f"`{attribute}`" in text
     assert "insufficient data" in text
