@@ -273,14 +273,10 @@ def _alert_failed_run(instance, run, root: Path) -> list[str]:
             for o in deliver(alert, alert_sinks_from_env(root))]
 
 
-ROW_COUNT_KEYS = ("dagster/row_count", "rows")
-
-
 def row_count(metadata) -> int | None:
-    for key in ROW_COUNT_KEYS:
-        if key in metadata:
-            return int(metadata[key].value)
-    return None
+    """A materialisation's ``dagster/row_count`` (set by the table IO manager), when it has one."""
+    value = metadata.get("dagster/row_count")
+    return None if value is None else int(getattr(value, "value", value))
 
 
 def check_reason(description: str | None, metadata) -> str:

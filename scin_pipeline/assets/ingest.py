@@ -178,7 +178,7 @@ def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_met
 
     label_counts = cases["label_status"].value_counts().to_dict()
     yield Output(cases, output_name="cases", metadata={
-        "rows": len(cases),
+        "dagster/row_count": len(cases),
         "labelled_cases": int(cases["has_label"].sum()),
         "label_status": MetadataValue.json({str(k): int(v) for k, v in label_counts.items()}),
         "limit_cases": config.limit_cases or "all",
@@ -187,14 +187,14 @@ def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_met
                                    "monk_skin_tone_label_us", "top_label", "label_status"]),
     })
     yield Output(images, output_name="images", metadata={
-        "rows": len(images),
+        "dagster/row_count": len(images),
         "distinct_files": int(images["object_path"].nunique()),
         "shared_files": int(images.loc[images["n_references"] > 1, "object_path"].nunique()),
         "rejected_paths": int((images["path_status"] == "rejected").sum()),
         "preview": table_md(images, ["image_id", "case_id", "position", "shot_type", "object_path"]),
     })
     yield Output(quarantine, output_name="metadata_quarantine", metadata={
-        "rows": len(quarantine),
+        "dagster/row_count": len(quarantine),
         "by_action": MetadataValue.json(quarantine["action"].value_counts().to_dict()),
         "preview": table_md(quarantine, rows=25),
     })

@@ -23,7 +23,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
-from dagster import ConfigurableIOManager, ConfigurableResource, Failure, InputContext, OutputContext
+from dagster import (
+    ConfigurableIOManager,
+    ConfigurableResource,
+    Failure,
+    InputContext,
+    MetadataValue,
+    OutputContext,
+    TableColumn,
+    TableSchema,
+)
 from pydantic import Field
 
 from scin_pipeline.core.atomic import atomic_target, describe_os_error, unfixable_os_error
@@ -66,6 +75,16 @@ class StoragePaths(ConfigurableResource):
 
     def quarantine_dir(self, stage: str) -> Path:
         return self.folder("quarantine", stage)
+
+
+def table_metadata(frame, rows: int) -> dict:
+    """Dagster's standard table metadata: ``dagster/row_count`` and ``dagster/column_schema`` (the UI shows
+    both; the CLI's summary reads the row count)."""
+    metadata: dict = {"dagster/row_count": int(rows)}
+    if isinstance(frame, pd.DataFrame):
+        metadata["dagster/column_schema"] = TableSchema(
+            columns=[TableColumn(name=str(name), type=str(dtype)) for name, dtype in frame.dtypes.items()])
+    return metadata
 
 
 def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
@@ -137,7 +156,8 @@ class ParquetTableIOManager(ConfigurableIOManager):
     def _handle_output(self, context: OutputContext, obj) -> None:
         if not context.has_asset_partitions:
             self._write(context, obj, self._table_path(context))
-            context.add_output_metadata({"table_path": str(self._table_path(context)), "rows": len(obj)})
+            context.add_output_metadata({"table_path": MetadataValue.path(str(self._table_path(context))),
+                                         **table_metadata(obj, len(obj))})
             return
         keys = list(context.asset_partition_keys)
         frames = obj if isinstance(obj, dict) else {keys[0]: obj}
@@ -147,8 +167,8 @@ class ParquetTableIOManager(ConfigurableIOManager):
         for key, frame in frames.items():
             self._write(context, _stable_text_columns(frame), self._table_path(context, key))
         context.add_output_metadata({
-            "table_path": str(self._table_path(context, keys[0]).parent),
-            "rows": int(sum(len(f) for f in frames.values()))})
+            "table_path": MetadataValue.path(str(self._table_path(context, keys[0]).parent)),
+            **table_metadata(next(iter(frames.values())), int(sum(len(f) for f in frames.values())))})
 
     @staticmethod
     def _write(context: OutputContext, obj, path: Path) -> None:
