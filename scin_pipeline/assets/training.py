@@ -25,6 +25,7 @@ from pydantic import Field
 
 from scin_pipeline.assets._metadata import table_md
 from scin_pipeline.core import image_cache
+from scin_pipeline.core.image_cache import split_arrays, split_rows
 from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
 from scin_pipeline.core.progress import Progress
 from scin_pipeline.core.report import png_data_uri_bytes
@@ -107,25 +108,6 @@ def _grid(images: np.ndarray, columns: int = 6) -> bytes:
         canvas[r * size:(r + 1) * size, c * size:(c + 1) * size] = image
     ok, data = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     return data.tobytes()
-
-
-def split_rows(labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, split: str,
-               classes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
-    """Rows of one split that have cached pixels (one row per image and case, with shard and offset) and
-    their class indices, in a fixed order."""
-    ok = image_tensors[image_tensors["status"] == "ok"][["image_id", "shard", "offset", "status", "image_size"]]
-    rows = labeled_splits[labeled_splits["split"].astype(str) == split][["image_id", "case_id", "label"]]
-    rows = rows.merge(ok, on="image_id").sort_values(["case_id", "image_id"]).reset_index(drop=True)
-    y = rows["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy(np.int32)
-    return rows, y
-
-
-def split_arrays(labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, cache_dir: Path, split: str,
-                 classes: list[str]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """``split_rows`` plus the rows' uint8 images from the cache."""
-    rows, y = split_rows(labeled_splits, image_tensors, split, classes)
-    images = image_cache.load_images(rows, cache_dir) if len(rows) else np.zeros((0, 1, 1, 3), np.uint8)
-    return rows, images, y
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -327,6 +309,9 @@ class CandidateRun:
                 "registered_version": str(row["registered_version"]), "splits_data_version": self.splits_version,
                 "reused_finished_run": reused, "resumed_run": resumed, "classes": len(self.classes),
                 "best_val_score": row["best_val_score"], "best_epoch": row["best_epoch"], **metadata}
+        url = self.mlflow.run_url(row["mlflow_run_id"])
+        if url:  # known when the MLflow UI's address is (resource field ui_url, or an http tracking URI)
+            meta["mlflow_run_url"] = MetadataValue.url(url)
         if self.synthetic:
             meta["note"] = "SYNTHETIC images: these figures say nothing about skin conditions"
         return Output(table, data_version=DataVersion(self.run_key), metadata=meta)
@@ -353,13 +338,6 @@ class CandidateRun:
                                               "scin.registered_version": str(version or ""), **extra_tags})
         return {"mlflow_run_id": run.run_id, "model_uri": model_uri, "registered_version": str(version or ""),
                 "best_epoch": int(best_epoch), "best_val_score": float(best_score)}
-
-
-def _is_synthetic(scin_source: ScinSourceResource) -> bool:
-    try:
-        return scin_source.open().is_synthetic()
-    except Exception:  # an unreachable source is not synthetic; its tables are already here
-        return False
 
 
 def _train_config(config: TrainingConfig, **overrides):
@@ -400,7 +378,7 @@ def baseline_cnn(context: AssetExecutionContext, config: TrainingConfig, labeled
                  image_tensors: pd.DataFrame, storage: StoragePaths, mlflow: MlflowTracking,
                  scin_source: ScinSourceResource):
     candidate = CandidateRun(context, "baseline_cnn", config, labeled_splits, pixels_version(image_tensors),
-                             storage, mlflow, _is_synthetic(scin_source))
+                             storage, mlflow, scin_source.is_synthetic())
     image_size = int(image_tensors["image_size"].iloc[0])
     previous = candidate.reusable()
     if previous:
@@ -460,7 +438,7 @@ def resnet50_transfer(context: AssetExecutionContext, config: TransferConfig, la
                       mlflow: MlflowTracking, scin_source: ScinSourceResource):
     candidate = CandidateRun(context, "resnet50_transfer", config, labeled_splits,
                              pixels_version(image_tensors, image_embeddings), storage, mlflow,
-                             _is_synthetic(scin_source))
+                             scin_source.is_synthetic())
     image_size = int(image_tensors["image_size"].iloc[0])
     weights = backbone_weights(image_embeddings)
     previous = candidate.reusable()
@@ -537,7 +515,7 @@ def metadata_model(context: AssetExecutionContext, config: MetadataModelConfig, 
     from scin_pipeline.core.packaged_model import PackagedClassifier
 
     candidate = CandidateRun(context, "metadata_model", config, labeled_splits,
-                             frame_version(cases, ["case_id"]), storage, mlflow, _is_synthetic(scin_source))
+                             frame_version(cases, ["case_id"]), storage, mlflow, scin_source.is_synthetic())
     previous = candidate.reusable()
     if previous:
         return candidate.output(previous, kind="sklearn_metadata", image_size=None, monitor="val_macro_f1",
@@ -582,7 +560,7 @@ def multimodal(context: AssetExecutionContext, config: TransferConfig, labeled_s
                storage: StoragePaths, mlflow: MlflowTracking, scin_source: ScinSourceResource):
     candidate = CandidateRun(context, "multimodal", config, labeled_splits,
                              f"{pixels_version(image_tensors, image_embeddings)}:{frame_version(cases, ['case_id'])}",
-                             storage, mlflow, _is_synthetic(scin_source))
+                             storage, mlflow, scin_source.is_synthetic())
     image_size = int(image_tensors["image_size"].iloc[0])
     weights = backbone_weights(image_embeddings)
     previous = candidate.reusable()

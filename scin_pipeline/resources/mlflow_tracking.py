@@ -41,12 +41,20 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, MetadataValue
 from pydantic import Field
 
+from scin_pipeline.core.mlflow_registry import (
+    CHAMPION_ALIAS,
+    CHAMPION_CLEARED_AT_TAG,
+    CHAMPION_CLEARED_REASON_TAG,
+    DEFAULT_REGISTERED_MODEL_NAME,
+    SYNTHETIC_TAG,
+    fluent_tracking_uri,
+    without_credentials,
+)
 from scin_pipeline.resources.storage import default_data_root
 
 RUN_KEY_TAG = "scin.run_key"
@@ -54,12 +62,7 @@ CANDIDATE_TAG = "scin.candidate"
 MODEL_KIND_TAG = "scin.model_kind"
 RESUME_COUNT_TAG = "scin.resume_count"
 PREVIOUS_DAGSTER_RUNS_TAG = "scin.previous_dagster_run_ids"
-CHAMPION_ALIAS = "champion"
 CHAMPION_REASON_TAG = "scin.champion_reason"
-# On the registered model while no version holds the alias (set by clear_champion, removed by set_champion):
-# why there is no champion, and when it was cleared. `scin-pipeline serve` shows them in its 503 answers.
-CHAMPION_CLEARED_REASON_TAG = "scin.champion_cleared_reason"
-CHAMPION_CLEARED_AT_TAG = "scin.champion_cleared_at"
 _MAX_TAG_VALUE = 4000  # under MLflow's 5000-character limit on tag values, whatever the store
 # Run tags copied onto a registered model version, so the registry alone says where a version came from.
 _VERSION_TAG_PREFIXES = ("dagster.", "scin.")
@@ -96,7 +99,7 @@ def dagster_tags(context, *, code_version: str, splits_data_version: str, synthe
         "dagster.asset_key": asset_key,
         "dagster.code_version": str(code_version),
         "scin.splits_data_version": str(splits_data_version),
-        "scin.synthetic_data": "true" if synthetic_data else "false",
+        SYNTHETIC_TAG: "true" if synthetic_data else "false",
     }
     if keras_backend:
         tags["scin.keras_backend"] = str(keras_backend)
@@ -124,39 +127,11 @@ def _safe_artifact_file(filename: str) -> str:
     return "/".join(parts)
 
 
-@contextlib.contextmanager
-def fluent_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at ``uri`` for the block; restore the previous URI and env var after."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils  # only place the unset state lives
-
-    previous_uri = getattr(tracking_utils, "_tracking_uri", None)
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
-
-
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     path = uri[len("sqlite:///"):].split("?", 1)[0]
     return None if path in ("", ":memory:") else Path(path)
-
-
-def without_credentials(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
 
 
 class MlflowTracking(ConfigurableResource):
@@ -167,7 +142,7 @@ class MlflowTracking(ConfigurableResource):
                                   "sqlite:///<data_root>/mlflow/mlflow.db")
     data_root: str = Field(default_factory=default_data_root, description="root folder of all pipeline files")
     experiment_name: str = Field(default="scin-pipeline", description="MLflow experiment of the training runs")
-    registered_model_name: str = Field(default="scin-condition-classifier",
+    registered_model_name: str = Field(default=DEFAULT_REGISTERED_MODEL_NAME,
                                        description="registered model that every candidate version goes to")
     ui_url: str | None = Field(default=None, description="base URL of the MLflow UI, for run links in asset "
                                                          "metadata (unset: the tracking URI when it is http)")
@@ -411,8 +386,9 @@ class MlflowTracking(ConfigurableResource):
         return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
     def run_metadata(self, run_id: str, *, model_uri: str | None = None,
-                     registered_version: str | None = None) -> dict[str, str]:
-        """Asset-metadata-friendly links: mlflow_run_id, mlflow_experiment_id, mlflow_model_uri, ..."""
+                     registered_version: str | None = None) -> dict[str, Any]:
+        """Asset metadata: mlflow_run_id, mlflow_experiment_id, mlflow_model_uri, ..., and mlflow_run_url as
+        a clickable link (``MetadataValue.url``) when the MLflow UI's address is known."""
         run = self.client().get_run(run_id)
         meta = {"mlflow_run_id": run_id, "mlflow_experiment_id": run.info.experiment_id,
                 "mlflow_run_status": run.info.status}
@@ -422,7 +398,7 @@ class MlflowTracking(ConfigurableResource):
             meta["mlflow_registered_model"] = f"models:/{self.registered_model_name}/{registered_version}"
         url = self.run_url(run_id, run.info.experiment_id)
         if url:
-            meta["mlflow_run_url"] = url
+            meta["mlflow_run_url"] = MetadataValue.url(url)
         return meta
 
 
