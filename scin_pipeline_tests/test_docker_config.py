@@ -173,3 +173,17 @@ def test_a_misspelt_storage_key_is_caught_by_the_same_check(monkeypatch, tmp_pat
 
     with pytest.raises((DagsterInvalidConfigError, AssertionError), match="host"):
         validated(instance_ref(tmp_path, monkeypatch).storage_data)
+
+
+def test_one_code_location_name_everywhere():
+    """Schedule and sensor state is keyed by the location name: the UI's workspace, the deployments'
+    workspaces, the documented local topology and pyproject's [tool.dagster] must agree."""
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["dagster"]
+    root = yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"][0]["python_module"]
+    docker = load("workspace.yaml")["load_from"][0]["grpc_server"]
+    assert root["module_name"] == pyproject["module_name"]
+    assert root["location_name"] == docker["location_name"] == pyproject["code_location_name"]
+    local_doc = (REPO / "docs" / "deployment-local.md").read_text()
+    assert set(re.findall(r"location_name: (\S+)", local_doc)) == {pyproject["code_location_name"]}
