@@ -14,6 +14,14 @@ def table_md(frame: pd.DataFrame, columns: list[str] | None = None, rows: int = 
     return MetadataValue.md(markdown_table(shown.head(rows)) if len(shown) else "_none_")
 
 
+def metric_md(frame: pd.DataFrame, rows: int = 60) -> MetadataValue:
+    """Metrics rounded to 3 decimals as text (``table_md`` shows floats in [0, 1] as shares)."""
+    shown = frame.copy()
+    for column in shown.columns[shown.dtypes == float]:
+        shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    return table_md(shown, rows=rows)
+
+
 def image_md(path) -> MetadataValue:
     """A PNG inline: Dagster's Markdown cannot reach files on the data root."""
     return MetadataValue.md("_no image_" if path is None else f"![{path.stem}]({png_data_uri(path)})")

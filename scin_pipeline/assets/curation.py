@@ -31,7 +31,7 @@ from scin_pipeline.assets._metadata import image_md, table_md
 from scin_pipeline.core import dedup, quality, splits
 from scin_pipeline.core.contact_sheet import write_contact_sheet
 from scin_pipeline.core.progress import Progress, tracked
-from scin_pipeline.core.report import representation_table
+from scin_pipeline.core.report import split_report
 from scin_pipeline.core.synthetic import PLANTS_FILE
 from scin_pipeline.resources import ScinSourceResource, StoragePaths
 from scin_pipeline.resources.storage import write_parquet_atomic
@@ -40,16 +40,6 @@ GROUP = "curation"
 N_QUALITY_SHARDS = 16
 quality_shards = StaticPartitionsDefinition([f"{i:02d}" for i in range(N_QUALITY_SHARDS)])
 _DEFAULT_QUALITY = quality.QualityConfig()
-
-
-def monk_tone_per_image(images: pd.DataFrame, cases: pd.DataFrame) -> pd.Series:
-    """image_id -> Monk skin tone of its case (US graders, else India graders); a file shared by several
-    cases takes the first known tone."""
-    tones = cases.set_index("case_id")
-    tone = tones["monk_skin_tone_label_us"].astype("Float64").fillna(
-        tones["monk_skin_tone_label_india"].astype("Float64"))
-    per_ref = images[["image_id", "case_id"]].dropna().assign(tone=lambda f: f["case_id"].map(tone))
-    return per_ref.dropna(subset=["tone"]).groupby("image_id")["tone"].first()
 
 
 def synthetic_plants(scin_source: ScinSourceResource) -> pd.DataFrame | None:
@@ -116,7 +106,7 @@ def image_quality(context: AssetExecutionContext, config: ImageQualityConfig, im
     metrics.loc[not_fetched, "decode_status"] = "missing"
     metrics.loc[not_fetched, "decode_reason"] = by_id["reason"].reindex(
         metrics.loc[not_fetched, "image_id"]).to_numpy()
-    tone = metrics["image_id"].map(monk_tone_per_image(images, cases))
+    tone = metrics["image_id"].map(quality.monk_tone_per_image(images, cases))
     decisions = quality.decide_quality(metrics, tone, config.rule())
     table = pd.concat([metrics, decisions.drop(columns=["image_id"])], axis=1)
     table["monk_tone"] = tone.astype("Float64")
@@ -334,23 +324,6 @@ def labeled_splits(context: AssetExecutionContext, config: LabeledSplitsConfig,
                            description=None if short.empty else
                            f"{len(short)} class(es) missing from val or test: "
                            f"{', '.join(map(str, short['label'].head(5)))}{' ...' if len(short) > 5 else ''}")
-
-
-def split_report(table: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame:
-    """Composition of each split (and of the whole labelled set) by class, Monk tone and Fitzpatrick."""
-    frames = []
-    case_rows = cases.set_index("case_id")
-    for name, part in [("all", table), *((str(s), g) for s, g in table.groupby("split", observed=True))]:
-        split_cases = case_rows.loc[part["case_id"].unique()].reset_index()
-        rep = representation_table(split_cases)
-        rep = rep[rep["attribute"].isin(["monk_skin_tone_us", "fst_dermatologist", "fst_self_reported"])]
-        classes = part.drop_duplicates("case_id")["label"].value_counts()
-        class_rows = pd.DataFrame({"attribute": "label", "group": classes.index.astype(str),
-                                   "n_cases": classes.to_numpy(),
-                                   "share": classes.to_numpy() / max(len(split_cases), 1)})
-        frames.append(pd.concat([class_rows, rep[["attribute", "group", "n_cases", "share"]]])
-                      .assign(split=name))
-    return pd.concat(frames, ignore_index=True)[["split", "attribute", "group", "n_cases", "share"]]
 
 
 @asset_check(asset=labeled_splits, blocking=True,

@@ -20,8 +20,9 @@ from dagster import (
 )
 from pydantic import Field
 
-from scin_pipeline.assets._metadata import table_md
-from scin_pipeline.assets.training import split_arrays
+from scin_pipeline.assets._metadata import metric_md
+from scin_pipeline.core.champion import ChampionRule, champion_rule_text, choose_champion, no_champion_reason
+from scin_pipeline.core.image_cache import split_arrays
 from scin_pipeline.core.report import png_data_uri_bytes
 from scin_pipeline.resources import MlflowTracking, StoragePaths
 from scin_pipeline.resources.mlflow_tracking import CHAMPION_CLEARED_REASON_TAG
@@ -36,14 +37,6 @@ PASSED_OVER_TAG = "scin.passed_over"  # on a candidate's run when no champion is
 
 def candidates_table(*frames: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([f for f in frames if f is not None and len(f)], ignore_index=True)
-
-
-def _metric_md(frame: pd.DataFrame, rows: int = 60) -> MetadataValue:
-    """Metrics rounded to 3 decimals as text (the shared renderer shows floats in [0, 1] as shares)."""
-    shown = frame.copy()
-    for column in shown.columns[shown.dtypes == float]:
-        shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-    return table_md(shown, rows=rows)
 
 
 def predict_split(package, rows: pd.DataFrame, images: np.ndarray, cases: pd.DataFrame) -> np.ndarray:
@@ -111,61 +104,33 @@ def model_evaluation(context: AssetExecutionContext, baseline_cnn: pd.DataFrame,
     metadata.update({
         "classes": len(classes),
         "rows_per_split": MetadataValue.json({s: int(len(d[0])) for s, d in data.items()}),
-        "overall": _metric_md(wide.reset_index()),
-        "per_class_test": _metric_md(per_class.pivot_table(index=["class"], columns=["model", "metric"],
-                                                            values="value").round(3)
-                                     .pipe(lambda f: f.set_axis([f"{m}:{k}" for m, k in f.columns], axis=1))
-                                     .reset_index(), rows=40),
+        "overall": metric_md(wide.reset_index()),
+        "per_class_test": metric_md(per_class.pivot_table(index=["class"], columns=["model", "metric"],
+                                                           values="value").round(3)
+                                    .pipe(lambda f: f.set_axis([f"{m}:{k}" for m, k in f.columns], axis=1))
+                                    .reset_index(), rows=40),
         "predictions": MetadataValue.path(str(out_dir / "predictions.parquet")),
     })
     return Output(result, metadata=metadata)
 
 
+_DEFAULT_RULE = ChampionRule()
+
+
+# The Launchpad face of core.champion.ChampionRule (defaults from there).
 class ComparisonConfig(Config):
-    selection_split: str = Field(default="val", description="the split the rule reads (never test)")
-    selection_metric: str = Field(default="macro_f1", description="ranked by this, higher is better")
-    tie_breakers: list[str] = Field(default=["balanced_accuracy", "mean_ovr_auc"])
+    selection_split: str = Field(default=_DEFAULT_RULE.selection_split,
+                                 description="the split the rule reads (never test)")
+    selection_metric: str = Field(default=_DEFAULT_RULE.selection_metric,
+                                  description="ranked by this, higher is better")
+    tie_breakers: list[str] = Field(default=list(_DEFAULT_RULE.tie_breakers))
     chance_margin: float = Field(
-        default=0.05, ge=0, description="eligible only when balanced accuracy beats chance (1/K) by this")
+        default=_DEFAULT_RULE.chance_margin, ge=0,
+        description="eligible only when balanced accuracy beats chance (1/K) by this")
 
-
-def champion_rule_text(config: ComparisonConfig) -> str:
-    return (f"highest {config.selection_split} {config.selection_metric} (ties: "
-            f"{', '.join(config.tie_breakers)}, then name), among candidates whose {config.selection_split} "
-            f"balanced accuracy beats chance (1/K) by at least {config.chance_margin:.2f} and that pass the "
-            "fairness gate")
-
-
-def choose_champion(wide: pd.DataFrame, n_classes: int, config: ComparisonConfig,
-                    gates: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Rank candidates by the rule; ``passed_over`` says why an ineligible one was not considered.
-
-    ``gates`` (model, passed, reason): a candidate failing the fairness gate is passed over, whatever its
-    average metrics.
-    """
-    split = config.selection_split
-    table = wide.copy()
-    chance = 1.0 / max(n_classes, 1)
-    table["passed_over"] = ""
-    if gates is not None and len(gates):
-        failed = gates[~gates["passed"].astype(bool)].set_index("model")["reason"]
-        unfair = table["model"].isin(failed.index)
-        table.loc[unfair, "passed_over"] = [f"fairness gate failed: {failed[m]}" for m in table.loc[unfair, "model"]]
-    low = ~(table[f"{split}_balanced_accuracy"] >= chance + config.chance_margin) & (table["passed_over"] == "")
-    table.loc[low, "passed_over"] = (f"{split} balanced accuracy not above chance ({chance:.3f}) "
-                                     f"+ {config.chance_margin:.2f}")
-    keys = [f"{split}_{config.selection_metric}", *[f"{split}_{m}" for m in config.tie_breakers]]
-    eligible = table[table["passed_over"] == ""].sort_values(
-        keys + ["model"], ascending=[False] * len(keys) + [True], na_position="last")
-    table["rank"] = table["model"].map({m: i + 1 for i, m in enumerate(eligible["model"])}).astype("Int64")
-    table["champion"] = table["rank"] == 1
-    return table.sort_values(["rank", "model"], na_position="last").reset_index(drop=True)
-
-
-def no_champion_reason(ranked: pd.DataFrame, rule: str) -> str:
-    """Why no candidate is champion: the rule and each candidate's reason for being passed over."""
-    passed_over = "; ".join(f"{model}: {why}" for model, why in zip(ranked["model"], ranked["passed_over"]) if why)
-    return f"no eligible candidate by the rule ({rule}); {passed_over or 'no candidate was evaluated'}"
+    def rule(self) -> ChampionRule:
+        return ChampionRule(selection_split=self.selection_split, selection_metric=self.selection_metric,
+                            tie_breakers=tuple(self.tie_breakers), chance_margin=self.chance_margin)
 
 
 @asset(
@@ -194,10 +159,11 @@ def model_comparison(context: AssetExecutionContext, config: ComparisonConfig, m
     wide.columns = [f"{s}_{m}" for s, m in wide.columns]
     wide = wide.reset_index()
     gates = pd.read_parquet(storage.table_files_dir("fairness_report") / "gates.parquet")
-    ranked = choose_champion(wide, n_classes, config, gates).merge(
+    champion_rule = config.rule()
+    ranked = choose_champion(wide, n_classes, champion_rule, gates).merge(
         candidates[["model", "kind", "registered_version", "model_uri", "mlflow_run_id"]], on="model")
     champion = ranked[ranked["champion"]]
-    rule = champion_rule_text(config)
+    rule = champion_rule_text(champion_rule)
     alias_uri = None
     if len(champion):
         best = champion.iloc[0]
@@ -230,7 +196,7 @@ def model_comparison(context: AssetExecutionContext, config: ComparisonConfig, m
         "champion": str(champion["model"].iloc[0]) if len(champion) else "none",
         "champion_model_uri": alias_uri or "none",
         **cleared_metadata,
-        "comparison": _metric_md(ranked[shown]),
+        "comparison": metric_md(ranked[shown]),
         "test_metrics_plot": MetadataValue.md(f"![comparison]({png_data_uri_bytes(bars)})"),
     })
     current = mlflow.champion_version()
@@ -240,4 +206,4 @@ def model_comparison(context: AssetExecutionContext, config: ComparisonConfig, m
         and str(current.version) == str(champion["registered_version"].iloc[0]),
         metadata={"champion": str(champion["model"].iloc[0]) if len(champion) else "none",
                   **{k: v for k, v in cleared_metadata.items() if k == "champion_cleared_reason"},
-                  "passed_over": _metric_md(ranked[ranked["passed_over"] != ""][["model", "passed_over"]])})
+                  "passed_over": metric_md(ranked[ranked["passed_over"] != ""][["model", "passed_over"]])})

@@ -22,9 +22,9 @@ from dagster import (
 )
 from pydantic import Field
 
-from scin_pipeline.assets._metadata import table_md
-from scin_pipeline.assets.evaluation import _metric_md, candidates_table
-from scin_pipeline.assets.training import _is_synthetic
+from scin_pipeline.assets._metadata import metric_md, table_md
+from scin_pipeline.assets.evaluation import candidates_table
+from scin_pipeline.core.evaluation import case_level_predictions
 from scin_pipeline.core.report import png_data_uri_bytes
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
 from scin_pipeline.resources.storage import write_parquet_atomic
@@ -33,16 +33,6 @@ GROUP = "evaluation"
 # The gate reads skin tone and skin type: the groups SCIN exists to make visible. Fine-grained attributes
 # (single Monk tones, race, age) are reported but would fail a gate on noise alone with ~50 groups.
 DEFAULT_GATE_ATTRIBUTES = ["monk_us_bin", "monk_india_bin", "fst_dermatologist", "fst_self_reported"]
-
-
-def case_level_predictions(predictions: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """One row per (model, case): the mean of the case's image probabilities, argmax as prediction."""
-    part = predictions[predictions["split"] == split]
-    p_cols = [c for c in part.columns if c.startswith("p_")]
-    grouped = part.groupby(["model", "case_id"], sort=True)
-    frame = grouped[p_cols].mean().join(grouped["y_true"].first()).reset_index()
-    frame["y_pred"] = frame[p_cols].to_numpy().argmax(axis=1)
-    return frame
 
 
 class FairnessConfig(Config):
@@ -78,7 +68,7 @@ def fairness_report(context: AssetExecutionContext, config: FairnessConfig, mode
     classes = json.loads(candidates["classes"].iloc[0])
     predictions = pd.read_parquet(storage.table_files_dir("model_evaluation") / "predictions.parquet")
     per_case = case_level_predictions(predictions)
-    synthetic = _is_synthetic(scin_source)
+    synthetic = scin_source.is_synthetic()
     out_dir = storage.table_files_dir("fairness_report")
     tables, gates, metadata = [], {}, {}
     for candidate in candidates.itertuples():
@@ -118,9 +108,9 @@ def fairness_report(context: AssetExecutionContext, config: FairnessConfig, mode
     worst = result[result["worst"] & (result["metric"] == config.gate_metric)]
     metadata.update({
         "unit": "case (test split; a case's images averaged)",
-        "gate": _metric_md(gate_rows),
-        "worst_groups": _metric_md(worst[["model", "attribute", "group", "n", "value", "ci_low", "ci_high",
-                                          "diff_to_overall"]], rows=60),
+        "gate": metric_md(gate_rows),
+        "worst_groups": metric_md(worst[["model", "attribute", "group", "n", "value", "ci_low", "ci_high",
+                                         "diff_to_overall"]], rows=60),
         "insufficient_groups": int(result.loc[result["insufficient_data"], ["attribute", "group"]]
                                    .drop_duplicates().shape[0]),
         "representation_monk_us_bin": table_md(
@@ -185,7 +175,7 @@ def model_card(context: AssetExecutionContext, model_comparison: pd.DataFrame, m
         model_uri=mlflow.model_uri_for_alias("champion"), kind=str(champion["kind"]),
         classes=sorted(labeled_splits["label"].astype(str).unique()), metrics=metrics, fairness_table=table,
         gate=gate, data_summary=data_summary, preprocessing=preprocessing,
-        synthetic=_is_synthetic(scin_source))
+        synthetic=scin_source.is_synthetic())
     out_dir = storage.table_files_dir("model_card")
     (out_dir / "model_card.md").write_text(markdown)
     (out_dir / "model_card.json").write_text(json.dumps(manifest, indent=2, default=str))

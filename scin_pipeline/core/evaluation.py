@@ -239,6 +239,20 @@ def evaluation_table(model_name: str, y_true, proba, classes: Sequence[str]) -> 
     return frame
 
 
+def case_level_predictions(predictions: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """One row per (model, case): the mean of the case's image probabilities, argmax as prediction.
+
+    ``predictions``: per-image rows (model, split, case_id, y_true, p_0..p_K-1), as model_evaluation
+    writes them. The fairness report measures per case, so that a case with three photos does not weigh
+    three times and rows are independent for the bootstrap."""
+    part = predictions[predictions["split"] == split]
+    p_cols = [c for c in part.columns if c.startswith("p_")]
+    grouped = part.groupby(["model", "case_id"], sort=True)
+    frame = grouped[p_cols].mean().join(grouped["y_true"].first()).reset_index()
+    frame["y_pred"] = frame[p_cols].to_numpy().argmax(axis=1)
+    return frame
+
+
 # ------------------------------------------------------------------------------------------ plots
 
 

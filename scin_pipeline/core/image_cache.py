@@ -495,6 +495,25 @@ def load_images(index: pd.DataFrame, cache_dir: Path) -> np.ndarray:
     return out
 
 
+def split_rows(labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, split: str,
+               classes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """Rows of one split that have cached pixels (one row per image and case, with shard and offset) and
+    their class indices, in a fixed order."""
+    ok = image_tensors[image_tensors["status"] == "ok"][["image_id", "shard", "offset", "status", "image_size"]]
+    rows = labeled_splits[labeled_splits["split"].astype(str) == split][["image_id", "case_id", "label"]]
+    rows = rows.merge(ok, on="image_id").sort_values(["case_id", "image_id"]).reset_index(drop=True)
+    y = rows["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy(np.int32)
+    return rows, y
+
+
+def split_arrays(labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, cache_dir: Path, split: str,
+                 classes: list[str]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """``split_rows`` plus the rows' uint8 images from the cache."""
+    rows, y = split_rows(labeled_splits, image_tensors, split, classes)
+    images = load_images(rows, cache_dir) if len(rows) else np.zeros((0, 1, 1, 3), np.uint8)
+    return rows, images, y
+
+
 # --------------------------------------------------------------------------------------------------
 # augmentation and the Keras sequence
 

@@ -548,6 +548,16 @@ def cleanvision_scores(frame: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------------
 
 
+def monk_tone_per_image(images: pd.DataFrame, cases: pd.DataFrame) -> pd.Series:
+    """image_id -> Monk skin tone of its case (US graders, else India graders); a file shared by several
+    cases takes the first known tone. The ``monk_tone`` that :func:`decide_quality` judges darkness by."""
+    tones = cases.set_index("case_id")
+    tone = tones["monk_skin_tone_label_us"].astype("Float64").fillna(
+        tones["monk_skin_tone_label_india"].astype("Float64"))
+    per_ref = images[["image_id", "case_id"]].dropna().assign(tone=lambda f: f["case_id"].map(tone))
+    return per_ref.dropna(subset=["tone"]).groupby("image_id")["tone"].first()
+
+
 def expected_lightness(monk_tone: pd.Series, metrics: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """(expected L* of each image's skin, where it came from) for the dark rule.
 

@@ -217,6 +217,27 @@ def representation_table(cases: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def split_report(table: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame:
+    """Composition of each split (and of the whole labelled set) by class, Monk tone and Fitzpatrick.
+
+    ``table``: one row per image (case_id, split, label), as labeled_splits; ``cases``: the parsed cases.
+    Long form: split ("all", then each split), attribute ("label" or a :func:`representation_table`
+    attribute), group, n_cases, share (of the split's cases)."""
+    frames = []
+    case_rows = cases.set_index("case_id")
+    for name, part in [("all", table), *((str(s), g) for s, g in table.groupby("split", observed=True))]:
+        split_cases = case_rows.loc[part["case_id"].unique()].reset_index()
+        rep = representation_table(split_cases)
+        rep = rep[rep["attribute"].isin(["monk_skin_tone_us", "fst_dermatologist", "fst_self_reported"])]
+        classes = part.drop_duplicates("case_id")["label"].value_counts()
+        class_rows = pd.DataFrame({"attribute": "label", "group": classes.index.astype(str),
+                                   "n_cases": classes.to_numpy(),
+                                   "share": classes.to_numpy() / max(len(split_cases), 1)})
+        frames.append(pd.concat([class_rows, rep[["attribute", "group", "n_cases", "share"]]])
+                      .assign(split=name))
+    return pd.concat(frames, ignore_index=True)[["split", "attribute", "group", "n_cases", "share"]]
+
+
 def conditions_table(cases: pd.DataFrame) -> pd.DataFrame:
     """Every condition named in any weighted label, with how often it is the top label and how often it
     is mentioned at all. Ranked by top-weighted count, then mentions, then name (ties broken

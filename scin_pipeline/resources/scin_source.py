@@ -22,3 +22,11 @@ class ScinSourceResource(ConfigurableResource):
 
     def open(self) -> ScinSource:
         return open_source(self.location, timeout_s=self.timeout_s)
+
+    def is_synthetic(self) -> bool:
+        """Whether the source is a synthetic mirror (its marker file); an unreachable source is not
+        synthetic (the assets that ask already hold its tables)."""
+        try:
+            return self.open().is_synthetic()
+        except Exception:
+            return False

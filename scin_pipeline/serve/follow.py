@@ -26,11 +26,11 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from scin_pipeline.core.mlflow_registry import without_credentials
 from scin_pipeline.serve.model import (
     AliasNotSet,
     ServedModel,
     ServeError,
-    _display_uri,
     load_version,
     parse_model_uri,
     registry_client,
@@ -145,7 +145,7 @@ class ModelFollower:
     def _registry(self):
         if self._client is None:
             self._client, uri = registry_client(self.tracking_uri)
-            self._where = _display_uri(uri)
+            self._where = without_credentials(uri)
         return self._client
 
     def _set(self, state: ServingState, *, initial: bool = False) -> bool:

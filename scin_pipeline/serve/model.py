@@ -25,11 +25,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from scin_pipeline.core.mlflow_registry import (
+    CHAMPION_ALIAS,
+    CHAMPION_CLEARED_AT_TAG,
+    CHAMPION_CLEARED_REASON_TAG,
+    DEFAULT_REGISTERED_MODEL_NAME,
+    SYNTHETIC_TAG,
+    fluent_tracking_uri,
+    without_credentials,
+)
 from scin_pipeline.core.packaged_model import KERAS_KINDS, METADATA_KINDS, PackagedClassifier
 
-DEFAULT_MODEL_NAME = "scin-condition-classifier"
-DEFAULT_MODEL_URI = f"models:/{DEFAULT_MODEL_NAME}@champion"
-SYNTHETIC_TAG = "scin.synthetic_data"
+DEFAULT_MODEL_NAME = DEFAULT_REGISTERED_MODEL_NAME
+DEFAULT_MODEL_URI = f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION_ALIAS}"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
 
@@ -92,12 +100,6 @@ class ServedModel:
         self.predict_proba(np.zeros((1, size, size, 3), np.uint8), pd.DataFrame(index=[0]))
 
 
-def _display_uri(uri: str) -> str:
-    from scin_pipeline.resources.mlflow_tracking import without_credentials
-
-    return without_credentials(uri)
-
-
 def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
     """(name, alias, version) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; ServeError otherwise."""
     match = _MODELS_URI.match(model_uri or "")
@@ -116,12 +118,6 @@ def registry_client(tracking_uri: str | None = None):
 
 
 def _no_alias_message(client, name: str, alias: str, where: str) -> AliasNotSet:
-    from scin_pipeline.resources.mlflow_tracking import (
-        CHAMPION_ALIAS,
-        CHAMPION_CLEARED_AT_TAG,
-        CHAMPION_CLEARED_REASON_TAG,
-    )
-
     tags = client.get_registered_model(name).tags or {}
     if alias == CHAMPION_ALIAS and CHAMPION_CLEARED_REASON_TAG in tags:
         cleared_at = tags.get(CHAMPION_CLEARED_AT_TAG) or "an unknown time"
@@ -165,10 +161,8 @@ def load_version(registered, *, name: str, requested_uri: str, tracking_uri: str
     """Load exactly the registered version ``registered`` (a ModelVersion) as a ServedModel."""
     import mlflow
 
-    from scin_pipeline.resources.mlflow_tracking import fluent_tracking_uri
-
     loaded_uri = f"models:/{name}/{registered.version}"
-    where = _display_uri(tracking_uri or mlflow.get_tracking_uri())
+    where = without_credentials(tracking_uri or mlflow.get_tracking_uri())
     # The fluent loader reads the process-wide URI: point it at ours for the call, restore it after.
     scope = fluent_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext()
     with scope:
@@ -193,5 +187,5 @@ def load_served_model(model_uri: str, *, tracking_uri: str | None = None) -> Ser
     """
     name, alias, version = parse_model_uri(model_uri)
     client, uri = registry_client(tracking_uri)
-    registered = resolve_version(client, name, alias, version, _display_uri(uri))
+    registered = resolve_version(client, name, alias, version, without_credentials(uri))
     return load_version(registered, name=name, requested_uri=model_uri, tracking_uri=tracking_uri, alias=alias)

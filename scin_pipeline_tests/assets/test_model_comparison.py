@@ -113,3 +113,11 @@ def test_a_new_champion_after_a_cleared_one_drops_the_cleared_reason(registry):
     tags = tracking.client().get_registered_model(tracking.registered_model_name).tags
     assert CHAMPION_CLEARED_REASON_TAG not in tags and CHAMPION_CLEARED_AT_TAG not in tags
     assert tracking.champion_cleared_reason() is None
+
+
+def test_the_launchpad_config_is_the_core_rule():
+    from scin_pipeline.core.champion import ChampionRule
+
+    assert ComparisonConfig().rule() == ChampionRule()
+    config = ComparisonConfig(selection_metric="top3_accuracy", tie_breakers=["ece"], chance_margin=0.2)
+    assert config.rule() == ChampionRule(selection_metric="top3_accuracy", tie_breakers=("ece",), chance_margin=0.2)

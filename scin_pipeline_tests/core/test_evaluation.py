@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from sklearn.metrics import (
@@ -20,6 +21,7 @@ from sklearn.metrics import (
 from scin_pipeline.core.evaluation import (
     AUC_ABSENT,
     METRIC_NAMES,
+    case_level_predictions,
     classification_metrics,
     confusion_matrix_png,
     evaluation_table,
@@ -204,6 +206,33 @@ def test_evaluation_table_long_form():
     assert len(auc_d) == 1 and np.isnan(auc_d.iloc[0])
     recall_a = per_class[(per_class["class"] == "a") & (per_class["metric"] == "recall")]["value"]
     assert recall_a.iloc[0] == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------------------ per case (fairness unit)
+
+
+def test_case_level_predictions_average_a_cases_images_per_model():
+    predictions = pd.DataFrame({
+        "model": ["m", "m", "m", "m", "n", "m"],
+        "split": ["test", "test", "test", "val", "test", "test"],
+        "case_id": ["c2", "c1", "c1", "c1", "c1", "c3"],
+        "image_id": ["4", "1", "2", "3", "1", "5"],
+        "y_true": [1, 0, 0, 0, 0, 2],
+        "p_0": [0.1, 0.8, 0.2, 0.0, 0.3, 0.2],
+        "p_1": [0.7, 0.1, 0.2, 1.0, 0.6, 0.3],
+        "p_2": [0.2, 0.1, 0.6, 0.0, 0.1, 0.5],
+    })
+    out = case_level_predictions(predictions)
+    assert list(out.columns) == ["model", "case_id", "p_0", "p_1", "p_2", "y_true", "y_pred"]
+    # One row per (model, case), sorted; the val row of c1 is not part of the test split.
+    assert list(zip(out["model"], out["case_id"])) == [("m", "c1"), ("m", "c2"), ("m", "c3"), ("n", "c1")]
+    assert out[["p_0", "p_1", "p_2"]].to_numpy() == pytest.approx(np.array(
+        [[0.5, 0.15, 0.35], [0.1, 0.7, 0.2], [0.2, 0.3, 0.5], [0.3, 0.6, 0.1]]))
+    # c1 under m: its two images predict classes 0 and 2; the case predicts the argmax of their mean (0).
+    assert out["y_pred"].tolist() == [0, 1, 2, 1]
+    assert out["y_true"].tolist() == [0, 1, 2, 0]
+    val = case_level_predictions(predictions, split="val")
+    assert val[["model", "case_id", "y_pred"]].values.tolist() == [["m", "c1", 1]]
 
 
 # --------------------------------------------------------------------------------------- plots

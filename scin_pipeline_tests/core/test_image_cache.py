@@ -24,6 +24,8 @@ from scin_pipeline.core.image_cache import (
     preprocess_image,
     preprocess_image_bytes,
     preprocess_image_file,
+    split_arrays,
+    split_rows,
 )
 from scin_pipeline.core.synthetic import decompression_bomb_png, render_skin_image
 
@@ -335,6 +337,46 @@ def test_load_images_names_a_missing_shard(tmp_path):
     (tmp_path / "cache" / index["shard"].iloc[0]).unlink()
     with pytest.raises(FileNotFoundError, match=index["shard"].iloc[0]):
         load_images(index, tmp_path / "cache")
+
+
+def _labeled_cache(tmp_path):
+    """A cache of six images and a labeled_splits table over them: image 1001 is shared by two cases,
+    1002's decode failed, 9999 was never cached."""
+    rows = write_images(tmp_path / "img", 6, split_of=lambda i: "train" if i < 4 else "val")
+    index = build_image_cache(rows, tmp_path / "cache", image_size=S, shard_size=2, workers=1)
+    index.loc[index["image_id"] == "1002", "status"] = "failed"
+    labeled = pd.DataFrame({
+        "image_id": ["1003", "1001", "1001", "1000", "1002", "9999", "1004", "1005"],
+        "case_id": ["c3", "c2", "c1", "c1", "c4", "c5", "c6", "c7"],
+        "label": ["b", "a", "a", "a", "b", "b", "b", "a"],
+        "split": ["train"] * 6 + ["val"] * 2,
+    })
+    return labeled, index
+
+
+def test_split_rows_are_the_cached_rows_of_one_split_per_image_and_case_in_case_order(tmp_path):
+    labeled, index = _labeled_cache(tmp_path)
+    rows, y = split_rows(labeled, index, "train", ["a", "b"])
+    # 1002 (failed) and 9999 (not cached) are left out; the shared 1001 is a row per case.
+    assert list(zip(rows["case_id"], rows["image_id"])) == [("c1", "1000"), ("c1", "1001"), ("c2", "1001"),
+                                                             ("c3", "1003")]
+    assert y.tolist() == [0, 0, 0, 1] and y.dtype == np.int32
+    assert {"shard", "offset", "status", "image_size"} <= set(rows.columns)
+    assert (rows["status"] == "ok").all()
+    val_rows, val_y = split_rows(labeled, index, "val", ["a", "b"])
+    assert val_rows["image_id"].tolist() == ["1004", "1005"] and val_y.tolist() == [1, 0]
+
+
+def test_split_arrays_adds_the_rows_pixels_from_the_cache(tmp_path):
+    labeled, index = _labeled_cache(tmp_path)
+    rows, images, y = split_arrays(labeled, index, tmp_path / "cache", "train", ["a", "b"])
+    assert images.shape == (4, S, S, 3) and images.dtype == np.uint8
+    for k, image_id in enumerate(rows["image_id"]):
+        assert np.array_equal(images[k], preprocess_image_file(tmp_path / "img" / f"{image_id}.png", S))
+    assert y.tolist() == split_rows(labeled, index, "train", ["a", "b"])[1].tolist()
+    # A split without cached rows gives an empty batch, not an error.
+    empty_rows, empty, empty_y = split_arrays(labeled, index, tmp_path / "cache", "test", ["a", "b"])
+    assert len(empty_rows) == 0 and empty.shape == (0, 1, 1, 3) and len(empty_y) == 0
 
 
 # ---------------------------------------------------------------------------------------- augmentation

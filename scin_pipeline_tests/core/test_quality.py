@@ -26,6 +26,7 @@ from scin_pipeline.core.quality import (
     decide_quality,
     exclusion_rates_by_monk_tone,
     hash_to_uint64,
+    monk_tone_per_image,
     planted_defect_scores,
     threshold_sweep,
     uint64_to_hash,
@@ -284,6 +285,19 @@ def test_threshold_sweep_is_monotone_and_rejects_unknown_fields(tmp_path, mirror
     assert flagged.is_monotonic_increasing
     with pytest.raises(ValueError):
         threshold_sweep(frame, plants["monk_tone"], plants, "no_such_threshold", [1])
+
+
+def test_monk_tone_per_image_us_graders_then_india_first_known_tone_for_shared_files():
+    cases = pd.DataFrame({"case_id": ["c1", "c2", "c3", "c4"],
+                          "monk_skin_tone_label_us": pd.array([7, None, None, 2], dtype="Int8"),
+                          "monk_skin_tone_label_india": pd.array([3, 5, None, 9], dtype="Int8")})
+    images = pd.DataFrame({"image_id": ["10", "20", "30", "40", "40", "50", None],
+                           "case_id": ["c1", "c2", "c3", "c3", "c4", None, "c1"]})
+    tones = monk_tone_per_image(images, cases)
+    # 10: US tone; 20: no US tone, India's; 30: no tone at all (absent); 40: shared by c3 (no tone) and c4,
+    # takes the first KNOWN tone; 50 has no case.
+    assert tones.to_dict() == {"10": 7, "20": 5, "40": 2}
+    assert tones.index.name == "image_id" and str(tones.dtype) == "Float64"
 
 
 def test_exclusion_rates_by_monk_tone():

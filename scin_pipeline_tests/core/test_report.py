@@ -22,6 +22,7 @@ from scin_pipeline.core.report import (
     build_data_report,
     markdown_with_inline_images,
     representation_table,
+    split_report,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -158,6 +159,32 @@ def test_representation_of_a_subset_is_that_subsets_composition():
     labelled_only = representation_table(cases[cases["has_label"]])
     assert labelled_only["n_cases"].tolist() == whole["n_labelled"].tolist()
     assert labelled_only["share"].to_numpy() == pytest.approx(whole["share_labelled"].to_numpy())
+
+
+def test_split_report_composition_of_each_split_and_of_the_whole():
+    # c1 (2 images) and c2 in train, c4 in test, c5 in val; c3 is not in any split.
+    table = pd.DataFrame({"image_id": ["1", "2", "4", "6", "7"], "case_id": ["c1", "c1", "c2", "c4", "c5"],
+                          "split": pd.Categorical(["train", "train", "train", "test", "val"],
+                                                  categories=["train", "val", "test"]),
+                          "label": ["Eczema", "Eczema", "Psoriasis", "Eczema", "other"]})
+    report = split_report(table, hand_made_cases())
+    assert list(report.columns) == ["split", "attribute", "group", "n_cases", "share"]
+    assert list(dict.fromkeys(report["split"])) == ["all", "train", "val", "test"]
+    assert set(report["attribute"]) == {"label", "monk_skin_tone_us", "fst_dermatologist", "fst_self_reported"}
+
+    def rows(split, attribute):
+        part = report[(report["split"] == split) & (report["attribute"] == attribute)]
+        return {g: (int(n), round(float(s), 3)) for g, n, s in zip(part["group"], part["n_cases"], part["share"])
+                if n}
+
+    # Labels count cases, not images: c1's two images are one case.
+    assert rows("all", "label") == {"Eczema": (2, 0.5), "Psoriasis": (1, 0.25), "other": (1, 0.25)}
+    assert rows("train", "label") == {"Eczema": (1, 0.5), "Psoriasis": (1, 0.5)}
+    assert rows("all", "monk_skin_tone_us") == {"1": (1, 0.25), "7": (1, 0.25), "10": (1, 0.25), "2": (1, 0.25)}
+    assert rows("test", "fst_dermatologist") == {"FST5": (1, 1.0)}
+    assert rows("val", "fst_self_reported") == {"FST3": (1, 1.0)}
+    # Every Monk tone is listed per split, zeros included (a zero is information).
+    assert len(report[(report["split"] == "val") & (report["attribute"] == "monk_skin_tone_us")]) == 11
 
 
 def test_hand_made_conditions_and_label_coverage(small_report):
