@@ -17,7 +17,6 @@ import mlflow
 import pandas as pd
 import pytest
 
-from scin_pipeline.assets.evaluation import ComparisonConfig, choose_champion
 from scin_pipeline.core.synthetic import write_synthetic_mirror
 from scin_pipeline.runner import embedded_mlflow_uri, run_pipeline
 
@@ -196,29 +195,6 @@ def test_rerun_with_unchanged_inputs_trains_nothing_and_opens_no_mlflow_run(trai
     assert after == before
     assert table(data_root, "baseline_cnn")["reused"].iloc[0]
     assert table(data_root, "metadata_model")["reused"].iloc[0]
-
-
-def test_a_candidate_failing_the_fairness_gate_is_passed_over():
-    wide = pd.DataFrame({
-        "model": ["fair", "unfair"],
-        "val_macro_f1": [0.50, 0.90], "val_balanced_accuracy": [0.55, 0.92], "val_mean_ovr_auc": [0.7, 0.95],
-    })
-    gates = pd.DataFrame({"model": ["fair", "unfair"], "passed": [True, False],
-                          "reason": ["ok", "monk_us_bin 7-10 is 0.30 below overall"]})
-    ranked = choose_champion(wide, n_classes=4, config=ComparisonConfig(), gates=gates)
-    assert ranked.loc[ranked["champion"], "model"].tolist() == ["fair"]
-    unfair = ranked.set_index("model").loc["unfair"]
-    assert "fairness gate failed" in unfair["passed_over"] and "7-10" in unfair["passed_over"]
-    # Without the gate the better-scoring model would have won.
-    assert choose_champion(wide, 4, ComparisonConfig()).loc[lambda f: f["champion"], "model"].tolist() == ["unfair"]
-
-
-def test_no_eligible_candidate_means_no_champion():
-    wide = pd.DataFrame({"model": ["a", "b"], "val_macro_f1": [0.3, 0.2], "val_balanced_accuracy": [0.26, 0.2],
-                         "val_mean_ovr_auc": [0.5, 0.5]})
-    ranked = choose_champion(wide, n_classes=4, config=ComparisonConfig(chance_margin=0.05))
-    assert not ranked["champion"].any()
-    assert ranked["passed_over"].str.contains("chance").all()
 
 
 def test_only_stale_rerun_launches_nothing_when_everything_is_up_to_date(trained):
