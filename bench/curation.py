@@ -104,7 +104,7 @@ class TreeRssSampler:
         while not self._stop.wait(self._interval_s):
             self.peak_rss = max(self.peak_rss, self._sample())
 
-    def __enter__(self) -> "TreeRssSampler":
+    def __enter__(self) -> TreeRssSampler:
         self.peak_rss = self._sample()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -131,8 +131,9 @@ def _write_phone_image(job: tuple[int, str]) -> int:
     short_side = long_side * 3 // 4
     size = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
     patterns = sorted(set(synthetic.CONDITION_PATTERNS.values())) + [synthetic.NO_LESION_PATTERN]
-    rgb = synthetic.render_skin_image(f"phone-{index}", int(rng.integers(1, 11)),
-                                      patterns[int(rng.integers(len(patterns)))], size, PHONE_SEED)
+    rgb = synthetic.render_skin_image(
+        f"phone-{index}", int(rng.integers(1, 11)), patterns[int(rng.integers(len(patterns)))], size, PHONE_SEED
+    )
     noisy = np.clip(rgb + rng.normal(0, 1.5, rgb.shape).astype(np.float32), 0, 255).astype(np.uint8)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(noisy, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 6])
     if not ok:
@@ -157,7 +158,7 @@ def phone_images(cache: Path, n: int, workers: int) -> list[str]:
     return paths
 
 
-def calibration_mirror(cache: Path, workers: int) -> tuple[Path, "object"]:
+def calibration_mirror(cache: Path, workers: int) -> tuple[Path, object]:
     """The calibration mirror (cached); every Monk tone equally often (tone = 1 + case index mod 10)."""
     import pandas as pd
 
@@ -174,9 +175,15 @@ def calibration_mirror(cache: Path, workers: int) -> tuple[Path, "object"]:
         meta.mkdir(parents=True, exist_ok=True)
         cases.to_csv(meta / "scin_cases.csv", index=False)
         labels.to_csv(meta / "scin_labels.csv", index=False)
-        synthetic.write_synthetic_mirror(mirror, metadata_dir=meta, seed=CALIBRATION["seed"],
-                                         image_size=CALIBRATION["image_size"],
-                                         defect_rate=CALIBRATION["defect_rate"], workers=workers, overwrite=True)
+        synthetic.write_synthetic_mirror(
+            mirror,
+            metadata_dir=meta,
+            seed=CALIBRATION["seed"],
+            image_size=CALIBRATION["image_size"],
+            defect_rate=CALIBRATION["defect_rate"],
+            workers=workers,
+            overwrite=True,
+        )
     plants = pd.read_csv(plants_file, dtype={"image_id": str, "case_id": str}, keep_default_na=False)
     plants = plants[plants["image_id"] != ""].reset_index(drop=True)
     return mirror, plants
@@ -227,8 +234,9 @@ def child_main(phase: str, paths_file: str, workers: int, repeat: int) -> None:
             result["issue_types"] = sorted(lab.issue_summary["issue_type"])
         elif phase in ("imagehash", "decode"):
             fn = _phash_file if phase == "imagehash" else _decode_file
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_init_single_thread) as pool:
+            with ProcessPoolExecutor(
+                max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_single_thread
+            ) as pool:
                 list(pool.map(fn, paths, chunksize=8))
         else:
             raise ValueError(phase)
@@ -260,16 +268,28 @@ def dedup_child(n: int) -> None:
         seconds = time.perf_counter() - t0
     found = set(zip(pairs["i"].tolist(), pairs["j"].tolist()))
     recalled = sum((min(s, t), max(s, t)) in found for s, t in zip(sources, targets))
-    print("RESULT " + json.dumps({"n": n, "max_distance": DEFAULT_MAX_PHASH_DISTANCE, "seconds": seconds,
-                                  "pairs": len(pairs), "planted": n_planted, "planted_found": recalled,
-                                  "peak_rss_mb": rss.peak_rss / 1e6}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "n": n,
+                "max_distance": DEFAULT_MAX_PHASH_DISTANCE,
+                "seconds": seconds,
+                "pairs": len(pairs),
+                "planted": n_planted,
+                "planted_found": recalled,
+                "peak_rss_mb": rss.peak_rss / 1e6,
+            }
+        ),
+        flush=True,
+    )
 
 
 def run_child(args: list[str]) -> dict:
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     raise RuntimeError(f"child {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
@@ -290,8 +310,10 @@ def throughput_section(paths: list[str], workers: int, cache: Path) -> None:
     sizes = [os.path.getsize(p) for p in paths]
     for p in paths:  # warm the page cache for every peer alike
         Path(p).read_bytes()
-    print(f"\n## Throughput: {len(paths)} PNGs, {sum(sizes) / len(sizes) / 1e6:.2f} MB on average "
-          f"({min(sizes) / 1e6:.2f}-{max(sizes) / 1e6:.2f} MB), {workers} processes each, {os.cpu_count()} cores\n")
+    print(
+        f"\n## Throughput: {len(paths)} PNGs, {sum(sizes) / len(sizes) / 1e6:.2f} MB on average "
+        f"({min(sizes) / 1e6:.2f}-{max(sizes) / 1e6:.2f} MB), {workers} processes each, {os.cpu_count()} cores\n"
+    )
     labels = {
         "ours": "(a) ours: assess_images (quality + cleanvision properties + pHash + dHash)",
         "cleanvision": "(b) cleanvision Imagelab.find_issues(), defaults",
@@ -307,14 +329,23 @@ def throughput_section(paths: list[str], workers: int, cache: Path) -> None:
     for phase, label in labels.items():
         r = results[phase]
         rate = r["n"] / r["seconds"]
-        rows.append([label, f"{rate:.1f}", f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}",
-                     "1.00x" if phase == "ours" else f"{ours_rate / rate:.2f}x"])
+        rows.append(
+            [
+                label,
+                f"{rate:.1f}",
+                f"{r['seconds']:.1f}",
+                f"{r['peak_rss_mb']:.0f}",
+                "1.00x" if phase == "ours" else f"{ours_rate / rate:.2f}x",
+            ]
+        )
     print()
     print_table(["stage", "img/s", "seconds", "peak RSS MB (tree)", "ours / this"], rows)
     rate = {k: r["n"] / r["seconds"] for k, r in results.items()}
-    print(f"\nours / cleanvision = {rate['ours'] / rate['cleanvision']:.2f}x (goal >= 3x); "
-          f"ours / decode = {rate['ours'] / rate['decode']:.2f}x (goal >= 0.5x); "
-          f"ours / imagehash = {rate['ours'] / rate['imagehash']:.2f}x")
+    print(
+        f"\nours / cleanvision = {rate['ours'] / rate['cleanvision']:.2f}x (goal >= 3x); "
+        f"ours / decode = {rate['ours'] / rate['decode']:.2f}x (goal >= 0.5x); "
+        f"ours / imagehash = {rate['ours'] / rate['imagehash']:.2f}x"
+    )
     if results["ours"].get("not_ok"):
         print(f"(ours: {results['ours']['not_ok']} files did not decode)")
 
@@ -323,9 +354,10 @@ def memory_section(paths: list[str], workers: int, cache: Path, skip_big: bool) 
     paths_file = cache / f"paths_{len(paths)}.json"
     print(f"\n## Memory of our stage (same {len(paths)} files; N > {len(paths)} reuses them under new ids)\n")
     rows = []
-    for repeat in ([1] if skip_big else [1, 5]):
-        r = run_child(["--child", "ours", "--paths-file", str(paths_file), "--workers", str(workers),
-                       "--repeat", str(repeat)])
+    for repeat in [1] if skip_big else [1, 5]:
+        r = run_child(
+            ["--child", "ours", "--paths-file", str(paths_file), "--workers", str(workers), "--repeat", str(repeat)]
+        )
         rows.append([f"{r['n']:,}", f"{r['n'] / r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}"])
     print_table(["N images", "img/s", "peak RSS MB (process + workers)"], rows)
 
@@ -333,34 +365,51 @@ def memory_section(paths: list[str], workers: int, cache: Path, skip_big: bool) 
 def dedup_section(skip_big: bool) -> None:
     print("\n## Near-duplicate search (core.dedup.find_near_duplicate_pairs)\n")
     rows = []
-    for n in ([10_000] if skip_big else [10_000, 1_000_000]):
+    for n in [10_000] if skip_big else [10_000, 1_000_000]:
         r = run_child(["--dedup-child", str(n)])
         if "error" in r:
             print(r["error"])
             return
-        rows.append([f"{r['n']:,}", r["max_distance"], f"{r['seconds']:.2f}", f"{r['pairs']:,}",
-                     f"{r['planted_found']}/{r['planted']}", f"{r['peak_rss_mb']:.0f}"])
+        rows.append(
+            [
+                f"{r['n']:,}",
+                r["max_distance"],
+                f"{r['seconds']:.2f}",
+                f"{r['pairs']:,}",
+                f"{r['planted_found']}/{r['planted']}",
+                f"{r['peak_rss_mb']:.0f}",
+            ]
+        )
     print_table(["hashes", "max distance", "seconds", "pairs found", "planted pairs found", "peak RSS MB"], rows)
 
 
 def calibration_section(cache: Path, workers: int) -> None:
 
     from scin_pipeline.core.quality import (
-        QualityConfig, assess_images, assessments_frame, decide_quality, exclusion_rates_by_monk_tone,
-        planted_defect_scores, threshold_sweep,
+        QualityConfig,
+        assess_images,
+        assessments_frame,
+        decide_quality,
+        exclusion_rates_by_monk_tone,
+        planted_defect_scores,
+        threshold_sweep,
     )
 
     mirror, plants = calibration_mirror(cache, workers)
     images = mirror / "dataset" / "images"
-    items = [(i, None if planted == "missing" else str(images / f"{i}.png"))
-             for i, planted in plants[["image_id", "planted"]].itertuples(index=False)]
+    items = [
+        (i, None if planted == "missing" else str(images / f"{i}.png"))
+        for i, planted in plants[["image_id", "planted"]].itertuples(index=False)
+    ]
     frame = assessments_frame(assess_images(items, workers=workers))
     tones = plants["monk_tone"]
     config = QualityConfig()
     decisions = decide_quality(frame, tones, config)
     n_clean = int((plants["planted"] == "clean").sum())
-    print(f"\n## Calibration: synthetic mirror {CALIBRATION}, {len(plants)} files ({n_clean} clean), "
-          f"every Monk tone equally often\n")
+    print(
+        f"\n## Calibration: synthetic mirror {CALIBRATION}, {len(plants)} files ({n_clean} clean), "
+        f"every Monk tone equally often\n"
+    )
     print("Defaults: " + ", ".join(f"{k}={v}" for k, v in asdict(config).items()) + "\n")
     scores = planted_defect_scores(decisions, plants)
     print_table(list(scores.columns), [[*r[:5], _fmt(r[5]), _fmt(r[6])] for r in scores.itertuples(index=False)])
@@ -372,12 +421,16 @@ def calibration_section(cache: Path, workers: int) -> None:
     near = plants["planted"] == "near_duplicate"
     if near.any():
         flagged = decisions.loc[near, "reason"].value_counts().to_dict()
-        print(f"\n(not scored) near_duplicate files: {int(near.sum())}, excluded by reason: {flagged or 'none'}: "
-              "they show another case's skin, so the tone-relative rule may call them dark")
+        print(
+            f"\n(not scored) near_duplicate files: {int(near.sum())}, excluded by reason: {flagged or 'none'}: "
+            "they show another case's skin, so the tone-relative rule may call them dark"
+        )
 
-    print("\nThreshold sweeps (one threshold at a time, the others at their defaults). min P / min R: the "
-          "lowest precision / recall over the planted reasons; diag kept: dark-but-diagnostic kept; "
-          "clean excl: share of clean images excluded per Monk group.\n")
+    print(
+        "\nThreshold sweeps (one threshold at a time, the others at their defaults). min P / min R: the "
+        "lowest precision / recall over the planted reasons; diag kept: dark-but-diagnostic kept; "
+        "clean excl: share of clean images excluded per Monk group.\n"
+    )
     for parameter, values in SWEEPS.items():
         # The two "visible" tests are OR-ed; each is swept with the other switched off, so that the table
         # shows what that test alone separates.
@@ -393,8 +446,18 @@ def calibration_section(cache: Path, workers: int) -> None:
             ok = min_p >= 0.9 and min_r >= 0.9 and diag >= 0.9 and excl["7-10"] <= excl["1-3"]
             good.append(value) if ok else None
             marker = " <- default" if value == getattr(config, parameter) else ""
-            rows.append([f"{value:g}{marker}", _fmt(min_p), _fmt(min_r), _fmt(diag),
-                         _fmt(excl["1-3"]), _fmt(excl["4-6"]), _fmt(excl["7-10"]), "yes" if ok else "no"])
+            rows.append(
+                [
+                    f"{value:g}{marker}",
+                    _fmt(min_p),
+                    _fmt(min_r),
+                    _fmt(diag),
+                    _fmt(excl["1-3"]),
+                    _fmt(excl["4-6"]),
+                    _fmt(excl["7-10"]),
+                    "yes" if ok else "no",
+                ]
+            )
         span = f"{min(good):g} to {max(good):g}" if good else "none"
         alone = f" (with {', '.join(SWEPT_ALONE[parameter])} switched off)" if parameter in SWEPT_ALONE else ""
         print(f"### {parameter}{alone}: all criteria met from {span}\n")

@@ -108,33 +108,55 @@ def measure_one(n: int, max_distance: int, method: str) -> dict:
         pairs = dedup.find_near_duplicate_pairs(hashes, max_distance, n_substrings=n_substrings)
         seconds = time.perf_counter() - start
     digest = int(np.bitwise_xor.reduce(pairs["i"].to_numpy() * 1_000_003 + pairs["j"].to_numpy())) if len(pairs) else 0
-    return {"n": n, "d": max_distance, "method": method, "m": plan.n_substrings, "seconds": seconds,
-            "pairs": len(pairs), "digest": digest, "peak_mb": rss.peak / 2**20, "rise_mb": (rss.peak - rss.before) / 2**20}
+    return {
+        "n": n,
+        "d": max_distance,
+        "method": method,
+        "m": plan.n_substrings,
+        "seconds": seconds,
+        "pairs": len(pairs),
+        "digest": digest,
+        "peak_mb": rss.peak / 2**20,
+        "rise_mb": (rss.peak - rss.before) / 2**20,
+    }
 
 
 def in_child(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", *args], capture_output=True, text=True, check=True,
-                         cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", *args], capture_output=True, text=True, check=True, cwd=REPO
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def search_table(sizes, distances) -> None:
     print(f"core.dedup search, {os.cpu_count()} CPUs, numpy {np.__version__}; each cell a fresh process\n")
-    header = ("| N | max_distance | plan | ours s | pairs | peak RSS MB (+search) | brute force s | brute peak RSS MB "
-              "(+search) | same pairs | brute / ours |")
+    header = (
+        "| N | max_distance | plan | ours s | pairs | peak RSS MB (+search) | brute force s | brute peak RSS MB "
+        "(+search) | same pairs | brute / ours |"
+    )
     print(header)
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     for n in sizes:
         for d in distances:
             ours = in_child(str(n), str(d), "ours")
             plan = f"MIH m={ours['m']}" if ours["m"] else "brute force"
-            cells = [f"{n:,}", str(d), plan, f"{ours['seconds']:.2f}", f"{ours['pairs']:,}",
-                     f"{ours['peak_mb']:.0f} (+{ours['rise_mb']:.0f})"]
+            cells = [
+                f"{n:,}",
+                str(d),
+                plan,
+                f"{ours['seconds']:.2f}",
+                f"{ours['pairs']:,}",
+                f"{ours['peak_mb']:.0f} (+{ours['rise_mb']:.0f})",
+            ]
             if n <= BRUTE_FORCE_MAX_N:
                 brute = in_child(str(n), str(d), "brute_force")
                 same = "yes" if (brute["pairs"], brute["digest"]) == (ours["pairs"], ours["digest"]) else "NO"
-                cells += [f"{brute['seconds']:.2f}", f"{brute['peak_mb']:.0f} (+{brute['rise_mb']:.0f})", same,
-                          f"{brute['seconds'] / ours['seconds']:.1f}x"]
+                cells += [
+                    f"{brute['seconds']:.2f}",
+                    f"{brute['peak_mb']:.0f} (+{brute['rise_mb']:.0f})",
+                    same,
+                    f"{brute['seconds'] / ours['seconds']:.1f}x",
+                ]
             else:
                 cells += ["not run", "not run", "-", "-"]
             print("| " + " | ".join(cells) + " |", flush=True)
@@ -177,8 +199,16 @@ def thresholds(n_cases: int, seeds) -> None:
 
     from scin_pipeline.core.synthetic import write_synthetic_mirror
 
-    decodable = {"clean", "dark", "dark_diagnostic", "blurred", "overexposed", "near_duplicate", "wrong_format",
-                 "exact_reuse"}
+    decodable = {
+        "clean",
+        "dark",
+        "dark_diagnostic",
+        "blurred",
+        "overexposed",
+        "near_duplicate",
+        "wrong_format",
+        "exact_reuse",
+    }
     degenerate = {"overexposed", "dark"}  # frames the quality filter drops
     records, true_p, true_d, origin = [], [], [], []
     related: set[tuple[str, str]] = set()  # planted (copy, source) pairs: true pairs, not unrelated ones
@@ -186,8 +216,9 @@ def thresholds(n_cases: int, seeds) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             root = Path(tmp) / f"mirror{seed}"
-            mirror = write_synthetic_mirror(root, n_cases=n_cases, seed=seed, defect_rate=0.5,
-                                            workers=os.cpu_count() or 1)
+            mirror = write_synthetic_mirror(
+                root, n_cases=n_cases, seed=seed, defect_rate=0.5, workers=os.cpu_count() or 1
+            )
             plants = mirror.plants
             by_id = {}
             for row in plants.itertuples(index=False):
@@ -224,9 +255,11 @@ def thresholds(n_cases: int, seeds) -> None:
     everything = ~is_related
 
     print(f"synthetic mirrors: seeds {list(seeds)}, {n_cases} cases each, 480 x 360; {len(table)} decodable images")
-    print(f"true pairs: {len(true_p)} ({(origin == 'planted').sum()} planted by the generator, "
-          f"{(origin == 'own copy').sum()} own copies); unrelated pairs: {ordinary.sum():,} ordinary, "
-          f"{everything.sum():,} with blown-out/black frames\n")
+    print(
+        f"true pairs: {len(true_p)} ({(origin == 'planted').sum()} planted by the generator, "
+        f"{(origin == 'own copy').sum()} own copies); unrelated pairs: {ordinary.sum():,} ordinary, "
+        f"{everything.sum():,} with blown-out/black frames\n"
+    )
     q = [50, 90, 99, 100]
     print("| pairs | hash | p50 | p90 | p99 | max | min |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -237,11 +270,15 @@ def thresholds(n_cases: int, seeds) -> None:
     for label, mask in (("unrelated, ordinary", ordinary), ("unrelated, all", everything)):
         for name, values in (("pHash", unrelated_p[mask]), ("dHash", unrelated_d[mask])):
             p = np.percentile(values, [50, 1, 0.1, 0.01])
-            print(f"| {label} | {name} | {p[0]:.0f} | p1 {p[1]:.0f} | p0.1 {p[2]:.0f} | p0.01 {p[3]:.0f} | "
-                  f"{values.min()} |")
+            print(
+                f"| {label} | {name} | {p[0]:.0f} | p1 {p[1]:.0f} | p0.1 {p[2]:.0f} | p0.01 {p[3]:.0f} | "
+                f"{values.min()} |"
+            )
 
-    print("\nJoint rule pHash <= P AND dHash <= D. Each cell: true pairs accepted (planted + own copies, of "
-          f"{len(true_p)}); unrelated ordinary pairs accepted (of {ordinary.sum():,}); all unrelated pairs accepted\n")
+    print(
+        "\nJoint rule pHash <= P AND dHash <= D. Each cell: true pairs accepted (planted + own copies, of "
+        f"{len(true_p)}); unrelated ordinary pairs accepted (of {ordinary.sum():,}); all unrelated pairs accepted\n"
+    )
     d_values = (8, 10, 12, 14, 16)
     print("| P \\ D | " + " | ".join(str(d) for d in d_values) + " |")
     print("| ---: |" + " --- |" * len(d_values))
@@ -252,21 +289,32 @@ def thresholds(n_cases: int, seeds) -> None:
             accept_true = (true_p <= p_max) & (true_d <= d_max)
             accept_unrelated = (unrelated_p <= p_max) & (unrelated_d <= d_max)
             n_true, n_false = int(accept_true.sum()), int((accept_unrelated & ordinary).sum())
-            accepted[p_max, d_max] = (n_true, n_false, accept_true[origin == "planted"].mean(),
-                                      accept_true[origin == "own copy"].mean())
+            accepted[p_max, d_max] = (
+                n_true,
+                n_false,
+                accept_true[origin == "planted"].mean(),
+                accept_true[origin == "own copy"].mean(),
+            )
             cells.append(f"{n_true}; {n_false}; {int((accept_unrelated & everything).sum())}")
         print(f"| {p_max} | " + " | ".join(cells) + " |")
     # The pick: the most true pairs among the cells that accept no ordinary unrelated pair and whose pHash
     # step looser (+2) accepts none either: one step of margin on the hash that is searched.
-    safe = [(v[0], -p_max, -d_max) for (p_max, d_max), v in accepted.items()
-            if v[1] == 0 and accepted.get((p_max + 2, d_max), (0, 1))[1] == 0]
+    safe = [
+        (v[0], -p_max, -d_max)
+        for (p_max, d_max), v in accepted.items()
+        if v[1] == 0 and accepted.get((p_max + 2, d_max), (0, 1))[1] == 0
+    ]
     if safe:
         _, p_pick, d_pick = max(safe)
         n_true, _, planted_recall, own_recall = accepted[-p_pick, -d_pick]
-        print(f"\npick: pHash <= {-p_pick}, dHash <= {-d_pick}: {n_true} of {len(true_p)} true pairs (recall "
-              f"{planted_recall:.3f} planted, {own_recall:.3f} own copies), 0 of {ordinary.sum():,} ordinary "
-              "unrelated pairs, also 0 at pHash + 2")
-    print(f"\nmodule defaults: pHash <= {dedup.DEFAULT_MAX_PHASH_DISTANCE}, dHash <= {dedup.DEFAULT_MAX_DHASH_DISTANCE}")
+        print(
+            f"\npick: pHash <= {-p_pick}, dHash <= {-d_pick}: {n_true} of {len(true_p)} true pairs (recall "
+            f"{planted_recall:.3f} planted, {own_recall:.3f} own copies), 0 of {ordinary.sum():,} ordinary "
+            "unrelated pairs, also 0 at pHash + 2"
+        )
+    print(
+        f"\nmodule defaults: pHash <= {dedup.DEFAULT_MAX_PHASH_DISTANCE}, dHash <= {dedup.DEFAULT_MAX_DHASH_DISTANCE}"
+    )
 
 
 # ---- calibration -----------------------------------------------------------------------------------
@@ -288,9 +336,13 @@ def calibrate() -> None:
                 searched = [t for t in tables if t.radius >= 0]
                 masks = [dedup.keys_within_radius(t.width, t.radius) for t in searched]
                 pairs = n * (n - 1) / 2
-                row = [sum((v - 1) * 2.0 ** (t.width - 1) for v, t in zip(masks, searched)), sum(masks),
-                       sum(pairs * v / 2.0**t.width for v, t in zip(masks, searched)), n * len(searched),
-                       sum(2.0**t.width for t in searched)]
+                row = [
+                    sum((v - 1) * 2.0 ** (t.width - 1) for v, t in zip(masks, searched)),
+                    sum(masks),
+                    sum(pairs * v / 2.0**t.width for v, t in zip(masks, searched)),
+                    n * len(searched),
+                    sum(2.0**t.width for t in searched),
+                ]
                 guess = 1e-9 * np.dot(row, [1, 7e4, 6, 70, 6])
                 if guess > 8:
                     continue
@@ -318,8 +370,10 @@ def calibrate() -> None:
         best = min(rows, key=lambda k: seconds[k])
         chosen = min(rows, key=lambda k: predicted[k])
         worst = max(worst, seconds[chosen] / seconds[best])
-        print(f"N={key[0]:>9,} d={key[1]:>2}: fastest m={labels[best][2]} {seconds[best]:.3f}s, "
-              f"model picks m={labels[chosen][2]} {seconds[chosen]:.3f}s")
+        print(
+            f"N={key[0]:>9,} d={key[1]:>2}: fastest m={labels[best][2]} {seconds[best]:.3f}s, "
+            f"model picks m={labels[chosen][2]} {seconds[chosen]:.3f}s"
+        )
     print(f"worst ratio of the model's pick to the fastest m: {worst:.2f}")
 
 

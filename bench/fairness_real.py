@@ -11,8 +11,8 @@ LabelPolicy())`` (top-1 condition, classes under 20 cases -> "other"); split = `
 case_groups>, SplitConfig())`` (no images offline to link duplicate cases, so each case is its own group);
 classes = the sorted label names; ``fit_single_label_metadata_model`` (CHOSEN_CONFIG, seed 0) fitted on train,
 scored once on test, one row per case; each overall figure is printed next to a peer measured in the same
-run, the train label prior given to every test case. Then ``fairness_table`` (1000 bootstrap resamples within each group,
-min_group_n 30) and ``fairness_gate`` with the asset's defaults (balanced accuracy, max_gap 0.10, Monk bins of
+run, the train label prior given to every test case. Then ``fairness_table`` (1000 bootstrap resamples within each
+group, min_group_n 30) and ``fairness_gate`` with the asset's defaults (balanced accuracy, max_gap 0.10, Monk bins of
 both grader pools and both Fitzpatrick types). Each group figure is printed next to the overall one (``diff``).
 
 Writes docs/results/fairness_metadata_model_real.md and .html (``synthetic=False``: real labels, real metadata).
@@ -39,8 +39,12 @@ MIN_GROUP_N = 30
 # Same list as scin_pipeline.assets.fairness.DEFAULT_GATE_ATTRIBUTES (not imported: that pulls in Dagster).
 GATE_ATTRIBUTES = ["monk_us_bin", "monk_india_bin", "fst_dermatologist", "fst_self_reported"]
 PRINTED_ATTRIBUTES = ["monk_us_bin", "monk_india_bin", "fst_dermatologist"]
-PRINTED_METRICS = {"balanced_accuracy": "bal. acc.", "macro_f1": "macro-F1", "mean_ovr_auc": "mean OvR AUC",
-                   "top3_accuracy": "top-3"}
+PRINTED_METRICS = {
+    "balanced_accuracy": "bal. acc.",
+    "macro_f1": "macro-F1",
+    "mean_ovr_auc": "mean OvR AUC",
+    "top3_accuracy": "top-3",
+}
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "docs" / "results"
 
@@ -48,8 +52,11 @@ OUT_DIR = REPO / "docs" / "results"
 def _cell(row) -> str:
     if not np.isfinite(row["value"]):
         return "undefined"
-    interval = (f" [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
-                if np.isfinite(row["ci_low"]) and np.isfinite(row["ci_high"]) else "")
+    interval = (
+        f" [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        if np.isfinite(row["ci_low"]) and np.isfinite(row["ci_high"])
+        else ""
+    )
     return f"{row['value']:.3f}{interval}"
 
 
@@ -63,8 +70,11 @@ def group_table(table: pd.DataFrame, attribute: str) -> str:
         cells = [str(group), f"{int(part['n'].iloc[0]):,}"]
         for metric in PRINTED_METRICS:
             r = by_metric.loc[metric]
-            diff = (f" ({r['diff_to_overall']:+.3f})"
-                    if attribute != fairness.OVERALL and np.isfinite(r["diff_to_overall"]) else "")
+            diff = (
+                f" ({r['diff_to_overall']:+.3f})"
+                if attribute != fairness.OVERALL and np.isfinite(r["diff_to_overall"])
+                else ""
+            )
             cells.append(_cell(r) + diff)
         cells.append("yes" if bool(part["insufficient_data"].iloc[0]) else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -81,8 +91,11 @@ def main() -> None:
     split = make_splits(labels, pd.Series(dtype=object), SplitConfig())
     classes = sorted(labels["label"].astype(str).unique())
     index = {c: i for i, c in enumerate(classes)}
-    frame = (split[["case_id", "split", "label"]].astype({"case_id": str, "split": str, "label": str})
-             .merge(cases, on="case_id", how="left", validate="one_to_one"))
+    frame = (
+        split[["case_id", "split", "label"]]
+        .astype({"case_id": str, "split": str, "label": str})
+        .merge(cases, on="case_id", how="left", validate="one_to_one")
+    )
     features = metadata_features(frame)
     y = frame["label"].map(index).to_numpy(np.int32)
     train, test = (frame["split"] == "train").to_numpy(), (frame["split"] == "test").to_numpy()
@@ -97,15 +110,18 @@ def main() -> None:
     peer = evaluation.classification_metrics(y_test, np.tile(prior, (len(y_test), 1)), classes)
 
     sensitive = fairness.sensitive_features(frame[test].reset_index(drop=True))
-    table = fairness.fairness_table(MODEL, y_test, proba, classes, sensitive, n_bootstrap=N_BOOTSTRAP,
-                                    min_group_n=MIN_GROUP_N)
+    table = fairness.fairness_table(
+        MODEL, y_test, proba, classes, sensitive, n_bootstrap=N_BOOTSTRAP, min_group_n=MIN_GROUP_N
+    )
     gate = fairness.fairness_gate(table, attributes=GATE_ATTRIBUTES)
 
     sizes = ", ".join(f"{s} {int((frame['split'] == s).sum()):,}" for s in ("train", "val", "test"))
-    provenance = (f"Real SCIN metadata and dermatologist labels ({len(labels):,} labelled cases, {len(classes)} "
-                  f"classes incl. 'other'; cases: {sizes}); model fitted on train only, scored once on test, "
-                  f"one row per case; {N_BOOTSTRAP} bootstrap resamples; min_group_n {MIN_GROUP_N}. "
-                  "Metadata-only model: no image was used. Produced by bench/fairness_real.py.")
+    provenance = (
+        f"Real SCIN metadata and dermatologist labels ({len(labels):,} labelled cases, {len(classes)} "
+        f"classes incl. 'other'; cases: {sizes}); model fitted on train only, scored once on test, "
+        f"one row per case; {N_BOOTSTRAP} bootstrap resamples; min_group_n {MIN_GROUP_N}. "
+        "Metadata-only model: no image was used. Produced by bench/fairness_real.py."
+    )
     overall_line = ", ".join(f"{k} {v:.4f} (train-prior peer {peer[k]:.4f})" for k, v in overall.items())
     print(provenance)
     print(f"\nOverall test metrics (evaluation.classification_metrics): {overall_line}\n")
@@ -117,12 +133,17 @@ def main() -> None:
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     markdown = fairness.fairness_markdown(table, gate, model=MODEL, synthetic=False)
-    markdown += (f"\n## Provenance\n\n{provenance}\n\nOverall test metrics "
-                 f"(`evaluation.classification_metrics`): {overall_line}.\n")
+    markdown += (
+        f"\n## Provenance\n\n{provenance}\n\nOverall test metrics "
+        f"(`evaluation.classification_metrics`): {overall_line}.\n"
+    )
     (OUT_DIR / "fairness_metadata_model_real.md").write_text(markdown)
     page = fairness.fairness_html(table, gate, fairness.fairness_plots(table), model=MODEL, synthetic=False)
-    page = page.replace("</body></html>", f"<h2>Provenance</h2><p>{html.escape(provenance)}</p>"
-                        f"<p>Overall test metrics: {html.escape(overall_line)}.</p></body></html>")
+    page = page.replace(
+        "</body></html>",
+        f"<h2>Provenance</h2><p>{html.escape(provenance)}</p>"
+        f"<p>Overall test metrics: {html.escape(overall_line)}.</p></body></html>",
+    )
     (OUT_DIR / "fairness_metadata_model_real.html").write_text(page)
     print(f"\nwrote {OUT_DIR.relative_to(REPO)}/fairness_metadata_model_real.md and .html")
 

@@ -104,7 +104,7 @@ def _array_batches_class():
             return len(self.y) // self.batch_size
 
         def __getitem__(self, index):
-            rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+            rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
             return self.images[rows], self.y[rows]
 
     return InMemoryBatches
@@ -119,7 +119,11 @@ def main() -> None:
     import keras
 
     from scin_pipeline.core.models import (
-        build_classifier_head, build_resnet50_backbone, compose_end_to_end, unfreeze_top)
+        build_classifier_head,
+        build_resnet50_backbone,
+        compose_end_to_end,
+        unfreeze_top,
+    )
     from scin_pipeline.core.training import TrainConfig, _compile, default_dataset_factory, fine_tune_transfer
 
     n = args.steps * args.batch_size
@@ -128,8 +132,10 @@ def main() -> None:
     images = rng.integers(0, 256, (n, args.image_size, args.image_size, 3), dtype=np.uint8)
     y = (np.arange(n) % args.classes).astype(np.int32)
     val_images, val_y = images[: args.batch_size], y[: args.batch_size]
-    print(f"SYNTHETIC cache in memory: {n} images {args.image_size} px ({images.nbytes / 2**30:.2f} GiB), "
-          f"made in {time.perf_counter() - started:.1f} s")
+    print(
+        f"SYNTHETIC cache in memory: {n} images {args.image_size} px ({images.nbytes / 2**30:.2f} GiB), "
+        f"made in {time.perf_counter() - started:.1f} s"
+    )
     print(f"backend {backend}, policy {policy}, devices: {describe_backend()['devices']}")
 
     if args.loader == "cache":
@@ -143,13 +149,31 @@ def main() -> None:
     backbone = build_resnet50_backbone(args.image_size, weights=None)
     head = build_classifier_head(backbone.output_shape[-1], args.classes)
     timer = _timer_class()(args.warmup, args.steps, args.batch_size)
-    config = TrainConfig(epochs=1, fine_tune_epochs=1, batch_size=args.batch_size, unfreeze_layers=args.unfreeze,
-                         early_stopping_patience=1, mixed_precision=args.precision, augment=True,
-                         loader_workers=args.workers, class_weighting="none")
+    config = TrainConfig(
+        epochs=1,
+        fine_tune_epochs=1,
+        batch_size=args.batch_size,
+        unfreeze_layers=args.unfreeze,
+        early_stopping_patience=1,
+        mixed_precision=args.precision,
+        augment=True,
+        loader_workers=args.workers,
+        class_weighting="none",
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as checkpoint_dir:  # as the asset runs it: with resume checkpoints
-        fine_tune_transfer(backbone, head, images, y, val_images, val_y, config=config,
-                           dataset_factory=factory, callbacks=[timer], checkpoint_dir=checkpoint_dir)
+        fine_tune_transfer(
+            backbone,
+            head,
+            images,
+            y,
+            val_images,
+            val_y,
+            config=config,
+            dataset_factory=factory,
+            callbacks=[timer],
+            checkpoint_dir=checkpoint_dir,
+        )
     ours = list(timer.rates)
     ours_wall = time.perf_counter() - started
 
@@ -162,21 +186,26 @@ def main() -> None:
         if phase == "fine_tune":
             unfreeze_top(backbone, args.unfreeze)
         _compile(model, config.learning_rate)
-        model.fit(images, y, batch_size=args.batch_size, epochs=1, shuffle=True, callbacks=[peer_timer],
-                  verbose=0)
+        model.fit(images, y, batch_size=args.batch_size, epochs=1, shuffle=True, callbacks=[peer_timer], verbose=0)
     peer = list(peer_timer.rates)
     peer_wall = time.perf_counter() - started
 
-    print(f"\nResNet50 {args.image_size} px, batch {args.batch_size}, {args.steps} steps per phase, "
-          f"first {args.warmup} excluded (compile + warm-up); loader: {loader}")
+    print(
+        f"\nResNet50 {args.image_size} px, batch {args.batch_size}, {args.steps} steps per phase, "
+        f"first {args.warmup} excluded (compile + warm-up); loader: {loader}"
+    )
     print(f"{'phase':<10} {'ours img/s':>11} {'peer img/s':>11} {'ratio':>7}")
     for phase, ours_rate, peer_rate in zip(("frozen", "fine_tune"), ours, peer):
         print(f"{phase:<10} {ours_rate:>11.1f} {peer_rate:>11.1f} {ours_rate / peer_rate:>6.2f}x")
     print(f"wall time incl. compile and validation: ours {ours_wall:.1f} s, peer {peer_wall:.1f} s")
-    print("ours = fine_tune_transfer (asset path: loader, macro metrics, checkpoints); "
-          "peer = raw model.fit on the in-memory uint8 array; ratio = ours / peer")
-    print(f"tensorflow imported: {'tensorflow' in sys.modules} (keras.utils.set_random_seed imports it only "
-          f"where installed, to seed it too); dagster imported: {'dagster' in sys.modules}")
+    print(
+        "ours = fine_tune_transfer (asset path: loader, macro metrics, checkpoints); "
+        "peer = raw model.fit on the in-memory uint8 array; ratio = ours / peer"
+    )
+    print(
+        f"tensorflow imported: {'tensorflow' in sys.modules} (keras.utils.set_random_seed imports it only "
+        f"where installed, to seed it too); dagster imported: {'dagster' in sys.modules}"
+    )
 
 
 if __name__ == "__main__":

@@ -43,13 +43,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scin_pipeline.core.image_cache import build_image_cache, load_images, preprocess_image_file  # noqa: E402
 from scin_pipeline.core.synthetic import render_skin_image  # noqa: E402
 
-PATTERNS = ("eczema_blotches", "urticaria_wheals", "tinea_rings", "psoriasis_plaques", "folliculitis_papules",
-            "impetigo_crusts", "nonspecific_marks", "none")
+PATTERNS = (
+    "eczema_blotches",
+    "urticaria_wheals",
+    "tinea_rings",
+    "psoriasis_plaques",
+    "folliculitis_papules",
+    "impetigo_crusts",
+    "nonspecific_marks",
+    "none",
+)
 
 
 def write_synthetic_pngs(folder: Path, n: int, width: int, height: int) -> pd.DataFrame:
-    bases = [render_skin_image(f"bench{k}", 1 + (k * 9) // 7 % 10, PATTERNS[k], (width, height), seed=11)
-             for k in range(8)]
+    bases = [
+        render_skin_image(f"bench{k}", 1 + (k * 9) // 7 % 10, PATTERNS[k], (width, height), seed=11) for k in range(8)
+    ]
     rows = []
     for i in range(n):
         rng = np.random.default_rng(i)
@@ -94,8 +103,10 @@ def main(argv: list[str] | None = None) -> None:
         mb = sum(os.path.getsize(p) for p in rows["local_path"]) / n / 1e6
         for p in rows["local_path"]:  # warm page cache for every peer
             Path(p).read_bytes()
-        print(f"{n} synthetic PNGs {args.width}x{args.height}, {mb:.2f} MB each, generated in {t_gen:.1f} s; "
-              f"S={size}, workers={args.workers}, cores={os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}")
+        print(
+            f"{n} synthetic PNGs {args.width}x{args.height}, {mb:.2f} MB each, generated in {t_gen:.1f} s; "
+            f"S={size}, workers={args.workers}, cores={os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}"
+        )
 
         def plain_loop():
             for p in rows["local_path"]:
@@ -110,18 +121,22 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.rounds):
             t_plain = min(t_plain, timed(plain_loop)[0])
             t_guarded = min(t_guarded, timed(guarded_loop)[0])
-            t, built = timed(lambda: build_image_cache(rows, tmp / f"cache{r}", image_size=size,
-                                                       workers=args.workers))
+            t, built = timed(
+                lambda r=r: build_image_cache(rows, tmp / f"cache{r}", image_size=size, workers=args.workers)
+            )
             t_build = min(t_build, t)
-            t_build1 = min(t_build1, timed(lambda: build_image_cache(rows, tmp / f"cache1-{r}", image_size=size,
-                                                                     workers=1))[0])
+            t_build1 = min(
+                t_build1,
+                timed(lambda r=r: build_image_cache(rows, tmp / f"cache1-{r}", image_size=size, workers=1))[0],
+            )
             shutil.rmtree(tmp / f"cache1-{r}")
             if r == 0:
                 index = built  # cache0 stays for the rerun and read measurements
             else:
                 shutil.rmtree(tmp / f"cache{r}")
-        t_rerun, _ = timed(lambda: build_image_cache(rows, tmp / "cache0", image_size=size, workers=args.workers),
-                           repeat=3)
+        t_rerun, _ = timed(
+            lambda: build_image_cache(rows, tmp / "cache0", image_size=size, workers=args.workers), repeat=3
+        )
         assert (index["status"] == "ok").all()
 
         t_load, images = timed(lambda: load_images(index, tmp / "cache0"), repeat=3)
@@ -134,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             for e in range(epochs):
                 order = np.random.default_rng([0, e]).permutation(n)
                 for i in range(0, n, bs):
-                    arr[order[i:i + bs]]
+                    arr[order[i : i + bs]]
 
         def sequence_read(augment: bool):
             seq = CachedImageSequence(images, y, bs, shuffle=True, augment=augment, seed=0)
@@ -153,8 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         reads = n * epochs
         table = [
             ("build", "plain loop cv2.imread + cv2.resize, 1 thread (peer)", rate(t_plain), 1.0),
-            ("build", "loop of preprocess_image_file (guarded decode), 1 thread", rate(t_guarded),
-             t_plain / t_guarded),
+            ("build", "loop of preprocess_image_file (guarded decode), 1 thread", rate(t_guarded), t_plain / t_guarded),
             ("build", f"build_image_cache, {args.workers} threads, from scratch", rate(t_build), t_plain / t_build),
             ("build", "build_image_cache, 1 thread, from scratch", rate(t_build1), t_plain / t_build1),
             ("build", "build_image_cache rerun, same inputs (all reused)", rate(t_rerun), t_plain / t_rerun),
@@ -167,9 +181,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{'stage':<6} {'what':<56} {'img/s':>10} {'x peer':>8}")
         for stage, what, r, ratio in table:
             print(f"{stage:<6} {what:<56} {r:>10,.0f} {ratio:>8.2f}")
-        print(f"\nbatch size {bs}, {epochs} epochs per read measurement; builds: best of {args.rounds} "
-              "interleaved rounds; rerun/read/load: best of 3.\nSynthetic images: throughput only, says nothing "
-              "about any model.")
+        print(
+            f"\nbatch size {bs}, {epochs} epochs per read measurement; builds: best of {args.rounds} "
+            "interleaved rounds; rerun/read/load: best of 3.\nSynthetic images: throughput only, says nothing "
+            "about any model."
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

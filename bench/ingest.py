@@ -146,9 +146,7 @@ def child_main(args) -> None:
         done = run_phase(args.child, dest, names, args.workers)
         seconds = time.perf_counter() - start
     print(
-        json.dumps(
-            {"seconds": seconds, "peak_rss": rss.peak_rss, "rss_growth": rss.peak_rss - rss.start_rss, **done}
-        )
+        json.dumps({"seconds": seconds, "peak_rss": rss.peak_rss, "rss_growth": rss.peak_rss - rss.start_rss, **done})
     )
 
 
@@ -268,9 +266,7 @@ def main() -> None:
                 ("ours_resume", f"ours-{rep}"),
                 ("tm_resume", f"tm-{rep}"),
             ):
-                runs[phase].append(
-                    run_child(phase, "time", workdir / folder, names_file, args.workers, endpoint)
-                )
+                runs[phase].append(run_child(phase, "time", workdir / folder, names_file, args.workers, endpoint))
         measured = {}
         for phase, label in labels.items():
             timed = runs[phase]

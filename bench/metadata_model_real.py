@@ -23,12 +23,22 @@ from sklearn.model_selection import StratifiedKFold
 
 from scin_pipeline.core.metadata import parse_metadata
 from scin_pipeline.core.metadata_model import (
-    BASELINE_CONFIG, CHOSEN_CONFIG, PREVIOUS_CHOSEN_CONFIG, evaluate_predictions, fit_predict_split,
-    metadata_dataset, multilabel_metrics, predict_proba, train_metadata_model)
+    BASELINE_CONFIG,
+    CHOSEN_CONFIG,
+    PREVIOUS_CHOSEN_CONFIG,
+    evaluate_predictions,
+    fit_predict_split,
+    metadata_dataset,
+    multilabel_metrics,
+    predict_proba,
+    train_metadata_model,
+)
 
-MODELS = {"logistic C=1 (baseline)": BASELINE_CONFIG,
-          "logistic C=.01 + stumps x100 (previous)": PREVIOUS_CHOSEN_CONFIG,
-          "logistic C=.03 + stumps x150 (chosen)": CHOSEN_CONFIG}
+MODELS = {
+    "logistic C=1 (baseline)": BASELINE_CONFIG,
+    "logistic C=.01 + stumps x100 (previous)": PREVIOUS_CHOSEN_CONFIG,
+    "logistic C=.03 + stumps x150 (chosen)": CHOSEN_CONFIG,
+}
 DEFINITIONS = {"top-10 by top label (chosen)": "top_label", "top-10 by mention (previous)": "mention"}
 
 
@@ -50,8 +60,11 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     source = Path(os.environ.get("SCIN_METADATA_DIR", Path(__file__).resolve().parents[1] / "../shared/data/scin"))
     parsed = parse_metadata((source / "scin_cases.csv").read_bytes(), (source / "scin_labels.csv").read_bytes())
-    header = ["definition", "model"] + (["cv mean AUC"] if args.cv else []) + [
-        "val mean AUC", "test mean AUC", "test micro AUC", "test macro AP", "delta test mean AUC vs baseline"]
+    header = (
+        ["definition", "model"]
+        + (["cv mean AUC"] if args.cv else [])
+        + ["val mean AUC", "test mean AUC", "test micro AUC", "test macro AP", "delta test mean AUC vs baseline"]
+    )
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
     per_class = {}
     for definition, rank_by in DEFINITIONS.items():
@@ -61,16 +74,27 @@ def main() -> None:
             result = evaluate_predictions(dataset, fit_predict_split(dataset, config))
             test = result["test"]
             baseline_test = test["mean_auc"] if baseline_test is None else baseline_test
-            cells = [definition, name] + ([f"{cv_mean_auc(dataset, config):.4f}"] if args.cv else []) + [
-                f"{result['val']['mean_auc']:.4f}", f"{test['mean_auc']:.4f}", f"{test['micro_auc']:.4f}",
-                f"{test['macro_average_precision']:.4f}", f"{test['mean_auc'] - baseline_test:+.4f}"]
+            cells = (
+                [definition, name]
+                + ([f"{cv_mean_auc(dataset, config):.4f}"] if args.cv else [])
+                + [
+                    f"{result['val']['mean_auc']:.4f}",
+                    f"{test['mean_auc']:.4f}",
+                    f"{test['micro_auc']:.4f}",
+                    f"{test['macro_average_precision']:.4f}",
+                    f"{test['mean_auc'] - baseline_test:+.4f}",
+                ]
+            )
             print("| " + " | ".join(cells) + " |", flush=True)
             per_class[(definition, name)] = test["per_class_auc"]
-    print(f"\ncases: {len(dataset.case_ids)}; split sizes: "
-          + ", ".join(f"{s} {int((dataset.split == s).sum())}" for s in ("train", "val", "test")))
+    print(
+        f"\ncases: {len(dataset.case_ids)}; split sizes: "
+        + ", ".join(f"{s} {int((dataset.split == s).sum())}" for s in ("train", "val", "test"))
+    )
     for key in [(d, n) for d in DEFINITIONS for n in (list(MODELS)[0], list(MODELS)[-1])]:
-        print(f"test AUC per class, {key[0]}, {key[1]}: "
-              + ", ".join(f"{c} {v:.3f}" for c, v in per_class[key].items()))
+        print(
+            f"test AUC per class, {key[0]}, {key[1]}: " + ", ".join(f"{c} {v:.3f}" for c, v in per_class[key].items())
+        )
 
 
 if __name__ == "__main__":

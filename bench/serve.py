@@ -64,12 +64,17 @@ def register_bench_model(root: Path, arch: str, image_size: int) -> tuple[str, s
         backbone = build_resnet50_backbone(image_size, weights=None)
         head = build_classifier_head(int(backbone.output_shape[-1]), len(CLASSES))
         model = compose_end_to_end(backbone, head, with_metadata=False)
-    package_dir = PackagedClassifier(kind="keras_image", classes=CLASSES, model=model,
-                                     image_size=image_size).save(root / "package")
+    package_dir = PackagedClassifier(kind="keras_image", classes=CLASSES, model=model, image_size=image_size).save(
+        root / "package"
+    )
     uri = embedded_mlflow_uri(root)
     tracking = MlflowTracking(tracking_uri=uri, data_root=str(root), registered_model_name="bench-serve")
-    with tracking.training_run(run_key=f"bench-serve-{arch}-{image_size}", run_name="bench",
-                               tags={"scin.synthetic_data": "true"}, params={"arch": arch}) as run:
+    with tracking.training_run(
+        run_key=f"bench-serve-{arch}-{image_size}",
+        run_name="bench",
+        tags={"scin.synthetic_data": "true"},
+        params={"arch": arch},
+    ) as run:
         _, version = run.log_model(package_dir)
     return uri, f"models:/bench-serve/{version}"
 
@@ -119,8 +124,9 @@ def main() -> None:
         if args.data_root:
             from scin_pipeline.runner import embedded_mlflow_uri
 
-            tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or \
-                embedded_mlflow_uri(Path(args.data_root).expanduser().resolve())
+            tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or embedded_mlflow_uri(
+                Path(args.data_root).expanduser().resolve()
+            )
             model_uri = args.model
         else:
             tracking_uri, model_uri = register_bench_model(Path(tmp), args.arch, args.image_size)
@@ -135,6 +141,7 @@ def main() -> None:
         server, thread, base_url = start_server(app)
         try:
             with httpx.Client(base_url=base_url, timeout=120) as client:
+
                 def direct():
                     served.predict_proba(images, cases)
 
@@ -167,9 +174,11 @@ def main() -> None:
         "in_process": "serve.prediction.predict: decode, quality, preprocess, predict",
         "http": "POST /predict over loopback (uvicorn, same process)",
     }
-    print(f"\nmodel {served.loaded_uri} ({served.kind}, {size or '-'} px input); photo {args.width} x {args.height} "
-          f"PNG, {len(photo) / 1024:,.0f} KiB (SYNTHETIC); {args.requests} sequential predictions per row after "
-          f"{args.warmup} warm-up, rows interleaved; CPU only")
+    print(
+        f"\nmodel {served.loaded_uri} ({served.kind}, {size or '-'} px input); photo {args.width} x {args.height} "
+        f"PNG, {len(photo) / 1024:,.0f} KiB (SYNTHETIC); {args.requests} sequential predictions per row after "
+        f"{args.warmup} warm-up, rows interleaved; CPU only"
+    )
     print(f"{'what':<70} {'p50 ms':>8} {'p95 ms':>8} {'p50 x peer':>11} {'p95 x peer':>11}")
     for name, (p50, p95) in stats.items():
         print(f"{labels[name]:<70} {p50:>8.1f} {p95:>8.1f} {p50 / peer50:>11.2f} {p95 / peer95:>11.2f}")

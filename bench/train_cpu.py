@@ -38,8 +38,9 @@ def _child(args) -> dict:
 
     keras.utils.set_random_seed(0)
     backbone = build_resnet50_backbone(args.image_size, weights=None)
-    images = np.random.default_rng(0).integers(0, 256, (args.images, args.image_size, args.image_size, 3),
-                                               dtype=np.uint8)
+    images = np.random.default_rng(0).integers(
+        0, 256, (args.images, args.image_size, args.image_size, 3), dtype=np.uint8
+    )
     methods = {
         "model.predict": lambda: backbone.predict(images, batch_size=args.batch_size, verbose=0),
         "extract_embeddings": lambda: extract_embeddings(backbone, images, batch_size=args.batch_size),
@@ -56,8 +57,12 @@ def _child(args) -> dict:
             took = time.perf_counter() - start
             best[name] = min(best.get(name, float("inf")), took)
     diff = float(np.abs(outputs["model.predict"] - outputs["extract_embeddings"]).max())
-    return {"backend": describe_backend()["backend"], "seconds": best, "max_abs_diff": diff,
-            "dtype": str(outputs["extract_embeddings"].dtype)}
+    return {
+        "backend": describe_backend()["backend"],
+        "seconds": best,
+        "max_abs_diff": diff,
+        "dtype": str(outputs["extract_embeddings"].dtype),
+    }
 
 
 def main() -> None:
@@ -73,14 +78,27 @@ def main() -> None:
         print(json.dumps(_child(args)))
         return
 
-    print(f"ResNet50 backbone (weights=None), {args.image_size} px, {args.images} SYNTHETIC uint8 images, "
-          f"batch {args.batch_size}; warm-up on one batch excluded; best of {args.repeats} rounds")
+    print(
+        f"ResNet50 backbone (weights=None), {args.image_size} px, {args.images} SYNTHETIC uint8 images, "
+        f"batch {args.batch_size}; warm-up on one batch excluded; best of {args.repeats} rounds"
+    )
     print(f"{'backend':<11} {'method':<20} {'seconds':>8} {'img/s':>8} {'ratio':>7}  max|diff|")
     for backend_name in args.backends.split(","):
         env = {**os.environ, "KERAS_BACKEND": backend_name, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        command = [sys.executable, __file__, "--child", backend_name, "--image-size", str(args.image_size),
-                   "--images", str(args.images), "--batch-size", str(args.batch_size),
-                   "--repeats", str(args.repeats)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            backend_name,
+            "--image-size",
+            str(args.image_size),
+            "--images",
+            str(args.images),
+            "--batch-size",
+            str(args.batch_size),
+            "--repeats",
+            str(args.repeats),
+        ]
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{backend_name:<11} failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -88,8 +106,10 @@ def main() -> None:
         report = json.loads(done.stdout.strip().splitlines()[-1])
         peer = report["seconds"]["model.predict"]
         for name, seconds in report["seconds"].items():
-            print(f"{report['backend']:<11} {name:<20} {seconds:>8.2f} {args.images / seconds:>8.1f} "
-                  f"{peer / seconds:>6.2f}x  {report['max_abs_diff']:.1e}")
+            print(
+                f"{report['backend']:<11} {name:<20} {seconds:>8.2f} {args.images / seconds:>8.1f} "
+                f"{peer / seconds:>6.2f}x  {report['max_abs_diff']:.1e}"
+            )
     print("ratio = model.predict seconds / this method's seconds, same child process (>1: faster than predict)")
 
 

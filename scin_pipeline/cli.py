@@ -30,47 +30,73 @@ def _fail(message: str, code: int) -> int:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--select", default=None,
-                        help="Dagster asset selection ('key:image_files+', 'group:ingest') or a comma-separated "
-                        "key list as `dagster asset materialize` takes ('raw_metadata,cases'); default: all")
-    parser.add_argument("--strict", action="store_true",
-                        help="also exit non-zero when a non-blocking ERROR check fails")
-    parser.add_argument("--only-stale", action="store_true",
-                        help="materialise only missing or stale assets (code and data versions); "
-                        "nothing at all when everything is up to date")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="-v: Dagster's run log and the libraries' own logs (TensorFlow, MLflow progress "
-                        "bars); -vv: Dagster's debug events too")
+    parser.add_argument(
+        "--select",
+        default=None,
+        help="Dagster asset selection ('key:image_files+', 'group:ingest') or a comma-separated "
+        "key list as `dagster asset materialize` takes ('raw_metadata,cases'); default: all",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="also exit non-zero when a non-blocking ERROR check fails"
+    )
+    parser.add_argument(
+        "--only-stale",
+        action="store_true",
+        help="materialise only missing or stale assets (code and data versions); "
+        "nothing at all when everything is up to date",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: Dagster's run log and the libraries' own logs (TensorFlow, MLflow progress "
+        "bars); -vv: Dagster's debug events too",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="scin-pipeline",
-        description="Orchestrated SCIN pipeline: curated data, classifiers and fairness reports.")
+        prog="scin-pipeline", description="Orchestrated SCIN pipeline: curated data, classifiers and fairness reports."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="materialise the asset graph on embedded defaults")
-    run.add_argument("--source", default=os.environ.get("SCIN_SOURCE", "gcs"),
-                     help="'gcs' (the public bucket gs://dx-scin-public-data) or a local mirror folder")
+    run.add_argument(
+        "--source",
+        default=os.environ.get("SCIN_SOURCE", "gcs"),
+        help="'gcs' (the public bucket gs://dx-scin-public-data) or a local mirror folder",
+    )
     run.add_argument("--data-root", default=os.environ.get("SCIN_DATA_ROOT", DEFAULT_DATA_ROOT))
-    run.add_argument("--limit-cases", type=int, default=None,
-                     help="a deterministic sample of N cases (default: all 5,033)")
+    run.add_argument(
+        "--limit-cases", type=int, default=None, help="a deterministic sample of N cases (default: all 5,033)"
+    )
     _add_run_arguments(run)
 
     demo = sub.add_parser("demo", help="write a SYNTHETIC mirror in the bucket's layout and run on it")
     demo_metadata = demo.add_mutually_exclusive_group()
-    demo_metadata.add_argument("--metadata", default=None, metavar="DIR",
-                               help="folder with the real scin_cases.csv and scin_labels.csv (default: "
-                               "$SCIN_METADATA_DIR if set, else the real SCIN 1.0.0 metadata bundled in "
-                               "the package)")
-    demo_metadata.add_argument("--synthetic-metadata", action="store_true",
-                               help="generate the metadata too (fully synthetic; ignores $SCIN_METADATA_DIR)")
+    demo_metadata.add_argument(
+        "--metadata",
+        default=None,
+        metavar="DIR",
+        help="folder with the real scin_cases.csv and scin_labels.csv (default: "
+        "$SCIN_METADATA_DIR if set, else the real SCIN 1.0.0 metadata bundled in "
+        "the package)",
+    )
+    demo_metadata.add_argument(
+        "--synthetic-metadata",
+        action="store_true",
+        help="generate the metadata too (fully synthetic; ignores $SCIN_METADATA_DIR)",
+    )
     demo.add_argument("--cases", type=int, default=300, help="number of cases (default 300)")
     demo.add_argument("--out", default=DEMO_DEFAULT_OUT, help="output folder (the data root)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--image-size", type=int, default=64,
-                      help="side of the cached training images in px (default 64: CPU-sized; the pipeline's "
-                      "own default is 224)")
+    demo.add_argument(
+        "--image-size",
+        type=int,
+        default=64,
+        help="side of the cached training images in px (default 64: CPU-sized; the pipeline's own default is 224)",
+    )
     demo.add_argument("--epochs", type=int, default=12, help="maximum training epochs per model (default 12)")
     _add_run_arguments(demo)
 
@@ -80,21 +106,37 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=3000)
     ui.add_argument("--mlflow-port", type=int, default=5000)
 
-    serve = sub.add_parser("serve", help="a web page and JSON API that classify one photo with the champion "
-                                         "(NOT A DIAGNOSIS)")
-    serve.add_argument("--data-root", default=os.environ.get("SCIN_DATA_ROOT", DEFAULT_DATA_ROOT),
-                       help="where the embedded MLflow store is (ignored when MLFLOW_TRACKING_URI is set)")
-    serve.add_argument("--model", default="models:/scin-condition-classifier@champion",
-                       help="models:/NAME@ALIAS or models:/NAME/VERSION (default: the champion)")
+    serve = sub.add_parser(
+        "serve", help="a web page and JSON API that classify one photo with the champion (NOT A DIAGNOSIS)"
+    )
+    serve.add_argument(
+        "--data-root",
+        default=os.environ.get("SCIN_DATA_ROOT", DEFAULT_DATA_ROOT),
+        help="where the embedded MLflow store is (ignored when MLFLOW_TRACKING_URI is set)",
+    )
+    serve.add_argument(
+        "--model",
+        default="models:/scin-condition-classifier@champion",
+        help="models:/NAME@ALIAS or models:/NAME/VERSION (default: the champion)",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10)")
-    serve.add_argument("--store-uploads", default=None, metavar="DIR",
-                       help="keep accepted uploads in DIR under random names (default: kept in memory only)")
-    serve.add_argument("--alias-poll-s", type=float, default=5.0, metavar="S",
-                       help="re-resolve the alias every S seconds: a new version is swapped in without a restart, "
-                       "a removed alias makes /predict answer 503 (default 5; 0: never; a models:/NAME/VERSION "
-                       "is never re-resolved)")
+    serve.add_argument(
+        "--store-uploads",
+        default=None,
+        metavar="DIR",
+        help="keep accepted uploads in DIR under random names (default: kept in memory only)",
+    )
+    serve.add_argument(
+        "--alias-poll-s",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="re-resolve the alias every S seconds: a new version is swapped in without a restart, "
+        "a removed alias makes /predict answer 503 (default 5; 0: never; a models:/NAME/VERSION "
+        "is never re-resolved)",
+    )
     return parser
 
 
@@ -117,19 +159,22 @@ def demo_run_config(image_size: int, epochs: int) -> dict:
     """Training settings that keep the demo CPU-sized: small cached images, few epochs, heads on frozen
     embeddings (the asset's CPU default)."""
     keras_training = {"epochs": epochs, "batch_size": 32, "early_stopping_patience": 4}
-    return {"ops": {
-        # A few hundred cases hold few cases per condition: a lower bar keeps several classes (the
-        # pipeline's default, 20, suits the full release).
-        "labeled_splits": {"config": {"min_cases_per_class": 8}},
-        "image_tensors": {"config": {"image_size": image_size}},
-        "baseline_cnn": {"config": keras_training},
-        "resnet50_transfer": {"config": {**keras_training, "mode": "head_on_embeddings"}},
-        "multimodal": {"config": {**keras_training, "mode": "head_on_embeddings"}},
-    }}
+    return {
+        "ops": {
+            # A few hundred cases hold few cases per condition: a lower bar keeps several classes (the
+            # pipeline's default, 20, suits the full release).
+            "labeled_splits": {"config": {"min_cases_per_class": 8}},
+            "image_tensors": {"config": {"image_size": image_size}},
+            "baseline_cnn": {"config": keras_training},
+            "resnet50_transfer": {"config": {**keras_training, "mode": "head_on_embeddings"}},
+            "multimodal": {"config": {**keras_training, "mode": "head_on_embeddings"}},
+        }
+    }
 
 
-def _execute(data_root: str, source: str, limit_cases: int | None, args: argparse.Namespace,
-             run_config: dict | None = None) -> int:
+def _execute(
+    data_root: str, source: str, limit_cases: int | None, args: argparse.Namespace, run_config: dict | None = None
+) -> int:
     from scin_pipeline.core.sources import SourceUnreachable, open_source
     from scin_pipeline.runner import DataRootError, prepare_data_root, run_pipeline
     from scin_pipeline.selection import SelectionError
@@ -141,15 +186,23 @@ def _execute(data_root: str, source: str, limit_cases: int | None, args: argpars
     try:
         open_source(source).check_reachable(timeout_s=15)
     except SourceUnreachable as exc:
-        hint = ("\nNo network to the SCIN bucket? Run the offline demo (bundled real metadata, SYNTHETIC "
-                "images) instead:\n  make demo   (or: scin-pipeline demo --cases 300)")
-        return _fail(f"{exc}{hint if source in ('gcs',) or source.startswith('gs://') else ''}",
-                     EXIT_UNREACHABLE)
+        hint = (
+            "\nNo network to the SCIN bucket? Run the offline demo (bundled real metadata, SYNTHETIC "
+            "images) instead:\n  make demo   (or: scin-pipeline demo --cases 300)"
+        )
+        return _fail(f"{exc}{hint if source in ('gcs',) or source.startswith('gs://') else ''}", EXIT_UNREACHABLE)
     log_level = {0: "CRITICAL", 1: "INFO"}.get(args.verbose, "DEBUG")
     try:
-        summary = run_pipeline(data_root=data_root, source=source, limit_cases=limit_cases, select=args.select,
-                               run_config=run_config, only_stale=args.only_stale, log_level=log_level,
-                               echo=lambda line: print(line, flush=True))
+        summary = run_pipeline(
+            data_root=data_root,
+            source=source,
+            limit_cases=limit_cases,
+            select=args.select,
+            run_config=run_config,
+            only_stale=args.only_stale,
+            log_level=log_level,
+            echo=lambda line: print(line, flush=True),
+        )
     except SelectionError as exc:
         return _fail(str(exc), EXIT_USAGE)
     print(summary.render())
@@ -192,17 +245,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     params_file = out / "synthetic_mirror.json"
     print(f"metadata: {metadata_text}; images: SYNTHETIC")
     # Same parameters, same mirror: reuse it so a rerun does no work (the generator is deterministic).
-    reuse = (mirror.exists() and params_file.exists()
-             and json.loads(params_file.read_text()) == params)
+    reuse = mirror.exists() and params_file.exists() and json.loads(params_file.read_text()) == params
     if not reuse:
         out.mkdir(parents=True, exist_ok=True)
         print(f"writing a mirror of {args.cases} cases with SYNTHETIC images to {mirror}")
-        generated = write_synthetic_mirror(mirror, metadata_dir=metadata, n_cases=args.cases,
-                                           seed=args.seed, overwrite=True)
+        generated = write_synthetic_mirror(
+            mirror, metadata_dir=metadata, n_cases=args.cases, seed=args.seed, overwrite=True
+        )
         params_file.write_text(json.dumps(params))
-        print(f"  {generated.n_cases} cases, {generated.n_image_refs} image references, "
-              f"{generated.n_files_written} synthetic image files; planted defects listed in "
-              f"{mirror / 'synthetic_plants.csv'}")
+        print(
+            f"  {generated.n_cases} cases, {generated.n_image_refs} image references, "
+            f"{generated.n_files_written} synthetic image files; planted defects listed in "
+            f"{mirror / 'synthetic_plants.csv'}"
+        )
     else:
         print(f"reusing the SYNTHETIC mirror at {mirror}")
     print("NOTE: images are synthetic; no figure from this run describes real skin conditions.")
@@ -215,8 +270,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     root = prepare_data_root(args.data_root)
     embedded_instance(root)  # writes dagster_home/dagster.yaml
     (root / "mlflow").mkdir(exist_ok=True)
-    env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "SCIN_DATA_ROOT": str(root),
-           "SCIN_SOURCE": args.source}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(root / "dagster_home"),
+        "SCIN_DATA_ROOT": str(root),
+        "SCIN_SOURCE": args.source,
+    }
     env.setdefault("MLFLOW_TRACKING_URI", embedded_mlflow_uri(root))
     # MLflow 3's job-execution workers (six idle processes) only slow the UI's start and stop here.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -227,10 +286,22 @@ def cmd_ui(args: argparse.Namespace) -> int:
     mlflow_exe = bin_dir / "mlflow"
     procs = [subprocess.Popen(dagster_cmd, env=env, start_new_session=True)]
     if mlflow_exe.exists() or shutil.which("mlflow"):
-        procs.append(subprocess.Popen(
-            [str(mlflow_exe if mlflow_exe.exists() else shutil.which("mlflow")), "ui", "--host",
-             "127.0.0.1", "--port", str(args.mlflow_port), "--backend-store-uri",
-             env["MLFLOW_TRACKING_URI"]], env=env, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(mlflow_exe if mlflow_exe.exists() else shutil.which("mlflow")),
+                    "ui",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(args.mlflow_port),
+                    "--backend-store-uri",
+                    env["MLFLOW_TRACKING_URI"],
+                ],
+                env=env,
+                start_new_session=True,
+            )
+        )
     print(f"Dagster UI: http://127.0.0.1:{args.port}   MLflow UI: http://127.0.0.1:{args.mlflow_port}")
     print("Ctrl-C stops both.")
     # A SIGTERM to us must stop the children too (they run in their own process groups).
@@ -268,21 +339,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not tracking_uri:
         root = Path(args.data_root).expanduser().resolve()
         if not (root / "mlflow" / "mlflow.db").is_file():
-            return _fail(f"no MLflow store at {root / 'mlflow' / 'mlflow.db'}: no model has been trained under "
-                         f"--data-root {args.data_root}; run `scin-pipeline demo --out {args.data_root}` first "
-                         f"(or set MLFLOW_TRACKING_URI)", EXIT_USAGE)
+            return _fail(
+                f"no MLflow store at {root / 'mlflow' / 'mlflow.db'}: no model has been trained under "
+                f"--data-root {args.data_root}; run `scin-pipeline demo --out {args.data_root}` first "
+                f"(or set MLFLOW_TRACKING_URI)",
+                EXIT_USAGE,
+            )
         tracking_uri = embedded_mlflow_uri(root)
     import uvicorn
 
     from scin_pipeline.serve import ServeError, create_app
 
     try:
-        app = create_app(args.model, tracking_uri=tracking_uri, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                         store_uploads_dir=args.store_uploads, alias_poll_s=args.alias_poll_s)
+        app = create_app(
+            args.model,
+            tracking_uri=tracking_uri,
+            max_upload_bytes=int(args.max_upload_mb * 2**20),
+            store_uploads_dir=args.store_uploads,
+            alias_poll_s=args.alias_poll_s,
+        )
     except ServeError as exc:
         return _fail(str(exc), EXIT_FAILED)
-    print(f"{app.state.model_source.describe()}; at http://{args.host}:{args.port}/  (NOT A DIAGNOSIS; Ctrl-C stops)",
-          flush=True)
+    print(
+        f"{app.state.model_source.describe()}; at http://{args.host}:{args.port}/  (NOT A DIAGNOSIS; Ctrl-C stops)",
+        flush=True,
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # No access log: it would record client addresses. The app logs method, path, status and time only.
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")

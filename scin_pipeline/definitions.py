@@ -12,6 +12,7 @@ import warnings
 from dagster import BetaWarning, Definitions
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
+
 # Jobs, the weekly schedule, the release sensor and failure alerts live in scin_pipeline.orchestration.
 from scin_pipeline.orchestration import ALL_JOBS, ALL_SCHEDULES, ALL_SENSORS, full_pipeline_job  # noqa: F401
 from scin_pipeline.resources import MlflowTracking, ParquetTableIOManager, ScinSourceResource, StoragePaths

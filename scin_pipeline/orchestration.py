@@ -101,18 +101,23 @@ def release_sensor_interval_s(env: dict | None = None) -> int:
 # Jobs.
 
 full_pipeline_job = define_asset_job(
-    "full_pipeline", selection=AssetSelection.all(),
-    description="Every asset and check, from the source to the reports.")
+    "full_pipeline",
+    selection=AssetSelection.all(),
+    description="Every asset and check, from the source to the reports.",
+)
 
 curation_job = define_asset_job(
-    "curation_job", selection=AssetSelection.groups("ingest", "curation"),
-    description="Ingest and curate: metadata, verified image copies, quality, near-duplicates, splits. "
-    "No training.")
+    "curation_job",
+    selection=AssetSelection.groups("ingest", "curation"),
+    description="Ingest and curate: metadata, verified image copies, quality, near-duplicates, splits. No training.",
+)
 
 training_job = define_asset_job(
-    "training_job", selection=AssetSelection.groups("training", "evaluation"),
+    "training_job",
+    selection=AssetSelection.groups("training", "evaluation"),
     description="Train and evaluate the candidate models from the current splits (reads the curated "
-    "tables; does not re-curate). GPU steps are limited by the instance's 'gpu' pool.")
+    "tables; does not re-curate). GPU steps are limited by the instance's 'gpu' pool.",
+)
 
 ALL_JOBS = [full_pipeline_job, curation_job, training_job]
 
@@ -132,8 +137,10 @@ ALL_JOBS = [full_pipeline_job, curation_job, training_job]
 )
 def weekly_full_pipeline(context: ScheduleEvaluationContext) -> RunRequest:
     when = context.scheduled_execution_time or datetime.now(UTC)
-    return RunRequest(run_key=f"weekly-{when.astimezone(UTC):%Y-%m-%dT%H%M}",
-                      tags={**all_shards_tags(), TRIGGER_TAG: "weekly_full_pipeline"})
+    return RunRequest(
+        run_key=f"weekly-{when.astimezone(UTC):%Y-%m-%dT%H%M}",
+        tags={**all_shards_tags(), TRIGGER_TAG: "weekly_full_pipeline"},
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,8 +166,15 @@ class ReleaseState:
         return ",".join(self.releases) or "unknown"
 
     def to_cursor(self) -> str:
-        return json.dumps({"objects": self.objects, "releases": list(self.releases),
-                           "fingerprint": self.fingerprint, "observed_at": self.observed_at}, sort_keys=True)
+        return json.dumps(
+            {
+                "objects": self.objects,
+                "releases": list(self.releases),
+                "fingerprint": self.fingerprint,
+                "observed_at": self.observed_at,
+            },
+            sort_keys=True,
+        )
 
     @classmethod
     def from_cursor(cls, cursor: str | None) -> ReleaseState | None:
@@ -189,13 +203,13 @@ def object_versions(source: ScinSource) -> dict[str, dict]:
         if crc32c is None and info.md5 is None:
             data, info = source.read_bytes(path)
             crc32c = crc32c_b64(data)
-        versions[path] = {"generation": info.generation, "size": info.size, "crc32c": crc32c,
-                          "md5": info.md5}
+        versions[path] = {"generation": info.generation, "size": info.size, "crc32c": crc32c, "md5": info.md5}
     return versions
 
 
-def observe_release(source: ScinSource, previous: ReleaseState | None = None,
-                    now: datetime | None = None) -> ReleaseState:
+def observe_release(
+    source: ScinSource, previous: ReleaseState | None = None, now: datetime | None = None
+) -> ReleaseState:
     """The source's current release state; the cases CSV is read only when its objects changed."""
     objects = object_versions(source)
     observed_at = (now or datetime.now(UTC)).isoformat(timespec="seconds")
@@ -214,8 +228,11 @@ def describe_change(previous: ReleaseState | None, current: ReleaseState) -> str
         before, after = previous.objects.get(path, {}), current.objects.get(path, {})
         if before != after:
             name = path.rsplit("/", 1)[-1]
-            changed = [f"{key} {before.get(key)} -> {after.get(key)}" for key in sorted(after)
-                       if before.get(key) != after.get(key)]
+            changed = [
+                f"{key} {before.get(key)} -> {after.get(key)}"
+                for key in sorted(after)
+                if before.get(key) != after.get(key)
+            ]
             parts.append(f"{name}: {', '.join(changed)}")
     if previous.releases != current.releases:
         parts.append(f"release {previous.release_label} -> {current.release_label}")
@@ -223,8 +240,11 @@ def describe_change(previous: ReleaseState | None, current: ReleaseState) -> str
 
 
 def summarize(state: ReleaseState) -> str:
-    generations = ", ".join(f"{p.rsplit('/', 1)[-1]} generation {state.objects[p]['generation']}"
-                            for p in METADATA_OBJECTS if p in state.objects)
+    generations = ", ".join(
+        f"{p.rsplit('/', 1)[-1]} generation {state.objects[p]['generation']}"
+        for p in METADATA_OBJECTS
+        if p in state.objects
+    )
     return f"release {state.release_label} ({generations})"
 
 
@@ -252,19 +272,25 @@ def scin_release_sensor(context: SensorEvaluationContext, scin_source: ScinSourc
         source.check_reachable(timeout_s=SENSOR_SOURCE_TIMEOUT_S / 2)
         current = observe_release(source, previous)
     except _SOURCE_ERRORS as exc:
-        return SkipReason(f"SCIN source {scin_source.location} not checked this tick "
-                          f"({type(exc).__name__}): {exc}")
+        return SkipReason(f"SCIN source {scin_source.location} not checked this tick ({type(exc).__name__}): {exc}")
     if previous is not None and current.fingerprint == previous.fingerprint:
-        return SkipReason(f"SCIN release unchanged at {source.uri}: {summarize(current)}, "
-                          f"fingerprint {current.fingerprint}, first seen {previous.observed_at or 'earlier'}")
+        return SkipReason(
+            f"SCIN release unchanged at {source.uri}: {summarize(current)}, "
+            f"fingerprint {current.fingerprint}, first seen {previous.observed_at or 'earlier'}"
+        )
     change = describe_change(previous, current)
     context.log.info(f"scin_release_sensor: {change}")
     # The cursor moves only on a change, so it keeps when the current state was first seen.
     context.update_cursor(current.to_cursor())
     return RunRequest(
         run_key=current.fingerprint,
-        tags={**all_shards_tags(), TRIGGER_TAG: "scin_release_sensor", RELEASE_TAG: current.release_label,
-              FINGERPRINT_TAG: current.fingerprint, "scin/release_change": shorten(change, 200)},
+        tags={
+            **all_shards_tags(),
+            TRIGGER_TAG: "scin_release_sensor",
+            RELEASE_TAG: current.release_label,
+            FINGERPRINT_TAG: current.fingerprint,
+            "scin/release_change": shorten(change, 200),
+        },
     )
 
 
@@ -282,13 +308,15 @@ def _root_error(error) -> str:
     return f"{error.cls_name}: {message}" if error.cls_name and not message.startswith(error.cls_name) else message
 
 
-def alert_for_run(run, step_failures, failure_message: str | None = None,
-                  now: datetime | None = None) -> Alert:
+def alert_for_run(run, step_failures, failure_message: str | None = None, now: datetime | None = None) -> Alert:
     """The alert for one failed run: its job, id, failed steps and root error. ``step_failures`` are its
     STEP_FAILURE events; ``failure_message`` the run failure's message, used when no step failed."""
     failed_steps = sorted({event.step_key for event in step_failures if event.step_key})
-    errors = [_root_error(event.step_failure_data.error) for event in step_failures
-              if event.step_failure_data and event.step_failure_data.error]
+    errors = [
+        _root_error(event.step_failure_data.error)
+        for event in step_failures
+        if event.step_failure_data and event.step_failure_data.error
+    ]
     if not errors:  # a run-level failure (bad config, a killed worker): the failure event says why
         errors = [failure_message or "run failed"]
     return Alert(
@@ -305,8 +333,7 @@ def alert_for_run(run, step_failures, failure_message: str | None = None,
 
 def alert_from_failure(context: RunFailureSensorContext, now: datetime | None = None) -> Alert:
     """The alert for the failed run a failure sensor was called for."""
-    return alert_for_run(context.dagster_run, context.get_step_failure_events(), context.failure_event.message,
-                         now=now)
+    return alert_for_run(context.dagster_run, context.get_step_failure_events(), context.failure_event.message, now=now)
 
 
 @run_failure_sensor(

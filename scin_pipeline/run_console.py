@@ -33,7 +33,8 @@ QUIET_ENV = {
 # "I0000 00:00:1796226684.197802 17370 port.cc:153] ..." format and absl's pre-initialisation notice.
 NATIVE_LOG_LINE = re.compile(
     rb"^(?:[IW]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\]\s]+:\d+\] "
-    rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR)")
+    rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR)"
+)
 QUIET_LOGGERS = ("absl", "tensorflow", "keras", "jax", "mlflow", "alembic", "urllib3", "h5py")
 
 
@@ -116,7 +117,7 @@ class StepEcho:
             message = entry.user_message or ""
             if message.startswith(PROGRESS_PREFIX):
                 step = f"{entry.step_key}: " if entry.step_key else ""
-                self.echo(f"    {step}{message[len(PROGRESS_PREFIX):]}")
+                self.echo(f"    {step}{message[len(PROGRESS_PREFIX) :]}")
             return
         step = event.step_key or ""
         kind = event.event_type

@@ -23,6 +23,7 @@ from scin_pipeline.core.atomic import describe_os_error
 from scin_pipeline.orchestration import all_shards_tags
 from scin_pipeline.run_console import INVOCATION_TAG
 
+
 class DataRootError(RuntimeError):
     """The data root cannot be created or written."""
 
@@ -105,8 +106,9 @@ class RunSummary:
             for check in self.checks:
                 if not check.passed:
                     why = f": {check.reason}" if check.reason else ""
-                    lines.append(f"  FAILED {check.name} ({check.severity}"
-                                 f"{', blocking' if check.blocking else ''}){why}")
+                    lines.append(
+                        f"  FAILED {check.name} ({check.severity}{', blocking' if check.blocking else ''}){why}"
+                    )
         for failure in self.failures:
             lines.append(f"step failed: {failure}")
         for delivery in self.alert_deliveries:
@@ -127,10 +129,10 @@ def stale_asset_keys(root: Path, source: str) -> list:
     from scin_pipeline.definitions import build_resources
 
     instance = embedded_instance(root)
-    graph = Definitions(assets=ALL_ASSETS, asset_checks=ALL_ASSET_CHECKS,
-                        resources=build_resources(data_root=str(root), source=source)).resolve_asset_graph()
-    resolver = CachingStaleStatusResolver(instance, asset_graph=graph,
-                                          loading_context=LoadingContextForTest(instance))
+    graph = Definitions(
+        assets=ALL_ASSETS, asset_checks=ALL_ASSET_CHECKS, resources=build_resources(data_root=str(root), source=source)
+    ).resolve_asset_graph()
+    resolver = CachingStaleStatusResolver(instance, asset_graph=graph, loading_context=LoadingContextForTest(instance))
     stale = []
     for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
         node = graph.get(key)
@@ -161,18 +163,27 @@ def resource_run_config(root: Path, source: str) -> dict:
     """The data root and source as run config of the job's resources: recorded with the run, so a
     re-execution from the UI writes to the same data root and reads the same source."""
     data_root = str(root)
-    return {"resources": {
-        "scin_source": {"config": {"location": source}},
-        "storage": {"config": {"data_root": data_root}},
-        "io_manager": {"config": {"data_root": data_root}},
-        "mlflow": {"config": {"data_root": data_root}},
-    }}
+    return {
+        "resources": {
+            "scin_source": {"config": {"location": source}},
+            "storage": {"config": {"data_root": data_root}},
+            "io_manager": {"config": {"data_root": data_root}},
+            "mlflow": {"config": {"data_root": data_root}},
+        }
+    }
 
 
-def run_pipeline(*, data_root: str | Path, source: str, limit_cases: int | None = None,
-                 select: str | None = None, run_config: dict | None = None,
-                 log_level: str = "INFO", only_stale: bool = False,
-                 echo: Callable[[str], None] | None = None) -> RunSummary:
+def run_pipeline(
+    *,
+    data_root: str | Path,
+    source: str,
+    limit_cases: int | None = None,
+    select: str | None = None,
+    run_config: dict | None = None,
+    log_level: str = "INFO",
+    only_stale: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> RunSummary:
     """Launch the graph (or ``select``) as a run of the named job that covers it, in the data root's
     Dagster instance. ``only_stale``: only what is missing or stale, and no run at all when everything is
     up to date (an idempotent rerun does no work). ``echo`` gets one line per step as the run goes
@@ -182,8 +193,9 @@ def run_pipeline(*, data_root: str | Path, source: str, limit_cases: int | None 
     from scin_pipeline.selection import resolve_selection
 
     root = prepare_data_root(data_root)
-    graph = Definitions(assets=ALL_ASSETS, asset_checks=ALL_ASSET_CHECKS,
-                        resources=build_resources(data_root=str(root), source=source)).resolve_asset_graph()
+    graph = Definitions(
+        assets=ALL_ASSETS, asset_checks=ALL_ASSET_CHECKS, resources=build_resources(data_root=str(root), source=source)
+    ).resolve_asset_graph()
     resolved = resolve_selection(select, graph)
     if resolved is not None and resolved.note and echo:
         echo(resolved.note)
@@ -196,8 +208,16 @@ def run_pipeline(*, data_root: str | Path, source: str, limit_cases: int | None 
     return _execute_job(root, source, limit_cases, keys, graph, run_config, log_level, echo)
 
 
-def _execute_job(root: Path, source: str, limit_cases: int | None, keys: frozenset | None, graph,
-                 run_config: dict | None, log_level: str, echo: Callable[[str], None] | None) -> RunSummary:
+def _execute_job(
+    root: Path,
+    source: str,
+    limit_cases: int | None,
+    keys: frozenset | None,
+    graph,
+    run_config: dict | None,
+    log_level: str,
+    echo: Callable[[str], None] | None,
+) -> RunSummary:
     from dagster import build_reconstructable_job, execute_job
 
     from scin_pipeline.run_console import StepEcho, follow_run
@@ -227,8 +247,13 @@ def _execute_job(root: Path, source: str, limit_cases: int | None, keys: frozens
     tags = {CLI_ENTRY_TAG: "cli", INVOCATION_TAG: invocation, **all_shards_tags()}
     with embedded_instance(root) as instance:
         with follow_run(instance, invocation, StepEcho(echo) if echo else None):
-            result = execute_job(job, instance, run_config=config, tags=tags,
-                                 asset_selection=sorted(keys, key=lambda k: k.to_user_string()) if keys else None)
+            result = execute_job(
+                job,
+                instance,
+                run_config=config,
+                tags=tags,
+                asset_selection=sorted(keys, key=lambda k: k.to_user_string()) if keys else None,
+            )
         summary = _summarize(result)
         if not result.success:
             summary.alert_deliveries = _alert_failed_run(instance, result.dagster_run, root)
@@ -243,10 +268,15 @@ def _summarize(result) -> RunSummary:
     blocking = _blocking_checks()
     for evaluation in result.get_asset_check_evaluations():
         name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
-        summary.checks.append(CheckOutcome(
-            name, evaluation.passed, evaluation.severity.value,
-            (evaluation.asset_key, evaluation.check_name) in blocking,
-            check_reason(evaluation.description, evaluation.metadata)))
+        summary.checks.append(
+            CheckOutcome(
+                name,
+                evaluation.passed,
+                evaluation.severity.value,
+                (evaluation.asset_key, evaluation.check_name) in blocking,
+                check_reason(evaluation.description, evaluation.metadata),
+            )
+        )
     for event in result.get_step_failure_events():
         error = event.step_failure_data.error
         message = _root_message(error) if error else "unknown error"
@@ -262,15 +292,19 @@ def _alert_failed_run(instance, run, root: Path) -> list[str]:
     from scin_pipeline.core.alerts import alert_sinks_from_env, deliver
     from scin_pipeline.orchestration import alert_for_run
 
-    records = instance.get_records_for_run(run.run_id, of_type={DagsterEventType.STEP_FAILURE,
-                                                                DagsterEventType.RUN_FAILURE}).records
+    records = instance.get_records_for_run(
+        run.run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE}
+    ).records
     events = [r.event_log_entry.dagster_event for r in records if r.event_log_entry.dagster_event]
     step_failures = [e for e in events if e.event_type == DagsterEventType.STEP_FAILURE]
     run_failure = next((e for e in events if e.event_type == DagsterEventType.RUN_FAILURE), None)
-    alert = alert_for_run(instance.get_run_by_id(run.run_id) or run, step_failures,
-                          run_failure.message if run_failure else None)
-    return [f"{o.sink}: {'delivered' if o.ok else 'NOT delivered, ' + o.detail}"
-            for o in deliver(alert, alert_sinks_from_env(root))]
+    alert = alert_for_run(
+        instance.get_run_by_id(run.run_id) or run, step_failures, run_failure.message if run_failure else None
+    )
+    return [
+        f"{o.sink}: {'delivered' if o.ok else 'NOT delivered, ' + o.detail}"
+        for o in deliver(alert, alert_sinks_from_env(root))
+    ]
 
 
 def row_count(metadata) -> int | None:

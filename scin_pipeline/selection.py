@@ -35,8 +35,10 @@ class ResolvedSelection:
         """One line for the user when siblings were added, else None."""
         if not self.added_siblings:
             return None
-        return (f"also selected {', '.join(self.added_siblings)}: a multi-asset is materialised whole "
-                f"with the part you selected")
+        return (
+            f"also selected {', '.join(self.added_siblings)}: a multi-asset is materialised whole "
+            f"with the part you selected"
+        )
 
 
 def _upstream(marks: str) -> str:

@@ -48,11 +48,14 @@ def scin_metadata_dir() -> Path:
         except bundled_metadata.BundledMetadataError as exc:
             pytest.fail(str(exc))
     path = Path(value).expanduser().resolve()
-    lacking = [name for name in (bundled_metadata.CASES_FILE, bundled_metadata.LABELS_FILE)
-               if not (path / name).is_file()]
+    lacking = [
+        name for name in (bundled_metadata.CASES_FILE, bundled_metadata.LABELS_FILE) if not (path / name).is_file()
+    ]
     if lacking:
-        pytest.fail(f"{REAL_METADATA_ENV}={value} does not hold {' and '.join(lacking)} "
-                    f"(unset it to use the bundled SCIN {bundled_metadata.RELEASE} metadata)")
+        pytest.fail(
+            f"{REAL_METADATA_ENV}={value} does not hold {' and '.join(lacking)} "
+            f"(unset it to use the bundled SCIN {bundled_metadata.RELEASE} metadata)"
+        )
     return path
 
 
@@ -60,5 +63,6 @@ def scin_metadata_dir() -> Path:
 def real_parsed_metadata(scin_metadata_dir):
     from scin_pipeline.core.metadata import parse_metadata
 
-    return parse_metadata((scin_metadata_dir / "scin_cases.csv").read_bytes(),
-                          (scin_metadata_dir / "scin_labels.csv").read_bytes())
+    return parse_metadata(
+        (scin_metadata_dir / "scin_cases.csv").read_bytes(), (scin_metadata_dir / "scin_labels.csv").read_bytes()
+    )

@@ -92,9 +92,7 @@ def _make_handler(storage, faults: _Faults):
             kind = fault[0]
             if kind == "status":
                 status = fault[1]
-                body = json.dumps(
-                    {"error": {"code": status, "message": f"injected fault for {name}"}}
-                ).encode()
+                body = json.dumps({"error": {"code": status, "message": f"injected fault for {name}"}}).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -246,9 +244,7 @@ def closed_loopback_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve a GcsEmulator until SIGTERM/SIGINT.")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument(
-        "--port-file", type=Path, required=True, help="the chosen port is written here once serving"
-    )
+    parser.add_argument("--port-file", type=Path, required=True, help="the chosen port is written here once serving")
     args = parser.parse_args()
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
     emulator = GcsEmulator(port=args.port).start()

@@ -26,8 +26,9 @@ def closed_loopback_port() -> int:
 
 def test_run_against_an_unreachable_bucket_says_so_and_points_at_the_demo(tmp_path):
     env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{closed_loopback_port()}"}
-    proc = subprocess.run([SCRIPT, "run", "--data-root", str(tmp_path / "data")], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [SCRIPT, "run", "--data-root", str(tmp_path / "data")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == EXIT_UNREACHABLE
     assert "cannot reach" in proc.stderr
     assert "scin-pipeline demo" in proc.stderr
@@ -45,16 +46,28 @@ def test_unwritable_data_root_is_a_clear_error(tmp_path, capsys):
 
 def test_run_on_a_mirror_prints_a_summary_and_writes_the_tables(tmp_path, capsys):
     mirror = write_tiny_mirror(tmp_path / "mirror")
-    code = main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"),
-                 "--select", "group:ingest"])
+    code = main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"), "--select", "group:ingest"])
     out = capsys.readouterr().out
     assert code == 0  # the failed checks here are not blocking
     assert "succeeded" in out and "FAILED images:image_paths_safe" in out
     assert (tmp_path / "data" / "dagster_home" / "dagster.yaml").exists()
     assert len(pd.read_parquet(tmp_path / "data" / "tables" / "cases.parquet")) == 4
     # --strict turns a failed ERROR check into a non-zero exit.
-    assert main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"), "--strict",
-                 "--select", "group:ingest"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                "--source",
+                str(mirror),
+                "--data-root",
+                str(tmp_path / "data"),
+                "--strict",
+                "--select",
+                "group:ingest",
+            ]
+        )
+        == 1
+    )
     # The whole graph: one missing file of five trips the blocking quarantine gate of curation.
     assert main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data")]) == 1
     assert "quarantined_fraction_below_threshold (ERROR, blocking)" in capsys.readouterr().out
@@ -62,9 +75,19 @@ def test_run_on_a_mirror_prints_a_summary_and_writes_the_tables(tmp_path, capsys
 
 def test_limit_cases_and_select(tmp_path, capsys):
     mirror = write_tiny_mirror(tmp_path / "mirror")
-    code = main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"),
-                 "--limit-cases", "2", "--select",
-                 "key:raw_metadata or key:cases or key:images or key:metadata_quarantine"])
+    code = main(
+        [
+            "run",
+            "--source",
+            str(mirror),
+            "--data-root",
+            str(tmp_path / "data"),
+            "--limit-cases",
+            "2",
+            "--select",
+            "key:raw_metadata or key:cases or key:images or key:metadata_quarantine",
+        ]
+    )
     assert code == 0, capsys.readouterr()
     assert len(pd.read_parquet(tmp_path / "data" / "tables" / "cases.parquet")) == 2
     assert not (tmp_path / "data" / "tables" / "image_files.parquet").exists()
@@ -77,8 +100,9 @@ def test_a_blocking_check_failure_exits_non_zero_says_why_and_alerts(tmp_path, c
     assert main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data")]) == 1
     out = capsys.readouterr().out
     # The reason is in the summary, not only the check's name: the file and the missing column.
-    failed = next(line for line in out.splitlines()
-                  if "FAILED raw_metadata:metadata_required_columns (ERROR, blocking)" in line)
+    failed = next(
+        line for line in out.splitlines() if "FAILED raw_metadata:metadata_required_columns (ERROR, blocking)" in line
+    )
     assert "scin_labels.csv" in failed and "weighted_skin_condition_label" in failed
     # A failed CLI run alerts as the failure sensor does: one line in alerts.jsonl naming the run.
     alerts = read_alerts(tmp_path / "data")
@@ -94,16 +118,16 @@ def test_a_missing_cases_column_is_named_with_its_file(tmp_path, capsys):
     mirror = write_tiny_mirror(tmp_path / "mirror")
     cases = mirror / "dataset" / "scin_cases.csv"
     cases.write_text(cases.read_text().replace("image_1_path", "image_one_path", 1))
-    assert main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"),
-                 "--select", "raw_metadata"]) == 1
+    assert (
+        main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"), "--select", "raw_metadata"]) == 1
+    )
     out = capsys.readouterr().out
     failed = next(line for line in out.splitlines() if "FAILED raw_metadata:metadata_required_columns" in line)
     assert "scin_cases.csv" in failed and "image_1_path" in failed
 
 
 def test_a_cli_run_is_a_run_of_the_named_job_and_can_be_reexecuted(tmp_path, capsys):
-    from dagster import DagsterInstance, RunsFilter, build_reconstructable_job, execute_job
-    from dagster import ReexecutionOptions
+    from dagster import DagsterInstance, ReexecutionOptions, RunsFilter, build_reconstructable_job, execute_job
 
     mirror = write_tiny_mirror(tmp_path / "mirror")
     data = tmp_path / "data"
@@ -112,8 +136,7 @@ def test_a_cli_run_is_a_run_of_the_named_job_and_can_be_reexecuted(tmp_path, cap
     out = capsys.readouterr().out
     # Each step reported as it went, with rows and seconds.
     assert "  started   raw_metadata" in out
-    assert any(line.startswith("  finished  parsed_metadata") and "cases 4 rows" in line
-               for line in out.splitlines())
+    assert any(line.startswith("  finished  parsed_metadata") and "cases 4 rows" in line for line in out.splitlines())
     with DagsterInstance.from_config(str(data / "dagster_home")) as instance:
         full = instance.get_runs(RunsFilter(job_name="full_pipeline"))
         curation = instance.get_runs(RunsFilter(job_name="curation_job"))
@@ -123,19 +146,26 @@ def test_a_cli_run_is_a_run_of_the_named_job_and_can_be_reexecuted(tmp_path, cap
         # The run records its data root as resource config: a re-execution (what the UI's button does)
         # reconstructs the job from the code location and writes to the same place.
         assert run.run_config["resources"]["storage"]["config"]["data_root"] == str(data.resolve())
-        job = build_reconstructable_job("scin_pipeline.definitions", "named_job", reconstructable_args=("curation_job",))
-        with execute_job(job, instance, run_config=run.run_config,
-                         reexecution_options=ReexecutionOptions(parent_run_id=run.run_id)) as again:
+        job = build_reconstructable_job(
+            "scin_pipeline.definitions", "named_job", reconstructable_args=("curation_job",)
+        )
+        with execute_job(
+            job, instance, run_config=run.run_config, reexecution_options=ReexecutionOptions(parent_run_id=run.run_id)
+        ) as again:
             assert again.success
             assert again.dagster_run.parent_run_id == run.run_id
             assert {e.asset_key.to_user_string() for e in again.get_asset_materialization_events()} >= {
-                "raw_metadata", "cases", "image_files"}
+                "raw_metadata",
+                "cases",
+                "image_files",
+            }
 
 
 def test_select_takes_the_comma_list_and_adds_multi_asset_siblings(tmp_path, capsys):
     mirror = write_tiny_mirror(tmp_path / "mirror")
-    code = main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"),
-                 "--select", "raw_metadata,cases,images"])
+    code = main(
+        ["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"), "--select", "raw_metadata,cases,images"]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "also selected metadata_quarantine" in out
@@ -145,8 +175,20 @@ def test_select_takes_the_comma_list_and_adds_multi_asset_siblings(tmp_path, cap
 
 def test_a_bad_selection_is_one_line_with_an_example(tmp_path, capsys):
     mirror = write_tiny_mirror(tmp_path / "mirror")
-    assert main(["run", "--source", str(mirror), "--data-root", str(tmp_path / "data"),
-                 "--select", "raw_metadata,no_such_asset"]) == EXIT_USAGE
+    assert (
+        main(
+            [
+                "run",
+                "--source",
+                str(mirror),
+                "--data-root",
+                str(tmp_path / "data"),
+                "--select",
+                "raw_metadata,no_such_asset",
+            ]
+        )
+        == EXIT_USAGE
+    )
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert "e.g. 'raw_metadata,cases'" in captured.err and "labeled_splits" in captured.err
@@ -162,8 +204,7 @@ def test_demo_on_synthetic_metadata_marks_everything_synthetic(tmp_path, capsys)
     out = tmp_path / "demo"
     # 40 synthetic cases hold too few labels to train on: the ingest stage only (the demo's training
     # config is dropped for the unselected ops).
-    assert main(["demo", "--synthetic-metadata", "--cases", "40", "--out", str(out),
-                 "--select", "group:ingest"]) == 0
+    assert main(["demo", "--synthetic-metadata", "--cases", "40", "--out", str(out), "--select", "group:ingest"]) == 0
     printed = capsys.readouterr().out
     assert "SYNTHETIC" in printed
     assert "metadata: SYNTHETIC metadata (--synthetic-metadata); images: SYNTHETIC" in printed
@@ -173,8 +214,7 @@ def test_demo_on_synthetic_metadata_marks_everything_synthetic(tmp_path, capsys)
     raw = pd.read_parquet(out / "tables" / "raw_metadata.parquet")
     assert raw["synthetic"].all()
     # A rerun with the same parameters reuses the mirror and fetches nothing.
-    assert main(["demo", "--synthetic-metadata", "--cases", "40", "--out", str(out),
-                 "--select", "group:ingest"]) == 0
+    assert main(["demo", "--synthetic-metadata", "--cases", "40", "--out", str(out), "--select", "group:ingest"]) == 0
     assert "reusing the SYNTHETIC mirror" in capsys.readouterr().out
     assert not pd.read_parquet(out / "tables" / "image_files.parquet")["fetched"].any()
     # The synthetic metadata is not the real release: none of its case ids is a real one.
@@ -232,6 +272,7 @@ def test_demo_on_real_metadata_300_cases(scin_metadata_dir, tmp_path, capsys):
     assert "NOT FOR DIAGNOSIS" in (out / "tables" / "model_card" / "model_card.md").read_text().upper()
     # Nothing changed: an --only-stale rerun launches no run.
     capsys.readouterr()
-    assert main(["demo", "--metadata", str(scin_metadata_dir), "--cases", "300", "--out", str(out),
-                 "--only-stale"]) == 0
+    assert (
+        main(["demo", "--metadata", str(scin_metadata_dir), "--cases", "300", "--out", str(out), "--only-stale"]) == 0
+    )
     assert "every asset up to date" in capsys.readouterr().out

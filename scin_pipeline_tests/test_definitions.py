@@ -24,12 +24,12 @@ def graph_snapshot() -> dict:
         }
         for spec in defs.resolve_all_asset_specs()
     }
-    blocking = {(s.asset_key, s.name) for a in defs.assets for s in getattr(a, "check_specs", [])
-                if s.blocking}
+    blocking = {(s.asset_key, s.name) for a in defs.assets for s in getattr(a, "check_specs", []) if s.blocking}
     blocking |= {(s.asset_key, s.name) for c in defs.asset_checks for s in c.check_specs if s.blocking}
     checks = sorted(
         f"{k.asset_key.to_user_string()}:{k.name}{' (blocking)' if (k.asset_key, k.name) in blocking else ''}"
-        for k in graph.asset_check_keys)
+        for k in graph.asset_check_keys
+    )
     jobs = sorted(j.name for j in defs.resolve_all_job_defs() if not j.name.startswith("__"))
     return {"assets": dict(sorted(assets.items())), "checks": checks, "jobs": jobs}
 
@@ -40,7 +40,8 @@ def test_asset_graph_matches_snapshot():
         SNAPSHOT.write_text(json.dumps(current, indent=2) + "\n")
     assert SNAPSHOT.exists(), f"{SNAPSHOT} missing: create it with UPDATE_SNAPSHOTS=1"
     assert current == json.loads(SNAPSHOT.read_text()), (
-        "the asset graph changed; if on purpose, rerun with UPDATE_SNAPSHOTS=1 and commit the snapshot")
+        "the asset graph changed; if on purpose, rerun with UPDATE_SNAPSHOTS=1 and commit the snapshot"
+    )
 
 
 def test_every_asset_has_a_description_and_a_code_version():

@@ -19,8 +19,13 @@ DOCKER = Path(__file__).resolve().parent.parent / "docker"
 REPO = DOCKER.parent
 SERVICES = {"postgres", "mlflow", "user-code", "dagster-webserver", "dagster-daemon"}
 DAGSTER_SERVICES = {"user-code", "dagster-webserver", "dagster-daemon"}
-PG_ENV = {"DAGSTER_PG_HOST": "postgres", "DAGSTER_PG_PORT": "5432", "DAGSTER_PG_USER": "scin",
-          "DAGSTER_PG_PASSWORD": "secret", "DAGSTER_PG_DB": "dagster"}
+PG_ENV = {
+    "DAGSTER_PG_HOST": "postgres",
+    "DAGSTER_PG_PORT": "5432",
+    "DAGSTER_PG_USER": "scin",
+    "DAGSTER_PG_PASSWORD": "secret",
+    "DAGSTER_PG_DB": "dagster",
+}
 
 
 def load(name: str) -> dict:
@@ -74,8 +79,13 @@ def test_the_code_server_the_workspace_and_the_image_agree(compose):
         for path in source.split():
             assert (REPO / path).exists(), f"Dockerfile copies {path}, which does not exist"
     ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
-    for path in ("pyproject.toml", "requirements.lock", "scin_pipeline/", "docker/dagster.yaml",
-                 "docker/workspace.yaml"):
+    for path in (
+        "pyproject.toml",
+        "requirements.lock",
+        "scin_pipeline/",
+        "docker/dagster.yaml",
+        "docker/workspace.yaml",
+    ):
         assert f"!{path}" in ignore, f"{path} is excluded from the build context"
 
 
@@ -100,7 +110,7 @@ def test_mlflow_server_uses_postgres_and_serves_artifacts_from_a_volume(compose)
     mlflow = compose["services"]["mlflow"]
     command = command_text(mlflow)
     assert "mlflow server" in command and "--port 5000" in command
-    assert "--backend-store-uri \"postgresql+psycopg2://" in command and "@postgres:5432/mlflow" in command
+    assert '--backend-store-uri "postgresql+psycopg2://' in command and "@postgres:5432/mlflow" in command
     assert "--serve-artifacts" in command and "--artifacts-destination /mlflow-artifacts" in command
     assert "mlflow-artifacts:/mlflow-artifacts" in mlflow["volumes"]
     assert "mlflow" in mlflow["environment"]["MLFLOW_ALLOWED_HOSTS"]
@@ -111,8 +121,12 @@ def test_mlflow_server_uses_postgres_and_serves_artifacts_from_a_volume(compose)
 
 def test_every_named_volume_is_declared_and_every_variable_is_documented(compose):
     declared = set(compose["volumes"])
-    used = {v.split(":")[0] for s in compose["services"].values() for v in s.get("volumes", [])
-            if not v.startswith((".", "/"))}
+    used = {
+        v.split(":")[0]
+        for s in compose["services"].values()
+        for v in s.get("volumes", [])
+        if not v.startswith((".", "/"))
+    }
     assert used == declared
     text = (DOCKER / "compose.yaml").read_text() + (DOCKER / "compose.gpu.yaml").read_text()
     variables = set(re.findall(r"(?<!\$)\$\{(\w+)", text))
@@ -150,12 +164,13 @@ def validated(data) -> dict:
 def test_dagster_yaml_passes_the_instance_and_postgres_schemas(monkeypatch):
     pytest.importorskip("dagster_postgres", reason="dagster-postgres is installed by docker/Dockerfile")
     ref = instance_ref(DOCKER, monkeypatch)
-    assert (ref.storage_data.module_name, ref.storage_data.class_name) == ("dagster_postgres",
-                                                                          "DagsterPostgresStorage")
+    assert (ref.storage_data.module_name, ref.storage_data.class_name) == ("dagster_postgres", "DagsterPostgresStorage")
     storage = validated(ref.storage_data)
-    assert storage["postgres_db"] == {**{"username": "scin", "password": "secret", "hostname": "postgres",
-                                         "db_name": "dagster", "port": 5432}, "params": {},
-                                      "scheme": "postgresql+psycopg2"}
+    assert storage["postgres_db"] == {
+        **{"username": "scin", "password": "secret", "hostname": "postgres", "db_name": "dagster", "port": 5432},
+        "params": {},
+        "scheme": "postgresql+psycopg2",
+    }
     assert ref.run_coordinator_data.class_name == "QueuedRunCoordinator"
     validated(ref.run_coordinator_data)
     assert validated(ref.compute_logs_data)["base_dir"].startswith("/data/")

@@ -35,7 +35,6 @@ from scin_pipeline.core.sources import SYNTHETIC_MARKER
 from scin_pipeline.core.synthetic import write_synthetic_mirror
 from scin_pipeline.definitions import build_resources
 from scin_pipeline.resources import ScinSourceResource
-from scin_pipeline_tests.gcs_emulator import gcs_emulator  # noqa: F401 (fixture)
 
 SCRIPT = str(Path(sys.executable).parent / "scin-pipeline")
 SELECT = "group:ingest or group:curation"  # everything up to the splits; training is tested elsewhere
@@ -67,9 +66,13 @@ def cli_env() -> dict:
 
 def start_cli(data_root: Path, mirror: Path, log: Path, select: str = SELECT) -> subprocess.Popen:
     """The console script in its own process group (so the kill takes its worker processes too)."""
-    return subprocess.Popen([SCRIPT, "run", "--source", str(mirror), "--data-root", str(data_root),
-                             "--select", select], env=cli_env(), stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [SCRIPT, "run", "--source", str(mirror), "--data-root", str(data_root), "--select", select],
+        env=cli_env(),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def run_cli(data_root: Path, mirror: Path, log: Path, select: str = SELECT) -> None:
@@ -96,8 +99,13 @@ def step_started(data_root: Path, step_key: str) -> bool:
         if row is None:
             return False
         with closing(sqlite3.connect(f"file:{history / 'runs' / (row[0] + '.db')}?mode=ro", uri=True)) as events:
-            return events.execute("SELECT 1 FROM event_logs WHERE dagster_event_type = 'STEP_START' "
-                                  "AND step_key = ? LIMIT 1", (step_key,)).fetchone() is not None
+            return (
+                events.execute(
+                    "SELECT 1 FROM event_logs WHERE dagster_event_type = 'STEP_START' AND step_key = ? LIMIT 1",
+                    (step_key,),
+                ).fetchone()
+                is not None
+            )
     except sqlite3.Error:  # not created yet, or busy: poll again
         return False
 
@@ -131,8 +139,7 @@ def read_tables(data_root: Path) -> dict[str, pd.DataFrame]:
         if single.exists():
             tables[name] = pd.read_parquet(single)
         else:
-            tables[name] = pd.concat([pd.read_parquet(p) for p in sorted(sharded.glob("*.parquet"))],
-                                     ignore_index=True)
+            tables[name] = pd.concat([pd.read_parquet(p) for p in sorted(sharded.glob("*.parquet"))], ignore_index=True)
     # Every other Parquet file the run wrote (plots' data, split report, pairs) must be readable too.
     for path in tables_dir.rglob("*.parquet"):
         pd.read_parquet(path)
@@ -145,11 +152,13 @@ def assert_same_outcome(recovered: Path, reference: Path) -> None:
         assert len(got[name]) == len(want[name]), f"{name}: {len(got[name])} rows, reference {len(want[name])}"
         duplicated = got[name].duplicated(keys)
         assert not duplicated.any(), f"{name}: duplicated {keys}: {got[name][duplicated][keys]}"
-        assert (set(map(tuple, got[name][keys].astype(str).to_numpy()))
-                == set(map(tuple, want[name][keys].astype(str).to_numpy()))), name
+        assert set(map(tuple, got[name][keys].astype(str).to_numpy())) == set(
+            map(tuple, want[name][keys].astype(str).to_numpy())
+        ), name
     columns = ["image_id", "case_id", "split", "label"]
-    pd.testing.assert_frame_equal(got["labeled_splits"][columns].reset_index(drop=True),
-                                  want["labeled_splits"][columns].reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        got["labeled_splits"][columns].reset_index(drop=True), want["labeled_splits"][columns].reset_index(drop=True)
+    )
     shards = sorted(p.name for p in (recovered / "tables" / "image_quality").iterdir())
     assert shards == sorted(p.name for p in (reference / "tables" / "image_quality").iterdir())
     images = {p.name: p.stat().st_size for p in (recovered / "images").glob("*.png")}
@@ -175,8 +184,7 @@ def reference(mirror, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", ["image_quality", "labeled_splits"])
-def test_a_run_killed_during_curation_then_rerun_loses_and_duplicates_nothing(mirror, reference, tmp_path,
-                                                                              kill_at):
+def test_a_run_killed_during_curation_then_rerun_loses_and_duplicates_nothing(mirror, reference, tmp_path, kill_at):
     data_root = tmp_path / "data"
     proc = start_cli(data_root, mirror, tmp_path / "killed.log")
     try:
@@ -210,8 +218,9 @@ def test_a_table_writer_killed_mid_write_leaves_no_partial_file_after_the_rerun(
     data_root = tmp_path / "data"
     shutil.copytree(reference, data_root, ignore=shutil.ignore_patterns("dagster_home", "mlflow"))
     shard_dir = data_root / "tables" / "image_quality"
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(shard_dir / "00.parquet")],
-                              start_new_session=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(shard_dir / "00.parquet")], start_new_session=True
+    )
     deadline = time.monotonic() + 60
     while writer.poll() is None and time.monotonic() < deadline and not temp_files(data_root):
         time.sleep(0.002)
@@ -229,8 +238,16 @@ def test_a_table_writer_killed_mid_write_leaves_no_partial_file_after_the_rerun(
 
 # ---- a flaky bucket ----------------------------------------------------------------------------------------
 
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-               "content-length"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+}
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -298,8 +315,7 @@ class FlakyProxy:
         self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def should_fail(self, method: str, path: str) -> bool:
         with self._lock:
@@ -332,18 +348,25 @@ def upload_mirror(emulator, mirror: Path) -> dict[str, bytes]:
 
 
 def test_the_bucket_answering_503_to_a_share_of_requests_still_completes_through_retries(
-        mirror, gcs_emulator, tmp_path, monkeypatch):
+    mirror, gcs_emulator, tmp_path, monkeypatch
+):
     uploaded = upload_mirror(gcs_emulator, mirror)
     images = {p: data for p, data in uploaded.items() if p.startswith("dataset/images/")}
     with FlakyProxy(gcs_emulator.endpoint, failure_rate=0.3, seed=7) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
         data_root = tmp_path / "data"
-        resources = {**build_resources(data_root=str(data_root), source="gcs"),
-                     # fetch: up to 1 + 4 attempts per image, 0.5 s doubling backoff (the defaults)
-                     "scin_source": ScinSourceResource(location="gcs", download_workers=4)}
-        result = materialize([*ALL_ASSETS, *ALL_ASSET_CHECKS], resources=resources,
-                             selection=AssetSelection.groups("ingest"), instance=DagsterInstance.ephemeral(),
-                             raise_on_error=False)
+        resources = {
+            **build_resources(data_root=str(data_root), source="gcs"),
+            # fetch: up to 1 + 4 attempts per image, 0.5 s doubling backoff (the defaults)
+            "scin_source": ScinSourceResource(location="gcs", download_workers=4),
+        }
+        result = materialize(
+            [*ALL_ASSETS, *ALL_ASSET_CHECKS],
+            resources=resources,
+            selection=AssetSelection.groups("ingest"),
+            instance=DagsterInstance.ephemeral(),
+            raise_on_error=False,
+        )
     assert result.success
     assert proxy.served_503 > 0 and proxy.forwarded > 0
     share = proxy.served_503 / (proxy.served_503 + proxy.forwarded)
@@ -367,8 +390,11 @@ def unwritable_data_roots(tmp_path: Path) -> dict[str, Path]:
     """Places no process can create a folder in, root included (root ignores permission bits)."""
     a_file = tmp_path / "a-regular-file"
     a_file.write_text("not a folder")
-    return {"a regular file": a_file, "under a regular file": a_file / "data",
-            "inside /proc": Path("/proc/scin-pipeline-data")}
+    return {
+        "a regular file": a_file,
+        "under a regular file": a_file / "data",
+        "inside /proc": Path("/proc/scin-pipeline-data"),
+    }
 
 
 @pytest.mark.parametrize("case", ["a regular file", "under a regular file", "inside /proc"])
@@ -376,8 +402,13 @@ def test_an_unwritable_data_root_is_one_clear_line_and_a_non_zero_exit(mirror, t
     data_root = unwritable_data_roots(tmp_path)[case]
     if case == "inside /proc" and not Path("/proc/self").exists():
         pytest.skip("no /proc on this system")
-    proc = subprocess.run([SCRIPT, "run", "--source", str(mirror), "--data-root", str(data_root)],
-                          env=cli_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [SCRIPT, "run", "--source", str(mirror), "--data-root", str(data_root)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == EXIT_USAGE
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

@@ -16,9 +16,17 @@ import pytest
 import scin_pipeline
 
 PACKAGE = Path(scin_pipeline.__file__).parent
-ABOVE_CORE = ("scin_pipeline.assets", "scin_pipeline.resources", "scin_pipeline.serve", "scin_pipeline.runner",
-              "scin_pipeline.cli", "scin_pipeline.orchestration", "scin_pipeline.definitions",
-              "scin_pipeline.selection", "scin_pipeline.run_console")
+ABOVE_CORE = (
+    "scin_pipeline.assets",
+    "scin_pipeline.resources",
+    "scin_pipeline.serve",
+    "scin_pipeline.runner",
+    "scin_pipeline.cli",
+    "scin_pipeline.orchestration",
+    "scin_pipeline.definitions",
+    "scin_pipeline.selection",
+    "scin_pipeline.run_console",
+)
 
 
 def imports(path: Path) -> list[tuple[int, str, list[str]]]:
@@ -44,23 +52,42 @@ def within(module: str, prefixes) -> bool:
 
 @pytest.mark.parametrize("path", modules("core"), ids=lambda p: p.name)
 def test_core_imports_neither_dagster_nor_the_layers_above(path):
-    bad = [f"{path.name}:{line}: {module}" for line, module, _ in imports(path)
-           if within(module, ("dagster", "dagster_webserver", *ABOVE_CORE))]
+    bad = [
+        f"{path.name}:{line}: {module}"
+        for line, module, _ in imports(path)
+        if within(module, ("dagster", "dagster_webserver", *ABOVE_CORE))
+    ]
     assert not bad, bad
 
 
 @pytest.mark.parametrize("path", modules("serve"), ids=lambda p: p.name)
 def test_serve_imports_neither_dagster_nor_assets_nor_resources(path):
-    bad = [f"{path.name}:{line}: {module}" for line, module, _ in imports(path)
-           if within(module, ("dagster", "scin_pipeline.assets", "scin_pipeline.resources", "scin_pipeline.runner",
-                              "scin_pipeline.orchestration", "scin_pipeline.definitions"))]
+    bad = [
+        f"{path.name}:{line}: {module}"
+        for line, module, _ in imports(path)
+        if within(
+            module,
+            (
+                "dagster",
+                "scin_pipeline.assets",
+                "scin_pipeline.resources",
+                "scin_pipeline.runner",
+                "scin_pipeline.orchestration",
+                "scin_pipeline.definitions",
+            ),
+        )
+    ]
     assert not bad, bad
 
 
 @pytest.mark.parametrize("path", modules("assets"), ids=lambda p: p.name)
 def test_asset_modules_share_no_private_names(path):
     own = f"scin_pipeline.assets.{path.stem}"
-    bad = [f"{path.name}:{line}: {module}.{name}" for line, module, names in imports(path)
-           if within(module, ("scin_pipeline.assets",)) and module != own
-           for name in names if name.startswith("_")]
+    bad = [
+        f"{path.name}:{line}: {module}.{name}"
+        for line, module, names in imports(path)
+        if within(module, ("scin_pipeline.assets",)) and module != own
+        for name in names
+        if name.startswith("_")
+    ]
     assert not bad, bad

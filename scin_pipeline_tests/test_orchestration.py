@@ -46,7 +46,7 @@ from scin_pipeline.orchestration import (
     weekly_full_pipeline,
 )
 from scin_pipeline.resources import ScinSourceResource, StoragePaths
-from scin_pipeline_tests.gcs_emulator import closed_loopback_port, gcs_emulator  # noqa: F401 (fixture)
+from scin_pipeline_tests.gcs_emulator import closed_loopback_port  # gcs_emulator: a fixture (conftest plugin)
 from scin_pipeline_tests.tiny_mirror import cases_csv, labels_csv, write_tiny_mirror
 
 
@@ -139,17 +139,24 @@ def test_weekly_schedule_requests_a_full_pipeline_run_on_mondays_at_three_utc():
 def test_a_scheduled_run_request_is_launchable_and_covers_every_shard(tmp_path):
     """The partition range tags of a schedule/sensor request let a job run all shards in one run
     (what the daemon launches); curation_job stands in for full_pipeline, which will also train."""
-    mirror = write_synthetic_mirror(tmp_path / "mirror", n_cases=20, seed=1, image_size=(64, 48),
-                                    defect_rate=0.0)
+    mirror = write_synthetic_mirror(tmp_path / "mirror", n_cases=20, seed=1, image_size=(64, 48), defect_rate=0.0)
     data_root = tmp_path / "data"
     data = weekly_full_pipeline.evaluate_tick(
-        build_schedule_context(scheduled_execution_time=datetime(2026, 1, 12, 3, tzinfo=UTC)))
+        build_schedule_context(scheduled_execution_time=datetime(2026, 1, 12, 3, tzinfo=UTC))
+    )
     [request] = data.run_requests
-    local_defs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_ASSET_CHECKS, jobs=ALL_JOBS,
-                             resources=build_resources(data_root=str(data_root), source=str(mirror.root)))
+    local_defs = Definitions(
+        assets=ALL_ASSETS,
+        asset_checks=ALL_ASSET_CHECKS,
+        jobs=ALL_JOBS,
+        resources=build_resources(data_root=str(data_root), source=str(mirror.root)),
+    )
     result = local_defs.resolve_job_def("curation_job").execute_in_process(
-        instance=DagsterInstance.ephemeral(), tags=request.tags, raise_on_error=False,
-        run_config={"ops": {"image_quality": {"config": {"workers": 1}}}})
+        instance=DagsterInstance.ephemeral(),
+        tags=request.tags,
+        raise_on_error=False,
+        run_config={"ops": {"image_quality": {"config": {"workers": 1}}}},
+    )
     assert result.success
     shards = sorted(p.stem for p in (data_root / "tables" / "image_quality").glob("*.parquet"))
     assert shards == [f"{i:02d}" for i in range(16)]
@@ -264,8 +271,10 @@ def evaluate_failure_sensor(data_root: Path):
     result = failing_job.execute_in_process(instance=instance, raise_on_error=False)
     assert not result.success
     context = build_run_status_sensor_context(
-        sensor_name="run_failure_alert_sensor", dagster_event=result.get_run_failure_event(),
-        dagster_instance=instance, dagster_run=instance.get_run_by_id(result.run_id),
+        sensor_name="run_failure_alert_sensor",
+        dagster_event=result.get_run_failure_event(),
+        dagster_instance=instance,
+        dagster_run=instance.get_run_by_id(result.run_id),
         resources={"storage": StoragePaths(data_root=str(data_root))},
     ).for_run_failure()
     run_failure_alert_sensor(context)
@@ -329,9 +338,13 @@ def test_failure_sensor_posts_a_slack_compatible_json_to_the_webhook(tmp_path, m
 
 @pytest.mark.parametrize("problem", ["http_500", "closed_port", "bad_url"])
 def test_a_broken_webhook_never_fails_the_sensor_and_the_file_still_gets_the_alert(
-        tmp_path, monkeypatch, webhook, problem):
-    url = {"http_500": webhook.url, "closed_port": f"http://127.0.0.1:{closed_loopback_port()}/hook",
-           "bad_url": "ftp://example.org/hook"}[problem]
+    tmp_path, monkeypatch, webhook, problem
+):
+    url = {
+        "http_500": webhook.url,
+        "closed_port": f"http://127.0.0.1:{closed_loopback_port()}/hook",
+        "bad_url": "ftp://example.org/hook",
+    }[problem]
     webhook.status = 500
     monkeypatch.setenv(WEBHOOK_URL_ENV, url)
     monkeypatch.setenv("SCIN_ALERT_WEBHOOK_TIMEOUT_S", "5")

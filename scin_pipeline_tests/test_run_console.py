@@ -55,8 +55,10 @@ def test_verbose_leaves_everything_as_it_is(monkeypatch):
 
 
 def test_native_info_and_warning_lines_are_dropped_from_fd2_and_the_rest_passes(capfd):
-    native_info = (b"I0000 00:00:1796226684.197802   17370 port.cc:153] oneDNN custom operations are on. "
-                   b"You may see slightly different numerical results.\n")
+    native_info = (
+        b"I0000 00:00:1796226684.197802   17370 port.cc:153] oneDNN custom operations are on. "
+        b"You may see slightly different numerical results.\n"
+    )
     absl_notice = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
     native_error = b"E0000 00:00:1796226684.197802   17370 cuda.cc:12] a real error\n"
     with quiet_console(verbose=0):

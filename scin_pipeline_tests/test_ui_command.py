@@ -38,9 +38,23 @@ def wait_for(url: str, timeout_s: float) -> bytes:
 @pytest.mark.slow
 def test_ui_serves_dagster_and_mlflow_and_stops_cleanly(tmp_path):
     dagster_port, mlflow_port = free_port(), free_port()
-    proc = subprocess.Popen([SCRIPT, "ui", "--data-root", str(tmp_path / "data"), "--source", str(tmp_path),
-                             "--port", str(dagster_port), "--mlflow-port", str(mlflow_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            SCRIPT,
+            "ui",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--source",
+            str(tmp_path),
+            "--port",
+            str(dagster_port),
+            "--mlflow-port",
+            str(mlflow_port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     descendants: list[psutil.Process] = []
     try:
         info = wait_for(f"http://127.0.0.1:{dagster_port}/server_info", 150)

@@ -19,15 +19,35 @@ from PIL import Image
 from scin_pipeline.core import schema
 
 CASES_COLUMNS = [
-    "case_id", "source", "release", "year", "age_group", "sex_at_birth", "fitzpatrick_skin_type",
-    *schema.RACE_COLUMNS[:-1], *schema.TEXTURE_COLUMNS, *schema.BODY_PART_COLUMNS, *schema.SYMPTOM_COLUMNS,
-    "related_category", "condition_duration", *schema.IMAGE_PATH_COLUMNS, *schema.SHOT_TYPE_COLUMNS,
-    "combined_race", "race_ethnicity_two_or_more_after_mitigation",
+    "case_id",
+    "source",
+    "release",
+    "year",
+    "age_group",
+    "sex_at_birth",
+    "fitzpatrick_skin_type",
+    *schema.RACE_COLUMNS[:-1],
+    *schema.TEXTURE_COLUMNS,
+    *schema.BODY_PART_COLUMNS,
+    *schema.SYMPTOM_COLUMNS,
+    "related_category",
+    "condition_duration",
+    *schema.IMAGE_PATH_COLUMNS,
+    *schema.SHOT_TYPE_COLUMNS,
+    "combined_race",
+    "race_ethnicity_two_or_more_after_mitigation",
 ]
 LABELS_COLUMNS = [
-    "case_id", *schema.GRADABLE_CONDITION_COLUMNS, schema.LABEL_NAMES_COLUMN, schema.LABEL_CONFIDENCE_COLUMN,
-    schema.WEIGHTED_LABEL_COLUMN, *schema.GRADABLE_FST_COLUMNS, *schema.DERM_FST_COLUMNS,
-    "gradable_for_monk_skin_tone_india", "gradable_for_monk_skin_tone_us", "monk_skin_tone_label_india",
+    "case_id",
+    *schema.GRADABLE_CONDITION_COLUMNS,
+    schema.LABEL_NAMES_COLUMN,
+    schema.LABEL_CONFIDENCE_COLUMN,
+    schema.WEIGHTED_LABEL_COLUMN,
+    *schema.GRADABLE_FST_COLUMNS,
+    *schema.DERM_FST_COLUMNS,
+    "gradable_for_monk_skin_tone_india",
+    "gradable_for_monk_skin_tone_us",
+    "monk_skin_tone_label_india",
     "monk_skin_tone_label_us",
 ]
 TRAVERSAL = "dataset/images/../../etc/passwd"
@@ -53,9 +73,19 @@ def cases_csv() -> str:
     writer.writeheader()
     for case_id, paths, fst, age, sex in _CASES:
         row = dict.fromkeys(CASES_COLUMNS, "")
-        row.update(case_id=case_id, source="SCIN", release="1.0.0", year="2023", age_group=age,
-                   sex_at_birth=sex, fitzpatrick_skin_type=fst, textures_flat="YES", body_parts_arm="YES",
-                   related_category="RASH", condition_duration="ONE_DAY")
+        row.update(
+            case_id=case_id,
+            source="SCIN",
+            release="1.0.0",
+            year="2023",
+            age_group=age,
+            sex_at_birth=sex,
+            fitzpatrick_skin_type=fst,
+            textures_flat="YES",
+            body_parts_arm="YES",
+            related_category="RASH",
+            condition_duration="ONE_DAY",
+        )
         for i, path in enumerate(paths, start=1):
             row[f"image_{i}_path"], row[f"image_{i}_shot_type"] = path, "CLOSE_UP"
         writer.writerow(row)
@@ -69,13 +99,21 @@ def labels_csv() -> str:
     for case_id, (names, conf, weighted, tone, fst) in _LABELS.items():
         row = dict.fromkeys(LABELS_COLUMNS, "")
         grade = "DEFAULT_YES_IMAGE_QUALITY_SUFFICIENT" if tone else "NO_IMAGE_QUALITY_INSUFFICIENT"
-        row.update({"case_id": case_id, schema.GRADABLE_CONDITION_COLUMNS[0]: grade,
-                    schema.LABEL_NAMES_COLUMN: names, schema.LABEL_CONFIDENCE_COLUMN: conf,
-                    schema.WEIGHTED_LABEL_COLUMN: weighted,
-                    schema.GRADABLE_FST_COLUMNS[0]: "YES" if fst else "NO",
-                    schema.DERM_FST_COLUMNS[0]: fst, "monk_skin_tone_label_us": tone,
-                    "monk_skin_tone_label_india": tone, "gradable_for_monk_skin_tone_us": "True",
-                    "gradable_for_monk_skin_tone_india": "True"})
+        row.update(
+            {
+                "case_id": case_id,
+                schema.GRADABLE_CONDITION_COLUMNS[0]: grade,
+                schema.LABEL_NAMES_COLUMN: names,
+                schema.LABEL_CONFIDENCE_COLUMN: conf,
+                schema.WEIGHTED_LABEL_COLUMN: weighted,
+                schema.GRADABLE_FST_COLUMNS[0]: "YES" if fst else "NO",
+                schema.DERM_FST_COLUMNS[0]: fst,
+                "monk_skin_tone_label_us": tone,
+                "monk_skin_tone_label_india": tone,
+                "gradable_for_monk_skin_tone_us": "True",
+                "gradable_for_monk_skin_tone_india": "True",
+            }
+        )
         writer.writerow(row)
     return out.getvalue()
 

@@ -17,7 +17,7 @@ def table_md(frame: pd.DataFrame, columns: list[str] | None = None, rows: int = 
 def metric_md(frame: pd.DataFrame, rows: int = 60) -> MetadataValue:
     """Metrics rounded to 3 decimals as text (``table_md`` shows floats in [0, 1] as shares)."""
     shown = frame.copy()
-    for column in shown.columns[shown.dtypes == float]:
+    for column in shown.select_dtypes(include="float64").columns:
         shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
     return table_md(shown, rows=rows)
 

@@ -55,23 +55,30 @@ class ImageQualityConfig(Config):
     """Thresholds of the keep/exclude rule; defaults measured in bench/curation.py (see QualityConfig)."""
 
     workers: int = Field(default=0, ge=0, description="worker processes (0: one per CPU core)")
-    dark_relative_min: float = Field(default=_DEFAULT_QUALITY.dark_relative_min,
-                                     description="dark when median L* < this x the L* of the case's Monk swatch")
-    diagnostic_texture_min: float = Field(default=_DEFAULT_QUALITY.diagnostic_texture_min,
-                                          description="a dark image is kept when texture >= this")
-    diagnostic_redness_min: float = Field(default=_DEFAULT_QUALITY.diagnostic_redness_min,
-                                          description="a dark image is kept when redness contrast >= this")
+    dark_relative_min: float = Field(
+        default=_DEFAULT_QUALITY.dark_relative_min,
+        description="dark when median L* < this x the L* of the case's Monk swatch",
+    )
+    diagnostic_texture_min: float = Field(
+        default=_DEFAULT_QUALITY.diagnostic_texture_min, description="a dark image is kept when texture >= this"
+    )
+    diagnostic_redness_min: float = Field(
+        default=_DEFAULT_QUALITY.diagnostic_redness_min,
+        description="a dark image is kept when redness contrast >= this",
+    )
     overexposed_fraction_max: float = Field(default=_DEFAULT_QUALITY.overexposed_fraction_max)
     blurry_sharpness_min: float = Field(default=_DEFAULT_QUALITY.blurry_sharpness_min)
     low_information_entropy_min: float = Field(default=_DEFAULT_QUALITY.low_information_entropy_min)
 
     def rule(self) -> quality.QualityConfig:
         return quality.QualityConfig(
-            dark_relative_min=self.dark_relative_min, diagnostic_texture_min=self.diagnostic_texture_min,
+            dark_relative_min=self.dark_relative_min,
+            diagnostic_texture_min=self.diagnostic_texture_min,
             diagnostic_redness_min=self.diagnostic_redness_min,
             overexposed_fraction_max=self.overexposed_fraction_max,
             blurry_sharpness_min=self.blurry_sharpness_min,
-            low_information_entropy_min=self.low_information_entropy_min)
+            low_information_entropy_min=self.low_information_entropy_min,
+        )
 
 
 @asset(
@@ -86,8 +93,13 @@ class ImageQualityConfig(Config):
     "entropy, size, cleanvision-style scores, pHash and dHash; keep or exclude with a reason code. "
     f"Sharded ({N_QUALITY_SHARDS} static partitions by image id); tables/image_quality/<shard>.parquet.",
 )
-def image_quality(context: AssetExecutionContext, config: ImageQualityConfig, image_files: pd.DataFrame,
-                  images: pd.DataFrame, cases: pd.DataFrame):
+def image_quality(
+    context: AssetExecutionContext,
+    config: ImageQualityConfig,
+    image_files: pd.DataFrame,
+    images: pd.DataFrame,
+    cases: pd.DataFrame,
+):
     keys = sorted(context.partition_keys)
     files = image_files[image_files["image_id"].notna()].copy()
     files["shard"] = files["image_id"].map(lambda i: splits.stable_shard(str(i), N_QUALITY_SHARDS))
@@ -95,17 +107,18 @@ def image_quality(context: AssetExecutionContext, config: ImageQualityConfig, im
     items = ((str(r.image_id), r.local_path if r.status == "ok" else None) for r in files.itertuples())
     workers = config.workers or os.cpu_count() or 1
     started = time.perf_counter()
-    progress = Progress(f"image_quality ({len(keys)} of {N_QUALITY_SHARDS} shards)", len(files), context.log.info,
-                        unit="images")
+    progress = Progress(
+        f"image_quality ({len(keys)} of {N_QUALITY_SHARDS} shards)", len(files), context.log.info, unit="images"
+    )
     metrics = quality.assessments_frame(
-        tracked(quality.assess_images(items, config=config.rule(), workers=workers), progress))
+        tracked(quality.assess_images(items, config=config.rule(), workers=workers), progress)
+    )
     elapsed = time.perf_counter() - started
     # A file that never arrived keeps the reason image_files gave (missing, corrupt download).
     by_id = files.set_index("image_id")
     not_fetched = by_id["status"].ne("ok").reindex(metrics["image_id"]).to_numpy()
     metrics.loc[not_fetched, "decode_status"] = "missing"
-    metrics.loc[not_fetched, "decode_reason"] = by_id["reason"].reindex(
-        metrics.loc[not_fetched, "image_id"]).to_numpy()
+    metrics.loc[not_fetched, "decode_reason"] = by_id["reason"].reindex(metrics.loc[not_fetched, "image_id"]).to_numpy()
     tone = metrics["image_id"].map(quality.monk_tone_per_image(images, cases))
     decisions = quality.decide_quality(metrics, tone, config.rule())
     table = pd.concat([metrics, decisions.drop(columns=["image_id"])], axis=1)
@@ -113,25 +126,32 @@ def image_quality(context: AssetExecutionContext, config: ImageQualityConfig, im
     table["local_path"] = by_id["local_path"].reindex(table["image_id"]).to_numpy()
     table["shard"] = by_id["shard"].reindex(table["image_id"]).to_numpy()
     reasons = table["reason"].value_counts().to_dict()
-    context.add_output_metadata({
-        "shards": ", ".join(keys) if len(keys) < N_QUALITY_SHARDS else "all",
-        "images": len(table),
-        "kept": int(table["keep"].sum()),
-        "excluded_by_reason": MetadataValue.json({str(k): int(v) for k, v in reasons.items()}),
-        "images_per_second": round(len(table) / elapsed, 1) if elapsed > 0 else 0.0,
-        "workers": workers,
-    })
+    context.add_output_metadata(
+        {
+            "shards": ", ".join(keys) if len(keys) < N_QUALITY_SHARDS else "all",
+            "images": len(table),
+            "kept": int(table["keep"].sum()),
+            "excluded_by_reason": MetadataValue.json({str(k): int(v) for k, v in reasons.items()}),
+            "images_per_second": round(len(table) / elapsed, 1) if elapsed > 0 else 0.0,
+            "workers": workers,
+        }
+    )
     by_shard = {key: table[table["shard"] == key].reset_index(drop=True) for key in keys}
     return by_shard if len(keys) > 1 else by_shard[keys[0]]
 
 
 class QualityFilterConfig(Config):
     exclude_derm_ungradable: bool = Field(
-        default=True, description="also drop cases no dermatologist could grade (reported apart from "
-        "image quality): such cases carry no condition label")
+        default=True,
+        description="also drop cases no dermatologist could grade (reported apart from "
+        "image quality): such cases carry no condition label",
+    )
     max_quarantined_fraction: float = Field(
-        default=0.10, ge=0, le=1, description="blocking check: at most this share of files may be "
-        "missing or undecodable")
+        default=0.10,
+        ge=0,
+        le=1,
+        description="blocking check: at most this share of files may be missing or undecodable",
+    )
 
 
 @asset(
@@ -140,17 +160,34 @@ class QualityFilterConfig(Config):
     description="The image references kept for training: image quality passed (and, by default, the case "
     "is dermatologist-gradable). Metadata: counts per reason, exclusion rate per Monk skin tone, a contact "
     "sheet of examples per reason, and precision/recall on planted defects for a synthetic mirror.",
-    check_specs=[AssetCheckSpec(
-        "quarantined_fraction_below_threshold", asset="quality_filtered_index", blocking=True,
-        description="Missing or undecodable files stay below the configured share of all files.")],
+    check_specs=[
+        AssetCheckSpec(
+            "quarantined_fraction_below_threshold",
+            asset="quality_filtered_index",
+            blocking=True,
+            description="Missing or undecodable files stay below the configured share of all files.",
+        )
+    ],
 )
-def quality_filtered_index(context: AssetExecutionContext, config: QualityFilterConfig,
-                           image_quality: pd.DataFrame, images: pd.DataFrame, cases: pd.DataFrame,
-                           scin_source: ScinSourceResource, storage: StoragePaths):
+def quality_filtered_index(
+    context: AssetExecutionContext,
+    config: QualityFilterConfig,
+    image_quality: pd.DataFrame,
+    images: pd.DataFrame,
+    cases: pd.DataFrame,
+    scin_source: ScinSourceResource,
+    storage: StoragePaths,
+):
     out_dir = storage.table_files_dir("quality_filtered_index")
-    case_info = cases.set_index("case_id")[[
-        "derm_gradable", "monk_skin_tone_label_us", "monk_skin_tone_label_india", "fst_dermatologist",
-        "fitzpatrick_skin_type"]]
+    case_info = cases.set_index("case_id")[
+        [
+            "derm_gradable",
+            "monk_skin_tone_label_us",
+            "monk_skin_tone_label_india",
+            "fst_dermatologist",
+            "fitzpatrick_skin_type",
+        ]
+    ]
     decided = image_quality.set_index("image_id")
     refs = images[images["path_status"] == "ok"][["image_id", "case_id", "position", "shot_type"]].copy()
     refs = refs.join(decided[["keep", "reason", "local_path", "dark_but_diagnostic"]], on="image_id")
@@ -170,15 +207,18 @@ def quality_filtered_index(context: AssetExecutionContext, config: QualityFilter
     rates = quality.exclusion_rates_by_monk_tone(per_file, per_file["monk_tone"])
     write_parquet_atomic(rates, out_dir / "exclusion_rates_by_monk_tone.parquet")
 
-    examples = {str(reason): group["local_path"].head(6).tolist()
-                for reason, group in per_file[per_file["reason"].notna()].groupby("reason")}
+    examples = {
+        str(reason): group["local_path"].head(6).tolist()
+        for reason, group in per_file[per_file["reason"].notna()].groupby("reason")
+    }
     sheet = write_contact_sheet(examples, out_dir / "contact_sheet.png", title="Excluded images, by reason")
 
     metadata = {
         "references_kept": int(refs["kept"].sum()),
         "references_total": len(refs),
         "files_excluded_by_quality_reason": MetadataValue.json(
-            {str(k): int(v) for k, v in per_file["reason"].value_counts().items()}),
+            {str(k): int(v) for k, v in per_file["reason"].value_counts().items()}
+        ),
         "references_excluded_derm_ungradable": int(ungradable.sum()) if config.exclude_derm_ungradable else 0,
         "dark_but_diagnostic_kept": int(per_file["dark_but_diagnostic"].fillna(False).sum()),
         "quarantined_fraction": round(quarantined_fraction, 4),
@@ -193,22 +233,33 @@ def quality_filtered_index(context: AssetExecutionContext, config: QualityFilter
     kept = refs[refs["kept"]].drop(columns=["keep", "reason", "excluded_by", "kept"]).reset_index(drop=True)
     yield Output(kept, metadata=metadata)
     yield AssetCheckResult(
-        check_name="quarantined_fraction_below_threshold", passed=quarantined_fraction <= config.max_quarantined_fraction,
-        description=(f"{quarantined_fraction:.1%} of the image files were quarantined (unreadable or missing), "
-                     f"above the limit max_quarantined_fraction={config.max_quarantined_fraction:.1%}"
-                     if quarantined_fraction > config.max_quarantined_fraction else None),
-        metadata={"quarantined_fraction": round(quarantined_fraction, 4),
-                  "threshold": config.max_quarantined_fraction,
-                  "by_status": MetadataValue.json(
-                      {str(k): int(v) for k, v in per_file.loc[failed, "decode_status"].value_counts().items()})})
+        check_name="quarantined_fraction_below_threshold",
+        passed=quarantined_fraction <= config.max_quarantined_fraction,
+        description=(
+            f"{quarantined_fraction:.1%} of the image files were quarantined (unreadable or missing), "
+            f"above the limit max_quarantined_fraction={config.max_quarantined_fraction:.1%}"
+            if quarantined_fraction > config.max_quarantined_fraction
+            else None
+        ),
+        metadata={
+            "quarantined_fraction": round(quarantined_fraction, 4),
+            "threshold": config.max_quarantined_fraction,
+            "by_status": MetadataValue.json(
+                {str(k): int(v) for k, v in per_file.loc[failed, "decode_status"].value_counts().items()}
+            ),
+        },
+    )
 
 
 class DedupConfig(Config):
     max_phash_distance: int = Field(default=dedup.DEFAULT_MAX_PHASH_DISTANCE, ge=0, le=32)
     max_dhash_distance: int = Field(default=dedup.DEFAULT_MAX_DHASH_DISTANCE, ge=0, le=32)
     max_dhash256_distance: int | None = Field(
-        default=dedup.DEFAULT_MAX_DHASH256_DISTANCE, ge=0, le=256,
-        description="verify each candidate with the 256-bit dHash (None: no verification)")
+        default=dedup.DEFAULT_MAX_DHASH256_DISTANCE,
+        ge=0,
+        le=256,
+        description="verify each candidate with the 256-bit dHash (None: no verification)",
+    )
 
 
 @asset(
@@ -220,24 +271,34 @@ class DedupConfig(Config):
     "typed exact_reuse, same_case_multi_angle or cross_case_near_duplicate. Pairs in "
     "tables/dedup_clusters/pairs.parquet.",
 )
-def dedup_clusters(context: AssetExecutionContext, config: DedupConfig, image_quality: pd.DataFrame,
-                   images: pd.DataFrame, scin_source: ScinSourceResource,
-                   storage: StoragePaths) -> pd.DataFrame:
+def dedup_clusters(
+    context: AssetExecutionContext,
+    config: DedupConfig,
+    image_quality: pd.DataFrame,
+    images: pd.DataFrame,
+    scin_source: ScinSourceResource,
+    storage: StoragePaths,
+) -> pd.DataFrame:
     # Only images that passed quality: they are the ones a split can leak, and blown-out or black frames
     # all hash alike, so including them would only add false clusters.
     hashed = image_quality[image_quality["keep"].astype(bool)][["image_id", "phash", "dhash", "dhash256"]]
     refs = images[(images["path_status"] == "ok") & images["image_id"].isin(hashed["image_id"])]
     started = time.perf_counter()
     clusters, pairs = dedup.build_dedup_clusters(
-        refs[["image_id", "case_id"]], hashed, max_phash_distance=config.max_phash_distance,
-        max_dhash_distance=config.max_dhash_distance, max_dhash256_distance=config.max_dhash256_distance)
+        refs[["image_id", "case_id"]],
+        hashed,
+        max_phash_distance=config.max_phash_distance,
+        max_dhash_distance=config.max_dhash_distance,
+        max_dhash256_distance=config.max_dhash256_distance,
+    )
     elapsed = time.perf_counter() - started
     out_dir = storage.table_files_dir("dedup_clusters")
     write_parquet_atomic(pairs, out_dir / "pairs.parquet")
     distinct = clusters.drop_duplicates("cluster_id")
     metadata = {
         "clusters_by_kind": MetadataValue.json(
-            {str(k): int(v) for k, v in distinct["cluster_kind"].value_counts().items()}),
+            {str(k): int(v) for k, v in distinct["cluster_kind"].value_counts().items()}
+        ),
         "near_duplicate_pairs": len(pairs),
         "largest_cluster": int(clusters["cluster_size"].max()) if len(clusters) else 0,
         "search_seconds": round(elapsed, 3),
@@ -264,13 +325,19 @@ class LabeledSplitsConfig(Config):
     val_fraction: float = Field(default=0.15, ge=0, le=1)
     test_fraction: float = Field(default=0.15, ge=0, le=1)
     seed: int = 0
-    min_cases_per_split: int = Field(default=3, ge=0, description="check: each class in val and test "
-                                     "(20 cases per class at 15 % give 3)")
+    min_cases_per_split: int = Field(
+        default=3, ge=0, description="check: each class in val and test (20 cases per class at 15 % give 3)"
+    )
 
     def policy(self) -> splits.LabelPolicy:
-        return splits.LabelPolicy(mode=self.label_mode, min_weight=self.min_weight, top_k=self.top_k,
-                                  min_cases_per_class=self.min_cases_per_class,
-                                  rare_classes=self.rare_classes, drop_tied_top=self.drop_tied_top)
+        return splits.LabelPolicy(
+            mode=self.label_mode,
+            min_weight=self.min_weight,
+            top_k=self.top_k,
+            min_cases_per_class=self.min_cases_per_class,
+            rare_classes=self.rare_classes,
+            drop_tied_top=self.drop_tied_top,
+        )
 
 
 SPLIT_COLUMNS = ["image_id", "case_id", "split", "label", "labels", "group_id", "cluster_id", "local_path"]
@@ -282,22 +349,37 @@ SPLIT_COLUMNS = ["image_id", "case_id", "split", "label", "labels", "group_id", 
     description="Train / val / test per image: a whole group of cases linked by shared or near-duplicate "
     "images stays in one split; stratified by label; deterministic (ids hashed with a seed). Label policy "
     "in the config. Split report: class, Monk tone and Fitzpatrick composition per split.",
-    check_specs=[AssetCheckSpec(
-        "classes_in_val_and_test", asset="labeled_splits",
-        description="Every class has at least min_cases_per_split cases in val and in test.")],
+    check_specs=[
+        AssetCheckSpec(
+            "classes_in_val_and_test",
+            asset="labeled_splits",
+            description="Every class has at least min_cases_per_split cases in val and in test.",
+        )
+    ],
 )
-def labeled_splits(context: AssetExecutionContext, config: LabeledSplitsConfig,
-                   quality_filtered_index: pd.DataFrame, dedup_clusters: pd.DataFrame, cases: pd.DataFrame,
-                   storage: StoragePaths):
+def labeled_splits(
+    context: AssetExecutionContext,
+    config: LabeledSplitsConfig,
+    quality_filtered_index: pd.DataFrame,
+    dedup_clusters: pd.DataFrame,
+    cases: pd.DataFrame,
+    storage: StoragePaths,
+):
     kept_cases = cases[cases["case_id"].isin(quality_filtered_index["case_id"])]
     labels = splits.assign_labels(kept_cases, config.policy())
     groups = dedup.case_groups(dedup_clusters)
-    split = splits.make_splits(labels, groups, splits.SplitConfig(
-        fractions=(config.train_fraction, config.val_fraction, config.test_fraction), seed=config.seed))
+    split = splits.make_splits(
+        labels,
+        groups,
+        splits.SplitConfig(
+            fractions=(config.train_fraction, config.val_fraction, config.test_fraction), seed=config.seed
+        ),
+    )
     table = quality_filtered_index.merge(split[["case_id", "split", "label", "group_id"]], on="case_id")
     table = table.merge(labels[["case_id", "labels"]], on="case_id")
-    table = table.merge(dedup_clusters[["image_id", "case_id", "cluster_id", "cluster_kind"]],
-                        on=["image_id", "case_id"], how="left")
+    table = table.merge(
+        dedup_clusters[["image_id", "case_id", "cluster_id", "cluster_kind"]], on=["image_id", "case_id"], how="left"
+    )
     # An image that did not enter the duplicate search is its own cluster.
     table["cluster_id"] = table["cluster_id"].fillna(table["image_id"]).astype(str)
     table = table[[*SPLIT_COLUMNS, *[c for c in table.columns if c not in SPLIT_COLUMNS]]]
@@ -309,37 +391,50 @@ def labeled_splits(context: AssetExecutionContext, config: LabeledSplitsConfig,
     presence = splits.class_presence(table, config.min_cases_per_split)
     version = splits.splits_data_version(table)
     counts = table.groupby("split", observed=True).agg(images=("image_id", "size"), cases=("case_id", "nunique"))
-    yield Output(table, data_version=DataVersion(version), metadata={
-        "data_version": version,
-        "images_per_split": MetadataValue.json({str(k): int(v) for k, v in counts["images"].items()}),
-        "cases_per_split": MetadataValue.json({str(k): int(v) for k, v in counts["cases"].items()}),
-        "classes": int(table["label"].nunique()),
-        "class_counts_per_split": table_md(presence, rows=60),
-        "split_report": table_md(report, rows=80),
-    })
+    yield Output(
+        table,
+        data_version=DataVersion(version),
+        metadata={
+            "data_version": version,
+            "images_per_split": MetadataValue.json({str(k): int(v) for k, v in counts["images"].items()}),
+            "cases_per_split": MetadataValue.json({str(k): int(v) for k, v in counts["cases"].items()}),
+            "classes": int(table["label"].nunique()),
+            "class_counts_per_split": table_md(presence, rows=60),
+            "split_report": table_md(report, rows=80),
+        },
+    )
     short = presence[~presence["ok"]]
-    yield AssetCheckResult(check_name="classes_in_val_and_test", passed=short.empty,
-                           severity=AssetCheckSeverity.WARN,
-                           metadata={"classes_short": len(short), "details": table_md(short, rows=30)},
-                           description=None if short.empty else
-                           f"{len(short)} class(es) missing from val or test: "
-                           f"{', '.join(map(str, short['label'].head(5)))}{' ...' if len(short) > 5 else ''}")
+    yield AssetCheckResult(
+        check_name="classes_in_val_and_test",
+        passed=short.empty,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"classes_short": len(short), "details": table_md(short, rows=30)},
+        description=None
+        if short.empty
+        else f"{len(short)} class(es) missing from val or test: "
+        f"{', '.join(map(str, short['label'].head(5)))}{' ...' if len(short) > 5 else ''}",
+    )
 
 
-@asset_check(asset=labeled_splits, blocking=True,
-             description="No case appears in two splits.")
+@asset_check(asset=labeled_splits, blocking=True, description="No case appears in two splits.")
 def no_case_leakage(labeled_splits: pd.DataFrame) -> AssetCheckResult:
     bad = splits.leakage(labeled_splits, "case_id")
-    return AssetCheckResult(passed=bad.empty,
-                            metadata={"leaking_cases": len(bad), "examples": table_md(bad, rows=20)},
-                            description=None if bad.empty else f"{len(bad)} case(s) appear in more than one split")
+    return AssetCheckResult(
+        passed=bad.empty,
+        metadata={"leaking_cases": len(bad), "examples": table_md(bad, rows=20)},
+        description=None if bad.empty else f"{len(bad)} case(s) appear in more than one split",
+    )
 
 
-@asset_check(asset=labeled_splits, blocking=True,
-             description="No duplicate cluster (exact reuse or near duplicate) appears in two splits.")
+@asset_check(
+    asset=labeled_splits,
+    blocking=True,
+    description="No duplicate cluster (exact reuse or near duplicate) appears in two splits.",
+)
 def no_cluster_leakage(labeled_splits: pd.DataFrame) -> AssetCheckResult:
     bad = splits.leakage(labeled_splits, "cluster_id")
-    return AssetCheckResult(passed=bad.empty,
-                            metadata={"leaking_clusters": len(bad), "examples": table_md(bad, rows=20)},
-                            description=None if bad.empty else
-                            f"{len(bad)} duplicate cluster(s) appear in more than one split")
+    return AssetCheckResult(
+        passed=bad.empty,
+        metadata={"leaking_clusters": len(bad), "examples": table_md(bad, rows=20)},
+        description=None if bad.empty else f"{len(bad)} duplicate cluster(s) appear in more than one split",
+    )

@@ -43,8 +43,9 @@ def predict_split(package, rows: pd.DataFrame, images: np.ndarray, cases: pd.Dat
     """Probabilities of one packaged candidate for ``rows`` (images from the cache, metadata from cases)."""
     case_rows = rows[["case_id"]].merge(cases, on="case_id", how="left")
     uses_images = package.kind != "sklearn_metadata"
-    return package.predict_proba(images=images if uses_images else None,
-                                 cases=case_rows if package.kind != "keras_image" else None)
+    return package.predict_proba(
+        images=images if uses_images else None, cases=case_rows if package.kind != "keras_image" else None
+    )
 
 
 @asset(
@@ -55,10 +56,18 @@ def predict_split(package, rows: pd.DataFrame, images: np.ndarray, cases: pd.Dat
     "(model, split, metric, class, value); per-row predictions in tables/model_evaluation/predictions.parquet; "
     "confusion matrices in the metadata and in each model's MLflow run.",
 )
-def model_evaluation(context: AssetExecutionContext, baseline_cnn: pd.DataFrame, resnet50_transfer: pd.DataFrame,
-                     metadata_model: pd.DataFrame, multimodal: pd.DataFrame, labeled_splits: pd.DataFrame,
-                     image_tensors: pd.DataFrame, cases: pd.DataFrame, storage: StoragePaths,
-                     mlflow: MlflowTracking):
+def model_evaluation(
+    context: AssetExecutionContext,
+    baseline_cnn: pd.DataFrame,
+    resnet50_transfer: pd.DataFrame,
+    metadata_model: pd.DataFrame,
+    multimodal: pd.DataFrame,
+    labeled_splits: pd.DataFrame,
+    image_tensors: pd.DataFrame,
+    cases: pd.DataFrame,
+    storage: StoragePaths,
+    mlflow: MlflowTracking,
+):
     from scin_pipeline.core import evaluation
     from scin_pipeline.core.packaged_model import PackagedClassifier
 
@@ -66,8 +75,7 @@ def model_evaluation(context: AssetExecutionContext, baseline_cnn: pd.DataFrame,
     classes = json.loads(candidates["classes"].iloc[0])
     cache_dir = storage.folder("cache", "image_tensors")
     out_dir = storage.table_files_dir("model_evaluation")
-    data = {split: split_arrays(labeled_splits, image_tensors, cache_dir, split, classes)
-            for split in EVALUATED_SPLITS}
+    data = {split: split_arrays(labeled_splits, image_tensors, cache_dir, split, classes) for split in EVALUATED_SPLITS}
     tables, predictions, metadata = [], [], {}
     for candidate in candidates.itertuples():
         package = PackagedClassifier.load(candidate.package_dir)
@@ -77,40 +85,57 @@ def model_evaluation(context: AssetExecutionContext, baseline_cnn: pd.DataFrame,
             proba = predict_split(package, rows, images, cases)
             table = evaluation.evaluation_table(candidate.model, y, proba, classes).assign(split=split)
             tables.append(table)
-            predictions.append(rows[["image_id", "case_id", "label"]].assign(
-                model=candidate.model, split=split, y_true=y, y_pred=proba.argmax(axis=1),
-                **{f"p_{i}": proba[:, i] for i in range(len(classes))}))
+            predictions.append(
+                rows[["image_id", "case_id", "label"]].assign(
+                    model=candidate.model,
+                    split=split,
+                    y_true=y,
+                    y_pred=proba.argmax(axis=1),
+                    **{f"p_{i}": proba[:, i] for i in range(len(classes))},
+                )
+            )
             if split != "test":
                 continue
-            confusion = evaluation.confusion_matrix_png(y, proba.argmax(axis=1), classes,
-                                                        title=f"{candidate.model} (test)")
+            confusion = evaluation.confusion_matrix_png(
+                y, proba.argmax(axis=1), classes, title=f"{candidate.model} (test)"
+            )
             (out_dir / f"confusion_{candidate.model}.png").write_bytes(confusion)
             overall = table[table["class"].isna() | (table["class"] == "")]
             with mlflow.log_to_run(candidate.mlflow_run_id) as run:
-                run.log_metrics({f"test_{r.metric}": float(r.value) for r in overall.itertuples()
-                                 if np.isfinite(r.value)})
+                run.log_metrics(
+                    {f"test_{r.metric}": float(r.value) for r in overall.itertuples() if np.isfinite(r.value)}
+                )
                 run.log_figure_png(confusion, "evaluation/confusion_test.png")
                 run.log_table(table, "evaluation/test_metrics.csv")
             metadata[f"confusion_{candidate.model}"] = MetadataValue.md(
-                f"![{candidate.model}]({png_data_uri_bytes(confusion)})")
+                f"![{candidate.model}]({png_data_uri_bytes(confusion)})"
+            )
     result = pd.concat(tables, ignore_index=True)
     result = result[["model", "split", "metric", "class", "value"]]
     write_parquet_atomic(pd.concat(predictions, ignore_index=True), out_dir / "predictions.parquet")
     overall = result[result["class"].isna() | (result["class"] == "")]
-    wide = overall.pivot_table(index="model", columns=["split", "metric"], values="value").reindex(
-        columns=pd.MultiIndex.from_product([EVALUATED_SPLITS, OVERALL_METRICS])).round(3)
+    wide = (
+        overall.pivot_table(index="model", columns=["split", "metric"], values="value")
+        .reindex(columns=pd.MultiIndex.from_product([EVALUATED_SPLITS, OVERALL_METRICS]))
+        .round(3)
+    )
     wide.columns = [f"{s}_{m}" for s, m in wide.columns]
     per_class = result[(result["split"] == "test") & result["class"].notna() & (result["class"] != "")]
-    metadata.update({
-        "classes": len(classes),
-        "rows_per_split": MetadataValue.json({s: int(len(d[0])) for s, d in data.items()}),
-        "overall": metric_md(wide.reset_index()),
-        "per_class_test": metric_md(per_class.pivot_table(index=["class"], columns=["model", "metric"],
-                                                           values="value").round(3)
-                                    .pipe(lambda f: f.set_axis([f"{m}:{k}" for m, k in f.columns], axis=1))
-                                    .reset_index(), rows=40),
-        "predictions": MetadataValue.path(str(out_dir / "predictions.parquet")),
-    })
+    metadata.update(
+        {
+            "classes": len(classes),
+            "rows_per_split": MetadataValue.json({s: int(len(d[0])) for s, d in data.items()}),
+            "overall": metric_md(wide.reset_index()),
+            "per_class_test": metric_md(
+                per_class.pivot_table(index=["class"], columns=["model", "metric"], values="value")
+                .round(3)
+                .pipe(lambda f: f.set_axis([f"{m}:{k}" for m, k in f.columns], axis=1))
+                .reset_index(),
+                rows=40,
+            ),
+            "predictions": MetadataValue.path(str(out_dir / "predictions.parquet")),
+        }
+    )
     return Output(result, metadata=metadata)
 
 
@@ -119,18 +144,26 @@ _DEFAULT_RULE = ChampionRule()
 
 # The Launchpad face of core.champion.ChampionRule (defaults from there).
 class ComparisonConfig(Config):
-    selection_split: str = Field(default=_DEFAULT_RULE.selection_split,
-                                 description="the split the rule reads (never test)")
-    selection_metric: str = Field(default=_DEFAULT_RULE.selection_metric,
-                                  description="ranked by this, higher is better")
+    selection_split: str = Field(
+        default=_DEFAULT_RULE.selection_split, description="the split the rule reads (never test)"
+    )
+    selection_metric: str = Field(
+        default=_DEFAULT_RULE.selection_metric, description="ranked by this, higher is better"
+    )
     tie_breakers: list[str] = Field(default=list(_DEFAULT_RULE.tie_breakers))
     chance_margin: float = Field(
-        default=_DEFAULT_RULE.chance_margin, ge=0,
-        description="eligible only when balanced accuracy beats chance (1/K) by this")
+        default=_DEFAULT_RULE.chance_margin,
+        ge=0,
+        description="eligible only when balanced accuracy beats chance (1/K) by this",
+    )
 
     def rule(self) -> ChampionRule:
-        return ChampionRule(selection_split=self.selection_split, selection_metric=self.selection_metric,
-                            tie_breakers=tuple(self.tie_breakers), chance_margin=self.chance_margin)
+        return ChampionRule(
+            selection_split=self.selection_split,
+            selection_metric=self.selection_metric,
+            tie_breakers=tuple(self.tie_breakers),
+            chance_margin=self.chance_margin,
+        )
 
 
 @asset(
@@ -140,14 +173,28 @@ class ComparisonConfig(Config):
     "(on validation, never test) and set as the MLflow registry alias 'champion': "
     "models:/<registered name>@champion serves it. When no candidate is eligible the alias is removed "
     "(the reason is on the registered model, tag scin.champion_cleared_reason, and on every candidate's run).",
-    check_specs=[AssetCheckSpec("champion_chosen", asset="model_comparison", blocking=True,
-                                description="A champion passing the fairness gate was chosen and the registry "
-                                "alias points at it; blocks the model card otherwise.")],
+    check_specs=[
+        AssetCheckSpec(
+            "champion_chosen",
+            asset="model_comparison",
+            blocking=True,
+            description="A champion passing the fairness gate was chosen and the registry "
+            "alias points at it; blocks the model card otherwise.",
+        )
+    ],
 )
-def model_comparison(context: AssetExecutionContext, config: ComparisonConfig, model_evaluation: pd.DataFrame,
-                     fairness_report: pd.DataFrame, baseline_cnn: pd.DataFrame, resnet50_transfer: pd.DataFrame,
-                     metadata_model: pd.DataFrame, multimodal: pd.DataFrame, storage: StoragePaths,
-                     mlflow: MlflowTracking):
+def model_comparison(
+    context: AssetExecutionContext,
+    config: ComparisonConfig,
+    model_evaluation: pd.DataFrame,
+    fairness_report: pd.DataFrame,
+    baseline_cnn: pd.DataFrame,
+    resnet50_transfer: pd.DataFrame,
+    metadata_model: pd.DataFrame,
+    multimodal: pd.DataFrame,
+    storage: StoragePaths,
+    mlflow: MlflowTracking,
+):
     from scin_pipeline.core.plots import metric_comparison_png
 
     if config.selection_split == "test":
@@ -161,14 +208,17 @@ def model_comparison(context: AssetExecutionContext, config: ComparisonConfig, m
     gates = pd.read_parquet(storage.table_files_dir("fairness_report") / "gates.parquet")
     champion_rule = config.rule()
     ranked = choose_champion(wide, n_classes, champion_rule, gates).merge(
-        candidates[["model", "kind", "registered_version", "model_uri", "mlflow_run_id"]], on="model")
+        candidates[["model", "kind", "registered_version", "model_uri", "mlflow_run_id"]], on="model"
+    )
     champion = ranked[ranked["champion"]]
     rule = champion_rule_text(champion_rule)
     alias_uri = None
     if len(champion):
         best = champion.iloc[0]
-        reason = f"{best['model']}: {rule}; {config.selection_split}_{config.selection_metric}=" \
-                 f"{best[f'{config.selection_split}_{config.selection_metric}']:.3f}"
+        reason = (
+            f"{best['model']}: {rule}; {config.selection_split}_{config.selection_metric}="
+            f"{best[f'{config.selection_split}_{config.selection_metric}']:.3f}"
+        )
         mlflow.set_champion(best["registered_version"], reason=reason)
         alias_uri = mlflow.model_uri_for_alias("champion")
         context.log.info(f"champion: {reason}")
@@ -180,30 +230,56 @@ def model_comparison(context: AssetExecutionContext, config: ComparisonConfig, m
         previous = mlflow.clear_champion(reason=cleared_reason)
         for run_id, passed_over in zip(ranked["mlflow_run_id"], ranked["passed_over"]):
             if isinstance(run_id, str) and run_id:
-                mlflow.set_run_tags(run_id, {CHAMPION_CLEARED_REASON_TAG: cleared_reason[:4000],
-                                             PASSED_OVER_TAG: passed_over[:4000]})
+                mlflow.set_run_tags(
+                    run_id, {CHAMPION_CLEARED_REASON_TAG: cleared_reason[:4000], PASSED_OVER_TAG: passed_over[:4000]}
+                )
         previous_version = str(previous.version) if previous is not None else "none"
         context.log.warning(f"no champion; alias removed (it was on version {previous_version}): {cleared_reason}")
         cleared_metadata = {"champion_cleared_reason": cleared_reason, "previous_champion_version": previous_version}
     bars = metric_comparison_png(
-        overall[overall["split"] == "test"], metrics=["balanced_accuracy", "macro_f1", "top3_accuracy",
-                                                      "mean_ovr_auc"], title="test split")
-    shown = [c for c in ["rank", "model", "champion", f"val_{config.selection_metric}", "val_balanced_accuracy",
-                         "test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_top3_accuracy",
-                         "test_mean_ovr_auc", "test_ece", "registered_version", "passed_over"] if c in ranked]
-    yield Output(ranked, metadata={
-        "rule": rule,
-        "champion": str(champion["model"].iloc[0]) if len(champion) else "none",
-        "champion_model_uri": alias_uri or "none",
-        **cleared_metadata,
-        "comparison": metric_md(ranked[shown]),
-        "test_metrics_plot": MetadataValue.md(f"![comparison]({png_data_uri_bytes(bars)})"),
-    })
+        overall[overall["split"] == "test"],
+        metrics=["balanced_accuracy", "macro_f1", "top3_accuracy", "mean_ovr_auc"],
+        title="test split",
+    )
+    shown = [
+        c
+        for c in [
+            "rank",
+            "model",
+            "champion",
+            f"val_{config.selection_metric}",
+            "val_balanced_accuracy",
+            "test_accuracy",
+            "test_balanced_accuracy",
+            "test_macro_f1",
+            "test_top3_accuracy",
+            "test_mean_ovr_auc",
+            "test_ece",
+            "registered_version",
+            "passed_over",
+        ]
+        if c in ranked
+    ]
+    yield Output(
+        ranked,
+        metadata={
+            "rule": rule,
+            "champion": str(champion["model"].iloc[0]) if len(champion) else "none",
+            "champion_model_uri": alias_uri or "none",
+            **cleared_metadata,
+            "comparison": metric_md(ranked[shown]),
+            "test_metrics_plot": MetadataValue.md(f"![comparison]({png_data_uri_bytes(bars)})"),
+        },
+    )
     current = mlflow.champion_version()
     yield AssetCheckResult(
         check_name="champion_chosen",
-        passed=bool(len(champion)) and current is not None
+        passed=bool(len(champion))
+        and current is not None
         and str(current.version) == str(champion["registered_version"].iloc[0]),
-        metadata={"champion": str(champion["model"].iloc[0]) if len(champion) else "none",
-                  **{k: v for k, v in cleared_metadata.items() if k == "champion_cleared_reason"},
-                  "passed_over": metric_md(ranked[ranked["passed_over"] != ""][["model", "passed_over"]])})
+        metadata={
+            "champion": str(champion["model"].iloc[0]) if len(champion) else "none",
+            **{k: v for k, v in cleared_metadata.items() if k == "champion_cleared_reason"},
+            "passed_over": metric_md(ranked[ranked["passed_over"] != ""][["model", "passed_over"]]),
+        },
+    )

@@ -39,8 +39,9 @@ class FairnessConfig(Config):
     n_bootstrap: int = Field(default=200, ge=0, description="bootstrap resamples per group (0: no intervals)")
     min_group_n: int = Field(default=30, ge=1, description="groups smaller than this are 'insufficient data'")
     gate_metric: str = Field(default="balanced_accuracy")
-    max_gap: float = Field(default=0.10, ge=0, le=1,
-                           description="gate: worst group below overall by more than this, CIs apart -> fail")
+    max_gap: float = Field(
+        default=0.10, ge=0, le=1, description="gate: worst group below overall by more than this, CIs apart -> fail"
+    )
     gate_attributes: list[str] = Field(default=DEFAULT_GATE_ATTRIBUTES)
     seed: int = 0
 
@@ -53,15 +54,29 @@ class FairnessConfig(Config):
     "age group: n, accuracy, balanced accuracy, macro-F1, mean one-vs-rest AUC, top-3 accuracy, with "
     "bootstrap intervals, difference and ratio to overall, the worst group; per case on the test split. "
     "HTML and Markdown reports in tables/fairness_report/ and in each model's MLflow run; the gate per model.",
-    check_specs=[AssetCheckSpec(
-        "fairness_gate", asset="fairness_report",
-        description="Every candidate's worst group (gate attributes) is within max_gap of overall, or its "
-        "interval overlaps overall's. A failing candidate cannot become champion (model_comparison).")],
+    check_specs=[
+        AssetCheckSpec(
+            "fairness_gate",
+            asset="fairness_report",
+            description="Every candidate's worst group (gate attributes) is within max_gap of overall, or its "
+            "interval overlaps overall's. A failing candidate cannot become champion (model_comparison).",
+        )
+    ],
 )
-def fairness_report(context: AssetExecutionContext, config: FairnessConfig, model_evaluation: pd.DataFrame,
-                    baseline_cnn: pd.DataFrame, resnet50_transfer: pd.DataFrame, metadata_model: pd.DataFrame,
-                    multimodal: pd.DataFrame, labeled_splits: pd.DataFrame, cases: pd.DataFrame,
-                    storage: StoragePaths, mlflow: MlflowTracking, scin_source: ScinSourceResource):
+def fairness_report(
+    context: AssetExecutionContext,
+    config: FairnessConfig,
+    model_evaluation: pd.DataFrame,
+    baseline_cnn: pd.DataFrame,
+    resnet50_transfer: pd.DataFrame,
+    metadata_model: pd.DataFrame,
+    multimodal: pd.DataFrame,
+    labeled_splits: pd.DataFrame,
+    cases: pd.DataFrame,
+    storage: StoragePaths,
+    mlflow: MlflowTracking,
+    scin_source: ScinSourceResource,
+):
     from scin_pipeline.core import fairness
 
     candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)
@@ -76,11 +91,19 @@ def fairness_report(context: AssetExecutionContext, config: FairnessConfig, mode
         case_rows = part[["case_id"]].merge(cases, on="case_id", how="left")
         sensitive = fairness.sensitive_features(case_rows).reset_index(drop=True)
         proba = part[[f"p_{i}" for i in range(len(classes))]].to_numpy()
-        table = fairness.fairness_table(candidate.model, part["y_true"].to_numpy(), proba, classes, sensitive,
-                                        n_bootstrap=config.n_bootstrap, min_group_n=config.min_group_n,
-                                        seed=config.seed)
-        gate = fairness.fairness_gate(table, metric=config.gate_metric, max_gap=config.max_gap,
-                                      attributes=config.gate_attributes)
+        table = fairness.fairness_table(
+            candidate.model,
+            part["y_true"].to_numpy(),
+            proba,
+            classes,
+            sensitive,
+            n_bootstrap=config.n_bootstrap,
+            min_group_n=config.min_group_n,
+            seed=config.seed,
+        )
+        gate = fairness.fairness_gate(
+            table, metric=config.gate_metric, max_gap=config.max_gap, attributes=config.gate_attributes
+        )
         plots = fairness.fairness_plots(table, metrics=(config.gate_metric,))
         html = fairness.fairness_html(table, gate, plots, model=candidate.model, synthetic=synthetic)
         markdown = fairness.fairness_markdown(table, gate, model=candidate.model, synthetic=synthetic)
@@ -90,42 +113,67 @@ def fairness_report(context: AssetExecutionContext, config: FairnessConfig, mode
             run.log_text(html, "fairness/fairness_report.html")
             run.log_text(markdown, "fairness/fairness_report.md")
             run.log_table(table, "fairness/fairness_table.csv")
-            run.log_metrics({"fairness_gate_passed": float(gate.passed),
-                             "fairness_worst_gap": float(gate.gap) if gate.gap is not None else float("nan")})
+            run.log_metrics(
+                {
+                    "fairness_gate_passed": float(gate.passed),
+                    "fairness_worst_gap": float(gate.gap) if gate.gap is not None else float("nan"),
+                }
+            )
         tables.append(table)
         gates[candidate.model] = gate
         monk = fairness.plot_key("monk_us_bin", config.gate_metric)
         if monk in plots:
             metadata[f"{candidate.model}_monk_us_bin"] = MetadataValue.md(
-                f"![{candidate.model}]({png_data_uri_bytes(plots[monk])})")
+                f"![{candidate.model}]({png_data_uri_bytes(plots[monk])})"
+            )
     result = pd.concat(tables, ignore_index=True)
-    gate_rows = pd.DataFrame([{"model": m, "passed": g.passed, "reason": g.reason, "metric": config.gate_metric,
-                               "max_gap": config.max_gap, "attributes": json.dumps(config.gate_attributes)}
-                              for m, g in gates.items()])
+    gate_rows = pd.DataFrame(
+        [
+            {
+                "model": m,
+                "passed": g.passed,
+                "reason": g.reason,
+                "metric": config.gate_metric,
+                "max_gap": config.max_gap,
+                "attributes": json.dumps(config.gate_attributes),
+            }
+            for m, g in gates.items()
+        ]
+    )
     write_parquet_atomic(gate_rows, out_dir / "gates.parquet")
     representation = fairness.representation_by_split(labeled_splits, cases)
     write_parquet_atomic(representation, out_dir / "representation_by_split.parquet")
     worst = result[result["worst"] & (result["metric"] == config.gate_metric)]
-    metadata.update({
-        "unit": "case (test split; a case's images averaged)",
-        "gate": metric_md(gate_rows),
-        "worst_groups": metric_md(worst[["model", "attribute", "group", "n", "value", "ci_low", "ci_high",
-                                         "diff_to_overall"]], rows=60),
-        "insufficient_groups": int(result.loc[result["insufficient_data"], ["attribute", "group"]]
-                                   .drop_duplicates().shape[0]),
-        "representation_monk_us_bin": table_md(
-            representation[representation["attribute"] == "monk_us_bin"], rows=30),
-        "reports": MetadataValue.path(str(out_dir)),
-    })
+    metadata.update(
+        {
+            "unit": "case (test split; a case's images averaged)",
+            "gate": metric_md(gate_rows),
+            "worst_groups": metric_md(
+                worst[["model", "attribute", "group", "n", "value", "ci_low", "ci_high", "diff_to_overall"]], rows=60
+            ),
+            "insufficient_groups": int(
+                result.loc[result["insufficient_data"], ["attribute", "group"]].drop_duplicates().shape[0]
+            ),
+            "representation_monk_us_bin": table_md(
+                representation[representation["attribute"] == "monk_us_bin"], rows=30
+            ),
+            "reports": MetadataValue.path(str(out_dir)),
+        }
+    )
     if synthetic:
         metadata["note"] = "SYNTHETIC images: these figures say nothing about fairness on real skin"
     yield Output(result, metadata=metadata)
     failing = [m for m, g in gates.items() if not g.passed]
     yield AssetCheckResult(
-        check_name="fairness_gate", passed=not failing, severity=AssetCheckSeverity.ERROR,
-        metadata={"failing_models": ", ".join(failing) or "none",
-                  "reasons": MetadataValue.json({m: g.reason for m, g in gates.items()})},
-        description="; ".join(f"{m}: {gates[m].reason}" for m in failing) or None)
+        check_name="fairness_gate",
+        passed=not failing,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "failing_models": ", ".join(failing) or "none",
+            "reasons": MetadataValue.json({m: g.reason for m, g in gates.items()}),
+        },
+        description="; ".join(f"{m}: {gates[m].reason}" for m in failing) or None,
+    )
 
 
 def fairness_gate_results(storage: StoragePaths) -> pd.DataFrame:
@@ -139,10 +187,18 @@ def fairness_gate_results(storage: StoragePaths) -> pd.DataFrame:
     "not diagnosis), data and licence, exclusions, preprocessing, metrics overall and per group with "
     "intervals, limitations, ethical considerations. Written to tables/model_card/ and the champion's run.",
 )
-def model_card(context: AssetExecutionContext, model_comparison: pd.DataFrame, model_evaluation: pd.DataFrame,
-               fairness_report: pd.DataFrame, quality_filtered_index: pd.DataFrame, labeled_splits: pd.DataFrame,
-               image_tensors: pd.DataFrame, storage: StoragePaths, mlflow: MlflowTracking,
-               scin_source: ScinSourceResource):
+def model_card(
+    context: AssetExecutionContext,
+    model_comparison: pd.DataFrame,
+    model_evaluation: pd.DataFrame,
+    fairness_report: pd.DataFrame,
+    quality_filtered_index: pd.DataFrame,
+    labeled_splits: pd.DataFrame,
+    image_tensors: pd.DataFrame,
+    storage: StoragePaths,
+    mlflow: MlflowTracking,
+    scin_source: ScinSourceResource,
+):
     from scin_pipeline.core import fairness
     from scin_pipeline.core.model_card import build_model_card
 
@@ -151,10 +207,17 @@ def model_card(context: AssetExecutionContext, model_comparison: pd.DataFrame, m
     table = fairness_report[fairness_report["model"] == name]
     gates = fairness_gate_results(storage).set_index("model")
     settings = gates.loc[name]  # the gate exactly as fairness_report applied it
-    gate = fairness.fairness_gate(table, metric=str(settings["metric"]), max_gap=float(settings["max_gap"]),
-                                  attributes=json.loads(settings["attributes"]))
-    overall = model_evaluation[(model_evaluation["model"] == name) & (model_evaluation["split"] == "test")
-                               & ((model_evaluation["class"] == "") | model_evaluation["class"].isna())]
+    gate = fairness.fairness_gate(
+        table,
+        metric=str(settings["metric"]),
+        max_gap=float(settings["max_gap"]),
+        attributes=json.loads(settings["attributes"]),
+    )
+    overall = model_evaluation[
+        (model_evaluation["model"] == name)
+        & (model_evaluation["split"] == "test")
+        & ((model_evaluation["class"] == "") | model_evaluation["class"].isna())
+    ]
     metrics = {r.metric: float(r.value) for r in overall.itertuples()}
     exclusions = quality_filtered_index if "reason" in quality_filtered_index else pd.DataFrame()
     counts = labeled_splits.groupby("split", observed=True)["case_id"].nunique().to_dict()
@@ -166,23 +229,39 @@ def model_card(context: AssetExecutionContext, model_comparison: pd.DataFrame, m
     if len(exclusions):
         data_summary["exclusions"] = {str(k): int(v) for k, v in exclusions["reason"].value_counts().items()}
     image_size = int(image_tensors["image_size"].iloc[0]) if len(image_tensors) else None
-    preprocessing = {"image": f"guarded decode; shorter side resized to {image_size} px, centre crop; uint8; "
-                              "rescaling inside the model", "augmentation": "flips, 90° turns, 85-100 % crops; "
-                              "no colour change (skin tone preserved)",
-                     "metadata": "questionnaire answers one-hot with missing/unrecognised masks"}
+    preprocessing = {
+        "image": f"guarded decode; shorter side resized to {image_size} px, centre crop; uint8; "
+        "rescaling inside the model",
+        "augmentation": "flips, 90° turns, 85-100 % crops; no colour change (skin tone preserved)",
+        "metadata": "questionnaire answers one-hot with missing/unrecognised masks",
+    }
     markdown, manifest = build_model_card(
-        model_name=name, model_version=str(champion["registered_version"]),
-        model_uri=mlflow.model_uri_for_alias("champion"), kind=str(champion["kind"]),
-        classes=sorted(labeled_splits["label"].astype(str).unique()), metrics=metrics, fairness_table=table,
-        gate=gate, data_summary=data_summary, preprocessing=preprocessing,
-        synthetic=scin_source.is_synthetic())
+        model_name=name,
+        model_version=str(champion["registered_version"]),
+        model_uri=mlflow.model_uri_for_alias("champion"),
+        kind=str(champion["kind"]),
+        classes=sorted(labeled_splits["label"].astype(str).unique()),
+        metrics=metrics,
+        fairness_table=table,
+        gate=gate,
+        data_summary=data_summary,
+        preprocessing=preprocessing,
+        synthetic=scin_source.is_synthetic(),
+    )
     out_dir = storage.table_files_dir("model_card")
     (out_dir / "model_card.md").write_text(markdown)
     (out_dir / "model_card.json").write_text(json.dumps(manifest, indent=2, default=str))
     with mlflow.log_to_run(str(champion["mlflow_run_id"])) as run:
         run.log_text(markdown, "model_card/model_card.md")
         run.log_text(json.dumps(manifest, indent=2, default=str), "model_card/model_card.json")
-    row = pd.DataFrame([{"model": name, "registered_version": str(champion["registered_version"]),
-                         "model_card_md": str(out_dir / "model_card.md"),
-                         "model_card_json": str(out_dir / "model_card.json")}])
+    row = pd.DataFrame(
+        [
+            {
+                "model": name,
+                "registered_version": str(champion["registered_version"]),
+                "model_card_md": str(out_dir / "model_card.md"),
+                "model_card_json": str(out_dir / "model_card.json"),
+            }
+        ]
+    )
     return Output(row, metadata={"champion": name, "model_card": MetadataValue.md(markdown)})

@@ -7,7 +7,6 @@ can heal (a local filesystem error, bad metadata content, an object the source d
 ``dagster.Failure(allow_retries=False)`` instead, so it fails at once rather than after a minute.
 """
 
-
 import dataclasses
 import hashlib
 import time
@@ -70,8 +69,10 @@ def retry_only_what_can_heal(asset_name: str) -> Iterator[None]:
             raise failure from None  # its description names what, where and why
         if isinstance(exc, CANNOT_HEAL):
             # from exc: the traceback shows where the content went wrong.
-            raise Failure(description=f"{asset_name}: {type(exc).__name__}: {exc} (not retried: a retry "
-                          "reads the same content)", allow_retries=False) from exc
+            raise Failure(
+                description=f"{asset_name}: {type(exc).__name__}: {exc} (not retried: a retry reads the same content)",
+                allow_retries=False,
+            ) from exc
         raise
 
 
@@ -84,8 +85,9 @@ def retry_only_what_can_heal(asset_name: str) -> Iterator[None]:
     description="Verbatim scin_cases.csv and scin_labels.csv, stored by content hash, with the release id "
     "and the source object versions (generation, checksums).",
 )
-def raw_metadata(context: AssetExecutionContext, scin_source: ScinSourceResource,
-                 storage: StoragePaths) -> Output[pd.DataFrame]:
+def raw_metadata(
+    context: AssetExecutionContext, scin_source: ScinSourceResource, storage: StoragePaths
+) -> Output[pd.DataFrame]:
     with retry_only_what_can_heal("raw_metadata"):
         return _raw_metadata(scin_source, storage)
 
@@ -96,13 +98,22 @@ def _raw_metadata(scin_source: ScinSourceResource, storage: StoragePaths) -> Out
     for object_path in (CASES_OBJECT, LABELS_OBJECT):
         data, info = source.read_bytes(object_path)
         local, digest = store_verbatim(data, Path(object_path).name, storage.raw_dir)
-        rows.append({
-            "object_path": object_path, "file_name": Path(object_path).name, "local_path": str(local),
-            "bytes": len(data), "sha256": digest, "crc32c": info.crc32c, "md5": info.md5,
-            "generation": info.generation, "updated": info.updated,
-            "release": ",".join(releases_in_csv(data)), "source_uri": source.uri,
-            "synthetic": source.is_synthetic(),
-        })
+        rows.append(
+            {
+                "object_path": object_path,
+                "file_name": Path(object_path).name,
+                "local_path": str(local),
+                "bytes": len(data),
+                "sha256": digest,
+                "crc32c": info.crc32c,
+                "md5": info.md5,
+                "generation": info.generation,
+                "updated": info.updated,
+                "release": ",".join(releases_in_csv(data)),
+                "source_uri": source.uri,
+                "synthetic": source.is_synthetic(),
+            }
+        )
     table = pd.DataFrame(rows)
     releases = sorted({r for value in table["release"] for r in value.split(",") if r})
     combined = hashlib.sha256("".join(table["sha256"]).encode()).hexdigest()
@@ -120,8 +131,7 @@ def _raw_metadata(scin_source: ScinSourceResource, storage: StoragePaths) -> Out
     )
 
 
-@asset_check(asset=raw_metadata, blocking=True,
-             description="Both CSVs are readable and carry every required column.")
+@asset_check(asset=raw_metadata, blocking=True, description="Both CSVs are readable and carry every required column.")
 def metadata_required_columns(raw_metadata: pd.DataFrame) -> AssetCheckResult:
     required = {CASES_FILE: schema.REQUIRED_CASE_COLUMNS, LABELS_FILE: schema.REQUIRED_LABEL_COLUMNS}
     problems = {}
@@ -131,73 +141,124 @@ def metadata_required_columns(raw_metadata: pd.DataFrame) -> AssetCheckResult:
             read_csv_bytes(row.file_name, data, required[row.file_name])
         except ValueError as exc:
             problems[row.file_name] = str(exc)
-    return AssetCheckResult(passed=not problems, metadata={"problems": MetadataValue.json(problems)},
-                            description="; ".join(why if why.startswith(name) else f"{name}: {why}"
-                                                  for name, why in problems.items()) or None)
+    return AssetCheckResult(
+        passed=not problems,
+        metadata={"problems": MetadataValue.json(problems)},
+        description="; ".join(why if why.startswith(name) else f"{name}: {why}" for name, why in problems.items())
+        or None,
+    )
 
 
 class CasesConfig(Config):
     limit_cases: int | None = Field(
-        default=None, ge=1, description="keep a deterministic sample of N cases (None: all)")
+        default=None, ge=1, description="keep a deterministic sample of N cases (None: all)"
+    )
     sample_seed: int = Field(default=0, description="seed of the case sample")
 
 
 @multi_asset(
     group_name=GROUP,
     outs={
-        "cases": AssetOut(description="One typed row per case: demographics, self-reported and "
-                          "dermatologist FST, Monk skin tone, symptoms, textures, body parts, duration, "
-                          "parsed labels, gradability.", code_version="1"),
-        "images": AssetOut(description="One row per image reference: image_id, case_id, position, "
-                           "shot type, object path; unsafe paths rejected with their reason.",
-                           code_version="1"),
-        "metadata_quarantine": AssetOut(description="Every metadata row or value that was dropped, "
-                                        "nulled or flagged, naming file, line, column and reason.",
-                                        code_version="1"),
+        "cases": AssetOut(
+            description="One typed row per case: demographics, self-reported and "
+            "dermatologist FST, Monk skin tone, symptoms, textures, body parts, duration, "
+            "parsed labels, gradability.",
+            code_version="1",
+        ),
+        "images": AssetOut(
+            description="One row per image reference: image_id, case_id, position, "
+            "shot type, object path; unsafe paths rejected with their reason.",
+            code_version="1",
+        ),
+        "metadata_quarantine": AssetOut(
+            description="Every metadata row or value that was dropped, "
+            "nulled or flagged, naming file, line, column and reason.",
+            code_version="1",
+        ),
     },
     check_specs=[
-        AssetCheckSpec("case_id_unique", asset="cases",
-                       description="No case_id appears twice in either CSV (repeats are quarantined)."),
-        AssetCheckSpec("labels_reference_known_cases", asset="cases",
-                       description="Every scin_labels.csv row belongs to a case of scin_cases.csv."),
-        AssetCheckSpec("label_literals_parse", asset="cases",
-                       description="Every label literal parses (ast.literal_eval) to the expected shape."),
-        AssetCheckSpec("enum_values_known", asset="cases",
-                       description="Enum columns hold only known values (unknown ones are kept and flagged)."),
-        AssetCheckSpec("image_paths_safe", asset="images",
-                       description="Every image path is dataset/images/<signed int>.png; others are "
-                       "rejected and never opened."),
+        AssetCheckSpec(
+            "case_id_unique",
+            asset="cases",
+            description="No case_id appears twice in either CSV (repeats are quarantined).",
+        ),
+        AssetCheckSpec(
+            "labels_reference_known_cases",
+            asset="cases",
+            description="Every scin_labels.csv row belongs to a case of scin_cases.csv.",
+        ),
+        AssetCheckSpec(
+            "label_literals_parse",
+            asset="cases",
+            description="Every label literal parses (ast.literal_eval) to the expected shape.",
+        ),
+        AssetCheckSpec(
+            "enum_values_known",
+            asset="cases",
+            description="Enum columns hold only known values (unknown ones are kept and flagged).",
+        ),
+        AssetCheckSpec(
+            "image_paths_safe",
+            asset="images",
+            description="Every image path is dataset/images/<signed int>.png; others are rejected and never opened.",
+        ),
     ],
 )
 def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_metadata: pd.DataFrame):
     files = {row.file_name: Path(row.local_path) for row in raw_metadata.itertuples()}
-    parsed = parse_metadata(files[CASES_FILE].read_bytes(), files[LABELS_FILE].read_bytes(),
-                            limit_cases=config.limit_cases, sample_seed=config.sample_seed)
+    parsed = parse_metadata(
+        files[CASES_FILE].read_bytes(),
+        files[LABELS_FILE].read_bytes(),
+        limit_cases=config.limit_cases,
+        sample_seed=config.sample_seed,
+    )
     cases, images, quarantine = parsed.cases, parsed.images, parsed.quarantine
     synthetic = bool(raw_metadata["synthetic"].any())
 
     label_counts = cases["label_status"].value_counts().to_dict()
-    yield Output(cases, output_name="cases", metadata={
-        "dagster/row_count": len(cases),
-        "labelled_cases": int(cases["has_label"].sum()),
-        "label_status": MetadataValue.json({str(k): int(v) for k, v in label_counts.items()}),
-        "limit_cases": config.limit_cases or "all",
-        "synthetic_images": synthetic,
-        "preview": table_md(cases, ["case_id", "age_group", "sex_at_birth", "fitzpatrick_skin_type",
-                                   "monk_skin_tone_label_us", "top_label", "label_status"]),
-    })
-    yield Output(images, output_name="images", metadata={
-        "dagster/row_count": len(images),
-        "distinct_files": int(images["object_path"].nunique()),
-        "shared_files": int(images.loc[images["n_references"] > 1, "object_path"].nunique()),
-        "rejected_paths": int((images["path_status"] == "rejected").sum()),
-        "preview": table_md(images, ["image_id", "case_id", "position", "shot_type", "object_path"]),
-    })
-    yield Output(quarantine, output_name="metadata_quarantine", metadata={
-        "dagster/row_count": len(quarantine),
-        "by_action": MetadataValue.json(quarantine["action"].value_counts().to_dict()),
-        "preview": table_md(quarantine, rows=25),
-    })
+    yield Output(
+        cases,
+        output_name="cases",
+        metadata={
+            "dagster/row_count": len(cases),
+            "labelled_cases": int(cases["has_label"].sum()),
+            "label_status": MetadataValue.json({str(k): int(v) for k, v in label_counts.items()}),
+            "limit_cases": config.limit_cases or "all",
+            "synthetic_images": synthetic,
+            "preview": table_md(
+                cases,
+                [
+                    "case_id",
+                    "age_group",
+                    "sex_at_birth",
+                    "fitzpatrick_skin_type",
+                    "monk_skin_tone_label_us",
+                    "top_label",
+                    "label_status",
+                ],
+            ),
+        },
+    )
+    yield Output(
+        images,
+        output_name="images",
+        metadata={
+            "dagster/row_count": len(images),
+            "distinct_files": int(images["object_path"].nunique()),
+            "shared_files": int(images.loc[images["n_references"] > 1, "object_path"].nunique()),
+            "rejected_paths": int((images["path_status"] == "rejected").sum()),
+            "preview": table_md(images, ["image_id", "case_id", "position", "shot_type", "object_path"]),
+        },
+    )
+    yield Output(
+        quarantine,
+        output_name="metadata_quarantine",
+        metadata={
+            "dagster/row_count": len(quarantine),
+            "by_action": MetadataValue.json(quarantine["action"].value_counts().to_dict()),
+            "preview": table_md(quarantine, rows=25),
+        },
+    )
 
     def issues(predicate) -> pd.DataFrame:
         return quarantine[predicate(quarantine)]
@@ -213,17 +274,30 @@ def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_met
         ("label_literals_parse", "cases", malformed, AssetCheckSeverity.ERROR),
         ("enum_values_known", "cases", unknown, AssetCheckSeverity.WARN),
     ):
-        yield AssetCheckResult(check_name=name, asset_key=asset_key, passed=bad.empty, severity=severity,
-                               metadata={"failures": len(bad), "examples": table_md(bad)},
-                               description=_first_rows(bad, len(bad)))
+        yield AssetCheckResult(
+            check_name=name,
+            asset_key=asset_key,
+            passed=bad.empty,
+            severity=severity,
+            metadata={"failures": len(bad), "examples": table_md(bad)},
+            description=_first_rows(bad, len(bad)),
+        )
     yield AssetCheckResult(
-        check_name="image_paths_safe", asset_key="images", passed=rejected.empty,
+        check_name="image_paths_safe",
+        asset_key="images",
+        passed=rejected.empty,
         severity=AssetCheckSeverity.ERROR,
-        metadata={"rejected": len(rejected),
-                  "examples": table_md(rejected, ["case_id", "position", "object_path", "path_reason"])},
-        description=None if rejected.empty else (
+        metadata={
+            "rejected": len(rejected),
+            "examples": table_md(rejected, ["case_id", "position", "object_path", "path_reason"]),
+        },
+        description=None
+        if rejected.empty
+        else (
             f"{len(rejected)} image path(s) rejected, e.g. case {rejected['case_id'].iloc[0]} "
-            f"{rejected['object_path'].iloc[0]!r}: {rejected['path_reason'].iloc[0]}"))
+            f"{rejected['object_path'].iloc[0]!r}: {rejected['path_reason'].iloc[0]}"
+        ),
+    )
 
 
 @asset(
@@ -234,30 +308,46 @@ def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_met
     description="Local, verified copies of the images (size + CRC32C/MD5), fetched in parallel and "
     "resumably; status ok | missing | corrupt | rejected with a reason.",
 )
-def image_files(context: AssetExecutionContext, images: pd.DataFrame, scin_source: ScinSourceResource,
-                storage: StoragePaths) -> pd.DataFrame:
+def image_files(
+    context: AssetExecutionContext, images: pd.DataFrame, scin_source: ScinSourceResource, storage: StoragePaths
+) -> pd.DataFrame:
     with retry_only_what_can_heal("image_files"):
         return _image_files(context, images, scin_source, storage)
 
 
-def _image_files(context: AssetExecutionContext, images: pd.DataFrame, scin_source: ScinSourceResource,
-                 storage: StoragePaths) -> pd.DataFrame:
+def _image_files(
+    context: AssetExecutionContext, images: pd.DataFrame, scin_source: ScinSourceResource, storage: StoragePaths
+) -> pd.DataFrame:
     source = scin_source.open()
     ok_refs = images[images["path_status"] == "ok"].drop_duplicates("object_path")
-    requests = [FetchRequest(image_id=str(r.image_id), object_path=str(r.object_path))
-                for r in ok_refs.itertuples()]
+    requests = [FetchRequest(image_id=str(r.image_id), object_path=str(r.object_path)) for r in ok_refs.itertuples()]
     started = time.perf_counter()
-    results = fetch_images(source, requests, storage.images_dir,
-                           quarantine_dir=storage.quarantine_dir("image_files"),
-                           workers=scin_source.download_workers, retries=scin_source.download_retries,
-                           progress=_progress_logger(context, len(requests)))
+    results = fetch_images(
+        source,
+        requests,
+        storage.images_dir,
+        quarantine_dir=storage.quarantine_dir("image_files"),
+        workers=scin_source.download_workers,
+        retries=scin_source.download_retries,
+        progress=_progress_logger(context, len(requests)),
+    )
     elapsed = time.perf_counter() - started
     rejected = images[images["path_status"] == "rejected"].drop_duplicates("object_path")
     # Rejected references were never opened; they are listed so that nothing is silently lost.
     rows = [dataclasses.asdict(r) for r in results] + [
-        {"image_id": None, "object_path": r.object_path, "local_path": None, "bytes": None, "crc32c": None,
-         "status": "rejected", "reason": r.path_reason, "fetched": False, "attempts": 0}
-        for r in rejected.itertuples()]
+        {
+            "image_id": None,
+            "object_path": r.object_path,
+            "local_path": None,
+            "bytes": None,
+            "crc32c": None,
+            "status": "rejected",
+            "reason": r.path_reason,
+            "fetched": False,
+            "attempts": 0,
+        }
+        for r in rejected.itertuples()
+    ]
     table = pd.DataFrame(rows, columns=list(FetchResult.__dataclass_fields__))
     table["image_id"] = table["image_id"].astype("string")
     table["bytes"] = pd.to_numeric(table["bytes"]).astype("Int64")
@@ -266,14 +356,16 @@ def _image_files(context: AssetExecutionContext, images: pd.DataFrame, scin_sour
     counts = table["status"].value_counts().reindex(table["status"].cat.categories, fill_value=0)
     n_fetched = int(table["fetched"].sum())
     megabytes = float(table.loc[table["fetched"], "bytes"].sum() or 0) / 1e6
-    context.add_output_metadata({
-        "status_counts": MetadataValue.json({k: int(v) for k, v in counts.items()}),
-        "fetched_now": n_fetched,
-        "reused_verified": int(((table["status"] == "ok") & ~table["fetched"]).sum()),
-        "total_mb": round(float(table["bytes"].sum() or 0) / 1e6, 2),
-        "download_mb_per_s": round(megabytes / elapsed, 2) if n_fetched and elapsed > 0 else 0.0,
-        "problems": table_md(table[table["status"] != "ok"], ["object_path", "status", "reason"], rows=25),
-    })
+    context.add_output_metadata(
+        {
+            "status_counts": MetadataValue.json({k: int(v) for k, v in counts.items()}),
+            "fetched_now": n_fetched,
+            "reused_verified": int(((table["status"] == "ok") & ~table["fetched"]).sum()),
+            "total_mb": round(float(table["bytes"].sum() or 0) / 1e6, 2),
+            "download_mb_per_s": round(megabytes / elapsed, 2) if n_fetched and elapsed > 0 else 0.0,
+            "problems": table_md(table[table["status"] != "ok"], ["object_path", "status", "reason"], rows=25),
+        }
+    )
     return table
 
 
@@ -296,14 +388,25 @@ def _first_rows(bad: pd.DataFrame, n: int) -> str | None:
     return f"{n} row(s), e.g. {where}: {first.get('reason', '')}"
 
 
-@asset_check(asset=image_files, description="Every referenced image is present and verified "
-             "(missing, corrupt and rejected objects are listed; the run goes on without them).")
+@asset_check(
+    asset=image_files,
+    description="Every referenced image is present and verified "
+    "(missing, corrupt and rejected objects are listed; the run goes on without them).",
+)
 def image_files_verified(image_files: pd.DataFrame) -> AssetCheckResult:
     bad = image_files[image_files["status"] != "ok"]
     return AssetCheckResult(
-        passed=bad.empty, severity=AssetCheckSeverity.WARN,
-        metadata={"not_ok": len(bad), "ok": int((image_files["status"] == "ok").sum()),
-                  "examples": table_md(bad, ["object_path", "status", "reason"], rows=25)},
-        description=None if bad.empty else (
+        passed=bad.empty,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "not_ok": len(bad),
+            "ok": int((image_files["status"] == "ok").sum()),
+            "examples": table_md(bad, ["object_path", "status", "reason"], rows=25),
+        },
+        description=None
+        if bad.empty
+        else (
             f"{len(bad)} of {len(image_files)} image(s) not ok, e.g. {bad['object_path'].iloc[0]}: "
-            f"{bad['status'].iloc[0]} ({bad['reason'].iloc[0]})"))
+            f"{bad['status'].iloc[0]} ({bad['reason'].iloc[0]})"
+        ),
+    )

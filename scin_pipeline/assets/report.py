@@ -1,6 +1,5 @@
 """data_report: the exploration the notebooks did by hand, as a reproducible report with plots."""
 
-
 import pandas as pd
 from dagster import AssetExecutionContext, MetadataValue, asset
 
@@ -16,22 +15,33 @@ from scin_pipeline.resources.storage import write_parquet_atomic
     "dermatologist), race/ethnicity, sex, age; condition frequencies; label coverage; missingness. "
     "Plots in this metadata and as files in tables/data_report/.",
 )
-def data_report(context: AssetExecutionContext, cases: pd.DataFrame, images: pd.DataFrame,
-                image_files: pd.DataFrame, raw_metadata: pd.DataFrame,
-                storage: StoragePaths) -> pd.DataFrame:
+def data_report(
+    context: AssetExecutionContext,
+    cases: pd.DataFrame,
+    images: pd.DataFrame,
+    image_files: pd.DataFrame,
+    raw_metadata: pd.DataFrame,
+    storage: StoragePaths,
+) -> pd.DataFrame:
     out_dir = storage.table_files_dir("data_report")
     synthetic = bool(raw_metadata["synthetic"].any())
     report = build_data_report(
-        cases, images, image_files, out_dir=out_dir, synthetic=synthetic,
+        cases,
+        images,
+        image_files,
+        out_dir=out_dir,
+        synthetic=synthetic,
         source_uri=str(raw_metadata["source_uri"].iloc[0]),
         release=", ".join(sorted(set(raw_metadata["release"]) - {""})),
     )
     for name in ("conditions", "label_coverage", "missingness", "images_summary"):
         write_parquet_atomic(getattr(report, name), out_dir / f"{name}.parquet")
-    context.add_output_metadata({
-        **report.summary_metadata,
-        "synthetic_images": synthetic,
-        "report": MetadataValue.md(markdown_with_inline_images(report)),
-        "report_path": MetadataValue.path(str(out_dir / "data_report.md")),
-    })
+    context.add_output_metadata(
+        {
+            **report.summary_metadata,
+            "synthetic_images": synthetic,
+            "report": MetadataValue.md(markdown_with_inline_images(report)),
+            "report_path": MetadataValue.path(str(out_dir / "data_report.md")),
+        }
+    )
     return report.representation

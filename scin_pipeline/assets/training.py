@@ -36,9 +36,25 @@ from scin_pipeline.resources.mlflow_tracking import dagster_tags
 GROUP = "training"
 # One training per GPU (the deployment sets the pool's limit); Kubernetes gets a GPU request per step.
 GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
-CANDIDATE_COLUMNS = ["model", "kind", "classes", "image_size", "package_dir", "mlflow_run_id", "model_uri",
-                     "registered_version", "run_key", "splits_data_version", "best_epoch", "best_val_score",
-                     "monitor", "reused", "resumed", "keras_backend", "weights"]
+CANDIDATE_COLUMNS = [
+    "model",
+    "kind",
+    "classes",
+    "image_size",
+    "package_dir",
+    "mlflow_run_id",
+    "model_uri",
+    "registered_version",
+    "run_key",
+    "splits_data_version",
+    "best_epoch",
+    "best_val_score",
+    "monitor",
+    "reused",
+    "resumed",
+    "keras_backend",
+    "weights",
+]
 
 
 def frame_version(frame: pd.DataFrame, columns: list[str]) -> str:
@@ -69,14 +85,20 @@ class ImageTensorsConfig(Config):
     "the index (image_id, split, shard, offset, status): training and evaluation read pixels from the "
     "shards, never from PNGs.",
 )
-def image_tensors(context: AssetExecutionContext, config: ImageTensorsConfig, labeled_splits: pd.DataFrame,
-                  storage: StoragePaths):
+def image_tensors(
+    context: AssetExecutionContext, config: ImageTensorsConfig, labeled_splits: pd.DataFrame, storage: StoragePaths
+):
     rows = labeled_splits.drop_duplicates("image_id")[["image_id", "local_path", "split"]]
     cache_dir = storage.folder("cache", "image_tensors")
     progress = Progress(f"image_tensors {config.image_size} px", len(rows), context.log.info, unit="images")
-    index = image_cache.build_image_cache(rows, cache_dir, image_size=config.image_size,
-                                          shard_size=config.shard_size, workers=config.workers,
-                                          on_shard=progress.advance)
+    index = image_cache.build_image_cache(
+        rows,
+        cache_dir,
+        image_size=config.image_size,
+        shard_size=config.shard_size,
+        workers=config.workers,
+        on_shard=progress.advance,
+    )
     failed = index[index["status"] != "ok"]
     ok = index[index["status"] == "ok"]
     shard_bytes = sum((cache_dir / s).stat().st_size for s in ok["shard"].unique() if (cache_dir / s).exists())
@@ -105,7 +127,7 @@ def _grid(images: np.ndarray, columns: int = 6) -> bytes:
     canvas = np.full((rows * size, columns * size, 3), 255, np.uint8)
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
-        canvas[r * size:(r + 1) * size, c * size:(c + 1) * size] = image
+        canvas[r * size : (r + 1) * size, c * size : (c + 1) * size] = image
     ok, data = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     return data.tobytes()
 
@@ -118,9 +140,11 @@ class TrainingConfig(Config):
     """Common knobs of every Keras candidate (Launchpad-editable; fixed seeds)."""
 
     backend: Literal["auto", "tensorflow", "jax", "torch"] = Field(
-        default="auto", description="Keras backend (auto: KERAS_BACKEND, else jax on a GPU host, else tensorflow)")
+        default="auto", description="Keras backend (auto: KERAS_BACKEND, else jax on a GPU host, else tensorflow)"
+    )
     mixed_precision: Literal["auto", "bfloat16", "off"] = Field(
-        default="auto", description="auto: bfloat16 on an accelerator, float32 on CPU")
+        default="auto", description="auto: bfloat16 on an accelerator, float32 on CPU"
+    )
     epochs: int = Field(default=20, ge=1)
     batch_size: int = Field(default=64, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
@@ -133,7 +157,8 @@ class TrainingConfig(Config):
 
 class TransferConfig(TrainingConfig):
     mode: Literal["auto", "head_on_embeddings", "fine_tune"] = Field(
-        default="auto", description="auto: fine_tune on an accelerator; on CPU a head on frozen embeddings")
+        default="auto", description="auto: fine_tune on an accelerator; on CPU a head on frozen embeddings"
+    )
     fine_tune_epochs: int = Field(default=5, ge=0)
     fine_tune_learning_rate: float = Field(default=1e-5, gt=0)
     unfreeze_layers: int = Field(default=30, ge=0, description="top backbone layers unfrozen in phase 2")
@@ -143,9 +168,11 @@ class TransferConfig(TrainingConfig):
 class EmbeddingsConfig(Config):
     backend: Literal["auto", "tensorflow", "jax", "torch"] = "auto"
     weights: Literal["imagenet", "none"] = Field(
-        default="imagenet", description="ResNet50 backbone weights; 'none' = random init (tests, offline)")
+        default="imagenet", description="ResNet50 backbone weights; 'none' = random init (tests, offline)"
+    )
     allow_offline_fallback: bool = Field(
-        default=True, description="when the ImageNet weights cannot be downloaded, warn and use weights=None")
+        default=True, description="when the ImageNet weights cannot be downloaded, warn and use weights=None"
+    )
     batch_size: int = Field(default=32, ge=1)
 
 
@@ -182,28 +209,34 @@ def _prepare_keras(config) -> dict:
     "cached image, the pooled conv3, conv4 and conv5 stages (3,584-d), computed once: the CPU default trains "
     "heads on them, and the multimodal model fuses them with the metadata. The backbone is saved beside them.",
 )
-def image_embeddings(context: AssetExecutionContext, config: EmbeddingsConfig, image_tensors: pd.DataFrame,
-                     storage: StoragePaths):
+def image_embeddings(
+    context: AssetExecutionContext, config: EmbeddingsConfig, image_tensors: pd.DataFrame, storage: StoragePaths
+):
     from scin_pipeline.core import models, training
 
     described = _prepare_keras(config)
     ok = image_tensors[image_tensors["status"] == "ok"].reset_index(drop=True)
     image_size = int(ok["image_size"].iloc[0]) if len(ok) else 224
-    key = hashlib.sha256(f"{frame_version(ok, ['image_id', 'shard', 'offset'])}:{_config_hash(config)}:"
-                         f"{described['backend']}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{frame_version(ok, ['image_id', 'shard', 'offset'])}:{_config_hash(config)}:{described['backend']}".encode()
+    ).hexdigest()[:16]
     out_dir = storage.folder("cache", "image_embeddings")
     emb_path, backbone_path = out_dir / f"embeddings-{key}.npy", out_dir / f"backbone-{key}.keras"
-    weights = models.resolve_weights(None if config.weights == "none" else "imagenet",
-                                     allow_fallback=config.allow_offline_fallback)
+    weights = models.resolve_weights(
+        None if config.weights == "none" else "imagenet", allow_fallback=config.allow_offline_fallback
+    )
     if weights is None and config.weights == "imagenet":
-        context.log.warning("ImageNet weights unreachable: ResNet50 backbone with random weights "
-                            "(embeddings carry far less signal; do not compare with ImageNet runs)")
+        context.log.warning(
+            "ImageNet weights unreachable: ResNet50 backbone with random weights "
+            "(embeddings carry far less signal; do not compare with ImageNet runs)"
+        )
     if not (emb_path.exists() and backbone_path.exists()):
         backbone = models.build_resnet50_backbone(image_size, weights)
         images = image_cache.load_images(ok, storage.folder("cache", "image_tensors"))
         progress = Progress("image_embeddings", len(images), context.log.info, unit="images")
-        embeddings = training.extract_embeddings(backbone, images, batch_size=config.batch_size,
-                                                 on_batch=progress.advance)
+        embeddings = training.extract_embeddings(
+            backbone, images, batch_size=config.batch_size, on_batch=progress.advance
+        )
         _save_atomic(lambda p: np.save(p, embeddings), emb_path)
         _save_atomic(lambda p: backbone.save(p), backbone_path)
         reused = False
@@ -213,15 +246,26 @@ def image_embeddings(context: AssetExecutionContext, config: EmbeddingsConfig, i
     for stale in out_dir.glob("*"):
         if key not in stale.name and not stale.name.startswith("."):
             stale.unlink(missing_ok=True)
-    table = ok[["image_id", "split"]].assign(row=np.arange(len(ok)), embeddings_file=str(emb_path),
-                                            backbone_file=str(backbone_path),
-                                            weights=weights or "none", image_size=image_size)
-    return Output(table, data_version=DataVersion(key), metadata={
-        "data_version": key, "images": len(table), "embedding_dim": int(embeddings.shape[1]) if len(ok) else 0,
-        "weights": weights or "none (random init)", "reused_cached_embeddings": reused,
-        "keras_backend": described["backend"],
-        "embeddings_file": MetadataValue.path(str(emb_path)),
-    })
+    table = ok[["image_id", "split"]].assign(
+        row=np.arange(len(ok)),
+        embeddings_file=str(emb_path),
+        backbone_file=str(backbone_path),
+        weights=weights or "none",
+        image_size=image_size,
+    )
+    return Output(
+        table,
+        data_version=DataVersion(key),
+        metadata={
+            "data_version": key,
+            "images": len(table),
+            "embedding_dim": int(embeddings.shape[1]) if len(ok) else 0,
+            "weights": weights or "none (random init)",
+            "reused_cached_embeddings": reused,
+            "keras_backend": described["backend"],
+            "embeddings_file": MetadataValue.path(str(emb_path)),
+        },
+    )
 
 
 def _save_atomic(write, path: Path) -> None:
@@ -262,14 +306,25 @@ def load_embeddings(image_embeddings: pd.DataFrame, rows: pd.DataFrame) -> np.nd
 class CandidateRun:
     """One candidate's training: its MLflow run key, reuse of a finished run, packaging and registration."""
 
-    def __init__(self, context: AssetExecutionContext, name: str, config: Config, labeled_splits: pd.DataFrame,
-                 inputs_version: str, storage: StoragePaths, mlflow: MlflowTracking, synthetic: bool):
+    def __init__(
+        self,
+        context: AssetExecutionContext,
+        name: str,
+        config: Config,
+        labeled_splits: pd.DataFrame,
+        inputs_version: str,
+        storage: StoragePaths,
+        mlflow: MlflowTracking,
+        synthetic: bool,
+    ):
         self.context, self.name, self.config, self.mlflow = context, name, config, mlflow
         self.classes = class_names(labeled_splits)
         if len(self.classes) < 2:
-            raise Failure(f"{name}: labeled_splits holds {len(self.classes)} class(es) {self.classes}: nothing to "
-                          "tell apart; use more cases or lower labeled_splits' min_cases_per_class",
-                          allow_retries=False)
+            raise Failure(
+                f"{name}: labeled_splits holds {len(self.classes)} class(es) {self.classes}: nothing to "
+                "tell apart; use more cases or lower labeled_splits' min_cases_per_class",
+                allow_retries=False,
+            )
         self.splits_version = splits_data_version(labeled_splits)
         code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or "none"
         self.code_version = code_version
@@ -285,30 +340,56 @@ class CandidateRun:
         if run is None or not (self.package_dir / "spec.json").exists():
             return None
         tags = run.data.tags
-        return {"mlflow_run_id": run.info.run_id, "model_uri": tags.get("scin.model_uri", ""),
-                "registered_version": tags.get("scin.registered_version", ""),
-                "best_epoch": int(float(run.data.metrics.get("best_epoch", -1))),
-                "best_val_score": float(run.data.metrics.get("best_val_score", float("nan"))),
-                "keras_backend": tags.get("scin.keras_backend", ""), "weights": tags.get("scin.weights", "")}
+        return {
+            "mlflow_run_id": run.info.run_id,
+            "model_uri": tags.get("scin.model_uri", ""),
+            "registered_version": tags.get("scin.registered_version", ""),
+            "best_epoch": int(float(run.data.metrics.get("best_epoch", -1))),
+            "best_val_score": float(run.data.metrics.get("best_val_score", float("nan"))),
+            "keras_backend": tags.get("scin.keras_backend", ""),
+            "weights": tags.get("scin.weights", ""),
+        }
 
     def tags(self, **extra) -> dict:
-        tags = dagster_tags(self.context, code_version=self.code_version, splits_data_version=self.splits_version,
-                            synthetic_data=self.synthetic)
+        tags = dagster_tags(
+            self.context,
+            code_version=self.code_version,
+            splits_data_version=self.splits_version,
+            synthetic_data=self.synthetic,
+        )
         tags["scin.candidate"] = self.name
         tags.update({k: str(v) for k, v in extra.items()})
         return tags
 
-    def output(self, row: dict, *, kind: str, image_size: int | None, monitor: str, reused: bool,
-               resumed: bool, metadata: dict) -> Output:
-        record = {"model": self.name, "kind": kind, "classes": json.dumps(self.classes),
-                  "image_size": image_size or 0, "package_dir": str(self.package_dir),
-                  "run_key": self.run_key, "splits_data_version": self.splits_version, "monitor": monitor,
-                  "reused": reused, "resumed": resumed, **row}
+    def output(
+        self, row: dict, *, kind: str, image_size: int | None, monitor: str, reused: bool, resumed: bool, metadata: dict
+    ) -> Output:
+        record = {
+            "model": self.name,
+            "kind": kind,
+            "classes": json.dumps(self.classes),
+            "image_size": image_size or 0,
+            "package_dir": str(self.package_dir),
+            "run_key": self.run_key,
+            "splits_data_version": self.splits_version,
+            "monitor": monitor,
+            "reused": reused,
+            "resumed": resumed,
+            **row,
+        }
         table = pd.DataFrame([record])[CANDIDATE_COLUMNS]
-        meta = {"mlflow_run_id": row["mlflow_run_id"], "model_uri": row["model_uri"],
-                "registered_version": str(row["registered_version"]), "splits_data_version": self.splits_version,
-                "reused_finished_run": reused, "resumed_run": resumed, "classes": len(self.classes),
-                "best_val_score": row["best_val_score"], "best_epoch": row["best_epoch"], **metadata}
+        meta = {
+            "mlflow_run_id": row["mlflow_run_id"],
+            "model_uri": row["model_uri"],
+            "registered_version": str(row["registered_version"]),
+            "splits_data_version": self.splits_version,
+            "reused_finished_run": reused,
+            "resumed_run": resumed,
+            "classes": len(self.classes),
+            "best_val_score": row["best_val_score"],
+            "best_epoch": row["best_epoch"],
+            **metadata,
+        }
         url = self.mlflow.run_url(row["mlflow_run_id"])
         if url:  # known when the MLflow UI's address is (resource field ui_url, or an http tracking URI)
             meta["mlflow_run_url"] = MetadataValue.url(url)
@@ -316,8 +397,9 @@ class CandidateRun:
             meta["note"] = "SYNTHETIC images: these figures say nothing about skin conditions"
         return Output(table, data_version=DataVersion(self.run_key), metadata=meta)
 
-    def finish(self, run, package, history: pd.DataFrame | None, best_epoch: int, best_score: float,
-               extra_tags: dict) -> dict:
+    def finish(
+        self, run, package, history: pd.DataFrame | None, best_epoch: int, best_score: float, extra_tags: dict
+    ) -> dict:
         """Save the package, log it, its curves and summary to the run, register it."""
         from scin_pipeline.core import plots
 
@@ -334,10 +416,16 @@ class CandidateRun:
             run.log_artifact(str(keras_file), "keras")
         run.log_metrics({"best_epoch": best_epoch, "best_val_score": best_score})
         model_uri, version = run.log_model(str(self.package_dir), register=True)
-        self.mlflow.set_run_tags(run.run_id, {"scin.model_uri": model_uri,
-                                              "scin.registered_version": str(version or ""), **extra_tags})
-        return {"mlflow_run_id": run.run_id, "model_uri": model_uri, "registered_version": str(version or ""),
-                "best_epoch": int(best_epoch), "best_val_score": float(best_score)}
+        self.mlflow.set_run_tags(
+            run.run_id, {"scin.model_uri": model_uri, "scin.registered_version": str(version or ""), **extra_tags}
+        )
+        return {
+            "mlflow_run_id": run.run_id,
+            "model_uri": model_uri,
+            "registered_version": str(version or ""),
+            "best_epoch": int(best_epoch),
+            "best_val_score": float(best_score),
+        }
 
 
 def _train_config(config: TrainingConfig, **overrides):
@@ -359,8 +447,9 @@ def _epoch_logger(run, context: AssetExecutionContext):
 
     def on_epoch_end(epoch: int, logs: dict) -> None:
         run.log_epoch(epoch, logs)
-        shown = ", ".join(f"{k} {logs[k]:.3f}" for k in ("val_macro_f1", "val_balanced_accuracy", "val_loss")
-                          if k in logs)
+        shown = ", ".join(
+            f"{k} {logs[k]:.3f}" for k in ("val_macro_f1", "val_balanced_accuracy", "val_loss") if k in logs
+        )
         report(context.log.info, f"{context.op_def.name} epoch {epoch}: {shown}")
 
     return on_epoch_end
@@ -374,17 +463,38 @@ def _epoch_logger(run, context: AssetExecutionContext):
     description="The student notebooks' two-layer CNN (32 and 64 filters), trained from the uint8 cache "
     "with class weights and early stopping on validation macro-F1: the baseline every model must beat.",
 )
-def baseline_cnn(context: AssetExecutionContext, config: TrainingConfig, labeled_splits: pd.DataFrame,
-                 image_tensors: pd.DataFrame, storage: StoragePaths, mlflow: MlflowTracking,
-                 scin_source: ScinSourceResource):
-    candidate = CandidateRun(context, "baseline_cnn", config, labeled_splits, pixels_version(image_tensors),
-                             storage, mlflow, scin_source.is_synthetic())
+def baseline_cnn(
+    context: AssetExecutionContext,
+    config: TrainingConfig,
+    labeled_splits: pd.DataFrame,
+    image_tensors: pd.DataFrame,
+    storage: StoragePaths,
+    mlflow: MlflowTracking,
+    scin_source: ScinSourceResource,
+):
+    candidate = CandidateRun(
+        context,
+        "baseline_cnn",
+        config,
+        labeled_splits,
+        pixels_version(image_tensors),
+        storage,
+        mlflow,
+        scin_source.is_synthetic(),
+    )
     image_size = int(image_tensors["image_size"].iloc[0])
     previous = candidate.reusable()
     if previous:
         context.log.info(f"unchanged inputs, code and config: reusing MLflow run {previous['mlflow_run_id']}")
-        return candidate.output(previous, kind="keras_image", image_size=image_size, monitor=config.monitor,
-                                reused=True, resumed=False, metadata={})
+        return candidate.output(
+            previous,
+            kind="keras_image",
+            image_size=image_size,
+            monitor=config.monitor,
+            reused=True,
+            resumed=False,
+            metadata={},
+        )
     described = _prepare_keras(config)
     from scin_pipeline.core import models, training
     from scin_pipeline.core.packaged_model import PackagedClassifier
@@ -393,28 +503,59 @@ def baseline_cnn(context: AssetExecutionContext, config: TrainingConfig, labeled
     _, x_train, y_train = split_arrays(labeled_splits, image_tensors, cache_dir, "train", candidate.classes)
     _, x_val, y_val = split_arrays(labeled_splits, image_tensors, cache_dir, "val", candidate.classes)
     train_config = _train_config(config)
-    with mlflow.training_run(run_key=candidate.run_key, run_name="baseline_cnn",
-                             tags=candidate.tags(**{"scin.keras_backend": described["backend"]}),
-                             params={**config.model_dump(), "image_size": image_size,
-                                     "n_train": len(y_train), "n_val": len(y_val),
-                                     "classes": len(candidate.classes)}) as run:
+    with mlflow.training_run(
+        run_key=candidate.run_key,
+        run_name="baseline_cnn",
+        tags=candidate.tags(**{"scin.keras_backend": described["backend"]}),
+        params={
+            **config.model_dump(),
+            "image_size": image_size,
+            "n_train": len(y_train),
+            "n_val": len(y_val),
+            "classes": len(candidate.classes),
+        },
+    ) as run:
         model = models.build_baseline_cnn(len(candidate.classes), image_size)
-        sequence = training.default_dataset_factory(x_train, y_train, batch_size=config.batch_size, shuffle=True,
-                                                    augment=config.augment, seed=config.seed)
+        sequence = training.default_dataset_factory(
+            x_train, y_train, batch_size=config.batch_size, shuffle=True, augment=config.augment, seed=config.seed
+        )
         result = training.fit_classifier(
-            model, sequence, x_val, y_val, config=train_config,
+            model,
+            sequence,
+            x_val,
+            y_val,
+            config=train_config,
             class_weight=_class_weight(config, y_train, len(candidate.classes)),
-            checkpoint_dir=_checkpoint_dir(storage, candidate), on_epoch_end=_epoch_logger(run, context))
-        package = PackagedClassifier(kind="keras_image", classes=candidate.classes, image_size=image_size,
-                                     metadata_columns=None, model=model, extra={"candidate": "baseline_cnn"})
-        row = candidate.finish(run, package, result.history, result.best_epoch, result.best_score,
-                               {"scin.keras_backend": described["backend"]})
+            checkpoint_dir=_checkpoint_dir(storage, candidate),
+            on_epoch_end=_epoch_logger(run, context),
+        )
+        package = PackagedClassifier(
+            kind="keras_image",
+            classes=candidate.classes,
+            image_size=image_size,
+            metadata_columns=None,
+            model=model,
+            extra={"candidate": "baseline_cnn"},
+        )
+        row = candidate.finish(
+            run,
+            package,
+            result.history,
+            result.best_epoch,
+            result.best_score,
+            {"scin.keras_backend": described["backend"]},
+        )
         resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
     row.update(keras_backend=described["backend"], weights="none")
-    return candidate.output(row, kind="keras_image", image_size=image_size, monitor=config.monitor,
-                            reused=False, resumed=resumed,
-                            metadata={"history": table_md(result.history, rows=40),
-                                      "stopped_early": bool(result.stopped_early)})
+    return candidate.output(
+        row,
+        kind="keras_image",
+        image_size=image_size,
+        monitor=config.monitor,
+        reused=False,
+        resumed=resumed,
+        metadata={"history": table_md(result.history, rows=40), "stopped_early": bool(result.stopped_early)},
+    )
 
 
 def _class_weight(config: TrainingConfig, y: np.ndarray, n_classes: int) -> dict | None:
@@ -433,49 +574,86 @@ def _class_weight(config: TrainingConfig, y: np.ndarray, n_classes: int) -> dict
     "uint8 cache with bfloat16 on GPU. On CPU (mode=auto) the head is trained on image_embeddings so a full "
     "run stays practical. Saved as one end-to-end model on raw uint8 images.",
 )
-def resnet50_transfer(context: AssetExecutionContext, config: TransferConfig, labeled_splits: pd.DataFrame,
-                      image_tensors: pd.DataFrame, image_embeddings: pd.DataFrame, storage: StoragePaths,
-                      mlflow: MlflowTracking, scin_source: ScinSourceResource):
-    candidate = CandidateRun(context, "resnet50_transfer", config, labeled_splits,
-                             pixels_version(image_tensors, image_embeddings), storage, mlflow,
-                             scin_source.is_synthetic())
+def resnet50_transfer(
+    context: AssetExecutionContext,
+    config: TransferConfig,
+    labeled_splits: pd.DataFrame,
+    image_tensors: pd.DataFrame,
+    image_embeddings: pd.DataFrame,
+    storage: StoragePaths,
+    mlflow: MlflowTracking,
+    scin_source: ScinSourceResource,
+):
+    candidate = CandidateRun(
+        context,
+        "resnet50_transfer",
+        config,
+        labeled_splits,
+        pixels_version(image_tensors, image_embeddings),
+        storage,
+        mlflow,
+        scin_source.is_synthetic(),
+    )
     image_size = int(image_tensors["image_size"].iloc[0])
     weights = backbone_weights(image_embeddings)
     previous = candidate.reusable()
     if previous:
         context.log.info(f"unchanged inputs, code and config: reusing MLflow run {previous['mlflow_run_id']}")
-        return candidate.output(previous, kind="keras_image", image_size=image_size, monitor=config.monitor,
-                                reused=True, resumed=False, metadata={})
+        return candidate.output(
+            previous,
+            kind="keras_image",
+            image_size=image_size,
+            monitor=config.monitor,
+            reused=True,
+            resumed=False,
+            metadata={},
+        )
     described = _prepare_keras(config)
     import keras
 
     from scin_pipeline.core import models, training
     from scin_pipeline.core.packaged_model import PackagedClassifier
 
-    mode = config.mode if config.mode != "auto" else (
-        "fine_tune" if described.get("accelerator") else "head_on_embeddings")
+    mode = (
+        config.mode
+        if config.mode != "auto"
+        else ("fine_tune" if described.get("accelerator") else "head_on_embeddings")
+    )
     # Pixels are read only for fine-tuning; a head on embeddings needs the rows alone (on the full release
     # the train split's pixels are ~1.5 GB at 224 px).
     train_rows, y_train = split_rows(labeled_splits, image_tensors, "train", candidate.classes)
     val_rows, y_val = split_rows(labeled_splits, image_tensors, "val", candidate.classes)
     train_config = _train_config(config)
     n_classes = len(candidate.classes)
-    with mlflow.training_run(run_key=candidate.run_key, run_name="resnet50_transfer",
-                             tags=candidate.tags(**{"scin.keras_backend": described["backend"],
-                                                    "scin.weights": weights, "scin.mode": mode}),
-                             params={**config.model_dump(), "resolved_mode": mode, "weights": weights,
-                                     "image_size": image_size, "n_train": len(y_train), "n_val": len(y_val),
-                                     "classes": n_classes}) as run:
+    with mlflow.training_run(
+        run_key=candidate.run_key,
+        run_name="resnet50_transfer",
+        tags=candidate.tags(**{"scin.keras_backend": described["backend"], "scin.weights": weights, "scin.mode": mode}),
+        params={
+            **config.model_dump(),
+            "resolved_mode": mode,
+            "weights": weights,
+            "image_size": image_size,
+            "n_train": len(y_train),
+            "n_val": len(y_val),
+            "classes": n_classes,
+        },
+    ) as run:
         if mode == "head_on_embeddings":
             backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
-            e_train, e_val = load_embeddings(image_embeddings, train_rows), load_embeddings(image_embeddings,
-                                                                                           val_rows)
+            e_train, e_val = load_embeddings(image_embeddings, train_rows), load_embeddings(image_embeddings, val_rows)
             result = training.train_head_on_embeddings(
-                e_train, y_train, e_val, y_val,
-                head_builder=lambda: models.build_classifier_head(e_train.shape[1], n_classes, config.dropout,
-                                                                  normalize_with=e_train),
-                config=train_config, checkpoint_dir=_checkpoint_dir(storage, candidate),
-                on_epoch_end=_epoch_logger(run, context))
+                e_train,
+                y_train,
+                e_val,
+                y_val,
+                head_builder=lambda: models.build_classifier_head(
+                    e_train.shape[1], n_classes, config.dropout, normalize_with=e_train
+                ),
+                config=train_config,
+                checkpoint_dir=_checkpoint_dir(storage, candidate),
+                on_epoch_end=_epoch_logger(run, context),
+            )
             model = models.compose_end_to_end(backbone, result.model, with_metadata=False)
         else:
             cache_dir = storage.folder("cache", "image_tensors")
@@ -484,19 +662,44 @@ def resnet50_transfer(context: AssetExecutionContext, config: TransferConfig, la
             backbone = models.build_resnet50_backbone(image_size, None if weights == "none" else weights)
             head = models.build_classifier_head(backbone.output_shape[-1], n_classes, config.dropout)
             result = training.fine_tune_transfer(
-                backbone, head, x_train, y_train, x_val, y_val, config=train_config,
-                checkpoint_dir=_checkpoint_dir(storage, candidate), on_epoch_end=_epoch_logger(run, context))
+                backbone,
+                head,
+                x_train,
+                y_train,
+                x_val,
+                y_val,
+                config=train_config,
+                checkpoint_dir=_checkpoint_dir(storage, candidate),
+                on_epoch_end=_epoch_logger(run, context),
+            )
             model = result.model
-        package = PackagedClassifier(kind="keras_image", classes=candidate.classes, image_size=image_size,
-                                     metadata_columns=None, model=model,
-                                     extra={"candidate": "resnet50_transfer", "mode": mode, "weights": weights})
-        row = candidate.finish(run, package, result.history, result.best_epoch, result.best_score,
-                               {"scin.keras_backend": described["backend"], "scin.weights": weights})
+        package = PackagedClassifier(
+            kind="keras_image",
+            classes=candidate.classes,
+            image_size=image_size,
+            metadata_columns=None,
+            model=model,
+            extra={"candidate": "resnet50_transfer", "mode": mode, "weights": weights},
+        )
+        row = candidate.finish(
+            run,
+            package,
+            result.history,
+            result.best_epoch,
+            result.best_score,
+            {"scin.keras_backend": described["backend"], "scin.weights": weights},
+        )
         resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
     row.update(keras_backend=described["backend"], weights=weights)
-    return candidate.output(row, kind="keras_image", image_size=image_size, monitor=config.monitor,
-                            reused=False, resumed=resumed,
-                            metadata={"mode": mode, "history": table_md(result.history, rows=40)})
+    return candidate.output(
+        row,
+        kind="keras_image",
+        image_size=image_size,
+        monitor=config.monitor,
+        reused=False,
+        resumed=resumed,
+        metadata={"mode": mode, "history": table_md(result.history, rows=40)},
+    )
 
 
 @asset(
@@ -507,43 +710,87 @@ def resnet50_transfer(context: AssetExecutionContext, config: TransferConfig, la
     "duration, age group, sex, self-reported Fitzpatrick type): scikit-learn logistic regression plus "
     "boosted stumps, class-balanced, one row per case. A floor for the image models.",
 )
-def metadata_model(context: AssetExecutionContext, config: MetadataModelConfig, labeled_splits: pd.DataFrame,
-                   cases: pd.DataFrame, storage: StoragePaths, mlflow: MlflowTracking,
-                   scin_source: ScinSourceResource):
+def metadata_model(
+    context: AssetExecutionContext,
+    config: MetadataModelConfig,
+    labeled_splits: pd.DataFrame,
+    cases: pd.DataFrame,
+    storage: StoragePaths,
+    mlflow: MlflowTracking,
+    scin_source: ScinSourceResource,
+):
     from scin_pipeline.core import evaluation
     from scin_pipeline.core import metadata_model as core_model
     from scin_pipeline.core.packaged_model import PackagedClassifier
 
-    candidate = CandidateRun(context, "metadata_model", config, labeled_splits,
-                             frame_version(cases, ["case_id"]), storage, mlflow, scin_source.is_synthetic())
+    candidate = CandidateRun(
+        context,
+        "metadata_model",
+        config,
+        labeled_splits,
+        frame_version(cases, ["case_id"]),
+        storage,
+        mlflow,
+        scin_source.is_synthetic(),
+    )
     previous = candidate.reusable()
     if previous:
-        return candidate.output(previous, kind="sklearn_metadata", image_size=None, monitor="val_macro_f1",
-                                reused=True, resumed=False, metadata={})
+        return candidate.output(
+            previous,
+            kind="sklearn_metadata",
+            image_size=None,
+            monitor="val_macro_f1",
+            reused=True,
+            resumed=False,
+            metadata={},
+        )
     index = {c: i for i, c in enumerate(candidate.classes)}
     per_case = labeled_splits.drop_duplicates("case_id")[["case_id", "split", "label"]]
     frame = per_case.merge(cases, on="case_id", how="left")
     features = metadata_features(frame)
     y = frame["label"].astype(str).map(index).to_numpy(np.int32)
     train, val = (frame["split"].astype(str) == "train").to_numpy(), (frame["split"].astype(str) == "val").to_numpy()
-    with mlflow.training_run(run_key=candidate.run_key, run_name="metadata_model", tags=candidate.tags(),
-                             params={**config.model_dump(), "n_train_cases": int(train.sum()),
-                                     "n_val_cases": int(val.sum()), "features": len(METADATA_FEATURE_COLUMNS),
-                                     "classes": len(candidate.classes)}) as run:
-        model = core_model.fit_single_label_metadata_model(features[train], y[train], len(candidate.classes),
-                                                           seed=config.seed)
-        val_metrics = evaluation.classification_metrics(y[val], model.predict_proba(features[val]),
-                                                        candidate.classes) if val.any() else {}
+    with mlflow.training_run(
+        run_key=candidate.run_key,
+        run_name="metadata_model",
+        tags=candidate.tags(),
+        params={
+            **config.model_dump(),
+            "n_train_cases": int(train.sum()),
+            "n_val_cases": int(val.sum()),
+            "features": len(METADATA_FEATURE_COLUMNS),
+            "classes": len(candidate.classes),
+        },
+    ) as run:
+        model = core_model.fit_single_label_metadata_model(
+            features[train], y[train], len(candidate.classes), seed=config.seed
+        )
+        val_metrics = (
+            evaluation.classification_metrics(y[val], model.predict_proba(features[val]), candidate.classes)
+            if val.any()
+            else {}
+        )
         run.log_metrics({f"val_{k}": v for k, v in val_metrics.items() if np.isfinite(v)})
-        package = PackagedClassifier(kind="sklearn_metadata", classes=candidate.classes, image_size=None,
-                                     metadata_columns=list(METADATA_FEATURE_COLUMNS), model=model,
-                                     extra={"candidate": "metadata_model"})
+        package = PackagedClassifier(
+            kind="sklearn_metadata",
+            classes=candidate.classes,
+            image_size=None,
+            metadata_columns=list(METADATA_FEATURE_COLUMNS),
+            model=model,
+            extra={"candidate": "metadata_model"},
+        )
         row = candidate.finish(run, package, None, 0, float(val_metrics.get("macro_f1", float("nan"))), {})
         resumed = bool(run.resumed)
     row.update(keras_backend="", weights="")
-    return candidate.output(row, kind="sklearn_metadata", image_size=None, monitor="val_macro_f1", reused=False,
-                            resumed=resumed, metadata={"val_metrics": MetadataValue.json(
-                                {k: round(float(v), 4) for k, v in val_metrics.items()})})
+    return candidate.output(
+        row,
+        kind="sklearn_metadata",
+        image_size=None,
+        monitor="val_macro_f1",
+        reused=False,
+        resumed=resumed,
+        metadata={"val_metrics": MetadataValue.json({k: round(float(v), 4) for k, v in val_metrics.items()})},
+    )
 
 
 @asset(
@@ -555,18 +802,40 @@ def metadata_model(context: AssetExecutionContext, config: MetadataModelConfig, 
     "their missing-value masks) fused by concatenation, class-balanced, early stopping on validation "
     "macro-F1. Saved as one model on raw uint8 images plus the metadata vector.",
 )
-def multimodal(context: AssetExecutionContext, config: TransferConfig, labeled_splits: pd.DataFrame,
-               image_tensors: pd.DataFrame, image_embeddings: pd.DataFrame, cases: pd.DataFrame,
-               storage: StoragePaths, mlflow: MlflowTracking, scin_source: ScinSourceResource):
-    candidate = CandidateRun(context, "multimodal", config, labeled_splits,
-                             f"{pixels_version(image_tensors, image_embeddings)}:{frame_version(cases, ['case_id'])}",
-                             storage, mlflow, scin_source.is_synthetic())
+def multimodal(
+    context: AssetExecutionContext,
+    config: TransferConfig,
+    labeled_splits: pd.DataFrame,
+    image_tensors: pd.DataFrame,
+    image_embeddings: pd.DataFrame,
+    cases: pd.DataFrame,
+    storage: StoragePaths,
+    mlflow: MlflowTracking,
+    scin_source: ScinSourceResource,
+):
+    candidate = CandidateRun(
+        context,
+        "multimodal",
+        config,
+        labeled_splits,
+        f"{pixels_version(image_tensors, image_embeddings)}:{frame_version(cases, ['case_id'])}",
+        storage,
+        mlflow,
+        scin_source.is_synthetic(),
+    )
     image_size = int(image_tensors["image_size"].iloc[0])
     weights = backbone_weights(image_embeddings)
     previous = candidate.reusable()
     if previous:
-        return candidate.output(previous, kind="keras_multimodal", image_size=image_size, monitor=config.monitor,
-                                reused=True, resumed=False, metadata={})
+        return candidate.output(
+            previous,
+            kind="keras_multimodal",
+            image_size=image_size,
+            monitor=config.monitor,
+            reused=True,
+            resumed=False,
+            metadata={},
+        )
     described = _prepare_keras(config)
     import keras
 
@@ -582,27 +851,65 @@ def multimodal(context: AssetExecutionContext, config: TransferConfig, labeled_s
         parts[split] = (emb, meta, y)
     (e_train, m_train, y_train), (e_val, m_val, y_val) = parts["train"], parts["val"]
     train_config = _train_config(config)
-    with mlflow.training_run(run_key=candidate.run_key, run_name="multimodal",
-                             tags=candidate.tags(**{"scin.keras_backend": described["backend"],
-                                                    "scin.weights": weights}),
-                             params={**config.model_dump(), "weights": weights, "image_size": image_size,
-                                     "n_train": len(y_train), "n_val": len(y_val), "classes": n_classes,
-                                     "metadata_features": m_train.shape[1]}) as run:
+    with mlflow.training_run(
+        run_key=candidate.run_key,
+        run_name="multimodal",
+        tags=candidate.tags(**{"scin.keras_backend": described["backend"], "scin.weights": weights}),
+        params={
+            **config.model_dump(),
+            "weights": weights,
+            "image_size": image_size,
+            "n_train": len(y_train),
+            "n_val": len(y_val),
+            "classes": n_classes,
+            "metadata_features": m_train.shape[1],
+        },
+    ) as run:
         result = training.train_head_on_embeddings(
-            e_train, y_train, e_val, y_val, train_metadata=m_train, val_metadata=m_val,
+            e_train,
+            y_train,
+            e_val,
+            y_val,
+            train_metadata=m_train,
+            val_metadata=m_val,
             head_builder=lambda: models.build_multimodal_head(
-                e_train.shape[1], m_train.shape[1], n_classes, dropout=config.dropout, normalize_with=e_train,
-                normalize_metadata_with=m_train),
-            config=train_config, checkpoint_dir=_checkpoint_dir(storage, candidate),
-            on_epoch_end=_epoch_logger(run, context))
+                e_train.shape[1],
+                m_train.shape[1],
+                n_classes,
+                dropout=config.dropout,
+                normalize_with=e_train,
+                normalize_metadata_with=m_train,
+            ),
+            config=train_config,
+            checkpoint_dir=_checkpoint_dir(storage, candidate),
+            on_epoch_end=_epoch_logger(run, context),
+        )
         backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
         model = models.compose_end_to_end(backbone, result.model, with_metadata=True)
-        package = PackagedClassifier(kind="keras_multimodal", classes=classes, image_size=image_size,
-                                     metadata_columns=list(METADATA_FEATURE_COLUMNS), model=model,
-                                     extra={"candidate": "multimodal", "weights": weights})
-        row = candidate.finish(run, package, result.history, result.best_epoch, result.best_score,
-                               {"scin.keras_backend": described["backend"], "scin.weights": weights})
+        package = PackagedClassifier(
+            kind="keras_multimodal",
+            classes=classes,
+            image_size=image_size,
+            metadata_columns=list(METADATA_FEATURE_COLUMNS),
+            model=model,
+            extra={"candidate": "multimodal", "weights": weights},
+        )
+        row = candidate.finish(
+            run,
+            package,
+            result.history,
+            result.best_epoch,
+            result.best_score,
+            {"scin.keras_backend": described["backend"], "scin.weights": weights},
+        )
         resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
     row.update(keras_backend=described["backend"], weights=weights)
-    return candidate.output(row, kind="keras_multimodal", image_size=image_size, monitor=config.monitor,
-                            reused=False, resumed=resumed, metadata={"history": table_md(result.history, rows=40)})
+    return candidate.output(
+        row,
+        kind="keras_multimodal",
+        image_size=image_size,
+        monitor=config.monitor,
+        reused=False,
+        resumed=resumed,
+        metadata={"history": table_md(result.history, rows=40)},
+    )

@@ -127,8 +127,9 @@ class WebhookAlertSink:
 
     def send(self, alert: Alert) -> None:
         body = json.dumps(webhook_payload(alert)).encode("utf-8")
-        request = urllib.request.Request(self.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 status = response.status
@@ -181,8 +182,7 @@ def deliver(alert: Alert, sinks: Iterable[AlertSink]) -> list[Delivery]:
             sink.send(alert)
             outcomes.append(Delivery(sink.name, True))
         except Exception as exc:  # noqa: BLE001 - reporting a failure must not fail
-            outcomes.append(Delivery(getattr(sink, "name", type(sink).__name__), False,
-                                     f"{type(exc).__name__}: {exc}"))
+            outcomes.append(Delivery(getattr(sink, "name", type(sink).__name__), False, f"{type(exc).__name__}: {exc}"))
     return outcomes
 
 

@@ -39,8 +39,9 @@ STALE_FOREIGN_TEMP_S = 24 * 3600.0
 
 # Local filesystem errors that retrying the same operation cannot fix: a permission, a file where a
 # folder must be (or the reverse), a read-only mount, a bad name.
-UNFIXABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
-                              errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP})
+UNFIXABLE_ERRNOS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
+)
 
 
 @lru_cache(maxsize=1)
@@ -72,7 +73,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def _is_orphan(path: Path, now: float) -> bool:
-    head = path.name[len(TMP_PREFIX):].split("-", 1)[0]
+    head = path.name[len(TMP_PREFIX) :].split("-", 1)[0]
     pid_text, _, namespace = head.partition("@")
     if not pid_text.isdigit():
         return False  # not written by this module: not ours to judge
@@ -157,6 +158,16 @@ def describe_os_error(exc: OSError) -> str:
     return f"{why}: {path}" if path is not None else why
 
 
-__all__ = ["STALE_FOREIGN_TEMP_S", "TMP_PREFIX", "UNFIXABLE_ERRNOS", "atomic_target", "describe_os_error",
-           "pid_alive", "remove_orphaned_temp_files", "temp_path", "unfixable_os_error", "write_bytes_atomic",
-           "writer_namespace"]
+__all__ = [
+    "STALE_FOREIGN_TEMP_S",
+    "TMP_PREFIX",
+    "UNFIXABLE_ERRNOS",
+    "atomic_target",
+    "describe_os_error",
+    "pid_alive",
+    "remove_orphaned_temp_files",
+    "temp_path",
+    "unfixable_os_error",
+    "write_bytes_atomic",
+    "writer_namespace",
+]

@@ -81,12 +81,12 @@ def select_backend(name: str = "auto") -> str:
         raise BackendError(f"unknown Keras backend {name!r}: choose one of {', '.join(BACKEND_CHOICES)}")
     backend = _resolve_auto() if requested == "auto" else requested
     if backend not in BACKENDS:
-        raise BackendError(
-            f"KERAS_BACKEND={backend!r} is not a supported backend: choose one of {', '.join(BACKENDS)}")
+        raise BackendError(f"KERAS_BACKEND={backend!r} is not a supported backend: choose one of {', '.join(BACKENDS)}")
     if not _installed(backend):
         raise BackendError(
             f"Keras backend {backend!r} needs the Python package {_BACKEND_PACKAGES[backend]!r}, "
-            f"which is not installed in {sys.prefix}: pip install it, or choose another backend")
+            f"which is not installed in {sys.prefix}: pip install it, or choose another backend"
+        )
     active = _imported_keras_backend()
     if active is not None and active != backend:
         raise BackendError(
@@ -94,7 +94,8 @@ def select_backend(name: str = "auto") -> str:
             "can no longer be selected (Keras reads KERAS_BACKEND once, at import). Set "
             f"KERAS_BACKEND={backend} in the environment of the process (e.g. the Dagster code location / "
             "run worker, or `KERAS_BACKEND=... dagster dev`), or call select_backend() before anything "
-            "imports keras (look for a module-level `import keras` in the code location).")
+            "imports keras (look for a module-level `import keras` in the code location)."
+        )
     os.environ["KERAS_BACKEND"] = backend
     return backend
 

@@ -27,14 +27,17 @@ class ChampionRule:
 
 def champion_rule_text(config: ChampionRule) -> str:
     """The rule in one sentence (asset metadata, the registry's champion reason)."""
-    return (f"highest {config.selection_split} {config.selection_metric} (ties: "
-            f"{', '.join(config.tie_breakers)}, then name), among candidates whose {config.selection_split} "
-            f"balanced accuracy beats chance (1/K) by at least {config.chance_margin:.2f} and that pass the "
-            "fairness gate")
+    return (
+        f"highest {config.selection_split} {config.selection_metric} (ties: "
+        f"{', '.join(config.tie_breakers)}, then name), among candidates whose {config.selection_split} "
+        f"balanced accuracy beats chance (1/K) by at least {config.chance_margin:.2f} and that pass the "
+        "fairness gate"
+    )
 
 
-def choose_champion(wide: pd.DataFrame, n_classes: int, config: ChampionRule,
-                    gates: pd.DataFrame | None = None) -> pd.DataFrame:
+def choose_champion(
+    wide: pd.DataFrame, n_classes: int, config: ChampionRule, gates: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Rank candidates by the rule; ``passed_over`` says why an ineligible one was not considered.
 
     ``wide``: one row per model, columns ``<split>_<metric>``. ``gates`` (model, passed, reason): a
@@ -50,11 +53,13 @@ def choose_champion(wide: pd.DataFrame, n_classes: int, config: ChampionRule,
         unfair = table["model"].isin(failed.index)
         table.loc[unfair, "passed_over"] = [f"fairness gate failed: {failed[m]}" for m in table.loc[unfair, "model"]]
     low = ~(table[f"{split}_balanced_accuracy"] >= chance + config.chance_margin) & (table["passed_over"] == "")
-    table.loc[low, "passed_over"] = (f"{split} balanced accuracy not above chance ({chance:.3f}) "
-                                     f"+ {config.chance_margin:.2f}")
+    table.loc[low, "passed_over"] = (
+        f"{split} balanced accuracy not above chance ({chance:.3f}) + {config.chance_margin:.2f}"
+    )
     keys = [f"{split}_{config.selection_metric}", *[f"{split}_{m}" for m in config.tie_breakers]]
     eligible = table[table["passed_over"] == ""].sort_values(
-        keys + ["model"], ascending=[False] * len(keys) + [True], na_position="last")
+        keys + ["model"], ascending=[False] * len(keys) + [True], na_position="last"
+    )
     table["rank"] = table["model"].map({m: i + 1 for i, m in enumerate(eligible["model"])}).astype("Int64")
     table["champion"] = table["rank"] == 1
     return table.sort_values(["rank", "model"], na_position="last").reset_index(drop=True)

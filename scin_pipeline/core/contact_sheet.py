@@ -29,8 +29,9 @@ def _thumbnail(path: str | None, size: int) -> Image.Image:
     return tile
 
 
-def write_contact_sheet(examples: dict[str, list[str | None]], out_path: Path, *, title: str,
-                        per_row: int = 6, thumb: int = THUMB) -> Path | None:
+def write_contact_sheet(
+    examples: dict[str, list[str | None]], out_path: Path, *, title: str, per_row: int = 6, thumb: int = THUMB
+) -> Path | None:
     """One row per reason (label at left), up to ``per_row`` thumbnails; None when there is nothing."""
     rows = [(reason, paths[:per_row]) for reason, paths in examples.items() if paths]
     if not rows:

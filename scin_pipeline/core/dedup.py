@@ -68,10 +68,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -274,12 +274,20 @@ def _bucket(hashes: np.ndarray, table: SubstringTable) -> _Buckets:
     occupied = counts > 0
     first_hash = np.zeros(counts.size, dtype=np.uint64)
     first_hash[occupied] = sorted_hashes[starts[occupied]]
-    return _Buckets(order=order, sorted_hashes=sorted_hashes, starts=starts, counts=counts, occupied=occupied,
-                    crowded=counts > 1, first_hash=first_hash)
+    return _Buckets(
+        order=order,
+        sorted_hashes=sorted_hashes,
+        starts=starts,
+        counts=counts,
+        occupied=occupied,
+        crowded=counts > 1,
+        first_hash=first_hash,
+    )
 
 
-def _key_pairs_for_mask(left_occupied: np.ndarray, right_occupied: np.ndarray, width: int,
-                        bits: Sequence[int], *, both_orientations: bool) -> tuple[np.ndarray, np.ndarray]:
+def _key_pairs_for_mask(
+    left_occupied: np.ndarray, right_occupied: np.ndarray, width: int, bits: Sequence[int], *, both_orientations: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Keys k with left_occupied[k] and right_occupied[k ^ mask]; ``bits`` are the mask's bit positions,
     highest first. One orientation (k has the mask's top bit 0) lists each unordered key pair once, enough
     when left and right are the same set; two sets need both.
@@ -298,7 +306,7 @@ def _key_pairs_for_mask(left_occupied: np.ndarray, right_occupied: np.ndarray, w
     mask = sum(1 << p for p in bits)
     lower_bits = bits[1:]
     left_keys: list[np.ndarray] = []
-    for top_value in ((0, 1) if both_orientations else (0,)):
+    for top_value in (0, 1) if both_orientations else (0,):
         for assignment in range(1 << len(lower_bits)):
             left_index: list = [slice(None)] * len(shape)
             right_index: list = [slice(None)] * len(shape)
@@ -324,8 +332,7 @@ def _insert_zero_bits(values: np.ndarray, bits: Sequence[int]) -> np.ndarray:
 def _masks(width: int, radius: int) -> Iterator[tuple[int, ...]]:
     """Bit positions (highest first) of every nonzero flip mask of weight <= radius, in a fixed order."""
     for weight in range(1, min(radius, width) + 1):
-        for combo in combinations(range(width - 1, -1, -1), weight):
-            yield combo
+        yield from combinations(range(width - 1, -1, -1), weight)
 
 
 def _ranges_expanded(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -339,8 +346,15 @@ class _TableVerifier:
     table generated. Candidates are positions in the two key-sorted orders; only the survivors (few) are
     mapped back to element indices."""
 
-    def __init__(self, left: _Buckets, right: _Buckets, earlier: Sequence[SubstringTable], max_distance: int,
-                 block_size: int, found: tuple[list, list, list]):
+    def __init__(
+        self,
+        left: _Buckets,
+        right: _Buckets,
+        earlier: Sequence[SubstringTable],
+        max_distance: int,
+        block_size: int,
+        found: tuple[list, list, list],
+    ):
         self.left, self.right = left, right
         self.earlier = [(t.bit_mask, t.radius) for t in earlier if t.radius >= 0]
         self.max_distance = max_distance
@@ -390,8 +404,9 @@ class _TableVerifier:
         bounds = np.unique(np.concatenate([[0], cuts, [ends.size]]))
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             lengths = right_lengths[lo:hi]
-            self.position_pairs(np.repeat(left_positions[lo:hi], lengths),
-                                _ranges_expanded(right_starts[lo:hi], lengths))
+            self.position_pairs(
+                np.repeat(left_positions[lo:hi], lengths), _ranges_expanded(right_starts[lo:hi], lengths)
+            )
 
     def position_pairs(self, left_positions: np.ndarray, right_positions: np.ndarray) -> None:
         if left_positions.size == 0:
@@ -430,8 +445,9 @@ def _multi_index_search(left_hashes, right_hashes, tables, max_distance, block_s
             shared = np.flatnonzero(left.occupied & right.occupied)
             verifier.key_pairs(shared, shared)
         for bits in _masks(table.width, table.radius):
-            left_keys, right_keys = _key_pairs_for_mask(left.occupied, right.occupied, table.width, bits,
-                                                        both_orientations=not same_set)
+            left_keys, right_keys = _key_pairs_for_mask(
+                left.occupied, right.occupied, table.width, bits, both_orientations=not same_set
+            )
             verifier.key_pairs(left_keys, right_keys)
         searched.append(table)
     return found
@@ -495,8 +511,7 @@ def find_near_duplicate_pairs(
 
 def _pairs_frame(found_left, found_right, found_distance, *, ordered: bool = True) -> pd.DataFrame:
     if len(found_left) == 0:
-        return pd.DataFrame({"i": np.zeros(0, np.int64), "j": np.zeros(0, np.int64),
-                             "distance": np.zeros(0, np.int16)})
+        return pd.DataFrame({"i": np.zeros(0, np.int64), "j": np.zeros(0, np.int64), "distance": np.zeros(0, np.int16)})
     i = np.concatenate(found_left).astype(np.int64)
     j = np.concatenate(found_right).astype(np.int64)
     distance = np.concatenate(found_distance).astype(np.int16)
@@ -520,10 +535,14 @@ def near_duplicate_pairs(phash: np.ndarray, dhash: np.ndarray, max_phash: int, m
     i, j = by_phash["i"].to_numpy(), by_phash["j"].to_numpy()
     dhash_distance = np.bitwise_count(dhash[i] ^ dhash[j]).astype(np.int16)
     keep = dhash_distance <= int(max_dhash)
-    return pd.DataFrame({
-        "i": i[keep], "j": j[keep],
-        "phash_distance": by_phash["distance"].to_numpy()[keep], "dhash_distance": dhash_distance[keep],
-    }).reset_index(drop=True)
+    return pd.DataFrame(
+        {
+            "i": i[keep],
+            "j": j[keep],
+            "phash_distance": by_phash["distance"].to_numpy()[keep],
+            "dhash_distance": dhash_distance[keep],
+        }
+    ).reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -566,8 +585,7 @@ EXACT_REUSE = "exact_reuse"
 CLUSTER_KIND_PRECEDENCE = (SINGLETON, SAME_CASE_MULTI_ANGLE, CROSS_CASE_NEAR_DUPLICATE, EXACT_REUSE)
 
 CLUSTER_COLUMNS = ("image_id", "case_id", "cluster_id", "cluster_size", "cluster_n_cases", "cluster_kind")
-PAIR_TABLE_COLUMNS = ("image_id_a", "image_id_b", "phash_distance", "dhash_distance", "same_case", "kind",
-                      "cluster_id")
+PAIR_TABLE_COLUMNS = ("image_id_a", "image_id_b", "phash_distance", "dhash_distance", "same_case", "kind", "cluster_id")
 
 
 def _id_strings(values: pd.Series, column: str) -> pd.Series:
@@ -625,13 +643,19 @@ def build_dedup_clusters(
     (on three synthetic mirrors, 1,715 pairs of such frames are near-identical under any threshold) and
     would join unrelated cases into one group.
     """
-    for frame, name, needed in ((images, "images", ("image_id", "case_id")),
-                                (hashes, "hashes", ("image_id", "phash", "dhash"))):
+    for frame, name, needed in (
+        (images, "images", ("image_id", "case_id")),
+        (hashes, "hashes", ("image_id", "phash", "dhash")),
+    ):
         missing = [c for c in needed if c not in frame.columns]
         if missing:
             raise ValueError(f"{name} lacks columns {missing}")
-    refs = pd.DataFrame({"image_id": _id_strings(images["image_id"], "images.image_id"),
-                         "case_id": _id_strings(images["case_id"], "images.case_id")}).drop_duplicates()
+    refs = pd.DataFrame(
+        {
+            "image_id": _id_strings(images["image_id"], "images.image_id"),
+            "case_id": _id_strings(images["case_id"], "images.case_id"),
+        }
+    ).drop_duplicates()
     image_ids = np.sort(refs["image_id"].unique()).astype(object)
     hash_ids = _id_strings(hashes["image_id"], "hashes.image_id")
     if hash_ids.duplicated().any():
@@ -639,8 +663,10 @@ def build_dedup_clusters(
     hash_rows = pd.Series(np.arange(len(hash_ids)), index=hash_ids.to_numpy())
     unhashed = [i for i in image_ids if i not in hash_rows.index]
     if unhashed:
-        raise ValueError(f"{len(unhashed)} referenced images have no hashes (e.g. {unhashed[:3]}); pass only "
-                         "references whose file decoded")
+        raise ValueError(
+            f"{len(unhashed)} referenced images have no hashes (e.g. {unhashed[:3]}); pass only "
+            "references whose file decoded"
+        )
     rows = hash_rows.loc[image_ids].to_numpy()
     phash = as_uint64_hashes(hashes["phash"].iloc[rows], "hashes.phash")
     dhash = as_uint64_hashes(hashes["dhash"].iloc[rows], "hashes.dhash")
@@ -668,10 +694,12 @@ def build_dedup_clusters(
 
     n_cases_per_image = refs.groupby("_image")["case_id"].nunique().reindex(range(n_images), fill_value=0)
     cluster_of_image = pd.Series(cluster_ids, index=range(n_images))
-    per_cluster = pd.DataFrame({
-        "cluster_size": cluster_of_image.value_counts(),
-        "cluster_n_cases": refs.groupby("cluster_id")["case_id"].nunique(),
-    })
+    per_cluster = pd.DataFrame(
+        {
+            "cluster_size": cluster_of_image.value_counts(),
+            "cluster_n_cases": refs.groupby("cluster_id")["case_id"].nunique(),
+        }
+    )
     reused = set(cluster_of_image[n_cases_per_image.to_numpy() > 1])
     cross_case = set(cluster_ids[labels[near["i"].to_numpy()[~same_case]]])
     kind = np.where(per_cluster["cluster_size"] > 1, SAME_CASE_MULTI_ANGLE, SINGLETON).astype(object)
@@ -685,15 +713,18 @@ def build_dedup_clusters(
     clusters["cluster_n_cases"] = clusters["cluster_n_cases"].astype(np.int64)
     clusters = clusters[list(CLUSTER_COLUMNS)]
 
-    pairs = pd.DataFrame({
-        "image_id_a": image_ids[near["i"].to_numpy()],
-        "image_id_b": image_ids[near["j"].to_numpy()],
-        "phash_distance": near["phash_distance"].to_numpy(),
-        "dhash_distance": near["dhash_distance"].to_numpy(),
-        "same_case": same_case,
-        "kind": np.where(same_case, SAME_CASE_MULTI_ANGLE, CROSS_CASE_NEAR_DUPLICATE),
-        "cluster_id": cluster_ids[labels[near["i"].to_numpy()]],
-    }, columns=list(PAIR_TABLE_COLUMNS))
+    pairs = pd.DataFrame(
+        {
+            "image_id_a": image_ids[near["i"].to_numpy()],
+            "image_id_b": image_ids[near["j"].to_numpy()],
+            "phash_distance": near["phash_distance"].to_numpy(),
+            "dhash_distance": near["dhash_distance"].to_numpy(),
+            "same_case": same_case,
+            "kind": np.where(same_case, SAME_CASE_MULTI_ANGLE, CROSS_CASE_NEAR_DUPLICATE),
+            "cluster_id": cluster_ids[labels[near["i"].to_numpy()]],
+        },
+        columns=list(PAIR_TABLE_COLUMNS),
+    )
     if "dhash256_distance" in near:
         pairs["dhash256_distance"] = near["dhash256_distance"].to_numpy()
     for col in ("image_id_a", "image_id_b", "kind", "cluster_id"):
@@ -717,8 +748,10 @@ def case_groups(clusters: pd.DataFrame) -> pd.Series:
     # Nodes: the cases first, then the clusters; every component holds a case, so its smallest node index
     # is its smallest case_id.
     case_node = pd.Series(np.arange(len(cases)), index=cases).loc[case_ids.to_numpy()].to_numpy()
-    cluster_node = len(cases) + pd.Series(np.arange(len(cluster_nodes)), index=cluster_nodes).loc[
-        cluster_ids.to_numpy()].to_numpy()
+    cluster_node = (
+        len(cases)
+        + pd.Series(np.arange(len(cluster_nodes)), index=cluster_nodes).loc[cluster_ids.to_numpy()].to_numpy()
+    )
     labels = cluster_labels(len(cases) + len(cluster_nodes), np.column_stack([case_node, cluster_node]))
     groups = pd.Series(cases[labels[: len(cases)]], index=pd.Index(cases, name="case_id"), name="case_group")
     return groups.astype(str)
@@ -742,12 +775,15 @@ def planted_near_duplicate_pairs(plants: pd.DataFrame) -> pd.DataFrame:
     copies = rows["image_id"].astype(str).to_numpy()
     sources = sources.astype(str).to_numpy()
     first = copies < sources
-    pairs = pd.DataFrame({"image_id_a": np.where(first, copies, sources), "image_id_b": np.where(first, sources, copies)})
+    pairs = pd.DataFrame(
+        {"image_id_a": np.where(first, copies, sources), "image_id_b": np.where(first, sources, copies)}
+    )
     return pairs.drop_duplicates().sort_values(["image_id_a", "image_id_b"]).reset_index(drop=True)
 
 
-def planted_near_duplicate_scores(pairs_or_clusters: pd.DataFrame, plants: pd.DataFrame, *,
-                                  image_ids: Iterable[str] | None = None) -> dict:
+def planted_near_duplicate_scores(
+    pairs_or_clusters: pd.DataFrame, plants: pd.DataFrame, *, image_ids: Iterable[str] | None = None
+) -> dict:
     """Precision and recall of cross-case near-duplicate detection against planted near-duplicates.
 
     With the ``pairs`` table of :func:`build_dedup_clusters` (pair level): a planted pair found among the
@@ -772,8 +808,10 @@ def planted_near_duplicate_scores(pairs_or_clusters: pd.DataFrame, plants: pd.Da
         if image_ids is None:
             image_ids = pairs_or_clusters["image_id"].astype(str)
     else:
-        raise ValueError("expected the pairs table (image_id_a, image_id_b) or the clusters table "
-                         "(image_id, cluster_id, cluster_kind)")
+        raise ValueError(
+            "expected the pairs table (image_id_a, image_id_b) or the clusters table "
+            "(image_id, cluster_id, cluster_kind)"
+        )
     if image_ids is not None:
         searched = set(map(str, image_ids))
         planted = planted[planted["image_id_a"].isin(searched) & planted["image_id_b"].isin(searched)]
@@ -800,9 +838,13 @@ def planted_near_duplicate_scores(pairs_or_clusters: pd.DataFrame, plants: pd.Da
     else:
         table = pairs_or_clusters
         cluster_of = dict(zip(table["image_id"].astype(str), table["cluster_id"].astype(str)))
-        found = {p for p in planted_set if cluster_of.get(p[0]) is not None and cluster_of.get(p[0]) == cluster_of.get(p[1])}
+        found = {
+            p for p in planted_set if cluster_of.get(p[0]) is not None and cluster_of.get(p[0]) == cluster_of.get(p[1])
+        }
         true_positives = len(found)
-        cross_clusters = set(table.loc[table["cluster_kind"].astype(str) == CROSS_CASE_NEAR_DUPLICATE, "cluster_id"].astype(str))
+        cross_clusters = set(
+            table.loc[table["cluster_kind"].astype(str) == CROSS_CASE_NEAR_DUPLICATE, "cluster_id"].astype(str)
+        )
         clusters_with_plant = {cluster_of[p[0]] for p in found}
         unexpected = sorted(cross_clusters - clusters_with_plant)
         n_detected = len(cross_clusters)
@@ -827,8 +869,10 @@ def planted_near_duplicate_scores(pairs_or_clusters: pd.DataFrame, plants: pd.Da
 # Optional backend: imagededup
 # --------------------------------------------------------------------------------------------------------
 
-IMAGEDEDUP_MISSING = ("imagededup is not installed: install scin-pipeline[imagededup] (it pulls PyTorch, "
-                      "several GB) to use find_near_duplicates_imagededup")
+IMAGEDEDUP_MISSING = (
+    "imagededup is not installed: install scin-pipeline[imagededup] (it pulls PyTorch, "
+    "several GB) to use find_near_duplicates_imagededup"
+)
 
 
 def imagededup_available() -> bool:
@@ -856,8 +900,7 @@ def find_near_duplicates_imagededup(paths: Sequence[str | Path], max_distance: i
         encoding = hasher.encode_image(image_file=path)
         if encoding:
             encodings[path] = encoding
-    duplicates = hasher.find_duplicates(encoding_map=encodings, max_distance_threshold=int(max_distance),
-                                        scores=True)
+    duplicates = hasher.find_duplicates(encoding_map=encodings, max_distance_threshold=int(max_distance), scores=True)
     rows = sorted({(a, b, int(distance)) for a, found in duplicates.items() for b, distance in found if a < b})
     frame = pd.DataFrame(rows, columns=["path_a", "path_b", "distance"])
     return frame.astype({"path_a": str, "path_b": str, "distance": np.int64})

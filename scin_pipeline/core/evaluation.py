@@ -91,8 +91,9 @@ def validate_predictions(y_true, proba, classes: Sequence[str]) -> tuple[np.ndar
     sums = p.sum(axis=1)
     bad = np.flatnonzero(np.abs(sums - 1.0) > PROBA_SUM_TOLERANCE)
     if len(bad):
-        raise ValueError(f"proba row {bad[0]} sums to {sums[bad[0]]:.4f}, not 1: pass probabilities "
-                         "(softmax outputs), not logits")
+        raise ValueError(
+            f"proba row {bad[0]} sums to {sums[bad[0]]:.4f}, not 1: pass probabilities (softmax outputs), not logits"
+        )
     return y, p
 
 
@@ -159,8 +160,10 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
     correct = predicted_class(proba) == np.asarray(y_true)
     bins = ece_bin_index(confidence, n_bins)
     # Per bin |sum(correct) - sum(confidence)| / N equals n_b / N * |accuracy_b - confidence_b|.
-    gap = np.abs(np.bincount(bins, weights=correct.astype("float64"), minlength=n_bins)
-                 - np.bincount(bins, weights=confidence, minlength=n_bins))
+    gap = np.abs(
+        np.bincount(bins, weights=correct.astype("float64"), minlength=n_bins)
+        - np.bincount(bins, weights=confidence, minlength=n_bins)
+    )
     return float(gap.sum() / len(confidence))
 
 
@@ -174,8 +177,7 @@ def reliability_bins(y_true: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BI
         conf = np.bincount(bins, weights=confidence, minlength=n_bins) / count
         acc = np.bincount(bins, weights=correct, minlength=n_bins) / count
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "n": count, "confidence": conf,
-                         "accuracy": acc})
+    return pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "n": count, "confidence": conf, "accuracy": acc})
 
 
 # ----------------------------------------------------------------------------------------- tables
@@ -205,22 +207,23 @@ def per_class_table(y_true, proba, classes: Sequence[str]) -> pd.DataFrame:
     labels = np.arange(len(classes))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        precision, recall, f1, support = precision_recall_fscore_support(
-            y, pred, labels=labels, zero_division=np.nan)
+        precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=np.nan)
     n_predicted = np.bincount(pred, minlength=len(classes))
     # A class seen and predicted nowhere has no F1 (sklearn would give its zero_division value).
     f1 = np.where((support + n_predicted) > 0, np.nan_to_num(f1, nan=0.0), np.nan)
     aucs, notes = ovr_auc_per_class(y, p)
-    return pd.DataFrame({
-        "class": pd.Series(list(classes), dtype=object),
-        "n": support.astype("int64"),
-        "n_predicted": n_predicted.astype("int64"),
-        "precision": precision.astype("float64"),
-        "recall": recall.astype("float64"),
-        "f1": f1.astype("float64"),
-        "auc": aucs,
-        "auc_note": pd.Series(notes, dtype=object),
-    })
+    return pd.DataFrame(
+        {
+            "class": pd.Series(list(classes), dtype=object),
+            "n": support.astype("int64"),
+            "n_predicted": n_predicted.astype("int64"),
+            "precision": precision.astype("float64"),
+            "recall": recall.astype("float64"),
+            "f1": f1.astype("float64"),
+            "auc": aucs,
+            "auc_note": pd.Series(notes, dtype=object),
+        }
+    )
 
 
 def evaluation_table(model_name: str, y_true, proba, classes: Sequence[str]) -> pd.DataFrame:
@@ -289,15 +292,21 @@ def confusion_matrix_png(y_true, y_pred, classes: Sequence[str], title: str) -> 
         for j in range(k):
             if counts[i, j]:
                 dark = shares[i, j] > 0.6
-                ax.text(j, i, f"{counts[i, j]:,}", ha="center", va="center", fontsize=font,
-                        color="white" if dark else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{counts[i, j]:,}",
+                    ha="center",
+                    va="center",
+                    fontsize=font,
+                    color="white" if dark else "black",
+                )
     names = [_short(str(c)) for c in classes]
     ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=font)
     ax.set_yticks(range(k), [f"{n} (n={s:,})" for n, s in zip(names, row_sums[:, 0])], fontsize=font)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(f"{title}\n(colour: share of each true class; numbers: counts; n = {len(y):,})",
-                 fontsize=10)
+    ax.set_title(f"{title}\n(colour: share of each true class; numbers: counts; n = {len(y):,})", fontsize=10)
     figure.tight_layout()
     return figure_png(figure)
 
@@ -313,10 +322,23 @@ def reliability_png(y_true, proba, *, title: str = "Reliability of the top predi
     top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     width = 1.0 / ECE_BINS
     filled = table["n"] > 0
-    top.bar(table["lo"][filled], table["accuracy"][filled], width=width, align="edge",
-            color="#4c72b0", edgecolor="white", label="accuracy in bin")
-    top.plot(table["confidence"][filled], table["confidence"][filled], "o", color="#dd8452", ms=4,
-             label="mean confidence in bin")
+    top.bar(
+        table["lo"][filled],
+        table["accuracy"][filled],
+        width=width,
+        align="edge",
+        color="#4c72b0",
+        edgecolor="white",
+        label="accuracy in bin",
+    )
+    top.plot(
+        table["confidence"][filled],
+        table["confidence"][filled],
+        "o",
+        color="#dd8452",
+        ms=4,
+        label="mean confidence in bin",
+    )
     top.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")

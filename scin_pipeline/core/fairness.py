@@ -75,8 +75,8 @@ from sklearn.metrics import accuracy_score
 
 from scin_pipeline.core import schema
 from scin_pipeline.core.evaluation import (
-    figure_png,
     balanced_accuracy,
+    figure_png,
     macro_f1,
     mean_ovr_auc,
     predicted_class,
@@ -88,8 +88,17 @@ UNKNOWN_GROUP = "unknown"
 MULTIPLE_GROUP = "multiple"
 OVERALL = "overall"  # attribute and group name of the overall block
 DEFAULT_MONK_BINS: tuple[tuple[int, int], ...] = ((1, 2), (3, 4), (5, 6), (7, 10))
-ATTRIBUTES = ["monk_skin_tone_us", "monk_us_bin", "monk_skin_tone_india", "monk_india_bin",
-              "fst_dermatologist", "fst_self_reported", "race_ethnicity", "sex_at_birth", "age_group"]
+ATTRIBUTES = [
+    "monk_skin_tone_us",
+    "monk_us_bin",
+    "monk_skin_tone_india",
+    "monk_india_bin",
+    "fst_dermatologist",
+    "fst_self_reported",
+    "race_ethnicity",
+    "sex_at_birth",
+    "age_group",
+]
 ATTRIBUTE_TITLES = {
     "monk_skin_tone_us": "Monk skin tone (US lay graders)",
     "monk_us_bin": "Monk skin tone bins (US lay graders)",
@@ -103,20 +112,46 @@ ATTRIBUTE_TITLES = {
     OVERALL: "All rows",
 }
 FAIRNESS_METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "mean_ovr_auc", "top3_accuracy"]
-TABLE_COLUMNS = ["model", "attribute", "group", "n", "metric", "value", "ci_low", "ci_high",
-                 "diff_to_overall", "ratio_to_overall", "insufficient_data", "worst", "n_boot_valid",
-                 "n_boot", "ci_level", "ci_method"]
+TABLE_COLUMNS = [
+    "model",
+    "attribute",
+    "group",
+    "n",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "diff_to_overall",
+    "ratio_to_overall",
+    "insufficient_data",
+    "worst",
+    "n_boot_valid",
+    "n_boot",
+    "ci_level",
+    "ci_method",
+]
 # ci_method values (module docstring, "Degenerate bootstrap").
 CI_BOOTSTRAP = "bootstrap"
 CI_WILSON = "wilson"
 CI_BOOTSTRAP_WILSON = "bootstrap+wilson"
 PROPORTION_METRICS = ("accuracy", "top3_accuracy")  # degenerate -> Wilson of their own hits
 WIDENED_METRICS = ("balanced_accuracy", "macro_f1")  # degenerate -> at least Wilson of accuracy's hits
-REPRESENTATION_COLUMNS = ["split", "attribute", "group", "n", "n_images", "share", "n_in_dataset",
-                          "share_in_dataset", "share_ratio"]
+REPRESENTATION_COLUMNS = [
+    "split",
+    "attribute",
+    "group",
+    "n",
+    "n_images",
+    "share",
+    "n_in_dataset",
+    "share_in_dataset",
+    "share_ratio",
+]
 ALL_SPLITS = "all_splits"
-SYNTHETIC_BANNER = ("SYNTHETIC DATA: the images of this run are synthetic; no number in this report "
-                    "describes how a model performs on real skin")
+SYNTHETIC_BANNER = (
+    "SYNTHETIC DATA: the images of this run are synthetic; no number in this report "
+    "describes how a model performs on real skin"
+)
 
 # attribute -> columns of ``cases`` that may hold it, first found wins (parsed SCIN name first).
 SOURCE_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -165,8 +200,10 @@ def _source_column(cases: pd.DataFrame, attribute: str) -> str:
     for column in SOURCE_COLUMNS[attribute]:
         if column in cases.columns:
             return column
-    raise ValueError(f"cases lacks a column for the sensitive attribute {attribute!r}: expected one of "
-                     f"{', '.join(SOURCE_COLUMNS[attribute])}")
+    raise ValueError(
+        f"cases lacks a column for the sensitive attribute {attribute!r}: expected one of "
+        f"{', '.join(SOURCE_COLUMNS[attribute])}"
+    )
 
 
 def _bin_label(low: int, high: int) -> str:
@@ -176,8 +213,10 @@ def _bin_label(low: int, high: int) -> str:
 def _check_monk_bins(monk_bins: Sequence[tuple[int, int]]) -> None:
     covered = [t for low, high in monk_bins for t in range(int(low), int(high) + 1)]
     if sorted(covered) != list(schema.MONK_TONES) or any(low > high for low, high in monk_bins):
-        raise ValueError(f"monk_bins {list(monk_bins)!r} must split the tones 1-10 into ascending "
-                         "(low, high) ranges, each tone in exactly one bin")
+        raise ValueError(
+            f"monk_bins {list(monk_bins)!r} must split the tones 1-10 into ascending "
+            "(low, high) ranges, each tone in exactly one bin"
+        )
 
 
 def _monk(cases: pd.DataFrame, attribute: str, monk_bins) -> tuple[pd.Series, pd.Series]:
@@ -186,8 +225,9 @@ def _monk(cases: pd.DataFrame, attribute: str, monk_bins) -> tuple[pd.Series, pd
     bad = tones.notna() & ~tones.isin(schema.MONK_TONES)
     if bad.any():
         row = bad[bad].index[0]
-        raise ValueError(f"cases column {column!r}, row {row}: Monk skin tone "
-                         f"{cases[column].loc[row]} is not an integer 1-10")
+        raise ValueError(
+            f"cases column {column!r}, row {row}: Monk skin tone {cases[column].loc[row]} is not an integer 1-10"
+        )
     tone_groups = _groups(tones)
     lookup = {str(t): _bin_label(low, high) for low, high in monk_bins for t in range(low, high + 1)}
     return tone_groups, tone_groups.map(lambda g: lookup.get(g, UNKNOWN_GROUP)).astype(object)
@@ -197,8 +237,9 @@ def _ticked(values: pd.Series) -> np.ndarray:
     """A check box as bool: True / "YES" is ticked; False, empty or missing is not."""
     if pd.api.types.is_bool_dtype(values.dtype):
         return values.fillna(False).to_numpy(dtype=bool)
-    return values.map(lambda v: v is True or isinstance(v, np.bool_) and bool(v)
-                      or isinstance(v, str) and v.strip().upper() == "YES").to_numpy(dtype=bool)
+    return values.map(
+        lambda v: v is True or isinstance(v, np.bool_) and bool(v) or isinstance(v, str) and v.strip().upper() == "YES"
+    ).to_numpy(dtype=bool)
 
 
 def _race(cases: pd.DataFrame) -> pd.Series:
@@ -208,16 +249,19 @@ def _race(cases: pd.DataFrame) -> pd.Series:
     ticks = np.column_stack([_ticked(cases[c]) for c in RACE_BOX_COLUMNS])
     names = np.array([c.removeprefix(RACE_PREFIX).upper() for c in RACE_BOX_COLUMNS], dtype=object)
     n_ticked = ticks.sum(axis=1)
-    merged = (_ticked(cases[RACE_MITIGATION_COLUMN]) if RACE_MITIGATION_COLUMN in cases.columns
-              else np.zeros(len(cases), dtype=bool))
+    merged = (
+        _ticked(cases[RACE_MITIGATION_COLUMN])
+        if RACE_MITIGATION_COLUMN in cases.columns
+        else np.zeros(len(cases), dtype=bool)
+    )
     single = names[ticks.argmax(axis=1)]
-    groups = np.where(merged | (n_ticked >= 2), MULTIPLE_GROUP,
-                      np.where(n_ticked == 1, single, UNKNOWN_GROUP))
+    groups = np.where(merged | (n_ticked >= 2), MULTIPLE_GROUP, np.where(n_ticked == 1, single, UNKNOWN_GROUP))
     return pd.Series(groups, index=cases.index, dtype=object)
 
 
-def sensitive_features(cases: pd.DataFrame, *,
-                       monk_bins: Sequence[tuple[int, int]] = DEFAULT_MONK_BINS) -> pd.DataFrame:
+def sensitive_features(
+    cases: pd.DataFrame, *, monk_bins: Sequence[tuple[int, int]] = DEFAULT_MONK_BINS
+) -> pd.DataFrame:
     """One string column per attribute of :data:`ATTRIBUTES`, indexed like ``cases`` (pass the case
     metadata joined onto the rows being evaluated, e.g. one row per test image). Missing -> "unknown";
     race/ethnicity multi-select folded as described in the module docstring; Monk bins from
@@ -282,9 +326,13 @@ def _metric_functions(proba: np.ndarray) -> dict:
 
 def _metric_frame(y, pred, proba, groups: np.ndarray, name: str) -> MetricFrame:
     rows = np.arange(len(y))
-    return MetricFrame(metrics=_metric_functions(proba), y_true=y, y_pred=pred,
-                       sensitive_features=pd.Series(groups, name=name),
-                       sample_params={"mean_ovr_auc": {"row": rows}, "top3_accuracy": {"row": rows}})
+    return MetricFrame(
+        metrics=_metric_functions(proba),
+        y_true=y,
+        y_pred=pred,
+        sensitive_features=pd.Series(groups, name=name),
+        sample_params={"mean_ovr_auc": {"row": rows}, "top3_accuracy": {"row": rows}},
+    )
 
 
 def _weighted_mean_auc(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -322,8 +370,9 @@ def _weighted_mean_auc(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) ->
         return np.where(n_defined > 0, total / n_defined, np.nan)
 
 
-def weighted_metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray, top3_hits: np.ndarray,
-                     weights: np.ndarray) -> dict[str, np.ndarray]:
+def weighted_metrics(
+    y: np.ndarray, pred: np.ndarray, proba: np.ndarray, top3_hits: np.ndarray, weights: np.ndarray
+) -> dict[str, np.ndarray]:
     """Every metric of :data:`FAIRNESS_METRICS` for each row of ``weights`` (resamples x rows, the
     number of times each row was drawn). All-ones weights give the plain (MetricFrame) values."""
     k = proba.shape[1]
@@ -352,8 +401,7 @@ def _group_rng(seed: int, attribute: str, group: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(f"{attribute}\x00{group}".encode())])
 
 
-def bootstrap_metrics(y, pred, proba, top3_hits, n_bootstrap: int,
-                      rng: np.random.Generator) -> dict[str, np.ndarray]:
+def bootstrap_metrics(y, pred, proba, top3_hits, n_bootstrap: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """``n_bootstrap`` resamples (rows with replacement) of the given rows -> metric -> (n_bootstrap,)
     values, NaN where undefined. Resamples are processed in chunks to bound memory."""
     n = len(y)
@@ -396,8 +444,9 @@ def _degenerate(values: np.ndarray) -> bool:
     return len(valid) > 0 and float(np.ptp(valid)) <= 1e-12
 
 
-def metric_interval(metric: str, resampled: np.ndarray, hits: Mapping[str, int], n: int,
-                    ci: float = 0.95) -> tuple[float, float, int, str]:
+def metric_interval(
+    metric: str, resampled: np.ndarray, hits: Mapping[str, int], n: int, ci: float = 0.95
+) -> tuple[float, float, int, str]:
     """(ci_low, ci_high, n_boot_valid, ci_method) of one metric of one group from its bootstrap values
     ``resampled``; ``hits``: {"accuracy": top-1 hits, "top3_accuracy": top-3 hits} of the group's ``n``
     rows. Percentile interval, except a degenerate bootstrap (module docstring): proportions -> Wilson
@@ -415,9 +464,18 @@ def metric_interval(metric: str, resampled: np.ndarray, hits: Mapping[str, int],
     return low, high, n_valid, CI_BOOTSTRAP
 
 
-def fairness_table(model: str, y_true, proba, classes: Sequence[str], sensitive: pd.DataFrame, *,
-                   n_bootstrap: int = 200, min_group_n: int = 30, seed: int = 0,
-                   ci: float = 0.95) -> pd.DataFrame:
+def fairness_table(
+    model: str,
+    y_true,
+    proba,
+    classes: Sequence[str],
+    sensitive: pd.DataFrame,
+    *,
+    n_bootstrap: int = 200,
+    min_group_n: int = 30,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> pd.DataFrame:
     """Per attribute and group, every metric of :data:`FAIRNESS_METRICS` with a bootstrap interval.
 
     ``sensitive``: one column per attribute (e.g. :func:`sensitive_features`), rows in the order of
@@ -442,18 +500,29 @@ def fairness_table(model: str, y_true, proba, classes: Sequence[str], sensitive:
     records: list[dict] = []
 
     def add_group(attribute: str, group: str, rows: np.ndarray, point: pd.Series) -> None:
-        boot = bootstrap_metrics(y[rows], pred[rows], p[rows], hits[rows], n_bootstrap,
-                                 _group_rng(seed, attribute, group))
+        boot = bootstrap_metrics(
+            y[rows], pred[rows], p[rows], hits[rows], n_bootstrap, _group_rng(seed, attribute, group)
+        )
         group_hits = {"accuracy": int(correct[rows].sum()), "top3_accuracy": int(hits[rows].sum())}
         for metric in FAIRNESS_METRICS:
             low, high, n_valid, method = metric_interval(metric, boot[metric], group_hits, len(rows), ci)
-            records.append({"model": model, "attribute": attribute, "group": group, "n": len(rows),
-                            "metric": metric, "value": float(point[metric]), "ci_low": low,
-                            "ci_high": high, "n_boot_valid": n_valid, "ci_method": method})
+            records.append(
+                {
+                    "model": model,
+                    "attribute": attribute,
+                    "group": group,
+                    "n": len(rows),
+                    "metric": metric,
+                    "value": float(point[metric]),
+                    "ci_low": low,
+                    "ci_high": high,
+                    "n_boot_valid": n_valid,
+                    "ci_method": method,
+                }
+            )
 
     everyone = np.full(len(y), OVERALL, dtype=object)
-    add_group(OVERALL, OVERALL, np.arange(len(y)),
-              _metric_frame(y, pred, p, everyone, OVERALL).by_group.loc[OVERALL])
+    add_group(OVERALL, OVERALL, np.arange(len(y)), _metric_frame(y, pred, p, everyone, OVERALL).by_group.loc[OVERALL])
     for attribute in sensitive.columns:
         groups = _groups(sensitive[attribute].reset_index(drop=True)).to_numpy()
         by_group = _metric_frame(y, pred, p, groups, str(attribute)).by_group
@@ -496,8 +565,11 @@ class GroupEstimate:
         return (self.ci_low, self.ci_high)
 
     def describe(self) -> str:
-        interval = (f" [{self.ci_low:.3f}, {self.ci_high:.3f}]"
-                    if np.isfinite(self.ci_low) and np.isfinite(self.ci_high) else " [no interval]")
+        interval = (
+            f" [{self.ci_low:.3f}, {self.ci_high:.3f}]"
+            if np.isfinite(self.ci_low) and np.isfinite(self.ci_high)
+            else " [no interval]"
+        )
         where = "overall" if self.attribute == OVERALL else f"{self.attribute}={self.group}"
         return f"{where}: {self.value:.3f}{interval} (n={self.n:,})"
 
@@ -521,6 +593,7 @@ class GateResult:
 
     def to_dict(self) -> dict:
         """JSON-serialisable (NaN becomes None)."""
+
         def clean(value):
             if isinstance(value, float) and not np.isfinite(value):
                 return None
@@ -531,12 +604,19 @@ class GateResult:
             if isinstance(value, (np.floating, np.integer, np.bool_)):
                 return clean(value.item())
             return value
+
         return clean(asdict(self))
 
 
 def _estimate(row) -> GroupEstimate:
-    return GroupEstimate(str(row["attribute"]), str(row["group"]), int(row["n"]), float(row["value"]),
-                         float(row["ci_low"]), float(row["ci_high"]))
+    return GroupEstimate(
+        str(row["attribute"]),
+        str(row["group"]),
+        int(row["n"]),
+        float(row["value"]),
+        float(row["ci_low"]),
+        float(row["ci_high"]),
+    )
 
 
 def _overlaps(a: GroupEstimate, b: GroupEstimate) -> bool | None:
@@ -545,8 +625,13 @@ def _overlaps(a: GroupEstimate, b: GroupEstimate) -> bool | None:
     return not (a.ci_high < b.ci_low or a.ci_low > b.ci_high)
 
 
-def fairness_gate(table: pd.DataFrame, *, metric: str = "balanced_accuracy", max_gap: float = 0.10,
-                  attributes: Sequence[str] | None = None) -> GateResult:
+def fairness_gate(
+    table: pd.DataFrame,
+    *,
+    metric: str = "balanced_accuracy",
+    max_gap: float = 0.10,
+    attributes: Sequence[str] | None = None,
+) -> GateResult:
     """Fail when some group (with enough data) is more than ``max_gap`` below the overall value on
     ``metric`` and its interval does not overlap the overall interval (module docstring: why overall,
     why both conditions). Insufficient-data groups are listed in the result, never decide it."""
@@ -555,8 +640,7 @@ def fairness_gate(table: pd.DataFrame, *, metric: str = "balanced_accuracy", max
         raise ValueError(f"fairness_gate needs the table of one model, got {list(models)!r}")
     rows = table[table["metric"] == metric]
     if rows.empty:
-        raise ValueError(f"the fairness table has no metric {metric!r}; it has "
-                         f"{sorted(table['metric'].unique())}")
+        raise ValueError(f"the fairness table has no metric {metric!r}; it has {sorted(table['metric'].unique())}")
     overall_rows = rows[rows["attribute"] == OVERALL]
     if overall_rows.empty:
         raise ValueError("the fairness table has no overall block (attribute 'overall')")
@@ -568,17 +652,26 @@ def fairness_gate(table: pd.DataFrame, *, metric: str = "balanced_accuracy", max
             raise ValueError(f"fairness gate attributes not in the table: {unknown}")
         groups = groups[groups["attribute"].isin(list(attributes))]
     insufficient = [_estimate(r) for _, r in groups[groups["insufficient_data"]].iterrows()]
-    judged = [_estimate(r) for _, r in groups[~groups["insufficient_data"]].iterrows()
-              if np.isfinite(r["value"])]
+    judged = [_estimate(r) for _, r in groups[~groups["insufficient_data"]].iterrows() if np.isfinite(r["value"])]
     skipped = ""
     if insufficient:
         listed = ", ".join(f"{g.attribute}={g.group} (n={g.n})" for g in insufficient[:12])
         more = f" and {len(insufficient) - 12} more" if len(insufficient) > 12 else ""
         skipped = f" Not judged, insufficient data: {listed}{more}."
     if not judged:
-        return GateResult(True, metric, max_gap, str(models[0]), None, reference, float("nan"), None,
-                          f"PASSED by default: no group has enough data to judge {metric}.{skipped}",
-                          [], insufficient)
+        return GateResult(
+            True,
+            metric,
+            max_gap,
+            str(models[0]),
+            None,
+            reference,
+            float("nan"),
+            None,
+            f"PASSED by default: no group has enough data to judge {metric}.{skipped}",
+            [],
+            insufficient,
+        )
 
     def fails(group: GroupEstimate) -> bool:
         gap = reference.value - group.value
@@ -589,37 +682,55 @@ def fairness_gate(table: pd.DataFrame, *, metric: str = "balanced_accuracy", max
     worst = failing[0] if failing else min(judged, key=lambda g: g.value)
     gap = reference.value - worst.value
     overlap = _overlaps(worst, reference)
-    comparison = (f"worst group {worst.describe()} vs {reference.describe()}: gap {gap:.3f} "
-                  f"(max_gap {max_gap:.3f})")
+    comparison = f"worst group {worst.describe()} vs {reference.describe()}: gap {gap:.3f} (max_gap {max_gap:.3f})"
     if failing:
         others = ""
         if len(failing) > 1:
             others = " Also failing: " + "; ".join(g.describe() for g in failing[1:6]) + "."
-        why = ("the intervals do not overlap" if overlap is False
-               else "no intervals were computed, so the gap alone decides")
+        why = (
+            "the intervals do not overlap"
+            if overlap is False
+            else "no intervals were computed, so the gap alone decides"
+        )
         reason = f"FAILED on {metric}: {comparison} exceeds max_gap and {why}.{others}{skipped}"
     elif gap > max_gap:
-        reason = (f"PASSED on {metric}: {comparison} exceeds max_gap, but the intervals overlap, so the "
-                  f"gap is not distinguishable from sampling noise at this n.{skipped}")
+        reason = (
+            f"PASSED on {metric}: {comparison} exceeds max_gap, but the intervals overlap, so the "
+            f"gap is not distinguishable from sampling noise at this n.{skipped}"
+        )
     else:
         reason = f"PASSED on {metric}: {comparison} is within max_gap.{skipped}"
-    return GateResult(not failing, metric, max_gap, str(models[0]), worst, reference, float(gap),
-                      overlap, reason, failing, insufficient)
+    return GateResult(
+        not failing,
+        metric,
+        max_gap,
+        str(models[0]),
+        worst,
+        reference,
+        float(gap),
+        overlap,
+        reason,
+        failing,
+        insufficient,
+    )
 
 
 # ------------------------------------------------------------------------------- representation
 
 
-def representation_by_split(split_table: pd.DataFrame, cases: pd.DataFrame,
-                            attributes: Sequence[str] | None = None, *,
-                            monk_bins: Sequence[tuple[int, int]] = DEFAULT_MONK_BINS) -> pd.DataFrame:
+def representation_by_split(
+    split_table: pd.DataFrame,
+    cases: pd.DataFrame,
+    attributes: Sequence[str] | None = None,
+    *,
+    monk_bins: Sequence[tuple[int, int]] = DEFAULT_MONK_BINS,
+) -> pd.DataFrame:
     """Each split's composition by group against the whole data set (all of ``cases``), counted in
     cases (a case is one person's contribution; its images are ``n_images``). ``split_table`` has
     case_id and split (one row per image, e.g. labeled_splits); the split ``"all_splits"`` is their
     union. Every group of the data set appears in every split, at 0 when absent. ``share_ratio`` =
     share / share_in_dataset (1 = represented as in the data set)."""
-    for what, frame, needed in (("split_table", split_table, ["case_id", "split"]),
-                                ("cases", cases, ["case_id"])):
+    for what, frame, needed in (("split_table", split_table, ["case_id", "split"]), ("cases", cases, ["case_id"])):
         missing = [c for c in needed if c not in frame.columns]
         if missing:
             raise ValueError(f"{what} lacks column(s): {', '.join(missing)}")
@@ -634,8 +745,9 @@ def representation_by_split(split_table: pd.DataFrame, cases: pd.DataFrame,
     images = split_table[["case_id", "split"]].astype({"case_id": str, "split": str})
     absent = ~images["case_id"].isin(features.index)
     if absent.any():
-        raise ValueError(f"split_table row {images.index[absent][0]}: case_id "
-                         f"{images['case_id'][absent].iloc[0]!r} is not in cases")
+        raise ValueError(
+            f"split_table row {images.index[absent][0]}: case_id {images['case_id'][absent].iloc[0]!r} is not in cases"
+        )
     order = [s for s in ("train", "val", "test") if s in set(images["split"])]
     order += sorted(set(images["split"]) - set(order))
     parts = []
@@ -646,17 +758,24 @@ def representation_by_split(split_table: pd.DataFrame, cases: pd.DataFrame,
             in_dataset = features[attribute].value_counts()
             groups = group_order(attribute, in_dataset.index)
             n = features.loc[split_cases, attribute].value_counts().reindex(groups, fill_value=0)
-            n_images = features.loc[rows["case_id"], attribute].value_counts().reindex(groups,
-                                                                                      fill_value=0)
+            n_images = features.loc[rows["case_id"], attribute].value_counts().reindex(groups, fill_value=0)
             dataset_n = in_dataset.reindex(groups, fill_value=0)
             share = n / len(split_cases) if len(split_cases) else n * np.nan
             share_in_dataset = dataset_n / len(features)
-            parts.append(pd.DataFrame({
-                "split": split, "attribute": attribute, "group": pd.Series(groups, dtype=object),
-                "n": n.to_numpy("int64"), "n_images": n_images.to_numpy("int64"),
-                "share": share.to_numpy("float64"), "n_in_dataset": dataset_n.to_numpy("int64"),
-                "share_in_dataset": share_in_dataset.to_numpy("float64"),
-            }))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "split": split,
+                        "attribute": attribute,
+                        "group": pd.Series(groups, dtype=object),
+                        "n": n.to_numpy("int64"),
+                        "n_images": n_images.to_numpy("int64"),
+                        "share": share.to_numpy("float64"),
+                        "n_in_dataset": dataset_n.to_numpy("int64"),
+                        "share_in_dataset": share_in_dataset.to_numpy("float64"),
+                    }
+                )
+            )
     table = pd.concat(parts, ignore_index=True)
     table["share_ratio"] = table["share"] / table["share_in_dataset"]
     return table[REPRESENTATION_COLUMNS]
@@ -689,18 +808,33 @@ def fairness_plot_png(table: pd.DataFrame, attribute: str, metric: str) -> bytes
         low = row["value"] - row["ci_low"] if np.isfinite(row["ci_low"]) else 0.0
         high = row["ci_high"] - row["value"] if np.isfinite(row["ci_high"]) else 0.0
         if np.isfinite(row["value"]):
-            ax.errorbar([i], [row["value"]], yerr=[[max(low, 0.0)], [max(high, 0.0)]], fmt="o",
-                        color=colour, ecolor=colour, capsize=3, ms=5)
-    ax.set_xticks(range(len(rows)), [f"{g}\nn={n:,}" for g, n in zip(rows["group"], rows["n"])],
-                  rotation=45 if len(rows) > 6 else 0, ha="right" if len(rows) > 6 else "center",
-                  fontsize=8)
+            ax.errorbar(
+                [i],
+                [row["value"]],
+                yerr=[[max(low, 0.0)], [max(high, 0.0)]],
+                fmt="o",
+                color=colour,
+                ecolor=colour,
+                capsize=3,
+                ms=5,
+            )
+    ax.set_xticks(
+        range(len(rows)),
+        [f"{g}\nn={n:,}" for g, n in zip(rows["group"], rows["n"])],
+        rotation=45 if len(rows) > 6 else 0,
+        ha="right" if len(rows) > 6 else "center",
+        fontsize=8,
+    )
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel(metric)
     model = str(table["model"].iloc[0]) if len(table) else ""
     level = float(rows["ci_level"].iloc[0]) if "ci_level" in rows else 0.95
-    ax.set_title(f"{model}: {metric} by {ATTRIBUTE_TITLES.get(attribute, attribute)}\n"
-                 f"points: estimate; bars: {level:.0%} bootstrap (or Wilson) interval; "
-                 "grey: insufficient data; red: worst", fontsize=9)
+    ax.set_title(
+        f"{model}: {metric} by {ATTRIBUTE_TITLES.get(attribute, attribute)}\n"
+        f"points: estimate; bars: {level:.0%} bootstrap (or Wilson) interval; "
+        "grey: insufficient data; red: worst",
+        fontsize=9,
+    )
     ax.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     return figure_png(figure)
@@ -750,23 +884,25 @@ def group_metrics_wide(table: pd.DataFrame, attribute: str) -> pd.DataFrame:
 def markdown_text_table(frame: pd.DataFrame, fmt=str) -> str:
     """A Markdown table whose cells are ``fmt(value)`` taken as text (pipes escaped); the report's own
     formatting, unlike core.report.markdown_table's share-as-percentage rule."""
+
     def text(v) -> str:
         return fmt(v).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(map(text, frame.columns)) + " |",
-             "| " + " | ".join("---" for _ in frame.columns) + " |"]
-    lines += ["| " + " | ".join(text(v) for v in row) + " |"
-              for row in frame.itertuples(index=False, name=None)]
+
+    lines = ["| " + " | ".join(map(text, frame.columns)) + " |", "| " + " | ".join("---" for _ in frame.columns) + " |"]
+    lines += ["| " + " | ".join(text(v) for v in row) + " |" for row in frame.itertuples(index=False, name=None)]
     return "\n".join(lines)
 
 
 def _how_to_read(table: pd.DataFrame) -> str:
     level = float(table["ci_level"].iloc[0]) if "ci_level" in table and len(table) else 0.95
     n_boot = int(table["n_boot"].iloc[0]) if "n_boot" in table and len(table) else 0
-    return (f"Each cell: estimate [{level:.0%} percentile bootstrap interval, {n_boot} resamples within "
-            "the group; where every resample gave the same value, e.g. 0 of n right, the Wilson score "
-            "interval instead, noted per group]. Groups flagged 'insufficient data' are shown but never "
-            "called worst and never decide the gate. 'unknown' = not answered; 'multiple' = several "
-            "race/ethnicity boxes.")
+    return (
+        f"Each cell: estimate [{level:.0%} percentile bootstrap interval, {n_boot} resamples within "
+        "the group; where every resample gave the same value, e.g. 0 of n right, the Wilson score "
+        "interval instead, noted per group]. Groups flagged 'insufficient data' are shown but never "
+        "called worst and never decide the gate. 'unknown' = not answered; 'multiple' = several "
+        "race/ethnicity boxes."
+    )
 
 
 def _attributes(table: pd.DataFrame) -> list[str]:
@@ -777,14 +913,26 @@ def fairness_markdown(table: pd.DataFrame, gate: GateResult, *, model: str, synt
     """The fairness report as Markdown: synthetic banner first (when synthetic), the gate, the overall
     block and one table per attribute."""
     lines = [SYNTHETIC_BANNER, ""] if synthetic else []
-    lines += [f"# Fairness report: {model}", "",
-              f"**Fairness gate: {'PASSED' if gate.passed else 'FAILED'}** ({gate.metric}, "
-              f"max_gap {gate.max_gap:.2f}). {gate.reason}", "", _how_to_read(table), "",
-              f"## {ATTRIBUTE_TITLES[OVERALL]}", "",
-              markdown_text_table(group_metrics_wide(table, OVERALL).drop(columns=["group", "note"])), ""]
+    lines += [
+        f"# Fairness report: {model}",
+        "",
+        f"**Fairness gate: {'PASSED' if gate.passed else 'FAILED'}** ({gate.metric}, "
+        f"max_gap {gate.max_gap:.2f}). {gate.reason}",
+        "",
+        _how_to_read(table),
+        "",
+        f"## {ATTRIBUTE_TITLES[OVERALL]}",
+        "",
+        markdown_text_table(group_metrics_wide(table, OVERALL).drop(columns=["group", "note"])),
+        "",
+    ]
     for attribute in _attributes(table):
-        lines += [f"## {ATTRIBUTE_TITLES.get(attribute, attribute)} (`{attribute}`)", "",
-                  markdown_text_table(group_metrics_wide(table, attribute)), ""]
+        lines += [
+            f"## {ATTRIBUTE_TITLES.get(attribute, attribute)} (`{attribute}`)",
+            "",
+            markdown_text_table(group_metrics_wide(table, attribute)),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -805,7 +953,7 @@ def _html_table(frame: pd.DataFrame) -> str:
     body = []
     for record in frame.to_dict("records"):
         note = str(record.get("note", ""))
-        css = ("insufficient" if "insufficient" in note else "worst" if "worst" in note else "")
+        css = "insufficient" if "insufficient" in note else "worst" if "worst" in note else ""
         cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in record.values())
         body.append(f'<tr class="{css}">{cells}</tr>' if css else f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -816,29 +964,37 @@ def _img(name: str, png: bytes) -> str:
     return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
 
 
-def fairness_html(table: pd.DataFrame, gate: GateResult, plots: dict[str, bytes], *, model: str,
-                  synthetic: bool) -> str:
+def fairness_html(
+    table: pd.DataFrame, gate: GateResult, plots: dict[str, bytes], *, model: str, synthetic: bool
+) -> str:
     """The fairness report as one self-contained HTML page: inline CSS, plots as ``data:`` URIs, no
     external asset. A plot keyed ``"<attribute>.<metric>"`` is placed under its attribute; any other
     plot at the end."""
     title = f"Fairness report: {model}" + (" (SYNTHETIC)" if synthetic else "")
     status = "PASSED" if gate.passed else "FAILED"
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+    ]
     if synthetic:
         parts.append(f'<p class="banner">{html.escape(SYNTHETIC_BANNER)}</p>')
-    parts += [f"<h1>{html.escape(f'Fairness report: {model}')}</h1>",
-              f'<p><strong class="{"pass" if gate.passed else "fail"}">Fairness gate: '
-              f"{status}</strong> ({html.escape(gate.metric)}, max_gap {gate.max_gap:.2f}). "
-              f"{html.escape(gate.reason)}</p>",
-              f"<p>{html.escape(_how_to_read(table))}</p>",
-              f"<h2>{html.escape(ATTRIBUTE_TITLES[OVERALL])}</h2>",
-              _html_table(group_metrics_wide(table, OVERALL).drop(columns=["group", "note"]))]
+    parts += [
+        f"<h1>{html.escape(f'Fairness report: {model}')}</h1>",
+        f'<p><strong class="{"pass" if gate.passed else "fail"}">Fairness gate: '
+        f"{status}</strong> ({html.escape(gate.metric)}, max_gap {gate.max_gap:.2f}). "
+        f"{html.escape(gate.reason)}</p>",
+        f"<p>{html.escape(_how_to_read(table))}</p>",
+        f"<h2>{html.escape(ATTRIBUTE_TITLES[OVERALL])}</h2>",
+        _html_table(group_metrics_wide(table, OVERALL).drop(columns=["group", "note"])),
+    ]
     placed = set()
     for attribute in _attributes(table):
-        parts += [f"<h2>{html.escape(ATTRIBUTE_TITLES.get(attribute, attribute))} "
-                  f"(<code>{html.escape(attribute)}</code>)</h2>",
-                  _html_table(group_metrics_wide(table, attribute))]
+        parts += [
+            f"<h2>{html.escape(ATTRIBUTE_TITLES.get(attribute, attribute))} "
+            f"(<code>{html.escape(attribute)}</code>)</h2>",
+            _html_table(group_metrics_wide(table, attribute)),
+        ]
         for name, png in plots.items():
             if name.startswith(f"{attribute}."):
                 parts.append(_img(name, png))

@@ -165,12 +165,8 @@ def fetch_images(
 # --------------------------------------------------------------------------------------------------
 
 
-def _result(
-    image_id: str, object_path: str, status: str, reason: str | None, *, attempts: int
-) -> FetchResult:
-    return FetchResult(
-        image_id, object_path, None, None, None, status, reason, fetched=False, attempts=attempts
-    )
+def _result(image_id: str, object_path: str, status: str, reason: str | None, *, attempts: int) -> FetchResult:
+    return FetchResult(image_id, object_path, None, None, None, status, reason, fetched=False, attempts=attempts)
 
 
 def _validate(request: FetchRequest) -> str | FetchResult:
@@ -303,9 +299,7 @@ class _RunState:
                     served = self.source.download_to(object_path, tmp)
                 except ObjectMissing as exc:
                     # Listed a moment ago, gone now: nothing to retry.
-                    return _result(
-                        image_id, object_path, "missing", f"{object_path}: {exc}", attempts=attempt
-                    )
+                    return _result(image_id, object_path, "missing", f"{object_path}: {exc}", attempts=attempt)
                 except UnsafeObjectPath as exc:
                     return _result(image_id, object_path, "rejected", str(exc), attempts=attempt)
                 except _TRANSIENT_ERRORS as exc:
@@ -362,9 +356,7 @@ class _RunState:
                         f"{object_path}: {mismatch}; quarantined as {where}",
                         attempts=attempt,
                     )
-                logger.warning(
-                    "%s: %s (attempt %d of %d, retrying)", object_path, mismatch, attempt, max_attempts
-                )
+                logger.warning("%s: %s (attempt %d of %d, retrying)", object_path, mismatch, attempt, max_attempts)
                 self._sleep_before_retry(attempt)
             finally:
                 tmp.unlink(missing_ok=True)

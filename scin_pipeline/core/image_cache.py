@@ -124,7 +124,7 @@ def preprocess_image(rgb: np.ndarray, image_size: int) -> np.ndarray:
     if side == 0:
         raise ValueError(f"preprocess_image got an empty image of shape {rgb.shape}")
     top, left = (height - side) // 2, (width - side) // 2
-    square = rgb[top:top + side, left:left + side]
+    square = rgb[top : top + side, left : left + side]
     if side == size:
         return np.ascontiguousarray(square)
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
@@ -160,12 +160,12 @@ def decode_bytes_rgb(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXEL
         head = bytes(buf[:8]).hex(" ")
         raise ImagePreprocessError(f"{name}: not an image (no known signature; first bytes {head})", "corrupt")
     if fmt not in SERVABLE_FORMATS:
-        raise ImagePreprocessError(f"{name}: {fmt} images are not accepted (PNG or JPEG only)",
-                                   "unsupported_format")
+        raise ImagePreprocessError(f"{name}: {fmt} images are not accepted (PNG or JPEG only)", "unsupported_format")
     if fmt == "PNG":
         if n_bytes < 33:  # signature (8) + IHDR chunk (25)
-            raise ImagePreprocessError(f"{name}: truncated PNG: file ends after {n_bytes} bytes, inside the "
-                                       "header", "truncated")
+            raise ImagePreprocessError(
+                f"{name}: truncated PNG: file ends after {n_bytes} bytes, inside the header", "truncated"
+            )
         layout = read_png_layout(buf)
         if layout is None:
             raise ImagePreprocessError(f"{name}: PNG signature but no IHDR chunk", "corrupt")
@@ -175,7 +175,9 @@ def decode_bytes_rgb(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXEL
         if width * height > max_pixels:
             raise ImagePreprocessError(
                 f"{name}: IHDR declares {width} x {height} = {width * height:,} pixels, over the limit of "
-                f"{max_pixels:,} ({n_bytes:,} bytes); not decoded", "decompression_bomb")
+                f"{max_pixels:,} ({n_bytes:,} bytes); not decoded",
+                "decompression_bomb",
+            )
         if not layout.complete:
             raise ImagePreprocessError(f"{name}: truncated PNG: {layout.problem}", "truncated")
         if layout.problem:
@@ -191,11 +193,12 @@ def decode_bytes_rgb(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXEL
         if width * height > max_pixels:
             raise ImagePreprocessError(
                 f"{name}: header declares {width} x {height} = {width * height:,} pixels, over the limit of "
-                f"{max_pixels:,}; not decoded", "decompression_bomb")
+                f"{max_pixels:,}; not decoded",
+                "decompression_bomb",
+            )
         # libjpeg fills a cut-off JPEG with grey and only warns, so look for the end-of-image marker.
         if bytes(buf[-2:]) != b"\xff\xd9" and b"\xff\xd9" not in bytes(buf[-64:]):
-            raise ImagePreprocessError(f"{name}: truncated JPEG: no end-of-image marker in the last bytes",
-                                       "truncated")
+            raise ImagePreprocessError(f"{name}: truncated JPEG: no end-of-image marker in the last bytes", "truncated")
     _ensure_pixel_limit_guard()
     try:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
@@ -204,8 +207,9 @@ def decode_bytes_rgb(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXEL
     if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
         raise ImagePreprocessError(f"{name}: {fmt} decoder failed (bad CRC or compressed data)", "corrupt")
     if fmt == "PNG" and (bgr.shape[1], bgr.shape[0]) != (width, height):
-        raise ImagePreprocessError(f"{name}: decoded {bgr.shape[1]} x {bgr.shape[0]}, header says "
-                                   f"{width} x {height}", "corrupt")
+        raise ImagePreprocessError(
+            f"{name}: decoded {bgr.shape[1]} x {bgr.shape[0]}, header says {width} x {height}", "corrupt"
+        )
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -278,8 +282,9 @@ def _validate_rows(rows: pd.DataFrame) -> pd.DataFrame:
     unsafe = splits[~splits.str.fullmatch(r"[A-Za-z0-9_]+")]
     if len(unsafe):  # the split becomes part of a file name
         raise ValueError(f"build_image_cache: split {unsafe.iloc[0]!r} is not a plain name ([A-Za-z0-9_])")
-    return pd.DataFrame({"image_id": ids.to_numpy(), "split": splits.to_numpy(),
-                         "local_path": rows["local_path"].to_numpy()})
+    return pd.DataFrame(
+        {"image_id": ids.to_numpy(), "split": splits.to_numpy(), "local_path": rows["local_path"].to_numpy()}
+    )
 
 
 def _decode_one(local_path: Any, image_id: str, image_size: int) -> tuple[np.ndarray | None, str | None]:
@@ -323,9 +328,15 @@ def _atomic_write(target: Path, write) -> None:
         raise
 
 
-def build_image_cache(rows: pd.DataFrame, cache_dir: Path, *, image_size: int = DEFAULT_IMAGE_SIZE,
-                      shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2,
-                      on_shard: Callable[[int], None] | None = None) -> pd.DataFrame:
+def build_image_cache(
+    rows: pd.DataFrame,
+    cache_dir: Path,
+    *,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    workers: int = 2,
+    on_shard: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
     """Decode and preprocess every row's ``local_path`` once into uint8 shards; return the index.
 
     ``rows``: image_id, local_path, split (other columns ignored). The index has one row per input row,
@@ -355,12 +366,15 @@ def build_image_cache(rows: pd.DataFrame, cache_dir: Path, *, image_size: int = 
         for split in sorted(table["split"].unique()):
             part = table[table["split"] == split].sort_values("image_id", kind="stable")
             for start in range(0, len(part), int(shard_size)):
-                chunk = part.iloc[start:start + int(shard_size)]
+                chunk = part.iloc[start : start + int(shard_size)]
                 key = _sha(CACHE_FORMAT_VERSION, size, split, *chunk["item_key"])[:20]
                 file = f"{split}-{key}.npy"
                 previous = old_shards.get(key)
-                if previous is not None and previous["file"] == file and _shard_matches(
-                        folder / file, previous["n_ok"], size):
+                if (
+                    previous is not None
+                    and previous["file"] == file
+                    and _shard_matches(folder / file, previous["n_ok"], size)
+                ):
                     entry = previous  # identical inputs: nothing to decode or write
                 else:
                     entry = _write_shard(folder, file, key, split, chunk, size, old_items, pool)
@@ -368,8 +382,11 @@ def build_image_cache(rows: pd.DataFrame, cache_dir: Path, *, image_size: int = 
                 if on_shard is not None:
                     on_shard(len(chunk))
                 for item in entry["items"]:
-                    placement[item["image_id"]] = (file if item["offset"] is not None else None,
-                                                   item["offset"], item["reason"])
+                    placement[item["image_id"]] = (
+                        file if item["offset"] is not None else None,
+                        item["offset"],
+                        item["reason"],
+                    )
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
@@ -382,12 +399,12 @@ def build_image_cache(rows: pd.DataFrame, cache_dir: Path, *, image_size: int = 
         "n_ok": int(sum(s["n_ok"] for s in new_shards)),
         "shards": new_shards,
     }
-    _atomic_write(folder / MANIFEST_NAME,
-                  lambda fh: fh.write(json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")))
+    _atomic_write(
+        folder / MANIFEST_NAME, lambda fh: fh.write(json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
+    )
     referenced = {s["file"] for s in new_shards}
     for stale in folder.iterdir():
-        if stale.is_file() and ((stale.suffix == ".npy" and stale.name not in referenced)
-                                or _TMP_MARK in stale.name):
+        if stale.is_file() and ((stale.suffix == ".npy" and stale.name not in referenced) or _TMP_MARK in stale.name):
             stale.unlink(missing_ok=True)
 
     shard_rel = {f: f"{folder.name}/{f}" for f in referenced}
@@ -395,16 +412,33 @@ def build_image_cache(rows: pd.DataFrame, cache_dir: Path, *, image_size: int = 
     for image_id, split in zip(table["image_id"], table["split"]):
         file, offset, reason = placement[image_id]
         ok = offset is not None
-        records.append((image_id, split, shard_rel[file] if ok else None, int(offset) if ok else -1,
-                        "ok" if ok else "failed", None if ok else reason, size))
+        records.append(
+            (
+                image_id,
+                split,
+                shard_rel[file] if ok else None,
+                int(offset) if ok else -1,
+                "ok" if ok else "failed",
+                None if ok else reason,
+                size,
+            )
+        )
     index = pd.DataFrame.from_records(records, columns=list(INDEX_COLUMNS))
     index["offset"] = index["offset"].astype("int64")
     index["image_size"] = index["image_size"].astype("int64")
     return index
 
 
-def _write_shard(folder: Path, file: str, key: str, split: str, chunk: pd.DataFrame, size: int,
-                 old_items: dict, pool: ThreadPoolExecutor | None) -> dict:
+def _write_shard(
+    folder: Path,
+    file: str,
+    key: str,
+    split: str,
+    chunk: pd.DataFrame,
+    size: int,
+    old_items: dict,
+    pool: ThreadPoolExecutor | None,
+) -> dict:
     """Fill one shard: reuse old pixels/failures by item key, decode the rest; write it atomically."""
     n = len(chunk)
     # Every image goes straight into its slot of the one shard-sized buffer; failures are squeezed out
@@ -450,12 +484,12 @@ def _write_shard(folder: Path, file: str, key: str, split: str, chunk: pd.DataFr
         if reasons[i] is None:
             if n_ok != i:
                 pixels[n_ok] = pixels[i]  # n_ok < i: the slot is already consumed
-            items.append({"image_id": image_id, "item_key": item_key, "offset": n_ok, "status": "ok",
-                          "reason": None})
+            items.append({"image_id": image_id, "item_key": item_key, "offset": n_ok, "status": "ok", "reason": None})
             n_ok += 1
         else:
-            items.append({"image_id": image_id, "item_key": item_key, "offset": None, "status": "failed",
-                          "reason": reasons[i]})
+            items.append(
+                {"image_id": image_id, "item_key": item_key, "offset": None, "status": "failed", "reason": reasons[i]}
+            )
     _atomic_write(folder / file, lambda fh: np.save(fh, pixels[:n_ok], allow_pickle=False))
     return {"file": file, "key": key, "split": split, "n_ok": n_ok, "items": items}
 
@@ -487,16 +521,19 @@ def load_images(index: pd.DataFrame, cache_dir: Path) -> np.ndarray:
         mine = shards == shard
         pos, off = positions[mine], offsets[mine]
         if arr.shape[1:] != (size, size, 3) or (len(off) and (off.min() < 0 or off.max() >= len(arr))):
-            raise ValueError(f"load_images: shard {path} has shape {arr.shape}; the index asks for offsets "
-                             f"{off.min()}..{off.max()} of {size} px images (stale index?)")
+            raise ValueError(
+                f"load_images: shard {path} has shape {arr.shape}; the index asks for offsets "
+                f"{off.min()}..{off.max()} of {size} px images (stale index?)"
+            )
         order = np.argsort(off, kind="stable")
         out[pos[order]] = arr[off[order]]
         del arr
     return out
 
 
-def split_rows(labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, split: str,
-               classes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+def split_rows(
+    labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, split: str, classes: list[str]
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Rows of one split that have cached pixels (one row per image and case, with shard and offset) and
     their class indices, in a fixed order."""
     ok = image_tensors[image_tensors["status"] == "ok"][["image_id", "shard", "offset", "status", "image_size"]]
@@ -506,8 +543,9 @@ def split_rows(labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, split:
     return rows, y
 
 
-def split_arrays(labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, cache_dir: Path, split: str,
-                 classes: list[str]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+def split_arrays(
+    labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, cache_dir: Path, split: str, classes: list[str]
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """``split_rows`` plus the rows' uint8 images from the cache."""
     rows, y = split_rows(labeled_splits, image_tensors, split, classes)
     images = load_images(rows, cache_dir) if len(rows) else np.zeros((0, 1, 1, 3), np.uint8)
@@ -518,8 +556,9 @@ def split_arrays(labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, cach
 # augmentation and the Keras sequence
 
 
-def augment_batch(batch: np.ndarray, rng: np.random.Generator, *,
-                  min_crop_fraction: float = AUGMENT_MIN_CROP_FRACTION) -> np.ndarray:
+def augment_batch(
+    batch: np.ndarray, rng: np.random.Generator, *, min_crop_fraction: float = AUGMENT_MIN_CROP_FRACTION
+) -> np.ndarray:
     """Geometry-only augmentation of a uint8 (B, S, S, 3) batch; a new array, same shape and dtype.
 
     Per image: a horizontal flip (p = 0.5) and 0-3 quarter turns (together all 8 flips and rotations of
@@ -529,8 +568,13 @@ def augment_batch(batch: np.ndarray, rng: np.random.Generator, *,
     near the edge stays in frame. No brightness, contrast, hue or saturation change: skin tone is a
     fairness attribute here, and colour jitter would move images between tones.
     """
-    if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3 \
-            or batch.shape[1] != batch.shape[2]:
+    if (
+        not isinstance(batch, np.ndarray)
+        or batch.dtype != np.uint8
+        or batch.ndim != 4
+        or batch.shape[3] != 3
+        or batch.shape[1] != batch.shape[2]
+    ):
         desc = f"{batch.shape} {batch.dtype}" if isinstance(batch, np.ndarray) else type(batch).__name__
         raise ValueError(f"augment_batch expects a uint8 (B, S, S, 3) array, got {desc}")
     if not 0.0 < min_crop_fraction <= 1.0:
@@ -552,8 +596,9 @@ def augment_batch(batch: np.ndarray, rng: np.random.Generator, *,
         side = max(1, min(size, int(round(fraction * size))))
         if side < size:
             top, left = (int(c * (size - side + 1)) for c in corner)
-            cv2.resize(img[top:top + side, left:left + side], (size, size), dst=out[i],
-                       interpolation=cv2.INTER_LINEAR)
+            cv2.resize(
+                img[top : top + side, left : left + side], (size, size), dst=out[i], interpolation=cv2.INTER_LINEAR
+            )
         else:
             out[i] = img
     return out
@@ -587,8 +632,18 @@ def _cached_image_sequence_class() -> type:
         use_multiprocessing, max_queue_size) go to PyDataset.
         """
 
-        def __init__(self, images: np.ndarray, y: np.ndarray | None, batch_size: int, *, shuffle: bool = False,
-                     augment: bool = False, seed: int = 0, metadata: np.ndarray | None = None, **kwargs):
+        def __init__(
+            self,
+            images: np.ndarray,
+            y: np.ndarray | None,
+            batch_size: int,
+            *,
+            shuffle: bool = False,
+            augment: bool = False,
+            seed: int = 0,
+            metadata: np.ndarray | None = None,
+            **kwargs,
+        ):
             super().__init__(**kwargs)
             self.images = _as_uint8_images(images)
             n = len(self.images)
@@ -602,8 +657,7 @@ def _cached_image_sequence_class() -> type:
             if metadata is not None:
                 metadata = np.asarray(metadata, dtype=np.float32)
                 if metadata.ndim != 2 or len(metadata) != n:
-                    raise ValueError(f"CachedImageSequence: metadata has shape {metadata.shape}, expected "
-                                     f"({n}, F)")
+                    raise ValueError(f"CachedImageSequence: metadata has shape {metadata.shape}, expected ({n}, F)")
             if isinstance(batch_size, bool) or int(batch_size) < 1:
                 raise ValueError(f"CachedImageSequence: batch_size must be >= 1, got {batch_size!r}")
             if isinstance(seed, bool) or int(seed) < 0:
@@ -619,8 +673,9 @@ def _cached_image_sequence_class() -> type:
         def set_epoch(self, epoch: int) -> None:
             self.epoch = int(epoch)
             n = len(self.images)
-            self._order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle
-                           else np.arange(n))
+            self._order = (
+                np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+            )
 
         def __len__(self) -> int:
             return math.ceil(len(self.images) / self.batch_size)
@@ -628,7 +683,7 @@ def _cached_image_sequence_class() -> type:
         def __getitem__(self, index: int):
             if not 0 <= index < len(self):
                 raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
-            rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+            rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
             x = self.images[rows]
             if self.augment:
                 x = augment_batch(x, np.random.default_rng([self.seed, self.epoch, index]))

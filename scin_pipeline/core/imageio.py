@@ -14,8 +14,8 @@ cheapest first and nothing big is allocated before the file has shown that it is
    the file before IEND; for JPEG, no end-of-image marker. Such files are not handed to the decoder at all
    (libpng would only fail noisily on them).
 5. decode from memory with ``cv2.imdecode(IMREAD_COLOR)`` (or at half size, see ``min_long_side``):
-   16-bit samples come back as 8-bit, alpha is dropped, grey becomes 3 channels; then BGR -> RGB. A decoder failure on a structurally complete file
-   (bad CRC, bad deflate stream, size mismatch) is ``corrupt``.
+   16-bit samples come back as 8-bit, alpha is dropped, grey becomes 3 channels; then BGR -> RGB. A decoder
+   failure on a structurally complete file (bad CRC, bad deflate stream, size mismatch) is ``corrupt``.
 
 ``missing`` (no such file) and ``unreadable`` (an OS error, e.g. permission or a directory) come from
 reading the bytes; the file is read exactly once (``np.fromfile``) and decoded from that buffer.
@@ -36,7 +36,14 @@ import PIL.Image
 DEFAULT_MAX_PIXELS = 50_000_000  # a 48 MP phone photo passes; 30000 x 30000 (900 MP) does not
 
 DECODE_STATUSES = (
-    "ok", "empty_file", "truncated", "corrupt", "wrong_format", "decompression_bomb", "unreadable", "missing",
+    "ok",
+    "empty_file",
+    "truncated",
+    "corrupt",
+    "wrong_format",
+    "decompression_bomb",
+    "unreadable",
+    "missing",
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -45,8 +52,14 @@ _MAX_PNG_DIMENSION = 2**31 - 1  # the PNG spec's limit for width and height
 
 # Extension -> the format its bytes must have. Anything else is accepted in whatever known format it is.
 _FORMAT_OF_EXTENSION = {
-    ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".gif": "GIF", ".webp": "WEBP", ".bmp": "BMP",
-    ".tif": "TIFF", ".tiff": "TIFF",
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".gif": "GIF",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
 }
 
 
@@ -131,15 +144,26 @@ def read_png_layout(buf: np.ndarray | bytes) -> PngLayout | None:
     saw_idat = False
     while True:
         if pos + 8 > n:
-            return PngLayout(width, height, bit_depth, color_type, False,
-                             f"file ends after {n} bytes, inside a chunk header at offset {pos} (no IEND)")
-        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+            return PngLayout(
+                width,
+                height,
+                bit_depth,
+                color_type,
+                False,
+                f"file ends after {n} bytes, inside a chunk header at offset {pos} (no IEND)",
+            )
+        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
         end = pos + 12 + length  # length + type + data + CRC
         if end > n:
             name = ctype.decode("latin-1")
-            return PngLayout(width, height, bit_depth, color_type, False,
-                             f"chunk {name!r} at offset {pos} declares {length} bytes but the file ends "
-                             f"after {n} bytes (no IEND)")
+            return PngLayout(
+                width,
+                height,
+                bit_depth,
+                color_type,
+                False,
+                f"chunk {name!r} at offset {pos} declares {length} bytes but the file ends after {n} bytes (no IEND)",
+            )
         if ctype == b"IDAT":
             saw_idat = True
         if ctype == b"IEND":
@@ -169,16 +193,17 @@ def _header_size_via_pil(data: np.ndarray) -> tuple[int, int, str]:
         return int(im.width), int(im.height), str(im.mode)
 
 
-def decode_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 min_long_side: int | None = None) -> DecodedImage:
+def decode_image(
+    path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_long_side: int | None = None
+) -> DecodedImage:
     """Decode one image file into RGB uint8 safely (see the module docstring for the order of checks).
 
     Never raises for anything about the file; the status says what went wrong and the reason names it.
 
     ``min_long_side``: for a caller that only needs a copy of at least this long side (the quality
     stage's working copy), a PNG whose long side is at least twice that is decoded at half size
-    (OpenCV's reduced decode: each output pixel the mean of a 2 x 2 block, exactly so for even sizes), which saves a full-size
-    pass and its memory. Only halving: OpenCV's 1/4 and 1/8 PNG reductions sample 2 of every 4 pixels
+    (OpenCV's reduced decode: each output pixel the mean of a 2 x 2 block, exactly so for even sizes), which
+    saves a full-size pass and its memory. Only halving: OpenCV's 1/4 and 1/8 PNG reductions sample 2 of every 4 pixels
     per axis instead of averaging them. ``width`` and ``height`` always report the file's own size.
     """
     name = str(path)
@@ -196,33 +221,57 @@ def decode_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXEL
     expected = _FORMAT_OF_EXTENSION.get(Path(name).suffix.lower())
     if fmt is None:
         head = bytes(data[:8]).hex(" ")
-        return DecodedImage("corrupt", f"{name}: not an image (no known signature; first bytes {head})",
-                            None, None, None, None, n_bytes)
+        return DecodedImage(
+            "corrupt", f"{name}: not an image (no known signature; first bytes {head})", None, None, None, None, n_bytes
+        )
     if expected is not None and fmt != expected:
-        return DecodedImage("wrong_format", f"{name}: {fmt} bytes named {Path(name).suffix.lower()}",
-                            None, None, None, fmt, n_bytes)
+        return DecodedImage(
+            "wrong_format", f"{name}: {fmt} bytes named {Path(name).suffix.lower()}", None, None, None, fmt, n_bytes
+        )
 
     mode: str | None = None
     if fmt == "PNG":
         if n_bytes < 33:  # signature (8) + IHDR chunk (25)
-            return DecodedImage("truncated", f"{name}: truncated PNG: file ends after {n_bytes} bytes, inside "
-                                "the header", None, None, None, fmt, n_bytes)
+            return DecodedImage(
+                "truncated",
+                f"{name}: truncated PNG: file ends after {n_bytes} bytes, inside the header",
+                None,
+                None,
+                None,
+                fmt,
+                n_bytes,
+            )
         layout = read_png_layout(data)
         if layout is None:
             return DecodedImage("corrupt", f"{name}: PNG signature but no IHDR chunk", None, None, None, fmt, n_bytes)
         width, height, mode = layout.width, layout.height, layout.mode
         if not (0 < width <= _MAX_PNG_DIMENSION and 0 < height <= _MAX_PNG_DIMENSION):
-            return DecodedImage("corrupt", f"{name}: IHDR declares an invalid size {width} x {height}",
-                                None, width, height, fmt, n_bytes, mode)
+            return DecodedImage(
+                "corrupt",
+                f"{name}: IHDR declares an invalid size {width} x {height}",
+                None,
+                width,
+                height,
+                fmt,
+                n_bytes,
+                mode,
+            )
         if width * height > max_pixels:
             return DecodedImage(
                 "decompression_bomb",
                 f"{name}: IHDR declares {width} x {height} = {width * height:,} pixels, over the limit of "
                 f"{max_pixels:,} ({n_bytes:,} bytes on disk); not decoded",
-                None, width, height, fmt, n_bytes, mode)
+                None,
+                width,
+                height,
+                fmt,
+                n_bytes,
+                mode,
+            )
         if not layout.complete:
-            return DecodedImage("truncated", f"{name}: truncated PNG: {layout.problem}",
-                                None, width, height, fmt, n_bytes, mode)
+            return DecodedImage(
+                "truncated", f"{name}: truncated PNG: {layout.problem}", None, width, height, fmt, n_bytes, mode
+            )
         if layout.problem:
             return DecodedImage("corrupt", f"{name}: {layout.problem}", None, width, height, fmt, n_bytes, mode)
     else:
@@ -236,28 +285,68 @@ def decode_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXEL
             return DecodedImage(
                 "decompression_bomb",
                 f"{name}: header declares {width} x {height} = {width * height:,} pixels, over the limit of "
-                f"{max_pixels:,}; not decoded", None, width, height, fmt, n_bytes, mode)
+                f"{max_pixels:,}; not decoded",
+                None,
+                width,
+                height,
+                fmt,
+                n_bytes,
+                mode,
+            )
         # libjpeg fills a cut-off JPEG with grey and only warns, so test for the end-of-image marker.
         if fmt == "JPEG" and bytes(data[-2:]) != b"\xff\xd9" and b"\xff\xd9" not in bytes(data[-64:]):
-            return DecodedImage("truncated", f"{name}: truncated JPEG: no end-of-image marker in the last bytes",
-                                None, width, height, fmt, n_bytes, mode)
+            return DecodedImage(
+                "truncated",
+                f"{name}: truncated JPEG: no end-of-image marker in the last bytes",
+                None,
+                width,
+                height,
+                fmt,
+                n_bytes,
+                mode,
+            )
 
     halve = fmt == "PNG" and min_long_side is not None and max(width, height) >= 2 * min_long_side
     try:
         bgr = cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_2 if halve else cv2.IMREAD_COLOR)
     except cv2.error as err:
-        return DecodedImage("corrupt", f"{name}: decoder error: {str(err).strip()}",
-                            None, width, height, fmt, n_bytes, mode)
+        return DecodedImage(
+            "corrupt", f"{name}: decoder error: {str(err).strip()}", None, width, height, fmt, n_bytes, mode
+        )
     if bgr is None:
-        return DecodedImage("corrupt", f"{name}: {fmt} decoder failed (bad CRC or compressed data)",
-                            None, width, height, fmt, n_bytes, mode)
+        return DecodedImage(
+            "corrupt",
+            f"{name}: {fmt} decoder failed (bad CRC or compressed data)",
+            None,
+            width,
+            height,
+            fmt,
+            n_bytes,
+            mode,
+        )
     if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
-        return DecodedImage("corrupt", f"{name}: decoder returned shape {bgr.shape} {bgr.dtype}",
-                            None, width, height, fmt, n_bytes, mode)
+        return DecodedImage(
+            "corrupt",
+            f"{name}: decoder returned shape {bgr.shape} {bgr.dtype}",
+            None,
+            width,
+            height,
+            fmt,
+            n_bytes,
+            mode,
+        )
     expected_shape = (width // 2, height // 2) if halve else (width, height)
     if fmt == "PNG" and (bgr.shape[1], bgr.shape[0]) != expected_shape:
-        return DecodedImage("corrupt", f"{name}: decoded {bgr.shape[1]} x {bgr.shape[0]}, header says "
-                            f"{width} x {height}", None, width, height, fmt, n_bytes, mode)
+        return DecodedImage(
+            "corrupt",
+            f"{name}: decoded {bgr.shape[1]} x {bgr.shape[0]}, header says {width} x {height}",
+            None,
+            width,
+            height,
+            fmt,
+            n_bytes,
+            mode,
+        )
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     if fmt != "PNG":  # the decoder applies EXIF orientation: report the size as decoded
         width, height = int(rgb.shape[1]), int(rgb.shape[0])

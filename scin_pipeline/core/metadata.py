@@ -93,13 +93,29 @@ def read_csv_bytes(name: str, data: bytes, required_columns: list[str]) -> CsvTa
     good_rows, good_lines = [], []
     for row, line in zip(records, lines):
         if len(row) != len(header):
-            issues.append(_issue(name, line, row[0] if row else None, None, "row_dropped",
-                                 f"has {len(row)} fields, the header has {len(header)}"))
+            issues.append(
+                _issue(
+                    name,
+                    line,
+                    row[0] if row else None,
+                    None,
+                    "row_dropped",
+                    f"has {len(row)} fields, the header has {len(header)}",
+                )
+            )
             continue
         bad_cols = [header[i] for i, cell in enumerate(row) if _SURROGATE.search(cell)]
         if bad_cols:
-            issues.append(_issue(name, line, _clean(row[0]), bad_cols[0], "row_dropped",
-                                 f"bytes that are not UTF-8 in column(s) {', '.join(bad_cols)}"))
+            issues.append(
+                _issue(
+                    name,
+                    line,
+                    _clean(row[0]),
+                    bad_cols[0],
+                    "row_dropped",
+                    f"bytes that are not UTF-8 in column(s) {', '.join(bad_cols)}",
+                )
+            )
             continue
         good_rows.append(row)
         good_lines.append(line)
@@ -113,10 +129,15 @@ def _clean(value: str | None) -> str | None:
     return None if value is None else _SURROGATE.sub("\ufffd", value)
 
 
-def _issue(file: str, line: int | None, case_id: str | None, column: str | None, action: str,
-           reason: str) -> dict:
-    return {"file": file, "line": line, "case_id": _clean(case_id), "column": column,
-            "action": action, "reason": reason}
+def _issue(file: str, line: int | None, case_id: str | None, column: str | None, action: str, reason: str) -> dict:
+    return {
+        "file": file,
+        "line": line,
+        "case_id": _clean(case_id),
+        "column": column,
+        "action": action,
+        "reason": reason,
+    }
 
 
 def _dedupe_case_ids(table: CsvTable) -> pd.DataFrame:
@@ -125,16 +146,31 @@ def _dedupe_case_ids(table: CsvTable) -> pd.DataFrame:
     frame["case_id"] = frame["case_id"].str.strip()
     valid = frame["case_id"].str.fullmatch(_INT64.pattern)
     for _, row in frame[~valid].iterrows():
-        table.issues.append(_issue(table.name, row["line"], row["case_id"], "case_id", "row_dropped",
-                                   "case_id is not a signed 64-bit integer"))
+        table.issues.append(
+            _issue(
+                table.name,
+                row["line"],
+                row["case_id"],
+                "case_id",
+                "row_dropped",
+                "case_id is not a signed 64-bit integer",
+            )
+        )
     frame = frame[valid]
     dup = frame.duplicated("case_id", keep="first")
     if dup.any():
         first_line = frame[~dup].set_index("case_id")["line"]
         for _, row in frame[dup].iterrows():
-            table.issues.append(_issue(
-                table.name, row["line"], row["case_id"], "case_id", "row_dropped",
-                f"duplicate case_id, first seen at line {first_line[row['case_id']]}"))
+            table.issues.append(
+                _issue(
+                    table.name,
+                    row["line"],
+                    row["case_id"],
+                    "case_id",
+                    "row_dropped",
+                    f"duplicate case_id, first seen at line {first_line[row['case_id']]}",
+                )
+            )
     return frame[~dup].reset_index(drop=True)
 
 
@@ -143,8 +179,16 @@ def _categorical(table: CsvTable, frame: pd.DataFrame, column: str, known: list[
     values = frame[column].str.strip().replace("", None)
     unknown_mask = values.notna() & ~values.isin(known)
     for _, row in frame[unknown_mask].iterrows():
-        table.issues.append(_issue(table.name, row["line"], row["case_id"], column, "flagged",
-                                   f"unknown value {row[column].strip()!r} kept"))
+        table.issues.append(
+            _issue(
+                table.name,
+                row["line"],
+                row["case_id"],
+                column,
+                "flagged",
+                f"unknown value {row[column].strip()!r} kept",
+            )
+        )
     extra = sorted(values[unknown_mask].unique().tolist())
     return pd.Series(pd.Categorical(values, categories=known + extra), index=frame.index)
 
@@ -175,8 +219,13 @@ def _literal(value: str, expected: type, what: str):
 
 def _parse_labels(table: CsvTable, labels: pd.DataFrame) -> pd.DataFrame:
     """Parse the three label literals per row into typed columns; a malformed one nulls that case's labels."""
-    out = {"label_names": [], "label_confidences": [], "weighted_label_names": [],
-           "weighted_label_weights": [], "label_parse_ok": []}
+    out = {
+        "label_names": [],
+        "label_confidences": [],
+        "weighted_label_names": [],
+        "weighted_label_weights": [],
+        "label_parse_ok": [],
+    }
     for row in labels.itertuples(index=False):
         try:
             names = _literal(getattr(row, schema.LABEL_NAMES_COLUMN), list, "label name list")
@@ -188,12 +237,22 @@ def _parse_labels(table: CsvTable, labels: pd.DataFrame) -> pd.DataFrame:
                 raise ValueError("confidences are not all integers 1-5")
             if len(confidences) != len(names):
                 raise ValueError(f"{len(names)} label names but {len(confidences)} confidences")
-            if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                       and 0 <= v <= 1 for k, v in weighted.items()):
+            if not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+                for k, v in weighted.items()
+            ):
                 raise ValueError("weighted labels are not all name -> weight in [0, 1]")
         except ValueError as exc:
-            table.issues.append(_issue(table.name, row.line, row.case_id, schema.WEIGHTED_LABEL_COLUMN,
-                                       "value_nulled", f"labels not used: {exc}"))
+            table.issues.append(
+                _issue(
+                    table.name,
+                    row.line,
+                    row.case_id,
+                    schema.WEIGHTED_LABEL_COLUMN,
+                    "value_nulled",
+                    f"labels not used: {exc}",
+                )
+            )
             for key in out:
                 out[key].append(None if key != "label_parse_ok" else False)
             continue
@@ -226,14 +285,23 @@ def label_status(gradability: pd.DataFrame, has_label: pd.Series, parse_ok: pd.S
     gradable = gradability.isin(schema.GRADABILITY_VALUES[:2]).any(axis=1)
     no_pathology = gradability.eq(schema.GRADABILITY_VALUES[1]).any(axis=1)
     status = np.select(
-        [parse_ok.eq(False).to_numpy(), has_label.to_numpy(), ~graded.to_numpy(),
-         (gradable & no_pathology).to_numpy(), gradable.to_numpy()],
+        [
+            parse_ok.eq(False).to_numpy(),
+            has_label.to_numpy(),
+            ~graded.to_numpy(),
+            (gradable & no_pathology).to_numpy(),
+            gradable.to_numpy(),
+        ],
         ["malformed", "labelled", "no_labels_row", "no_pathology", "gradable_unlabelled"],
         default="ungradable",
     )
-    return pd.Series(pd.Categorical(status, categories=[
-        "labelled", "no_pathology", "gradable_unlabelled", "ungradable", "no_labels_row", "malformed"]),
-        index=gradability.index)
+    return pd.Series(
+        pd.Categorical(
+            status,
+            categories=["labelled", "no_pathology", "gradable_unlabelled", "ungradable", "no_labels_row", "malformed"],
+        ),
+        index=gradability.index,
+    )
 
 
 @dataclass
@@ -243,9 +311,15 @@ class ParsedMetadata:
     quarantine: pd.DataFrame
 
 
-def parse_metadata(cases_csv: bytes, labels_csv: bytes, *, cases_name: str = CASES_FILE,
-                   labels_name: str = LABELS_FILE, limit_cases: int | None = None,
-                   sample_seed: int = 0) -> ParsedMetadata:
+def parse_metadata(
+    cases_csv: bytes,
+    labels_csv: bytes,
+    *,
+    cases_name: str = CASES_FILE,
+    labels_name: str = LABELS_FILE,
+    limit_cases: int | None = None,
+    sample_seed: int = 0,
+) -> ParsedMetadata:
     """Parse both CSVs into ``cases``, ``images`` and ``quarantine`` tables.
 
     ``limit_cases`` keeps a deterministic sample of N cases (chosen by hashing case ids with
@@ -261,8 +335,7 @@ def parse_metadata(cases_csv: bytes, labels_csv: bytes, *, cases_name: str = CAS
     if limit_cases is not None:
         if limit_cases < 1:
             raise ValueError(f"limit_cases must be at least 1, got {limit_cases}")
-        order = pd.util.hash_pandas_object(raw_cases["case_id"], index=False,
-                                           hash_key=f"scin{sample_seed:012d}"[:16])
+        order = pd.util.hash_pandas_object(raw_cases["case_id"], index=False, hash_key=f"scin{sample_seed:012d}"[:16])
         raw_cases = raw_cases.loc[order.sort_values(kind="stable").index[:limit_cases]]
         raw_cases = raw_cases.sort_values("line").reset_index(drop=True)
 
@@ -271,8 +344,16 @@ def parse_metadata(cases_csv: bytes, labels_csv: bytes, *, cases_name: str = CAS
     if known is not None:
         orphan = ~raw_labels["case_id"].isin(known)
         for _, row in raw_labels[orphan].iterrows():
-            labels_table.issues.append(_issue(labels_name, row["line"], row["case_id"], "case_id",
-                                              "row_dropped", f"references a case not in {cases_name}"))
+            labels_table.issues.append(
+                _issue(
+                    labels_name,
+                    row["line"],
+                    row["case_id"],
+                    "case_id",
+                    "row_dropped",
+                    f"references a case not in {cases_name}",
+                )
+            )
         raw_labels = raw_labels[~orphan]
 
     cases = _type_cases(cases_table, raw_cases)
@@ -285,12 +366,15 @@ def parse_metadata(cases_csv: bytes, labels_csv: bytes, *, cases_name: str = CAS
     merged["label_status"] = label_status(gradability, merged["has_label"], merged["label_parse_ok"])
     merged["derm_gradable"] = gradability.isin(schema.GRADABILITY_VALUES[:2]).any(axis=1)
     merged["n_label_graders"] = gradability.notna().sum(axis=1).astype("int8")
-    merged["top_label"] = merged["weighted_label_names"].map(
-        lambda v: v[0] if isinstance(v, list) and v else None).astype("string")
-    merged["top_label_weight"] = merged["weighted_label_weights"].map(
-        lambda v: v[0] if isinstance(v, list) and v else np.nan).astype("float64")
-    merged["top_label_tied"] = merged["weighted_label_weights"].map(
-        lambda v: isinstance(v, list) and len(v) > 1 and v[0] == v[1]).astype(bool)
+    merged["top_label"] = (
+        merged["weighted_label_names"].map(lambda v: v[0] if isinstance(v, list) and v else None).astype("string")
+    )
+    merged["top_label_weight"] = (
+        merged["weighted_label_weights"].map(lambda v: v[0] if isinstance(v, list) and v else np.nan).astype("float64")
+    )
+    merged["top_label_tied"] = (
+        merged["weighted_label_weights"].map(lambda v: isinstance(v, list) and len(v) > 1 and v[0] == v[1]).astype(bool)
+    )
 
     images = _images_from_cases(cases_table, raw_cases)
     merged = merged.merge(images.groupby("case_id").size().rename("n_images"), on="case_id", how="left")
@@ -306,8 +390,7 @@ def _type_cases(table: CsvTable, raw: pd.DataFrame) -> pd.DataFrame:
     for column in ("source", "release"):
         out[column] = raw[column].str.strip().astype("string") if column in raw else pd.NA
     out["year"] = pd.to_numeric(raw["year"], errors="coerce").astype("Int16") if "year" in raw else pd.NA
-    for column in ("age_group", "sex_at_birth", "fitzpatrick_skin_type", "related_category",
-                   "condition_duration"):
+    for column in ("age_group", "sex_at_birth", "fitzpatrick_skin_type", "related_category", "condition_duration"):
         if column in raw:
             out[column] = _categorical(table, raw, column, schema.ENUM_VALUES[column])
     for column in schema.YES_FLAG_COLUMNS:
@@ -322,8 +405,7 @@ def _type_labels(table: CsvTable, raw: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"case_id": raw["case_id"].astype("string")})
     out["labels_line"] = raw["line"].astype("Int64")
     out["has_labels_row"] = True
-    for column in (schema.GRADABLE_CONDITION_COLUMNS + schema.GRADABLE_FST_COLUMNS
-                   + schema.DERM_FST_COLUMNS):
+    for column in schema.GRADABLE_CONDITION_COLUMNS + schema.GRADABLE_FST_COLUMNS + schema.DERM_FST_COLUMNS:
         if column in raw:
             out[column] = _categorical(table, raw, column, schema.ENUM_VALUES[column])
     parsed = _parse_labels(table, raw)
@@ -334,8 +416,16 @@ def _type_labels(table: CsvTable, raw: pd.DataFrame) -> pd.DataFrame:
         tones = pd.to_numeric(raw[tone_col].str.strip().replace("", None), errors="coerce")
         bad = raw[tone_col].str.strip().ne("") & ~tones.isin(schema.MONK_TONES)
         for _, row in raw[bad].iterrows():
-            table.issues.append(_issue(table.name, row["line"], row["case_id"], tone_col, "value_nulled",
-                                       f"Monk skin tone {row[tone_col]!r} is not an integer 1-10"))
+            table.issues.append(
+                _issue(
+                    table.name,
+                    row["line"],
+                    row["case_id"],
+                    tone_col,
+                    "value_nulled",
+                    f"Monk skin tone {row[tone_col]!r} is not an integer 1-10",
+                )
+            )
         out[tone_col] = tones.where(~bad).astype("Int8")
         if gradable_col in raw:
             out[gradable_col] = _nullable_bool(raw[gradable_col])
@@ -348,8 +438,7 @@ def _images_from_cases(table: CsvTable, raw: pd.DataFrame) -> pd.DataFrame:
     """One row per image reference. An unsafe path is kept as a row with path_status 'rejected' and its
     reason (so it is reported), and gets no image_id, so nothing downstream can open it."""
     rows = []
-    for position, (path_col, shot_col) in enumerate(
-            zip(schema.IMAGE_PATH_COLUMNS, schema.SHOT_TYPE_COLUMNS), start=1):
+    for position, (path_col, shot_col) in enumerate(zip(schema.IMAGE_PATH_COLUMNS, schema.SHOT_TYPE_COLUMNS), start=1):
         for case_id, line, path, shot in zip(raw["case_id"], raw["line"], raw[path_col], raw[shot_col]):
             path = path.strip()
             if not path:
@@ -358,16 +447,42 @@ def _images_from_cases(table: CsvTable, raw: pd.DataFrame) -> pd.DataFrame:
                 image_id, status, reason = image_id_from_path(path), "ok", None
             except UnsafeObjectPath as exc:
                 image_id, status, reason = None, "rejected", exc.reason
-                table.issues.append(_issue(table.name, line, case_id, path_col, "value_nulled",
-                                           f"image path {path!r} rejected: {exc.reason}"))
+                table.issues.append(
+                    _issue(
+                        table.name,
+                        line,
+                        case_id,
+                        path_col,
+                        "value_nulled",
+                        f"image path {path!r} rejected: {exc.reason}",
+                    )
+                )
             rows.append((image_id, case_id, position, shot.strip() or None, path, status, reason, line))
-    images = pd.DataFrame(rows, columns=["image_id", "case_id", "position", "shot_type", "object_path",
-                                         "path_status", "path_reason", "cases_line"])
+    images = pd.DataFrame(
+        rows,
+        columns=[
+            "image_id",
+            "case_id",
+            "position",
+            "shot_type",
+            "object_path",
+            "path_status",
+            "path_reason",
+            "cases_line",
+        ],
+    )
     unknown_shot = images["shot_type"].notna() & ~images["shot_type"].isin(schema.SHOT_TYPE_VALUES)
     for row in images[unknown_shot].itertuples():
-        table.issues.append(_issue(table.name, row.cases_line, row.case_id,
-                                   f"image_{row.position}_shot_type", "flagged",
-                                   f"unknown value {row.shot_type!r} kept"))
+        table.issues.append(
+            _issue(
+                table.name,
+                row.cases_line,
+                row.case_id,
+                f"image_{row.position}_shot_type",
+                "flagged",
+                f"unknown value {row.shot_type!r} kept",
+            )
+        )
     extra = sorted(images.loc[unknown_shot, "shot_type"].unique().tolist())
     images["shot_type"] = pd.Categorical(images["shot_type"], categories=schema.SHOT_TYPE_VALUES + extra)
     images["image_id"] = images["image_id"].astype("string")

@@ -32,20 +32,28 @@ SCIN_DATASET_NAME = "Skin Condition Image Network (SCIN)"
 SCIN_RELEASE = "1.0.0"
 SCIN_SOURCE_URI = "gs://dx-scin-public-data/dataset/"
 SCIN_LICENCE_NAME = "SCIN Data Use License"
-SCIN_LICENCE_SUMMARY = ("Sharing and adapting are allowed with attribution, a notice of the licence "
-                        "and its disclaimer of warranties, and an indication of modifications; any "
-                        "attempt to re-identify or re-link contributors is forbidden and ends all rights.")
+SCIN_LICENCE_SUMMARY = (
+    "Sharing and adapting are allowed with attribution, a notice of the licence "
+    "and its disclaimer of warranties, and an indication of modifications; any "
+    "attempt to re-identify or re-link contributors is forbidden and ends all rights."
+)
 SCIN_COPYRIGHT = "SCIN dataset (c) Google LLC"
-SCIN_CITATION = ('Ward A., Li J., Wang J., et al. "Crowdsourcing Dermatology Images with Google Search Ads: '
-                 'Creating a Real-World Skin Condition Dataset." arXiv:2402.18545 (2024).')
+SCIN_CITATION = (
+    'Ward A., Li J., Wang J., et al. "Crowdsourcing Dermatology Images with Google Search Ads: '
+    'Creating a Real-World Skin Condition Dataset." arXiv:2402.18545 (2024).'
+)
 SCIN_ARXIV_ID = "2402.18545"
-MODIFICATIONS_NOTICE = ("This model was trained on an adapted subset of SCIN: images filtered for quality "
-                        "and near-duplicates, resized, and labelled with one condition per case from the "
-                        "dermatologists' weighted labels (details under Data and Preprocessing).")
-NOT_FOR_DIAGNOSIS = ("NOT FOR DIAGNOSIS. This model is for education and research only. It must not be "
-                     "used to diagnose, triage, treat or reassure any person about a skin condition, and "
-                     "it is not a medical device. Anyone concerned about their skin should see a "
-                     "clinician.")
+MODIFICATIONS_NOTICE = (
+    "This model was trained on an adapted subset of SCIN: images filtered for quality "
+    "and near-duplicates, resized, and labelled with one condition per case from the "
+    "dermatologists' weighted labels (details under Data and Preprocessing)."
+)
+NOT_FOR_DIAGNOSIS = (
+    "NOT FOR DIAGNOSIS. This model is for education and research only. It must not be "
+    "used to diagnose, triage, treat or reassure any person about a skin condition, and "
+    "it is not a medical device. Anyone concerned about their skin should see a "
+    "clinician."
+)
 INTENDED_USES = [
     "Education: showing how a skin-condition classifier is built, evaluated and audited for fairness.",
     "Research: studying performance gaps across skin tone, Fitzpatrick type, race/ethnicity, sex and age "
@@ -73,8 +81,17 @@ ETHICAL_CONSIDERATIONS = [
     "rates into predictions for an individual.",
 ]
 MODEL_CARD_SECTIONS = [
-    "Model details", "Intended use", "Out-of-scope uses", "Data", "Preprocessing", "Metrics",
-    "Metrics by group", "Fairness gate", "Limitations", "Ethical considerations", "Licence and citation",
+    "Model details",
+    "Intended use",
+    "Out-of-scope uses",
+    "Data",
+    "Preprocessing",
+    "Metrics",
+    "Metrics by group",
+    "Fairness gate",
+    "Limitations",
+    "Ethical considerations",
+    "Licence and citation",
 ]
 MANIFEST_SCHEMA = "scin-pipeline/model-card/v1"
 DEEP_TONE_GROUPS = {"monk_us_bin": "7-10", "monk_india_bin": "7-10"}
@@ -137,8 +154,7 @@ def _overall_with_intervals(metrics: Mapping[str, float], fairness_table: pd.Dat
 def _limitations(fairness_table: pd.DataFrame, synthetic: bool) -> list[str]:
     deep = []
     for attribute, group in DEEP_TONE_GROUPS.items():
-        rows = fairness_table[(fairness_table["attribute"] == attribute)
-                              & (fairness_table["group"] == group)]
+        rows = fairness_table[(fairness_table["attribute"] == attribute) & (fairness_table["group"] == group)]
         if not rows.empty:
             deep.append(f"{ATTRIBUTE_TITLES[attribute]} {group}: n = {int(rows['n'].iloc[0]):,} test rows")
     deep_text = ("; ".join(deep) + ". ") if deep else ""
@@ -157,16 +173,25 @@ def _limitations(fairness_table: pd.DataFrame, synthetic: bool) -> list[str]:
         "the model has not been tested on them.",
         "Synthetic images when run offline: the SCIN images cannot be fetched in the offline build, where "
         "the pipeline trains and evaluates on synthetic stand-in images; numbers from such a run describe "
-        "no real skin."
-        + (" THIS CARD COMES FROM SUCH A RUN." if synthetic else ""),
+        "no real skin." + (" THIS CARD COMES FROM SUCH A RUN." if synthetic else ""),
     ]
     return limitations
 
 
-def build_model_card(*, model_name: str, model_version: str | int, model_uri: str, kind: str,
-                     classes: Sequence[str], metrics: Mapping[str, float], fairness_table: pd.DataFrame,
-                     gate: GateResult, data_summary: Mapping, preprocessing: Mapping,
-                     synthetic: bool) -> tuple[str, dict]:
+def build_model_card(
+    *,
+    model_name: str,
+    model_version: str | int,
+    model_uri: str,
+    kind: str,
+    classes: Sequence[str],
+    metrics: Mapping[str, float],
+    fairness_table: pd.DataFrame,
+    gate: GateResult,
+    data_summary: Mapping,
+    preprocessing: Mapping,
+    synthetic: bool,
+) -> tuple[str, dict]:
     """Markdown model card and its JSON manifest (JSON-serialisable dict with the same facts).
 
     ``metrics``: overall test metrics (e.g. ``evaluation.classification_metrics``); intervals are
@@ -183,20 +208,31 @@ def build_model_card(*, model_name: str, model_version: str | int, model_uri: st
     limitations = _limitations(fairness_table, synthetic)
 
     lines: list[str] = [SYNTHETIC_BANNER, ""] if synthetic else []
-    lines += [f"# Model card: {model_name} (version {model_version})", "",
-              f"> {NOT_FOR_DIAGNOSIS}", ""]
-    lines += ["## Model details", "",
-              f"- name: {model_name}", f"- version: {model_version}", f"- URI: `{model_uri}`",
-              f"- kind: {kind}", f"- classes ({len(classes)}): " + ", ".join(classes),
-              f"- images: {'SYNTHETIC stand-ins (offline run)' if synthetic else 'SCIN photographs'}", ""]
+    lines += [f"# Model card: {model_name} (version {model_version})", "", f"> {NOT_FOR_DIAGNOSIS}", ""]
+    lines += [
+        "## Model details",
+        "",
+        f"- name: {model_name}",
+        f"- version: {model_version}",
+        f"- URI: `{model_uri}`",
+        f"- kind: {kind}",
+        f"- classes ({len(classes)}): " + ", ".join(classes),
+        f"- images: {'SYNTHETIC stand-ins (offline run)' if synthetic else 'SCIN photographs'}",
+        "",
+    ]
     lines += ["## Intended use", "", *[f"- {u}" for u in INTENDED_USES], "", f"**{NOT_FOR_DIAGNOSIS}**", ""]
     lines += ["## Out-of-scope uses", "", *[f"- {u}" for u in OUT_OF_SCOPE_USES], ""]
-    lines += ["## Data", "",
-              f"{SCIN_DATASET_NAME}, release {SCIN_RELEASE}, from `{SCIN_SOURCE_URI}`: crowdsourced "
-              "photos of skin, nail and hair conditions with self-reported demographics and "
-              "dermatologist labels. Licence: "
-              f"{SCIN_LICENCE_NAME}. {SCIN_COPYRIGHT}. Cite: {SCIN_CITATION}", "",
-              MODIFICATIONS_NOTICE, ""]
+    lines += [
+        "## Data",
+        "",
+        f"{SCIN_DATASET_NAME}, release {SCIN_RELEASE}, from `{SCIN_SOURCE_URI}`: crowdsourced "
+        "photos of skin, nail and hair conditions with self-reported demographics and "
+        "dermatologist labels. Licence: "
+        f"{SCIN_LICENCE_NAME}. {SCIN_COPYRIGHT}. Cite: {SCIN_CITATION}",
+        "",
+        MODIFICATIONS_NOTICE,
+        "",
+    ]
     if data_summary:
         lines += _bullets(data_summary) + [""]
     lines += ["### What was excluded and why", ""]
@@ -208,43 +244,82 @@ def build_model_card(*, model_name: str, model_version: str | int, model_uri: st
         lines.append("The run did not report its exclusions.")
     lines += ["", "## Preprocessing", "", *(_bullets(preprocessing) or ["Not reported by the run."]), ""]
     level = float(fairness_table["ci_level"].iloc[0]) if "ci_level" in fairness_table else 0.95
-    lines += ["## Metrics", "",
-              f"On the test split; intervals are {level:.0%} percentile bootstrap intervals.", "",
-              _table(overall), ""]
-    lines += ["## Metrics by group", "",
-              "Estimate [interval] per group; groups below the minimum n are shown and marked "
-              "'insufficient data'.", ""]
+    lines += [
+        "## Metrics",
+        "",
+        f"On the test split; intervals are {level:.0%} percentile bootstrap intervals.",
+        "",
+        _table(overall),
+        "",
+    ]
+    lines += [
+        "## Metrics by group",
+        "",
+        "Estimate [interval] per group; groups below the minimum n are shown and marked 'insufficient data'.",
+        "",
+    ]
     for attribute in attributes:
-        lines += [f"### {ATTRIBUTE_TITLES.get(attribute, attribute)} (`{attribute}`)", "",
-                  _table(group_metrics_wide(fairness_table, attribute)), ""]
+        lines += [
+            f"### {ATTRIBUTE_TITLES.get(attribute, attribute)} (`{attribute}`)",
+            "",
+            _table(group_metrics_wide(fairness_table, attribute)),
+            "",
+        ]
     lines += ["## Fairness gate", "", f"**{'PASSED' if gate.passed else 'FAILED'}**: {gate.reason}", ""]
     lines += ["## Limitations", "", *[f"- {item}" for item in limitations], ""]
     lines += ["## Ethical considerations", "", *[f"- {item}" for item in ETHICAL_CONSIDERATIONS], ""]
-    lines += ["## Licence and citation", "",
-              f"- Data: {SCIN_LICENCE_NAME}. {SCIN_LICENCE_SUMMARY}",
-              f"- {SCIN_COPYRIGHT}; the data are provided as-is, without warranties (licence Section 5).",
-              f"- Cite: {SCIN_CITATION}", f"- Modifications: {MODIFICATIONS_NOTICE}", ""]
+    lines += [
+        "## Licence and citation",
+        "",
+        f"- Data: {SCIN_LICENCE_NAME}. {SCIN_LICENCE_SUMMARY}",
+        f"- {SCIN_COPYRIGHT}; the data are provided as-is, without warranties (licence Section 5).",
+        f"- Cite: {SCIN_CITATION}",
+        f"- Modifications: {MODIFICATIONS_NOTICE}",
+        "",
+    ]
     markdown = "\n".join(lines)
 
-    manifest = _json_safe({
-        "schema": MANIFEST_SCHEMA,
-        "synthetic": bool(synthetic),
-        "model": {"name": model_name, "version": str(model_version), "uri": model_uri, "kind": kind,
-                  "classes": classes},
-        "intended_use": {"uses": INTENDED_USES, "not_for_diagnosis": True,
-                         "statement": NOT_FOR_DIAGNOSIS, "out_of_scope": OUT_OF_SCOPE_USES},
-        "data": {"dataset": SCIN_DATASET_NAME, "release": SCIN_RELEASE, "source": SCIN_SOURCE_URI,
-                 "licence": SCIN_LICENCE_NAME, "licence_summary": SCIN_LICENCE_SUMMARY,
-                 "copyright": SCIN_COPYRIGHT, "citation": SCIN_CITATION, "arxiv": SCIN_ARXIV_ID,
-                 "modifications": MODIFICATIONS_NOTICE, "summary": data_summary,
-                 "exclusions": exclusions},
-        "preprocessing": dict(preprocessing),
-        "metrics": {"overall": overall.to_dict("records"), "ci_level": level,
-                    "by_group": fairness_table.to_dict("records")},
-        "fairness_gate": gate.to_dict(),
-        "limitations": limitations,
-        "ethical_considerations": ETHICAL_CONSIDERATIONS,
-        "sections": MODEL_CARD_SECTIONS,
-    })
+    manifest = _json_safe(
+        {
+            "schema": MANIFEST_SCHEMA,
+            "synthetic": bool(synthetic),
+            "model": {
+                "name": model_name,
+                "version": str(model_version),
+                "uri": model_uri,
+                "kind": kind,
+                "classes": classes,
+            },
+            "intended_use": {
+                "uses": INTENDED_USES,
+                "not_for_diagnosis": True,
+                "statement": NOT_FOR_DIAGNOSIS,
+                "out_of_scope": OUT_OF_SCOPE_USES,
+            },
+            "data": {
+                "dataset": SCIN_DATASET_NAME,
+                "release": SCIN_RELEASE,
+                "source": SCIN_SOURCE_URI,
+                "licence": SCIN_LICENCE_NAME,
+                "licence_summary": SCIN_LICENCE_SUMMARY,
+                "copyright": SCIN_COPYRIGHT,
+                "citation": SCIN_CITATION,
+                "arxiv": SCIN_ARXIV_ID,
+                "modifications": MODIFICATIONS_NOTICE,
+                "summary": data_summary,
+                "exclusions": exclusions,
+            },
+            "preprocessing": dict(preprocessing),
+            "metrics": {
+                "overall": overall.to_dict("records"),
+                "ci_level": level,
+                "by_group": fairness_table.to_dict("records"),
+            },
+            "fairness_gate": gate.to_dict(),
+            "limitations": limitations,
+            "ethical_considerations": ETHICAL_CONSIDERATIONS,
+            "sections": MODEL_CARD_SECTIONS,
+        }
+    )
     json.dumps(manifest, allow_nan=False)  # fail here, not in the caller, if anything is not JSON
     return markdown, manifest

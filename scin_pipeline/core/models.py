@@ -67,14 +67,16 @@ def imagenet_weights_file() -> str:
 
     origin = keras_resnet.BASE_WEIGHTS_PATH + RESNET50_NOTOP_FILE
     try:
-        return keras.utils.get_file(RESNET50_NOTOP_FILE, origin, cache_subdir="models",
-                                    file_hash=keras_resnet.WEIGHTS_HASHES["resnet50"][1])
+        return keras.utils.get_file(
+            RESNET50_NOTOP_FILE, origin, cache_subdir="models", file_hash=keras_resnet.WEIGHTS_HASHES["resnet50"][1]
+        )
     except Exception as exc:  # get_file raises bare Exception subclasses for network and hash failures
         raise WeightsUnavailableError(
             f"ResNet50 ImageNet weights are not cached and could not be downloaded from {origin} "
             f"({type(exc).__name__}: {exc}). Offline? Copy {RESNET50_NOTOP_FILE} from a machine with "
             f"internet into {_keras_models_dir()} (the Keras cache; $KERAS_HOME moves it), or set the "
-            "training config to weights: none (random initialisation; far weaker features).") from exc
+            "training config to weights: none (random initialisation; far weaker features)."
+        ) from exc
 
 
 def resolve_weights(requested: str | None, allow_fallback: bool) -> str | None:
@@ -130,12 +132,12 @@ def build_baseline_cnn(num_classes: int, image_size: int):
 # (offline) they are the only ones that carry signal. Measured on the 600-case synthetic mirror at 64 px,
 # logistic probe on random-init features, val balanced accuracy: conv3 0.67, conv4 0.48, conv5 0.38.
 POOLED_STAGES = ("conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
-STAGE_CHANNELS = {"conv2_block3_out": 256, "conv3_block4_out": 512, "conv4_block6_out": 1024,
-                  "conv5_block3_out": 2048}
+STAGE_CHANNELS = {"conv2_block3_out": 256, "conv3_block4_out": 512, "conv4_block6_out": 1024, "conv5_block3_out": 2048}
 
 
-def build_resnet50_backbone(image_size: int, weights: str | None = "imagenet", *,
-                            pooled_stages: tuple[str, ...] = POOLED_STAGES):
+def build_resnet50_backbone(
+    image_size: int, weights: str | None = "imagenet", *, pooled_stages: tuple[str, ...] = POOLED_STAGES
+):
     """ResNet50 without top: uint8 "image" (S,S,3) -> the global-average-pooled outputs of
     ``pooled_stages`` concatenated (3,584-d by default; ``("conv5_block3_out",)`` gives the classic 2048-d).
 
@@ -155,8 +157,9 @@ def build_resnet50_backbone(image_size: int, weights: str | None = "imagenet", *
     x = layers.Rescaling(1.0, dtype="float32", name="to_float")(image)
     x = keras.applications.resnet50.preprocess_input(x)  # RGB -> BGR, minus the ImageNet channel means
     resnet = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x, pooling=None)
-    pooled = [layers.GlobalAveragePooling2D(name=f"pool_{stage}")(resnet.get_layer(stage).output)
-              for stage in pooled_stages]
+    pooled = [
+        layers.GlobalAveragePooling2D(name=f"pool_{stage}")(resnet.get_layer(stage).output) for stage in pooled_stages
+    ]
     joined = pooled[0] if len(pooled) == 1 else layers.Concatenate(name="pooled_stages")(pooled)
     # float32 embeddings under any policy: they are cached, compared and fed to float32 heads.
     embedding = layers.Activation("linear", dtype="float32", name="embedding")(joined)
@@ -180,8 +183,7 @@ def _standardiser(data, name: str):
     return layer
 
 
-def build_classifier_head(embedding_dim: int, num_classes: int, dropout: float = 0.3, *,
-                          normalize_with=None):
+def build_classifier_head(embedding_dim: int, num_classes: int, dropout: float = 0.3, *, normalize_with=None):
     """Linear softmax probe on a frozen embedding: "embedding" (D,) -> [standardise] -> dropout -> softmax.
 
     ``normalize_with``: the training embeddings (N, D); when given, a Normalization layer adapted on them
@@ -202,9 +204,16 @@ def build_classifier_head(embedding_dim: int, num_classes: int, dropout: float =
     return keras.Model(embedding, _float_softmax(num_classes)(x), name="classifier_head")
 
 
-def build_multimodal_head(embedding_dim: int, n_metadata: int, num_classes: int, *,
-                          metadata_units: int = 32, dropout: float = 0.3, normalize_with=None,
-                          normalize_metadata_with=None):
+def build_multimodal_head(
+    embedding_dim: int,
+    n_metadata: int,
+    num_classes: int,
+    *,
+    metadata_units: int = 32,
+    dropout: float = 0.3,
+    normalize_with=None,
+    normalize_metadata_with=None,
+):
     """Image embedding + case metadata -> softmax.
 
     The metadata (F,) already carries missing-value mask columns, so a missing answer is a feature, not a
@@ -227,16 +236,16 @@ def build_multimodal_head(embedding_dim: int, n_metadata: int, num_classes: int,
     m = layers.Dense(metadata_units, activation="relu", name="metadata_dense")(m)
     x = layers.Concatenate(name="fuse")([e, m])
     x = layers.Dropout(dropout, name="head_dropout")(x)
-    return keras.Model({"embedding": embedding, "metadata": metadata}, _float_softmax(num_classes)(x),
-                       name="multimodal_head")
+    return keras.Model(
+        {"embedding": embedding, "metadata": metadata}, _float_softmax(num_classes)(x), name="multimodal_head"
+    )
 
 
 def _input_named(model, name: str):
     for tensor in model.inputs:
         if tensor.name == name:
             return tensor
-    raise ValueError(f"model {model.name!r} has no input named {name!r} "
-                     f"(inputs: {[t.name for t in model.inputs]})")
+    raise ValueError(f"model {model.name!r} has no input named {name!r} (inputs: {[t.name for t in model.inputs]})")
 
 
 def compose_end_to_end(backbone, head, *, with_metadata: bool):
@@ -273,7 +282,7 @@ def unfreeze_top(backbone, n_layers: int) -> int:
         raise ValueError(f"n_layers must be >= 0, got {n_layers}")
     backbone.trainable = True  # the setter recurses, so set the model first, then each layer
     all_layers = backbone.layers
-    top = set(id(layer) for layer in all_layers[len(all_layers) - n_layers:]) if n_layers else set()
+    top = set(id(layer) for layer in all_layers[len(all_layers) - n_layers :]) if n_layers else set()
     unfrozen = 0
     for layer in all_layers:
         trainable = id(layer) in top and not isinstance(layer, layers.BatchNormalization)

@@ -65,8 +65,18 @@ IMAGE_COLUMN = "image"
 SUM_TOLERANCE = 1e-3
 # Libraries the pyfunc needs at serving time, pinned to the versions installed here (those not installed
 # are left out). scin-pipeline itself is not on PyPI: it is installed in the serving environment.
-SERVING_DISTRIBUTIONS = ("mlflow", "numpy", "pandas", "scikit-learn", "keras", "tensorflow-cpu", "tensorflow",
-                         "jax", "pillow", "opencv-python-headless")
+SERVING_DISTRIBUTIONS = (
+    "mlflow",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "keras",
+    "tensorflow-cpu",
+    "tensorflow",
+    "jax",
+    "pillow",
+    "opencv-python-headless",
+)
 
 
 @dataclass
@@ -108,9 +118,15 @@ class PackagedClassifier:
 
     def spec(self) -> dict:
         return {
-            "format": PACKAGE_FORMAT, "format_version": PACKAGE_FORMAT_VERSION, "kind": self.kind,
-            "classes": self.classes, "image_size": self.image_size, "metadata_columns": self.metadata_columns,
-            "model_file": self.model_file, "keras_modules": list(self.keras_modules), "extra": self.extra,
+            "format": PACKAGE_FORMAT,
+            "format_version": PACKAGE_FORMAT_VERSION,
+            "kind": self.kind,
+            "classes": self.classes,
+            "image_size": self.image_size,
+            "metadata_columns": self.metadata_columns,
+            "model_file": self.model_file,
+            "keras_modules": list(self.keras_modules),
+            "extra": self.extra,
         }
 
     # ---------------------------------------------------------------- save / load
@@ -164,8 +180,9 @@ class PackagedClassifier:
         if spec["kind"] in KERAS_KINDS:
             for module in spec.get("keras_modules") or []:
                 if not str(module).startswith("scin_pipeline."):
-                    raise ValueError(f"{directory / SPEC_FILE}: keras_modules may only name scin_pipeline.* "
-                                     f"modules, got {module!r}")
+                    raise ValueError(
+                        f"{directory / SPEC_FILE}: keras_modules may only name scin_pipeline.* modules, got {module!r}"
+                    )
                 importlib.import_module(module)
             import keras
 
@@ -177,9 +194,15 @@ class PackagedClassifier:
             import joblib
 
             model = joblib.load(model_path)
-        return cls(kind=spec["kind"], classes=spec["classes"], model=model, image_size=spec.get("image_size"),
-                   metadata_columns=spec.get("metadata_columns"), extra=spec.get("extra") or {},
-                   keras_modules=spec.get("keras_modules") or [])
+        return cls(
+            kind=spec["kind"],
+            classes=spec["classes"],
+            model=model,
+            image_size=spec.get("image_size"),
+            metadata_columns=spec.get("metadata_columns"),
+            extra=spec.get("extra") or {},
+            keras_modules=spec.get("keras_modules") or [],
+        )
 
     # ---------------------------------------------------------------- prediction
 
@@ -194,22 +217,24 @@ class PackagedClassifier:
         features = metadata_features(cases)
         missing = [c for c in self.metadata_columns if c not in features.columns]
         if missing:
-            raise ValueError(f"this package was trained on metadata feature columns that the current "
-                             f"metadata_features does not produce: {missing[:10]}"
-                             f"{' ...' if len(missing) > 10 else ''} ({len(missing)} missing)")
+            raise ValueError(
+                f"this package was trained on metadata feature columns that the current "
+                f"metadata_features does not produce: {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''} ({len(missing)} missing)"
+            )
         return features[self.metadata_columns].to_numpy(dtype=np.float32)
 
     def _check_images(self, images) -> np.ndarray:
         if images is None:
-            raise ValueError(f"{self.kind} model needs `images` (uint8 (N, {self.image_size}, "
-                             f"{self.image_size}, 3)), got None")
+            raise ValueError(
+                f"{self.kind} model needs `images` (uint8 (N, {self.image_size}, {self.image_size}, 3)), got None"
+            )
         images = np.asarray(images)
         expected = (self.image_size, self.image_size, 3)
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"images must have shape (N, {', '.join(map(str, expected))}), got {images.shape}")
         if images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 (raw pixels; scaling happens inside the model), "
-                             f"got {images.dtype}")
+            raise ValueError(f"images must be uint8 (raw pixels; scaling happens inside the model), got {images.dtype}")
         return images
 
     def predict_proba(self, images: np.ndarray | None = None, cases: pd.DataFrame | None = None) -> np.ndarray:
@@ -224,8 +249,7 @@ class PackagedClassifier:
             if len(m) != len(x):
                 raise ValueError(f"images and cases disagree on the number of rows: {len(x)} vs {len(m)}")
             n = len(x)
-            raw = (self.model.predict({"image": x, "metadata": m}, verbose=0) if n
-                   else np.zeros((0, len(self.classes))))
+            raw = self.model.predict({"image": x, "metadata": m}, verbose=0) if n else np.zeros((0, len(self.classes)))
         else:
             m = self.metadata_matrix(cases)
             n = len(m)
@@ -242,8 +266,9 @@ class PackagedClassifier:
 def _as_distribution(raw, n: int, classes: list[str]) -> np.ndarray:
     probabilities = np.asarray(raw, dtype=np.float64)
     if probabilities.shape != (n, len(classes)):
-        raise ValueError(f"model output has shape {probabilities.shape}, expected ({n}, {len(classes)}) "
-                         f"for classes {classes}")
+        raise ValueError(
+            f"model output has shape {probabilities.shape}, expected ({n}, {len(classes)}) for classes {classes}"
+        )
     if n == 0:
         return probabilities
     if not np.isfinite(probabilities).all() or (probabilities < 0).any():
@@ -251,9 +276,11 @@ def _as_distribution(raw, n: int, classes: list[str]) -> np.ndarray:
     sums = probabilities.sum(axis=1)
     worst = int(np.argmax(np.abs(sums - 1.0)))
     if abs(sums[worst] - 1.0) > SUM_TOLERANCE:
-        raise ValueError(f"model output row {worst} sums to {sums[worst]:.4f}, not 1: the packaged model must "
-                         f"output one probability distribution over the classes (softmax), not per-class "
-                         f"scores")
+        raise ValueError(
+            f"model output row {worst} sums to {sums[worst]:.4f}, not 1: the packaged model must "
+            f"output one probability distribution over the classes (softmax), not per-class "
+            f"scores"
+        )
     return probabilities / sums[:, None]
 
 
@@ -269,14 +296,17 @@ def read_spec(directory: str | os.PathLike) -> dict:
     if not isinstance(spec, dict) or spec.get("format") != PACKAGE_FORMAT:
         raise ValueError(f"{path}: not a {PACKAGE_FORMAT} spec")
     if spec.get("format_version") != PACKAGE_FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {spec.get('format_version')!r} is not supported "
-                         f"(this code reads {PACKAGE_FORMAT_VERSION})")
+        raise ValueError(
+            f"{path}: format_version {spec.get('format_version')!r} is not supported "
+            f"(this code reads {PACKAGE_FORMAT_VERSION})"
+        )
     if spec.get("kind") not in KINDS:
         raise ValueError(f"{path}: kind must be one of {KINDS}, got {spec.get('kind')!r}")
     expected_file = KERAS_FILE if spec["kind"] in KERAS_KINDS else SKLEARN_FILE
     if spec.get("model_file") != expected_file:
-        raise ValueError(f"{path}: model_file must be {expected_file!r} for kind {spec['kind']!r}, "
-                         f"got {spec.get('model_file')!r}")
+        raise ValueError(
+            f"{path}: model_file must be {expected_file!r} for kind {spec['kind']!r}, got {spec.get('model_file')!r}"
+        )
     if not isinstance(spec.get("classes"), list) or not spec["classes"]:
         raise ValueError(f"{path}: classes must be a non-empty list")
     return spec
@@ -365,9 +395,14 @@ def output_signature(classes: list[str]):
     return ModelSignature(inputs=None, outputs=Schema([ColSpec("double", c) for c in classes]))
 
 
-def log_packaged_model(package_dir: str | os.PathLike, *, name: str = "model",
-                       registered_model_name: str | None = None, input_example: pd.DataFrame | None = None,
-                       tags: dict | None = None):
+def log_packaged_model(
+    package_dir: str | os.PathLike,
+    *,
+    name: str = "model",
+    registered_model_name: str | None = None,
+    input_example: pd.DataFrame | None = None,
+    tags: dict | None = None,
+):
     """Log the package as an MLflow pyfunc model in the active run; returns MLflow's ``ModelInfo``.
 
     Uses the fluent API: call it inside an active run on the intended tracking URI (``MlflowTracking``'s
@@ -383,12 +418,18 @@ def log_packaged_model(package_dir: str | os.PathLike, *, name: str = "model",
     with warnings.catch_warnings():
         # The input side of the signature is left open on purpose (module docstring): no input example.
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-        return _log_pyfunc(package_dir, spec, model_inputs, name=name, registered_model_name=registered_model_name,
-                           input_example=input_example, tags=tags)
+        return _log_pyfunc(
+            package_dir,
+            spec,
+            model_inputs,
+            name=name,
+            registered_model_name=registered_model_name,
+            input_example=input_example,
+            tags=tags,
+        )
 
 
-def _log_pyfunc(package_dir: Path, spec: dict, model_inputs: dict, *, name, registered_model_name, input_example,
-                tags):
+def _log_pyfunc(package_dir: Path, spec: dict, model_inputs: dict, *, name, registered_model_name, input_example, tags):
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=ScinClassifierPyfunc(),
@@ -397,7 +438,11 @@ def _log_pyfunc(package_dir: Path, spec: dict, model_inputs: dict, *, name, regi
         input_example=input_example,
         pip_requirements=serving_requirements(),
         registered_model_name=registered_model_name,
-        metadata={"scin_model_kind": spec["kind"], "scin_classes": spec["classes"],
-                  "scin_image_size": spec.get("image_size"), "scin_inputs": model_inputs},
+        metadata={
+            "scin_model_kind": spec["kind"],
+            "scin_classes": spec["classes"],
+            "scin_image_size": spec.get("image_size"),
+            "scin_inputs": model_inputs,
+        },
         tags=tags,
     )

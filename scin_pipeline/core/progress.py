@@ -18,8 +18,16 @@ class Progress:
     """Counts work done out of ``total`` and emits a line at most every ``every_s`` seconds (and at the
     end), so a 10,000-image shard says where it is without flooding the log."""
 
-    def __init__(self, what: str, total: int, emit: Callable[[str], None] | None, *, unit: str = "",
-                 every_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        what: str,
+        total: int,
+        emit: Callable[[str], None] | None,
+        *,
+        unit: str = "",
+        every_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.what, self.total, self.emit, self.unit = what, int(total), emit, unit
         self.every_s, self.clock = every_s, clock
         self.done = 0

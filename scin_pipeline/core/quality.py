@@ -34,10 +34,10 @@ import math
 import multiprocessing
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import imagehash
@@ -49,13 +49,21 @@ from scin_pipeline.core.imageio import DEFAULT_MAX_PIXELS, decode_image, pixel_l
 
 # The published Monk Skin Tone scale swatches (sRGB), tone 1 (lightest) to 10 (deepest).
 MONK_SKIN_TONE_SRGB_HEX = {
-    1: "#f6ede4", 2: "#f3e7db", 3: "#f7ead0", 4: "#eadaba", 5: "#d7bd96",
-    6: "#a07e56", 7: "#825c43", 8: "#604134", 9: "#3a312a", 10: "#292420",
+    1: "#f6ede4",
+    2: "#f3e7db",
+    3: "#f7ead0",
+    4: "#eadaba",
+    5: "#d7bd96",
+    6: "#a07e56",
+    7: "#825c43",
+    8: "#604134",
+    9: "#3a312a",
+    10: "#292420",
 }
 
 
 def _hex_lightness(hex_colour: str) -> float:
-    rgb = np.array([[[int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)]]], np.float32) / 255.0
+    rgb = np.array([[[int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)]]], np.float32) / 255.0
     return float(cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab)[0, 0, 0])
 
 
@@ -63,7 +71,13 @@ def _hex_lightness(hex_colour: str) -> float:
 MONK_SWATCH_LIGHTNESS = {tone: _hex_lightness(h) for tone, h in MONK_SKIN_TONE_SRGB_HEX.items()}
 
 DECODE_FAILURE_REASONS = (
-    "empty_file", "truncated", "corrupt", "wrong_format", "decompression_bomb", "unreadable", "missing",
+    "empty_file",
+    "truncated",
+    "corrupt",
+    "wrong_format",
+    "decompression_bomb",
+    "unreadable",
+    "missing",
 )
 QUALITY_REASONS = ("overexposed", "dark", "low_information", "blurry")
 
@@ -147,20 +161,53 @@ def uint64_to_hash(value: int | np.uint64) -> imagehash.ImageHash:
 # --------------------------------------------------------------------------------------------------------
 
 METRIC_COLUMNS = (
-    "aspect_ratio", "brightness_mean", "brightness_p05", "brightness_median", "brightness_p95", "contrast",
-    "underexposed_fraction", "overexposed_fraction", "sharpness", "texture", "redness", "redness_contrast",
-    "entropy", "skin_fraction", "skin_mean_r", "skin_mean_g", "skin_mean_b",
+    "aspect_ratio",
+    "brightness_mean",
+    "brightness_p05",
+    "brightness_median",
+    "brightness_p95",
+    "contrast",
+    "underexposed_fraction",
+    "overexposed_fraction",
+    "sharpness",
+    "texture",
+    "redness",
+    "redness_contrast",
+    "entropy",
+    "skin_fraction",
+    "skin_mean_r",
+    "skin_mean_g",
+    "skin_mean_b",
     # cleanvision's per-image raw properties (same formulas, on the working copy; sizes from the original)
-    "cv_brightness", "cv_brightness_perc_5", "cv_brightness_perc_99", "cv_entropy", "cv_blurriness",
-    "cv_blurriness_grayscale_std", "cv_size",
+    "cv_brightness",
+    "cv_brightness_perc_5",
+    "cv_brightness_perc_99",
+    "cv_entropy",
+    "cv_blurriness",
+    "cv_blurriness_grayscale_std",
+    "cv_size",
     # cleanvision's per-image scores (1 = no issue, 0 = worst); odd_size is dataset-relative: see
     # cleanvision_scores()
-    "dark_score", "light_score", "blurry_score", "low_information_score", "odd_aspect_ratio_score",
+    "dark_score",
+    "light_score",
+    "blurry_score",
+    "low_information_score",
+    "odd_aspect_ratio_score",
     "grayscale_score",
 )
 ROW_COLUMNS = (
-    "image_id", "decode_status", "decode_reason", "width", "height", "bytes", "format", "source_mode",
-    *METRIC_COLUMNS, "phash", "dhash", "dhash256",
+    "image_id",
+    "decode_status",
+    "decode_reason",
+    "width",
+    "height",
+    "bytes",
+    "format",
+    "source_mode",
+    *METRIC_COLUMNS,
+    "phash",
+    "dhash",
+    "dhash256",
 )
 
 
@@ -180,8 +227,9 @@ def _shannon_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: a one-value histogram gives 0.0, not -0.0
 
 
-def binned_percentiles(values: np.ndarray, q: Sequence[float], *, lo: float, hi: float, step: float,
-                       mask: np.ndarray | None = None) -> np.ndarray:
+def binned_percentiles(
+    values: np.ndarray, q: Sequence[float], *, lo: float, hi: float, step: float, mask: np.ndarray | None = None
+) -> np.ndarray:
     """Percentiles q (0-100) of values in [lo, hi], to within one step, from one histogram.
 
     Written here instead of np.percentile: that sorts (partitions) a float copy per call, 5-8 ms on a
@@ -203,8 +251,9 @@ def binned_percentiles(values: np.ndarray, q: Sequence[float], *, lo: float, hi:
     return lo + np.searchsorted(cdf, ranks, side="right") * step
 
 
-def image_metrics(rgb: np.ndarray, *, original_size: tuple[int, int], source_mode: str | None,
-                  working_long_side: int = 512) -> dict:
+def image_metrics(
+    rgb: np.ndarray, *, original_size: tuple[int, int], source_mode: str | None, working_long_side: int = 512
+) -> dict:
     """All metrics and both hashes of one decoded RGB image (see ROW_COLUMNS for the names).
 
     Every statistic is a cv2 reduction (meanStdDev, countNonZero, masked mean) or a histogram: the
@@ -235,8 +284,7 @@ def image_metrics(rgb: np.ndarray, *, original_size: tuple[int, int], source_mod
     skin_fraction = cv2.countNonZero(skin) / n_px
     if skin_fraction < 0.05:  # e.g. an almost black frame: judge the whole frame rather than nothing
         skin = np.full_like(skin, 255)
-    a_med, a_p99 = binned_percentiles(a_star[every_other], (50, 99), lo=-128, hi=128, step=0.05,
-                                      mask=skin[every_other])
+    a_med, a_p99 = binned_percentiles(a_star[every_other], (50, 99), lo=-128, hi=128, step=0.05, mask=skin[every_other])
     redness = cv2.mean(a_star, mask=skin)[0]
     skin_r, skin_g, skin_b, _ = cv2.mean(work, mask=skin)
 
@@ -248,14 +296,15 @@ def image_metrics(rgb: np.ndarray, *, original_size: tuple[int, int], source_mod
     # dividing by the brightness again would blow up the noise of dark frames (measured: it no longer
     # separated dark from dark-but-diagnostic frames).
     smooth = cv2.GaussianBlur(lightness, (0, 0), 1.0)
-    gradient = cv2.magnitude(cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3),
-                             cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3))
+    gradient = cv2.magnitude(cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3))
     # A 3x3 Sobel weighs a one-pixel step by 8: bins of 0.08 are 0.01 L* per pixel.
     texture = float(binned_percentiles(gradient[every_other], (99,), lo=0, hi=600, step=0.08)[0]) / 8
 
     channels = cv2.split(work)
-    blown = cv2.bitwise_or(cv2.compare(cv2.max(cv2.max(channels[0], channels[1]), channels[2]), 250, cv2.CMP_GE),
-                           cv2.compare(lightness, 97.0, cv2.CMP_GT))
+    blown = cv2.bitwise_or(
+        cv2.compare(cv2.max(cv2.max(channels[0], channels[1]), channels[2]), 250, cv2.CMP_GE),
+        cv2.compare(lightness, 97.0, cv2.CMP_GT),
+    )
 
     # cleanvision's raw properties, same formulas as cleanvision.issue_managers.image_property (written
     # out here: importing cleanvision costs ~1 s per worker process and pulls matplotlib, and its
@@ -264,13 +313,16 @@ def image_metrics(rgb: np.ndarray, *, original_size: tuple[int, int], source_mod
     cv_pixel_brightness = cv2.sqrt(cv2.transform(squares, np.array([[0.241, 0.691, 0.068]], np.float32)))
     cv_p5, cv_p99 = binned_percentiles(cv_pixel_brightness[every_other], (5, 99), lo=0, hi=255, step=0.01) / 255
     r_mean, g_mean, b_mean, _ = cv2.mean(work)  # what ImageStat.Stat(image).mean gives, at a quarter of the cost
-    cv_brightness = math.sqrt(0.241 * r_mean ** 2 + 0.691 * g_mean ** 2 + 0.068 * b_mean ** 2) / 255
+    cv_brightness = math.sqrt(0.241 * r_mean**2 + 0.691 * g_mean**2 + 0.068 * b_mean**2) / 255
     cv_entropy = _shannon_entropy(np.asarray(pil_rgb.histogram()))  # = PIL Image.entropy(): 768 bins
     # Blurriness: cleanvision shrinks to 64 px with PIL's default filter, then FIND_EDGES on grey. We let
     # PIL box-reduce first (reducing_gap): a third of the cost, and the same picture at 64 px.
     ratio = max(work.shape[1], work.shape[0]) / _CV_BLURRY_MAX_RESOLUTION
-    small = pil_rgb.resize((max(int(work.shape[1] // ratio), 1), max(int(work.shape[0] // ratio), 1)),
-                           reducing_gap=2.0) if ratio > 1 else pil_rgb
+    small = (
+        pil_rgb.resize((max(int(work.shape[1] // ratio), 1), max(int(work.shape[0] // ratio), 1)), reducing_gap=2.0)
+        if ratio > 1
+        else pil_rgb
+    )
     small_gray = small.convert("L")
     cv_blurriness = math.sqrt(ImageStat.Stat(small_gray.filter(ImageFilter.FIND_EDGES)).var[0])
     cv_gray_std = float(np.std(small_gray.histogram()))
@@ -286,7 +338,7 @@ def image_metrics(rgb: np.ndarray, *, original_size: tuple[int, int], source_mod
         "contrast": l_std,
         "underexposed_fraction": cv2.countNonZero(cv2.compare(lightness, 5.0, cv2.CMP_LT)) / n_px,
         "overexposed_fraction": cv2.countNonZero(blown) / n_px,
-        "sharpness": laplacian_std ** 2,
+        "sharpness": laplacian_std**2,
         "texture": texture,
         "redness": float(redness),
         "redness_contrast": float(a_p99 - a_med),
@@ -332,11 +384,19 @@ def _cleanvision_image_scores(perc_99, perc_5, entropy, blurriness, gray_std, as
 
 def _failed_row(image_id: str, status: str, reason: str | None, decoded=None) -> dict:
     row = {col: np.nan for col in METRIC_COLUMNS}
-    row.update(image_id=image_id, decode_status=status, decode_reason=reason,
-               width=getattr(decoded, "width", None), height=getattr(decoded, "height", None),
-               bytes=getattr(decoded, "bytes", None), format=getattr(decoded, "format", None),
-               source_mode=getattr(decoded, "source_mode", None), phash=None, dhash=None,
-               dhash256=None)
+    row.update(
+        image_id=image_id,
+        decode_status=status,
+        decode_reason=reason,
+        width=getattr(decoded, "width", None),
+        height=getattr(decoded, "height", None),
+        bytes=getattr(decoded, "bytes", None),
+        format=getattr(decoded, "format", None),
+        source_mode=getattr(decoded, "source_mode", None),
+        phash=None,
+        dhash=None,
+        dhash256=None,
+    )
     return {col: row[col] for col in ROW_COLUMNS}
 
 
@@ -353,14 +413,30 @@ def assess_image(image_id: str, path: str | os.PathLike | None, config: QualityC
     if not decoded.ok:
         return _failed_row(image_id, decoded.status, decoded.reason, decoded)
     try:
-        metrics = image_metrics(decoded.rgb, original_size=(decoded.width, decoded.height),
-                                source_mode=decoded.source_mode, working_long_side=config.working_long_side)
+        metrics = image_metrics(
+            decoded.rgb,
+            original_size=(decoded.width, decoded.height),
+            source_mode=decoded.source_mode,
+            working_long_side=config.working_long_side,
+        )
     except Exception as err:  # noqa: BLE001 - one image must never stop the run; the reason says what failed
-        return _failed_row(image_id, "unreadable",
-                           f"{path}: decoded, but computing metrics failed: {type(err).__name__}: {err}", decoded)
-    row = dict(image_id=image_id, decode_status="ok", decode_reason=None, width=decoded.width,
-               height=decoded.height, bytes=decoded.bytes, format=decoded.format,
-               source_mode=decoded.source_mode, **metrics)
+        return _failed_row(
+            image_id,
+            "unreadable",
+            f"{path}: decoded, but computing metrics failed: {type(err).__name__}: {err}",
+            decoded,
+        )
+    row = dict(
+        image_id=image_id,
+        decode_status="ok",
+        decode_reason=None,
+        width=decoded.width,
+        height=decoded.height,
+        bytes=decoded.bytes,
+        format=decoded.format,
+        source_mode=decoded.source_mode,
+        **metrics,
+    )
     return {col: row[col] for col in ROW_COLUMNS}
 
 
@@ -417,8 +493,9 @@ def assess_images(
     context = multiprocessing.get_context("spawn")
 
     def new_pool(*, check: bool = False) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
-                                   initargs=(config.max_pixels,))
+        pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(config.max_pixels,)
+        )
         if check:
             # After a crash, a fresh pool must first run a no-op: if even that dies, the workers cannot
             # start at all (e.g. a script without the ``if __name__ == "__main__"`` guard that spawn
@@ -485,11 +562,15 @@ def assessments_frame(rows: Iterable[dict]) -> pd.DataFrame:
     """Rows of assess_image as a typed table: hashes as nullable UInt64, ids as strings."""
     frame = pd.DataFrame(list(rows), columns=list(ROW_COLUMNS))
     for col in ("phash", "dhash"):
-        frame[col] = pd.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
-                               for v in frame[col]], dtype="UInt64")
+        frame[col] = pd.array(
+            [None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v) for v in frame[col]],
+            dtype="UInt64",
+        )
     for col in ("width", "height", "bytes"):
-        frame[col] = pd.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
-                               for v in frame[col]], dtype="Int64")
+        frame[col] = pd.array(
+            [None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v) for v in frame[col]],
+            dtype="Int64",
+        )
     frame["image_id"] = frame["image_id"].astype(str)
     for col in METRIC_COLUMNS:
         frame[col] = frame[col].astype(float)
@@ -511,33 +592,54 @@ def cleanvision_scores(frame: pd.DataFrame) -> pd.DataFrame:
     images. Columns ``<issue>_score`` and ``is_<issue>_issue``; rows that did not decode are left out.
     """
     from cleanvision.issue_managers.image_property import (  # noqa: PLC0415 - heavy import, only here
-        AspectRatioProperty, BlurrinessProperty, BrightnessProperty, ColorSpaceProperty, EntropyProperty,
+        AspectRatioProperty,
+        BlurrinessProperty,
+        BrightnessProperty,
+        ColorSpaceProperty,
+        EntropyProperty,
         SizeProperty,
     )
     from cleanvision.issue_managers.image_property_issue_manager import ImagePropertyIssueManager
 
     ok = frame[frame["decode_status"] == "ok"]
-    raw = pd.DataFrame({
-        "brightness_perc_99": ok["cv_brightness_perc_99"], "brightness_perc_5": ok["cv_brightness_perc_5"],
-        "aspect_ratio": ok["aspect_ratio"], "entropy": ok["cv_entropy"], "blurriness": ok["cv_blurriness"],
-        "blurriness_grayscale_std": ok["cv_blurriness_grayscale_std"], "size": ok["cv_size"],
-        "color_space": np.where(ok["grayscale_score"] == 0, "L", "RGB"),
-    }, index=ok.index)
+    raw = pd.DataFrame(
+        {
+            "brightness_perc_99": ok["cv_brightness_perc_99"],
+            "brightness_perc_5": ok["cv_brightness_perc_5"],
+            "aspect_ratio": ok["aspect_ratio"],
+            "entropy": ok["cv_entropy"],
+            "blurriness": ok["cv_blurriness"],
+            "blurriness_grayscale_std": ok["cv_blurriness_grayscale_std"],
+            "size": ok["cv_size"],
+            "color_space": np.where(ok["grayscale_score"] == 0, "L", "RGB"),
+        },
+        index=ok.index,
+    )
     params = ImagePropertyIssueManager().get_default_params()
     properties = {
-        "dark": BrightnessProperty("dark"), "light": BrightnessProperty("light"), "blurry": BlurrinessProperty(),
-        "low_information": EntropyProperty(), "odd_aspect_ratio": AspectRatioProperty(),
-        "grayscale": ColorSpaceProperty(), "odd_size": SizeProperty(),
+        "dark": BrightnessProperty("dark"),
+        "light": BrightnessProperty("light"),
+        "blurry": BlurrinessProperty(),
+        "low_information": EntropyProperty(),
+        "odd_aspect_ratio": AspectRatioProperty(),
+        "grayscale": ColorSpaceProperty(),
+        "odd_size": SizeProperty(),
     }
     out = pd.DataFrame(index=ok.index)
     out["image_id"] = ok["image_id"]
     for issue, prop in properties.items():
         issue_params = dict(params[issue])
         threshold = issue_params.pop("threshold", None)
-        scores = prop.get_scores(raw[prop.score_columns], issue, **issue_params) if len(raw) else \
-            pd.DataFrame({f"{issue}_score": pd.Series(dtype=float)})
-        flags = prop.mark_issue(scores, issue, threshold) if len(raw) else \
-            pd.DataFrame({f"is_{issue}_issue": pd.Series(dtype=bool)})
+        scores = (
+            prop.get_scores(raw[prop.score_columns], issue, **issue_params)
+            if len(raw)
+            else pd.DataFrame({f"{issue}_score": pd.Series(dtype=float)})
+        )
+        flags = (
+            prop.mark_issue(scores, issue, threshold)
+            if len(raw)
+            else pd.DataFrame({f"is_{issue}_issue": pd.Series(dtype=bool)})
+        )
         out[f"{issue}_score"] = scores[f"{issue}_score"].astype(float)
         out[f"is_{issue}_issue"] = flags[f"is_{issue}_issue"].astype(bool)
     return out
@@ -552,8 +654,9 @@ def monk_tone_per_image(images: pd.DataFrame, cases: pd.DataFrame) -> pd.Series:
     """image_id -> Monk skin tone of its case (US graders, else India graders); a file shared by several
     cases takes the first known tone. The ``monk_tone`` that :func:`decide_quality` judges darkness by."""
     tones = cases.set_index("case_id")
-    tone = tones["monk_skin_tone_label_us"].astype("Float64").fillna(
-        tones["monk_skin_tone_label_india"].astype("Float64"))
+    tone = (
+        tones["monk_skin_tone_label_us"].astype("Float64").fillna(tones["monk_skin_tone_label_india"].astype("Float64"))
+    )
     per_ref = images[["image_id", "case_id"]].dropna().assign(tone=lambda f: f["case_id"].map(tone))
     return per_ref.dropna(subset=["tone"]).groupby("image_id")["tone"].first()
 
@@ -573,8 +676,9 @@ def expected_lightness(monk_tone: pd.Series, metrics: pd.DataFrame) -> tuple[pd.
     return expected.fillna(population), source
 
 
-def decide_quality(metrics: pd.DataFrame, monk_tone: pd.Series | None,
-                   config: QualityConfig = QualityConfig()) -> pd.DataFrame:
+def decide_quality(
+    metrics: pd.DataFrame, monk_tone: pd.Series | None, config: QualityConfig = QualityConfig()
+) -> pd.DataFrame:
     """keep / reason for each row of an assessments table (see the module docstring for the rule).
 
     ``monk_tone`` (1-10, missing = unknown) is aligned on the index of ``metrics``; None = all unknown.
@@ -591,8 +695,9 @@ def decide_quality(metrics: pd.DataFrame, monk_tone: pd.Series | None,
 
     overexposed = ok & (metrics["overexposed_fraction"] > config.overexposed_fraction_max)
     dark = ok & ~overexposed & (dark_relative < config.dark_relative_min)
-    visible = (metrics["texture"] >= config.diagnostic_texture_min) | \
-              (metrics["redness_contrast"] >= config.diagnostic_redness_min)
+    visible = (metrics["texture"] >= config.diagnostic_texture_min) | (
+        metrics["redness_contrast"] >= config.diagnostic_redness_min
+    )
     dark_diagnostic = dark & visible
     low_information = ok & ~overexposed & ~dark & (metrics["entropy"] < config.low_information_entropy_min)
     # A dark image kept for its visible texture or redness is not judged blurry or low in information:
@@ -606,15 +711,18 @@ def decide_quality(metrics: pd.DataFrame, monk_tone: pd.Series | None,
     reason[low_information & reason.isna()] = "low_information"
     reason[blurry & reason.isna()] = "blurry"
     reason = reason.where(reason.notna(), None)  # pandas turns the unset entries into NaN; kept means None
-    return pd.DataFrame({
-        "image_id": metrics["image_id"],
-        "keep": reason.isna(),
-        "reason": reason,
-        "dark_relative": dark_relative.where(ok),
-        "expected_lightness": expected,
-        "expected_lightness_source": source,
-        "dark_but_diagnostic": dark_diagnostic,
-    }, index=metrics.index)
+    return pd.DataFrame(
+        {
+            "image_id": metrics["image_id"],
+            "keep": reason.isna(),
+            "reason": reason,
+            "dark_relative": dark_relative.where(ok),
+            "expected_lightness": expected,
+            "expected_lightness_source": source,
+            "dark_but_diagnostic": dark_diagnostic,
+        },
+        index=metrics.index,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -649,33 +757,57 @@ def planted_defect_scores(decisions: pd.DataFrame, plants: pd.DataFrame) -> pd.D
     """
     plants = plants[plants["image_id"].notna() & (plants["image_id"].astype(str) != "")]
     joined = plants.assign(image_id=plants["image_id"].astype(str)).merge(
-        decisions.assign(image_id=decisions["image_id"].astype(str)), on="image_id", how="inner")
+        decisions.assign(image_id=decisions["image_id"].astype(str)), on="image_id", how="inner"
+    )
     scored = joined[~joined["planted"].isin(UNSCORED_PLANTS)]
     rows = []
     for kind, reasons in PLANTED_EXPECTED_REASONS.items():
         planted = scored["planted"] == kind
         flagged = scored["reason"].isin(reasons)
-        rows.append(_score_row(kind, "|".join(reasons), int(planted.sum()), int(flagged.sum()),
-                               int((planted & flagged).sum())))
+        rows.append(
+            _score_row(kind, "|".join(reasons), int(planted.sum()), int(flagged.sum()), int((planted & flagged).sum()))
+        )
     planted = scored["planted"] == "dark_diagnostic"
     flagged = scored["dark_but_diagnostic"].astype(bool) & scored["keep"].astype(bool)
-    rows.append(_score_row("dark_diagnostic", "kept:dark_but_diagnostic", int(planted.sum()), int(flagged.sum()),
-                           int((planted & flagged).sum())))
+    rows.append(
+        _score_row(
+            "dark_diagnostic",
+            "kept:dark_but_diagnostic",
+            int(planted.sum()),
+            int(flagged.sum()),
+            int((planted & flagged).sum()),
+        )
+    )
     clean = scored[scored["planted"] == "clean"]
     for group, (lo, hi) in MONK_TONE_GROUPS.items():
         in_group = clean[clean["monk_tone"].between(lo, hi)]
         kept = int(in_group["keep"].sum())
-        rows.append({"planted": "clean", "reason": f"clean_kept:monk_{group}", "n_planted": len(in_group),
-                     "n_flagged": len(in_group) - kept, "true_positives": kept, "precision": np.nan,
-                     "recall": kept / len(in_group) if len(in_group) else np.nan})
-    return pd.DataFrame(rows, columns=["planted", "reason", "n_planted", "n_flagged", "true_positives",
-                                       "precision", "recall"])
+        rows.append(
+            {
+                "planted": "clean",
+                "reason": f"clean_kept:monk_{group}",
+                "n_planted": len(in_group),
+                "n_flagged": len(in_group) - kept,
+                "true_positives": kept,
+                "precision": np.nan,
+                "recall": kept / len(in_group) if len(in_group) else np.nan,
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["planted", "reason", "n_planted", "n_flagged", "true_positives", "precision", "recall"]
+    )
 
 
 def _score_row(kind: str, reason: str, n_planted: int, n_flagged: int, tp: int) -> dict:
-    return {"planted": kind, "reason": reason, "n_planted": n_planted, "n_flagged": n_flagged,
-            "true_positives": tp, "precision": tp / n_flagged if n_flagged else np.nan,
-            "recall": tp / n_planted if n_planted else np.nan}
+    return {
+        "planted": kind,
+        "reason": reason,
+        "n_planted": n_planted,
+        "n_flagged": n_flagged,
+        "true_positives": tp,
+        "precision": tp / n_flagged if n_flagged else np.nan,
+        "recall": tp / n_planted if n_planted else np.nan,
+    }
 
 
 def exclusion_rates_by_monk_tone(decisions: pd.DataFrame, monk_tone: pd.Series) -> pd.DataFrame:
@@ -688,16 +820,21 @@ def exclusion_rates_by_monk_tone(decisions: pd.DataFrame, monk_tone: pd.Series) 
     for value in [v for v in order if (label == v).any()]:
         group = decisions[label == value]
         excluded = ~group["keep"].astype(bool)
-        row = {"monk_tone": value, "n": len(group), "n_excluded": int(excluded.sum()),
-               "rate": float(excluded.mean())}
+        row = {"monk_tone": value, "n": len(group), "n_excluded": int(excluded.sum()), "rate": float(excluded.mean())}
         for reason in reasons:
             row[f"rate_{reason}"] = float((group["reason"] == reason).mean())
         rows.append(row)
     return pd.DataFrame(rows, columns=["monk_tone", "n", "n_excluded", "rate", *[f"rate_{r}" for r in reasons]])
 
 
-def threshold_sweep(metrics: pd.DataFrame, monk_tone: pd.Series | None, plants: pd.DataFrame,
-                    parameter: str, values: Iterable[float], config: QualityConfig = QualityConfig()) -> pd.DataFrame:
+def threshold_sweep(
+    metrics: pd.DataFrame,
+    monk_tone: pd.Series | None,
+    plants: pd.DataFrame,
+    parameter: str,
+    values: Iterable[float],
+    config: QualityConfig = QualityConfig(),
+) -> pd.DataFrame:
     """planted_defect_scores for each value of one QualityConfig threshold, the others held at config.
 
     One row per (value, planted kind): the table bench/curation.py prints to justify the defaults.
@@ -734,8 +871,9 @@ def validate_against_cleanvision(paths: Sequence[str], ours: pd.DataFrame) -> pd
     ok_paths = [str(p) for p, keep in zip(paths, ok) if keep]
     ours_ok = ours[ok].reset_index(drop=True)
     if not ok_paths:
-        return pd.DataFrame(columns=["issue", "n", "spearman", "flag_agreement", "n_flagged_cleanvision",
-                                     "n_flagged_ours"])
+        return pd.DataFrame(
+            columns=["issue", "n", "spearman", "flag_agreement", "n_flagged_cleanvision", "n_flagged_ours"]
+        )
     lab = Imagelab(filepaths=ok_paths)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         # cleanvision draws tqdm progress bars even with verbose=False
@@ -747,8 +885,14 @@ def validate_against_cleanvision(paths: Sequence[str], ours: pd.DataFrame) -> pd
         a, b = mine[f"{issue}_score"], theirs[f"{issue}_score"].astype(float)
         fa, fb = mine[f"is_{issue}_issue"].astype(bool), theirs[f"is_{issue}_issue"].astype(bool)
         constant = a.nunique() < 2 or b.nunique() < 2
-        rows.append({"issue": issue, "n": len(a),
-                     "spearman": np.nan if constant else float(a.corr(b, method="spearman")),
-                     "flag_agreement": float((fa == fb).mean()),
-                     "n_flagged_cleanvision": int(fb.sum()), "n_flagged_ours": int(fa.sum())})
+        rows.append(
+            {
+                "issue": issue,
+                "n": len(a),
+                "spearman": np.nan if constant else float(a.corr(b, method="spearman")),
+                "flag_agreement": float((fa == fb).mean()),
+                "n_flagged_cleanvision": int(fb.sum()),
+                "n_flagged_ours": int(fa.sum()),
+            }
+        )
     return pd.DataFrame(rows)

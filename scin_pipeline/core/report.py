@@ -30,8 +30,7 @@ from matplotlib.figure import Figure
 from scin_pipeline.core import schema
 
 MISSING_GROUP = "missing"
-SYNTHETIC_BANNER = ("SYNTHETIC DATA: images in this run are synthetic; "
-                    "no number here describes real skin conditions")
+SYNTHETIC_BANNER = "SYNTHETIC DATA: images in this run are synthetic; no number here describes real skin conditions"
 REPORT_MARKDOWN_FILE = "data_report.md"
 PLOT_DPI = 100
 TOP_CONDITIONS_PLOTTED = 25
@@ -39,8 +38,16 @@ TOP_MISSING_COLUMNS_PLOTTED = 30
 
 # The Monk Skin Tone scale's published swatches (tone 1 lightest .. tone 10 deepest).
 MONK_SWATCH_COLOURS = {
-    1: "#f6ede4", 2: "#f3e7db", 3: "#f7ead0", 4: "#eadaba", 5: "#d7bd96",
-    6: "#a07e56", 7: "#825c43", 8: "#604134", 9: "#3a312a", 10: "#292420",
+    1: "#f6ede4",
+    2: "#f3e7db",
+    3: "#f7ead0",
+    4: "#eadaba",
+    5: "#d7bd96",
+    6: "#a07e56",
+    7: "#825c43",
+    8: "#604134",
+    9: "#3a312a",
+    10: "#292420",
 }
 # Deepest tones, the ones a skin-condition model most often fails on; reported as a headline share.
 DEEP_MONK_TONES = (7, 8, 9, 10)
@@ -59,8 +66,16 @@ SINGLE_VALUED_ATTRIBUTES = {
 # ticked and the shares of this attribute sum to more than 1. A case that ticked none is "missing".
 RACE_ATTRIBUTE = "race_ethnicity"
 RACE_PREFIX = "race_ethnicity_"
-ATTRIBUTE_ORDER = ["monk_skin_tone_us", "monk_skin_tone_india", "fst_self_reported", "fst_dermatologist",
-                   RACE_ATTRIBUTE, "combined_race", "sex_at_birth", "age_group"]
+ATTRIBUTE_ORDER = [
+    "monk_skin_tone_us",
+    "monk_skin_tone_india",
+    "fst_self_reported",
+    "fst_dermatologist",
+    RACE_ATTRIBUTE,
+    "combined_race",
+    "sex_at_birth",
+    "age_group",
+]
 ATTRIBUTE_TITLES = {
     "monk_skin_tone_us": "Monk skin tone, estimated by US lay graders",
     "monk_skin_tone_india": "Monk skin tone, estimated by India lay graders",
@@ -81,15 +96,29 @@ KNOWN_GROUPS = {
     "age_group": schema.ENUM_VALUES["age_group"],
 }
 
-REQUIRED_CASE_COLUMNS = ["case_id", "has_label", "top_label", "weighted_label_names", "label_status",
-                         "n_label_graders", *SINGLE_VALUED_ATTRIBUTES.values(), *schema.RACE_COLUMNS]
+REQUIRED_CASE_COLUMNS = [
+    "case_id",
+    "has_label",
+    "top_label",
+    "weighted_label_names",
+    "label_status",
+    "n_label_graders",
+    *SINGLE_VALUED_ATTRIBUTES.values(),
+    *schema.RACE_COLUMNS,
+]
 REQUIRED_IMAGE_COLUMNS = ["case_id", "shot_type", "object_path", "path_status"]
 IMAGE_FILE_STATUSES = ["ok", "missing", "corrupt", "rejected"]
-LABEL_STATUS_ORDER = ["labelled", "no_pathology", "gradable_unlabelled", "ungradable", "no_labels_row",
-                      "malformed"]
+LABEL_STATUS_ORDER = ["labelled", "no_pathology", "gradable_unlabelled", "ungradable", "no_labels_row", "malformed"]
 
-PLOT_NAMES = ["monk_skin_tone", "fitzpatrick", "race_ethnicity", "sex_and_age", "top_conditions",
-              "label_coverage", "missingness"]
+PLOT_NAMES = [
+    "monk_skin_tone",
+    "fitzpatrick",
+    "race_ethnicity",
+    "sex_and_age",
+    "top_conditions",
+    "label_coverage",
+    "missingness",
+]
 
 
 @dataclass
@@ -168,17 +197,26 @@ def _group_order(column: str, labels: pd.Series) -> list[str]:
     return known + extras + [MISSING_GROUP]
 
 
-def _count_rows(attribute: str, groups: list[str], n_cases: list[int], n_labelled: list[int],
-                total: int, total_labelled: int, multi_select: bool) -> pd.DataFrame:
-    return pd.DataFrame({
-        "attribute": attribute,
-        "group": pd.Series(groups, dtype=object),
-        "n_cases": np.asarray(n_cases, dtype="int64"),
-        "share": _shares(n_cases, total),
-        "n_labelled": np.asarray(n_labelled, dtype="int64"),
-        "share_labelled": _shares(n_labelled, total_labelled),
-        "multi_select": multi_select,
-    })
+def _count_rows(
+    attribute: str,
+    groups: list[str],
+    n_cases: list[int],
+    n_labelled: list[int],
+    total: int,
+    total_labelled: int,
+    multi_select: bool,
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "attribute": attribute,
+            "group": pd.Series(groups, dtype=object),
+            "n_cases": np.asarray(n_cases, dtype="int64"),
+            "share": _shares(n_cases, total),
+            "n_labelled": np.asarray(n_labelled, dtype="int64"),
+            "share_labelled": _shares(n_labelled, total_labelled),
+            "multi_select": multi_select,
+        }
+    )
 
 
 def representation_table(cases: pd.DataFrame) -> pd.DataFrame:
@@ -191,8 +229,7 @@ def representation_table(cases: pd.DataFrame) -> pd.DataFrame:
     the sums of the ``race_ethnicity_*`` check boxes and its shares sum to more than 1; a case that
     ticked no box is "missing".
     """
-    _require_columns(cases, ["has_label", *SINGLE_VALUED_ATTRIBUTES.values(), *schema.RACE_COLUMNS],
-                     "cases")
+    _require_columns(cases, ["has_label", *SINGLE_VALUED_ATTRIBUTES.values(), *schema.RACE_COLUMNS], "cases")
     labelled = cases["has_label"].astype(bool).to_numpy()
     total, total_labelled = len(cases), int(labelled.sum())
     parts = []
@@ -202,18 +239,25 @@ def representation_table(cases: pd.DataFrame) -> pd.DataFrame:
             groups = [c.removeprefix(RACE_PREFIX).upper() for c in schema.RACE_COLUMNS]
             none_ticked = ~ticks.any(axis=1)
             n_cases = [int(ticks[c].sum()) for c in schema.RACE_COLUMNS] + [int(none_ticked.sum())]
-            n_labelled = ([int(ticks[c].to_numpy()[labelled].sum()) for c in schema.RACE_COLUMNS]
-                          + [int(none_ticked.to_numpy()[labelled].sum())])
-            parts.append(_count_rows(attribute, groups + [MISSING_GROUP], n_cases, n_labelled,
-                                     total, total_labelled, multi_select=True))
+            n_labelled = [int(ticks[c].to_numpy()[labelled].sum()) for c in schema.RACE_COLUMNS] + [
+                int(none_ticked.to_numpy()[labelled].sum())
+            ]
+            parts.append(
+                _count_rows(
+                    attribute, groups + [MISSING_GROUP], n_cases, n_labelled, total, total_labelled, multi_select=True
+                )
+            )
             continue
         column = SINGLE_VALUED_ATTRIBUTES[attribute]
         labels = _group_labels(cases[column])
         order = _group_order(column, labels)
         n_cases = labels.value_counts().reindex(order, fill_value=0)
         n_labelled = labels[labelled].value_counts().reindex(order, fill_value=0)
-        parts.append(_count_rows(attribute, order, n_cases.tolist(), n_labelled.tolist(),
-                                 total, total_labelled, multi_select=False))
+        parts.append(
+            _count_rows(
+                attribute, order, n_cases.tolist(), n_labelled.tolist(), total, total_labelled, multi_select=False
+            )
+        )
     return pd.concat(parts, ignore_index=True)
 
 
@@ -230,11 +274,15 @@ def split_report(table: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame:
         rep = representation_table(split_cases)
         rep = rep[rep["attribute"].isin(["monk_skin_tone_us", "fst_dermatologist", "fst_self_reported"])]
         classes = part.drop_duplicates("case_id")["label"].value_counts()
-        class_rows = pd.DataFrame({"attribute": "label", "group": classes.index.astype(str),
-                                   "n_cases": classes.to_numpy(),
-                                   "share": classes.to_numpy() / max(len(split_cases), 1)})
-        frames.append(pd.concat([class_rows, rep[["attribute", "group", "n_cases", "share"]]])
-                      .assign(split=name))
+        class_rows = pd.DataFrame(
+            {
+                "attribute": "label",
+                "group": classes.index.astype(str),
+                "n_cases": classes.to_numpy(),
+                "share": classes.to_numpy() / max(len(split_cases), 1),
+            }
+        )
+        frames.append(pd.concat([class_rows, rep[["attribute", "group", "n_cases", "share"]]]).assign(split=name))
     return pd.concat(frames, ignore_index=True)[["split", "attribute", "group", "n_cases", "share"]]
 
 
@@ -246,18 +294,28 @@ def conditions_table(cases: pd.DataFrame) -> pd.DataFrame:
     top = cases["top_label"].dropna().astype(str).value_counts()
     # A case mentions a condition once however many graders named it: count cases, not mentions.
     mentions = pd.Series(
-        [name for names in cases["weighted_label_names"] if isinstance(names, (list, tuple, np.ndarray))
-         for name in dict.fromkeys(names)], dtype=object).value_counts()
+        [
+            name
+            for names in cases["weighted_label_names"]
+            if isinstance(names, (list, tuple, np.ndarray))
+            for name in dict.fromkeys(names)
+        ],
+        dtype=object,
+    ).value_counts()
     names = sorted(set(top.index) | set(mentions.index))
-    table = pd.DataFrame({
-        "condition": pd.Series(names, dtype=object),
-        "n_top_weighted": top.reindex(names, fill_value=0).to_numpy().astype("int64"),
-        "n_any_mention": mentions.reindex(names, fill_value=0).to_numpy().astype("int64"),
-    })
-    table["share_top_weighted"] = _shares(table["n_top_weighted"].to_numpy(),
-                                         int(cases["has_label"].astype(bool).sum()))
-    table = table.sort_values(["n_top_weighted", "n_any_mention", "condition"],
-                              ascending=[False, False, True], kind="stable").reset_index(drop=True)
+    table = pd.DataFrame(
+        {
+            "condition": pd.Series(names, dtype=object),
+            "n_top_weighted": top.reindex(names, fill_value=0).to_numpy().astype("int64"),
+            "n_any_mention": mentions.reindex(names, fill_value=0).to_numpy().astype("int64"),
+        }
+    )
+    table["share_top_weighted"] = _shares(
+        table["n_top_weighted"].to_numpy(), int(cases["has_label"].astype(bool).sum())
+    )
+    table = table.sort_values(
+        ["n_top_weighted", "n_any_mention", "condition"], ascending=[False, False, True], kind="stable"
+    ).reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1, dtype="int64"))
     return table
 
@@ -283,15 +341,28 @@ def label_coverage_table(cases: pd.DataFrame) -> pd.DataFrame:
 
     def rows(breakdown, groups, counts, denominator):
         counts = np.asarray(counts, dtype="int64")
-        return pd.DataFrame({"breakdown": breakdown, "group": pd.Series(groups, dtype=object),
-                             "n_cases": counts, "share": _shares(counts, denominator)})
+        return pd.DataFrame(
+            {
+                "breakdown": breakdown,
+                "group": pd.Series(groups, dtype=object),
+                "n_cases": counts,
+                "share": _shares(counts, denominator),
+            }
+        )
 
-    return pd.concat([
-        rows("label_status", status_order, status_counts.to_numpy(), total),
-        rows("n_label_graders", [str(g) for g in grader_groups], grader_all.to_numpy(), total),
-        rows("n_label_graders_among_labelled", [str(g) for g in grader_groups], grader_labelled.to_numpy(),
-             n_labelled),
-    ], ignore_index=True)
+    return pd.concat(
+        [
+            rows("label_status", status_order, status_counts.to_numpy(), total),
+            rows("n_label_graders", [str(g) for g in grader_groups], grader_all.to_numpy(), total),
+            rows(
+                "n_label_graders_among_labelled",
+                [str(g) for g in grader_groups],
+                grader_labelled.to_numpy(),
+                n_labelled,
+            ),
+        ],
+        ignore_index=True,
+    )
 
 
 def _n_missing(series: pd.Series) -> int:
@@ -318,8 +389,9 @@ def missingness_table(cases: pd.DataFrame, images: pd.DataFrame | None = None) -
     return table.sort_values("share_missing", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def images_summary_table(cases: pd.DataFrame, images: pd.DataFrame,
-                         image_files: pd.DataFrame | None = None) -> pd.DataFrame:
+def images_summary_table(
+    cases: pd.DataFrame, images: pd.DataFrame, image_files: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Counts describing the image references (and, when given, the fetched image files)."""
     _require_columns(images, REQUIRED_IMAGE_COLUMNS, "images")
     rows: list[tuple[str, int, str]] = []
@@ -328,22 +400,37 @@ def images_summary_table(cases: pd.DataFrame, images: pd.DataFrame,
     rows += [
         ("n_image_refs", len(images), "image references in the cases table (a case has 1-3)"),
         ("n_distinct_files", len(refs_per_file), "distinct object paths referenced"),
-        ("n_shared_files", len(shared), "files referenced more than once (the same file reused by "
-                                        "several cases or positions)"),
+        (
+            "n_shared_files",
+            len(shared),
+            "files referenced more than once (the same file reused by several cases or positions)",
+        ),
         ("n_refs_to_shared", int(shared.sum()), "references that point to a shared file"),
-        ("n_rejected_paths", int(images["path_status"].astype(str).eq("rejected").sum()),
-         "references whose path is not the accepted form; never fetched"),
+        (
+            "n_rejected_paths",
+            int(images["path_status"].astype(str).eq("rejected").sum()),
+            "references whose path is not the accepted form; never fetched",
+        ),
     ]
     refs_per_case = images.groupby("case_id").size().reindex(cases["case_id"], fill_value=0)
     for n_refs in sorted(set(refs_per_case.tolist()) | {1, 2, 3}):
-        rows.append((f"n_cases_with_{n_refs}_image_refs", int(refs_per_case.eq(n_refs).sum()),
-                     f"cases with exactly {n_refs} image reference(s)"))
+        rows.append(
+            (
+                f"n_cases_with_{n_refs}_image_refs",
+                int(refs_per_case.eq(n_refs).sum()),
+                f"cases with exactly {n_refs} image reference(s)",
+            )
+        )
     shots = _group_labels(images["shot_type"])
     shot_order = schema.SHOT_TYPE_VALUES + sorted(set(shots) - set(schema.SHOT_TYPE_VALUES) - {MISSING_GROUP})
     for shot in shot_order + [MISSING_GROUP]:
-        rows.append((f"n_refs_shot_{shot}", int(shots.eq(shot).sum()),
-                     "references with no shot type" if shot == MISSING_GROUP
-                     else f"references with shot type {shot}"))
+        rows.append(
+            (
+                f"n_refs_shot_{shot}",
+                int(shots.eq(shot).sum()),
+                "references with no shot type" if shot == MISSING_GROUP else f"references with shot type {shot}",
+            )
+        )
     if image_files is not None:
         _require_columns(image_files, ["status"], "image_files")
         status = image_files["status"].astype(str)
@@ -380,8 +467,7 @@ def _no_data(ax, message: str = "no data") -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=12)
 
 
-def _paired_bars(ax, x: np.ndarray, left, right, left_style: dict, right_style: dict,
-                 width: float = 0.4) -> None:
+def _paired_bars(ax, x: np.ndarray, left, right, left_style: dict, right_style: dict, width: float = 0.4) -> None:
     """Two bars per group, side by side, each labelled with its count."""
     for offset, values, style in ((-width / 2, left, left_style), (width / 2, right, right_style)):
         ax.bar_label(ax.bar(x + offset, values, width, **style), fontsize=7, padding=1)
@@ -396,9 +482,14 @@ def _plot_monk(representation: pd.DataFrame, n_cases: int, path: Path) -> Path:
     colours = [MONK_SWATCH_COLOURS.get(int(g), "#bdbdbd") if g.isdigit() else "#bdbdbd" for g in us["group"]]
     # Same swatch colour for both grader pools (the bar *is* the tone); hatching tells them apart, and a
     # dark edge keeps the near-white swatches visible.
-    _paired_bars(ax, x, us["n_cases"], india["n_cases"],
-                 dict(color=colours, edgecolor="#333333", linewidth=0.8, label="US graders"),
-                 dict(color=colours, edgecolor="#333333", linewidth=0.8, hatch="///", label="India graders"))
+    _paired_bars(
+        ax,
+        x,
+        us["n_cases"],
+        india["n_cases"],
+        dict(color=colours, edgecolor="#333333", linewidth=0.8, label="US graders"),
+        dict(color=colours, edgecolor="#333333", linewidth=0.8, hatch="///", label="India graders"),
+    )
     ax.set_xticks(x, [f"tone {g}" if g.isdigit() else g for g in us["group"]], fontsize=9)
     ax.set_ylabel("cases")
     ax.set_xlabel("Monk skin tone (1 lightest .. 10 deepest), estimated by lay graders")
@@ -411,13 +502,24 @@ def _plot_monk(representation: pd.DataFrame, n_cases: int, path: Path) -> Path:
 def _plot_fitzpatrick(representation: pd.DataFrame, n_cases: int, path: Path) -> Path:
     self_reported = _attribute(representation, "fst_self_reported").set_index("group")["n_cases"]
     dermatologist = _attribute(representation, "fst_dermatologist").set_index("group")["n_cases"]
-    groups = list(dict.fromkeys([g for g in self_reported.index if g != MISSING_GROUP]
-                                + [g for g in dermatologist.index if g != MISSING_GROUP] + [MISSING_GROUP]))
+    groups = list(
+        dict.fromkeys(
+            [g for g in self_reported.index if g != MISSING_GROUP]
+            + [g for g in dermatologist.index if g != MISSING_GROUP]
+            + [MISSING_GROUP]
+        )
+    )
     figure = _new_figure(10, 5)
     ax = figure.add_subplot()
     x = np.arange(len(groups))
-    _paired_bars(ax, x, self_reported.reindex(groups, fill_value=0), dermatologist.reindex(groups, fill_value=0),
-                 dict(color="#4c72b0", label="self-reported"), dict(color="#dd8452", label="dermatologist (grader 1)"))
+    _paired_bars(
+        ax,
+        x,
+        self_reported.reindex(groups, fill_value=0),
+        dermatologist.reindex(groups, fill_value=0),
+        dict(color="#4c72b0", label="self-reported"),
+        dict(color="#dd8452", label="dermatologist (grader 1)"),
+    )
     ax.set_xticks(x, [g.replace("_", " ") for g in groups], fontsize=9)
     ax.set_ylabel("cases")
     ax.set_title(f"Fitzpatrick skin type: self-reported vs dermatologist (n = {n_cases:,} cases)")
@@ -433,8 +535,11 @@ def _plot_race(representation: pd.DataFrame, n_cases: int, path: Path) -> Path:
     y = np.arange(len(race))
     bars = ax.barh(y, race["n_cases"], color="#55a868")
     ax.bar_label(bars, fontsize=8, padding=2)
-    ax.set_yticks(y, [g.replace("_", " ").lower() if g != MISSING_GROUP else "missing (no box ticked)"
-                      for g in race["group"]], fontsize=9)
+    ax.set_yticks(
+        y,
+        [g.replace("_", " ").lower() if g != MISSING_GROUP else "missing (no box ticked)" for g in race["group"]],
+        fontsize=9,
+    )
     ax.invert_yaxis()  # first group on top, as in the table
     ax.set_xlabel("cases (multi-select: a case counts in every group it ticked)")
     ax.set_title(f"Race/ethnicity, self-reported (n = {n_cases:,} cases)")
@@ -446,14 +551,14 @@ def _plot_sex_and_age(representation: pd.DataFrame, n_cases: int, path: Path) ->
     figure = _new_figure(12, 5)
     figure.suptitle(f"Sex at birth and age group, self-reported (n = {n_cases:,} cases)")
     for position, (attribute, colour, title) in enumerate(
-            [("sex_at_birth", "#8172b3", "Sex at birth"), ("age_group", "#937860", "Age group")], start=1):
+        [("sex_at_birth", "#8172b3", "Sex at birth"), ("age_group", "#937860", "Age group")], start=1
+    ):
         rows = _attribute(representation, attribute)
         ax = figure.add_subplot(1, 2, position)
         y = np.arange(len(rows))
         bars = ax.barh(y, rows["n_cases"], color=colour)
         ax.bar_label(bars, fontsize=8, padding=2)
-        ax.set_yticks(y, [g.removeprefix("AGE_").replace("_", " ").lower() for g in rows["group"]],
-                      fontsize=9)
+        ax.set_yticks(y, [g.removeprefix("AGE_").replace("_", " ").lower() for g in rows["group"]], fontsize=9)
         ax.invert_yaxis()
         ax.set_xlabel("cases")
         ax.set_title(title)
@@ -470,10 +575,10 @@ def _plot_top_conditions(conditions: pd.DataFrame, n_labelled: int, path: Path) 
     else:
         y = np.arange(len(top))
         height = 0.4
-        bars_top = ax.barh(y - height / 2, top["n_top_weighted"], height, color="#c44e52",
-                           label="top-weighted label")
-        bars_any = ax.barh(y + height / 2, top["n_any_mention"], height, color="#8da0cb",
-                           label="mentioned in any weighted label")
+        bars_top = ax.barh(y - height / 2, top["n_top_weighted"], height, color="#c44e52", label="top-weighted label")
+        bars_any = ax.barh(
+            y + height / 2, top["n_any_mention"], height, color="#8da0cb", label="mentioned in any weighted label"
+        )
         for bars in (bars_top, bars_any):
             ax.bar_label(bars, fontsize=7, padding=2)
         ax.set_yticks(y, top["condition"], fontsize=9)
@@ -481,23 +586,31 @@ def _plot_top_conditions(conditions: pd.DataFrame, n_labelled: int, path: Path) 
         ax.legend(loc="lower right")
         ax.margins(x=0.1)
     ax.set_xlabel("cases")
-    ax.set_title(f"Top {min(TOP_CONDITIONS_PLOTTED, len(conditions))} of {len(conditions)} conditions "
-                 f"(n = {n_labelled:,} labelled cases)")
+    ax.set_title(
+        f"Top {min(TOP_CONDITIONS_PLOTTED, len(conditions))} of {len(conditions)} conditions "
+        f"(n = {n_labelled:,} labelled cases)"
+    )
     return _save(figure, path)
 
 
 def _plot_label_coverage(label_coverage: pd.DataFrame, n_cases: int, path: Path) -> Path:
     figure = _new_figure(12, 4.5)
     figure.suptitle(f"Label coverage (n = {n_cases:,} cases)")
-    panels = [("label_status", "Label status", "#4c72b0"),
-              ("n_label_graders", "Dermatologists who graded the case", "#dd8452")]
+    panels = [
+        ("label_status", "Label status", "#4c72b0"),
+        ("n_label_graders", "Dermatologists who graded the case", "#dd8452"),
+    ]
     for position, (breakdown, title, colour) in enumerate(panels, start=1):
         rows = label_coverage[label_coverage["breakdown"] == breakdown]
         ax = figure.add_subplot(1, 2, position)
         y = np.arange(len(rows))
         bars = ax.barh(y, rows["n_cases"], color=colour)
-        ax.bar_label(bars, labels=[f"{n:,} ({s:.0%})" if pd.notna(s) else f"{n:,}"
-                                   for n, s in zip(rows["n_cases"], rows["share"])], fontsize=8, padding=2)
+        ax.bar_label(
+            bars,
+            labels=[f"{n:,} ({s:.0%})" if pd.notna(s) else f"{n:,}" for n, s in zip(rows["n_cases"], rows["share"])],
+            fontsize=8,
+            padding=2,
+        )
         labels = rows["group"].str.replace("_", " ")
         if breakdown == "n_label_graders":
             labels = [f"{g} dermatologist{'s' if g != '1' else ''}" for g in rows["group"]]
@@ -525,8 +638,7 @@ def _plot_missingness(missingness: pd.DataFrame, path: Path) -> Path:
     ax.set_xlabel("share of rows missing (None/NaN; empty lists and unticked boxes are not missing)")
     rows_per_table = missingness.groupby("table")["n_rows"].first()  # sorted: cases, then images
     sizes = ", ".join(f"{table}: n = {n:,} rows" for table, n in rows_per_table.items())
-    ax.set_title(f"Columns with missing values: the {len(top)} most missing of {len(missingness)} columns"
-                 f"\n({sizes})")
+    ax.set_title(f"Columns with missing values: the {len(top)} most missing of {len(missingness)} columns\n({sizes})")
     return _save(figure, path)
 
 
@@ -551,10 +663,8 @@ def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table. Floats in [0, 1] are shown as percentages (every float column
     of these tables is a share); integers with thousands separators."""
     header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "| " + " | ".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---"
-                             for c in frame.columns) + " |"
-    body = ["| " + " | ".join(_format_cell(v) for v in row) + " |"
-            for row in frame.itertuples(index=False, name=None)]
+    rule = "| " + " | ".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in frame.columns) + " |"
+    body = ["| " + " | ".join(_format_cell(v) for v in row) + " |" for row in frame.itertuples(index=False, name=None)]
     return "\n".join([header, rule, *body])
 
 
@@ -562,15 +672,20 @@ def _image_link(name: str) -> str:
     return f"![{name}]({name}.png)"
 
 
-def _build_markdown(report: DataReport, n_cases: int, n_labelled: int, *, synthetic: bool,
-                    source_uri: str, release: str) -> str:
+def _build_markdown(
+    report: DataReport, n_cases: int, n_labelled: int, *, synthetic: bool, source_uri: str, release: str
+) -> str:
     lines: list[str] = []
     if synthetic:
-        lines += [SYNTHETIC_BANNER, "",
-                  "> **The images of this run are synthetic.** The metadata counts below (cases, "
-                  "demographics, skin tones, labels) come from whatever metadata this run was given, "
-                  "which may be the real SCIN release; anything computed from pixels describes no real "
-                  "skin.", ""]
+        lines += [
+            SYNTHETIC_BANNER,
+            "",
+            "> **The images of this run are synthetic.** The metadata counts below (cases, "
+            "demographics, skin tones, labels) come from whatever metadata this run was given, "
+            "which may be the real SCIN release; anything computed from pixels describes no real "
+            "skin.",
+            "",
+        ]
     meta = report.summary_metadata
     lines += ["# SCIN data report", ""]
     provenance = [f"source `{source_uri}`" if source_uri else "", f"release `{release}`" if release else ""]
@@ -579,8 +694,10 @@ def _build_markdown(report: DataReport, n_cases: int, n_labelled: int, *, synthe
     lines += [
         "Conventions: a missing value is shown as the group `missing`, never dropped; answers such as "
         "`AGE_UNKNOWN` or `NONE_IDENTIFIED` are answers, not missing. `share` is of all cases, "
-        "`share_labelled` of the cases with at least one dermatologist condition label.", "",
-        "## Headline numbers", "",
+        "`share_labelled` of the cases with at least one dermatologist condition label.",
+        "",
+        "## Headline numbers",
+        "",
         f"- cases: {n_cases:,}",
         f"- labelled cases (at least one dermatologist condition label): {n_labelled:,}"
         + (f" ({n_labelled / n_cases:.1%})" if n_cases else ""),
@@ -593,40 +710,69 @@ def _build_markdown(report: DataReport, n_cases: int, n_labelled: int, *, synthe
         f"- distinct top-weighted conditions: {meta['n_conditions_top']:,}; distinct condition names in "
         f"any weighted label: {meta['n_conditions_any']:,}",
         "",
-        "## Representation", "",
+        "## Representation",
+        "",
         "`race_ethnicity` is multi-select: a case counts once in every group it ticked, so its counts are "
         "the sums of the `race_ethnicity_*` check boxes and its shares add up to more than 100%. A case "
-        "that ticked no box is `missing`. Every other attribute is single-valued (shares sum to 100%).", "",
+        "that ticked no box is `missing`. Every other attribute is single-valued (shares sum to 100%).",
+        "",
     ]
-    plot_after = {"monk_skin_tone_india": "monk_skin_tone", "fst_dermatologist": "fitzpatrick",
-                  RACE_ATTRIBUTE: "race_ethnicity", "age_group": "sex_and_age"}
+    plot_after = {
+        "monk_skin_tone_india": "monk_skin_tone",
+        "fst_dermatologist": "fitzpatrick",
+        RACE_ATTRIBUTE: "race_ethnicity",
+        "age_group": "sex_and_age",
+    }
     columns = ["group", "n_cases", "share", "n_labelled", "share_labelled"]
     for attribute in ATTRIBUTE_ORDER:
-        lines += [f"### {ATTRIBUTE_TITLES[attribute]} (`{attribute}`)", "",
-                  markdown_table(_attribute(report.representation, attribute)[columns]), ""]
+        lines += [
+            f"### {ATTRIBUTE_TITLES[attribute]} (`{attribute}`)",
+            "",
+            markdown_table(_attribute(report.representation, attribute)[columns]),
+            "",
+        ]
         if attribute in plot_after:
             lines += [_image_link(plot_after[attribute]), ""]
     shown = report.conditions.head(TOP_CONDITIONS_PLOTTED)
     lines += [
-        "## Conditions", "",
+        "## Conditions",
+        "",
         f"Top {len(shown)} of {len(report.conditions):,} conditions. `n_top_weighted`: cases whose "
         "highest-weighted label is the condition; `n_any_mention`: cases whose weighted labels include "
-        "it; `share_top_weighted` is of labelled cases.", "",
-        markdown_table(shown), "", _image_link("top_conditions"), "",
-        "## Label coverage", "",
+        "it; `share_top_weighted` is of labelled cases.",
+        "",
+        markdown_table(shown),
+        "",
+        _image_link("top_conditions"),
+        "",
+        "## Label coverage",
+        "",
         "`label_status`: why a case has or lacks a label (rule in `scin_pipeline.core.metadata."
         "label_status`). `n_label_graders`: how many dermatologists graded the case, over all cases and "
-        "over the labelled ones (each share is of that population).", "",
-        markdown_table(report.label_coverage), "", _image_link("label_coverage"), "",
-        "## Missingness", "",
+        "over the labelled ones (each share is of that population).",
+        "",
+        markdown_table(report.label_coverage),
+        "",
+        _image_link("label_coverage"),
+        "",
+        "## Missingness",
+        "",
         "Counts None/NaN only: an empty label list and an unticked check box are answers, not missing "
         "values. Columns with at least one missing value, most missing first "
-        f"(top {TOP_MISSING_COLUMNS_PLOTTED}):", "",
+        f"(top {TOP_MISSING_COLUMNS_PLOTTED}):",
+        "",
     ]
     missing = report.missingness[report.missingness["n_missing"] > 0].head(TOP_MISSING_COLUMNS_PLOTTED)
-    lines += [markdown_table(missing) if len(missing) else "No column has a missing value.", "",
-              _image_link("missingness"), "",
-              "## Images", "", markdown_table(report.images_summary), ""]
+    lines += [
+        markdown_table(missing) if len(missing) else "No column has a missing value.",
+        "",
+        _image_link("missingness"),
+        "",
+        "## Images",
+        "",
+        markdown_table(report.images_summary),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -653,9 +799,16 @@ def markdown_with_inline_images(report: DataReport) -> str:
 # ------------------------------------------------------------------------------------------ the report
 
 
-def build_data_report(cases: pd.DataFrame, images: pd.DataFrame, image_files: pd.DataFrame | None = None,
-                      *, out_dir: Path, synthetic: bool = False, source_uri: str = "",
-                      release: str = "") -> DataReport:
+def build_data_report(
+    cases: pd.DataFrame,
+    images: pd.DataFrame,
+    image_files: pd.DataFrame | None = None,
+    *,
+    out_dir: Path,
+    synthetic: bool = False,
+    source_uri: str = "",
+    release: str = "",
+) -> DataReport:
     """Compute every table, write the plots (``<name>.png``) and ``data_report.md`` into ``out_dir``.
 
     ``synthetic`` marks a run whose images are synthetic: the Markdown then opens with
@@ -700,9 +853,14 @@ def build_data_report(cases: pd.DataFrame, images: pd.DataFrame, image_files: pd
         for status in IMAGE_FILE_STATUSES:
             summary[f"n_files_{status}"] = int(image_metrics[f"n_files_{status}"])
 
-    report = DataReport(representation=representation, conditions=conditions,
-                        label_coverage=label_coverage, missingness=missingness,
-                        images_summary=images_summary, summary_metadata=summary)
+    report = DataReport(
+        representation=representation,
+        conditions=conditions,
+        label_coverage=label_coverage,
+        missingness=missingness,
+        images_summary=images_summary,
+        summary_metadata=summary,
+    )
     report.plots = {
         "monk_skin_tone": _plot_monk(representation, n_cases, out_dir / "monk_skin_tone.png"),
         "fitzpatrick": _plot_fitzpatrick(representation, n_cases, out_dir / "fitzpatrick.png"),
@@ -712,7 +870,8 @@ def build_data_report(cases: pd.DataFrame, images: pd.DataFrame, image_files: pd
         "label_coverage": _plot_label_coverage(label_coverage, n_cases, out_dir / "label_coverage.png"),
         "missingness": _plot_missingness(missingness, out_dir / "missingness.png"),
     }
-    report.markdown = _build_markdown(report, n_cases, n_labelled, synthetic=synthetic,
-                                      source_uri=source_uri, release=release)
+    report.markdown = _build_markdown(
+        report, n_cases, n_labelled, synthetic=synthetic, source_uri=source_uri, release=release
+    )
     (out_dir / REPORT_MARKDOWN_FILE).write_text(report.markdown, encoding="utf-8")
     return report

@@ -70,13 +70,23 @@ WEIGHTED_LABEL_COLUMN = "weighted_skin_condition_label"
 
 # Columns without which nothing downstream can be trusted; a file missing one is refused outright.
 REQUIRED_CASE_COLUMNS = [
-    "case_id", "release", "age_group", "sex_at_birth", "fitzpatrick_skin_type",
-    *IMAGE_PATH_COLUMNS, *SHOT_TYPE_COLUMNS,
+    "case_id",
+    "release",
+    "age_group",
+    "sex_at_birth",
+    "fitzpatrick_skin_type",
+    *IMAGE_PATH_COLUMNS,
+    *SHOT_TYPE_COLUMNS,
 ]
 REQUIRED_LABEL_COLUMNS = [
-    "case_id", *GRADABLE_CONDITION_COLUMNS, LABEL_NAMES_COLUMN, LABEL_CONFIDENCE_COLUMN,
-    WEIGHTED_LABEL_COLUMN, "dermatologist_fitzpatrick_skin_type_label_1",
-    "monk_skin_tone_label_us", "monk_skin_tone_label_india",
+    "case_id",
+    *GRADABLE_CONDITION_COLUMNS,
+    LABEL_NAMES_COLUMN,
+    LABEL_CONFIDENCE_COLUMN,
+    WEIGHTED_LABEL_COLUMN,
+    "dermatologist_fitzpatrick_skin_type_label_1",
+    "monk_skin_tone_label_us",
+    "monk_skin_tone_label_india",
 ]
 
 FST_VALUES = ["FST1", "FST2", "FST3", "FST4", "FST5", "FST6"]
@@ -89,18 +99,37 @@ GRADABILITY_VALUES = [
 # Enum columns and their known values, in a meaningful order (ordinal where the scale is ordinal).
 ENUM_VALUES: dict[str, list[str]] = {
     "age_group": [
-        "AGE_18_TO_29", "AGE_30_TO_39", "AGE_40_TO_49", "AGE_50_TO_59", "AGE_60_TO_69",
-        "AGE_70_TO_79", "AGE_80_OR_ABOVE", "AGE_UNKNOWN",
+        "AGE_18_TO_29",
+        "AGE_30_TO_39",
+        "AGE_40_TO_49",
+        "AGE_50_TO_59",
+        "AGE_60_TO_69",
+        "AGE_70_TO_79",
+        "AGE_80_OR_ABOVE",
+        "AGE_UNKNOWN",
     ],
     "sex_at_birth": ["FEMALE", "MALE", "INTERSEX_OR_NON_BINARY", "OTHER_OR_UNSPECIFIED"],
     "fitzpatrick_skin_type": [*FST_VALUES, "NONE_IDENTIFIED"],
     "related_category": [
-        "RASH", "ACNE", "GROWTH_OR_MOLE", "PIGMENTARY_PROBLEM", "NAIL_PROBLEM", "HAIR_LOSS",
-        "OTHER_HAIR_PROBLEM", "LOOKS_HEALTHY", "OTHER_ISSUE_DESCRIPTION",
+        "RASH",
+        "ACNE",
+        "GROWTH_OR_MOLE",
+        "PIGMENTARY_PROBLEM",
+        "NAIL_PROBLEM",
+        "HAIR_LOSS",
+        "OTHER_HAIR_PROBLEM",
+        "LOOKS_HEALTHY",
+        "OTHER_ISSUE_DESCRIPTION",
     ],
     "condition_duration": [
-        "ONE_DAY", "LESS_THAN_ONE_WEEK", "ONE_TO_FOUR_WEEKS", "ONE_TO_THREE_MONTHS",
-        "THREE_TO_TWELVE_MONTHS", "MORE_THAN_ONE_YEAR", "MORE_THAN_FIVE_YEARS", "SINCE_CHILDHOOD",
+        "ONE_DAY",
+        "LESS_THAN_ONE_WEEK",
+        "ONE_TO_FOUR_WEEKS",
+        "ONE_TO_THREE_MONTHS",
+        "THREE_TO_TWELVE_MONTHS",
+        "MORE_THAN_ONE_YEAR",
+        "MORE_THAN_FIVE_YEARS",
+        "SINCE_CHILDHOOD",
         "UNKNOWN",
     ],
     **{col: list(GRADABILITY_VALUES) for col in GRADABLE_CONDITION_COLUMNS},

@@ -146,9 +146,7 @@ def describe_mismatch(expected: ObjectInfo, size: int, crc32c: str | None, md5: 
     """
     if expected.crc32c is not None:
         if crc32c != expected.crc32c or size != expected.size:
-            return (
-                f"crc32c mismatch: expected {expected.crc32c} got {crc32c} (size {expected.size} vs {size})"
-            )
+            return f"crc32c mismatch: expected {expected.crc32c} got {crc32c} (size {expected.size} vs {size})"
         return None
     if expected.md5 is not None:
         if md5 != expected.md5 or size != expected.size:
@@ -321,9 +319,7 @@ class GcsBucketSource(ScinSource):
         if isinstance(exc, api_exceptions.GoogleAPICallError):
             code = getattr(exc, "code", None)
             if code in _TRANSIENT_HTTP_STATUSES:
-                return TransientSourceError(
-                    f"{path or self.uri}: HTTP {code} from {self._where()}: {exc.message}"
-                )
+                return TransientSourceError(f"{path or self.uri}: HTTP {code} from {self._where()}: {exc.message}")
             if code in (401, 403):
                 return SourceUnreachable(
                     f"cannot reach {self._where()}: access denied (HTTP {code}) for {path or 'listing'}; "
@@ -409,9 +405,7 @@ class GcsBucketSource(ScinSource):
                 # raw_download: the stored bytes, never a transcoded body, so the listed checksums apply.
                 # checksum=None: fetch hashes the file itself against the listing (one pass, not two).
                 # retry=None: fetch owns the retry policy for downloads.
-                blob.download_to_file(
-                    counter, raw_download=True, checksum=None, retry=None, timeout=self.timeout_s
-                )
+                blob.download_to_file(counter, raw_download=True, checksum=None, retry=None, timeout=self.timeout_s)
                 written = counter.written
         except Exception as exc:
             self._raise_mapped(exc, path, during_transfer=True)

@@ -66,8 +66,9 @@ def assign_labels(cases: pd.DataFrame, policy: LabelPolicy) -> pd.DataFrame:
         ranked = sorted(mentions.items(), key=lambda kv: (-kv[1], kv[0]))
         vocabulary = [name for name, _ in ranked[: policy.top_k]]
         allowed = set(vocabulary)
-    for case_id, names, weights, tied in zip(cases["case_id"], names_col, weights_col,
-                                             cases.get("top_label_tied", pd.Series(False, index=cases.index))):
+    for case_id, names, weights, tied in zip(
+        cases["case_id"], names_col, weights_col, cases.get("top_label_tied", pd.Series(False, index=cases.index))
+    ):
         if not isinstance(names, (list, np.ndarray)) or len(names) == 0:
             continue
         names, weights = list(names), [float(w) for w in weights]
@@ -92,8 +93,7 @@ def assign_labels(cases: pd.DataFrame, policy: LabelPolicy) -> pd.DataFrame:
             labels = labels[~labels["label"].isin(rare)]
         else:
             # Rare names become `other`, keeping rank order and listing `other` once.
-            labels["labels"] = [list(dict.fromkeys(OTHER if n in rare else n for n in ls))
-                                for ls in labels["labels"]]
+            labels["labels"] = [list(dict.fromkeys(OTHER if n in rare else n for n in ls)) for ls in labels["labels"]]
             labels["label"] = labels["label"].where(~labels["label"].isin(rare), OTHER)
     labels["case_id"] = labels["case_id"].astype("string")
     return labels.reset_index(drop=True)
@@ -150,9 +150,14 @@ def make_splits(labels: pd.DataFrame, case_groups: pd.Series, config: SplitConfi
     """
     frame = labels[["case_id", "label"]].copy()
     frame["group_id"] = frame["case_id"].map(case_groups).fillna(frame["case_id"]).astype(str)
-    per_group = frame.groupby("group_id").agg(
-        label=("label", lambda s: s.value_counts().sort_index().idxmax()),  # the most common; ties by name
-        weight=("case_id", "size")).reset_index()
+    per_group = (
+        frame.groupby("group_id")
+        .agg(
+            label=("label", lambda s: s.value_counts().sort_index().idxmax()),  # the most common; ties by name
+            weight=("case_id", "size"),
+        )
+        .reset_index()
+    )
     split_of_group = assign_group_splits(per_group, config)
     frame["split"] = pd.Categorical(frame["group_id"].map(split_of_group), categories=list(SPLITS))
     return frame
@@ -169,13 +174,23 @@ def leakage(frame: pd.DataFrame, key: str) -> pd.DataFrame:
     """Values of ``key`` (case_id, cluster_id, group_id) that appear in more than one split."""
     spread = frame.groupby(key, observed=True)["split"].nunique()
     bad = spread[spread > 1].index
-    return (frame[frame[key].isin(bad)].groupby(key, observed=True)["split"]
-            .agg(lambda s: sorted(set(map(str, s)))).rename("splits").reset_index())
+    return (
+        frame[frame[key].isin(bad)]
+        .groupby(key, observed=True)["split"]
+        .agg(lambda s: sorted(set(map(str, s))))
+        .rename("splits")
+        .reset_index()
+    )
 
 
 def class_presence(frame: pd.DataFrame, min_per_split: int) -> pd.DataFrame:
     """Per class and split, the number of cases; ``ok`` when val and test each hold >= min_per_split."""
-    table = (frame.drop_duplicates("case_id").groupby(["label", "split"], observed=False).size()
-             .unstack("split", fill_value=0).reindex(columns=list(SPLITS), fill_value=0))
+    table = (
+        frame.drop_duplicates("case_id")
+        .groupby(["label", "split"], observed=False)
+        .size()
+        .unstack("split", fill_value=0)
+        .reindex(columns=list(SPLITS), fill_value=0)
+    )
     table["ok"] = (table["val"] >= min_per_split) & (table["test"] >= min_per_split)
     return table.reset_index()

@@ -85,32 +85,81 @@ DEFAULT_SYNTHETIC_CASES = 200
 
 # Column lists of the real v1.0.0 files, copied so that generated metadata needs no real file at run time.
 CASES_COLUMNS: tuple[str, ...] = (
-    "case_id", "source", "release", "year", "age_group", "sex_at_birth", "fitzpatrick_skin_type",
-    "race_ethnicity_american_indian_or_alaska_native", "race_ethnicity_asian",
-    "race_ethnicity_black_or_african_american", "race_ethnicity_hispanic_latino_or_spanish_origin",
-    "race_ethnicity_middle_eastern_or_north_african", "race_ethnicity_native_hawaiian_or_pacific_islander",
-    "race_ethnicity_white", "race_ethnicity_other_race", "race_ethnicity_prefer_not_to_answer",
-    "textures_raised_or_bumpy", "textures_flat", "textures_rough_or_flaky", "textures_fluid_filled",
-    "body_parts_head_or_neck", "body_parts_arm", "body_parts_palm", "body_parts_back_of_hand",
-    "body_parts_torso_front", "body_parts_torso_back", "body_parts_genitalia_or_groin", "body_parts_buttocks",
-    "body_parts_leg", "body_parts_foot_top_or_side", "body_parts_foot_sole", "body_parts_other",
-    "condition_symptoms_bothersome_appearance", "condition_symptoms_bleeding",
-    "condition_symptoms_increasing_size", "condition_symptoms_darkening", "condition_symptoms_itching",
-    "condition_symptoms_burning", "condition_symptoms_pain", "condition_symptoms_no_relevant_experience",
-    "other_symptoms_fever", "other_symptoms_chills", "other_symptoms_fatigue", "other_symptoms_joint_pain",
-    "other_symptoms_mouth_sores", "other_symptoms_shortness_of_breath", "other_symptoms_no_relevant_symptoms",
-    "related_category", "condition_duration", "image_1_path", "image_2_path", "image_3_path",
-    "image_1_shot_type", "image_2_shot_type", "image_3_shot_type", "combined_race",
+    "case_id",
+    "source",
+    "release",
+    "year",
+    "age_group",
+    "sex_at_birth",
+    "fitzpatrick_skin_type",
+    "race_ethnicity_american_indian_or_alaska_native",
+    "race_ethnicity_asian",
+    "race_ethnicity_black_or_african_american",
+    "race_ethnicity_hispanic_latino_or_spanish_origin",
+    "race_ethnicity_middle_eastern_or_north_african",
+    "race_ethnicity_native_hawaiian_or_pacific_islander",
+    "race_ethnicity_white",
+    "race_ethnicity_other_race",
+    "race_ethnicity_prefer_not_to_answer",
+    "textures_raised_or_bumpy",
+    "textures_flat",
+    "textures_rough_or_flaky",
+    "textures_fluid_filled",
+    "body_parts_head_or_neck",
+    "body_parts_arm",
+    "body_parts_palm",
+    "body_parts_back_of_hand",
+    "body_parts_torso_front",
+    "body_parts_torso_back",
+    "body_parts_genitalia_or_groin",
+    "body_parts_buttocks",
+    "body_parts_leg",
+    "body_parts_foot_top_or_side",
+    "body_parts_foot_sole",
+    "body_parts_other",
+    "condition_symptoms_bothersome_appearance",
+    "condition_symptoms_bleeding",
+    "condition_symptoms_increasing_size",
+    "condition_symptoms_darkening",
+    "condition_symptoms_itching",
+    "condition_symptoms_burning",
+    "condition_symptoms_pain",
+    "condition_symptoms_no_relevant_experience",
+    "other_symptoms_fever",
+    "other_symptoms_chills",
+    "other_symptoms_fatigue",
+    "other_symptoms_joint_pain",
+    "other_symptoms_mouth_sores",
+    "other_symptoms_shortness_of_breath",
+    "other_symptoms_no_relevant_symptoms",
+    "related_category",
+    "condition_duration",
+    "image_1_path",
+    "image_2_path",
+    "image_3_path",
+    "image_1_shot_type",
+    "image_2_shot_type",
+    "image_3_shot_type",
+    "combined_race",
     "race_ethnicity_two_or_more_after_mitigation",
 )
 LABELS_COLUMNS: tuple[str, ...] = (
-    "case_id", "dermatologist_gradable_for_skin_condition_1", "dermatologist_gradable_for_skin_condition_2",
-    "dermatologist_gradable_for_skin_condition_3", "dermatologist_skin_condition_on_label_name",
-    "dermatologist_skin_condition_confidence", "weighted_skin_condition_label",
-    "dermatologist_gradable_for_fitzpatrick_skin_type_1", "dermatologist_gradable_for_fitzpatrick_skin_type_2",
-    "dermatologist_gradable_for_fitzpatrick_skin_type_3", "dermatologist_fitzpatrick_skin_type_label_1",
-    "dermatologist_fitzpatrick_skin_type_label_2", "dermatologist_fitzpatrick_skin_type_label_3",
-    "gradable_for_monk_skin_tone_india", "gradable_for_monk_skin_tone_us", "monk_skin_tone_label_india",
+    "case_id",
+    "dermatologist_gradable_for_skin_condition_1",
+    "dermatologist_gradable_for_skin_condition_2",
+    "dermatologist_gradable_for_skin_condition_3",
+    "dermatologist_skin_condition_on_label_name",
+    "dermatologist_skin_condition_confidence",
+    "weighted_skin_condition_label",
+    "dermatologist_gradable_for_fitzpatrick_skin_type_1",
+    "dermatologist_gradable_for_fitzpatrick_skin_type_2",
+    "dermatologist_gradable_for_fitzpatrick_skin_type_3",
+    "dermatologist_fitzpatrick_skin_type_label_1",
+    "dermatologist_fitzpatrick_skin_type_label_2",
+    "dermatologist_fitzpatrick_skin_type_label_3",
+    "gradable_for_monk_skin_tone_india",
+    "gradable_for_monk_skin_tone_us",
+    "monk_skin_tone_label_india",
     "monk_skin_tone_label_us",
 )
 IMAGE_PATH_COLUMNS = ("image_1_path", "image_2_path", "image_3_path")
@@ -118,8 +167,16 @@ SHOT_TYPE_COLUMNS = ("image_1_shot_type", "image_2_shot_type", "image_3_shot_typ
 
 # The published Monk Skin Tone scale swatches (sRGB), tone 1 (lightest) to 10 (deepest).
 MONK_SKIN_TONE_HEX = {
-    1: "#f6ede4", 2: "#f3e7db", 3: "#f7ead0", 4: "#eadaba", 5: "#d7bd96",
-    6: "#a07e56", 7: "#825c43", 8: "#604134", 9: "#3a312a", 10: "#292420",
+    1: "#f6ede4",
+    2: "#f3e7db",
+    3: "#f7ead0",
+    4: "#eadaba",
+    5: "#d7bd96",
+    6: "#a07e56",
+    7: "#825c43",
+    8: "#604134",
+    9: "#3a312a",
+    10: "#292420",
 }
 DEFAULT_MONK_TONE = 3  # used when neither the US nor the India Monk label is usable
 
@@ -128,8 +185,14 @@ REAL_MONK_US_COUNTS = (577, 1660, 1265, 687, 361, 248, 137, 57, 11, 2)
 
 # Top-weighted condition counts of the real release (README) for the 8 conditions that get a pattern.
 SYNTHETIC_CONDITION_COUNTS = {
-    "Eczema": 488, "Allergic Contact Dermatitis": 270, "Urticaria": 214, "Insect Bite": 185,
-    "Folliculitis": 142, "Psoriasis": 109, "Tinea": 93, "Impetigo": 69,
+    "Eczema": 488,
+    "Allergic Contact Dermatitis": 270,
+    "Urticaria": 214,
+    "Insect Bite": 185,
+    "Folliculitis": 142,
+    "Psoriasis": 109,
+    "Tinea": 93,
+    "Impetigo": 69,
 }
 SYNTHETIC_LABELLED_SHARE = 0.6  # the real release: 3,061 of 5,033 cases carry a condition label
 
@@ -153,8 +216,16 @@ PLANT_CLEAN = "clean"
 PLANT_EXACT_REUSE = "exact_reuse"
 PLANT_REJECTED_PATH = "rejected_path"
 DEFECT_KINDS: tuple[str, ...] = (
-    "dark", "dark_diagnostic", "blurred", "overexposed", "near_duplicate",
-    "corrupt_truncated", "corrupt_zero_byte", "wrong_format", "decompression_bomb", "missing",
+    "dark",
+    "dark_diagnostic",
+    "blurred",
+    "overexposed",
+    "near_duplicate",
+    "corrupt_truncated",
+    "corrupt_zero_byte",
+    "wrong_format",
+    "decompression_bomb",
+    "missing",
 )
 MIN_FILES_FOR_EVERY_KIND = 60
 
@@ -163,8 +234,15 @@ KNOWN_MISSING_IMAGE_PATHS = frozenset({"dataset/images/-2243186711511406658.png"
 
 BOMB_DECLARED_SIZE = (30000, 30000)
 PLANTS_COLUMNS = (
-    "image_id", "image_path", "case_id", "monk_tone", "monk_tone_source", "condition", "pattern",
-    "planted", "detail",
+    "image_id",
+    "image_path",
+    "case_id",
+    "monk_tone",
+    "monk_tone_source",
+    "condition",
+    "pattern",
+    "planted",
+    "detail",
 )
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -263,42 +341,89 @@ def monk_tone_rgb(tone: int) -> np.ndarray:
 
 # Value vocabularies and rough frequencies learnt from the real release.
 _AGE_GROUPS = {
-    "AGE_UNKNOWN": 2864, "AGE_18_TO_29": 769, "AGE_40_TO_49": 435, "AGE_30_TO_39": 422,
-    "AGE_50_TO_59": 322, "AGE_60_TO_69": 165, "AGE_70_TO_79": 55,
+    "AGE_UNKNOWN": 2864,
+    "AGE_18_TO_29": 769,
+    "AGE_40_TO_49": 435,
+    "AGE_30_TO_39": 422,
+    "AGE_50_TO_59": 322,
+    "AGE_60_TO_69": 165,
+    "AGE_70_TO_79": 55,
 }
 _SEX = {"OTHER_OR_UNSPECIFIED": 2559, "FEMALE": 1666, "MALE": 807}
 _SELF_FST = {
-    "": 2530, "FST3": 661, "FST2": 542, "FST4": 427, "NONE_IDENTIFIED": 328, "FST5": 214, "FST1": 188,
+    "": 2530,
+    "FST3": 661,
+    "FST2": 542,
+    "FST4": 427,
+    "NONE_IDENTIFIED": 328,
+    "FST5": 214,
+    "FST1": 188,
     "FST6": 143,
 }
 _RACE_YES_SHARE = {
-    "race_ethnicity_american_indian_or_alaska_native": 0.015, "race_ethnicity_asian": 0.019,
-    "race_ethnicity_black_or_african_american": 0.059, "race_ethnicity_hispanic_latino_or_spanish_origin": 0.058,
+    "race_ethnicity_american_indian_or_alaska_native": 0.015,
+    "race_ethnicity_asian": 0.019,
+    "race_ethnicity_black_or_african_american": 0.059,
+    "race_ethnicity_hispanic_latino_or_spanish_origin": 0.058,
     "race_ethnicity_middle_eastern_or_north_african": 0.002,
-    "race_ethnicity_native_hawaiian_or_pacific_islander": 0.001, "race_ethnicity_white": 0.372,
+    "race_ethnicity_native_hawaiian_or_pacific_islander": 0.001,
+    "race_ethnicity_white": 0.372,
     "race_ethnicity_other_race": 0.003,
 }
 _YES_SHARE = {
-    "textures_raised_or_bumpy": 0.58, "textures_flat": 0.16, "textures_rough_or_flaky": 0.21,
-    "textures_fluid_filled": 0.12, "body_parts_head_or_neck": 0.15, "body_parts_arm": 0.34,
-    "body_parts_palm": 0.04, "body_parts_back_of_hand": 0.10, "body_parts_torso_front": 0.16,
-    "body_parts_torso_back": 0.13, "body_parts_genitalia_or_groin": 0.04, "body_parts_buttocks": 0.08,
-    "body_parts_leg": 0.34, "body_parts_foot_top_or_side": 0.08, "body_parts_foot_sole": 0.02,
-    "body_parts_other": 0.11, "condition_symptoms_bothersome_appearance": 0.30,
-    "condition_symptoms_bleeding": 0.04, "condition_symptoms_increasing_size": 0.20,
-    "condition_symptoms_darkening": 0.08, "condition_symptoms_itching": 0.54,
-    "condition_symptoms_burning": 0.20, "condition_symptoms_pain": 0.15,
-    "condition_symptoms_no_relevant_experience": 0.06, "other_symptoms_fever": 0.02,
-    "other_symptoms_chills": 0.02, "other_symptoms_fatigue": 0.08, "other_symptoms_joint_pain": 0.06,
-    "other_symptoms_mouth_sores": 0.02, "other_symptoms_shortness_of_breath": 0.03,
+    "textures_raised_or_bumpy": 0.58,
+    "textures_flat": 0.16,
+    "textures_rough_or_flaky": 0.21,
+    "textures_fluid_filled": 0.12,
+    "body_parts_head_or_neck": 0.15,
+    "body_parts_arm": 0.34,
+    "body_parts_palm": 0.04,
+    "body_parts_back_of_hand": 0.10,
+    "body_parts_torso_front": 0.16,
+    "body_parts_torso_back": 0.13,
+    "body_parts_genitalia_or_groin": 0.04,
+    "body_parts_buttocks": 0.08,
+    "body_parts_leg": 0.34,
+    "body_parts_foot_top_or_side": 0.08,
+    "body_parts_foot_sole": 0.02,
+    "body_parts_other": 0.11,
+    "condition_symptoms_bothersome_appearance": 0.30,
+    "condition_symptoms_bleeding": 0.04,
+    "condition_symptoms_increasing_size": 0.20,
+    "condition_symptoms_darkening": 0.08,
+    "condition_symptoms_itching": 0.54,
+    "condition_symptoms_burning": 0.20,
+    "condition_symptoms_pain": 0.15,
+    "condition_symptoms_no_relevant_experience": 0.06,
+    "other_symptoms_fever": 0.02,
+    "other_symptoms_chills": 0.02,
+    "other_symptoms_fatigue": 0.08,
+    "other_symptoms_joint_pain": 0.06,
+    "other_symptoms_mouth_sores": 0.02,
+    "other_symptoms_shortness_of_breath": 0.03,
 }
 _RELATED_CATEGORY = {
-    "RASH": 2876, "": 1254, "OTHER_ISSUE_DESCRIPTION": 414, "LOOKS_HEALTHY": 290, "ACNE": 74,
-    "GROWTH_OR_MOLE": 45, "PIGMENTARY_PROBLEM": 37, "NAIL_PROBLEM": 20, "OTHER_HAIR_PROBLEM": 12, "HAIR_LOSS": 11,
+    "RASH": 2876,
+    "": 1254,
+    "OTHER_ISSUE_DESCRIPTION": 414,
+    "LOOKS_HEALTHY": 290,
+    "ACNE": 74,
+    "GROWTH_OR_MOLE": 45,
+    "PIGMENTARY_PROBLEM": 37,
+    "NAIL_PROBLEM": 20,
+    "OTHER_HAIR_PROBLEM": 12,
+    "HAIR_LOSS": 11,
 }
 _DURATION = {
-    "LESS_THAN_ONE_WEEK": 1386, "": 997, "ONE_TO_FOUR_WEEKS": 960, "ONE_DAY": 784, "ONE_TO_THREE_MONTHS": 318,
-    "THREE_TO_TWELVE_MONTHS": 237, "MORE_THAN_ONE_YEAR": 201, "MORE_THAN_FIVE_YEARS": 91, "UNKNOWN": 39,
+    "LESS_THAN_ONE_WEEK": 1386,
+    "": 997,
+    "ONE_TO_FOUR_WEEKS": 960,
+    "ONE_DAY": 784,
+    "ONE_TO_THREE_MONTHS": 318,
+    "THREE_TO_TWELVE_MONTHS": 237,
+    "MORE_THAN_ONE_YEAR": 201,
+    "MORE_THAN_FIVE_YEARS": 91,
+    "UNKNOWN": 39,
     "SINCE_CHILDHOOD": 20,
 }
 _SHOT_TYPES = {"CLOSE_UP": 5029, "AT_AN_ANGLE": 3015, "AT_DISTANCE": 2364}
@@ -399,8 +524,10 @@ def generate_synthetic_metadata(n_cases: int, seed: int) -> tuple[pd.DataFrame, 
         tone_us = int(rng.choice(10, p=tone_p / tone_p.sum())) + 1
         tone_india = int(np.clip(tone_us + rng.choice([-1, 0, 0, 1]), 1, 10))
         label.update(
-            gradable_for_monk_skin_tone_india="True", gradable_for_monk_skin_tone_us="True",
-            monk_skin_tone_label_us=str(tone_us), monk_skin_tone_label_india=str(tone_india),
+            gradable_for_monk_skin_tone_india="True",
+            gradable_for_monk_skin_tone_us="True",
+            monk_skin_tone_label_us=str(tone_us),
+            monk_skin_tone_label_india=str(tone_india),
         )
         n_graders = 3 if rng.random() < _THREE_GRADER_SHARE else 1
         labelled = rng.random() < SYNTHETIC_LABELLED_SHARE
@@ -541,8 +668,7 @@ def _paint_eczema(cv: _Canvas, strength: float, ref: np.ndarray) -> None:
         roi, r = got
         noise = _smooth_noise(rng, r.shape[0], r.shape[1], 18 * s + 2)
         patchy = np.clip((0.85 - r * r) * 1.8 + 0.6 * noise, 0, 1)
-        cv.paint(roi, patchy * rng.uniform(0.5, 0.75) * strength, erythema_colour(ref, 0.8 * strength),
-                 texture=0.16)
+        cv.paint(roi, patchy * rng.uniform(0.5, 0.75) * strength, erythema_colour(ref, 0.8 * strength), texture=0.16)
         scratch = erythema_colour(ref, strength) * 0.6
         for _ in range(int(rng.integers(6, 16))):
             angle, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.75)
@@ -764,8 +890,14 @@ def _render_dark_diagnostic_lesion(image_key: str, tone: int, pattern: str, size
 def _encode_png(rgb: np.ndarray) -> bytes:
     # Sub filter + Huffman-only deflate: about 3x faster than the default on noisy skin texture, and the
     # files are barely bigger (texture noise does not compress anyway).
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB,
-              cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
+    params = [
+        cv2.IMWRITE_PNG_COMPRESSION,
+        1,
+        cv2.IMWRITE_PNG_FILTER,
+        cv2.IMWRITE_PNG_FILTER_SUB,
+        cv2.IMWRITE_PNG_STRATEGY,
+        cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
+    ]
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise RuntimeError("PNG encoding failed")
@@ -783,8 +915,9 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
 
-def decompression_bomb_png(width: int = BOMB_DECLARED_SIZE[0], height: int = BOMB_DECLARED_SIZE[1],
-                           rows: int = 4) -> bytes:
+def decompression_bomb_png(
+    width: int = BOMB_DECLARED_SIZE[0], height: int = BOMB_DECLARED_SIZE[1], rows: int = 4
+) -> bytes:
     """A small PNG whose IHDR declares width x height RGB pixels; its IDAT holds only `rows` zero rows.
 
     Every chunk has a correct CRC, so header-level checks accept it; the declared size is what a careful
@@ -792,8 +925,12 @@ def decompression_bomb_png(width: int = BOMB_DECLARED_SIZE[0], height: int = BOM
     """
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, no interlace
     scanlines = b"\x00" * ((1 + 3 * width) * rows)  # filter byte 0 + zero pixels per row
-    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(scanlines, 9))
-            + _png_chunk(b"IEND", b""))
+    return (
+        _PNG_SIGNATURE
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(scanlines, 9))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 @dataclass(frozen=True)
@@ -859,8 +996,9 @@ def _image_bytes(job: _ImageJob) -> tuple[bytes | None, str, str]:
         quality = int(prng.integers(75, 93))
         reencoded = cv2.imdecode(np.frombuffer(_encode_jpeg(shifted, quality), np.uint8), cv2.IMREAD_COLOR)
         out = cv2.cvtColor(reencoded, cv2.COLOR_BGR2RGB)
-        detail = (f"source_image_id={job.source_id}; crop={crop:.3f}; brightness_shift={shift:+.1f}; "
-                  f"jpeg_quality={quality}")
+        detail = (
+            f"source_image_id={job.source_id}; crop={crop:.3f}; brightness_shift={shift:+.1f}; jpeg_quality={quality}"
+        )
         return _encode_png(out), detail, job.source_pattern
 
     rgb, _ = _render(job.image_id, job.tone, job.pattern, job.size, job.seed)
@@ -1008,7 +1146,10 @@ def write_synthetic_mirror(
     case_info: dict[str, tuple[int, str, str]] = {}
     for case_id in cases["case_id"]:
         row = label_by_case.loc[case_id] if case_id in label_by_case.index else None
-        get = (lambda col: str(row[col]) if row is not None and col in row.index else "")
+
+        def get(col: str, row=row) -> str:
+            return str(row[col]) if row is not None and col in row.index else ""
+
         tone, tone_source = case_monk_tone(get("monk_skin_tone_label_us"), get("monk_skin_tone_label_india"))
         case_info[case_id] = (tone, tone_source, top_condition(get("weighted_skin_condition_label")))
 
@@ -1025,17 +1166,33 @@ def write_synthetic_mirror(
             try:
                 image_id = image_id_from_path(path)
             except UnsafeObjectPath as err:
-                plants_rows.append(dict(
-                    image_id="", image_path=path, case_id=case_id, monk_tone=tone, monk_tone_source=tone_source,
-                    condition=condition, pattern="", planted=PLANT_REJECTED_PATH, detail=err.reason,
-                ))
+                plants_rows.append(
+                    dict(
+                        image_id="",
+                        image_path=path,
+                        case_id=case_id,
+                        monk_tone=tone,
+                        monk_tone_source=tone_source,
+                        condition=condition,
+                        pattern="",
+                        planted=PLANT_REJECTED_PATH,
+                        detail=err.reason,
+                    )
+                )
                 continue
             if image_id in files:
                 files[image_id]["other_cases"].append(case_id)
                 continue
             files[image_id] = dict(
-                image_id=image_id, image_path=path, case_id=case_id, monk_tone=tone, monk_tone_source=tone_source,
-                condition=condition, pattern=pattern_for_condition(condition), planted=PLANT_CLEAN, detail="",
+                image_id=image_id,
+                image_path=path,
+                case_id=case_id,
+                monk_tone=tone,
+                monk_tone_source=tone_source,
+                condition=condition,
+                pattern=pattern_for_condition(condition),
+                planted=PLANT_CLEAN,
+                detail="",
                 other_cases=[],
             )
 
@@ -1048,8 +1205,11 @@ def write_synthetic_mirror(
             info["planted"] = "missing"
             info["detail"] = "absent from the real release bucket"
     eligible = sorted(
-        (i for i, info in files.items()
-         if info["planted"] == PLANT_CLEAN and info["image_path"] not in shared_in_release),
+        (
+            i
+            for i, info in files.items()
+            if info["planted"] == PLANT_CLEAN and info["image_path"] not in shared_in_release
+        ),
         key=lambda i: (_stable_u64("defect-order", seed, i), i),
     )
     per_kind = _defect_counts(len(files), defect_rate)
@@ -1079,12 +1239,20 @@ def write_synthetic_mirror(
     jobs = []
     for info in files.values():
         source = files.get(info.get("source_id", ""))
-        jobs.append(_ImageJob(
-            image_id=info["image_id"], target=str(images_dir / f"{info['image_id']}.png"), tone=info["monk_tone"],
-            pattern=info["pattern"], planted=info["planted"], size=(width, height), seed=seed,
-            source_id=source["image_id"] if source else "", source_tone=source["monk_tone"] if source else 0,
-            source_pattern=source["pattern"] if source else "",
-        ))
+        jobs.append(
+            _ImageJob(
+                image_id=info["image_id"],
+                target=str(images_dir / f"{info['image_id']}.png"),
+                tone=info["monk_tone"],
+                pattern=info["pattern"],
+                planted=info["planted"],
+                size=(width, height),
+                seed=seed,
+                source_id=source["image_id"] if source else "",
+                source_tone=source["monk_tone"] if source else 0,
+                source_pattern=source["pattern"] if source else "",
+            )
+        )
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_write_job, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
@@ -1105,12 +1273,21 @@ def write_synthetic_mirror(
     plants["monk_tone"] = plants["monk_tone"].astype(int)
     _write_csv(plants, out_root / PLANTS_FILE)
     (out_root / MARKER_FILE).write_text(
-        _marker_text(plants, seed=seed, source_text=source_text, n_cases=len(cases), n_image_refs=n_image_refs,
-                     n_files_written=n_files_written, image_size=(width, height), defect_rate=defect_rate),
+        _marker_text(
+            plants,
+            seed=seed,
+            source_text=source_text,
+            n_cases=len(cases),
+            n_image_refs=n_image_refs,
+            n_files_written=n_files_written,
+            image_size=(width, height),
+            defect_rate=defect_rate,
+        ),
         encoding="utf-8",
     )
-    return SyntheticMirror(root=out_root, n_cases=len(cases), n_image_refs=n_image_refs,
-                           n_files_written=n_files_written, plants=plants)
+    return SyntheticMirror(
+        root=out_root, n_cases=len(cases), n_image_refs=n_image_refs, n_files_written=n_files_written, plants=plants
+    )
 
 
 _PLANT_MEANINGS = {
@@ -1130,8 +1307,9 @@ _PLANT_MEANINGS = {
 }
 
 
-def _marker_text(plants: pd.DataFrame, *, seed, source_text, n_cases, n_image_refs, n_files_written,
-                 image_size, defect_rate) -> str:
+def _marker_text(
+    plants: pd.DataFrame, *, seed, source_text, n_cases, n_image_refs, n_files_written, image_size, defect_rate
+) -> str:
     counts = plants["planted"].value_counts()
     table = "\n".join(
         f"| `{kind}` | {int(counts.get(kind, 0))} | {meaning} |" for kind, meaning in _PLANT_MEANINGS.items()

@@ -52,8 +52,17 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 MONITORS = ("val_macro_f1", "val_balanced_accuracy")
-HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1",
-                   "val_balanced_accuracy", "learning_rate")
+HISTORY_COLUMNS = (
+    "epoch",
+    "phase",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_macro_f1",
+    "val_balanced_accuracy",
+    "learning_rate",
+)
 _HISTORY_CSV = "history.csv"
 _BEST_WEIGHTS = "best.weights.h5"
 _FINAL_WEIGHTS = "final.weights.h5"
@@ -162,8 +171,9 @@ def _slice(inputs, start: int, stop: int, pad_to: int):
     return {k: one(v) for k, v in inputs.items()} if isinstance(inputs, dict) else one(inputs)
 
 
-def predict_in_batches(model, inputs, batch_size: int = 64,
-                       on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+def predict_in_batches(
+    model, inputs, batch_size: int = 64, on_batch: Callable[[int], None] | None = None
+) -> np.ndarray:
     """``model`` outputs for array (or {name: array}) inputs, as float32 numpy, in fixed-size batches;
     ``on_batch(n)`` after each batch of n rows (progress)."""
     import keras
@@ -184,13 +194,16 @@ def predict_in_batches(model, inputs, batch_size: int = 64,
     return out
 
 
-def extract_embeddings(backbone, images_uint8, batch_size: int = 64,
-                       on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+def extract_embeddings(
+    backbone, images_uint8, batch_size: int = 64, on_batch: Callable[[int], None] | None = None
+) -> np.ndarray:
     """Embeddings (N, D) float32 of uint8 images (N, S, S, 3); works on a memory-mapped cache."""
     images = images_uint8
     if getattr(images, "dtype", None) != np.uint8 or getattr(images, "ndim", 0) != 4:
-        raise ValueError(f"images must be a uint8 array (N, S, S, 3), got {getattr(images, 'dtype', type(images))} "
-                         f"with shape {getattr(images, 'shape', '?')}")
+        raise ValueError(
+            f"images must be a uint8 array (N, S, S, 3), got {getattr(images, 'dtype', type(images))} "
+            f"with shape {getattr(images, 'shape', '?')}"
+        )
     return predict_in_batches(backbone, images, batch_size, on_batch=on_batch)
 
 
@@ -276,15 +289,30 @@ def _best(history: pd.DataFrame, monitor: str) -> tuple[int, float]:
 def _compile(model, learning_rate: float):
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=["accuracy"],
+    )
 
 
-def fit_classifier(model, train_data, val_inputs, val_y, *, config: TrainConfig,
-                   class_weight: dict[int, float] | None, checkpoint_dir: str | Path | None = None,
-                   on_epoch_end: Callable[[int, dict], None] | None = None, initial_epoch_offset: int = 0,
-                   learning_rate: float | None = None, epochs: int | None = None, phase: str = "train",
-                   callbacks: list | tuple = (), verbose: int = 0) -> TrainResult:
+def fit_classifier(
+    model,
+    train_data,
+    val_inputs,
+    val_y,
+    *,
+    config: TrainConfig,
+    class_weight: dict[int, float] | None,
+    checkpoint_dir: str | Path | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    initial_epoch_offset: int = 0,
+    learning_rate: float | None = None,
+    epochs: int | None = None,
+    phase: str = "train",
+    callbacks: list | tuple = (),
+    verbose: int = 0,
+) -> TrainResult:
     """Compile ``model`` (Adam, sparse categorical cross-entropy) and fit it with macro metrics, early
     stopping on ``config.monitor`` (best weights restored) and, with ``checkpoint_dir``, resume.
 
@@ -327,22 +355,35 @@ def fit_classifier(model, train_data, val_inputs, val_y, *, config: TrainConfig,
         all_callbacks += [
             keras.callbacks.CSVLogger(str(ckpt / _HISTORY_CSV), append=True),
             keras.callbacks.ModelCheckpoint(
-                str(ckpt / _BEST_WEIGHTS), monitor=config.monitor, mode="max", save_best_only=True,
-                save_weights_only=True, initial_value_threshold=prior["best"] if prior else None),
+                str(ckpt / _BEST_WEIGHTS),
+                monitor=config.monitor,
+                mode="max",
+                save_best_only=True,
+                save_weights_only=True,
+                initial_value_threshold=prior["best"] if prior else None,
+            ),
         ]
     all_callbacks.append(early_stopping)
     if ckpt is not None:
         all_callbacks.append(keras.callbacks.BackupAndRestore(str(ckpt / _BACKUP_DIR)))
     if on_epoch_end is not None:
-        all_callbacks.append(keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: on_epoch_end(epoch + 1, {k: float(v) for k, v in logs.items()})))
+        all_callbacks.append(
+            keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: on_epoch_end(epoch + 1, {k: float(v) for k, v in logs.items()})
+            )
+        )
     all_callbacks += list(callbacks)
 
     # Keras never clears the epoch BackupAndRestore stored on the model; a later fit of the same model
     # (phase 2 of fine-tuning) would otherwise start from it.
     model._initial_epoch = None
-    fit_kwargs = dict(epochs=initial_epoch_offset + epochs, initial_epoch=initial_epoch_offset,
-                      class_weight=class_weight, callbacks=all_callbacks, verbose=verbose)
+    fit_kwargs = dict(
+        epochs=initial_epoch_offset + epochs,
+        initial_epoch=initial_epoch_offset,
+        class_weight=class_weight,
+        callbacks=all_callbacks,
+        verbose=verbose,
+    )
     if isinstance(train_data, tuple):
         x, y = train_data
         fit_history = model.fit(x, np.asarray(y), batch_size=config.batch_size, shuffle=True, **fit_kwargs)
@@ -361,14 +402,27 @@ def fit_classifier(model, train_data, val_inputs, val_y, *, config: TrainConfig,
         raise RuntimeError(f"fit of {model.name!r} ran no epoch (epochs={epochs}, checkpoint_dir={ckpt})")
     history = _history_frame(records, phase)
     best_epoch, best_score = _best(history, config.monitor)
-    result = TrainResult(model=model, history=history, best_epoch=best_epoch, best_score=best_score,
-                         monitor=config.monitor, stopped_early=early_stopping.stopped_epoch > 0,
-                         resumed_from_epoch=resumed_from)
+    result = TrainResult(
+        model=model,
+        history=history,
+        best_epoch=best_epoch,
+        best_score=best_score,
+        monitor=config.monitor,
+        stopped_early=early_stopping.stopped_epoch > 0,
+        resumed_from_epoch=resumed_from,
+    )
     if ckpt is not None:
         model.save_weights(str(ckpt / _FINAL_WEIGHTS))
-        (ckpt / _COMPLETED).write_text(json.dumps({
-            "best_epoch": best_epoch, "best_score": best_score, "stopped_early": result.stopped_early,
-            "resumed_from_epoch": resumed_from}))
+        (ckpt / _COMPLETED).write_text(
+            json.dumps(
+                {
+                    "best_epoch": best_epoch,
+                    "best_score": best_score,
+                    "stopped_early": result.stopped_early,
+                    "resumed_from_epoch": resumed_from,
+                }
+            )
+        )
         (ckpt / _BEST_WEIGHTS).unlink(missing_ok=True)
     return result
 
@@ -384,8 +438,11 @@ def _truncate_history(csv_path: Path, finished: int, monitor: str) -> dict | Non
         return None
     i = int(np.nanargmax(records[monitor].to_numpy(dtype=float)))
     best_epoch = int(records["epoch"].iloc[i])
-    return {"best": float(records[monitor].iloc[i]), "best_epoch": best_epoch,
-            "wait": int(records["epoch"].iloc[-1]) - best_epoch}
+    return {
+        "best": float(records[monitor].iloc[i]),
+        "best_epoch": best_epoch,
+        "wait": int(records["epoch"].iloc[-1]) - best_epoch,
+    }
 
 
 def _load_completed(model, ckpt: Path, monitor: str, phase: str) -> TrainResult:
@@ -395,9 +452,15 @@ def _load_completed(model, ckpt: Path, monitor: str, phase: str) -> TrainResult:
         model.load_weights(str(ckpt / _FINAL_WEIGHTS))
     state = json.loads((ckpt / _COMPLETED).read_text())
     history = _history_frame(pd.read_csv(ckpt / _HISTORY_CSV), phase)
-    return TrainResult(model=model, history=history, best_epoch=int(state["best_epoch"]),
-                       best_score=float(state["best_score"]), monitor=monitor,
-                       stopped_early=bool(state["stopped_early"]), resumed_from_epoch=int(history["epoch"].max()))
+    return TrainResult(
+        model=model,
+        history=history,
+        best_epoch=int(state["best_epoch"]),
+        best_score=float(state["best_score"]),
+        monitor=monitor,
+        stopped_early=bool(state["stopped_early"]),
+        resumed_from_epoch=int(history["epoch"].max()),
+    )
 
 
 def _model_inputs(images_or_embeddings, metadata, key: str):
@@ -420,15 +483,36 @@ def default_dataset_factory(images, y, *, batch_size, shuffle, augment, seed, me
     augmentation), ``workers`` threads preparing batches ahead of the model."""
     from scin_pipeline.core.image_cache import CachedImageSequence
 
-    return CachedImageSequence(images, y, batch_size, shuffle=shuffle, augment=augment, seed=seed,
-                               metadata=metadata, workers=workers, use_multiprocessing=False)
+    return CachedImageSequence(
+        images,
+        y,
+        batch_size,
+        shuffle=shuffle,
+        augment=augment,
+        seed=seed,
+        metadata=metadata,
+        workers=workers,
+        use_multiprocessing=False,
+    )
 
 
-def fine_tune_transfer(backbone, head, train_images, train_y, val_images, val_y, *, config: TrainConfig,
-                       train_metadata=None, val_metadata=None, checkpoint_dir: str | Path | None = None,
-                       on_epoch_end: Callable[[int, dict], None] | None = None,
-                       dataset_factory: Callable[..., Any] | None = None, callbacks: list | tuple = (),
-                       verbose: int = 0) -> TransferResult:
+def fine_tune_transfer(
+    backbone,
+    head,
+    train_images,
+    train_y,
+    val_images,
+    val_y,
+    *,
+    config: TrainConfig,
+    train_metadata=None,
+    val_metadata=None,
+    checkpoint_dir: str | Path | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    dataset_factory: Callable[..., Any] | None = None,
+    callbacks: list | tuple = (),
+    verbose: int = 0,
+) -> TransferResult:
     """Transfer learning end to end on uint8 images: phase "frozen" trains the head on the frozen
     backbone at ``learning_rate`` for ``epochs``; phase "fine_tune" unfreezes the top
     ``unfreeze_layers`` (BatchNormalization stays frozen) at ``fine_tune_learning_rate`` for
@@ -445,8 +529,7 @@ def fine_tune_transfer(backbone, head, train_images, train_y, val_images, val_y,
     with_metadata = train_metadata is not None
     if with_metadata != (val_metadata is not None):
         raise ValueError("pass metadata for both train and validation, or for neither")
-    dataset_factory = dataset_factory or functools.partial(default_dataset_factory,
-                                                           workers=config.loader_workers)
+    dataset_factory = dataset_factory or functools.partial(default_dataset_factory, workers=config.loader_workers)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     backbone.trainable = False
@@ -456,43 +539,96 @@ def fine_tune_transfer(backbone, head, train_images, train_y, val_images, val_y,
     val_inputs = _model_inputs(val_images, val_metadata, "image")
 
     def batches(phase_seed: int):
-        return dataset_factory(train_images, np.asarray(train_y), batch_size=config.batch_size, shuffle=True,
-                               augment=config.augment, seed=phase_seed, metadata=train_metadata)
+        return dataset_factory(
+            train_images,
+            np.asarray(train_y),
+            batch_size=config.batch_size,
+            shuffle=True,
+            augment=config.augment,
+            seed=phase_seed,
+            metadata=train_metadata,
+        )
 
-    frozen = fit_classifier(model, batches(config.seed), val_inputs, val_y, config=config,
-                            class_weight=class_weight, checkpoint_dir=ckpt / "frozen" if ckpt else None,
-                            on_epoch_end=on_epoch_end, phase="frozen", callbacks=callbacks, verbose=verbose)
+    frozen = fit_classifier(
+        model,
+        batches(config.seed),
+        val_inputs,
+        val_y,
+        config=config,
+        class_weight=class_weight,
+        checkpoint_dir=ckpt / "frozen" if ckpt else None,
+        on_epoch_end=on_epoch_end,
+        phase="frozen",
+        callbacks=callbacks,
+        verbose=verbose,
+    )
     phases = {"frozen": frozen}
     if config.fine_tune_epochs == 0 or config.unfreeze_layers == 0:
-        return TransferResult(model=model, history=frozen.history, best_epoch=frozen.best_epoch,
-                              best_score=frozen.best_score, monitor=config.monitor, fine_tune_kept=False,
-                              phases=phases)
+        return TransferResult(
+            model=model,
+            history=frozen.history,
+            best_epoch=frozen.best_epoch,
+            best_score=frozen.best_score,
+            monitor=config.monitor,
+            fine_tune_kept=False,
+            phases=phases,
+        )
 
     frozen_weights = _snapshot(model)
     unfreeze_top(backbone, config.unfreeze_layers)
-    tuned = fit_classifier(model, batches(config.seed + 1), val_inputs, val_y, config=config,
-                           class_weight=class_weight, checkpoint_dir=ckpt / "fine_tune" if ckpt else None,
-                           on_epoch_end=on_epoch_end, initial_epoch_offset=int(frozen.history["epoch"].max()),
-                           learning_rate=config.fine_tune_learning_rate, epochs=config.fine_tune_epochs,
-                           phase="fine_tune", callbacks=callbacks, verbose=verbose)
+    tuned = fit_classifier(
+        model,
+        batches(config.seed + 1),
+        val_inputs,
+        val_y,
+        config=config,
+        class_weight=class_weight,
+        checkpoint_dir=ckpt / "fine_tune" if ckpt else None,
+        on_epoch_end=on_epoch_end,
+        initial_epoch_offset=int(frozen.history["epoch"].max()),
+        learning_rate=config.fine_tune_learning_rate,
+        epochs=config.fine_tune_epochs,
+        phase="fine_tune",
+        callbacks=callbacks,
+        verbose=verbose,
+    )
     phases["fine_tune"] = tuned
     kept = bool(tuned.best_score > frozen.best_score)
     if not kept:
-        logger.info("fine-tuning best %s=%.4f did not beat the frozen phase's %.4f: keeping frozen weights",
-                    config.monitor, tuned.best_score, frozen.best_score)
+        logger.info(
+            "fine-tuning best %s=%.4f did not beat the frozen phase's %.4f: keeping frozen weights",
+            config.monitor,
+            tuned.best_score,
+            frozen.best_score,
+        )
         _restore(model, frozen_weights)
     backbone.trainable = False  # the returned model is for inference / saving
     best = tuned if kept else frozen
-    return TransferResult(model=model, history=pd.concat([frozen.history, tuned.history], ignore_index=True),
-                          best_epoch=best.best_epoch, best_score=best.best_score, monitor=config.monitor,
-                          fine_tune_kept=kept, phases=phases)
+    return TransferResult(
+        model=model,
+        history=pd.concat([frozen.history, tuned.history], ignore_index=True),
+        best_epoch=best.best_epoch,
+        best_score=best.best_score,
+        monitor=config.monitor,
+        fine_tune_kept=kept,
+        phases=phases,
+    )
 
 
-def train_head_on_embeddings(train_emb, train_y, val_emb, val_y, *, head_builder: Callable[[], Any],
-                             config: TrainConfig, train_metadata=None, val_metadata=None,
-                             checkpoint_dir: str | Path | None = None,
-                             on_epoch_end: Callable[[int, dict], None] | None = None,
-                             verbose: int = 0) -> TrainResult:
+def train_head_on_embeddings(
+    train_emb,
+    train_y,
+    val_emb,
+    val_y,
+    *,
+    head_builder: Callable[[], Any],
+    config: TrainConfig,
+    train_metadata=None,
+    val_metadata=None,
+    checkpoint_dir: str | Path | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    verbose: int = 0,
+) -> TrainResult:
     """The CPU default: a head trained on precomputed frozen-backbone embeddings (float32 (N, D)).
 
     ``head_builder()`` returns a fresh head (e.g. ``functools.partial(build_classifier_head, 2048, k)``);
@@ -509,7 +645,15 @@ def train_head_on_embeddings(train_emb, train_y, val_emb, val_y, *, head_builder
     num_classes = int(head.output_shape[-1])
     train_inputs = _model_inputs(np.asarray(train_emb, dtype=np.float32), train_metadata, "embedding")
     val_inputs = _model_inputs(np.asarray(val_emb, dtype=np.float32), val_metadata, "embedding")
-    return fit_classifier(head, (train_inputs, np.asarray(train_y)), val_inputs, val_y, config=config,
-                          class_weight=_class_weights_for(config, train_y, num_classes),
-                          checkpoint_dir=checkpoint_dir, on_epoch_end=on_epoch_end, phase="head",
-                          verbose=verbose)
+    return fit_classifier(
+        head,
+        (train_inputs, np.asarray(train_y)),
+        val_inputs,
+        val_y,
+        config=config,
+        class_weight=_class_weights_for(config, train_y, num_classes),
+        checkpoint_dir=checkpoint_dir,
+        on_epoch_end=on_epoch_end,
+        phase="head",
+        verbose=verbose,
+    )

@@ -87,8 +87,9 @@ def run_key_for(*, asset_key: str, code_version: str, config: Mapping[str, Any],
     return key
 
 
-def dagster_tags(context, *, code_version: str, splits_data_version: str, synthetic_data: bool,
-                 keras_backend: str | None = None) -> dict[str, str]:
+def dagster_tags(
+    context, *, code_version: str, splits_data_version: str, synthetic_data: bool, keras_backend: str | None = None
+) -> dict[str, str]:
     """The standard tags of a training run, from a Dagster asset execution context."""
     try:
         asset_key = context.asset_key.to_user_string()
@@ -109,8 +110,9 @@ def dagster_tags(context, *, code_version: str, splits_data_version: str, synthe
 def _check_run_key(run_key: str) -> None:
     # The key goes into an MLflow search filter: a closed alphabet keeps the filter unambiguous.
     if not isinstance(run_key, str) or not _RUN_KEY_PATTERN.fullmatch(run_key):
-        raise ValueError(f"run_key must be 1-250 characters of [A-Za-z0-9_.:/=+@-], got {run_key!r} "
-                         f"(run_key_for() builds one)")
+        raise ValueError(
+            f"run_key must be 1-250 characters of [A-Za-z0-9_.:/=+@-], got {run_key!r} (run_key_for() builds one)"
+        )
 
 
 def _param_text(value) -> str:
@@ -130,7 +132,7 @@ def _safe_artifact_file(filename: str) -> str:
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
     return None if path in ("", ":memory:") else Path(path)
 
 
@@ -138,14 +140,19 @@ class MlflowTracking(ConfigurableResource):
     """MLflow runs, artifacts and the registry for the training assets (see the module docstring)."""
 
     tracking_uri: str | None = Field(
-        default=None, description="MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else "
-                                  "sqlite:///<data_root>/mlflow/mlflow.db")
+        default=None,
+        description="MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else sqlite:///<data_root>/mlflow/mlflow.db",
+    )
     data_root: str = Field(default_factory=default_data_root, description="root folder of all pipeline files")
     experiment_name: str = Field(default="scin-pipeline", description="MLflow experiment of the training runs")
-    registered_model_name: str = Field(default=DEFAULT_REGISTERED_MODEL_NAME,
-                                       description="registered model that every candidate version goes to")
-    ui_url: str | None = Field(default=None, description="base URL of the MLflow UI, for run links in asset "
-                                                         "metadata (unset: the tracking URI when it is http)")
+    registered_model_name: str = Field(
+        default=DEFAULT_REGISTERED_MODEL_NAME, description="registered model that every candidate version goes to"
+    )
+    ui_url: str | None = Field(
+        default=None,
+        description="base URL of the MLflow UI, for run links in asset "
+        "metadata (unset: the tracking URI when it is http)",
+    )
 
     # ---------------------------------------------------------------- where
 
@@ -158,8 +165,11 @@ class MlflowTracking(ConfigurableResource):
         return self.root / "mlflow" / "artifacts"
 
     def resolved_tracking_uri(self) -> str:
-        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-            f"sqlite:///{self.root / 'mlflow' / 'mlflow.db'}"
+        uri = (
+            self.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{self.root / 'mlflow' / 'mlflow.db'}"
+        )
         database = _sqlite_path(uri)
         if database is not None:
             database.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
@@ -213,8 +223,10 @@ class MlflowTracking(ConfigurableResource):
                         raise
                     experiment = client.get_experiment_by_name(self.experiment_name)
         if experiment.lifecycle_stage != "active":
-            raise RuntimeError(f"MLflow experiment {self.experiment_name!r} is deleted: restore it in the MLflow "
-                               f"UI (or `mlflow experiments restore`) or set experiment_name")
+            raise RuntimeError(
+                f"MLflow experiment {self.experiment_name!r} is deleted: restore it in the MLflow "
+                f"UI (or `mlflow experiments restore`) or set experiment_name"
+            )
         return experiment.experiment_id
 
     # ---------------------------------------------------------------- runs
@@ -223,17 +235,23 @@ class MlflowTracking(ConfigurableResource):
         """Every (not deleted) run of the experiment tagged with ``run_key``, newest first."""
         _check_run_key(run_key)
         client = self.client()
-        return list(client.search_runs(
-            [self.experiment_id(client)], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-            order_by=["attributes.start_time DESC"], max_results=1000))
+        return list(
+            client.search_runs(
+                [self.experiment_id(client)],
+                filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1000,
+            )
+        )
 
     def find_finished_run(self, run_key: str):
         """The newest FINISHED run with this key, or None."""
         return next((run for run in self.runs_with_key(run_key) if run.info.status == "FINISHED"), None)
 
     @contextlib.contextmanager
-    def training_run(self, *, run_key: str, run_name: str, tags: Mapping[str, Any],
-                     params: Mapping[str, Any]) -> Iterator[TrackedRun]:
+    def training_run(
+        self, *, run_key: str, run_name: str, tags: Mapping[str, Any], params: Mapping[str, Any]
+    ) -> Iterator[TrackedRun]:
         """One MLflow run for one training materialisation; resumes an unfinished run with the same key."""
         import mlflow
 
@@ -251,17 +269,25 @@ class MlflowTracking(ConfigurableResource):
                 run_tags[RESUME_COUNT_TAG] = str(int(old_tags.get(RESUME_COUNT_TAG, "0")) + 1)
                 earlier = [t for t in old_tags.get(PREVIOUS_DAGSTER_RUNS_TAG, "").split(",") if t]
                 old_dagster_run = old_tags.get("dagster.run_id")
-                if old_dagster_run and old_dagster_run != run_tags.get("dagster.run_id") \
-                        and old_dagster_run not in earlier:
+                if (
+                    old_dagster_run
+                    and old_dagster_run != run_tags.get("dagster.run_id")
+                    and old_dagster_run not in earlier
+                ):
                     earlier.append(old_dagster_run)
                 if earlier:
                     run_tags[PREVIOUS_DAGSTER_RUNS_TAG] = ",".join(earlier)[-5000:]
                 active = mlflow.start_run(run_id=previous.info.run_id, tags=run_tags)
             else:
                 active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags)
-            tracked = TrackedRun(tracking=self, client=client, run_id=active.info.run_id,
-                                 experiment_id=active.info.experiment_id, resumed=bool(unfinished),
-                                 tags=run_tags)
+            tracked = TrackedRun(
+                tracking=self,
+                client=client,
+                run_id=active.info.run_id,
+                experiment_id=active.info.experiment_id,
+                resumed=bool(unfinished),
+                tags=run_tags,
+            )
             try:
                 tracked.log_params(params)
                 yield tracked
@@ -283,8 +309,14 @@ class MlflowTracking(ConfigurableResource):
         status alone: a model's test metrics and fairness report sit beside its training record."""
         client = self.client()
         run = client.get_run(run_id)
-        tracked = TrackedRun(tracking=self, client=client, run_id=run_id,
-                             experiment_id=run.info.experiment_id, resumed=False, tags=dict(run.data.tags))
+        tracked = TrackedRun(
+            tracking=self,
+            client=client,
+            run_id=run_id,
+            experiment_id=run.info.experiment_id,
+            resumed=False,
+            tags=dict(run.data.tags),
+        )
         try:
             yield tracked
         finally:
@@ -326,12 +358,13 @@ class MlflowTracking(ConfigurableResource):
         reason = str(reason or "").strip()
         if not reason:
             raise ValueError("clear_champion needs the reason (why no candidate may be champion)")
-        reason = reason if len(reason) <= _MAX_TAG_VALUE else reason[:_MAX_TAG_VALUE - 3] + "..."
+        reason = reason if len(reason) <= _MAX_TAG_VALUE else reason[: _MAX_TAG_VALUE - 3] + "..."
         client = self.client()
         name = self.registered_model_name
         try:
             client.create_registered_model(
-                name, description="SCIN skin-condition classifier candidates; alias `champion` is served")
+                name, description="SCIN skin-condition classifier candidates; alias `champion` is served"
+            )
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -343,8 +376,7 @@ class MlflowTracking(ConfigurableResource):
         client.delete_registered_model_tag(name, CHAMPION_REASON_TAG)
         if previous is not None:
             client.delete_registered_model_alias(name, CHAMPION_ALIAS)
-            client.set_model_version_tag(name, previous.version, CHAMPION_CLEARED_REASON_TAG,
-                                         f"{cleared_at}: {reason}")
+            client.set_model_version_tag(name, previous.version, CHAMPION_CLEARED_REASON_TAG, f"{cleared_at}: {reason}")
         return previous
 
     def champion_cleared_reason(self) -> tuple[str, str] | None:
@@ -385,13 +417,17 @@ class MlflowTracking(ConfigurableResource):
         experiment_id = experiment_id or self.client().get_run(run_id).info.experiment_id
         return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
-    def run_metadata(self, run_id: str, *, model_uri: str | None = None,
-                     registered_version: str | None = None) -> dict[str, Any]:
+    def run_metadata(
+        self, run_id: str, *, model_uri: str | None = None, registered_version: str | None = None
+    ) -> dict[str, Any]:
         """Asset metadata: mlflow_run_id, mlflow_experiment_id, mlflow_model_uri, ..., and mlflow_run_url as
         a clickable link (``MetadataValue.url``) when the MLflow UI's address is known."""
         run = self.client().get_run(run_id)
-        meta = {"mlflow_run_id": run_id, "mlflow_experiment_id": run.info.experiment_id,
-                "mlflow_run_status": run.info.status}
+        meta = {
+            "mlflow_run_id": run_id,
+            "mlflow_experiment_id": run.info.experiment_id,
+            "mlflow_run_status": run.info.status,
+        }
         if model_uri:
             meta["mlflow_model_uri"] = model_uri
         if registered_version is not None:
@@ -429,11 +465,13 @@ class TrackedRun:
         existing = self.client.get_run(self.run_id).data.params
         changed = {k: (existing[k], v) for k, v in texts.items() if k in existing and existing[k] != v}
         if changed:
-            raise ValueError(f"MLflow run {self.run_id} already has different values for parameters "
-                             f"(old, new): {changed}; a run key must cover the whole config")
+            raise ValueError(
+                f"MLflow run {self.run_id} already has different values for parameters "
+                f"(old, new): {changed}; a run key must cover the whole config"
+            )
         new = [Param(k, v) for k, v in texts.items() if k not in existing]
         for start in range(0, len(new), _MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=new[start:start + _MAX_PARAMS_PER_BATCH])
+            self.client.log_batch(self.run_id, params=new[start : start + _MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log numeric metrics (non-numbers are skipped, e.g. a learning-rate schedule object)."""
@@ -449,7 +487,7 @@ class TrackedRun:
                 continue
             batch.append(Metric(str(key), number, now, int(step or 0)))
         for start in range(0, len(batch), _MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[start:start + _MAX_METRICS_PER_BATCH])
+            self.client.log_batch(self.run_id, metrics=batch[start : start + _MAX_METRICS_PER_BATCH])
 
     def log_epoch(self, epoch: int, logs: Mapping[str, Any]) -> None:
         """Per-epoch metrics (Keras ``logs``) at step ``epoch``."""
@@ -503,18 +541,18 @@ class TrackedRun:
         else:
             raise ValueError(f"{filename}: log_table writes .csv, .parquet or .json")
 
-    def log_model(self, package_dir: str | os.PathLike, *, register: bool = True,
-                  name: str = "model") -> tuple[str, str | None]:
+    def log_model(
+        self, package_dir: str | os.PathLike, *, register: bool = True, name: str = "model"
+    ) -> tuple[str, str | None]:
         """Log the packaged classifier as this run's pyfunc model; register it as a new version of
         ``registered_model_name`` (tagged with the model kind, run key, candidate and the run's tags).
 
         Returns (model_uri, registered version or None).
         """
+        import mlflow
         from mlflow.exceptions import MlflowException
 
         from scin_pipeline.core.packaged_model import log_packaged_model, read_spec
-
-        import mlflow
 
         self._check_open()
         active = mlflow.active_run()
@@ -528,19 +566,27 @@ class TrackedRun:
         registered = self.tracking.registered_model_name
         try:
             self.client.create_registered_model(
-                registered, description="SCIN skin-condition classifier candidates; alias `champion` is served")
+                registered, description="SCIN skin-condition classifier candidates; alias `champion` is served"
+            )
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         version_tags = {k: v for k, v in self.tags.items() if k.startswith(_VERSION_TAG_PREFIXES)}
-        version_tags.update({MODEL_KIND_TAG: spec["kind"], RUN_KEY_TAG: self.tags[RUN_KEY_TAG],
-                             CANDIDATE_TAG: self.tags.get(CANDIDATE_TAG, "")})
-        version = self.client.create_model_version(registered, source=info.model_uri, run_id=self.run_id,
-                                                   tags=version_tags, model_id=info.model_id)
+        version_tags.update(
+            {
+                MODEL_KIND_TAG: spec["kind"],
+                RUN_KEY_TAG: self.tags[RUN_KEY_TAG],
+                CANDIDATE_TAG: self.tags.get(CANDIDATE_TAG, ""),
+            }
+        )
+        version = self.client.create_model_version(
+            registered, source=info.model_uri, run_id=self.run_id, tags=version_tags, model_id=info.model_id
+        )
         self.registered_version = str(version.version)
         return info.model_uri, self.registered_version
 
     def metadata(self) -> dict[str, str]:
         """Asset metadata links for this run (run id, experiment, model URI, registered version, UI link)."""
-        return self.tracking.run_metadata(self.run_id, model_uri=self.model_uri,
-                                          registered_version=self.registered_version)
+        return self.tracking.run_metadata(
+            self.run_id, model_uri=self.model_uri, registered_version=self.registered_version
+        )

@@ -54,8 +54,9 @@ class StoragePaths(ConfigurableResource):
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RuntimeError(f"cannot create {path} under the data root {self.root}: "
-                               f"{describe_os_error(exc)}") from exc
+            raise RuntimeError(
+                f"cannot create {path} under the data root {self.root}: {describe_os_error(exc)}"
+            ) from exc
         return path
 
     @property
@@ -83,7 +84,8 @@ def table_metadata(frame, rows: int) -> dict:
     metadata: dict = {"dagster/row_count": int(rows)}
     if isinstance(frame, pd.DataFrame):
         metadata["dagster/column_schema"] = TableSchema(
-            columns=[TableColumn(name=str(name), type=str(dtype)) for name, dtype in frame.dtypes.items()])
+            columns=[TableColumn(name=str(name), type=str(dtype)) for name, dtype in frame.dtypes.items()]
+        )
     return metadata
 
 
@@ -100,8 +102,9 @@ def local_fs_failure(what: str, exc: BaseException) -> Failure | None:
     error = unfixable_os_error(exc)
     if error is None:
         return None
-    return Failure(description=f"{what}: {describe_os_error(error)} (a local filesystem error: not retried)",
-                   allow_retries=False)
+    return Failure(
+        description=f"{what}: {describe_os_error(error)} (a local filesystem error: not retried)", allow_retries=False
+    )
 
 
 @contextmanager
@@ -124,7 +127,7 @@ def _stable_text_columns(frame: pd.DataFrame) -> pd.DataFrame:
     partition is still written as text (not Arrow's null type) and the partitions read back as one
     dataset."""
     frame = frame.copy()
-    for column in frame.columns[frame.dtypes == object]:
+    for column in frame.select_dtypes(include="object").columns:
         values = frame[column].dropna()
         if values.map(lambda v: isinstance(v, str)).all():
             frame[column] = frame[column].astype("string")
@@ -156,19 +159,25 @@ class ParquetTableIOManager(ConfigurableIOManager):
     def _handle_output(self, context: OutputContext, obj) -> None:
         if not context.has_asset_partitions:
             self._write(context, obj, self._table_path(context))
-            context.add_output_metadata({"table_path": MetadataValue.path(str(self._table_path(context))),
-                                         **table_metadata(obj, len(obj))})
+            context.add_output_metadata(
+                {"table_path": MetadataValue.path(str(self._table_path(context))), **table_metadata(obj, len(obj))}
+            )
             return
         keys = list(context.asset_partition_keys)
         frames = obj if isinstance(obj, dict) else {keys[0]: obj}
         if len(keys) > 1 and set(frames) != set(keys):
-            raise ValueError(f"{context.asset_key.to_user_string()}: expected one DataFrame per partition "
-                             f"{keys}, got {sorted(frames)}")
+            raise ValueError(
+                f"{context.asset_key.to_user_string()}: expected one DataFrame per partition "
+                f"{keys}, got {sorted(frames)}"
+            )
         for key, frame in frames.items():
             self._write(context, _stable_text_columns(frame), self._table_path(context, key))
-        context.add_output_metadata({
-            "table_path": MetadataValue.path(str(self._table_path(context, keys[0]).parent)),
-            **table_metadata(next(iter(frames.values())), int(sum(len(f) for f in frames.values())))})
+        context.add_output_metadata(
+            {
+                "table_path": MetadataValue.path(str(self._table_path(context, keys[0]).parent)),
+                **table_metadata(next(iter(frames.values())), int(sum(len(f) for f in frames.values()))),
+            }
+        )
 
     @staticmethod
     def _write(context: OutputContext, obj, path: Path) -> None:
@@ -183,8 +192,7 @@ class ParquetTableIOManager(ConfigurableIOManager):
     def _load_input(self, context: InputContext) -> pd.DataFrame:
         if not context.has_asset_partitions:
             return self._read(context, self._table_path(context))
-        frames = [self._read(context, self._table_path(context, key))
-                  for key in sorted(context.asset_partition_keys)]
+        frames = [self._read(context, self._table_path(context, key)) for key in sorted(context.asset_partition_keys)]
         merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         # Back to plain Python text with None for missing, as the unpartitioned tables hold it.
         for column in merged.columns[merged.dtypes == "string"]:
@@ -194,6 +202,5 @@ class ParquetTableIOManager(ConfigurableIOManager):
     @staticmethod
     def _read(context: InputContext, path: Path) -> pd.DataFrame:
         if not path.exists():
-            raise FileNotFoundError(
-                f"{path} does not exist: materialise {context.asset_key.to_user_string()} first")
+            raise FileNotFoundError(f"{path} does not exist: materialise {context.asset_key.to_user_string()} first")
         return pd.read_parquet(path)

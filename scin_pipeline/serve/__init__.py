@@ -19,5 +19,15 @@ from scin_pipeline.serve.follow import DEFAULT_ALIAS_POLL_S, ModelFollower
 from scin_pipeline.serve.model import DEFAULT_MODEL_URI, AliasNotSet, ServedModel, ServeError, load_served_model
 from scin_pipeline.serve.prediction import NOT_A_DIAGNOSIS
 
-__all__ = ["DEFAULT_ALIAS_POLL_S", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MODEL_URI", "NOT_A_DIAGNOSIS", "AliasNotSet",
-           "ModelFollower", "ServeError", "ServedModel", "create_app", "load_served_model"]
+__all__ = [
+    "DEFAULT_ALIAS_POLL_S",
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "DEFAULT_MODEL_URI",
+    "NOT_A_DIAGNOSIS",
+    "AliasNotSet",
+    "ModelFollower",
+    "ServeError",
+    "ServedModel",
+    "create_app",
+    "load_served_model",
+]

@@ -38,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from scin_pipeline.serve.follow import DEFAULT_ALIAS_POLL_S, ModelFollower, ServingState
 from scin_pipeline.serve.inputs import (
     CHECKBOX_FIELDS,
     CHOICE_FIELDS,
@@ -47,7 +48,6 @@ from scin_pipeline.serve.inputs import (
     metadata_field_descriptions,
     read_prediction_request,
 )
-from scin_pipeline.serve.follow import DEFAULT_ALIAS_POLL_S, ModelFollower, ServingState
 from scin_pipeline.serve.model import DEFAULT_MODEL_URI, ServedModel
 from scin_pipeline.serve.prediction import NOT_A_DIAGNOSIS, model_info, notice_for, predict
 
@@ -57,7 +57,7 @@ LOG = logging.getLogger("scin_pipeline.serve")
 # The page loads nothing from elsewhere; the browser is told to refuse it too.
 PAGE_SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
-                               "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
+    "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
@@ -69,16 +69,19 @@ PAGE_SECURITY_HEADERS = {
 class ModelInfo(BaseModel):
     name: str | None = Field(description="registered model name")
     version: str | None = Field(description="registered model version that answers")
-    alias: str | None = Field(description="the alias this version was reached through (e.g. champion); "
-                                          "null: the service was started on a pinned version")
+    alias: str | None = Field(
+        description="the alias this version was reached through (e.g. champion); "
+        "null: the service was started on a pinned version"
+    )
     uri: str = Field(description="the exact version loaded, models:/NAME/VERSION")
     kind: Literal["keras_image", "keras_multimodal", "sklearn_metadata"]
     classes: list[str]
     image_size: int | None = Field(description="side in px of the square the image is resized to")
     uses_image: bool
     uses_metadata: bool
-    synthetic_data: bool = Field(description="the version was trained on SYNTHETIC images "
-                                             "(registry tag scin.synthetic_data)")
+    synthetic_data: bool = Field(
+        description="the version was trained on SYNTHETIC images (registry tag scin.synthetic_data)"
+    )
     run_id: str | None = Field(description="MLflow run that trained it")
 
 
@@ -92,8 +95,9 @@ class ModelDescription(ModelInfo):
     notice: str
     max_upload_bytes: int
     stores_uploads: bool = Field(description="accepted uploads are kept on the server (--store-uploads)")
-    metadata_fields: list[MetadataField] = Field(description="optional questionnaire fields of POST /predict "
-                                                             "(used when uses_metadata)")
+    metadata_fields: list[MetadataField] = Field(
+        description="optional questionnaire fields of POST /predict (used when uses_metadata)"
+    )
 
 
 class QualityIssue(BaseModel):
@@ -134,13 +138,16 @@ class ErrorResponse(BaseModel):
 
 class UnavailableResponse(ErrorResponse):
     error: Literal["no_model"]
-    detail: str = Field(description="why no version is served, e.g. the reason model_comparison recorded when "
-                                    "it removed the alias @champion")
+    detail: str = Field(
+        description="why no version is served, e.g. the reason model_comparison recorded when "
+        "it removed the alias @champion"
+    )
     requested_uri: str
     name: str
     alias: str | None
-    cleared_at: str | None = Field(description="when model_comparison removed the alias (null: never set, "
-                                               "or not removed by the pipeline)")
+    cleared_at: str | None = Field(
+        description="when model_comparison removed the alias (null: never set, or not removed by the pipeline)"
+    )
 
 
 class ServingStatus(BaseModel):
@@ -160,24 +167,45 @@ class ServingStatus(BaseModel):
 
 
 def _predict_request_schema() -> dict:
-    properties: dict = {FILE_FIELD: {"type": "string", "format": "binary",
-                                     "description": "PNG or JPEG image (required unless the model is "
-                                                    "metadata-only)"}}
+    properties: dict = {
+        FILE_FIELD: {
+            "type": "string",
+            "format": "binary",
+            "description": "PNG or JPEG image (required unless the model is metadata-only)",
+        }
+    }
     for name, values in CHOICE_FIELDS.items():
         properties[name] = {"type": "string", "enum": values}
     for name, columns in CHECKBOX_FIELDS.items():
-        properties[name] = {"type": "array", "items": {"type": "string", "enum": columns},
-                            "description": "ticked case columns (repeat the field, or comma-separate)"}
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "properties": properties}}}}}
+        properties[name] = {
+            "type": "array",
+            "items": {"type": "string", "enum": columns},
+            "description": "ticked case columns (repeat the field, or comma-separate)",
+        }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": {"type": "object", "properties": properties}}},
+        }
+    }
 
 
-_ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in {
-    400: "malformed multipart body", 413: "upload over the size limit",
-    415: "not multipart/form-data, or not a PNG/JPEG image",
-    422: "empty, truncated, corrupt or decompression-bomb image; unknown field or value; no image"}.items()}
-_UNAVAILABLE = {503: {"model": UnavailableResponse, "description": "no version holds the alias (no champion yet, "
-                      "or model_comparison removed it): the reason is in `detail`"}}
+_ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "malformed multipart body",
+        413: "upload over the size limit",
+        415: "not multipart/form-data, or not a PNG/JPEG image",
+        422: "empty, truncated, corrupt or decompression-bomb image; unknown field or value; no image",
+    }.items()
+}
+_UNAVAILABLE = {
+    503: {
+        "model": UnavailableResponse,
+        "description": "no version holds the alias (no champion yet, "
+        "or model_comparison removed it): the reason is in `detail`",
+    }
+}
 
 
 # ------------------------------------------------------------------------------------------------ app
@@ -200,9 +228,15 @@ def _page_html() -> str:
     return resources.files("scin_pipeline.serve").joinpath(PAGE_RESOURCE).read_text(encoding="utf-8")
 
 
-def create_app(model_uri: str = DEFAULT_MODEL_URI, *, tracking_uri: str | None = None,
-               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, store_uploads_dir: str | os.PathLike | None = None,
-               served_model: ServedModel | None = None, alias_poll_s: float = DEFAULT_ALIAS_POLL_S) -> FastAPI:
+def create_app(
+    model_uri: str = DEFAULT_MODEL_URI,
+    *,
+    tracking_uri: str | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    store_uploads_dir: str | os.PathLike | None = None,
+    served_model: ServedModel | None = None,
+    alias_poll_s: float = DEFAULT_ALIAS_POLL_S,
+) -> FastAPI:
     """The service for ``model_uri``. Its version is resolved and loaded now: a ServeError here means it
     cannot start (no such model, a model that is not ours); an alias that holds no version is not one: the
     service starts and answers 503 until it does. ``alias_poll_s``: how often the alias is re-resolved
@@ -229,25 +263,39 @@ def create_app(model_uri: str = DEFAULT_MODEL_URI, *, tracking_uri: str | None =
         finally:
             await run_in_threadpool(follower.stop_polling)
 
-    app = FastAPI(title="SCIN skin-condition classifier (NOT A DIAGNOSIS)",
-                  description="Classifies a skin photo with the registry's model. " + NOT_A_DIAGNOSIS,
-                  version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="SCIN skin-condition classifier (NOT A DIAGNOSIS)",
+        description="Classifies a skin photo with the registry's model. " + NOT_A_DIAGNOSIS,
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
     app.state.model_source = follower
 
     def notice(served: ServedModel | None) -> str:
         return notice_for(served) if served is not None else NOT_A_DIAGNOSIS
 
     def error_response(status: int, error: str, detail: str, served: ServedModel | None) -> JSONResponse:
-        return JSONResponse({"error": error, "detail": detail, "notice": notice(served)}, status_code=status,
-                            headers={"Cache-Control": "no-store"})
+        return JSONResponse(
+            {"error": error, "detail": detail, "notice": notice(served)},
+            status_code=status,
+            headers={"Cache-Control": "no-store"},
+        )
 
     def unavailable_response(state: ServingState) -> JSONResponse:
         headers = {"Cache-Control": "no-store"}
         if follower.follows_alias:
             headers["Retry-After"] = str(max(1, math.ceil(follower.poll_s)))
-        body = {"error": "no_model", "detail": state.reason or "no model is loaded", "notice": NOT_A_DIAGNOSIS,
-                "requested_uri": follower.requested_uri, "name": follower.name, "alias": follower.alias,
-                "cleared_at": state.cleared_at}
+        body = {
+            "error": "no_model",
+            "detail": state.reason or "no model is loaded",
+            "notice": NOT_A_DIAGNOSIS,
+            "requested_uri": follower.requested_uri,
+            "name": follower.name,
+            "alias": follower.alias,
+            "cleared_at": state.cleared_at,
+        }
         return JSONResponse(body, status_code=503, headers=headers)
 
     @app.middleware("http")
@@ -258,10 +306,14 @@ def create_app(model_uri: str = DEFAULT_MODEL_URI, *, tracking_uri: str | None =
         except Exception:
             # The traceback names code, not the request; form values and file names never reach a log.
             LOG.exception("%s %s failed", request.method, request.url.path)
-            response = error_response(500, "internal_error", "the service failed on this request",
-                                      follower.served)
-        LOG.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code,
-                 (time.perf_counter() - started) * 1000)
+            response = error_response(500, "internal_error", "the service failed on this request", follower.served)
+        LOG.info(
+            "%s %s %d %.1f ms",
+            request.method,
+            request.url.path,
+            response.status_code,
+            (time.perf_counter() - started) * 1000,
+        )
         return response
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -277,8 +329,10 @@ def create_app(model_uri: str = DEFAULT_MODEL_URI, *, tracking_uri: str | None =
     @app.get("/status", response_model=ServingStatus)
     def status() -> JSONResponse:
         """Which registered version answers, or why none does; when the registry was last asked."""
-        return JSONResponse(ServingStatus.model_validate(follower.status()).model_dump(mode="json"),
-                            headers={"Cache-Control": "no-store"})
+        return JSONResponse(
+            ServingStatus.model_validate(follower.status()).model_dump(mode="json"),
+            headers={"Cache-Control": "no-store"},
+        )
 
     @app.get("/model", response_model=ModelDescription, responses=_UNAVAILABLE)
     def describe_model():
@@ -286,14 +340,24 @@ def create_app(model_uri: str = DEFAULT_MODEL_URI, *, tracking_uri: str | None =
         served = state.served
         if served is None:
             return unavailable_response(state)
-        description = {**model_info(served), "notice": notice(served), "max_upload_bytes": max_upload_bytes,
-                       "stores_uploads": store is not None, "metadata_fields": metadata_field_descriptions()}
-        return JSONResponse(ModelDescription.model_validate(description).model_dump(mode="json"),
-                            headers={"Cache-Control": "no-store"})
+        description = {
+            **model_info(served),
+            "notice": notice(served),
+            "max_upload_bytes": max_upload_bytes,
+            "stores_uploads": store is not None,
+            "metadata_fields": metadata_field_descriptions(),
+        }
+        return JSONResponse(
+            ModelDescription.model_validate(description).model_dump(mode="json"), headers={"Cache-Control": "no-store"}
+        )
 
-    @app.post("/predict", response_model=PredictionResponse, responses={**_ERROR_RESPONSES, **_UNAVAILABLE},
-              openapi_extra=_predict_request_schema(),
-              summary="Class probabilities for one skin photo (NOT A DIAGNOSIS)")
+    @app.post(
+        "/predict",
+        response_model=PredictionResponse,
+        responses={**_ERROR_RESPONSES, **_UNAVAILABLE},
+        openapi_extra=_predict_request_schema(),
+        summary="Class probabilities for one skin photo (NOT A DIAGNOSIS)",
+    )
     async def predict_endpoint(request: Request):
         state = follower.state  # read once: this request answers with this model, whatever is swapped in
         served = state.served
@@ -306,7 +370,8 @@ def create_app(model_uri: str = DEFAULT_MODEL_URI, *, tracking_uri: str | None =
                 await run_in_threadpool(_store_upload, store, parsed.image)
         except RequestError as exc:
             return error_response(exc.status, exc.error, exc.detail, served)
-        return JSONResponse(PredictionResponse.model_validate(answer).model_dump(mode="json"),
-                            headers={"Cache-Control": "no-store"})
+        return JSONResponse(
+            PredictionResponse.model_validate(answer).model_dump(mode="json"), headers={"Cache-Control": "no-store"}
+        )
 
     return app

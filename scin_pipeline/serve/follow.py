@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from scin_pipeline.core.mlflow_registry import without_credentials
 from scin_pipeline.serve.model import (
@@ -42,7 +42,7 @@ LOG = logging.getLogger("scin_pipeline.serve")
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,7 @@ class ServingState:
 class ModelFollower:
     """The model behind ``model_uri``, kept current (see the module docstring)."""
 
-    def __init__(self, model_uri: str, *, tracking_uri: str | None = None,
-                 poll_s: float = DEFAULT_ALIAS_POLL_S):
+    def __init__(self, model_uri: str, *, tracking_uri: str | None = None, poll_s: float = DEFAULT_ALIAS_POLL_S):
         if not isinstance(poll_s, (int, float)) or poll_s < 0:
             raise ValueError(f"poll_s must be a number >= 0 (0: never re-resolve), got {poll_s!r}")
         self.requested_uri = model_uri
@@ -125,8 +124,10 @@ class ModelFollower:
         if served is None:
             return f"no model served yet ({self._state.reason}); POST /predict answers 503 until it is{following}"
         via = f"@{self.alias} = " if self.alias else ""
-        return (f"serving {via}{served.loaded_uri} ({served.kind}"
-                f"{', trained on SYNTHETIC images' if served.synthetic_data else ''}){following}")
+        return (
+            f"serving {via}{served.loaded_uri} ({served.kind}"
+            f"{', trained on SYNTHETIC images' if served.synthetic_data else ''}){following}"
+        )
 
     # ------------------------------------------------------------------------------------ updating
 
@@ -175,8 +176,9 @@ class ModelFollower:
             except AliasNotSet as exc:
                 self.last_checked, self.last_error = _now(), None
                 self._failed_version = None
-                return self._set(ServingState(None, reason=str(exc), cleared_at=exc.cleared_at, since=_now()),
-                                 initial=initial)
+                return self._set(
+                    ServingState(None, reason=str(exc), cleared_at=exc.cleared_at, since=_now()), initial=initial
+                )
             except ServeError as exc:  # the registered model (or pinned version) is not there
                 if initial:
                     raise
@@ -196,16 +198,20 @@ class ModelFollower:
             if version == self._failed_version:
                 return False
             try:
-                served = load_version(registered, name=self.name, requested_uri=self.requested_uri,
-                                      tracking_uri=self.tracking_uri, alias=self.alias)
+                served = load_version(
+                    registered,
+                    name=self.name,
+                    requested_uri=self.requested_uri,
+                    tracking_uri=self.tracking_uri,
+                    alias=self.alias,
+                )
                 served.warm_up()
             except Exception as exc:
                 if initial:
                     raise
                 self._failed_version = version
                 still = f"; still serving {current.loaded_uri}" if current is not None else ""
-                self._note_error(f"cannot serve version {version} of {self.name!r}: {type(exc).__name__}: "
-                                 f"{exc}{still}")
+                self._note_error(f"cannot serve version {version} of {self.name!r}: {type(exc).__name__}: {exc}{still}")
                 return False
             self._failed_version, self.last_error = None, None
             return self._set(ServingState(served, since=_now()), initial=initial)

@@ -63,8 +63,9 @@ class PredictionRequest:
 
 def metadata_field_descriptions() -> list[dict]:
     """The questionnaire for the page: name, whether several values may be ticked, the allowed values."""
-    return ([{"name": name, "multiple": False, "values": values} for name, values in CHOICE_FIELDS.items()]
-            + [{"name": name, "multiple": True, "values": values} for name, values in CHECKBOX_FIELDS.items()])
+    return [{"name": name, "multiple": False, "values": values} for name, values in CHOICE_FIELDS.items()] + [
+        {"name": name, "multiple": True, "values": values} for name, values in CHECKBOX_FIELDS.items()
+    ]
 
 
 def _in_memory_parser(cap: int) -> type[MultiPartParser]:
@@ -100,8 +101,11 @@ def _declared_length(request: Request) -> int | None:
 def _validated_metadata(fields: dict[str, list[str]]) -> dict[str, str | list[str]]:
     unknown = sorted(set(fields) - set(METADATA_FIELDS))
     if unknown:
-        raise RequestError(422, "unknown_field", f"unknown form field(s) {unknown}: the fields are `{FILE_FIELD}` "
-                                                 f"and the optional {list(METADATA_FIELDS)}")
+        raise RequestError(
+            422,
+            "unknown_field",
+            f"unknown form field(s) {unknown}: the fields are `{FILE_FIELD}` and the optional {list(METADATA_FIELDS)}",
+        )
     answers: dict[str, str | list[str]] = {}
     for name, values in fields.items():
         if name in CHOICE_FIELDS:
@@ -109,8 +113,9 @@ def _validated_metadata(fields: dict[str, list[str]]) -> dict[str, str | list[st
             if len(given) > 1:
                 raise RequestError(422, "invalid_metadata", f"{name}: one value expected, got {len(given)}")
             if given and given[0] not in CHOICE_FIELDS[name]:
-                raise RequestError(422, "invalid_metadata", f"{name}: {given[0][:60]!r} is not one of "
-                                                            f"{CHOICE_FIELDS[name]}")
+                raise RequestError(
+                    422, "invalid_metadata", f"{name}: {given[0][:60]!r} is not one of {CHOICE_FIELDS[name]}"
+                )
             if given:
                 answers[name] = given[0]
         else:
@@ -127,16 +132,24 @@ async def read_prediction_request(request: Request, *, max_upload_bytes: int) ->
     """Parse ``request`` (see the module docstring); raises :class:`RequestError`."""
     content_type = request.headers.get("content-type", "")
     if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
-        raise RequestError(415, "unsupported_media_type",
-                           f"send the image as multipart/form-data with the field `{FILE_FIELD}` "
-                           f"(got Content-Type {content_type[:80] or 'none'!r})")
+        raise RequestError(
+            415,
+            "unsupported_media_type",
+            f"send the image as multipart/form-data with the field `{FILE_FIELD}` "
+            f"(got Content-Type {content_type[:80] or 'none'!r})",
+        )
     length = _declared_length(request)
     if length is not None and length > max_upload_bytes:
-        raise RequestError(413, "too_large", f"upload of {length:,} bytes is over the limit of "
-                                             f"{max_upload_bytes:,} bytes")
+        raise RequestError(
+            413, "too_large", f"upload of {length:,} bytes is over the limit of {max_upload_bytes:,} bytes"
+        )
     parser = _in_memory_parser(max_upload_bytes)(
-        request.headers, _capped_stream(request, max_upload_bytes), max_files=1, max_fields=_MAX_FIELDS,
-        max_part_size=_MAX_TEXT_FIELD_BYTES)
+        request.headers,
+        _capped_stream(request, max_upload_bytes),
+        max_files=1,
+        max_fields=_MAX_FIELDS,
+        max_part_size=_MAX_TEXT_FIELD_BYTES,
+    )
     try:
         form = await parser.parse()
     except MultiPartException as exc:
@@ -150,14 +163,16 @@ async def read_prediction_request(request: Request, *, max_upload_bytes: int) ->
                     raise RequestError(422, "unknown_field", f"files go in the field `{FILE_FIELD}`, got {name!r}")
                 part_type = (value.content_type or "").split(";", 1)[0].strip().lower()
                 if part_type not in ACCEPTED_PART_TYPES:
-                    raise RequestError(415, "unsupported_media_type",
-                                       f"upload is declared {part_type[:60]!r}; PNG or JPEG images only")
+                    raise RequestError(
+                        415, "unsupported_media_type", f"upload is declared {part_type[:60]!r}; PNG or JPEG images only"
+                    )
                 data = await value.read()
                 # A browser form with no file chosen sends an empty part without a file name: no upload.
                 image = None if not data and not value.filename else data
             elif name == FILE_FIELD:
-                raise RequestError(422, "missing_file", f"`{FILE_FIELD}` must be a file part (an image), "
-                                                        "not a text field")
+                raise RequestError(
+                    422, "missing_file", f"`{FILE_FIELD}` must be a file part (an image), not a text field"
+                )
             else:
                 fields.setdefault(name, []).append(value)
     finally:

@@ -90,8 +90,9 @@ class ServedModel:
     def predict_proba(self, images: np.ndarray | None, cases: pd.DataFrame | None) -> np.ndarray:
         """The package's ``predict_proba`` with only the inputs its kind uses; (N, K) rows summing to 1."""
         with self._lock:
-            return self.package.predict_proba(images=images if self.uses_image else None,
-                                               cases=cases if self.uses_metadata else None)
+            return self.package.predict_proba(
+                images=images if self.uses_image else None, cases=cases if self.uses_metadata else None
+            )
 
     def warm_up(self) -> None:
         """One prediction on a blank image and an empty questionnaire, so that the first user does not wait
@@ -121,11 +122,16 @@ def _no_alias_message(client, name: str, alias: str, where: str) -> AliasNotSet:
     tags = client.get_registered_model(name).tags or {}
     if alias == CHAMPION_ALIAS and CHAMPION_CLEARED_REASON_TAG in tags:
         cleared_at = tags.get(CHAMPION_CLEARED_AT_TAG) or "an unknown time"
-        return AliasNotSet(f"no champion: model_comparison removed the alias @{alias} of {name!r} at {cleared_at}: "
-                           f"{tags[CHAMPION_CLEARED_REASON_TAG]}", cleared_at=cleared_at)
+        return AliasNotSet(
+            f"no champion: model_comparison removed the alias @{alias} of {name!r} at {cleared_at}: "
+            f"{tags[CHAMPION_CLEARED_REASON_TAG]}",
+            cleared_at=cleared_at,
+        )
     if alias == CHAMPION_ALIAS:
-        return AliasNotSet(f"no champion yet: {name!r} in the registry at {where} has no version with the alias "
-                           f"@champion; run `scin-pipeline demo` first (model_comparison sets it)")
+        return AliasNotSet(
+            f"no champion yet: {name!r} in the registry at {where} has no version with the alias "
+            f"@champion; run `scin-pipeline demo` first (model_comparison sets it)"
+        )
     return AliasNotSet(f"{name!r} in the registry at {where} has no version with the alias @{alias}")
 
 
@@ -149,15 +155,18 @@ def resolve_version(client, name: str, alias: str | None, version: str | None, w
             raise
         known = False
     if not known:
-        raise ServeError(f"the registry at {where} has no model named {name!r}: no model has been trained yet; "
-                         f"run `scin-pipeline demo` (or the training job) first, or pass --model") from None
+        raise ServeError(
+            f"the registry at {where} has no model named {name!r}: no model has been trained yet; "
+            f"run `scin-pipeline demo` (or the training job) first, or pass --model"
+        ) from None
     if alias is not None:
         raise _no_alias_message(client, name, alias, where) from None
     raise ServeError(f"{name!r} in the registry at {where} has no version {version}") from None
 
 
-def load_version(registered, *, name: str, requested_uri: str, tracking_uri: str | None,
-                 alias: str | None = None) -> ServedModel:
+def load_version(
+    registered, *, name: str, requested_uri: str, tracking_uri: str | None, alias: str | None = None
+) -> ServedModel:
     """Load exactly the registered version ``registered`` (a ModelVersion) as a ServedModel."""
     import mlflow
 
@@ -172,12 +181,22 @@ def load_version(registered, *, name: str, requested_uri: str, tracking_uri: str
             raise ServeError(f"cannot load {loaded_uri} from {where}: {type(exc).__name__}: {exc}") from exc
     package = getattr(pyfunc.unwrap_python_model(), "package", None)
     if not isinstance(package, PackagedClassifier):
-        raise ServeError(f"{loaded_uri} is not a SCIN packaged classifier (its pyfunc holds no "
-                         f"PackagedClassifier); only models logged by scin_pipeline can be served")
+        raise ServeError(
+            f"{loaded_uri} is not a SCIN packaged classifier (its pyfunc holds no "
+            f"PackagedClassifier); only models logged by scin_pipeline can be served"
+        )
     tags = dict(registered.tags or {})
-    return ServedModel(package=package, requested_uri=requested_uri, loaded_uri=loaded_uri, name=name,
-                       version=str(registered.version), alias=alias, run_id=registered.run_id,
-                       synthetic_data=tags.get(SYNTHETIC_TAG, "").lower() == "true", tags=tags)
+    return ServedModel(
+        package=package,
+        requested_uri=requested_uri,
+        loaded_uri=loaded_uri,
+        name=name,
+        version=str(registered.version),
+        alias=alias,
+        run_id=registered.run_id,
+        synthetic_data=tags.get(SYNTHETIC_TAG, "").lower() == "true",
+        tags=tags,
+    )
 
 
 def load_served_model(model_uri: str, *, tracking_uri: str | None = None) -> ServedModel:

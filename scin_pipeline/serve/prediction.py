@@ -30,19 +30,25 @@ from scin_pipeline.core.quality import MONK_SWATCH_LIGHTNESS, QualityConfig, dec
 from scin_pipeline.serve.inputs import PredictionRequest, RequestError
 from scin_pipeline.serve.model import ServedModel
 
-NOT_A_DIAGNOSIS = ("NOT A DIAGNOSIS. This is a demonstration of a machine-learning model: it can be wrong, it "
-                   "has not been validated for clinical use, and it cannot replace a doctor. See a doctor or "
-                   "dermatologist about any skin concern.")
-SYNTHETIC_NOTICE = ("This model was trained on SYNTHETIC images: its output says nothing about real skin "
-                    "conditions.")
+NOT_A_DIAGNOSIS = (
+    "NOT A DIAGNOSIS. This is a demonstration of a machine-learning model: it can be wrong, it "
+    "has not been validated for clinical use, and it cannot replace a doctor. See a doctor or "
+    "dermatologist about any skin concern."
+)
+SYNTHETIC_NOTICE = "This model was trained on SYNTHETIC images: its output says nothing about real skin conditions."
 MIN_SHORT_SIDE = 64
 DARK_REFERENCE_MONK_TONE = 10
 TOP_K = 3
 UPLOAD_NAME = "upload"  # what error messages call the file: never the client's own file name
 # ImagePreprocessError.kind -> HTTP status. A decompression bomb is 422, not 413: the request is small; its
 # content declares a picture too large to decode.
-STATUS_BY_DECODE_KIND = {"unsupported_format": 415, "empty_file": 422, "truncated": 422, "corrupt": 422,
-                         "decompression_bomb": 422}
+STATUS_BY_DECODE_KIND = {
+    "unsupported_format": 415,
+    "empty_file": 422,
+    "truncated": 422,
+    "corrupt": 422,
+    "decompression_bomb": 422,
+}
 QUALITY_METRICS_SHOWN = ("brightness_median", "overexposed_fraction", "entropy", "sharpness", "texture")
 
 
@@ -60,48 +66,85 @@ def decode_upload(data: bytes) -> np.ndarray:
         raise RequestError(STATUS_BY_DECODE_KIND.get(exc.kind, 422), exc.kind, str(exc)) from None
 
 
-def quality_verdict(rgb: np.ndarray, config: QualityConfig = QualityConfig()) -> dict:
+DEFAULT_QUALITY = QualityConfig()  # frozen: one shared default instance
+
+
+def quality_verdict(rgb: np.ndarray, config: QualityConfig = DEFAULT_QUALITY) -> dict:
     """{"verdict": "ok"|"warning", "issues": [{"issue", "detail"}], width, height, dark_reference, metrics}."""
     height, width = rgb.shape[:2]
-    metrics = image_metrics(rgb, original_size=(width, height), source_mode=None,
-                            working_long_side=config.working_long_side)
+    metrics = image_metrics(
+        rgb, original_size=(width, height), source_mode=None, working_long_side=config.working_long_side
+    )
     frame = pd.DataFrame([{**metrics, "image_id": UPLOAD_NAME, "decode_status": "ok"}])
     decision = decide_quality(frame, pd.Series([DARK_REFERENCE_MONK_TONE], index=frame.index), config).iloc[0]
     issues = []
     if min(width, height) < MIN_SHORT_SIDE:
-        issues.append({"issue": "too_small", "detail": f"{width} x {height} px: the short side is under "
-                       f"{MIN_SHORT_SIDE} px, so the model sees an enlarged picture without fine detail"})
+        issues.append(
+            {
+                "issue": "too_small",
+                "detail": f"{width} x {height} px: the short side is under "
+                f"{MIN_SHORT_SIDE} px, so the model sees an enlarged picture without fine detail",
+            }
+        )
     reason = decision["reason"]
     if reason == "dark":
-        issues.append({"issue": "dark", "detail": f"median lightness L* {metrics['brightness_median']:.1f} is "
-                       f"under {config.dark_relative_min:g} x the lightness of the deepest Monk skin tone "
-                       f"(L* {MONK_SWATCH_LIGHTNESS[DARK_REFERENCE_MONK_TONE]:.1f}): too dark for any skin"})
+        issues.append(
+            {
+                "issue": "dark",
+                "detail": f"median lightness L* {metrics['brightness_median']:.1f} is "
+                f"under {config.dark_relative_min:g} x the lightness of the deepest Monk skin tone "
+                f"(L* {MONK_SWATCH_LIGHTNESS[DARK_REFERENCE_MONK_TONE]:.1f}): too dark for any skin",
+            }
+        )
     elif reason == "overexposed":
-        issues.append({"issue": "overexposed", "detail": f"{metrics['overexposed_fraction']:.0%} of the frame "
-                       f"is blown out (limit {config.overexposed_fraction_max:.0%})"})
+        issues.append(
+            {
+                "issue": "overexposed",
+                "detail": f"{metrics['overexposed_fraction']:.0%} of the frame "
+                f"is blown out (limit {config.overexposed_fraction_max:.0%})",
+            }
+        )
     elif reason == "low_information":
-        issues.append({"issue": "low_information", "detail": f"an almost uniform frame (grey-level entropy "
-                       f"{metrics['entropy']:.2f} bits, under {config.low_information_entropy_min:g})"})
+        issues.append(
+            {
+                "issue": "low_information",
+                "detail": f"an almost uniform frame (grey-level entropy "
+                f"{metrics['entropy']:.2f} bits, under {config.low_information_entropy_min:g})",
+            }
+        )
     elif reason == "blurry":
-        issues.append({"issue": "blurry", "detail": f"out of focus or shaken (variance of the Laplacian "
-                       f"{metrics['sharpness']:.2f}, under {config.blurry_sharpness_min:g})"})
+        issues.append(
+            {
+                "issue": "blurry",
+                "detail": f"out of focus or shaken (variance of the Laplacian "
+                f"{metrics['sharpness']:.2f}, under {config.blurry_sharpness_min:g})",
+            }
+        )
     return {
         "verdict": "warning" if issues else "ok",
         "issues": issues,
         "width": int(width),
         "height": int(height),
         "dark_reference": f"Monk skin tone {DARK_REFERENCE_MONK_TONE} (the deepest swatch): no skin tone is "
-                          "known for an upload, so only frames too dark for any skin are called dark",
+        "known for an upload, so only frames too dark for any skin are called dark",
         "metrics": {name: float(metrics[name]) for name in QUALITY_METRICS_SHOWN},
     }
 
 
 def model_info(served: ServedModel) -> dict:
-    return {"name": served.name, "version": served.version, "alias": served.alias, "uri": served.loaded_uri,
-            "kind": served.kind,
-            "classes": served.classes, "image_size": served.package.image_size, "uses_image": served.uses_image,
-            "uses_metadata": served.uses_metadata, "synthetic_data": served.synthetic_data,
-            "run_id": served.run_id}
+    return {
+        "name": served.name,
+        "version": served.version,
+        "alias": served.alias,
+        "uri": served.loaded_uri,
+        "kind": served.kind,
+        "classes": served.classes,
+        "image_size": served.package.image_size,
+        "uses_image": served.uses_image,
+        "uses_metadata": served.uses_metadata,
+        "synthetic_data": served.synthetic_data,
+        "run_id": served.run_id,
+    }
 
 
 def predict(served: ServedModel, request: PredictionRequest) -> dict:

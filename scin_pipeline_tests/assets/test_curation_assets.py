@@ -14,17 +14,19 @@ from scin_pipeline.runner import run_pipeline
 
 SMALL = (240, 180)  # half the demo size keeps the suite fast (the rules are tuned on 480 px)
 CURATION = "group:ingest or group:curation"  # these tests stop at labeled_splits; training has its own
-LENIENT = {"ops": {"quality_filtered_index": {"config": {"max_quarantined_fraction": 0.2}}}}  # small synthetic images keep the suite fast; the rules are size-relative
+LENIENT = {
+    "ops": {"quality_filtered_index": {"config": {"max_quarantined_fraction": 0.2}}}
+}  # small synthetic images keep the suite fast; the rules are size-relative
 
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("curation")
-    mirror = write_synthetic_mirror(root / "mirror", n_cases=160, seed=3, image_size=SMALL,
-                                    defect_rate=0.12)
+    mirror = write_synthetic_mirror(root / "mirror", n_cases=160, seed=3, image_size=SMALL, defect_rate=0.12)
     # 12 % planted defects, half of them undecodable or missing: near the default 10 % quarantine gate.
-    summary = run_pipeline(data_root=root / "data", source=str(mirror.root), log_level="WARNING",
-                           run_config=LENIENT, select=CURATION)
+    summary = run_pipeline(
+        data_root=root / "data", source=str(mirror.root), log_level="WARNING", run_config=LENIENT, select=CURATION
+    )
     return root / "data", mirror, summary
 
 
@@ -121,11 +123,15 @@ def test_a_planted_leak_turns_the_blocking_checks_red(synthetic_run, tmp_path):
     splits.loc[splits.index[splits["split"] == "val"][0], "cluster_id"] = train_cluster
     splits.to_parquet(leaky_root / "tables" / "labeled_splits.parquet")
     result = materialize(
-        [*ALL_ASSETS, *ALL_ASSET_CHECKS], instance=DagsterInstance.ephemeral(),
+        [*ALL_ASSETS, *ALL_ASSET_CHECKS],
+        instance=DagsterInstance.ephemeral(),
         resources=build_resources(data_root=str(leaky_root), source=str(mirror.root)),
-        selection=AssetSelection.checks(AssetCheckKey(AssetKey("labeled_splits"), "no_case_leakage"),
-                                        AssetCheckKey(AssetKey("labeled_splits"), "no_cluster_leakage")),
-        raise_on_error=False)
+        selection=AssetSelection.checks(
+            AssetCheckKey(AssetKey("labeled_splits"), "no_case_leakage"),
+            AssetCheckKey(AssetKey("labeled_splits"), "no_cluster_leakage"),
+        ),
+        raise_on_error=False,
+    )
     evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert evaluations == {"no_case_leakage": False, "no_cluster_leakage": False}
 
@@ -133,8 +139,13 @@ def test_a_planted_leak_turns_the_blocking_checks_red(synthetic_run, tmp_path):
 def test_too_many_broken_files_block_the_splits(synthetic_run):
     data_root, mirror, _summary = synthetic_run
     strict = {"ops": {"quality_filtered_index": {"config": {"max_quarantined_fraction": 0.01}}}}
-    summary = run_pipeline(data_root=data_root, source=str(mirror.root), log_level="CRITICAL",
-                           select="key:quality_filtered_index or key:labeled_splits", run_config=strict)
+    summary = run_pipeline(
+        data_root=data_root,
+        source=str(mirror.root),
+        log_level="CRITICAL",
+        select="key:quality_filtered_index or key:labeled_splits",
+        run_config=strict,
+    )
     assert not summary.success
     assert "quality_filtered_index:quarantined_fraction_below_threshold" in summary.failed_blocking_checks
     assert "labeled_splits" not in summary.materialized
@@ -143,8 +154,9 @@ def test_too_many_broken_files_block_the_splits(synthetic_run):
 def test_rerun_gives_the_same_splits(synthetic_run, tmp_path):
     data_root, mirror, _summary = synthetic_run
     before = table(data_root, "labeled_splits")
-    summary = run_pipeline(data_root=data_root, source=str(mirror.root), log_level="WARNING",
-                           select="key:labeled_splits")
+    summary = run_pipeline(
+        data_root=data_root, source=str(mirror.root), log_level="WARNING", select="key:labeled_splits"
+    )
     assert summary.success
     after = table(data_root, "labeled_splits")
     pd.testing.assert_frame_equal(before, after)
@@ -154,10 +166,10 @@ def test_rerun_gives_the_same_splits(synthetic_run, tmp_path):
 @pytest.mark.slow
 def test_whole_real_release_with_synthetic_images_has_no_leakage(scin_metadata_dir, tmp_path):
     """All 5,033 real cases (real exact reuse: 15 files in 42 references), small synthetic images."""
-    mirror = write_synthetic_mirror(tmp_path / "mirror", metadata_dir=scin_metadata_dir, image_size=(160, 120),
-                                    workers=2)
-    summary = run_pipeline(data_root=tmp_path / "data", source=str(mirror.root), log_level="WARNING",
-                           select=CURATION)
+    mirror = write_synthetic_mirror(
+        tmp_path / "mirror", metadata_dir=scin_metadata_dir, image_size=(160, 120), workers=2
+    )
+    summary = run_pipeline(data_root=tmp_path / "data", source=str(mirror.root), log_level="WARNING", select=CURATION)
     assert summary.success, summary.render()
     data_root = tmp_path / "data"
     assert len(table(data_root, "cases")) == 5033

@@ -12,16 +12,19 @@ from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
 from scin_pipeline.definitions import build_resources
 from scin_pipeline_tests.tiny_mirror import MISSING_IMAGE, TRAVERSAL, write_tiny_mirror
 
-
 INGEST = AssetSelection.groups("ingest")
 
 
 def run_graph(mirror: Path, data_root: Path, instance: DagsterInstance, selection=INGEST):
     """The ingest group on the tiny mirror (its one missing file of five would, rightly, trip the
     curation quarantine gate; curation is tested on synthetic mirrors in test_curation_assets)."""
-    return materialize([*ALL_ASSETS, *ALL_ASSET_CHECKS], instance=instance,
-                       resources=build_resources(data_root=str(data_root), source=str(mirror)),
-                       selection=selection, raise_on_error=False)
+    return materialize(
+        [*ALL_ASSETS, *ALL_ASSET_CHECKS],
+        instance=instance,
+        resources=build_resources(data_root=str(data_root), source=str(mirror)),
+        selection=selection,
+        raise_on_error=False,
+    )
 
 
 def check_results(result) -> dict[str, bool]:
@@ -85,18 +88,21 @@ def test_checks_turn_red_on_the_planted_problems_and_green_elsewhere(tiny_run):
 
 def test_second_run_fetches_nothing_and_changes_no_table(tiny_run):
     mirror, data_root, instance, _result = tiny_run
-    before = {p.name: p.read_bytes() for p in (data_root / "tables").glob("*.parquet")
-              if p.name not in ("image_files.parquet",)}
+    before = {
+        p.name: p.read_bytes()
+        for p in (data_root / "tables").glob("*.parquet")
+        if p.name not in ("image_files.parquet",)
+    }
     again = run_graph(mirror, data_root, instance)
     assert again.success
     files = pd.read_parquet(data_root / "tables" / "image_files.parquet")
     assert not files["fetched"].any()
-    mat = [e for e in again.get_asset_materialization_events()
-           if e.asset_key == AssetKey("image_files")][0]
+    mat = [e for e in again.get_asset_materialization_events() if e.asset_key == AssetKey("image_files")][0]
     assert mat.event_specific_data.materialization.metadata["fetched_now"].value == 0
     for name in ("cases.parquet", "images.parquet", "raw_metadata.parquet"):
         assert pd.read_parquet(data_root / "tables" / name).equals(
-            pd.read_parquet(__import__("io").BytesIO(before[name])))
+            pd.read_parquet(__import__("io").BytesIO(before[name]))
+        )
 
 
 def test_missing_required_column_blocks_everything_downstream(tmp_path):
@@ -112,8 +118,12 @@ def test_missing_required_column_blocks_everything_downstream(tmp_path):
 
 def test_selection_materialises_only_the_selected_assets(tmp_path):
     mirror = write_tiny_mirror(tmp_path / "mirror")
-    result = run_graph(mirror, tmp_path / "data", DagsterInstance.ephemeral(),
-                       selection=["raw_metadata", "cases", "images", "metadata_quarantine"])
+    result = run_graph(
+        mirror,
+        tmp_path / "data",
+        DagsterInstance.ephemeral(),
+        selection=["raw_metadata", "cases", "images", "metadata_quarantine"],
+    )
     assert result.success
     assert not (tmp_path / "data" / "tables" / "image_files.parquet").exists()
     assert (tmp_path / "data" / "tables" / "cases.parquet").exists()
@@ -128,13 +138,19 @@ def test_graph_on_the_gcs_path_through_the_emulator(gcs_emulator, tmp_path):
     gcs_emulator.corrupt("dataset/images/4.png")
     data_root = tmp_path / "data"
     instance = DagsterInstance.ephemeral()
-    result = materialize([*ALL_ASSETS, *ALL_ASSET_CHECKS], instance=instance, selection=INGEST,
-                         resources=build_resources(data_root=str(data_root), source="gcs"))
+    result = materialize(
+        [*ALL_ASSETS, *ALL_ASSET_CHECKS],
+        instance=instance,
+        selection=INGEST,
+        resources=build_resources(data_root=str(data_root), source="gcs"),
+    )
     assert result.success
     files = pd.read_parquet(data_root / "tables" / "image_files.parquet").set_index("object_path")
     assert files.loc["dataset/images/1.png", "status"] == "ok"
-    assert Path(files.loc["dataset/images/1.png", "local_path"]).read_bytes() == (
-        mirror / "dataset" / "images" / "1.png").read_bytes()
+    assert (
+        Path(files.loc["dataset/images/1.png", "local_path"]).read_bytes()
+        == (mirror / "dataset" / "images" / "1.png").read_bytes()
+    )
     assert files.loc[MISSING_IMAGE, "status"] == "missing"
     assert files.loc["dataset/images/4.png", "status"] == "corrupt"
     assert "crc32c" in files.loc["dataset/images/4.png", "reason"]
@@ -145,9 +161,12 @@ def test_graph_on_the_gcs_path_through_the_emulator(gcs_emulator, tmp_path):
     assert raw["generation"].notna().all() and raw["crc32c"].notna().all()
     verified = [f"dataset/images/{i}.png" for i in (1, 2, 3)]
     downloads_before = {path: gcs_emulator.downloads(path) for path in verified}
-    again = materialize([*ALL_ASSETS, *ALL_ASSET_CHECKS], instance=instance,
-                        resources=build_resources(data_root=str(data_root), source="gcs"),
-                        selection=["image_files"])
+    again = materialize(
+        [*ALL_ASSETS, *ALL_ASSET_CHECKS],
+        instance=instance,
+        resources=build_resources(data_root=str(data_root), source="gcs"),
+        selection=["image_files"],
+    )
     assert again.success
     files = pd.read_parquet(data_root / "tables" / "image_files.parquet")
     ok = files[files["status"] == "ok"]

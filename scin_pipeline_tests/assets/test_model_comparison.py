@@ -36,12 +36,22 @@ def registry(tmp_path, monkeypatch):
     storage = StoragePaths(data_root=str(tmp_path / "data"))
     frames = {}
     for index, model in enumerate(MODELS):
-        with tracking.training_run(run_key=f"key-{model}", run_name=model, tags=tags_for(model),
-                                   params={"C": 1.0}) as run:
+        with tracking.training_run(
+            run_key=f"key-{model}", run_name=model, tags=tags_for(model), params={"C": 1.0}
+        ) as run:
             model_uri, version = run.log_model(metadata_package(tmp_path / model, C=1.0 + index))
-        frames[model] = pd.DataFrame([{"model": model, "kind": "sklearn_metadata", "registered_version": version,
-                                       "model_uri": model_uri, "mlflow_run_id": run.run_id,
-                                       "classes": json.dumps(CLASSES)}])
+        frames[model] = pd.DataFrame(
+            [
+                {
+                    "model": model,
+                    "kind": "sklearn_metadata",
+                    "registered_version": version,
+                    "model_uri": model_uri,
+                    "mlflow_run_id": run.run_id,
+                    "classes": json.dumps(CLASSES),
+                }
+            ]
+        )
     tracking.set_champion(frames["baseline_cnn"]["registered_version"].iloc[0], reason="an earlier run's winner")
     gates = pd.DataFrame({"model": list(MODELS), "passed": [True, True], "reason": ["ok", "ok"]})
     gates.to_parquet(storage.table_files_dir("fairness_report") / "gates.parquet")
@@ -61,10 +71,20 @@ def evaluation_table(val_balanced_accuracy: dict[str, float]) -> pd.DataFrame:
 def run_comparison(registry, val_balanced_accuracy: dict[str, float]) -> tuple[Output, AssetCheckResult]:
     tracking, storage, frames = registry
     empty = pd.DataFrame()
-    results = list(model_comparison(
-        build_asset_context(), config=ComparisonConfig(), model_evaluation=evaluation_table(val_balanced_accuracy),
-        fairness_report=empty, baseline_cnn=frames["baseline_cnn"], resnet50_transfer=empty,
-        metadata_model=frames["metadata_model"], multimodal=empty, storage=storage, mlflow=tracking))
+    results = list(
+        model_comparison(
+            build_asset_context(),
+            config=ComparisonConfig(),
+            model_evaluation=evaluation_table(val_balanced_accuracy),
+            fairness_report=empty,
+            baseline_cnn=frames["baseline_cnn"],
+            resnet50_transfer=empty,
+            metadata_model=frames["metadata_model"],
+            multimodal=empty,
+            storage=storage,
+            mlflow=tracking,
+        )
+    )
     output = next(r for r in results if isinstance(r, Output))
     check = next(r for r in results if isinstance(r, AssetCheckResult))
     return output, check

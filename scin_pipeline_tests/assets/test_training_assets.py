@@ -24,33 +24,33 @@ pytestmark = pytest.mark.slow
 
 CANDIDATES = ["baseline_cnn", "resnet50_transfer", "metadata_model", "multimodal"]
 TRAIN = {"epochs": 15, "batch_size": 32, "early_stopping_patience": 5}
-RUN_CONFIG = {"ops": {
-    # Small synthetic images keep the suite CPU-sized; the rules are the same at 224 px.
-    "quality_filtered_index": {"config": {"max_quarantined_fraction": 0.2}},
-    # Only the conditions with their own synthetic pattern, each with enough cases: "other" would pool
-    # several patterns (and nonspecific marks) into one class.
-    "labeled_splits": {"config": {"min_cases_per_class": 15, "rare_classes": "drop"}},
-    "image_tensors": {"config": {"image_size": 64}},
-    "image_embeddings": {"config": {"weights": "none"}},
-    "baseline_cnn": {"config": TRAIN},
-    "resnet50_transfer": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
-    "multimodal": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
-    "fairness_report": {"config": {"n_bootstrap": 50, "min_group_n": 10}},
-}}
+RUN_CONFIG = {
+    "ops": {
+        # Small synthetic images keep the suite CPU-sized; the rules are the same at 224 px.
+        "quality_filtered_index": {"config": {"max_quarantined_fraction": 0.2}},
+        # Only the conditions with their own synthetic pattern, each with enough cases: "other" would pool
+        # several patterns (and nonspecific marks) into one class.
+        "labeled_splits": {"config": {"min_cases_per_class": 15, "rare_classes": "drop"}},
+        "image_tensors": {"config": {"image_size": 64}},
+        "image_embeddings": {"config": {"weights": "none"}},
+        "baseline_cnn": {"config": TRAIN},
+        "resnet50_transfer": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
+        "multimodal": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
+        "fairness_report": {"config": {"n_bootstrap": 50, "min_group_n": 10}},
+    }
+}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
-    mirror = write_synthetic_mirror(root / "mirror", n_cases=600, seed=5, image_size=(160, 120),
-                                    defect_rate=0.0)
+    mirror = write_synthetic_mirror(root / "mirror", n_cases=600, seed=5, image_size=(160, 120), defect_rate=0.0)
     data_root = root / "data"
     uri = embedded_mlflow_uri(data_root)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        summary = run_pipeline(data_root=data_root, source=str(mirror.root), log_level="WARNING",
-                               run_config=RUN_CONFIG)
+        summary = run_pipeline(data_root=data_root, source=str(mirror.root), log_level="WARNING", run_config=RUN_CONFIG)
     finally:
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -72,8 +72,15 @@ def test_every_candidate_is_trained_evaluated_and_compared(trained):
     data_root, _mirror, summary, _uri = trained
     assert summary.success, summary.render()
     assert not summary.failed_blocking_checks, summary.render()
-    for name in ("image_tensors", "image_embeddings", *CANDIDATES, "model_evaluation", "model_comparison",
-                 "fairness_report", "model_card"):
+    for name in (
+        "image_tensors",
+        "image_embeddings",
+        *CANDIDATES,
+        "model_evaluation",
+        "model_comparison",
+        "fairness_report",
+        "model_card",
+    ):
         assert name in summary.materialized, f"{name} not materialised:\n{summary.render()}"
     scores = overall(table(data_root, "model_evaluation"))
     assert set(scores.index) == set(CANDIDATES)
@@ -118,11 +125,13 @@ def test_training_runs_are_tagged_with_dagster_run_and_split_version(trained):
         assert "test_balanced_accuracy" in run.data.metrics
     keras_run = by_candidate["baseline_cnn"]
     history = client.get_metric_history(keras_run.info.run_id, "val_macro_f1")
-    assert len(history) >= 2 and sorted(m.step for m in history) == [m.step for m in sorted(history,
-                                                                                           key=lambda m: m.step)]
+    assert len(history) >= 2 and sorted(m.step for m in history) == [
+        m.step for m in sorted(history, key=lambda m: m.step)
+    ]
     artifacts = {a.path for a in client.list_artifacts(keras_run.info.run_id)}
     assert {"keras", "training_curves.png", "evaluation", "fairness"} <= artifacts | {
-        a.path.split("/")[0] for a in client.list_artifacts(keras_run.info.run_id)}
+        a.path.split("/")[0] for a in client.list_artifacts(keras_run.info.run_id)
+    }
 
 
 def test_champion_alias_names_the_rule_winner_and_predicts_in_a_fresh_process(trained):
@@ -143,13 +152,17 @@ def test_champion_alias_names_the_rule_winner_and_predicts_in_a_fresh_process(tr
         f"frame = pd.DataFrame({{'image': [open({str(image)!r}, 'rb').read()], "
         f"'age_group': [{str(case['age_group'])!r}]}})\n"
         "out = model.predict(frame)\n"
-        "print(out.to_json(orient='records'))\n")
+        "print(out.to_json(orient='records'))\n"
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     probabilities = json.loads(done.stdout.strip().splitlines()[-1])[0]
-    classes = json.loads(comparison.merge(table(data_root, "baseline_cnn")[["model", "classes"]], how="left",
-                                          on="model")["classes"].dropna().iloc[0])
+    classes = json.loads(
+        comparison.merge(table(data_root, "baseline_cnn")[["model", "classes"]], how="left", on="model")["classes"]
+        .dropna()
+        .iloc[0]
+    )
     assert set(probabilities) == set(classes)
     assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-3)
 
@@ -183,8 +196,13 @@ def test_rerun_with_unchanged_inputs_trains_nothing_and_opens_no_mlflow_run(trai
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        again = run_pipeline(data_root=data_root, source=str(mirror.root), log_level="WARNING",
-                             run_config=RUN_CONFIG, select="key:baseline_cnn or key:metadata_model")
+        again = run_pipeline(
+            data_root=data_root,
+            source=str(mirror.root),
+            log_level="WARNING",
+            run_config=RUN_CONFIG,
+            select="key:baseline_cnn or key:metadata_model",
+        )
     finally:
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -205,7 +223,8 @@ def test_only_stale_rerun_launches_nothing_when_everything_is_up_to_date(trained
     client = mlflow.MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     before = {r.info.run_id for r in client.search_runs(experiments)}
-    again = run_pipeline(data_root=data_root, source=str(mirror.root), log_level="WARNING",
-                         run_config=RUN_CONFIG, only_stale=True)
+    again = run_pipeline(
+        data_root=data_root, source=str(mirror.root), log_level="WARNING", run_config=RUN_CONFIG, only_stale=True
+    )
     assert again.success and not again.materialized
     assert {r.info.run_id for r in client.search_runs(experiments)} == before

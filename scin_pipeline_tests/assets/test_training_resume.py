@@ -23,8 +23,12 @@ import pandas as pd
 import pytest
 
 from scin_pipeline.core.synthetic import write_synthetic_mirror
-from scin_pipeline.resources.mlflow_tracking import CANDIDATE_TAG, PREVIOUS_DAGSTER_RUNS_TAG, \
-    RESUME_COUNT_TAG, RUN_KEY_TAG
+from scin_pipeline.resources.mlflow_tracking import (
+    CANDIDATE_TAG,
+    PREVIOUS_DAGSTER_RUNS_TAG,
+    RESUME_COUNT_TAG,
+    RUN_KEY_TAG,
+)
 from scin_pipeline.runner import embedded_mlflow_uri, run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -32,12 +36,14 @@ pytestmark = pytest.mark.slow
 EPOCHS = 12
 KILL_AFTER_EPOCHS = 2
 UPSTREAM = "group:ingest or group:curation or key:image_tensors"
-RUN_CONFIG = {"ops": {
-    "labeled_splits": {"config": {"min_cases_per_class": 8, "rare_classes": "drop"}},
-    "image_tensors": {"config": {"image_size": 32}},
-    # patience = epochs: early stopping must not end the fit before the kill or between kill and rerun.
-    "baseline_cnn": {"config": {"epochs": EPOCHS, "early_stopping_patience": EPOCHS, "batch_size": 16}},
-}}
+RUN_CONFIG = {
+    "ops": {
+        "labeled_splits": {"config": {"min_cases_per_class": 8, "rare_classes": "drop"}},
+        "image_tensors": {"config": {"image_size": 32}},
+        # patience = epochs: early stopping must not end the fit before the kill or between kill and rerun.
+        "baseline_cnn": {"config": {"epochs": EPOCHS, "early_stopping_patience": EPOCHS, "batch_size": 16}},
+    }
+}
 # The training process: runner.run_pipeline with the op config above (what `scin-pipeline run` does,
 # plus config). Exit status 0 only when the run succeeded.
 DRIVER = """
@@ -55,8 +61,13 @@ def start_training(data_root: Path, mirror: Path, log: Path) -> subprocess.Popen
     """The driver in its own session, so the kill takes its whole process group."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": embedded_mlflow_uri(data_root)}
     env.pop("SCIN_ALERT_WEBHOOK_URL", None)
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(data_root), str(mirror), json.dumps(RUN_CONFIG)],
-                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(data_root), str(mirror), json.dumps(RUN_CONFIG)],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def candidate_runs(client: mlflow.MlflowClient, name: str) -> list:
@@ -69,8 +80,11 @@ def candidate_runs(client: mlflow.MlflowClient, name: str) -> list:
 def logged_epochs(client: mlflow.MlflowClient, name: str) -> list:
     """val_macro_f1 history of the candidate's run(s); [] while none is there yet or the store is busy."""
     try:
-        return [m for run in candidate_runs(client, name)
-                for m in client.get_metric_history(run.info.run_id, "val_macro_f1")]
+        return [
+            m
+            for run in candidate_runs(client, name)
+            for m in client.get_metric_history(run.info.run_id, "val_macro_f1")
+        ]
     except Exception:  # the store is being created by the other process: poll again
         return []
 
@@ -86,11 +100,13 @@ def wait_for_epochs(client, proc: subprocess.Popen, count: int, timeout_s: float
 
 
 def test_a_training_killed_mid_fit_resumes_its_mlflow_run_from_the_last_finished_epoch(tmp_path):
-    mirror = write_synthetic_mirror(tmp_path / "mirror", n_cases=200, seed=11, image_size=(96, 72),
-                                    defect_rate=0.0).root
+    mirror = write_synthetic_mirror(
+        tmp_path / "mirror", n_cases=200, seed=11, image_size=(96, 72), defect_rate=0.0
+    ).root
     data_root = tmp_path / "data"
-    upstream = run_pipeline(data_root=data_root, source=str(mirror), select=UPSTREAM,
-                            run_config=RUN_CONFIG, log_level="WARNING")
+    upstream = run_pipeline(
+        data_root=data_root, source=str(mirror), select=UPSTREAM, run_config=RUN_CONFIG, log_level="WARNING"
+    )
     assert upstream.success and "image_tensors" in upstream.materialized, upstream.render()
     client = mlflow.MlflowClient(embedded_mlflow_uri(data_root))
 

@@ -20,9 +20,15 @@ from scin_pipeline.core.alerts import (
     webhook_payload,
 )
 
-ALERT = Alert(kind="run_failure", job="full_pipeline", run_id="r-123", failed_steps=["image_files", "cases"],
-              error="SourceUnreachable: cannot reach gs://dx-scin-public-data: DNS lookup failed",
-              time="2026-01-12T03:04:05+00:00", link="/runs/r-123")
+ALERT = Alert(
+    kind="run_failure",
+    job="full_pipeline",
+    run_id="r-123",
+    failed_steps=["image_files", "cases"],
+    error="SourceUnreachable: cannot reach gs://dx-scin-public-data: DNS lookup failed",
+    time="2026-01-12T03:04:05+00:00",
+    link="/runs/r-123",
+)
 
 
 def test_text_names_job_run_steps_error_and_link():
@@ -52,8 +58,13 @@ def test_sinks_from_env(tmp_path):
     [file_sink] = alert_sinks_from_env(tmp_path, env={})
     assert isinstance(file_sink, JsonLinesAlertSink)
     assert file_sink.path == tmp_path / "alerts" / "alerts.jsonl"
-    sinks = alert_sinks_from_env(tmp_path, env={"SCIN_ALERT_WEBHOOK_URL": "https://hooks.slack.com/services/T/B/secret",
-                                               "SCIN_ALERT_WEBHOOK_TIMEOUT_S": "3"})
+    sinks = alert_sinks_from_env(
+        tmp_path,
+        env={
+            "SCIN_ALERT_WEBHOOK_URL": "https://hooks.slack.com/services/T/B/secret",
+            "SCIN_ALERT_WEBHOOK_TIMEOUT_S": "3",
+        },
+    )
     webhook = sinks[1]
     assert isinstance(webhook, WebhookAlertSink) and webhook.timeout_s == 3
     assert "secret" not in webhook.name  # the URL's path is a credential: never in a log line

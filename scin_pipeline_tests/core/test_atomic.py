@@ -89,8 +89,7 @@ with atomic_target(Path(sys.argv[1])) as tmp:
 
 def test_a_sigkilled_writers_temp_file_is_removed_by_the_next_write(tmp_path):
     target = tmp_path / "table.parquet"
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE,
-                              text=True)
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True)
     try:
         orphan = Path(writer.stdout.readline().strip())
     finally:

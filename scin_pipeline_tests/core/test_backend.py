@@ -21,8 +21,9 @@ from scin_pipeline.core.backend import BackendError, mixed_precision_policy, sel
 def _run_child(code: str, env_overrides: dict[str, str], *args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "JAX_PLATFORMS")}
     env.update({"TF_CPP_MIN_LOG_LEVEL": "3", **env_overrides})
-    completed = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
-                               capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -60,10 +61,8 @@ TRAIN_SAVE_LOAD = """
 
 def test_baseline_trains_on_tensorflow_and_jax_and_a_jax_model_loads_on_tensorflow(tmp_path):
     model_file = str(tmp_path / "baseline_jax.keras")
-    jax_report = _run_child(TRAIN_SAVE_LOAD, {"KERAS_BACKEND": "jax"}, model_file, "-",
-                            str(tmp_path / "jax.npy"))
-    tf_report = _run_child(TRAIN_SAVE_LOAD, {"KERAS_BACKEND": "tensorflow"}, "-", model_file,
-                           str(tmp_path / "tf.npy"))
+    jax_report = _run_child(TRAIN_SAVE_LOAD, {"KERAS_BACKEND": "jax"}, model_file, "-", str(tmp_path / "jax.npy"))
+    tf_report = _run_child(TRAIN_SAVE_LOAD, {"KERAS_BACKEND": "tensorflow"}, "-", model_file, str(tmp_path / "tf.npy"))
     assert (jax_report["chosen"], jax_report["keras"], jax_report["described"]["backend"]) == ("jax",) * 3
     assert (tf_report["chosen"], tf_report["keras"], tf_report["described"]["backend"]) == ("tensorflow",) * 3
     for report in (jax_report, tf_report):
@@ -110,8 +109,9 @@ def test_select_backend_refuses_a_second_backend_once_keras_is_imported(monkeypa
 
 def test_select_backend_names_a_missing_package(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a)
+    )
     with pytest.raises(BackendError, match="needs the Python package 'torch'"):
         select_backend("torch")
     with pytest.raises(BackendError, match="unknown Keras backend 'mxnet'"):

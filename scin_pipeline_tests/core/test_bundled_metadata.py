@@ -26,8 +26,14 @@ def _sha256(path: Path) -> str:
 def test_every_published_file_is_bundled_with_its_published_sha256():
     folder = bm.metadata_dir()
     assert folder.is_dir()
-    assert set(bm.FILES) == {"scin_cases.csv", "scin_labels.csv", "scin_app_questions.csv",
-                             "scin_label_questions.csv", "LICENSE", "README.md"}
+    assert set(bm.FILES) == {
+        "scin_cases.csv",
+        "scin_labels.csv",
+        "scin_app_questions.csv",
+        "scin_label_questions.csv",
+        "LICENSE",
+        "README.md",
+    }
     for name, expected in bm.SHA256.items():
         assert _sha256(folder / name) == expected, name
     assert bm.mismatches() == {}
@@ -72,15 +78,24 @@ def test_a_zipped_package_yields_a_real_folder(tmp_path):
     package = Path(bm.__file__).resolve().parents[1]
     archive = tmp_path / "pkg.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        for rel in ("__init__.py", "core/__init__.py", "core/bundled_metadata.py", "data/__init__.py",
-                    "data/scin/__init__.py", *(f"data/scin/{name}" for name in bm.FILES)):
+        for rel in (
+            "__init__.py",
+            "core/__init__.py",
+            "core/bundled_metadata.py",
+            "data/__init__.py",
+            "data/scin/__init__.py",
+            *(f"data/scin/{name}" for name in bm.FILES),
+        ):
             zf.write(package / rel, f"scin_pipeline/{rel}")
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "from scin_pipeline.core import bundled_metadata as bm; "
-            "assert bm.__file__.startswith(sys.argv[1]), bm.__file__; "
-            "d = bm.metadata_dir(); assert d.is_dir() and bm.verify() == d; print(d)")
-    result = subprocess.run([sys.executable, "-c", code, str(archive)], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=60)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "from scin_pipeline.core import bundled_metadata as bm; "
+        "assert bm.__file__.startswith(sys.argv[1]), bm.__file__; "
+        "d = bm.metadata_dir(); assert d.is_dir() and bm.verify() == d; print(d)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(archive)], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     extracted = Path(result.stdout.strip())
     assert not extracted.exists()  # removed when the interpreter exited

@@ -13,10 +13,19 @@ def wide(**columns) -> pd.DataFrame:
 
 
 def test_a_candidate_failing_the_fairness_gate_is_passed_over():
-    table = wide(model=["fair", "unfair"], val_macro_f1=[0.50, 0.90], val_balanced_accuracy=[0.55, 0.92],
-                 val_mean_ovr_auc=[0.7, 0.95])
-    gates = pd.DataFrame({"model": ["fair", "unfair"], "passed": [True, False],
-                          "reason": ["ok", "monk_us_bin 7-10 is 0.30 below overall"]})
+    table = wide(
+        model=["fair", "unfair"],
+        val_macro_f1=[0.50, 0.90],
+        val_balanced_accuracy=[0.55, 0.92],
+        val_mean_ovr_auc=[0.7, 0.95],
+    )
+    gates = pd.DataFrame(
+        {
+            "model": ["fair", "unfair"],
+            "passed": [True, False],
+            "reason": ["ok", "monk_us_bin 7-10 is 0.30 below overall"],
+        }
+    )
     ranked = choose_champion(table, n_classes=4, config=ChampionRule(), gates=gates)
     assert ranked.loc[ranked["champion"], "model"].tolist() == ["fair"]
     unfair = ranked.set_index("model").loc["unfair"]
@@ -27,8 +36,9 @@ def test_a_candidate_failing_the_fairness_gate_is_passed_over():
 
 
 def test_no_eligible_candidate_means_no_champion():
-    table = wide(model=["a", "b"], val_macro_f1=[0.3, 0.2], val_balanced_accuracy=[0.26, 0.2],
-                 val_mean_ovr_auc=[0.5, 0.5])
+    table = wide(
+        model=["a", "b"], val_macro_f1=[0.3, 0.2], val_balanced_accuracy=[0.26, 0.2], val_mean_ovr_auc=[0.5, 0.5]
+    )
     ranked = choose_champion(table, n_classes=4, config=ChampionRule(chance_margin=0.05))
     assert not ranked["champion"].any()
     assert ranked["passed_over"].tolist() == ["val balanced accuracy not above chance (0.250) + 0.05"] * 2
@@ -36,16 +46,24 @@ def test_no_eligible_candidate_means_no_champion():
 
 
 def test_chance_margin_is_inclusive_and_a_missing_balanced_accuracy_is_not_eligible():
-    table = wide(model=["at", "below", "unknown"], val_macro_f1=[0.4, 0.9, 0.9],
-                 val_balanced_accuracy=[0.30, 0.29, float("nan")], val_mean_ovr_auc=[0.6, 0.6, 0.6])
+    table = wide(
+        model=["at", "below", "unknown"],
+        val_macro_f1=[0.4, 0.9, 0.9],
+        val_balanced_accuracy=[0.30, 0.29, float("nan")],
+        val_mean_ovr_auc=[0.6, 0.6, 0.6],
+    )
     ranked = choose_champion(table, n_classes=4, config=ChampionRule(chance_margin=0.05)).set_index("model")
     assert bool(ranked.loc["at", "champion"]) and ranked.loc["at", "passed_over"] == ""
     assert "chance" in ranked.loc["below", "passed_over"] and "chance" in ranked.loc["unknown", "passed_over"]
 
 
 def test_ranking_by_metric_then_tie_breakers_then_name():
-    table = wide(model=["d", "c", "b", "a"], val_macro_f1=[0.6, 0.7, 0.7, 0.7],
-                 val_balanced_accuracy=[0.9, 0.6, 0.8, 0.8], val_mean_ovr_auc=[0.9, 0.9, 0.7, 0.7])
+    table = wide(
+        model=["d", "c", "b", "a"],
+        val_macro_f1=[0.6, 0.7, 0.7, 0.7],
+        val_balanced_accuracy=[0.9, 0.6, 0.8, 0.8],
+        val_mean_ovr_auc=[0.9, 0.9, 0.7, 0.7],
+    )
     ranked = choose_champion(table, n_classes=2, config=ChampionRule(chance_margin=0.0))
     # a and b tie on macro-F1 and balanced accuracy and AUC: the name decides; c loses on balanced accuracy.
     assert ranked["model"].tolist() == ["a", "b", "c", "d"]
@@ -56,8 +74,14 @@ def test_ranking_by_metric_then_tie_breakers_then_name():
 
 
 def test_the_rule_reads_its_own_split_and_metric():
-    table = wide(model=["a", "b"], val_macro_f1=[0.9, 0.1], val_balanced_accuracy=[0.9, 0.9],
-                 train_macro_f1=[0.1, 0.9], train_balanced_accuracy=[0.9, 0.9], train_top3_accuracy=[0.5, 0.5])
+    table = wide(
+        model=["a", "b"],
+        val_macro_f1=[0.9, 0.1],
+        val_balanced_accuracy=[0.9, 0.9],
+        train_macro_f1=[0.1, 0.9],
+        train_balanced_accuracy=[0.9, 0.9],
+        train_top3_accuracy=[0.5, 0.5],
+    )
     rule = ChampionRule(selection_split="train", selection_metric="macro_f1", tie_breakers=("top3_accuracy",))
     assert choose_champion(table, 2, rule).loc[lambda f: f["champion"], "model"].tolist() == ["b"]
 
@@ -65,7 +89,8 @@ def test_the_rule_reads_its_own_split_and_metric():
 def test_rule_text_states_split_metric_ties_and_margin():
     assert champion_rule_text(ChampionRule()) == (
         "highest val macro_f1 (ties: balanced_accuracy, mean_ovr_auc, then name), among candidates whose val "
-        "balanced accuracy beats chance (1/K) by at least 0.05 and that pass the fairness gate")
+        "balanced accuracy beats chance (1/K) by at least 0.05 and that pass the fairness gate"
+    )
     text = champion_rule_text(ChampionRule(selection_metric="top3_accuracy", tie_breakers=(), chance_margin=0.1))
     assert "highest val top3_accuracy (ties: , then name)" in text and "at least 0.10" in text
 
@@ -75,4 +100,3 @@ def test_no_champion_reason_lists_each_passed_over_candidate():
     assert no_champion_reason(ranked, "RULE") == "no eligible candidate by the rule (RULE); a: too weak; c: unfair"
     empty = pd.DataFrame({"model": [], "passed_over": []})
     assert no_champion_reason(empty, "RULE") == "no eligible candidate by the rule (RULE); no candidate was evaluated"
-

@@ -92,8 +92,9 @@ def test_search_finds_the_planted_distances_around_the_threshold(search_hashes):
 @pytest.mark.parametrize("max_distance", [1, 6])
 def test_two_set_search_matches_brute_force(search_hashes, n_substrings, max_distance):
     rng = np.random.default_rng(7)
-    queries = np.array([flip_bits(rng, h, int(k)) for h, k in zip(search_hashes[:700], np.arange(700) % 9)],
-                       dtype=np.uint64)
+    queries = np.array(
+        [flip_bits(rng, h, int(k)) for h, k in zip(search_hashes[:700], np.arange(700) % 9)], dtype=np.uint64
+    )
     found = find_near_duplicate_pairs(search_hashes, max_distance, hashes2=queries, n_substrings=n_substrings)
     assert not found.duplicated(["i", "j"]).any()
     assert as_set(found) == reference_pairs(search_hashes, max_distance, queries)
@@ -202,17 +203,42 @@ def hand_made_example():
     free = [b for b in range(64) if not (flipped >> b) & 1]
     chain_end = np.uint64(int(chain_mid) ^ sum(1 << b for b in free[:5]))
     hashes = {
-        100: base[100], 110: base[110], 111: flip_bits(rng, base[110], 3), 120: base[120],
-        121: flip_bits(rng, base[120], 4), 130: base[130], 131: chain_mid, 132: chain_end,
-        140: base[140], 141: base[141], 150: flip_bits(rng, base[100], 2),
+        100: base[100],
+        110: base[110],
+        111: flip_bits(rng, base[110], 3),
+        120: base[120],
+        121: flip_bits(rng, base[120], 4),
+        130: base[130],
+        131: chain_mid,
+        132: chain_end,
+        140: base[140],
+        141: base[141],
+        150: flip_bits(rng, base[100], 2),
     }
-    refs = [(100, "A"), (100, "B"), (110, "C"), (111, "C"), (120, "D"), (121, "E"), (130, "F"), (131, "G"),
-            (132, "H"), (140, "I"), (141, "J"), (150, "K")]
-    images = pd.DataFrame({"image_id": [str(i) for i, _ in refs], "case_id": [c for _, c in refs],
-                           "position": range(len(refs))})
-    hash_table = pd.DataFrame({"image_id": [str(k) for k in hashes],
-                               "phash": np.array(list(hashes.values()), dtype=np.uint64),
-                               "dhash": np.array(list(hashes.values()), dtype=np.uint64)})
+    refs = [
+        (100, "A"),
+        (100, "B"),
+        (110, "C"),
+        (111, "C"),
+        (120, "D"),
+        (121, "E"),
+        (130, "F"),
+        (131, "G"),
+        (132, "H"),
+        (140, "I"),
+        (141, "J"),
+        (150, "K"),
+    ]
+    images = pd.DataFrame(
+        {"image_id": [str(i) for i, _ in refs], "case_id": [c for _, c in refs], "position": range(len(refs))}
+    )
+    hash_table = pd.DataFrame(
+        {
+            "image_id": [str(k) for k in hashes],
+            "phash": np.array(list(hashes.values()), dtype=np.uint64),
+            "dhash": np.array(list(hashes.values()), dtype=np.uint64),
+        }
+    )
     return images, hash_table
 
 
@@ -250,8 +276,10 @@ def test_cluster_kinds_on_a_hand_made_example():
         assert alone["cluster_kind"] == SINGLETON and alone["cluster_id"] == image_id
         assert (alone["cluster_size"], alone["cluster_n_cases"]) == (1, 1)
 
-    pair_rows = {(a, b): (same, kind) for a, b, same, kind in
-                 pairs[["image_id_a", "image_id_b", "same_case", "kind"]].itertuples(index=False)}
+    pair_rows = {
+        (a, b): (same, kind)
+        for a, b, same, kind in pairs[["image_id_a", "image_id_b", "same_case", "kind"]].itertuples(index=False)
+    }
     assert pair_rows == {
         ("100", "150"): (False, CROSS_CASE_NEAR_DUPLICATE),
         ("110", "111"): (True, SAME_CASE_MULTI_ANGLE),
@@ -266,9 +294,12 @@ def test_clusters_do_not_depend_on_row_order():
     images, hashes = hand_made_example()
     expected = build_dedup_clusters(images, hashes, max_phash_distance=6, max_dhash_distance=6)
     for seed in range(3):
-        shuffled = build_dedup_clusters(images.sample(frac=1, random_state=seed),
-                                        hashes.sample(frac=1, random_state=seed + 10),
-                                        max_phash_distance=6, max_dhash_distance=6)
+        shuffled = build_dedup_clusters(
+            images.sample(frac=1, random_state=seed),
+            hashes.sample(frac=1, random_state=seed + 10),
+            max_phash_distance=6,
+            max_dhash_distance=6,
+        )
         pd.testing.assert_frame_equal(shuffled[0], expected[0])
         pd.testing.assert_frame_equal(shuffled[1], expected[1])
 
@@ -276,7 +307,9 @@ def test_clusters_do_not_depend_on_row_order():
 def test_dhash_threshold_splits_a_pair_that_phash_alone_would_join():
     images, hashes = hand_made_example()
     far_dhash = hashes.copy()
-    far_dhash.loc[far_dhash["image_id"] == "121", "dhash"] = ~far_dhash.loc[far_dhash["image_id"] == "120", "dhash"].to_numpy()
+    far_dhash.loc[far_dhash["image_id"] == "121", "dhash"] = ~far_dhash.loc[
+        far_dhash["image_id"] == "120", "dhash"
+    ].to_numpy()
     clusters, _ = build_dedup_clusters(images, far_dhash, max_phash_distance=6, max_dhash_distance=6)
     assert clusters.set_index("image_id").loc["121", "cluster_kind"] == SINGLETON
 
@@ -288,8 +321,9 @@ def test_unreferenced_hashes_cannot_bridge_clusters_and_missing_hashes_are_refus
     b = int(hashes.set_index("image_id").loc["141", "phash"])
     diff = [bit for bit in range(64) if ((a ^ b) >> bit) & 1]
     middle = np.uint64(a ^ sum(1 << bit for bit in diff[: len(diff) // 2]))
-    bridged = pd.concat([hashes, pd.DataFrame({"image_id": ["999"], "phash": [middle], "dhash": [middle]})],
-                        ignore_index=True)
+    bridged = pd.concat(
+        [hashes, pd.DataFrame({"image_id": ["999"], "phash": [middle], "dhash": [middle]})], ignore_index=True
+    )
     clusters, _ = build_dedup_clusters(images, bridged, max_phash_distance=64, max_dhash_distance=64)
     assert "999" not in set(clusters["image_id"])
     with pytest.raises(ValueError, match="no hashes"):
@@ -297,11 +331,13 @@ def test_unreferenced_hashes_cannot_bridge_clusters_and_missing_hashes_are_refus
 
 
 def test_case_groups_join_cases_linked_through_a_chain_of_clusters():
-    clusters = pd.DataFrame({
-        "image_id": ["1", "1", "2", "2", "3", "4"],
-        "case_id": ["c9", "c5", "c5", "c7", "c8", "c8"],
-        "cluster_id": ["1", "1", "2", "2", "3", "4"],
-    })
+    clusters = pd.DataFrame(
+        {
+            "image_id": ["1", "1", "2", "2", "3", "4"],
+            "case_id": ["c9", "c5", "c5", "c7", "c8", "c8"],
+            "cluster_id": ["1", "1", "2", "2", "3", "4"],
+        }
+    )
     groups = case_groups(clusters)
     assert groups.to_dict() == {"c5": "c5", "c7": "c5", "c8": "c8", "c9": "c5"}
     assert groups.index.name == "case_id"
@@ -324,19 +360,28 @@ def test_case_groups_from_the_hand_made_clusters():
 
 
 def test_planted_scores_count_exactly():
-    plants = pd.DataFrame({
-        "image_id": ["5", "6", "7"],
-        "case_id": ["a", "b", "c"],
-        "planted": ["near_duplicate", "near_duplicate", "clean"],
-        "detail": ["source_image_id=1; crop=0.03; source_case_id=x",
-                   "source_image_id=-2; crop=0.04; source_case_id=y", ""],
-    })
-    pairs = pd.DataFrame({
-        "image_id_a": ["1", "7", "8", "3"], "image_id_b": ["5", "9", "8", "4"],
-        "phash_distance": [2, 3, 0, 1], "dhash_distance": [1, 2, 0, 1],
-        "same_case": [False, False, False, True],
-        "kind": [CROSS_CASE_NEAR_DUPLICATE, CROSS_CASE_NEAR_DUPLICATE, EXACT_REUSE, SAME_CASE_MULTI_ANGLE],
-    })
+    plants = pd.DataFrame(
+        {
+            "image_id": ["5", "6", "7"],
+            "case_id": ["a", "b", "c"],
+            "planted": ["near_duplicate", "near_duplicate", "clean"],
+            "detail": [
+                "source_image_id=1; crop=0.03; source_case_id=x",
+                "source_image_id=-2; crop=0.04; source_case_id=y",
+                "",
+            ],
+        }
+    )
+    pairs = pd.DataFrame(
+        {
+            "image_id_a": ["1", "7", "8", "3"],
+            "image_id_b": ["5", "9", "8", "4"],
+            "phash_distance": [2, 3, 0, 1],
+            "dhash_distance": [1, 2, 0, 1],
+            "same_case": [False, False, False, True],
+            "kind": [CROSS_CASE_NEAR_DUPLICATE, CROSS_CASE_NEAR_DUPLICATE, EXACT_REUSE, SAME_CASE_MULTI_ANGLE],
+        }
+    )
     scores = planted_near_duplicate_scores(pairs, plants)
     assert (scores["true_positives"], scores["false_positives"], scores["false_negatives"]) == (1, 1, 1)
     assert scores["precision"] == 0.5 and scores["recall"] == 0.5
@@ -364,8 +409,14 @@ def synthetic_hashed(tmp_path_factory):
     for image_id, path in kept[["image_id", "image_path"]].itertuples(index=False):
         with Image.open(root / path) as image:
             grey = image.convert("L")
-        rows.append((image_id, packed(imagehash.phash(grey)), packed(imagehash.dhash(grey)),
-                     str(imagehash.dhash(grey, hash_size=16))))
+        rows.append(
+            (
+                image_id,
+                packed(imagehash.phash(grey)),
+                packed(imagehash.dhash(grey)),
+                str(imagehash.dhash(grey, hash_size=16)),
+            )
+        )
     hashes = pd.DataFrame(rows, columns=["image_id", "phash", "dhash", "dhash256"])
     images = kept[["image_id", "case_id"]]
     return images, hashes, plants
@@ -373,8 +424,9 @@ def synthetic_hashed(tmp_path_factory):
 
 def test_fine_hash_verification_drops_candidates_whose_detail_differs(synthetic_hashed):
     images, hashes, plants = synthetic_hashed
-    _c, coarse = build_dedup_clusters(images, hashes.drop(columns=["dhash256"]), max_phash_distance=22,
-                                      max_dhash_distance=22)
+    _c, coarse = build_dedup_clusters(
+        images, hashes.drop(columns=["dhash256"]), max_phash_distance=22, max_dhash_distance=22
+    )
     _c, verified = build_dedup_clusters(images, hashes, max_phash_distance=22, max_dhash_distance=22)
     assert len(verified) < len(coarse)
     assert (verified["dhash256_distance"] <= dedup.DEFAULT_MAX_DHASH256_DISTANCE).all()
@@ -408,8 +460,10 @@ def test_imagededup_backend_says_how_to_install_it():
         dedup.find_near_duplicates_imagededup(["a.png"], 4)
 
 
-@pytest.mark.skipif(not dedup.imagededup_available(),
-                    reason="imagededup not installed (optional extra scin-pipeline[imagededup]; it pulls PyTorch)")
+@pytest.mark.skipif(
+    not dedup.imagededup_available(),
+    reason="imagededup not installed (optional extra scin-pipeline[imagededup]; it pulls PyTorch)",
+)
 def test_imagededup_backend_finds_the_planted_near_duplicates(tmp_path):
     from scin_pipeline.core.synthetic import write_synthetic_mirror
 

@@ -71,12 +71,14 @@ def test_metrics_by_hand_on_six_rows():
 
 def test_top3_by_hand_with_four_classes():
     y = np.array([0, 1, 2, 3])
-    proba = np.array([
-        [0.4, 0.3, 0.2, 0.1],   # true class 0 ranked 1st: hit
-        [0.4, 0.3, 0.2, 0.1],   # true 1 ranked 2nd: hit
-        [0.1, 0.2, 0.3, 0.4],   # true 2 ranked 2nd: hit
-        [0.4, 0.3, 0.2, 0.1],   # true 3 ranked 4th: miss
-    ])
+    proba = np.array(
+        [
+            [0.4, 0.3, 0.2, 0.1],  # true class 0 ranked 1st: hit
+            [0.4, 0.3, 0.2, 0.1],  # true 1 ranked 2nd: hit
+            [0.1, 0.2, 0.3, 0.4],  # true 2 ranked 2nd: hit
+            [0.4, 0.3, 0.2, 0.1],  # true 3 ranked 4th: miss
+        ]
+    )
     assert top_k_hits(y, proba).tolist() == [True, True, True, False]
     assert classification_metrics(y, proba, list("abcd"))["top3_accuracy"] == pytest.approx(0.75)
 
@@ -112,8 +114,7 @@ def test_agrees_with_sklearn_when_every_class_is_present():
 def test_ties_follow_sklearn_top_k_order():
     y = np.array([3, 0, 2])
     proba = np.full((3, 4), 0.25)  # all tied
-    assert top_k_hits(y, proba).mean() == pytest.approx(top_k_accuracy_score(y, proba, k=3,
-                                                                             labels=range(4)))
+    assert top_k_hits(y, proba).mean() == pytest.approx(top_k_accuracy_score(y, proba, k=3, labels=range(4)))
 
 
 # ------------------------------------------------------------------------------ absent classes
@@ -175,13 +176,16 @@ def test_ece_of_an_overconfident_model_is_large():
 # ------------------------------------------------------------------------------- input checks
 
 
-@pytest.mark.parametrize("y, proba, message", [
-    ([0, 1], [[0.5, 0.5], [0.9, 0.3]], "row 1 sums to 1.2"),
-    ([0, 2], [[0.5, 0.5], [0.5, 0.5]], "row 1 holds 2"),
-    ([0, 1], [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]], "shape"),
-    ([0, 1, 1], [[0.5, 0.5], [0.5, 0.5]], "shape"),
-    ([0, 1], [[0.5, 0.5], [np.nan, 1.0]], "row 1"),
-])
+@pytest.mark.parametrize(
+    "y, proba, message",
+    [
+        ([0, 1], [[0.5, 0.5], [0.9, 0.3]], "row 1 sums to 1.2"),
+        ([0, 2], [[0.5, 0.5], [0.5, 0.5]], "row 1 holds 2"),
+        ([0, 1], [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]], "shape"),
+        ([0, 1, 1], [[0.5, 0.5], [0.5, 0.5]], "shape"),
+        ([0, 1], [[0.5, 0.5], [np.nan, 1.0]], "row 1"),
+    ],
+)
 def test_bad_input_is_named(y, proba, message):
     with pytest.raises(ValueError, match=message):
         classification_metrics(np.array(y), np.array(proba), ["a", "b"])
@@ -212,22 +216,25 @@ def test_evaluation_table_long_form():
 
 
 def test_case_level_predictions_average_a_cases_images_per_model():
-    predictions = pd.DataFrame({
-        "model": ["m", "m", "m", "m", "n", "m"],
-        "split": ["test", "test", "test", "val", "test", "test"],
-        "case_id": ["c2", "c1", "c1", "c1", "c1", "c3"],
-        "image_id": ["4", "1", "2", "3", "1", "5"],
-        "y_true": [1, 0, 0, 0, 0, 2],
-        "p_0": [0.1, 0.8, 0.2, 0.0, 0.3, 0.2],
-        "p_1": [0.7, 0.1, 0.2, 1.0, 0.6, 0.3],
-        "p_2": [0.2, 0.1, 0.6, 0.0, 0.1, 0.5],
-    })
+    predictions = pd.DataFrame(
+        {
+            "model": ["m", "m", "m", "m", "n", "m"],
+            "split": ["test", "test", "test", "val", "test", "test"],
+            "case_id": ["c2", "c1", "c1", "c1", "c1", "c3"],
+            "image_id": ["4", "1", "2", "3", "1", "5"],
+            "y_true": [1, 0, 0, 0, 0, 2],
+            "p_0": [0.1, 0.8, 0.2, 0.0, 0.3, 0.2],
+            "p_1": [0.7, 0.1, 0.2, 1.0, 0.6, 0.3],
+            "p_2": [0.2, 0.1, 0.6, 0.0, 0.1, 0.5],
+        }
+    )
     out = case_level_predictions(predictions)
     assert list(out.columns) == ["model", "case_id", "p_0", "p_1", "p_2", "y_true", "y_pred"]
     # One row per (model, case), sorted; the val row of c1 is not part of the test split.
     assert list(zip(out["model"], out["case_id"])) == [("m", "c1"), ("m", "c2"), ("m", "c3"), ("n", "c1")]
-    assert out[["p_0", "p_1", "p_2"]].to_numpy() == pytest.approx(np.array(
-        [[0.5, 0.15, 0.35], [0.1, 0.7, 0.2], [0.2, 0.3, 0.5], [0.3, 0.6, 0.1]]))
+    assert out[["p_0", "p_1", "p_2"]].to_numpy() == pytest.approx(
+        np.array([[0.5, 0.15, 0.35], [0.1, 0.7, 0.2], [0.2, 0.3, 0.5], [0.3, 0.6, 0.1]])
+    )
     # c1 under m: its two images predict classes 0 and 2; the case predicts the argmax of their mean (0).
     assert out["y_pred"].tolist() == [0, 1, 2, 1]
     assert out["y_true"].tolist() == [0, 1, 2, 0]

@@ -26,6 +26,8 @@ from scin_pipeline.core.fairness import (
     SYNTHETIC_BANNER,
     TABLE_COLUMNS,
     UNKNOWN_GROUP,
+    _group_rng,
+    bootstrap_metrics,
     fairness_gate,
     fairness_html,
     fairness_markdown,
@@ -33,13 +35,11 @@ from scin_pipeline.core.fairness import (
     fairness_plots,
     fairness_table,
     group_order,
+    metric_interval,
     representation_by_split,
     sensitive_features,
-    bootstrap_metrics,
-    metric_interval,
     weighted_metrics,
     wilson_interval,
-    _group_rng,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -62,8 +62,7 @@ def model_output(n: int, k: int, signal: float, rng: np.random.Generator):
 
 
 def value(table: pd.DataFrame, attribute: str, group: str, metric: str, column: str = "value"):
-    row = table[(table["attribute"] == attribute) & (table["group"] == group)
-                & (table["metric"] == metric)]
+    row = table[(table["attribute"] == attribute) & (table["group"] == group) & (table["metric"] == metric)]
     assert len(row) == 1, (attribute, group, metric)
     return row[column].iloc[0]
 
@@ -75,21 +74,22 @@ def case_frame() -> pd.DataFrame:
     """Five cases in the parsed-metadata layout (race boxes as bools, tones as Int8, enums as category)."""
     race = {c: [False] * 5 for c in schema.RACE_COLUMNS}
     race["race_ethnicity_white"] = [True, True, False, False, False]
-    race["race_ethnicity_asian"] = [False, True, False, False, False]        # case 2: two boxes
+    race["race_ethnicity_asian"] = [False, True, False, False, False]  # case 2: two boxes
     race["race_ethnicity_prefer_not_to_answer"] = [False, False, True, False, False]
     race["race_ethnicity_two_or_more_after_mitigation"] = [False, False, False, True, False]
-    frame = pd.DataFrame({
-        "case_id": ["c1", "c2", "c3", "c4", "c5"],
-        "monk_skin_tone_label_us": pd.array([1, 4, 7, 10, None], dtype="Int8"),
-        "monk_skin_tone_label_india": pd.array([2, 3, None, 9, 6], dtype="Int8"),
-        "fst_dermatologist": pd.Categorical(["FST1", None, "FST6", "FST3", "FST2"],
-                                            categories=schema.FST_VALUES),
-        "fitzpatrick_skin_type": pd.Categorical(["FST2", "NONE_IDENTIFIED", None, "FST5", "FST1"]),
-        "sex_at_birth": pd.Categorical(["FEMALE", "MALE", None, "FEMALE", "OTHER_OR_UNSPECIFIED"]),
-        "age_group": pd.Categorical(["AGE_18_TO_29", "AGE_UNKNOWN", "AGE_80_OR_ABOVE", None,
-                                     "AGE_30_TO_39"]),
-        **race,
-    }, index=[10, 11, 12, 13, 14])
+    frame = pd.DataFrame(
+        {
+            "case_id": ["c1", "c2", "c3", "c4", "c5"],
+            "monk_skin_tone_label_us": pd.array([1, 4, 7, 10, None], dtype="Int8"),
+            "monk_skin_tone_label_india": pd.array([2, 3, None, 9, 6], dtype="Int8"),
+            "fst_dermatologist": pd.Categorical(["FST1", None, "FST6", "FST3", "FST2"], categories=schema.FST_VALUES),
+            "fitzpatrick_skin_type": pd.Categorical(["FST2", "NONE_IDENTIFIED", None, "FST5", "FST1"]),
+            "sex_at_birth": pd.Categorical(["FEMALE", "MALE", None, "FEMALE", "OTHER_OR_UNSPECIFIED"]),
+            "age_group": pd.Categorical(["AGE_18_TO_29", "AGE_UNKNOWN", "AGE_80_OR_ABOVE", None, "AGE_30_TO_39"]),
+            **race,
+        },
+        index=[10, 11, 12, 13, 14],
+    )
     return frame
 
 
@@ -102,13 +102,22 @@ def test_sensitive_features_by_hand():
     assert features["monk_india_bin"].tolist() == ["1-2", "3-4", UNKNOWN_GROUP, "7-10", "5-6"]
     assert features["fst_dermatologist"].tolist() == ["FST1", UNKNOWN_GROUP, "FST6", "FST3", "FST2"]
     # "NONE_IDENTIFIED" / "AGE_UNKNOWN" are answers, kept apart from a missing answer.
-    assert features["fst_self_reported"].tolist() == ["FST2", "NONE_IDENTIFIED", UNKNOWN_GROUP, "FST5",
-                                                      "FST1"]
-    assert features["age_group"].tolist() == ["AGE_18_TO_29", "AGE_UNKNOWN", "AGE_80_OR_ABOVE",
-                                              UNKNOWN_GROUP, "AGE_30_TO_39"]
+    assert features["fst_self_reported"].tolist() == ["FST2", "NONE_IDENTIFIED", UNKNOWN_GROUP, "FST5", "FST1"]
+    assert features["age_group"].tolist() == [
+        "AGE_18_TO_29",
+        "AGE_UNKNOWN",
+        "AGE_80_OR_ABOVE",
+        UNKNOWN_GROUP,
+        "AGE_30_TO_39",
+    ]
     # one box -> its group; two boxes or the release's mitigation flag -> multiple; none -> unknown
-    assert features["race_ethnicity"].tolist() == ["WHITE", MULTIPLE_GROUP, "PREFER_NOT_TO_ANSWER",
-                                                   MULTIPLE_GROUP, UNKNOWN_GROUP]
+    assert features["race_ethnicity"].tolist() == [
+        "WHITE",
+        MULTIPLE_GROUP,
+        "PREFER_NOT_TO_ANSWER",
+        MULTIPLE_GROUP,
+        UNKNOWN_GROUP,
+    ]
 
 
 def test_sensitive_features_reads_raw_yes_flags_and_custom_bins():
@@ -116,8 +125,13 @@ def test_sensitive_features_reads_raw_yes_flags_and_custom_bins():
     for column in schema.RACE_COLUMNS:
         cases[column] = cases[column].map({True: "YES", False: None})
     features = sensitive_features(cases, monk_bins=[(1, 3), (4, 6), (7, 8), (9, 10)])
-    assert features["race_ethnicity"].tolist() == ["WHITE", MULTIPLE_GROUP, "PREFER_NOT_TO_ANSWER",
-                                                   MULTIPLE_GROUP, UNKNOWN_GROUP]
+    assert features["race_ethnicity"].tolist() == [
+        "WHITE",
+        MULTIPLE_GROUP,
+        "PREFER_NOT_TO_ANSWER",
+        MULTIPLE_GROUP,
+        UNKNOWN_GROUP,
+    ]
     assert features["monk_us_bin"].tolist() == ["1-3", "4-6", "7-8", "9-10", UNKNOWN_GROUP]
 
 
@@ -154,12 +168,13 @@ def test_sensitive_features_on_the_real_release(real_parsed_metadata):
 
 
 def test_group_order_is_natural():
-    assert group_order("monk_skin_tone_us", ["10", UNKNOWN_GROUP, "2", "1"]) == ["1", "2", "10",
-                                                                               UNKNOWN_GROUP]
-    assert group_order("monk_us_bin", ["7-10", "1-2", UNKNOWN_GROUP, "3-4"]) == ["1-2", "3-4", "7-10",
-                                                                              UNKNOWN_GROUP]
+    assert group_order("monk_skin_tone_us", ["10", UNKNOWN_GROUP, "2", "1"]) == ["1", "2", "10", UNKNOWN_GROUP]
+    assert group_order("monk_us_bin", ["7-10", "1-2", UNKNOWN_GROUP, "3-4"]) == ["1-2", "3-4", "7-10", UNKNOWN_GROUP]
     assert group_order("age_group", [UNKNOWN_GROUP, "AGE_40_TO_49", "AGE_18_TO_29"]) == [
-        "AGE_18_TO_29", "AGE_40_TO_49", UNKNOWN_GROUP]
+        "AGE_18_TO_29",
+        "AGE_40_TO_49",
+        UNKNOWN_GROUP,
+    ]
 
 
 # ------------------------------------------------------------------------ group metrics by hand
@@ -192,8 +207,7 @@ def test_group_metrics_match_hand_computed_values():
     assert value(table, "colour", "B", "macro_f1") == pytest.approx(7 / 15)
     assert value(table, OVERALL, OVERALL, "accuracy") == pytest.approx(7 / 12)
     assert value(table, OVERALL, OVERALL, "balanced_accuracy") == pytest.approx(53 / 90)
-    assert value(table, "colour", "B", "balanced_accuracy", "diff_to_overall") == pytest.approx(
-        4 / 9 - 53 / 90)
+    assert value(table, "colour", "B", "balanced_accuracy", "diff_to_overall") == pytest.approx(4 / 9 - 53 / 90)
     assert value(table, "colour", "B", "accuracy", "ratio_to_overall") == pytest.approx((3 / 6) / (7 / 12))
     assert value(table, "colour", "A", "accuracy", "n") == 6
     # The worst group per metric: B on accuracy and balanced accuracy.
@@ -214,9 +228,10 @@ def test_unit_weights_reproduce_the_point_estimates():
     table = fairness_table("m", y, proba, [f"c{i}" for i in range(6)], groups, n_bootstrap=0)
     pred = proba.argmax(axis=1)
     for group in ["x", "y", "z", OVERALL]:
-        rows = (np.arange(300) if group == OVERALL else np.flatnonzero(groups["g"] == group))
-        unit = weighted_metrics(y[rows], pred[rows], proba[rows], top_k_hits(y[rows], proba[rows]),
-                                np.ones((1, len(rows))))
+        rows = np.arange(300) if group == OVERALL else np.flatnonzero(groups["g"] == group)
+        unit = weighted_metrics(
+            y[rows], pred[rows], proba[rows], top_k_hits(y[rows], proba[rows]), np.ones((1, len(rows)))
+        )
         attribute = OVERALL if group == OVERALL else "g"
         for metric in FAIRNESS_METRICS:
             assert unit[metric][0] == pytest.approx(value(table, attribute, group, metric)), (group, metric)
@@ -230,8 +245,7 @@ def test_intervals_contain_the_estimate_and_narrow_with_n():
     widths = {}
     for n in (100, 2_000):
         y, proba = model_output(n, 5, signal=1.5, rng=rng)
-        table = fairness_table("m", y, proba, list("abcde"), pd.DataFrame({"g": ["all"] * n}),
-                               n_bootstrap=200, seed=1)
+        table = fairness_table("m", y, proba, list("abcde"), pd.DataFrame({"g": ["all"] * n}), n_bootstrap=200, seed=1)
         group = table[table["attribute"] == "g"]
         assert (group["ci_low"] <= group["value"]).all() and (group["value"] <= group["ci_high"]).all()
         assert (group["n_boot_valid"] == 200).all()
@@ -279,8 +293,7 @@ def test_tiny_groups_are_flagged_never_hidden_never_worst():
     worst = table[table["worst"] & (table["attribute"] == "g")]
     assert len(worst) == len(FAIRNESS_METRICS) and set(worst["group"]) <= {"big", "large"}
     # One judgeable group alone is not "worst": there is nothing to compare it with.
-    alone = fairness_table("m", y, proba, list("abcd"), pd.DataFrame({"g": np.where(groups == "tiny",
-                                                                                   "tiny", "big")}))
+    alone = fairness_table("m", y, proba, list("abcd"), pd.DataFrame({"g": np.where(groups == "tiny", "tiny", "big")}))
     assert not alone["worst"].any()
 
 
@@ -291,13 +304,15 @@ def test_tiny_groups_are_flagged_never_hidden_never_worst():
 def test_wilson_interval_matches_scipy(hits, n):
     """Our five-line Wilson against an independent implementation (scipy comes with scikit-learn)."""
     from scipy.stats import binomtest
+
     expected = binomtest(hits, n).proportion_ci(0.95, method="wilson")
     assert wilson_interval(hits, n, 0.95) == pytest.approx((expected.low, expected.high), abs=1e-9)
     assert np.isnan(wilson_interval(0, 0)).all()
 
 
-def degenerate_fixture(n_rest: int = 363, rest_hits: int = 40, n_zero: int = 37, n_all_right: int = 0,
-                       k: int = 5, seed: int = 21):
+def degenerate_fixture(
+    n_rest: int = 363, rest_hits: int = 40, n_zero: int = 37, n_all_right: int = 0, k: int = 5, seed: int = 21
+):
     """Group "rest" with ``rest_hits`` of ``n_rest`` right (top-1), group "zero" with none right, not
     even in the top 3 (the true class scores lowest), group "all_right" (if any) with every row right."""
     rng = np.random.default_rng(seed)
@@ -306,7 +321,7 @@ def degenerate_fixture(n_rest: int = 363, rest_hits: int = 40, n_zero: int = 37,
     groups = np.array(["rest"] * n_rest + ["zero"] * n_zero + ["all_right"] * n_all_right, dtype=object)
     right = np.zeros(n, dtype=bool)
     right[rng.choice(n_rest, rest_hits, replace=False)] = True
-    right[n_rest + n_zero:] = True
+    right[n_rest + n_zero :] = True
     pred = np.where(right, y, (y + rng.integers(1, k, n)) % k)
     proba = proba_for(pred, k)
     zero = np.flatnonzero(groups == "zero")
@@ -337,8 +352,12 @@ def test_zero_of_37_gets_the_wilson_upper_bound():
 def test_all_right_group_gets_a_lower_bound_below_one():
     y, proba, sensitive = degenerate_fixture(n_zero=0, n_all_right=20)
     table = fairness_table("m", y, proba, list("abcde"), sensitive, n_bootstrap=200)
-    for metric, method in (("accuracy", CI_WILSON), ("top3_accuracy", CI_WILSON),
-                           ("balanced_accuracy", CI_BOOTSTRAP_WILSON), ("macro_f1", CI_BOOTSTRAP_WILSON)):
+    for metric, method in (
+        ("accuracy", CI_WILSON),
+        ("top3_accuracy", CI_WILSON),
+        ("balanced_accuracy", CI_BOOTSTRAP_WILSON),
+        ("macro_f1", CI_BOOTSTRAP_WILSON),
+    ):
         assert value(table, "fst", "all_right", metric) == 1.0
         assert value(table, "fst", "all_right", metric, "ci_method") == method
         # Wilson lower bound for 20/20 = 20 / (20 + z^2) = 0.839
@@ -352,8 +371,9 @@ def test_groups_with_spread_keep_the_plain_percentile_interval():
     pred = proba.argmax(axis=1)
     for attribute, group in (("fst", "rest"), (OVERALL, OVERALL)):
         rows = np.flatnonzero(sensitive["fst"] == group) if group != OVERALL else np.arange(len(y))
-        boot = bootstrap_metrics(y[rows], pred[rows], proba[rows], top_k_hits(y[rows], proba[rows]), 200,
-                                 _group_rng(5, attribute, group))
+        boot = bootstrap_metrics(
+            y[rows], pred[rows], proba[rows], top_k_hits(y[rows], proba[rows]), 200, _group_rng(5, attribute, group)
+        )
         for metric in FAIRNESS_METRICS:
             assert value(table, attribute, group, metric, "ci_method") == CI_BOOTSTRAP
             low, high = np.quantile(boot[metric][np.isfinite(boot[metric])], (0.025, 0.975))
@@ -423,8 +443,7 @@ def planted(gap: bool, *, tiny_random: bool = False, seed: int = 11):
         if on:
             rows = np.flatnonzero(groups == name)
             proba[rows] = rng.dirichlet(np.ones(5), size=len(rows))
-    return fairness_table("m", y, proba, list("abcde"), pd.DataFrame({"skin": groups}),
-                          n_bootstrap=100, min_group_n=30)
+    return fairness_table("m", y, proba, list("abcde"), pd.DataFrame({"skin": groups}), n_bootstrap=100, min_group_n=30)
 
 
 def test_gate_fails_on_a_planted_gap():
@@ -454,22 +473,46 @@ def test_gate_ignores_an_insufficient_group_but_names_it():
 
 def gate_table(rows, overall=(0.80, 0.78, 0.82)) -> pd.DataFrame:
     """A hand-made fairness table for the gate: (group, n, value, ci_low, ci_high, insufficient)."""
-    records = [{"model": "m", "attribute": OVERALL, "group": OVERALL, "n": 1000,
-                "metric": "balanced_accuracy", "value": overall[0], "ci_low": overall[1],
-                "ci_high": overall[2], "insufficient_data": False}]
-    records += [{"model": "m", "attribute": "tone", "group": g, "n": n, "metric": "balanced_accuracy",
-                 "value": v, "ci_low": lo, "ci_high": hi, "insufficient_data": ins}
-                for g, n, v, lo, hi, ins in rows]
+    records = [
+        {
+            "model": "m",
+            "attribute": OVERALL,
+            "group": OVERALL,
+            "n": 1000,
+            "metric": "balanced_accuracy",
+            "value": overall[0],
+            "ci_low": overall[1],
+            "ci_high": overall[2],
+            "insufficient_data": False,
+        }
+    ]
+    records += [
+        {
+            "model": "m",
+            "attribute": "tone",
+            "group": g,
+            "n": n,
+            "metric": "balanced_accuracy",
+            "value": v,
+            "ci_low": lo,
+            "ci_high": hi,
+            "insufficient_data": ins,
+        }
+        for g, n, v, lo, hi, ins in rows
+    ]
     return pd.DataFrame(records)
 
 
-@pytest.mark.parametrize("rows, passed, phrase", [
-    ([("a", 500, 0.82, 0.79, 0.85, False), ("b", 300, 0.65, 0.60, 0.70, False)], False, "do not overlap"),
-    ([("a", 500, 0.82, 0.79, 0.85, False), ("b", 40, 0.65, 0.45, 0.79, False)], True, "overlap"),
-    ([("a", 500, 0.82, 0.79, 0.85, False), ("b", 300, 0.75, 0.71, 0.77, False)], True, "within max_gap"),
-    ([("b", 300, 0.65, np.nan, np.nan, False)], False, "gap alone"),
-    ([("b", 10, 0.20, 0.00, 0.40, True)], True, "no group has enough data"),
-])
+@pytest.mark.parametrize(
+    "rows, passed, phrase",
+    [
+        ([("a", 500, 0.82, 0.79, 0.85, False), ("b", 300, 0.65, 0.60, 0.70, False)], False, "do not overlap"),
+        ([("a", 500, 0.82, 0.79, 0.85, False), ("b", 40, 0.65, 0.45, 0.79, False)], True, "overlap"),
+        ([("a", 500, 0.82, 0.79, 0.85, False), ("b", 300, 0.75, 0.71, 0.77, False)], True, "within max_gap"),
+        ([("b", 300, 0.65, np.nan, np.nan, False)], False, "gap alone"),
+        ([("b", 10, 0.20, 0.00, 0.40, True)], True, "no group has enough data"),
+    ],
+)
 def test_gate_rules_on_hand_made_tables(rows, passed, phrase):
     gate = fairness_gate(gate_table(rows), metric="balanced_accuracy", max_gap=0.10)
     assert gate.passed is passed
@@ -496,8 +539,12 @@ def test_gate_refuses_unknown_metric_and_attribute():
 
 def test_representation_by_split():
     cases = case_frame()
-    splits = pd.DataFrame({"case_id": ["c1", "c1", "c2", "c3", "c4"],     # c1 has two images, c5 none
-                           "split": ["train", "train", "train", "val", "test"]})
+    splits = pd.DataFrame(
+        {
+            "case_id": ["c1", "c1", "c2", "c3", "c4"],  # c1 has two images, c5 none
+            "split": ["train", "train", "train", "val", "test"],
+        }
+    )
     table = representation_by_split(splits, cases, ["monk_us_bin"])
     train = table[table["split"] == "train"].set_index("group")
     assert train.loc["1-2", "n"] == 1 and train.loc["1-2", "n_images"] == 2
@@ -520,8 +567,9 @@ def report_inputs():
     rng = np.random.default_rng(12)
     y, proba = model_output(600, 4, signal=2.0, rng=rng)
     cases = pd.concat([case_frame()] * 120, ignore_index=True)
-    table = fairness_table("synthetic-cnn", y, proba, list("abcd"), sensitive_features(cases),
-                           n_bootstrap=30, min_group_n=130)
+    table = fairness_table(
+        "synthetic-cnn", y, proba, list("abcd"), sensitive_features(cases), n_bootstrap=30, min_group_n=130
+    )
     return table, fairness_gate(table)
 
 

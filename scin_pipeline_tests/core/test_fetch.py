@@ -17,7 +17,6 @@ from scin_pipeline.core.sources import (
     crc32c_b64,
 )
 from scin_pipeline_tests.core.test_sources import IMAGES, md5_b64, png_bytes, upload_release
-from scin_pipeline_tests.gcs_emulator import gcs_emulator  # noqa: F401 (fixture)
 
 
 def request_for(path: str) -> FetchRequest:
@@ -34,9 +33,7 @@ def tmp_files(folder: Path) -> list[Path]:
 
 def run(source, requests, tmp_path: Path, **kwargs):
     kwargs.setdefault("backoff_s", 0)
-    return fetch_images(
-        source, requests, tmp_path / "images", quarantine_dir=tmp_path / "quarantine", **kwargs
-    )
+    return fetch_images(source, requests, tmp_path / "images", quarantine_dir=tmp_path / "quarantine", **kwargs)
 
 
 class RecordingSource:
@@ -177,9 +174,7 @@ def test_transient_errors_past_the_last_retry_are_reported_missing(gcs_emulator,
     assert tmp_files(tmp_path) == []
 
 
-@pytest.mark.parametrize(
-    "bad_path", ["dataset/images/../../etc/passwd", "/etc/passwd", "dataset/images/1.jpg"]
-)
+@pytest.mark.parametrize("bad_path", ["dataset/images/../../etc/passwd", "/etc/passwd", "dataset/images/1.jpg"])
 def test_unsafe_paths_are_rejected_and_never_opened(gcs_emulator, tmp_path, bad_path):
     upload_release(gcs_emulator)
     source = RecordingSource(GcsBucketSource())
@@ -247,13 +242,9 @@ def test_transient_errors_are_retried_until_success(tmp_path):
     assert tmp_files(tmp_path) == []
 
 
-@pytest.mark.parametrize(
-    "error", [TransientSourceError("reset"), ConnectionResetError("reset"), RuntimeError("boom")]
-)
+@pytest.mark.parametrize("error", [TransientSourceError("reset"), ConnectionResetError("reset"), RuntimeError("boom")])
 def test_no_tmp_file_survives_a_failing_download(tmp_path, error):
-    source = ScriptedSource(
-        {"dataset/images/7.png": png_bytes(7)}, [error] * 10, partial_write=b"partial bytes"
-    )
+    source = ScriptedSource({"dataset/images/7.png": png_bytes(7)}, [error] * 10, partial_write=b"partial bytes")
     [result] = run(source, [request_for("dataset/images/7.png")], tmp_path, retries=1)
     assert result.status == "missing"
     assert "dataset/images/7.png" in result.reason
@@ -281,9 +272,7 @@ def test_md5_is_used_when_the_listing_has_no_crc32c(tmp_path):
     [ok] = run(source, [request_for(path)], tmp_path / "a", listing=good)
     [bad] = run(source, [request_for(path)], tmp_path / "b", listing=wrong, retries=0)
     assert ok.status == "ok"
-    assert bad.status == "corrupt" and bad.reason.startswith(
-        f"{path}: md5 mismatch: expected {md5_b64(b'other')}"
-    )
+    assert bad.status == "corrupt" and bad.reason.startswith(f"{path}: md5 mismatch: expected {md5_b64(b'other')}")
 
 
 def test_orphaned_tmp_files_of_dead_processes_are_removed(tmp_path):
@@ -336,9 +325,7 @@ def test_mirror_symlink_out_of_root_is_never_copied(tmp_path):
 
     # Even with a listing that names it (e.g. one taken from elsewhere), the mirror refuses to read it.
     listing = {
-        "dataset/images/666.png": ObjectInfo(
-            "dataset/images/666.png", len(b"outside the mirror"), None, None, "1"
-        )
+        "dataset/images/666.png": ObjectInfo("dataset/images/666.png", len(b"outside the mirror"), None, None, "1")
     }
     [forced] = run(source, [request_for("dataset/images/666.png")], tmp_path, listing=listing)
     assert forced.status == "rejected" and "outside the mirror root" in forced.reason

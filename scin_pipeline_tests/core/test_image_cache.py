@@ -77,6 +77,7 @@ class DecodeCounter:
 
 # ---------------------------------------------------------------------------------------- preprocessing
 
+
 def test_preprocess_image_is_a_centred_square_of_the_requested_size():
     # A landscape image with a red left quarter, a blue right quarter and a green centre: the centred
     # square is all green, so the edges (and only they) are cut off rather than squashed in.
@@ -107,8 +108,15 @@ def test_preprocess_image_enlarges_small_images_and_passes_exact_size_through():
     assert np.array_equal(preprocess_image(exact, S), exact)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8),
-                                 np.zeros((10, 10, 3), np.float32), np.zeros((0, 10, 3), np.uint8)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((10, 10), np.uint8),
+        np.zeros((10, 10, 4), np.uint8),
+        np.zeros((10, 10, 3), np.float32),
+        np.zeros((0, 10, 3), np.uint8),
+    ],
+)
 def test_preprocess_image_rejects_non_rgb_uint8(bad):
     with pytest.raises(ValueError):
         preprocess_image(bad, S)
@@ -132,12 +140,15 @@ def test_jpeg_upload_is_accepted_and_close_to_the_original():
     assert np.abs(out.astype(int) - preprocess_image(rgb, S).astype(int)).mean() < 4
 
 
-@pytest.mark.parametrize("data, kind, words", [
-    (b"", "empty_file", "0 bytes"),
-    (b"%PDF-1.4 not an image at all", "corrupt", "not an image"),
-    (b"GIF89a" + b"\x00" * 40, "unsupported_format", "GIF"),
-    (decompression_bomb_png(30000, 30000), "decompression_bomb", "30000 x 30000"),
-])
+@pytest.mark.parametrize(
+    "data, kind, words",
+    [
+        (b"", "empty_file", "0 bytes"),
+        (b"%PDF-1.4 not an image at all", "corrupt", "not an image"),
+        (b"GIF89a" + b"\x00" * 40, "unsupported_format", "GIF"),
+        (decompression_bomb_png(30000, 30000), "decompression_bomb", "30000 x 30000"),
+    ],
+)
 def test_bad_uploads_raise_naming_the_upload(data, kind, words):
     with pytest.raises(ImagePreprocessError) as err:
         preprocess_image_bytes(data, S, name="case-17/upload.png")
@@ -171,6 +182,7 @@ def test_upload_of_wrong_type_is_an_error():
 
 
 # ---------------------------------------------------------------------------------------- the cache
+
 
 def test_build_image_cache_index_shards_and_load_order(tmp_path):
     rows = write_images(tmp_path / "img", 10)
@@ -220,8 +232,7 @@ def test_failed_files_get_reasons_and_the_rest_is_intact(tmp_path):
     # good images, failures first in some: the good images behind them must move up without loss
     for k, (name, (data, _)) in enumerate(bad.items()):
         (bad_dir / f"{name}.png").write_bytes(data)
-        extra.append({"image_id": f"{1000 + k}-{name}", "local_path": str(bad_dir / f"{name}.png"),
-                      "split": "train"})
+        extra.append({"image_id": f"{1000 + k}-{name}", "local_path": str(bad_dir / f"{name}.png"), "split": "train"})
     extra.append({"image_id": "1004-gone", "local_path": str(bad_dir / "gone.png"), "split": "train"})
     extra.append({"image_id": "1005-nopath", "local_path": None, "split": "train"})
     all_rows = pd.concat([rows.iloc[:3], pd.DataFrame(extra), rows.iloc[3:]], ignore_index=True)
@@ -233,8 +244,10 @@ def test_failed_files_get_reasons_and_the_rest_is_intact(tmp_path):
         assert row["status"] == "failed" and row["shard"] is None and row["offset"] == -1
         assert row["reason"].startswith(kind + ": ") and f"{name}.png" in row["reason"]
     assert by_id.loc["1004-gone", "reason"].startswith("missing: ")
-    assert by_id.loc["1005-nopath", "reason"].startswith("missing: ") and "1005-nopath" in by_id.loc[
-        "1005-nopath", "reason"]
+    assert (
+        by_id.loc["1005-nopath", "reason"].startswith("missing: ")
+        and "1005-nopath" in by_id.loc["1005-nopath", "reason"]
+    )
     # first shard: 1000, 1000-zero (failed), 1001, 1001-cut (failed): 1001 moved up into slot 1
     assert by_id.loc["1001", "offset"] == 1 and by_id.loc["1001", "shard"] == by_id.loc["1000", "shard"]
     assert np.load(tmp_path / "cache" / by_id.loc["1001", "shard"]).shape == (2, S, S, 3)
@@ -345,12 +358,14 @@ def _labeled_cache(tmp_path):
     rows = write_images(tmp_path / "img", 6, split_of=lambda i: "train" if i < 4 else "val")
     index = build_image_cache(rows, tmp_path / "cache", image_size=S, shard_size=2, workers=1)
     index.loc[index["image_id"] == "1002", "status"] = "failed"
-    labeled = pd.DataFrame({
-        "image_id": ["1003", "1001", "1001", "1000", "1002", "9999", "1004", "1005"],
-        "case_id": ["c3", "c2", "c1", "c1", "c4", "c5", "c6", "c7"],
-        "label": ["b", "a", "a", "a", "b", "b", "b", "a"],
-        "split": ["train"] * 6 + ["val"] * 2,
-    })
+    labeled = pd.DataFrame(
+        {
+            "image_id": ["1003", "1001", "1001", "1000", "1002", "9999", "1004", "1005"],
+            "case_id": ["c3", "c2", "c1", "c1", "c4", "c5", "c6", "c7"],
+            "label": ["b", "a", "a", "a", "b", "b", "b", "a"],
+            "split": ["train"] * 6 + ["val"] * 2,
+        }
+    )
     return labeled, index
 
 
@@ -358,8 +373,12 @@ def test_split_rows_are_the_cached_rows_of_one_split_per_image_and_case_in_case_
     labeled, index = _labeled_cache(tmp_path)
     rows, y = split_rows(labeled, index, "train", ["a", "b"])
     # 1002 (failed) and 9999 (not cached) are left out; the shared 1001 is a row per case.
-    assert list(zip(rows["case_id"], rows["image_id"])) == [("c1", "1000"), ("c1", "1001"), ("c2", "1001"),
-                                                             ("c3", "1003")]
+    assert list(zip(rows["case_id"], rows["image_id"])) == [
+        ("c1", "1000"),
+        ("c1", "1001"),
+        ("c2", "1001"),
+        ("c3", "1003"),
+    ]
     assert y.tolist() == [0, 0, 0, 1] and y.dtype == np.int32
     assert {"shard", "offset", "status", "image_size"} <= set(rows.columns)
     assert (rows["status"] == "ok").all()
@@ -380,6 +399,7 @@ def test_split_arrays_adds_the_rows_pixels_from_the_cache(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- augmentation
+
 
 def _skin_batch(n: int = 20) -> np.ndarray:
     return np.stack([preprocess_image(synthetic_skin(i), S) for i in range(n)])
@@ -426,6 +446,7 @@ def test_augment_batch_rejects_non_square_or_float_batches():
 
 
 # ---------------------------------------------------------------------------------------- keras sequence
+
 
 @pytest.fixture(scope="module")
 def sequence_class():
@@ -546,8 +567,7 @@ def test_sequence_feeds_keras_fit_one_whole_shuffled_epoch_at_a_time(sequence_cl
     assert len(epochs) >= 2
     reference = sequence_class(images, np.arange(n), 3, shuffle=True, seed=4)
     for epoch in epochs[-2:]:  # the two trained epochs: every image once, in that epoch's order
-        fed = [ids for e, _, ids in sorted(((e, i, ids) for e, i, ids in seen if e == epoch),
-                                           key=lambda t: t[1])]
+        fed = [ids for e, _, ids in sorted(((e, i, ids) for e, i, ids in seen if e == epoch), key=lambda t: t[1])]
         order = np.concatenate(fed)
         assert sorted(order) == list(range(n))
         reference.set_epoch(epoch)
@@ -558,6 +578,8 @@ def test_importing_the_module_does_not_import_keras():
     import subprocess
     import sys
 
-    code = ("import sys; import scin_pipeline.core.image_cache as m; "
-            "assert 'keras' not in sys.modules, 'keras imported at module import'")
+    code = (
+        "import sys; import scin_pipeline.core.image_cache as m; "
+        "assert 'keras' not in sys.modules, 'keras imported at module import'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

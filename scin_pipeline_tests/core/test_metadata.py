@@ -9,14 +9,18 @@ from scin_pipeline.core import schema
 from scin_pipeline.core.metadata import MetadataError, parse_metadata
 
 # A tiny, hand-made pair of files in the release's format: enough columns to exercise every rule.
-CASES_HEADER = ("case_id,source,release,year,age_group,sex_at_birth,fitzpatrick_skin_type,"
-                "race_ethnicity_white,textures_flat,image_1_path,image_2_path,image_3_path,"
-                "image_1_shot_type,image_2_shot_type,image_3_shot_type")
-LABELS_HEADER = ("case_id,dermatologist_gradable_for_skin_condition_1,"
-                 "dermatologist_gradable_for_skin_condition_2,dermatologist_gradable_for_skin_condition_3,"
-                 "dermatologist_skin_condition_on_label_name,dermatologist_skin_condition_confidence,"
-                 "weighted_skin_condition_label,dermatologist_fitzpatrick_skin_type_label_1,"
-                 "gradable_for_monk_skin_tone_us,monk_skin_tone_label_us,monk_skin_tone_label_india")
+CASES_HEADER = (
+    "case_id,source,release,year,age_group,sex_at_birth,fitzpatrick_skin_type,"
+    "race_ethnicity_white,textures_flat,image_1_path,image_2_path,image_3_path,"
+    "image_1_shot_type,image_2_shot_type,image_3_shot_type"
+)
+LABELS_HEADER = (
+    "case_id,dermatologist_gradable_for_skin_condition_1,"
+    "dermatologist_gradable_for_skin_condition_2,dermatologist_gradable_for_skin_condition_3,"
+    "dermatologist_skin_condition_on_label_name,dermatologist_skin_condition_confidence,"
+    "weighted_skin_condition_label,dermatologist_fitzpatrick_skin_type_label_1,"
+    "gradable_for_monk_skin_tone_us,monk_skin_tone_label_us,monk_skin_tone_label_india"
+)
 GOOD = "DEFAULT_YES_IMAGE_QUALITY_SUFFICIENT"
 
 
@@ -26,15 +30,21 @@ def case_row(case_id, *paths, age="AGE_18_TO_29", sex="FEMALE", fst="FST3"):
     return ",".join([case_id, "SCIN", "1.0.0", "2023", age, sex, fst, "YES", "", *paths, *shots])
 
 
-def label_row(case_id, names="['Eczema', 'Urticaria']", conf="[4, 2]",
-              weighted="{'Eczema': 0.67, 'Urticaria': 0.33}", grade=GOOD, tone_us="3"):
-    return ",".join([case_id, grade, "", "", f'"{names}"', f'"{conf}"', f'"{weighted}"', "FST3", "True",
-                     tone_us, "2"])
+def label_row(
+    case_id,
+    names="['Eczema', 'Urticaria']",
+    conf="[4, 2]",
+    weighted="{'Eczema': 0.67, 'Urticaria': 0.33}",
+    grade=GOOD,
+    tone_us="3",
+):
+    return ",".join([case_id, grade, "", "", f'"{names}"', f'"{conf}"', f'"{weighted}"', "FST3", "True", tone_us, "2"])
 
 
 def files(case_rows, label_rows) -> tuple[bytes, bytes]:
-    return ("\n".join([CASES_HEADER, *case_rows]) + "\n").encode(), \
-           ("\n".join([LABELS_HEADER, *label_rows]) + "\n").encode()
+    return ("\n".join([CASES_HEADER, *case_rows]) + "\n").encode(), (
+        "\n".join([LABELS_HEADER, *label_rows]) + "\n"
+    ).encode()
 
 
 def parse(case_rows, label_rows, **kwargs):
@@ -43,9 +53,10 @@ def parse(case_rows, label_rows, **kwargs):
 
 
 def test_small_files_give_typed_tables():
-    parsed = parse([case_row("-11", "dataset/images/-5.png", "dataset/images/7.png"),
-                    case_row("22", "dataset/images/8.png")],
-                   [label_row("-11"), label_row("22", "[]", "[]", "{}", grade="NO_IMAGE_QUALITY_INSUFFICIENT")])
+    parsed = parse(
+        [case_row("-11", "dataset/images/-5.png", "dataset/images/7.png"), case_row("22", "dataset/images/8.png")],
+        [label_row("-11"), label_row("22", "[]", "[]", "{}", grade="NO_IMAGE_QUALITY_INSUFFICIENT")],
+    )
     cases = parsed.cases.set_index("case_id")
     assert list(cases.index) == ["-11", "22"]
     assert cases.index.dtype == "string"
@@ -67,8 +78,9 @@ def test_small_files_give_typed_tables():
 
 
 def test_path_traversal_is_rejected_reported_and_gets_no_image_id():
-    parsed = parse([case_row("1", "dataset/images/../../etc/passwd", "/etc/shadow", "dataset/images/3.png")],
-                   [label_row("1")])
+    parsed = parse(
+        [case_row("1", "dataset/images/../../etc/passwd", "/etc/shadow", "dataset/images/3.png")], [label_row("1")]
+    )
     images = parsed.images.set_index("position")
     assert images.loc[1, "path_status"] == "rejected" and pd.isna(images.loc[1, "image_id"])
     assert "traversal" in images.loc[1, "path_reason"]
@@ -80,9 +92,13 @@ def test_path_traversal_is_rejected_reported_and_gets_no_image_id():
 
 
 def test_malformed_label_literal_quarantines_the_value_not_the_case():
-    parsed = parse([case_row("1", "dataset/images/1.png"), case_row("2", "dataset/images/2.png")],
-                   [label_row("1", weighted="{'Eczema': 0.5"),  # unbalanced brace
-                    label_row("2", weighted="__import__('os').system('echo pwned')")])
+    parsed = parse(
+        [case_row("1", "dataset/images/1.png"), case_row("2", "dataset/images/2.png")],
+        [
+            label_row("1", weighted="{'Eczema': 0.5"),  # unbalanced brace
+            label_row("2", weighted="__import__('os').system('echo pwned')"),
+        ],
+    )
     cases = parsed.cases.set_index("case_id")
     assert len(cases) == 2
     assert (cases["label_status"] == "malformed").all()
@@ -94,10 +110,13 @@ def test_malformed_label_literal_quarantines_the_value_not_the_case():
     assert q["reason"].str.contains("malformed weighted label dict literal").all()
 
 
-@pytest.mark.parametrize("bad,why", [
-    ("['Eczema', 3]", "not all strings"),
-    ("{'Eczema': 0.5}", "is a dict, expected a list"),
-])
+@pytest.mark.parametrize(
+    "bad,why",
+    [
+        ("['Eczema', 3]", "not all strings"),
+        ("{'Eczema': 0.5}", "is a dict, expected a list"),
+    ],
+)
 def test_label_literal_of_the_wrong_shape_is_quarantined(bad, why):
     parsed = parse([case_row("1", "dataset/images/1.png")], [label_row("1", names=bad, conf="[4, 2]")])
     assert parsed.cases["label_status"].iloc[0] == "malformed"
@@ -112,8 +131,10 @@ def test_missing_required_column_is_a_clear_error_naming_the_file():
 
 
 def test_duplicate_case_id_keeps_the_first_and_quarantines_the_repeat():
-    parsed = parse([case_row("5", "dataset/images/1.png"), case_row("5", "dataset/images/2.png", age="AGE_30_TO_39")],
-                   [label_row("5")])
+    parsed = parse(
+        [case_row("5", "dataset/images/1.png"), case_row("5", "dataset/images/2.png", age="AGE_30_TO_39")],
+        [label_row("5")],
+    )
     assert parsed.cases["case_id"].tolist() == ["5"]
     assert parsed.cases["age_group"].iloc[0] == "AGE_18_TO_29"
     row = parsed.quarantine.iloc[0]
@@ -135,8 +156,14 @@ def test_empty_file_is_a_clear_error():
 
 
 def test_non_utf8_row_is_quarantined_by_line_and_the_rest_kept():
-    cases_csv, labels_csv = files([case_row("1", "dataset/images/1.png"), case_row("2", "dataset/images/2.png"),
-                                   case_row("3", "dataset/images/3.png")], [label_row("1"), label_row("3")])
+    cases_csv, labels_csv = files(
+        [
+            case_row("1", "dataset/images/1.png"),
+            case_row("2", "dataset/images/2.png"),
+            case_row("3", "dataset/images/3.png"),
+        ],
+        [label_row("1"), label_row("3")],
+    )
     cases_csv = cases_csv.replace(b"2,SCIN,1.0.0", b"2,SC\xff\xfeIN,1.0.0")
     parsed = parse_metadata(cases_csv, labels_csv)
     assert parsed.cases["case_id"].tolist() == ["1", "3"]
@@ -154,7 +181,7 @@ def test_row_with_wrong_field_count_is_quarantined():
 def test_unterminated_quote_is_a_clear_error():
     cases_csv, labels_csv = files([case_row("1", "dataset/images/1.png")], [label_row("1")])
     with pytest.raises(MetadataError, match=r"scin_labels\.csv"):
-        parse_metadata(cases_csv, labels_csv.replace(b"0.33}\"", b"0.33}"))
+        parse_metadata(cases_csv, labels_csv.replace(b'0.33}"', b"0.33}"))
 
 
 def test_unknown_enum_value_is_kept_and_flagged():
@@ -174,8 +201,9 @@ def test_labels_for_unknown_cases_are_reported():
 
 
 def test_invalid_case_id_is_quarantined():
-    parsed = parse([case_row("1.5e18", "dataset/images/1.png"), case_row("2", "dataset/images/2.png")],
-                   [label_row("2")])
+    parsed = parse(
+        [case_row("1.5e18", "dataset/images/1.png"), case_row("2", "dataset/images/2.png")], [label_row("2")]
+    )
     assert parsed.cases["case_id"].tolist() == ["2"]
     assert "not a signed 64-bit integer" in parsed.quarantine["reason"].iloc[0]
 
@@ -200,6 +228,7 @@ def test_limit_cases_is_a_deterministic_sample():
 
 
 # --- The real release (SCIN v1.0.0): the bundled copy (SCIN_METADATA_DIR overrides) -----------------
+
 
 @pytest.mark.real_metadata
 def test_real_release_counts(real_parsed_metadata):
@@ -232,7 +261,11 @@ def test_real_release_distributions(real_parsed_metadata):
     assert int(cases["fst_dermatologist"].isna().sum()) == 731
     top = cases["top_label"].value_counts()
     assert (top["Eczema"], top["Allergic Contact Dermatitis"], top["Urticaria"], top["Insect Bite"]) == (
-        488, 270, 214, 185)
+        488,
+        270,
+        214,
+        185,
+    )
     assert cases["top_label"].nunique() == 211
     assert len({n for names in cases["weighted_label_names"] for n in names}) == 370
 

@@ -9,9 +9,22 @@ from sklearn.metrics import roc_auc_score
 
 from scin_pipeline.core import schema
 from scin_pipeline.core.metadata_model import (
-    BASELINE_CONFIG, CHOSEN_CONFIG, METADATA_FEATURE_COLUMNS, MetadataModelConfig, evaluate_predictions,
-    fit_predict_split, fit_single_label_metadata_model, metadata_dataset, metadata_features, multilabel_classes,
-    multilabel_metrics, multilabel_targets, predict_proba, top_k_classes, train_metadata_model)
+    BASELINE_CONFIG,
+    CHOSEN_CONFIG,
+    METADATA_FEATURE_COLUMNS,
+    MetadataModelConfig,
+    evaluate_predictions,
+    fit_predict_split,
+    fit_single_label_metadata_model,
+    metadata_dataset,
+    metadata_features,
+    multilabel_classes,
+    multilabel_metrics,
+    multilabel_targets,
+    predict_proba,
+    top_k_classes,
+    train_metadata_model,
+)
 
 
 def _cases(rows: list[dict]) -> pd.DataFrame:
@@ -19,17 +32,24 @@ def _cases(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     for column in schema.TEXTURE_COLUMNS + schema.BODY_PART_COLUMNS + schema.SYMPTOM_COLUMNS:
         frame[column] = frame.get(column, pd.Series(False, index=frame.index)).fillna(False).astype(bool)
-    for column in ("age_group", "sex_at_birth", "fitzpatrick_skin_type", "condition_duration",
-                   "related_category"):
+    for column in ("age_group", "sex_at_birth", "fitzpatrick_skin_type", "condition_duration", "related_category"):
         values = frame.get(column, pd.Series([None] * len(frame), index=frame.index))
         extra = sorted(set(values.dropna()) - set(schema.ENUM_VALUES[column]))
         frame[column] = pd.Categorical(values, categories=schema.ENUM_VALUES[column] + extra)
     return frame
 
 
-FULL_CASE = {"case_id": "1", "textures_flat": True, "body_parts_arm": True, "condition_symptoms_itching": True,
-             "age_group": "AGE_30_TO_39", "sex_at_birth": "FEMALE", "fitzpatrick_skin_type": "FST3",
-             "condition_duration": "ONE_TO_FOUR_WEEKS", "related_category": "RASH"}
+FULL_CASE = {
+    "case_id": "1",
+    "textures_flat": True,
+    "body_parts_arm": True,
+    "condition_symptoms_itching": True,
+    "age_group": "AGE_30_TO_39",
+    "sex_at_birth": "FEMALE",
+    "fitzpatrick_skin_type": "FST3",
+    "condition_duration": "ONE_TO_FOUR_WEEKS",
+    "related_category": "RASH",
+}
 
 
 def test_features_have_the_documented_columns_and_encode_a_case():
@@ -69,8 +89,7 @@ def test_unseen_enum_value_is_flagged_not_an_error():
 def test_all_missing_row_encodes_as_missing_indicators():
     features = metadata_features(_cases([{"case_id": "3"}])).iloc[0]
     assert not features.isna().any()
-    for column in ("age_group", "sex_at_birth", "fitzpatrick_skin_type", "condition_duration",
-                   "related_category"):
+    for column in ("age_group", "sex_at_birth", "fitzpatrick_skin_type", "condition_duration", "related_category"):
         assert features[f"{column}__missing"] == 1
         assert features[f"{column}__unrecognised"] == 0
     for group in ("textures", "body_parts", "symptoms"):
@@ -81,8 +100,7 @@ def test_all_missing_row_encodes_as_missing_indicators():
 
 
 def test_targets_follow_the_label_lists_and_other_is_no_class():
-    labels = pd.DataFrame({"case_id": ["a", "b", "c"],
-                           "labels": [["Eczema", "Tinea"], ["other"], ["Tinea"]]})
+    labels = pd.DataFrame({"case_id": ["a", "b", "c"], "labels": [["Eczema", "Tinea"], ["other"], ["Tinea"]]})
     classes = multilabel_classes(labels)
     assert classes == ["Eczema", "Tinea"]
     np.testing.assert_array_equal(multilabel_targets(labels, classes), [[1, 1], [0, 0], [0, 1]])
@@ -197,11 +215,18 @@ def real_dataset(real_parsed_metadata):
 def test_real_dataset_is_the_top10_task_on_a_case_split(real_dataset, real_parsed_metadata):
     assert len(real_dataset.classes) == 10 and "other" not in real_dataset.classes
     assert len(real_dataset.case_ids) == 3061 == len(set(real_dataset.case_ids))
-    assert {s: int((real_dataset.split == s).sum()) for s in ("train", "val", "test")} == \
-        {"train": 2138, "val": 462, "test": 461}
+    assert {s: int((real_dataset.split == s).sum()) for s in ("train", "val", "test")} == {
+        "train": 2138,
+        "val": 462,
+        "test": 461,
+    }
     # Classes are the 10 most frequent top labels; targets are every mention of them.
-    top_labels = real_parsed_metadata.cases["weighted_label_names"].dropna().map(
-        lambda names: names[0] if len(names) else None).dropna()
+    top_labels = (
+        real_parsed_metadata.cases["weighted_label_names"]
+        .dropna()
+        .map(lambda names: names[0] if len(names) else None)
+        .dropna()
+    )
     assert set(real_dataset.classes) == set(top_labels.value_counts().index[:10])
     # Cases outside the 10 stay in as all-negative rows.
     assert 0 < (real_dataset.Y.sum(axis=1) == 0).sum() < len(real_dataset.Y) // 2
@@ -216,8 +241,10 @@ def test_real_chosen_model_beats_the_logistic_baseline(real_dataset):
     Y = real_dataset.Y[test]
     P_baseline = fit_predict_split(real_dataset, BASELINE_CONFIG, ("test",))["test"]
     P_chosen = fit_predict_split(real_dataset, CHOSEN_CONFIG, ("test",))["test"]
-    results = {name: evaluate_predictions(real_dataset, {"test": P})["test"]
-               for name, P in (("baseline", P_baseline), ("chosen", P_chosen))}
+    results = {
+        name: evaluate_predictions(real_dataset, {"test": P})["test"]
+        for name, P in (("baseline", P_baseline), ("chosen", P_chosen))
+    }
     assert results["chosen"]["classes_without_auc"] == []
     gain = results["chosen"]["mean_auc"] - results["baseline"]["mean_auc"]
     # Noise: the standard error of the paired gain over bootstrap resamples of the 461 test cases.
@@ -225,8 +252,10 @@ def test_real_chosen_model_beats_the_logistic_baseline(real_dataset):
     resampled = []
     for _ in range(100):
         rows = rng.integers(0, len(Y), len(Y))
-        resampled.append(multilabel_metrics(Y[rows], P_chosen[rows])["mean_auc"]
-                         - multilabel_metrics(Y[rows], P_baseline[rows])["mean_auc"])
+        resampled.append(
+            multilabel_metrics(Y[rows], P_chosen[rows])["mean_auc"]
+            - multilabel_metrics(Y[rows], P_baseline[rows])["mean_auc"]
+        )
     noise = float(np.std(resampled))
     assert 0 < noise < MEASURED_TEST_GAIN
     assert gain > max(0.0, MEASURED_TEST_GAIN - 2 * noise)

@@ -11,12 +11,15 @@ import pytest
 from scin_pipeline.core.mlflow_registry import fluent_tracking_uri, without_credentials
 
 
-@pytest.mark.parametrize("uri, shown", [
-    ("https://user:secret@mlflow.example:5000/path?x=1", "https://mlflow.example:5000/path?x=1"),
-    ("http://token@mlflow.example/", "http://mlflow.example/"),
-    ("https://mlflow.example", "https://mlflow.example"),
-    ("sqlite:////data/mlflow/mlflow.db", "sqlite:////data/mlflow/mlflow.db"),
-])
+@pytest.mark.parametrize(
+    "uri, shown",
+    [
+        ("https://user:secret@mlflow.example:5000/path?x=1", "https://mlflow.example:5000/path?x=1"),
+        ("http://token@mlflow.example/", "http://mlflow.example/"),
+        ("https://mlflow.example", "https://mlflow.example"),
+        ("sqlite:////data/mlflow/mlflow.db", "sqlite:////data/mlflow/mlflow.db"),
+    ],
+)
 def test_without_credentials(uri, shown):
     assert without_credentials(uri) == shown
 

@@ -28,20 +28,34 @@ def card_inputs():
     logits = rng.normal(size=(n, k))
     logits[np.arange(n), y] += 2.0
     proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    sensitive = pd.DataFrame({"monk_us_bin": rng.choice(["1-2", "3-4", "5-6", "7-10"], n,
-                                                        p=[0.4, 0.4, 0.17, 0.03]),
-                              "sex_at_birth": rng.choice(["FEMALE", "MALE"], n)})
+    sensitive = pd.DataFrame(
+        {
+            "monk_us_bin": rng.choice(["1-2", "3-4", "5-6", "7-10"], n, p=[0.4, 0.4, 0.17, 0.03]),
+            "sex_at_birth": rng.choice(["FEMALE", "MALE"], n),
+        }
+    )
     classes = ["Eczema", "Psoriasis", "Urticaria"]
     table = fairness_table("cnn", y, proba, classes, sensitive, n_bootstrap=40)
-    return dict(model_name="cnn", model_version=3, model_uri="models:/scin-condition-classifier/3",
-                kind="keras_image", classes=classes, metrics=classification_metrics(y, proba, classes),
-                fairness_table=table, gate=fairness_gate(table),
-                data_summary={"release": "1.0.0", "n_cases": 3061,
-                              "splits": {"train": 2138, "val": 462, "test": 461},
-                              "exclusions": {"ungradable images": {"n": 1925, "why": "grader 1 said "
-                                                                   "image quality insufficient"},
-                                             "near-duplicate of a kept image": 15}},
-                preprocessing={"image_size": 224, "augmentation": "flips, 90-degree turns"})
+    return dict(
+        model_name="cnn",
+        model_version=3,
+        model_uri="models:/scin-condition-classifier/3",
+        kind="keras_image",
+        classes=classes,
+        metrics=classification_metrics(y, proba, classes),
+        fairness_table=table,
+        gate=fairness_gate(table),
+        data_summary={
+            "release": "1.0.0",
+            "n_cases": 3061,
+            "splits": {"train": 2138, "val": 462, "test": 461},
+            "exclusions": {
+                "ungradable images": {"n": 1925, "why": "grader 1 said image quality insufficient"},
+                "near-duplicate of a kept image": 15,
+            },
+        },
+        preprocessing={"image_size": 224, "augmentation": "flips, 90-degree turns"},
+    )
 
 
 def test_every_section_and_the_statements(card_inputs):
@@ -51,9 +65,17 @@ def test_every_section_and_the_statements(card_inputs):
     assert NOT_FOR_DIAGNOSIS in markdown and "NOT FOR DIAGNOSIS" in NOT_FOR_DIAGNOSIS
     assert SCIN_LICENCE_NAME == "SCIN Data Use License" and SCIN_LICENCE_NAME in markdown
     assert SCIN_CITATION in markdown and "arXiv:2402.18545" in SCIN_CITATION
-    for phrase in ("US-only", "Self-selected", "Rare deep skin tones", "Synthetic images when run offline",
-                   "re-identif", "ungradable images", "grader 1 said image quality insufficient",
-                   "image_size: 224", "models:/scin-condition-classifier/3"):
+    for phrase in (
+        "US-only",
+        "Self-selected",
+        "Rare deep skin tones",
+        "Synthetic images when run offline",
+        "re-identif",
+        "ungradable images",
+        "grader 1 said image quality insufficient",
+        "image_size: 224",
+        "models:/scin-condition-classifier/3",
+    ):
         assert phrase in markdown, phrase
     assert SYNTHETIC_BANNER not in markdown
     assert "THIS CARD COMES FROM SUCH A RUN" not in markdown
@@ -93,5 +115,4 @@ def test_synthetic_card_says_so_first(card_inputs):
 
 
 def test_card_is_deterministic(card_inputs):
-    assert build_model_card(**card_inputs, synthetic=False) == build_model_card(**card_inputs,
-                                                                               synthetic=False)
+    assert build_model_card(**card_inputs, synthetic=False) == build_model_card(**card_inputs, synthetic=False)

@@ -9,12 +9,19 @@ import numpy as np
 import pytest
 
 from scin_pipeline.core import models
+from scin_pipeline.core.models import (
+    WeightsUnavailableError,
+    build_baseline_cnn,
+    build_classifier_head,
+    build_multimodal_head,
+    build_resnet50_backbone,
+    compose_end_to_end,
+    resolve_weights,
+    unfreeze_top,
+)
 
 # keras' TensorFlow backend converts variables with np.array(x) (numpy 2 copy-keyword notice): not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-from scin_pipeline.core.models import (
-    WeightsUnavailableError, build_baseline_cnn, build_classifier_head, build_multimodal_head,
-    build_resnet50_backbone, compose_end_to_end, resolve_weights, unfreeze_top)
 
 SIZE = 32
 
@@ -43,7 +50,16 @@ def test_baseline_cnn_takes_uint8_images_and_outputs_float32_probabilities():
     assert probabilities.shape == (5, 4) and probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert [type(layer).__name__ for layer in model.layers[1:]] == [
-        "Rescaling", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dropout", "Dense"]
+        "Rescaling",
+        "Conv2D",
+        "MaxPooling2D",
+        "Conv2D",
+        "MaxPooling2D",
+        "Flatten",
+        "Dense",
+        "Dropout",
+        "Dense",
+    ]
 
 
 def test_baseline_cnn_rescales_inside_the_model():
@@ -72,8 +88,7 @@ def test_backbone_maps_uint8_images_to_pooled_float32_embeddings(backbone):
 def _plain_keras_resnet50_h5(tmp_path):
     """A keras ResNet50 (no top) with random weights saved in the legacy .h5 layout the ImageNet file uses."""
     keras.utils.set_random_seed(7)
-    plain = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3),
-                                        pooling="avg")
+    plain = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3), pooling="avg")
     path = tmp_path / models.RESNET50_NOTOP_FILE
     plain.save(str(path))  # legacy whole-model .h5: load_weights reads its model_weights group
     return plain, path
@@ -108,8 +123,8 @@ def test_offline_imagenet_request_raises_a_clear_error(monkeypatch):
     with pytest.raises(WeightsUnavailableError) as error:
         build_resnet50_backbone(SIZE, weights="imagenet")
     message = str(error.value)
-    assert models.RESNET50_NOTOP_FILE in message and "models" in message   # what to pre-seed, and where
-    assert "weights: none" in message and "name resolution" in message      # the alternative, and the cause
+    assert models.RESNET50_NOTOP_FILE in message and "models" in message  # what to pre-seed, and where
+    assert "weights: none" in message and "name resolution" in message  # the alternative, and the cause
 
 
 def test_resolve_weights_falls_back_to_random_init_only_when_allowed(monkeypatch, caplog):
@@ -147,15 +162,23 @@ def test_multimodal_head_has_named_embedding_and_metadata_inputs():
     head = build_multimodal_head(16, 5, 4, metadata_units=8)
     assert sorted(t.name for t in head.inputs) == ["embedding", "metadata"]
     rng = np.random.default_rng(0)
-    probabilities = head.predict({"embedding": rng.normal(size=(3, 16)).astype("float32"),
-                                  "metadata": rng.integers(0, 2, (3, 5)).astype("float32")}, verbose=0)
+    probabilities = head.predict(
+        {
+            "embedding": rng.normal(size=(3, 16)).astype("float32"),
+            "metadata": rng.integers(0, 2, (3, 5)).astype("float32"),
+        },
+        verbose=0,
+    )
     assert probabilities.shape == (3, 4) and probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_end_to_end_model_equals_head_of_backbone_and_survives_save_load(backbone, tmp_path):
-    head = build_classifier_head(models.RESNET50_EMBEDDING_DIM, 3, normalize_with=np.random.default_rng(1).normal(
-        size=(50, models.RESNET50_EMBEDDING_DIM)))
+    head = build_classifier_head(
+        models.RESNET50_EMBEDDING_DIM,
+        3,
+        normalize_with=np.random.default_rng(1).normal(size=(50, models.RESNET50_EMBEDDING_DIM)),
+    )
     model = compose_end_to_end(backbone, head, with_metadata=False)
     images = _images(4, seed=2)
     expected = head.predict(backbone.predict(images, verbose=0), verbose=0)
@@ -183,8 +206,9 @@ def test_end_to_end_multimodal_model_takes_image_and_metadata(tmp_path):
     probabilities = model.predict(inputs, verbose=0)
     assert probabilities.shape == (2, 3)
     model.save(tmp_path / "multimodal.keras")
-    np.testing.assert_allclose(keras.models.load_model(tmp_path / "multimodal.keras").predict(inputs, verbose=0),
-                               probabilities, atol=1e-5)
+    np.testing.assert_allclose(
+        keras.models.load_model(tmp_path / "multimodal.keras").predict(inputs, verbose=0), probabilities, atol=1e-5
+    )
     with pytest.raises(ValueError, match="no input named 'metadata'"):
         compose_end_to_end(backbone, build_classifier_head(8, 3), with_metadata=True)
 

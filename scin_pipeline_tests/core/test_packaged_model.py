@@ -30,19 +30,26 @@ def synthetic_cases(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
     rng = np.random.default_rng(seed)
     ages = np.array(schema.ENUM_VALUES["age_group"][:3])
     age_index = rng.integers(0, 3, n)
-    return pd.DataFrame({
-        "case_id": [f"synthetic-{i}" for i in range(n)],
-        "age_group": ages[age_index],
-        ITCH: age_index == 1,
-        "sex_at_birth": rng.choice(["FEMALE", "MALE", None], n),
-    }), age_index
+    return pd.DataFrame(
+        {
+            "case_id": [f"synthetic-{i}" for i in range(n)],
+            "age_group": ages[age_index],
+            ITCH: age_index == 1,
+            "sex_at_birth": rng.choice(["FEMALE", "MALE", None], n),
+        }
+    ), age_index
 
 
 def fitted_metadata_package(n: int = 60) -> tuple[PackagedClassifier, pd.DataFrame]:
     cases, y = synthetic_cases(n)
     model = LogisticRegression(max_iter=500).fit(metadata_features(cases).to_numpy(), y)
-    package = PackagedClassifier(kind="sklearn_metadata", classes=CLASSES, model=model,
-                                 metadata_columns=list(METADATA_FEATURE_COLUMNS), extra={"note": "synthetic"})
+    package = PackagedClassifier(
+        kind="sklearn_metadata",
+        classes=CLASSES,
+        model=model,
+        metadata_columns=list(METADATA_FEATURE_COLUMNS),
+        extra={"note": "synthetic"},
+    )
     return package, cases
 
 
@@ -117,12 +124,18 @@ def test_save_replaces_an_existing_package_whole_and_leaves_no_temporary_folders
 def test_save_failure_keeps_the_previous_package(tmp_path):
     package, cases = fitted_metadata_package()
     package.save(tmp_path / "pkg")
-    broken = PackagedClassifier(kind="sklearn_metadata", classes=CLASSES, model=package.model,
-                                metadata_columns=package.metadata_columns, extra={"not json": object()})
+    broken = PackagedClassifier(
+        kind="sklearn_metadata",
+        classes=CLASSES,
+        model=package.model,
+        metadata_columns=package.metadata_columns,
+        extra={"not json": object()},
+    )
     with pytest.raises(ValueError, match="not plain JSON"):
         broken.save(tmp_path / "pkg")
-    np.testing.assert_allclose(PackagedClassifier.load(tmp_path / "pkg").predict_proba(cases=cases),
-                               package.predict_proba(cases=cases))
+    np.testing.assert_allclose(
+        PackagedClassifier.load(tmp_path / "pkg").predict_proba(cases=cases), package.predict_proba(cases=cases)
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
 
 
@@ -137,8 +150,13 @@ def test_missing_inputs_and_bad_shapes_are_clear_errors():
         image_package.predict_proba(images=synthetic_images(2, size=8))
     with pytest.raises(ValueError, match="uint8"):
         image_package.predict_proba(images=synthetic_images(2).astype(np.float32))
-    multimodal = PackagedClassifier(kind="keras_multimodal", classes=CLASSES, model=None, image_size=16,
-                                    metadata_columns=list(METADATA_FEATURE_COLUMNS))
+    multimodal = PackagedClassifier(
+        kind="keras_multimodal",
+        classes=CLASSES,
+        model=None,
+        image_size=16,
+        metadata_columns=list(METADATA_FEATURE_COLUMNS),
+    )
     with pytest.raises(ValueError, match="disagree on the number of rows: 2 vs 5"):
         multimodal.predict_proba(images=synthetic_images(2), cases=cases.head(5))
 
@@ -159,8 +177,12 @@ def test_output_that_is_not_a_distribution_is_refused():
         def predict_proba(self, X):
             return np.full((len(X), 3), 0.6)
 
-    package = PackagedClassifier(kind="sklearn_metadata", classes=CLASSES, model=PerClassScores(),
-                                 metadata_columns=list(METADATA_FEATURE_COLUMNS))
+    package = PackagedClassifier(
+        kind="sklearn_metadata",
+        classes=CLASSES,
+        model=PerClassScores(),
+        metadata_columns=list(METADATA_FEATURE_COLUMNS),
+    )
     with pytest.raises(ValueError, match="row 0 sums to 1.8000"):
         package.predict_proba(cases=synthetic_cases(4)[0])
 
@@ -194,8 +216,7 @@ def test_unreadable_specs_name_the_file(tmp_path):
 
 
 def test_keras_image_package_round_trips_and_the_pyfunc_decodes_png_bytes(tmp_path):
-    package = PackagedClassifier(kind="keras_image", classes=CLASSES, model=tiny_keras_image_model(),
-                                 image_size=16)
+    package = PackagedClassifier(kind="keras_image", classes=CLASSES, model=tiny_keras_image_model(), image_size=16)
     # Synthetic 24 x 20 photos: the pyfunc crops and resizes them exactly as training's preprocessing does.
     photos = [np.random.default_rng(i).integers(0, 256, (24, 20, 3), dtype=np.uint8) for i in range(3)]
     uploads = [png_bytes(photo) for photo in photos]
@@ -221,8 +242,13 @@ def test_keras_image_package_round_trips_and_the_pyfunc_decodes_png_bytes(tmp_pa
 
 
 def test_keras_multimodal_package_uses_images_and_case_metadata(tmp_path):
-    package = PackagedClassifier(kind="keras_multimodal", classes=CLASSES, model=tiny_keras_multimodal_model(),
-                                 image_size=16, metadata_columns=list(METADATA_FEATURE_COLUMNS))
+    package = PackagedClassifier(
+        kind="keras_multimodal",
+        classes=CLASSES,
+        model=tiny_keras_multimodal_model(),
+        image_size=16,
+        metadata_columns=list(METADATA_FEATURE_COLUMNS),
+    )
     cases, _ = synthetic_cases(4)
     images = synthetic_images(4)
     expected = package.predict_proba(images=images, cases=cases)

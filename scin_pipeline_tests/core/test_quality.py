@@ -146,12 +146,15 @@ def test_blurry_rule_works_on_phone_sized_photos(tmp_path):
     assert blurred["sharpness"] < threshold < sharp["sharpness"]
 
 
-@pytest.mark.parametrize("content,status", [
-    (b"", "empty_file"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 10, "truncated"),
-    (b"\xff\xd8\xff\xe0" + b"\x00" * 100, "wrong_format"),
-    (os.urandom(2000).replace(b"\x89", b"\x00").replace(b"\xff", b"\x00"), "corrupt"),
-])
+@pytest.mark.parametrize(
+    "content,status",
+    [
+        (b"", "empty_file"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 10, "truncated"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 100, "wrong_format"),
+        (os.urandom(2000).replace(b"\x89", b"\x00").replace(b"\xff", b"\x00"), "corrupt"),
+    ],
+)
 def test_decode_failures_give_a_row_with_the_reason_and_no_metrics(tmp_path, content, status):
     path = tmp_path / "bad.png"
     path.write_bytes(content)
@@ -189,9 +192,16 @@ def test_hashes_identical_near_duplicate_and_unrelated(tmp_path):
     crop = cv2.resize(a[3:117, 4:156], SIZE, interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 80])
     near = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    rows = {name: _assess(tmp_path, name, img) for name, img in {
-        "a": a, "a_again": a.copy(), "near": near, "other": _skin("h2", 3, "eczema_blotches"),
-        "other_tone": _skin("h3", 8, "tinea_rings")}.items()}
+    rows = {
+        name: _assess(tmp_path, name, img)
+        for name, img in {
+            "a": a,
+            "a_again": a.copy(),
+            "near": near,
+            "other": _skin("h2", 3, "eczema_blotches"),
+            "other_tone": _skin("h3", 8, "tinea_rings"),
+        }.items()
+    }
     assert rows["a"]["phash"] == rows["a_again"]["phash"] and rows["a"]["dhash"] == rows["a_again"]["dhash"]
     assert _hamming(rows["a"]["phash"], rows["near"]["phash"]) <= 8
     for other in ("other", "other_tone"):
@@ -264,16 +274,22 @@ def test_every_decode_failure_is_excluded_with_its_status(tmp_path):
     rows.append(assess_image("gone", None))
     out = _decide(rows, [1, 5, 9, None]).set_index("image_id")
     assert not out["keep"].any()
-    assert out["reason"].to_dict() == {"empty": "empty_file", "cut": "truncated", "jpeg": "wrong_format",
-                                       "gone": "missing"}
+    assert out["reason"].to_dict() == {
+        "empty": "empty_file",
+        "cut": "truncated",
+        "jpeg": "wrong_format",
+        "gone": "missing",
+    }
 
 
 def test_overexposed_blurry_and_low_information_reasons(tmp_path):
     skin = _skin("m", 3, "psoriasis_plaques")
     flat = np.full((120, 160, 3), (200, 170, 150), np.uint8)
-    rows = [_assess(tmp_path, "over", np.clip(skin.astype(int) * 2 + 40, 0, 255).astype(np.uint8)),
-            _assess(tmp_path, "blur", cv2.GaussianBlur(skin, (0, 0), 4)),
-            _assess(tmp_path, "flat", flat)]
+    rows = [
+        _assess(tmp_path, "over", np.clip(skin.astype(int) * 2 + 40, 0, 255).astype(np.uint8)),
+        _assess(tmp_path, "blur", cv2.GaussianBlur(skin, (0, 0), 4)),
+        _assess(tmp_path, "flat", flat),
+    ]
     out = _decide(rows, [3, 3, 3]).set_index("image_id")
     assert out["reason"].to_dict() == {"over": "overexposed", "blur": "blurry", "flat": "low_information"}
 
@@ -288,11 +304,16 @@ def test_threshold_sweep_is_monotone_and_rejects_unknown_fields(tmp_path, mirror
 
 
 def test_monk_tone_per_image_us_graders_then_india_first_known_tone_for_shared_files():
-    cases = pd.DataFrame({"case_id": ["c1", "c2", "c3", "c4"],
-                          "monk_skin_tone_label_us": pd.array([7, None, None, 2], dtype="Int8"),
-                          "monk_skin_tone_label_india": pd.array([3, 5, None, 9], dtype="Int8")})
-    images = pd.DataFrame({"image_id": ["10", "20", "30", "40", "40", "50", None],
-                           "case_id": ["c1", "c2", "c3", "c3", "c4", None, "c1"]})
+    cases = pd.DataFrame(
+        {
+            "case_id": ["c1", "c2", "c3", "c4"],
+            "monk_skin_tone_label_us": pd.array([7, None, None, 2], dtype="Int8"),
+            "monk_skin_tone_label_india": pd.array([3, 5, None, 9], dtype="Int8"),
+        }
+    )
+    images = pd.DataFrame(
+        {"image_id": ["10", "20", "30", "40", "40", "50", None], "case_id": ["c1", "c2", "c3", "c3", "c4", None, "c1"]}
+    )
     tones = monk_tone_per_image(images, cases)
     # 10: US tone; 20: no US tone, India's; 30: no tone at all (absent); 40: shared by c3 (no tone) and c4,
     # takes the first KNOWN tone; 50 has no case.
@@ -301,8 +322,13 @@ def test_monk_tone_per_image_us_graders_then_india_first_known_tone_for_shared_f
 
 
 def test_exclusion_rates_by_monk_tone():
-    decisions = pd.DataFrame({"image_id": list("abcdef"), "keep": [True, False, True, False, False, True],
-                              "reason": [None, "dark", None, "blurry", "dark", None]})
+    decisions = pd.DataFrame(
+        {
+            "image_id": list("abcdef"),
+            "keep": [True, False, True, False, False, True],
+            "reason": [None, "dark", None, "blurry", "dark", None],
+        }
+    )
     tones = pd.Series([1, 1, 9, 9, 9, None])
     out = exclusion_rates_by_monk_tone(decisions, tones).set_index("monk_tone")
     assert list(out.index) == ["1", "9", "unknown"]
@@ -312,15 +338,21 @@ def test_exclusion_rates_by_monk_tone():
 
 
 def test_planted_defect_scores_counts():
-    decisions = pd.DataFrame({
-        "image_id": ["1", "2", "3", "4", "5", "6"],
-        "keep": [False, False, True, False, True, True],
-        "reason": ["dark", "dark", None, "blurry", None, None],
-        "dark_but_diagnostic": [False, False, True, False, False, False],
-    })
-    plants = pd.DataFrame({"image_id": ["1", "2", "3", "4", "5", "6"],
-                           "planted": ["dark", "clean", "dark_diagnostic", "blurred", "blurred", "clean"],
-                           "monk_tone": [1, 2, 9, 3, 3, 9]})
+    decisions = pd.DataFrame(
+        {
+            "image_id": ["1", "2", "3", "4", "5", "6"],
+            "keep": [False, False, True, False, True, True],
+            "reason": ["dark", "dark", None, "blurry", None, None],
+            "dark_but_diagnostic": [False, False, True, False, False, False],
+        }
+    )
+    plants = pd.DataFrame(
+        {
+            "image_id": ["1", "2", "3", "4", "5", "6"],
+            "planted": ["dark", "clean", "dark_diagnostic", "blurred", "blurred", "clean"],
+            "monk_tone": [1, 2, 9, 3, 3, 9],
+        }
+    )
     out = planted_defect_scores(decisions, plants).set_index("planted")
     assert out.loc["dark", ["n_planted", "n_flagged", "true_positives"]].tolist() == [1, 2, 1]
     assert out.loc["dark", "precision"] == 0.5 and out.loc["dark", "recall"] == 1.0
@@ -342,8 +374,9 @@ def _balanced_tone_mirror(root: Path, n_cases: int, seed: int, size) -> pd.DataF
     meta.mkdir(parents=True)
     cases.to_csv(meta / "scin_cases.csv", index=False)
     labels.to_csv(meta / "scin_labels.csv", index=False)
-    mirror = synthetic.write_synthetic_mirror(root / "mirror", metadata_dir=meta, seed=seed, image_size=size,
-                                              defect_rate=0.5)
+    mirror = synthetic.write_synthetic_mirror(
+        root / "mirror", metadata_dir=meta, seed=seed, image_size=size, defect_rate=0.5
+    )
     plants = mirror.plants[mirror.plants["image_id"].astype(str) != ""].reset_index(drop=True)
     return plants.assign(path=[str(root / "mirror" / "dataset" / "images" / f"{i}.png") for i in plants["image_id"]])
 
@@ -351,8 +384,10 @@ def _balanced_tone_mirror(root: Path, n_cases: int, seed: int, size) -> pd.DataF
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory):
     plants = _balanced_tone_mirror(tmp_path_factory.mktemp("quality_mirror"), 120, 11, SIZE)
-    items = [(i, None if planted == "missing" else p)
-             for i, p, planted in plants[["image_id", "path", "planted"]].itertuples(index=False)]
+    items = [
+        (i, None if planted == "missing" else p)
+        for i, p, planted in plants[["image_id", "path", "planted"]].itertuples(index=False)
+    ]
     frame = assessments_frame(assess_images(items, workers=2))
     return frame, plants
 
@@ -463,9 +498,13 @@ def test_binned_percentiles_agree_with_numpy_to_the_bin_width():
     rng = np.random.default_rng(8)
     values = (rng.beta(2, 5, (300, 200)) * 100).astype(np.float32)
     q = (1, 5, 50, 95, 99)
-    np.testing.assert_allclose(binned_percentiles(values, q, lo=0, hi=100, step=0.05),
-                               np.percentile(values, q), atol=0.05)
+    np.testing.assert_allclose(
+        binned_percentiles(values, q, lo=0, hi=100, step=0.05), np.percentile(values, q), atol=0.05
+    )
     mask = (values > 30).astype(np.uint8) * 255
-    np.testing.assert_allclose(binned_percentiles(values, (50,), lo=0, hi=100, step=0.05, mask=mask),
-                               np.percentile(values[values > 30], 50), atol=0.05)
+    np.testing.assert_allclose(
+        binned_percentiles(values, (50,), lo=0, hi=100, step=0.05, mask=mask),
+        np.percentile(values[values > 30], 50),
+        atol=0.05,
+    )
     assert np.isnan(binned_percentiles(values, (50,), lo=0, hi=100, step=0.05, mask=np.zeros_like(mask))).all()

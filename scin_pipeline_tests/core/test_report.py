@@ -34,28 +34,71 @@ MAX_PNG_BYTES = 150_000
 CASE_ROWS = [
     # case_id, tone_us, tone_india, fst_self, fst_derm, race boxes ticked, combined_race, sex, age,
     # weighted labels, label_status, n_label_graders
-    ("c1", 1, 2, "FST1", "FST2", ["white"], "WHITE", "FEMALE", "AGE_18_TO_29",
-     ["Eczema", "Psoriasis"], "labelled", 3),
-    ("c2", 7, 7, "FST6", "FST6", ["black_or_african_american", "hispanic_latino_or_spanish_origin"],
-     "BLACK_OR_AFRICAN_AMERICAN,HISPANIC_LATINO_OR_SPANISH_ORIGIN", "MALE", "AGE_30_TO_39",
-     ["Psoriasis", "Eczema"], "labelled", 1),
+    ("c1", 1, 2, "FST1", "FST2", ["white"], "WHITE", "FEMALE", "AGE_18_TO_29", ["Eczema", "Psoriasis"], "labelled", 3),
+    (
+        "c2",
+        7,
+        7,
+        "FST6",
+        "FST6",
+        ["black_or_african_american", "hispanic_latino_or_spanish_origin"],
+        "BLACK_OR_AFRICAN_AMERICAN,HISPANIC_LATINO_OR_SPANISH_ORIGIN",
+        "MALE",
+        "AGE_30_TO_39",
+        ["Psoriasis", "Eczema"],
+        "labelled",
+        1,
+    ),
     ("c3", None, 3, None, None, [], None, "OTHER_OR_UNSPECIFIED", "AGE_UNKNOWN", [], "ungradable", 1),
-    ("c4", 10, None, "NONE_IDENTIFIED", "FST5", ["asian"], "ASIAN", "FEMALE", "AGE_80_OR_ABOVE",
-     ["Eczema"], "labelled", 1),
+    (
+        "c4",
+        10,
+        None,
+        "NONE_IDENTIFIED",
+        "FST5",
+        ["asian"],
+        "ASIAN",
+        "FEMALE",
+        "AGE_80_OR_ABOVE",
+        ["Eczema"],
+        "labelled",
+        1,
+    ),
     ("c5", 2, 2, "FST3", "FST3", ["white"], "WHITE", "FEMALE", None, [], "no_pathology", 3),
 ]
 
 
 def hand_made_cases() -> pd.DataFrame:
     rows = []
-    for (case_id, tone_us, tone_india, fst_self, fst_derm, races, combined, sex, age, weighted, status,
-         graders) in CASE_ROWS:
-        row = {"case_id": case_id, "monk_skin_tone_label_us": tone_us,
-               "monk_skin_tone_label_india": tone_india, "fitzpatrick_skin_type": fst_self,
-               "fst_dermatologist": fst_derm, "combined_race": combined, "sex_at_birth": sex,
-               "age_group": age, "weighted_label_names": weighted,
-               "top_label": weighted[0] if weighted else None,
-               "has_label": bool(weighted), "label_status": status, "n_label_graders": graders}
+    for (
+        case_id,
+        tone_us,
+        tone_india,
+        fst_self,
+        fst_derm,
+        races,
+        combined,
+        sex,
+        age,
+        weighted,
+        status,
+        graders,
+    ) in CASE_ROWS:
+        row = {
+            "case_id": case_id,
+            "monk_skin_tone_label_us": tone_us,
+            "monk_skin_tone_label_india": tone_india,
+            "fitzpatrick_skin_type": fst_self,
+            "fst_dermatologist": fst_derm,
+            "combined_race": combined,
+            "sex_at_birth": sex,
+            "age_group": age,
+            "weighted_label_names": weighted,
+            "top_label": weighted[0] if weighted else None,
+            "has_label": bool(weighted),
+            "label_status": status,
+            "n_label_graders": graders,
+        }
         for column in schema.RACE_COLUMNS:
             row[column] = column.removeprefix("race_ethnicity_") in races
         rows.append(row)
@@ -80,14 +123,16 @@ def hand_made_images() -> pd.DataFrame:
 
 
 def hand_made_image_files() -> pd.DataFrame:
-    return pd.DataFrame({
-        "image_id": ["1", "2", "3", "4", "5"],
-        "object_path": [f"dataset/images/{i}.png" for i in range(1, 6)],
-        "local_path": [f"/x/{i}.png" for i in range(1, 6)],
-        "bytes": [100, 200, None, 50, None],
-        "status": ["ok", "ok", "missing", "corrupt", "rejected"],
-        "reason": [None, None, "404", "truncated", "unsafe path"],
-    })
+    return pd.DataFrame(
+        {
+            "image_id": ["1", "2", "3", "4", "5"],
+            "object_path": [f"dataset/images/{i}.png" for i in range(1, 6)],
+            "local_path": [f"/x/{i}.png" for i in range(1, 6)],
+            "bytes": [100, 200, None, 50, None],
+            "status": ["ok", "ok", "missing", "corrupt", "rejected"],
+            "reason": [None, None, "404", "truncated", "unsafe path"],
+        }
+    )
 
 
 def counts(representation: pd.DataFrame, attribute: str, column: str = "n_cases") -> dict[str, int]:
@@ -98,9 +143,15 @@ def counts(representation: pd.DataFrame, attribute: str, column: str = "n_cases"
 @pytest.fixture(scope="module")
 def small_report(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("small_report")
-    return build_data_report(hand_made_cases(), hand_made_images(), hand_made_image_files(),
-                             out_dir=out_dir, synthetic=True, source_uri="file:///fixture",
-                             release="test")
+    return build_data_report(
+        hand_made_cases(),
+        hand_made_images(),
+        hand_made_image_files(),
+        out_dir=out_dir,
+        synthetic=True,
+        source_uri="file:///fixture",
+        release="test",
+    )
 
 
 def test_missing_tone_is_its_own_group_and_every_tone_is_listed_in_order():
@@ -108,11 +159,33 @@ def test_missing_tone_is_its_own_group_and_every_tone_is_listed_in_order():
     us = representation[representation["attribute"] == "monk_skin_tone_us"]
     assert us["group"].tolist() == [str(t) for t in range(1, 11)] + [MISSING_GROUP]
     assert counts(representation, "monk_skin_tone_us") == {
-        "1": 1, "2": 1, "3": 0, "4": 0, "5": 0, "6": 0, "7": 1, "8": 0, "9": 0, "10": 1, MISSING_GROUP: 1}
+        "1": 1,
+        "2": 1,
+        "3": 0,
+        "4": 0,
+        "5": 0,
+        "6": 0,
+        "7": 1,
+        "8": 0,
+        "9": 0,
+        "10": 1,
+        MISSING_GROUP: 1,
+    }
     assert us["share"].tolist() == pytest.approx([0.2, 0.2, 0, 0, 0, 0, 0.2, 0, 0, 0.2, 0.2])
     # Labelled cases are c1 (tone 1), c2 (tone 7), c4 (tone 10).
     assert counts(representation, "monk_skin_tone_us", "n_labelled") == {
-        "1": 1, "2": 0, "3": 0, "4": 0, "5": 0, "6": 0, "7": 1, "8": 0, "9": 0, "10": 1, MISSING_GROUP: 0}
+        "1": 1,
+        "2": 0,
+        "3": 0,
+        "4": 0,
+        "5": 0,
+        "6": 0,
+        "7": 1,
+        "8": 0,
+        "9": 0,
+        "10": 1,
+        MISSING_GROUP: 0,
+    }
     assert us["share_labelled"].tolist() == pytest.approx([1 / 3, 0, 0, 0, 0, 0, 1 / 3, 0, 0, 1 / 3, 0])
     assert counts(representation, "monk_skin_tone_india")[MISSING_GROUP] == 1
     assert counts(representation, "monk_skin_tone_india")["2"] == 2
@@ -121,31 +194,71 @@ def test_missing_tone_is_its_own_group_and_every_tone_is_listed_in_order():
 def test_hand_made_categorical_attributes_in_natural_order():
     representation = representation_table(hand_made_cases())
     assert counts(representation, "fst_self_reported") == {
-        "FST1": 1, "FST2": 0, "FST3": 1, "FST4": 0, "FST5": 0, "FST6": 1, "NONE_IDENTIFIED": 1,
-        MISSING_GROUP: 1}
+        "FST1": 1,
+        "FST2": 0,
+        "FST3": 1,
+        "FST4": 0,
+        "FST5": 0,
+        "FST6": 1,
+        "NONE_IDENTIFIED": 1,
+        MISSING_GROUP: 1,
+    }
     assert counts(representation, "fst_dermatologist") == {
-        "FST1": 0, "FST2": 1, "FST3": 1, "FST4": 0, "FST5": 1, "FST6": 1, MISSING_GROUP: 1}
+        "FST1": 0,
+        "FST2": 1,
+        "FST3": 1,
+        "FST4": 0,
+        "FST5": 1,
+        "FST6": 1,
+        MISSING_GROUP: 1,
+    }
     age = representation[representation["attribute"] == "age_group"]
     assert age["group"].tolist() == schema.ENUM_VALUES["age_group"] + [MISSING_GROUP]
     assert counts(representation, "age_group") == {
-        "AGE_18_TO_29": 1, "AGE_30_TO_39": 1, "AGE_40_TO_49": 0, "AGE_50_TO_59": 0, "AGE_60_TO_69": 0,
-        "AGE_70_TO_79": 0, "AGE_80_OR_ABOVE": 1, "AGE_UNKNOWN": 1, MISSING_GROUP: 1}
+        "AGE_18_TO_29": 1,
+        "AGE_30_TO_39": 1,
+        "AGE_40_TO_49": 0,
+        "AGE_50_TO_59": 0,
+        "AGE_60_TO_69": 0,
+        "AGE_70_TO_79": 0,
+        "AGE_80_OR_ABOVE": 1,
+        "AGE_UNKNOWN": 1,
+        MISSING_GROUP: 1,
+    }
     assert counts(representation, "sex_at_birth") == {
-        "FEMALE": 3, "MALE": 1, "INTERSEX_OR_NON_BINARY": 0, "OTHER_OR_UNSPECIFIED": 1, MISSING_GROUP: 0}
+        "FEMALE": 3,
+        "MALE": 1,
+        "INTERSEX_OR_NON_BINARY": 0,
+        "OTHER_OR_UNSPECIFIED": 1,
+        MISSING_GROUP: 0,
+    }
     # No vocabulary: most frequent first, ties by name, missing last.
     combined = representation[representation["attribute"] == "combined_race"]
     assert combined["group"].tolist() == [
-        "WHITE", "ASIAN", "BLACK_OR_AFRICAN_AMERICAN,HISPANIC_LATINO_OR_SPANISH_ORIGIN", MISSING_GROUP]
+        "WHITE",
+        "ASIAN",
+        "BLACK_OR_AFRICAN_AMERICAN,HISPANIC_LATINO_OR_SPANISH_ORIGIN",
+        MISSING_GROUP,
+    ]
     assert combined["n_cases"].tolist() == [2, 1, 1, 1]
 
 
 def test_race_is_multi_select_and_counts_every_ticked_box():
     representation = representation_table(hand_made_cases())
     race = counts(representation, "race_ethnicity")
-    assert race == {"AMERICAN_INDIAN_OR_ALASKA_NATIVE": 0, "ASIAN": 1, "BLACK_OR_AFRICAN_AMERICAN": 1,
-                    "HISPANIC_LATINO_OR_SPANISH_ORIGIN": 1, "MIDDLE_EASTERN_OR_NORTH_AFRICAN": 0,
-                    "NATIVE_HAWAIIAN_OR_PACIFIC_ISLANDER": 0, "WHITE": 2, "OTHER_RACE": 0,
-                    "PREFER_NOT_TO_ANSWER": 0, "TWO_OR_MORE_AFTER_MITIGATION": 0, MISSING_GROUP: 1}
+    assert race == {
+        "AMERICAN_INDIAN_OR_ALASKA_NATIVE": 0,
+        "ASIAN": 1,
+        "BLACK_OR_AFRICAN_AMERICAN": 1,
+        "HISPANIC_LATINO_OR_SPANISH_ORIGIN": 1,
+        "MIDDLE_EASTERN_OR_NORTH_AFRICAN": 0,
+        "NATIVE_HAWAIIAN_OR_PACIFIC_ISLANDER": 0,
+        "WHITE": 2,
+        "OTHER_RACE": 0,
+        "PREFER_NOT_TO_ANSWER": 0,
+        "TWO_OR_MORE_AFTER_MITIGATION": 0,
+        MISSING_GROUP: 1,
+    }
     rows = representation[representation["attribute"] == "race_ethnicity"]
     assert rows["multi_select"].all()
     assert rows["share"].sum() == pytest.approx(6 / 5)  # c2 ticked two boxes
@@ -163,10 +276,14 @@ def test_representation_of_a_subset_is_that_subsets_composition():
 
 def test_split_report_composition_of_each_split_and_of_the_whole():
     # c1 (2 images) and c2 in train, c4 in test, c5 in val; c3 is not in any split.
-    table = pd.DataFrame({"image_id": ["1", "2", "4", "6", "7"], "case_id": ["c1", "c1", "c2", "c4", "c5"],
-                          "split": pd.Categorical(["train", "train", "train", "test", "val"],
-                                                  categories=["train", "val", "test"]),
-                          "label": ["Eczema", "Eczema", "Psoriasis", "Eczema", "other"]})
+    table = pd.DataFrame(
+        {
+            "image_id": ["1", "2", "4", "6", "7"],
+            "case_id": ["c1", "c1", "c2", "c4", "c5"],
+            "split": pd.Categorical(["train", "train", "train", "test", "val"], categories=["train", "val", "test"]),
+            "label": ["Eczema", "Eczema", "Psoriasis", "Eczema", "other"],
+        }
+    )
     report = split_report(table, hand_made_cases())
     assert list(report.columns) == ["split", "attribute", "group", "n_cases", "share"]
     assert list(dict.fromkeys(report["split"])) == ["all", "train", "val", "test"]
@@ -174,8 +291,7 @@ def test_split_report_composition_of_each_split_and_of_the_whole():
 
     def rows(split, attribute):
         part = report[(report["split"] == split) & (report["attribute"] == attribute)]
-        return {g: (int(n), round(float(s), 3)) for g, n, s in zip(part["group"], part["n_cases"], part["share"])
-                if n}
+        return {g: (int(n), round(float(s), 3)) for g, n, s in zip(part["group"], part["n_cases"], part["share"]) if n}
 
     # Labels count cases, not images: c1's two images are one case.
     assert rows("all", "label") == {"Eczema": (2, 0.5), "Psoriasis": (1, 0.25), "other": (1, 0.25)}
@@ -190,7 +306,9 @@ def test_split_report_composition_of_each_split_and_of_the_whole():
 def test_hand_made_conditions_and_label_coverage(small_report):
     conditions = small_report.conditions
     assert conditions[["rank", "condition", "n_top_weighted", "n_any_mention"]].values.tolist() == [
-        [1, "Eczema", 2, 3], [2, "Psoriasis", 1, 2]]
+        [1, "Eczema", 2, 3],
+        [2, "Psoriasis", 1, 2],
+    ]
     assert conditions["share_top_weighted"].tolist() == pytest.approx([2 / 3, 1 / 3])
 
     coverage = small_report.label_coverage
@@ -207,13 +325,12 @@ def test_hand_made_conditions_and_label_coverage(small_report):
 
 def test_hand_made_images_summary(small_report):
     metrics = dict(zip(small_report.images_summary["metric"], small_report.images_summary["value"]))
-    assert {k: metrics[k] for k in ("n_image_refs", "n_distinct_files", "n_shared_files",
-                                    "n_refs_to_shared", "n_rejected_paths")} == {
-        "n_image_refs": 7, "n_distinct_files": 6, "n_shared_files": 1, "n_refs_to_shared": 2,
-        "n_rejected_paths": 1}
+    assert {
+        k: metrics[k]
+        for k in ("n_image_refs", "n_distinct_files", "n_shared_files", "n_refs_to_shared", "n_rejected_paths")
+    } == {"n_image_refs": 7, "n_distinct_files": 6, "n_shared_files": 1, "n_refs_to_shared": 2, "n_rejected_paths": 1}
     assert [metrics[f"n_cases_with_{n}_image_refs"] for n in range(4)] == [1, 2, 1, 1]
-    assert [metrics[f"n_refs_shot_{s}"] for s in ("CLOSE_UP", "AT_AN_ANGLE", "AT_DISTANCE", "missing")] \
-        == [4, 1, 1, 1]
+    assert [metrics[f"n_refs_shot_{s}"] for s in ("CLOSE_UP", "AT_AN_ANGLE", "AT_DISTANCE", "missing")] == [4, 1, 1, 1]
     assert [metrics[f"n_files_{s}"] for s in ("ok", "missing", "corrupt", "rejected")] == [2, 1, 1, 1]
     assert metrics["n_bytes_ok"] == 300
     assert small_report.summary_metadata["n_files_ok"] == 2
@@ -325,18 +442,39 @@ def test_no_cases_gives_nan_shares_not_a_crash(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_report(real_parsed_metadata, tmp_path_factory):
-    return build_data_report(real_parsed_metadata.cases, real_parsed_metadata.images,
-                             out_dir=tmp_path_factory.mktemp("real_report"), synthetic=True)
+    return build_data_report(
+        real_parsed_metadata.cases,
+        real_parsed_metadata.images,
+        out_dir=tmp_path_factory.mktemp("real_report"),
+        synthetic=True,
+    )
 
 
 @pytest.mark.real_metadata
 def test_real_monk_and_dermatologist_fst_counts_match_the_checked_facts(real_report):
     representation = real_report.representation
     assert counts(representation, "monk_skin_tone_us") == {
-        "1": 577, "2": 1660, "3": 1265, "4": 687, "5": 361, "6": 248, "7": 137, "8": 57, "9": 11, "10": 2,
-        MISSING_GROUP: 28}
+        "1": 577,
+        "2": 1660,
+        "3": 1265,
+        "4": 687,
+        "5": 361,
+        "6": 248,
+        "7": 137,
+        "8": 57,
+        "9": 11,
+        "10": 2,
+        MISSING_GROUP: 28,
+    }
     assert counts(representation, "fst_dermatologist") == {
-        "FST1": 391, "FST2": 1432, "FST3": 1332, "FST4": 719, "FST5": 359, "FST6": 69, MISSING_GROUP: 731}
+        "FST1": 391,
+        "FST2": 1432,
+        "FST3": 1332,
+        "FST4": 719,
+        "FST5": 359,
+        "FST6": 69,
+        MISSING_GROUP: 731,
+    }
     assert real_report.summary_metadata["n_mst_7_10"] == 137 + 57 + 11 + 2
 
 
@@ -366,10 +504,30 @@ def test_real_race_counts_are_the_sums_of_the_check_boxes(real_report, real_pars
 def test_real_conditions_and_label_coverage_match_the_checked_facts(real_report):
     conditions = real_report.conditions
     top = dict(zip(conditions["condition"], conditions["n_top_weighted"]))
-    assert {k: top[k] for k in ("Eczema", "Allergic Contact Dermatitis", "Urticaria", "Insect Bite",
-                                "Folliculitis", "Psoriasis", "Tinea", "Impetigo", "Herpes Zoster")} == {
-        "Eczema": 488, "Allergic Contact Dermatitis": 270, "Urticaria": 214, "Insect Bite": 185,
-        "Folliculitis": 142, "Psoriasis": 109, "Tinea": 93, "Impetigo": 69, "Herpes Zoster": 68}
+    assert {
+        k: top[k]
+        for k in (
+            "Eczema",
+            "Allergic Contact Dermatitis",
+            "Urticaria",
+            "Insect Bite",
+            "Folliculitis",
+            "Psoriasis",
+            "Tinea",
+            "Impetigo",
+            "Herpes Zoster",
+        )
+    } == {
+        "Eczema": 488,
+        "Allergic Contact Dermatitis": 270,
+        "Urticaria": 214,
+        "Insect Bite": 185,
+        "Folliculitis": 142,
+        "Psoriasis": 109,
+        "Tinea": 93,
+        "Impetigo": 69,
+        "Herpes Zoster": 68,
+    }
     assert conditions["condition"].head(3).tolist() == ["Eczema", "Allergic Contact Dermatitis", "Urticaria"]
     assert int(conditions["n_top_weighted"].gt(0).sum()) == 211
     assert len(conditions) == 370
@@ -382,15 +540,23 @@ def test_real_conditions_and_label_coverage_match_the_checked_facts(real_report)
     assert coverage[("n_label_graders", "3")] == 716
     assert coverage[("n_label_graders", "1")] == 5033 - 716
     summary = real_report.summary_metadata
-    assert (summary["n_cases"], summary["n_labelled"], summary["n_conditions_top"],
-            summary["n_conditions_any"]) == (5033, 3061, 211, 370)
+    assert (summary["n_cases"], summary["n_labelled"], summary["n_conditions_top"], summary["n_conditions_any"]) == (
+        5033,
+        3061,
+        211,
+        370,
+    )
 
 
 @pytest.mark.real_metadata
 def test_real_image_reference_counts_match_the_checked_facts(real_report):
     metrics = dict(zip(real_report.images_summary["metric"], real_report.images_summary["value"]))
-    assert (metrics["n_image_refs"], metrics["n_distinct_files"], metrics["n_shared_files"],
-            metrics["n_refs_to_shared"]) == (10407, 10380, 15, 42)
+    assert (
+        metrics["n_image_refs"],
+        metrics["n_distinct_files"],
+        metrics["n_shared_files"],
+        metrics["n_refs_to_shared"],
+    ) == (10407, 10380, 15, 42)
 
 
 @pytest.mark.real_metadata

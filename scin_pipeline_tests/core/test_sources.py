@@ -26,7 +26,7 @@ from scin_pipeline.core.sources import (
     open_source,
     write_mirror_manifest,
 )
-from scin_pipeline_tests.gcs_emulator import closed_loopback_port, gcs_emulator  # noqa: F401 (fixture)
+from scin_pipeline_tests.gcs_emulator import closed_loopback_port  # gcs_emulator: a fixture (conftest plugin)
 
 CASES_CSV = b"case_id,source,release\n-1000,USER_CONTRIBUTED,SCIN\n"
 LABELS_CSV = b"case_id,dermatologist_skin_condition_on_label_name\n-1000,\"['Eczema']\"\n"
@@ -119,8 +119,7 @@ def test_gcs_read_bytes_detects_bytes_that_do_not_match_the_checksum(gcs_emulato
 
 def assert_refuses_unsafe_path(source, path: str, dest) -> None:
     """Every way of reaching an object refuses the path before any request or file access."""
-    for call in (lambda: source.stat(path), lambda: source.read_bytes(path),
-                 lambda: source.download_to(path, dest)):
+    for call in (lambda: source.stat(path), lambda: source.read_bytes(path), lambda: source.download_to(path, dest)):
         with pytest.raises(UnsafeObjectPath):
             call()
 

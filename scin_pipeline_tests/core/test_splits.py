@@ -17,12 +17,14 @@ from scin_pipeline.core.splits import (
 
 
 def cases_frame(rows: list[tuple[str, list[str], list[float]]], tied: set[str] = frozenset()) -> pd.DataFrame:
-    return pd.DataFrame({
-        "case_id": [r[0] for r in rows],
-        "weighted_label_names": [r[1] for r in rows],
-        "weighted_label_weights": [r[2] for r in rows],
-        "top_label_tied": [r[0] in tied for r in rows],
-    })
+    return pd.DataFrame(
+        {
+            "case_id": [r[0] for r in rows],
+            "weighted_label_names": [r[1] for r in rows],
+            "weighted_label_weights": [r[2] for r in rows],
+            "top_label_tied": [r[0] in tied for r in rows],
+        }
+    )
 
 
 def many(prefix: str, n: int, names: list[str], weights: list[float]):
@@ -30,8 +32,11 @@ def many(prefix: str, n: int, names: list[str], weights: list[float]):
 
 
 def test_top1_policy_min_weight_and_rare_classes_merged_into_other():
-    cases = cases_frame(many("e", 5, ["Eczema", "Tinea"], [0.6, 0.4]) + many("u", 5, ["Urticaria"], [1.0])
-                        + [("r1", ["Rare"], [1.0]), ("w1", ["Eczema"], [0.3]), ("n1", [], [])])
+    cases = cases_frame(
+        many("e", 5, ["Eczema", "Tinea"], [0.6, 0.4])
+        + many("u", 5, ["Urticaria"], [1.0])
+        + [("r1", ["Rare"], [1.0]), ("w1", ["Eczema"], [0.3]), ("n1", [], [])]
+    )
     labels = assign_labels(cases, LabelPolicy(min_weight=0.5, min_cases_per_class=2))
     by_case = labels.set_index("case_id")
     assert "w1" not in by_case.index and "n1" not in by_case.index  # below min_weight; unlabelled
@@ -43,12 +48,17 @@ def test_top1_policy_min_weight_and_rare_classes_merged_into_other():
 
 
 def test_multilabel_policy_keeps_the_top_k_conditions_in_rank_order():
-    cases = cases_frame(many("a", 4, ["Eczema", "Tinea", "Acne"], [0.5, 0.3, 0.2])
-                        + many("b", 3, ["Tinea"], [1.0]) + [("c", ["Zoster", "Eczema"], [0.6, 0.4]),
-                                                             ("d", ["Zoster"], [1.0])])
+    cases = cases_frame(
+        many("a", 4, ["Eczema", "Tinea", "Acne"], [0.5, 0.3, 0.2])
+        + many("b", 3, ["Tinea"], [1.0])
+        + [("c", ["Zoster", "Eczema"], [0.6, 0.4]), ("d", ["Zoster"], [1.0])]
+    )
     labels = assign_labels(cases, LabelPolicy(mode="multilabel", top_k=2, min_cases_per_class=1))
     by_case = labels.set_index("case_id")
-    assert by_case.loc["a0", "labels"] == ["Eczema", "Tinea"]  # Tinea (7 mentions), Eczema (5) are top-2; Acne (4) is not
+    assert by_case.loc["a0", "labels"] == [
+        "Eczema",
+        "Tinea",
+    ]  # Tinea (7 mentions), Eczema (5) are top-2; Acne (4) is not
     assert by_case.loc["c", "labels"] == ["Eczema"] and by_case.loc["c", "label"] == "Eczema"
     assert by_case.loc["d", "label"] == OTHER
 
@@ -59,8 +69,9 @@ def test_tied_top_labels_can_be_dropped():
     assert set(assign_labels(cases, LabelPolicy(min_cases_per_class=1, drop_tied_top=True))["case_id"]) == {"u"}
 
 
-@pytest.mark.parametrize("kwargs", [dict(mode="topk"), dict(min_weight=2), dict(mode="multilabel"),
-                                    dict(rare_classes="keep")])
+@pytest.mark.parametrize(
+    "kwargs", [dict(mode="topk"), dict(min_weight=2), dict(mode="multilabel"), dict(rare_classes="keep")]
+)
 def test_invalid_policies_are_refused(kwargs):
     with pytest.raises(ValueError):
         LabelPolicy(**kwargs)

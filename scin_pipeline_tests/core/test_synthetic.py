@@ -35,8 +35,12 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 def _image_refs(cases: pd.DataFrame) -> list[tuple[str, str]]:
     """(case_id, path) for every non-empty image reference, in file order."""
-    return [(row.case_id, p) for row in cases.itertuples() for p in (row.image_1_path, row.image_2_path,
-                                                                      row.image_3_path) if p]
+    return [
+        (row.case_id, p)
+        for row in cases.itertuples()
+        for p in (row.image_1_path, row.image_2_path, row.image_3_path)
+        if p
+    ]
 
 
 def _image_path(root: Path, image_id: str) -> Path:
@@ -65,8 +69,11 @@ def _laplacian_var(rgb: np.ndarray) -> float:
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _ids_of(plants: pd.DataFrame, kind: str) -> list[str]:
@@ -90,8 +97,9 @@ def real_metadata_dir(scin_metadata_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def real_mirror(real_metadata_dir, tmp_path_factory) -> syn.SyntheticMirror:
-    return syn.write_synthetic_mirror(tmp_path_factory.mktemp("real"), metadata_dir=real_metadata_dir,
-                                      n_cases=120, seed=3, image_size=SMALL)
+    return syn.write_synthetic_mirror(
+        tmp_path_factory.mktemp("real"), metadata_dir=real_metadata_dir, n_cases=120, seed=3, image_size=SMALL
+    )
 
 
 # ------------------------------------------------------------------------------------------------ pure rules
@@ -276,8 +284,11 @@ def test_near_duplicate_copies_a_clean_image_of_another_case(generated):
         dup = _grey_signature(_image_path(generated.root, i))
         assert not np.array_equal(dup, _grey_signature(_image_path(generated.root, source)))  # altered copy
         to_source = float(dup @ _grey_signature(_image_path(generated.root, source)))
-        to_others = [float(dup @ _grey_signature(_image_path(generated.root, o)))
-                     for o in _ids_of(generated.plants, "clean")[:60] if o != source]
+        to_others = [
+            float(dup @ _grey_signature(_image_path(generated.root, o)))
+            for o in _ids_of(generated.plants, "clean")[:60]
+            if o != source
+        ]
         assert to_source > 0.7 and to_source > max(to_others) + 0.1
 
 
@@ -301,8 +312,9 @@ def test_image_colour_follows_monk_tone(generated):
     tones = sorted(means)
     assert np.corrcoef(tones, [means[t] for t in tones])[0, 1] < -0.8
     # Tone 10 is rare in the data (2 of 5,033): check the whole scale directly too.
-    direct = [_luminance(syn.render_skin_image(f"t{t}", t, syn.NONSPECIFIC_PATTERN, SMALL, 0)).mean()
-              for t in (1, 6, 10)]
+    direct = [
+        _luminance(syn.render_skin_image(f"t{t}", t, syn.NONSPECIFIC_PATTERN, SMALL, 0)).mean() for t in (1, 6, 10)
+    ]
     assert direct[0] > direct[1] > direct[2]
 
 
@@ -350,10 +362,12 @@ def test_conditions_give_learnably_different_images(tmp_path):
     mirror = syn.write_synthetic_mirror(tmp_path, n_cases=360, seed=11, image_size=(128, 96), defect_rate=0)
     classes = ["Eczema", "Allergic Contact Dermatitis", "Urticaria"]
     plants = mirror.plants[mirror.plants["condition"].isin(classes) & (mirror.plants["planted"] == "clean")]
-    images = np.stack([
-        cv2.resize(_load_rgb(_image_path(tmp_path, i)), (32, 32), interpolation=cv2.INTER_AREA)
-        for i in plants["image_id"]
-    ]).astype(np.float32)
+    images = np.stack(
+        [
+            cv2.resize(_load_rgb(_image_path(tmp_path, i)), (32, 32), interpolation=cv2.INTER_AREA)
+            for i in plants["image_id"]
+        ]
+    ).astype(np.float32)
     labels = plants["condition"].map(classes.index).to_numpy()
     x = _shape_and_colour_features(images)
 
@@ -384,8 +398,9 @@ def test_defect_rate_zero_plants_nothing(tmp_path):
 
 def test_workers_do_not_change_the_output(tmp_path):
     one = syn.write_synthetic_mirror(tmp_path / "one", n_cases=40, seed=2, image_size=(48, 36), defect_rate=0.5)
-    two = syn.write_synthetic_mirror(tmp_path / "two", n_cases=40, seed=2, image_size=(48, 36), defect_rate=0.5,
-                                     workers=2)
+    two = syn.write_synthetic_mirror(
+        tmp_path / "two", n_cases=40, seed=2, image_size=(48, 36), defect_rate=0.5, workers=2
+    )
     assert _tree_digest(one.root) == _tree_digest(two.root)
 
 
@@ -473,11 +488,13 @@ def test_real_mirror_images_match_the_references(real_mirror):
 
 
 def test_real_mirror_is_deterministic(real_mirror, real_metadata_dir, tmp_path):
-    again = syn.write_synthetic_mirror(tmp_path / "a", metadata_dir=real_metadata_dir, n_cases=120, seed=3,
-                                       image_size=SMALL)
+    again = syn.write_synthetic_mirror(
+        tmp_path / "a", metadata_dir=real_metadata_dir, n_cases=120, seed=3, image_size=SMALL
+    )
     assert _tree_digest(again.root) == _tree_digest(real_mirror.root)
-    other = syn.write_synthetic_mirror(tmp_path / "b", metadata_dir=real_metadata_dir, n_cases=120, seed=4,
-                                       image_size=SMALL)
+    other = syn.write_synthetic_mirror(
+        tmp_path / "b", metadata_dir=real_metadata_dir, n_cases=120, seed=4, image_size=SMALL
+    )
     assert set(other.plants["case_id"]) != set(real_mirror.plants["case_id"])
 
 
@@ -496,8 +513,7 @@ def test_real_shared_files_are_exact_reuse_and_the_known_missing_file_stays_miss
     shared = set(counts[counts > 1].index)
     keep = set(refs.loc[refs["path"].isin(shared | {KNOWN_MISSING}), "case_id"])
     keep |= set(syn.select_case_ids(cases["case_id"].tolist(), 40, seed=0))
-    meta = _write_metadata(tmp_path / "meta", cases[cases["case_id"].isin(keep)],
-                           labels[labels["case_id"].isin(keep)])
+    meta = _write_metadata(tmp_path / "meta", cases[cases["case_id"].isin(keep)], labels[labels["case_id"].isin(keep)])
     mirror = syn.write_synthetic_mirror(tmp_path / "out", metadata_dir=meta, seed=5, image_size=(48, 36))
 
     plants = mirror.plants.set_index("image_id")

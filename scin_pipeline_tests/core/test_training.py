@@ -14,16 +14,28 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from scin_pipeline.core import training
 from scin_pipeline.core.models import (
-    RESNET50_EMBEDDING_DIM, build_baseline_cnn, build_classifier_head, build_multimodal_head, build_resnet50_backbone)
+    RESNET50_EMBEDDING_DIM,
+    build_baseline_cnn,
+    build_classifier_head,
+    build_multimodal_head,
+    build_resnet50_backbone,
+)
 from scin_pipeline.core.training import (
-    TrainConfig, balanced_class_weights, extract_embeddings, fine_tune_transfer, fit_classifier,
-    predict_in_batches, train_head_on_embeddings)
+    TrainConfig,
+    balanced_class_weights,
+    extract_embeddings,
+    fine_tune_transfer,
+    fit_classifier,
+    predict_in_batches,
+    train_head_on_embeddings,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 # Skin-like RGB backgrounds from light to deep.
-SKIN_RGB = np.array([[241, 214, 190], [224, 180, 150], [198, 145, 110], [160, 110, 80], [110, 72, 50],
-                     [70, 45, 32]], dtype=np.float32)
+SKIN_RGB = np.array(
+    [[241, 214, 190], [224, 180, 150], [198, 145, 110], [160, 110, 80], [110, 72, 50], [70, 45, 32]], dtype=np.float32
+)
 PATTERNS = ("stripes", "blobs", "patch")
 
 
@@ -70,7 +82,7 @@ class ArrayBatches(keras.utils.PyDataset):
         return -(-len(self.y) // self.batch_size)
 
     def __getitem__(self, index):
-        rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+        rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
         x = self.images[rows]
         if self.metadata is not None:
             x = {"image": x, "metadata": self.metadata[rows]}
@@ -95,8 +107,7 @@ def _script_scores(monkeypatch, scores):
 
     def scripted(y_true, probabilities):
         value = next(sequence)
-        return {"val_loss": 1.0 - value, "val_accuracy": value, "val_balanced_accuracy": value,
-                "val_macro_f1": value}
+        return {"val_loss": 1.0 - value, "val_accuracy": value, "val_balanced_accuracy": value, "val_macro_f1": value}
 
     monkeypatch.setattr(training, "_macro_scores", scripted)
 
@@ -180,8 +191,16 @@ def test_early_stopping_restores_the_best_epoch(monkeypatch, tmp_path, with_chec
     x, y = _tiny_data()
     weights = WeightsAtEpochEnd()
     config = TrainConfig(epochs=6, batch_size=16, early_stopping_patience=2, class_weighting="none")
-    result = fit_classifier(_tiny_model(), (x, y), x, y, config=config, class_weight=None,
-                            checkpoint_dir=tmp_path / "ckpt" if with_checkpoint else None, callbacks=[weights])
+    result = fit_classifier(
+        _tiny_model(),
+        (x, y),
+        x,
+        y,
+        config=config,
+        class_weight=None,
+        checkpoint_dir=tmp_path / "ckpt" if with_checkpoint else None,
+        callbacks=[weights],
+    )
     assert result.stopped_early and list(result.history["epoch"]) == [1, 2, 3, 4]
     assert (result.best_epoch, result.best_score) == (2, pytest.approx(0.9))
     _assert_same_weights(result.model, weights.by_epoch[2])
@@ -197,9 +216,17 @@ def test_resume_after_a_kill_continues_at_the_next_epoch(monkeypatch, tmp_path):
     keras.utils.set_random_seed(0)
     model = _tiny_model()
     with pytest.raises(KeyboardInterrupt):
-        fit_classifier(model, (x, y), x, y, config=config, class_weight=None, checkpoint_dir=checkpoint_dir,
-                       on_epoch_end=lambda epoch, logs: first_epochs.append(epoch),
-                       callbacks=[weights, KillAfterEpoch(2)])
+        fit_classifier(
+            model,
+            (x, y),
+            x,
+            y,
+            config=config,
+            class_weight=None,
+            checkpoint_dir=checkpoint_dir,
+            on_epoch_end=lambda epoch, logs: first_epochs.append(epoch),
+            callbacks=[weights, KillAfterEpoch(2)],
+        )
     assert first_epochs == [1, 2]
 
     class WeightsAtEpochBegin(keras.callbacks.Callback):
@@ -210,9 +237,17 @@ def test_resume_after_a_kill_continues_at_the_next_epoch(monkeypatch, tmp_path):
     restarted = _tiny_model()  # a fresh process would rebuild the model from scratch
     second_epochs, begin = [], WeightsAtEpochBegin()
     batches = ArrayBatches(x, y, 16, shuffle=True, augment=False, seed=0)
-    result = fit_classifier(restarted, batches, x, y, config=config, class_weight=None,
-                            checkpoint_dir=checkpoint_dir,
-                            on_epoch_end=lambda epoch, logs: second_epochs.append(epoch), callbacks=[begin])
+    result = fit_classifier(
+        restarted,
+        batches,
+        x,
+        y,
+        config=config,
+        class_weight=None,
+        checkpoint_dir=checkpoint_dir,
+        on_epoch_end=lambda epoch, logs: second_epochs.append(epoch),
+        callbacks=[begin],
+    )
     assert second_epochs == [3, 4]  # finished epochs are not redone
     assert result.resumed_from_epoch == 2
     assert batches.epochs_set == [2]  # the loader's shuffle/augment stream continues after epoch 2
@@ -222,8 +257,16 @@ def test_resume_after_a_kill_continues_at_the_next_epoch(monkeypatch, tmp_path):
     assert not (checkpoint_dir / "backup").exists()
 
     # A completed fit in the same directory is loaded, not redone.
-    again = fit_classifier(_tiny_model(), (x, y), x, y, config=config, class_weight=None,
-                           checkpoint_dir=checkpoint_dir, on_epoch_end=lambda *a: pytest.fail("retrained"))
+    again = fit_classifier(
+        _tiny_model(),
+        (x, y),
+        x,
+        y,
+        config=config,
+        class_weight=None,
+        checkpoint_dir=checkpoint_dir,
+        on_epoch_end=lambda *a: pytest.fail("retrained"),
+    )
     _assert_same_weights(again.model, result.model.get_weights())
     pd.testing.assert_frame_equal(again.history, result.history)
 
@@ -235,8 +278,16 @@ def test_resume_keeps_the_early_stopping_state_and_best_weights_from_before_the_
     config = TrainConfig(epochs=5, batch_size=16, early_stopping_patience=2, class_weighting="none")
     weights = WeightsAtEpochEnd()
     with pytest.raises(KeyboardInterrupt):
-        fit_classifier(_tiny_model(), (x, y), x, y, config=config, class_weight=None,
-                       checkpoint_dir=tmp_path, callbacks=[weights, KillAfterEpoch(2)])
+        fit_classifier(
+            _tiny_model(),
+            (x, y),
+            x,
+            y,
+            config=config,
+            class_weight=None,
+            checkpoint_dir=tmp_path,
+            callbacks=[weights, KillAfterEpoch(2)],
+        )
     result = fit_classifier(_tiny_model(), (x, y), x, y, config=config, class_weight=None, checkpoint_dir=tmp_path)
     assert list(result.history["epoch"]) == [1, 2, 3] and result.stopped_early
     assert result.best_epoch == 1
@@ -248,9 +299,14 @@ def test_baseline_cnn_learns_a_planted_pattern():
     val_images, val_y = synthetic_pattern_images(120, 32, seed=1)
     keras.utils.set_random_seed(0)
     config = TrainConfig(epochs=6, batch_size=16, early_stopping_patience=6, seed=0)
-    result = fit_classifier(build_baseline_cnn(3, 32), ArrayBatches(images, y, 16, shuffle=True, augment=False,
-                                                                    seed=0),
-                            val_images, val_y, config=config, class_weight=balanced_class_weights(y, 3))
+    result = fit_classifier(
+        build_baseline_cnn(3, 32),
+        ArrayBatches(images, y, 16, shuffle=True, augment=False, seed=0),
+        val_images,
+        val_y,
+        config=config,
+        class_weight=balanced_class_weights(y, 3),
+    )
     test_images, test_y = synthetic_pattern_images(120, 32, seed=2)  # held out from model selection
     predicted = result.model.predict(test_images, verbose=0).argmax(axis=1)
     assert balanced_accuracy_score(test_y, predicted) > 0.8  # chance is 1/3
@@ -266,8 +322,13 @@ def test_head_on_frozen_random_resnet50_embeddings_learns_a_planted_pattern():
     assert train_emb.shape == (300, RESNET50_EMBEDDING_DIM) and train_emb.dtype == np.float32
     config = TrainConfig(epochs=15, batch_size=32, early_stopping_patience=15, seed=0)
     result = train_head_on_embeddings(
-        train_emb, y, val_emb, val_y, config=config,
-        head_builder=functools.partial(build_classifier_head, RESNET50_EMBEDDING_DIM, 3, 0.2, normalize_with=train_emb))
+        train_emb,
+        y,
+        val_emb,
+        val_y,
+        config=config,
+        head_builder=functools.partial(build_classifier_head, RESNET50_EMBEDDING_DIM, 3, 0.2, normalize_with=train_emb),
+    )
     assert result.history["phase"].eq("head").all()
     test_images, test_y = synthetic_pattern_images(120, 64, seed=2)  # held out from model selection
     predicted = result.model.predict(extract_embeddings(backbone, test_images), verbose=0).argmax(axis=1)
@@ -278,13 +339,28 @@ def test_multimodal_head_trains_on_embeddings_and_metadata():
     x, y = _tiny_data(n=60, n_features=8)
     metadata = np.stack([y == 0, np.zeros_like(y)], axis=1).astype("float32")
     config = TrainConfig(epochs=2, batch_size=16)
-    result = train_head_on_embeddings(x, y, x, y, train_metadata=metadata, val_metadata=metadata, config=config,
-                                      head_builder=functools.partial(build_multimodal_head, 8, 2, 3))
+    result = train_head_on_embeddings(
+        x,
+        y,
+        x,
+        y,
+        train_metadata=metadata,
+        val_metadata=metadata,
+        config=config,
+        head_builder=functools.partial(build_multimodal_head, 8, 2, 3),
+    )
     assert len(result.history) == 2
     assert result.model.predict({"embedding": x[:2], "metadata": metadata[:2]}, verbose=0).shape == (2, 3)
     with pytest.raises(ValueError, match="both train and validation"):
-        train_head_on_embeddings(x, y, x, y, train_metadata=metadata, config=config,
-                                 head_builder=functools.partial(build_multimodal_head, 8, 2, 3))
+        train_head_on_embeddings(
+            x,
+            y,
+            x,
+            y,
+            train_metadata=metadata,
+            config=config,
+            head_builder=functools.partial(build_multimodal_head, 8, 2, 3),
+        )
 
 
 def _small_bn_backbone(size=32):
@@ -298,8 +374,9 @@ def _small_bn_backbone(size=32):
         x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
         x = keras.layers.ReLU(name=f"relu{i}")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return keras.Model(image, keras.layers.Activation("linear", dtype="float32", name="embedding")(x),
-                       name="small_bn_backbone")
+    return keras.Model(
+        image, keras.layers.Activation("linear", dtype="float32", name="embedding")(x), name="small_bn_backbone"
+    )
 
 
 def test_fine_tune_transfer_runs_both_phases_and_keeps_the_better_one(monkeypatch, tmp_path):
@@ -316,9 +393,18 @@ def test_fine_tune_transfer_runs_both_phases_and_keeps_the_better_one(monkeypatc
         current = [layer.name for layer in backbone.layers if layer.trainable and layer.weights]
         (trainable_in_fine_tune if epoch > 2 else frozen_trainables).append(current)
 
-    result = fine_tune_transfer(backbone, build_classifier_head(16, 3), images, y, images[:12], y[:12],
-                                config=config, on_epoch_end=on_epoch_end, dataset_factory=ArrayBatches,
-                                checkpoint_dir=tmp_path)
+    result = fine_tune_transfer(
+        backbone,
+        build_classifier_head(16, 3),
+        images,
+        y,
+        images[:12],
+        y[:12],
+        config=config,
+        on_epoch_end=on_epoch_end,
+        dataset_factory=ArrayBatches,
+        checkpoint_dir=tmp_path,
+    )
     assert seen_epochs == [1, 2, 3, 4]
     assert list(result.history["phase"]) == ["frozen", "frozen", "fine_tune", "fine_tune"]
     assert list(result.history["epoch"]) == [1, 2, 3, 4]
@@ -333,9 +419,18 @@ def test_fine_tune_transfer_runs_both_phases_and_keeps_the_better_one(monkeypatc
 
     # Rerun with the same checkpoint directory: both phases are complete and are loaded, not retrained.
     keras.utils.set_random_seed(1)
-    again = fine_tune_transfer(_small_bn_backbone(), build_classifier_head(16, 3), images, y, images[:12],
-                               y[:12], config=config, dataset_factory=ArrayBatches, checkpoint_dir=tmp_path,
-                               on_epoch_end=lambda *a: pytest.fail("retrained"))
+    again = fine_tune_transfer(
+        _small_bn_backbone(),
+        build_classifier_head(16, 3),
+        images,
+        y,
+        images[:12],
+        y[:12],
+        config=config,
+        dataset_factory=ArrayBatches,
+        checkpoint_dir=tmp_path,
+        on_epoch_end=lambda *a: pytest.fail("retrained"),
+    )
     assert not again.fine_tune_kept
     _assert_same_weights(again.model, frozen_best)
 
@@ -346,7 +441,16 @@ def test_fine_tune_transfer_keeps_fine_tuned_weights_when_they_are_better(monkey
     keras.utils.set_random_seed(0)
     weights = WeightsAtEpochEnd()
     config = TrainConfig(epochs=2, fine_tune_epochs=1, unfreeze_layers=5, batch_size=12, seed=0)
-    result = fine_tune_transfer(_small_bn_backbone(), build_classifier_head(16, 3), images, y, images[:12],
-                                y[:12], config=config, dataset_factory=ArrayBatches, callbacks=[weights])
+    result = fine_tune_transfer(
+        _small_bn_backbone(),
+        build_classifier_head(16, 3),
+        images,
+        y,
+        images[:12],
+        y[:12],
+        config=config,
+        dataset_factory=ArrayBatches,
+        callbacks=[weights],
+    )
     assert result.fine_tune_kept and (result.best_epoch, result.best_score) == (3, pytest.approx(0.9))
     _assert_same_weights(result.model, weights.by_epoch[3])

@@ -33,8 +33,9 @@ def require_installed(found, what: str, hint: str = INSTALL_HINT):
 
 @pytest.fixture(scope="session")
 def postgres_bin_dir() -> Path:
-    return require_installed(services.postgres_bin_dir(),
-                                  "PostgreSQL server binaries (initdb, pg_ctl; Debian package 'postgresql')")
+    return require_installed(
+        services.postgres_bin_dir(), "PostgreSQL server binaries (initdb, pg_ctl; Debian package 'postgresql')"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -42,14 +43,16 @@ def postgres_python_drivers() -> None:
     # Not in pyproject.toml: dagster-postgres's newest release declares dagster==1.13.27 (see
     # docs/deployment.md, "Versions"), so it is installed from requirements.lock with --no-deps.
     missing = [name for name in ("dagster_postgres", "psycopg2") if importlib.util.find_spec(name) is None]
-    require_installed(not missing, f"Python modules {', '.join(missing)}",
-                           "pip install --no-deps -c requirements.lock dagster-postgres psycopg2-binary")
+    require_installed(
+        not missing,
+        f"Python modules {', '.join(missing)}",
+        "pip install --no-deps -c requirements.lock dagster-postgres psycopg2-binary",
+    )
 
 
 @pytest.fixture(scope="session")
 def chromium_executable() -> str:
-    return require_installed(services.chromium_path(), "Chromium at /usr/bin/chromium (Debian package "
-                                                            "'chromium')")
+    return require_installed(services.chromium_path(), "Chromium at /usr/bin/chromium (Debian package 'chromium')")
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +78,10 @@ def topology(postgres_cluster, tiny_source, tmp_path_factory) -> Topology:
     Teardown fails the last test if any process outlived the stop."""
     work_dir = tmp_path_factory.mktemp("topology")
     stack = start_topology(postgres_cluster, work_dir=work_dir, source=tiny_source)
-    print(f"\ndeployment topology: webserver {stack.webserver_url}, MLflow {stack.mlflow_url}, "
-          f"Postgres 127.0.0.1:{postgres_cluster.port}, logs {stack.log_dir}")
+    print(
+        f"\ndeployment topology: webserver {stack.webserver_url}, MLflow {stack.mlflow_url}, "
+        f"Postgres 127.0.0.1:{postgres_cluster.port}, logs {stack.log_dir}"
+    )
     survivors: list[str] = []
     try:
         stack.start_schedule(PROBE_LOCATION, PROBE_SCHEDULE)

@@ -26,6 +26,7 @@ def deploy_probe_job():
 
 
 deploy_probe_every_minute = ScheduleDefinition(
-    name=PROBE_SCHEDULE, job=deploy_probe_job, cron_schedule="* * * * *", execution_timezone="UTC")
+    name=PROBE_SCHEDULE, job=deploy_probe_job, cron_schedule="* * * * *", execution_timezone="UTC"
+)
 
 defs = Definitions(jobs=[deploy_probe_job], schedules=[deploy_probe_every_minute])

@@ -85,8 +85,10 @@ def wait_until(check, *, timeout_s: float, what: str, services: list[Service] = 
     while True:
         for service in services:
             if service.proc.poll() is not None:
-                raise ServiceError(f"{service.name} exited with status {service.proc.returncode} while "
-                                   f"waiting for {what}; log {service.log_path}:\n{service.log_tail()}")
+                raise ServiceError(
+                    f"{service.name} exited with status {service.proc.returncode} while "
+                    f"waiting for {what}; log {service.log_path}:\n{service.log_tail()}"
+                )
         try:
             value = check()
             if value:
@@ -95,8 +97,10 @@ def wait_until(check, *, timeout_s: float, what: str, services: list[Service] = 
             last_error = exc
         if time.monotonic() > deadline:
             tails = "".join(f"\n--- {s.name} ({s.log_path}):\n{s.log_tail()}" for s in services)
-            raise ServiceError(f"timed out after {timeout_s:.0f} s waiting for {what}"
-                               f"{f' (last error: {last_error})' if last_error else ''}{tails}")
+            raise ServiceError(
+                f"timed out after {timeout_s:.0f} s waiting for {what}"
+                f"{f' (last error: {last_error})' if last_error else ''}{tails}"
+            )
         time.sleep(interval_s)
 
 
@@ -182,8 +186,15 @@ def start_service(name: str, argv: list[str], *, env: dict, log_dir: Path, cwd: 
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     handle = open(log_path, "ab")
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=cwd,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     return Service(name=name, proc=proc, log_path=log_path, _log_handle=handle)
 
 
@@ -218,12 +229,14 @@ class PostgresCluster:
             entry = pwd.getpwnam(self.os_user)
             kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "HOME": str(self.root)}
-        result = subprocess.run(argv, cwd=self.root, env=env, capture_output=True, text=True,
-                                timeout=timeout_s, **kwargs)
+        result = subprocess.run(
+            argv, cwd=self.root, env=env, capture_output=True, text=True, timeout=timeout_s, **kwargs
+        )
         if result.returncode != 0:
             log = self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
-            raise ServiceError(f"{' '.join(argv[:2])} failed ({result.returncode}): {result.stdout}"
-                               f"{result.stderr}\n{log}")
+            raise ServiceError(
+                f"{' '.join(argv[:2])} failed ({result.returncode}): {result.stdout}{result.stderr}\n{log}"
+            )
         return result
 
     def start(self) -> None:
@@ -234,21 +247,49 @@ class PostgresCluster:
             for path in (self.root, self.root / "pwfile", self.root / "sockets"):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
         (self.root / "pwfile").chmod(0o600)
-        self._run([str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user, "-E", "UTF8",
-                   "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256",
-                   f"--pwfile={self.root / 'pwfile'}", "--no-sync", "--no-instructions"])
-        options = (f"-h 127.0.0.1 -p {self.port} -k {self.root / 'sockets'} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        self._run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_path),
-                   "-w", "-t", "60", "-o", options, "start"])
+        self._run(
+            [
+                str(self.bin_dir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                self.user,
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                f"--pwfile={self.root / 'pwfile'}",
+                "--no-sync",
+                "--no-instructions",
+            ]
+        )
+        options = (
+            f"-h 127.0.0.1 -p {self.port} -k {self.root / 'sockets'} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        self._run(
+            [
+                str(self.bin_dir / "pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.log_path),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                options,
+                "start",
+            ]
+        )
 
     def stop(self) -> None:
         pid_file = self.data_dir / "postmaster.pid"
         if not pid_file.exists():
             return
         try:
-            self._run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60",
-                       "stop"])
+            self._run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60", "stop"])
         except (ServiceError, subprocess.TimeoutExpired):
             # pg_ctl could not stop it: the postmaster's pid is the file's first line; SIGQUIT is
             # PostgreSQL's immediate shutdown, and it takes its backends with it.
@@ -261,8 +302,14 @@ class PostgresCluster:
     def connect(self, database: str = "postgres"):
         import psycopg2
 
-        return psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
-                                dbname=database, connect_timeout=10)
+        return psycopg2.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname=database,
+            connect_timeout=10,
+        )
 
     def create_database(self, name: str) -> None:
         connection = self.connect()
@@ -296,11 +343,13 @@ def start_postgres(bin_dir: Path, databases: list[str]) -> PostgresCluster:
             except KeyError:
                 continue
         if os_user is None:
-            raise ServiceError("running as root and neither a 'postgres' nor a 'nobody' user exists: "
-                               "PostgreSQL refuses to run as root")
+            raise ServiceError(
+                "running as root and neither a 'postgres' nor a 'nobody' user exists: PostgreSQL refuses to run as root"
+            )
     root = Path(tempfile.mkdtemp(prefix="scin-postgres-"))
-    cluster = PostgresCluster(bin_dir=bin_dir, root=root, port=free_port(),
-                              password=secrets.token_urlsafe(18), os_user=os_user)
+    cluster = PostgresCluster(
+        bin_dir=bin_dir, root=root, port=free_port(), password=secrets.token_urlsafe(18), os_user=os_user
+    )
     try:
         cluster.start()
         for name in databases:

@@ -51,18 +51,27 @@ def test_run_launched_through_graphql_is_queued_executed_and_stored_in_postgres(
     status = topology.wait_for_run(run_id)
 
     assert status == "SUCCESS", topology.failure_messages(run_id)
-    (stored_status, job_name), = topology.postgres.query(
-        "dagster", "SELECT status, pipeline_name FROM runs WHERE run_id = %s", (run_id,))
+    ((stored_status, job_name),) = topology.postgres.query(
+        "dagster", "SELECT status, pipeline_name FROM runs WHERE run_id = %s", (run_id,)
+    )
     assert (stored_status, job_name) == ("SUCCESS", "curation_job")
     events = topology.postgres.query(
-        "dagster", "SELECT dagster_event_type, asset_key FROM event_logs WHERE run_id = %s", (run_id,))
+        "dagster", "SELECT dagster_event_type, asset_key FROM event_logs WHERE run_id = %s", (run_id,)
+    )
     event_types = {event_type for event_type, _ in events}
     # Enqueued by the webserver, dequeued and launched by the daemon: the QueuedRunCoordinator's path.
-    queue_path = (DagsterEventType.RUN_ENQUEUED, DagsterEventType.RUN_STARTING, DagsterEventType.RUN_START,
-                  DagsterEventType.RUN_SUCCESS)
+    queue_path = (
+        DagsterEventType.RUN_ENQUEUED,
+        DagsterEventType.RUN_STARTING,
+        DagsterEventType.RUN_START,
+        DagsterEventType.RUN_SUCCESS,
+    )
     assert {event.value for event in queue_path} <= event_types
-    materialised = {AssetKey.from_db_string(key).to_user_string() for event_type, key in events
-                    if event_type == DagsterEventType.ASSET_MATERIALIZATION.value}
+    materialised = {
+        AssetKey.from_db_string(key).to_user_string()
+        for event_type, key in events
+        if event_type == DagsterEventType.ASSET_MATERIALIZATION.value
+    }
     assert materialised == set(INGEST_SELECTION)
     # The code server ran with the deployment's SCIN_DATA_ROOT and SCIN_SOURCE: the tiny mirror's 4 cases.
     cases = pd.read_parquet(topology.data_root / "tables" / "cases.parquet")
@@ -78,8 +87,9 @@ def test_project_schedule_is_served_and_evaluates_on_the_code_server(topology):
     next_tick = datetime.fromtimestamp(schedule["futureTicks"]["results"][0]["timestamp"], UTC)
     assert timedelta(0) < next_tick - datetime.now(UTC) <= timedelta(days=7)
     # The weekly schedule cannot tick during a test; a dry run evaluates it on the code server instead.
-    dry_run = topology.graphql(SCHEDULE_DRY_RUN_MUTATION,
-                               {"selector": selector, "timestamp": next_tick.timestamp()})["scheduleDryRun"]
+    dry_run = topology.graphql(SCHEDULE_DRY_RUN_MUTATION, {"selector": selector, "timestamp": next_tick.timestamp()})[
+        "scheduleDryRun"
+    ]
     result = dry_run["evaluationResult"]
     assert result["error"] is None, result["error"]
     (request,) = result["runRequests"]
@@ -97,25 +107,30 @@ def test_mlflow_server_on_postgres_records_a_training_run(topology):
     features = rng.normal(size=(120, 4))
     labels = (features[:, 0] + 0.5 * features[:, 1] > 0).astype(int)
     x_train, x_val, y_train, y_val = train_test_split(features, labels, test_size=0.25, random_state=0)
-    tracking = MlflowTracking(tracking_uri=topology.mlflow_url, data_root=str(topology.data_root),
-                              experiment_name="deploy-topology-synthetic")
+    tracking = MlflowTracking(
+        tracking_uri=topology.mlflow_url, data_root=str(topology.data_root), experiment_name="deploy-topology-synthetic"
+    )
     model = SGDClassifier(loss="log_loss", random_state=0)
-    with tracking.training_run(run_key="deploy-topology:synthetic-sgd", run_name="synthetic-sgd",
-                               tags={"scin.synthetic_data": "true"}, params={"loss": "log_loss"}) as run:
+    with tracking.training_run(
+        run_key="deploy-topology:synthetic-sgd",
+        run_name="synthetic-sgd",
+        tags={"scin.synthetic_data": "true"},
+        params={"loss": "log_loss"},
+    ) as run:
         for epoch in range(3):
             model.partial_fit(x_train, y_train, classes=[0, 1])
             run.log_epoch(epoch, {"val_accuracy": float(model.score(x_val, y_val))})
         run.log_bytes(json.dumps({"coef": model.coef_.tolist()}).encode(), "synthetic_model.json")
 
-    (status, name), = topology.postgres.query(
-        "mlflow", "SELECT status, name FROM runs WHERE run_uuid = %s", (run.run_id,))
+    ((status, name),) = topology.postgres.query(
+        "mlflow", "SELECT status, name FROM runs WHERE run_uuid = %s", (run.run_id,)
+    )
     assert (status, name) == ("FINISHED", "synthetic-sgd")
     steps = topology.postgres.query(
-        "mlflow", "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'val_accuracy' ORDER BY step",
-        (run.run_id,))
+        "mlflow", "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'val_accuracy' ORDER BY step", (run.run_id,)
+    )
     assert [step for (step,) in steps] == [0, 1, 2]
-    params = topology.postgres.query("mlflow", "SELECT key, value FROM params WHERE run_uuid = %s",
-                                     (run.run_id,))
+    params = topology.postgres.query("mlflow", "SELECT key, value FROM params WHERE run_uuid = %s", (run.run_id,))
     assert ("loss", "log_loss") in params
     # Artifacts go through the server (--serve-artifacts) into its --artifacts-destination.
     (artifact,) = topology.mlflow_artifacts.glob(f"*/{run.run_id}/artifacts/synthetic_model.json")
@@ -133,15 +148,17 @@ def test_daemon_processes_a_schedule_tick_and_launches_its_run(topology):
         return next((t for t in ticks if t["status"] == "SUCCESS" and t["runIds"]), None)
 
     # Cron ticks fall on minute boundaries, and the scheduler daemon wakes once a minute.
-    tick = wait_until(successful_tick, timeout_s=150, what=f"a tick of {PROBE_SCHEDULE}",
-                      services=list(topology.services.values()))
+    tick = wait_until(
+        successful_tick, timeout_s=150, what=f"a tick of {PROBE_SCHEDULE}", services=list(topology.services.values())
+    )
 
     run_id = tick["runIds"][0]
     assert topology.wait_for_run(run_id) == "SUCCESS", topology.failure_messages(run_id)
     stored_ticks = topology.postgres.query(
-        "dagster", "SELECT status FROM job_ticks WHERE type = 'SCHEDULE' AND tick_body LIKE %s",
-        (f"%{PROBE_SCHEDULE}%",))
+        "dagster",
+        "SELECT status FROM job_ticks WHERE type = 'SCHEDULE' AND tick_body LIKE %s",
+        (f"%{PROBE_SCHEDULE}%",),
+    )
     assert ("SUCCESS",) in stored_ticks
-    (job_name,), = topology.postgres.query("dagster", "SELECT pipeline_name FROM runs WHERE run_id = %s",
-                                           (run_id,))
+    ((job_name,),) = topology.postgres.query("dagster", "SELECT pipeline_name FROM runs WHERE run_id = %s", (run_id,))
     assert job_name == "deploy_probe_job"

@@ -36,20 +36,35 @@ def dagster_ui(tmp_path, tiny_source):
     # MLflow 3's server starts a job runner with six consumer processes for GenAI jobs; unused here.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     ui = services.start_service(
-        "scin-pipeline-ui", [str(Path(sys.executable).parent / "scin-pipeline"), "ui", "--data-root",
-                             str(tmp_path / "data"), "--source", str(tiny_source), "--port", str(port),
-                             "--mlflow-port", str(mlflow_port)],
-        env=env, log_dir=tmp_path / "logs", cwd=tmp_path)
+        "scin-pipeline-ui",
+        [
+            str(Path(sys.executable).parent / "scin-pipeline"),
+            "ui",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--source",
+            str(tiny_source),
+            "--port",
+            str(port),
+            "--mlflow-port",
+            str(mlflow_port),
+        ],
+        env=env,
+        log_dir=tmp_path / "logs",
+        cwd=tmp_path,
+    )
     base_url = f"http://127.0.0.1:{port}"
     try:
         services.wait_until(
             lambda: b"dagster_webserver_version" in services.http_get(f"{base_url}/server_info"),
-            timeout_s=240, what="the Dagster UI of scin-pipeline ui", services=[ui])
+            timeout_s=240,
+            what="the Dagster UI of scin-pipeline ui",
+            services=[ui],
+        )
         yield base_url, tmp_path / "data"
     finally:
         # SIGTERM: the command stops dagster dev and MLflow (their own process groups) itself.
-        descendants = psutil.Process(ui.proc.pid).children(recursive=True) \
-            if ui.proc.poll() is None else []
+        descendants = psutil.Process(ui.proc.pid).children(recursive=True) if ui.proc.poll() is None else []
         ui.stop(grace_s=60)
         _gone, alive = psutil.wait_procs(descendants, timeout=10)
         for process in alive:
@@ -87,8 +102,7 @@ def test_materialise_a_selection_from_the_asset_graph_in_chromium(chromium_execu
             page.get_by_role("button", name="Materialize all").click()
             # The launch toast links to the new run.
             view_run = page.get_by_role("link", name="View", exact=True)
-            expect(view_run).to_have_attribute("href", re.compile(r"^/runs/[0-9a-f-]{36}$"),
-                                               timeout=UI_TIMEOUT_MS)
+            expect(view_run).to_have_attribute("href", re.compile(r"^/runs/[0-9a-f-]{36}$"), timeout=UI_TIMEOUT_MS)
             run_path = view_run.get_attribute("href")
             run_id = run_path.rsplit("/", 1)[-1]
             page.goto(f"{base_url}{run_path}")
@@ -96,7 +110,9 @@ def test_materialise_a_selection_from_the_asset_graph_in_chromium(chromium_execu
             # The status comes from GraphQL, polled; the page is then checked for what a user sees.
             status = services.wait_until(
                 lambda: (s := _run_status(base_url, run_id)) in TERMINAL_STATUSES and s,
-                timeout_s=240, what=f"run {run_id} launched from the UI")
+                timeout_s=240,
+                what=f"run {run_id} launched from the UI",
+            )
             assert status == "SUCCESS"
             expect(page.get_by_text("Success", exact=True).first).to_be_visible(timeout=UI_TIMEOUT_MS)
             expect(page.get_by_text("RUN_SUCCESS").first).to_be_visible(timeout=UI_TIMEOUT_MS)

@@ -129,14 +129,22 @@ class Topology:
     def graphql(self, query: str, variables: dict | None = None) -> dict:
         return graphql(self.graphql_url, query, variables)
 
-    def launch_run(self, job_name: str, asset_keys: list[str] | None = None,
-                   location: str = SCIN_LOCATION, tags: dict | None = None) -> str:
+    def launch_run(
+        self,
+        job_name: str,
+        asset_keys: list[str] | None = None,
+        location: str = SCIN_LOCATION,
+        tags: dict | None = None,
+    ) -> str:
         """launchRun through GraphQL (the webserver hands it to the QueuedRunCoordinator); the run id."""
         selector = {"repositoryLocationName": location, "repositoryName": REPOSITORY, "jobName": job_name}
         if asset_keys is not None:
             selector["assetSelection"] = [{"path": [key]} for key in asset_keys]
-        params = {"selector": selector, "runConfigData": {},
-                  "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]}}
+        params = {
+            "selector": selector,
+            "runConfigData": {},
+            "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]},
+        }
         result = self.graphql(LAUNCH_RUN_MUTATION, {"executionParams": params})["launchRun"]
         if result["__typename"] != "LaunchRunSuccess":
             raise AssertionError(f"launchRun of {job_name} failed: {result}")
@@ -158,15 +166,19 @@ class Topology:
 
     def wait_for_run(self, run_id: str, timeout_s: float = 240) -> str:
         """Poll runOrError until the run ends; the final status (the failure messages in the error)."""
-        status = wait_until(lambda: (s := self.run_status(run_id)) in TERMINAL_STATUSES and s,
-                            timeout_s=timeout_s, what=f"run {run_id} to finish",
-                            services=list(self.services.values()))
+        status = wait_until(
+            lambda: (s := self.run_status(run_id)) in TERMINAL_STATUSES and s,
+            timeout_s=timeout_s,
+            what=f"run {run_id} to finish",
+            services=list(self.services.values()),
+        )
         return status
 
     def failure_messages(self, run_id: str) -> list[str]:
         events = self.graphql(RUN_FAILURE_EVENTS_QUERY, {"runId": run_id})["logsForRun"].get("events", [])
-        return [e.get("error", {}).get("message") or e.get("message", "") for e in events
-                if "Failure" in e["__typename"]]
+        return [
+            e.get("error", {}).get("message") or e.get("message", "") for e in events if "Failure" in e["__typename"]
+        ]
 
     def stop(self) -> list[str]:
         """Stop every service (Postgres is its owner's to stop); the processes that survived (none)."""
@@ -192,19 +204,20 @@ class Topology:
         return survivors
 
 
-def service_env(*, dagster_home: Path, data_root: Path, source: Path, mlflow_url: str,
-                pg: PostgresCluster) -> dict:
+def service_env(*, dagster_home: Path, data_root: Path, source: Path, mlflow_url: str, pg: PostgresCluster) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "SCIN_", "MLFLOW_"))}
-    env.update({
-        "DAGSTER_HOME": str(dagster_home),
-        "DAGSTER_PG_PASSWORD": pg.password,
-        "SCIN_DATA_ROOT": str(data_root),
-        "SCIN_SOURCE": str(source),
-        "MLFLOW_TRACKING_URI": mlflow_url,
-        # MLflow 3's server starts a job runner with six consumer processes for its GenAI jobs; unused here.
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "DAGSTER_HOME": str(dagster_home),
+            "DAGSTER_PG_PASSWORD": pg.password,
+            "SCIN_DATA_ROOT": str(data_root),
+            "SCIN_SOURCE": str(source),
+            "MLFLOW_TRACKING_URI": mlflow_url,
+            # MLflow 3's server starts a job runner with six consumer processes for its GenAI jobs; unused here.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -216,18 +229,27 @@ def start_topology(pg: PostgresCluster, *, work_dir: Path, source: Path) -> Topo
     (dagster_home / "dagster.yaml").write_text(instance_yaml)
     scin_port, probe_port, web_port, mlflow_port = (services.free_port() for _ in range(4))
     workspace = work_dir / "workspace.yaml"
-    workspace.write_text(WORKSPACE_YAML.format(scin_port=scin_port, scin_location=SCIN_LOCATION,
-                                               probe_port=probe_port, probe_location=PROBE_LOCATION))
+    workspace.write_text(
+        WORKSPACE_YAML.format(
+            scin_port=scin_port, scin_location=SCIN_LOCATION, probe_port=probe_port, probe_location=PROBE_LOCATION
+        )
+    )
     data_root = work_dir / "data"
     data_root.mkdir()
     mlflow_artifacts = work_dir / "mlartifacts"
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
-    env = service_env(dagster_home=dagster_home, data_root=data_root, source=source, mlflow_url=mlflow_url,
-                      pg=pg)
+    env = service_env(dagster_home=dagster_home, data_root=data_root, source=source, mlflow_url=mlflow_url, pg=pg)
     log_dir = work_dir / "logs"
-    topology = Topology(postgres=pg, dagster_home=dagster_home, data_root=data_root, source=source,
-                        mlflow_url=mlflow_url, mlflow_artifacts=mlflow_artifacts,
-                        webserver_url=f"http://127.0.0.1:{web_port}", log_dir=log_dir)
+    topology = Topology(
+        postgres=pg,
+        dagster_home=dagster_home,
+        data_root=data_root,
+        source=source,
+        mlflow_url=mlflow_url,
+        mlflow_artifacts=mlflow_artifacts,
+        webserver_url=f"http://127.0.0.1:{web_port}",
+        log_dir=log_dir,
+    )
 
     def start(name: str, argv: list[str]) -> Service:
         # cwd: a scratch folder, so nothing a service writes lands in the repository.
@@ -237,33 +259,81 @@ def start_topology(pg: PostgresCluster, *, work_dir: Path, source: Path) -> Topo
 
     def code_server(module: str, location: str, port: int) -> list[str]:
         # -d: the repository root on sys.path (scin_pipeline_tests is not an installed package).
-        return [str(BIN / "dagster"), "code-server", "start", "-m", module, "-d", str(REPO_ROOT),
-                "-h", "127.0.0.1", "-p", str(port), "--location-name", location]
+        return [
+            str(BIN / "dagster"),
+            "code-server",
+            "start",
+            "-m",
+            module,
+            "-d",
+            str(REPO_ROOT),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--location-name",
+            location,
+        ]
 
     try:
         code_servers = [
             start("code_server_scin", code_server("scin_pipeline.definitions", SCIN_LOCATION, scin_port)),
             start("code_server_probe", code_server(PROBE_MODULE, PROBE_LOCATION, probe_port)),
         ]
-        mlflow = start("mlflow", [
-            str(BIN / "mlflow"), "server", "--backend-store-uri", pg.url("mlflow", scheme=SQLALCHEMY_SCHEME),
-            "--artifacts-destination", str(mlflow_artifacts), "--serve-artifacts",
-            "-h", "127.0.0.1", "-p", str(mlflow_port), "--workers", "1"])
+        mlflow = start(
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                pg.url("mlflow", scheme=SQLALCHEMY_SCHEME),
+                "--artifacts-destination",
+                str(mlflow_artifacts),
+                "--serve-artifacts",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(mlflow_port),
+                "--workers",
+                "1",
+            ],
+        )
         for server, port in zip(code_servers, (scin_port, probe_port)):
-            wait_until(lambda p=port: services.tcp_open("127.0.0.1", p), timeout_s=STARTUP_TIMEOUT_S,
-                       what=f"{server.name} on port {port}", services=[server])
-        webserver = start("webserver", [str(BIN / "dagster-webserver"), "-w", str(workspace),
-                                        "-h", "127.0.0.1", "-p", str(web_port)])
+            wait_until(
+                lambda p=port: services.tcp_open("127.0.0.1", p),
+                timeout_s=STARTUP_TIMEOUT_S,
+                what=f"{server.name} on port {port}",
+                services=[server],
+            )
+        webserver = start(
+            "webserver", [str(BIN / "dagster-webserver"), "-w", str(workspace), "-h", "127.0.0.1", "-p", str(web_port)]
+        )
         daemon = start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)])
         everything = list(topology.services.values())
-        wait_until(lambda: b"dagster_webserver_version" in http_get(f"{topology.webserver_url}/server_info"),
-                   timeout_s=STARTUP_TIMEOUT_S, what="the Dagster webserver", services=everything)
-        wait_until(lambda: _locations_loaded(topology), timeout_s=STARTUP_TIMEOUT_S,
-                   what="both code locations to load in the webserver", services=everything)
-        wait_until(lambda: _daemons_healthy(topology), timeout_s=STARTUP_TIMEOUT_S,
-                   what=f"the daemon's {', '.join(NEEDED_DAEMONS)} heartbeats", services=[daemon, webserver])
-        wait_until(lambda: http_get(f"{mlflow_url}/health").strip() == b"OK", timeout_s=STARTUP_TIMEOUT_S,
-                   what="the MLflow server", services=[mlflow])
+        wait_until(
+            lambda: b"dagster_webserver_version" in http_get(f"{topology.webserver_url}/server_info"),
+            timeout_s=STARTUP_TIMEOUT_S,
+            what="the Dagster webserver",
+            services=everything,
+        )
+        wait_until(
+            lambda: _locations_loaded(topology),
+            timeout_s=STARTUP_TIMEOUT_S,
+            what="both code locations to load in the webserver",
+            services=everything,
+        )
+        wait_until(
+            lambda: _daemons_healthy(topology),
+            timeout_s=STARTUP_TIMEOUT_S,
+            what=f"the daemon's {', '.join(NEEDED_DAEMONS)} heartbeats",
+            services=[daemon, webserver],
+        )
+        wait_until(
+            lambda: http_get(f"{mlflow_url}/health").strip() == b"OK",
+            timeout_s=STARTUP_TIMEOUT_S,
+            what="the MLflow server",
+            services=[mlflow],
+        )
     except BaseException:
         topology.stop()
         raise

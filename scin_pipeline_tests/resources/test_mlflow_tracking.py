@@ -1,7 +1,6 @@
 """MlflowTracking on a SQLite store under tmp_path: tagging, artifacts' location, resumed runs, the registry's
 champion alias, and prediction from the registry in a fresh process. Models are tiny and synthetic."""
 
-
 import io
 import json
 import os
@@ -45,8 +44,9 @@ def synthetic_cases(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
 def metadata_package(folder: Path, C: float = 1.0) -> Path:
     cases, y = synthetic_cases(60)
     model = LogisticRegression(C=C, max_iter=500).fit(metadata_features(cases).to_numpy(), y)
-    return PackagedClassifier(kind="sklearn_metadata", classes=CLASSES, model=model,
-                              metadata_columns=list(METADATA_FEATURE_COLUMNS)).save(folder)
+    return PackagedClassifier(
+        kind="sklearn_metadata", classes=CLASSES, model=model, metadata_columns=list(METADATA_FEATURE_COLUMNS)
+    ).save(folder)
 
 
 def keras_image_package(folder: Path) -> Path:
@@ -56,14 +56,16 @@ def keras_image_package(folder: Path) -> Path:
     image = keras.Input((16, 16, 3), dtype="uint8", name="image")
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255.0)(image))
     out = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
-    return PackagedClassifier(kind="keras_image", classes=CLASSES, model=keras.Model(image, out),
-                              image_size=16).save(folder)
+    return PackagedClassifier(kind="keras_image", classes=CLASSES, model=keras.Model(image, out), image_size=16).save(
+        folder
+    )
 
 
 def synthetic_png(seed: int) -> bytes:
     buffer = io.BytesIO()
     PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
-        buffer, format="PNG")
+        buffer, format="PNG"
+    )
     return buffer.getvalue()
 
 
@@ -84,12 +86,13 @@ def test_a_training_materialisation_is_one_tagged_run_with_params_epochs_and_art
 
     @asset(code_version="v7")
     def synthetic_candidate(context: AssetExecutionContext, mlflow_tracking: MlflowTracking) -> str:
-        tags = dagster_tags(context, code_version="v7", splits_data_version=splits_version, synthetic_data=True,
-                            keras_backend="jax") | {"scin.candidate": "synthetic_candidate"}
-        key = run_key_for(asset_key="synthetic_candidate", code_version="v7", config=PARAMS,
-                          splits_data_version=splits_version)
-        with mlflow_tracking.training_run(run_key=key, run_name="synthetic_candidate", tags=tags,
-                                          params=PARAMS) as run:
+        tags = dagster_tags(
+            context, code_version="v7", splits_data_version=splits_version, synthetic_data=True, keras_backend="jax"
+        ) | {"scin.candidate": "synthetic_candidate"}
+        key = run_key_for(
+            asset_key="synthetic_candidate", code_version="v7", config=PARAMS, splits_data_version=splits_version
+        )
+        with mlflow_tracking.training_run(run_key=key, run_name="synthetic_candidate", tags=tags, params=PARAMS) as run:
             for epoch, loss in enumerate([0.9, 0.5, 0.4]):
                 run.log_epoch(epoch, {"loss": loss, "val_loss": loss + 0.1, "note": "not a number"})
             run.log_metrics({"test_balanced_accuracy": 0.5})
@@ -108,12 +111,26 @@ def test_a_training_materialisation_is_one_tagged_run_with_params_epochs_and_art
     client = tracking.client()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert {k: run.data.tags[k] for k in ("dagster.run_id", "dagster.asset_key", "dagster.code_version",
-                                          "scin.splits_data_version", "scin.keras_backend",
-                                          "scin.synthetic_data", "scin.candidate")} == {
-        "dagster.run_id": result.run_id, "dagster.asset_key": "synthetic_candidate",
-        "dagster.code_version": "v7", "scin.splits_data_version": splits_version,
-        "scin.keras_backend": "jax", "scin.synthetic_data": "true", "scin.candidate": "synthetic_candidate"}
+    assert {
+        k: run.data.tags[k]
+        for k in (
+            "dagster.run_id",
+            "dagster.asset_key",
+            "dagster.code_version",
+            "scin.splits_data_version",
+            "scin.keras_backend",
+            "scin.synthetic_data",
+            "scin.candidate",
+        )
+    } == {
+        "dagster.run_id": result.run_id,
+        "dagster.asset_key": "synthetic_candidate",
+        "dagster.code_version": "v7",
+        "scin.splits_data_version": splits_version,
+        "scin.keras_backend": "jax",
+        "scin.synthetic_data": "true",
+        "scin.candidate": "synthetic_candidate",
+    }
     assert run.data.tags["scin.run_key"].startswith("synthetic_candidate:code=v7:config=")
     assert run.data.params == {"C": "0.1", "epochs": "2", "layers": "[8, 4]"}
     history = client.get_metric_history(run_id, "val_loss")
@@ -146,17 +163,25 @@ def test_synthetic_flag_and_optional_backend_tag():
                 return "models/metadata_model"
 
     tags = dagster_tags(Context(), code_version="1", splits_data_version="s", synthetic_data=False)
-    assert tags == {"dagster.run_id": "r1", "dagster.asset_key": "models/metadata_model",
-                    "dagster.code_version": "1", "scin.splits_data_version": "s", "scin.synthetic_data": "false"}
+    assert tags == {
+        "dagster.run_id": "r1",
+        "dagster.asset_key": "models/metadata_model",
+        "dagster.code_version": "1",
+        "scin.splits_data_version": "s",
+        "scin.synthetic_data": "false",
+    }
 
 
 def test_run_keys_are_deterministic_and_checked():
-    first = run_key_for(asset_key="models/baseline_cnn", code_version="3", config={"a": 1, "b": 2},
-                        splits_data_version="abc")
-    assert first == run_key_for(asset_key="models/baseline_cnn", code_version="3", config={"b": 2, "a": 1},
-                                splits_data_version="abc")
-    assert first != run_key_for(asset_key="models/baseline_cnn", code_version="3", config={"a": 1, "b": 3},
-                                splits_data_version="abc")
+    first = run_key_for(
+        asset_key="models/baseline_cnn", code_version="3", config={"a": 1, "b": 2}, splits_data_version="abc"
+    )
+    assert first == run_key_for(
+        asset_key="models/baseline_cnn", code_version="3", config={"b": 2, "a": 1}, splits_data_version="abc"
+    )
+    assert first != run_key_for(
+        asset_key="models/baseline_cnn", code_version="3", config={"a": 1, "b": 3}, splits_data_version="abc"
+    )
     tracking = MlflowTracking(data_root="unused")
     with pytest.raises(ValueError, match="run_key must be"):
         tracking.runs_with_key("x' OR '1'='1")
@@ -186,16 +211,21 @@ KILLED_CHILD = textwrap.dedent("""
 
 
 def test_a_killed_run_is_resumed_not_duplicated(tracking, tmp_path):
-    child = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(tmp_path / "data")], capture_output=True,
-                           text=True, timeout=300, env={k: v for k, v in os.environ.items()
-                                                        if k != "MLFLOW_TRACKING_URI"})
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_CHILD, str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
     assert child.returncode == -9, child.stderr[-2000:]
     killed_run_id = child.stdout.split()[0]
     assert tracking.client().get_run(killed_run_id).info.status == "RUNNING"
     assert tracking.find_finished_run("synthetic-key") is None
 
-    with tracking.training_run(run_key="synthetic-key", run_name="synthetic", params={"C": 0.1},
-                               tags={"dagster.run_id": "dagster-run-retry"}) as run:
+    with tracking.training_run(
+        run_key="synthetic-key", run_name="synthetic", params={"C": 0.1}, tags={"dagster.run_id": "dagster-run-retry"}
+    ) as run:
         assert (run.run_id, run.resumed) == (killed_run_id, True)
         run.log_epoch(1, {"loss": 0.5})
     resumed = tracking.client().get_run(killed_run_id)
@@ -204,7 +234,9 @@ def test_a_killed_run_is_resumed_not_duplicated(tracking, tmp_path):
     assert resumed.data.tags["scin.previous_dagster_run_ids"] == "dagster-run-killed"
     assert resumed.data.tags["scin.resume_count"] == "1"
     assert [(m.step, m.value) for m in tracking.client().get_metric_history(killed_run_id, "loss")] == [
-        (0, 0.9), (1, 0.5)]
+        (0, 0.9),
+        (1, 0.5),
+    ]
     assert [r.info.run_id for r in tracking.runs_with_key("synthetic-key")] == [killed_run_id]
     assert tracking.find_finished_run("synthetic-key").info.run_id == killed_run_id
 
@@ -293,8 +325,9 @@ def test_models_are_registered_with_lineage_tags_and_the_champion_alias_moves(tr
     versions = {}
     for C in (1.0, 0.01):
         candidate = f"logistic_C{C}"
-        with tracking.training_run(run_key=f"key-{candidate}", run_name=candidate, tags=tags_for(candidate),
-                                   params={"C": C}) as run:
+        with tracking.training_run(
+            run_key=f"key-{candidate}", run_name=candidate, tags=tags_for(candidate), params={"C": C}
+        ) as run:
             model_uri, version = run.log_model(metadata_package(tmp_path / candidate, C=C))
             metadata = run.metadata()
         assert model_uri.startswith("models:/m-")
@@ -305,9 +338,12 @@ def test_models_are_registered_with_lineage_tags_and_the_champion_alias_moves(tr
 
     client = tracking.client()
     second = client.get_model_version("scin-condition-classifier", versions["logistic_C0.01"])
-    assert {k: second.tags[k] for k in ("scin.candidate", "scin.model_kind", "scin.run_key", "dagster.run_id")} \
-        == {"scin.candidate": "logistic_C0.01", "scin.model_kind": "sklearn_metadata",
-            "scin.run_key": "key-logistic_C0.01", "dagster.run_id": "dagster-run-1"}
+    assert {k: second.tags[k] for k in ("scin.candidate", "scin.model_kind", "scin.run_key", "dagster.run_id")} == {
+        "scin.candidate": "logistic_C0.01",
+        "scin.model_kind": "sklearn_metadata",
+        "scin.run_key": "key-logistic_C0.01",
+        "dagster.run_id": "dagster-run-1",
+    }
     assert not (tmp_path / "mlruns").exists()
 
     tracking.set_champion(versions["logistic_C0.01"], reason="highest val macro-F1 (synthetic)")
@@ -368,8 +404,9 @@ FRESH_PROCESS = textwrap.dedent("""
 
 
 def test_the_champion_predicts_from_a_fresh_process(tracking, tmp_path):
-    with tracking.training_run(run_key="key-metadata", run_name="metadata", tags=tags_for("metadata"),
-                               params={}) as run:
+    with tracking.training_run(
+        run_key="key-metadata", run_name="metadata", tags=tags_for("metadata"), params={}
+    ) as run:
         _, metadata_version = run.log_model(metadata_package(tmp_path / "metadata_pkg"))
     with tracking.training_run(run_key="key-image", run_name="image", tags=tags_for("image"), params={}) as run:
         _, image_version = run.log_model(keras_image_package(tmp_path / "image_pkg"))
@@ -378,9 +415,19 @@ def test_the_champion_predicts_from_a_fresh_process(tracking, tmp_path):
     images = [synthetic_png(seed) for seed in range(2)]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.resolved_tracking_uri()}
     child = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, f"models:/scin-condition-classifier/{metadata_version}",
-         json.dumps([image.hex() for image in images])],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+        [
+            sys.executable,
+            "-c",
+            FRESH_PROCESS,
+            f"models:/scin-condition-classifier/{metadata_version}",
+            json.dumps([image.hex() for image in images]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     result = json.loads(child.stdout.split("RESULT", 1)[1])
     for name, rows in (("metadata", 3), ("champion", 2)):
@@ -391,8 +438,8 @@ def test_the_champion_predicts_from_a_fresh_process(tracking, tmp_path):
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-9)
     # The registry's models give the same numbers as the packages they were made from.
     expected = PackagedClassifier.load(tmp_path / "metadata_pkg").predict_proba(
-        cases=pd.DataFrame({"age_group": schema.ENUM_VALUES["age_group"][:3],
-                            "sex_at_birth": ["MALE", None, "FEMALE"]}))
+        cases=pd.DataFrame({"age_group": schema.ENUM_VALUES["age_group"][:3], "sex_at_birth": ["MALE", None, "FEMALE"]})
+    )
     np.testing.assert_allclose(np.array(result["metadata"]["data"]), expected, rtol=1e-6)
     assert not (tmp_path / "mlruns").exists()
 

@@ -41,8 +41,9 @@ def test_a_file_where_a_storage_folder_must_be_is_named(tmp_path):
     (tmp_path / "raw").write_text("not a folder")
     with pytest.raises(RuntimeError) as caught:
         _ = StoragePaths(data_root=str(tmp_path)).raw_dir
-    assert str(caught.value) == (f"cannot create {tmp_path / 'raw'} under the data root {tmp_path}: "
-                                 f"{tmp_path / 'raw'} is a file, not a folder")
+    assert str(caught.value) == (
+        f"cannot create {tmp_path / 'raw'} under the data root {tmp_path}: {tmp_path / 'raw'} is a file, not a folder"
+    )
 
 
 @asset(retry_policy=RetryPolicy(max_retries=2, delay=0.2))  # short: a regression fails fast
@@ -52,12 +53,16 @@ def retried_table() -> pd.DataFrame:
 
 def test_a_tables_folder_that_is_a_file_fails_the_step_once_without_retries(tmp_path):
     (tmp_path / "tables").write_text("not a folder")
-    result = materialize([retried_table], instance=DagsterInstance.ephemeral(), raise_on_error=False,
-                         resources={"io_manager": ParquetTableIOManager(data_root=str(tmp_path))})
+    result = materialize(
+        [retried_table],
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+        resources={"io_manager": ParquetTableIOManager(data_root=str(tmp_path))},
+    )
     assert not result.success
     retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     assert retries == []
     [failure] = result.get_step_failure_events()
     assert failure.step_failure_data.user_failure_data.description == (
-        f"storing retried_table: {tmp_path / 'tables'} is a file, not a folder "
-        "(a local filesystem error: not retried)")
+        f"storing retried_table: {tmp_path / 'tables'} is a file, not a folder (a local filesystem error: not retried)"
+    )

@@ -49,8 +49,7 @@ def synthetic_cases(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
     rng = np.random.default_rng(seed)
     ages = np.array(schema.ENUM_VALUES["age_group"][:3])
     y = rng.integers(0, 3, n)
-    return pd.DataFrame({"age_group": ages[y], ITCH: y == 1,
-                         "sex_at_birth": rng.choice(["FEMALE", "MALE"], n)}), y
+    return pd.DataFrame({"age_group": ages[y], ITCH: y == 1, "sex_at_birth": rng.choice(["FEMALE", "MALE"], n)}), y
 
 
 @dataclass
@@ -84,12 +83,14 @@ def _train_packages(folder: Path) -> dict[str, Path]:
     cnn = build_baseline_cnn(len(CLASSES), IMAGE_SIZE)
     cnn.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     cnn.fit(images, y_images, epochs=2, batch_size=12, verbose=0)
-    packages["keras_image"] = PackagedClassifier(kind="keras_image", classes=CLASSES, model=cnn,
-                                                 image_size=IMAGE_SIZE, extra={"data": "synthetic"})
+    packages["keras_image"] = PackagedClassifier(
+        kind="keras_image", classes=CLASSES, model=cnn, image_size=IMAGE_SIZE, extra={"data": "synthetic"}
+    )
 
     logistic = LogisticRegression(max_iter=500).fit(features, y_cases)
-    packages["sklearn_metadata"] = PackagedClassifier(kind="sklearn_metadata", classes=CLASSES, model=logistic,
-                                                      metadata_columns=list(METADATA_FEATURE_COLUMNS))
+    packages["sklearn_metadata"] = PackagedClassifier(
+        kind="sklearn_metadata", classes=CLASSES, model=logistic, metadata_columns=list(METADATA_FEATURE_COLUMNS)
+    )
 
     image_in = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), dtype="uint8", name="image")
     metadata_in = keras.Input((len(METADATA_FEATURE_COLUMNS),), name="metadata")
@@ -98,11 +99,16 @@ def _train_packages(folder: Path) -> dict[str, Path]:
     out = keras.layers.Dense(len(CLASSES), activation="softmax", dtype="float32")(x)
     multimodal = keras.Model({"image": image_in, "metadata": metadata_in}, out)
     multimodal.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    multimodal.fit({"image": images, "metadata": features.astype(np.float32)}, y_cases, epochs=2, batch_size=12,
-                   verbose=0)
-    packages["keras_multimodal"] = PackagedClassifier(kind="keras_multimodal", classes=CLASSES, model=multimodal,
-                                                      image_size=IMAGE_SIZE,
-                                                      metadata_columns=list(METADATA_FEATURE_COLUMNS))
+    multimodal.fit(
+        {"image": images, "metadata": features.astype(np.float32)}, y_cases, epochs=2, batch_size=12, verbose=0
+    )
+    packages["keras_multimodal"] = PackagedClassifier(
+        kind="keras_multimodal",
+        classes=CLASSES,
+        model=multimodal,
+        image_size=IMAGE_SIZE,
+        metadata_columns=list(METADATA_FEATURE_COLUMNS),
+    )
     return {kind: package.save(folder / kind) for kind, package in packages.items()}
 
 
@@ -118,9 +124,12 @@ def registry(tmp_path_factory) -> Registry:
     tracking = MlflowTracking(tracking_uri=uri, data_root=str(root), registered_model_name=MODEL_NAME)
     registry = Registry(data_root=root, tracking_uri=uri)
     for kind, package_dir in _train_packages(root / "packages").items():
-        with tracking.training_run(run_key=f"serve-test-{kind}", run_name=kind,
-                                   tags={"scin.synthetic_data": "true", "scin.candidate": kind},
-                                   params={"kind": kind}) as run:
+        with tracking.training_run(
+            run_key=f"serve-test-{kind}",
+            run_name=kind,
+            tags={"scin.synthetic_data": "true", "scin.candidate": kind},
+            params={"kind": kind},
+        ) as run:
             _, version = run.log_model(package_dir)
         registry.versions[kind] = version
     tracking.set_champion(registry.versions[registry.champion_kind], reason="serving tests: the image model")
@@ -163,11 +172,25 @@ def serve_process(registry, tmp_path_factory) -> ServerProcess:
     port = services.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SCIN_"))}
     log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    command = [str(Path(sys.executable).parent / "scin-pipeline"), "serve", "--data-root", str(registry.data_root),
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(Path(sys.executable).parent / "scin-pipeline"),
+        "serve",
+        "--data-root",
+        str(registry.data_root),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=str(registry.data_root.parent))
+        proc = subprocess.Popen(
+            command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=str(registry.data_root.parent),
+        )
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
@@ -175,8 +198,9 @@ def serve_process(registry, tmp_path_factory) -> ServerProcess:
             if proc.poll() is not None:
                 pytest.fail(f"scin-pipeline serve exited with {proc.returncode}:\n{server.log_text()[-3000:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"scin-pipeline serve not ready in {SERVER_START_TIMEOUT_S} s:\n"
-                            f"{server.log_text()[-3000:]}")
+                pytest.fail(
+                    f"scin-pipeline serve not ready in {SERVER_START_TIMEOUT_S} s:\n{server.log_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield server
     finally:

@@ -20,8 +20,7 @@ MAX_UPLOAD = 150_000
 
 @pytest.fixture(scope="module")
 def image_app(registry):
-    app = create_app(f"models:/{MODEL_NAME}@champion", tracking_uri=registry.tracking_uri,
-                     max_upload_bytes=MAX_UPLOAD)
+    app = create_app(f"models:/{MODEL_NAME}@champion", tracking_uri=registry.tracking_uri, max_upload_bytes=MAX_UPLOAD)
     with TestClient(app) as client:
         yield app, client
 
@@ -46,8 +45,9 @@ def post_image(client, data: bytes, *, content_type="image/png", filename="skin.
 
 def post_form(client, fields: dict):
     """Questionnaire only, as multipart/form-data (what the page's FormData sends)."""
-    parts = [(name, (None, v)) for name, value in fields.items()
-             for v in ([value] if isinstance(value, str) else value)]
+    parts = [
+        (name, (None, v)) for name, value in fields.items() for v in ([value] if isinstance(value, str) else value)
+    ]
     return client.post("/predict", files=parts)
 
 
@@ -92,17 +92,19 @@ def test_served_pixels_are_bit_identical_to_training_preprocessing():
 
 def test_a_jpeg_is_accepted_too(image_app):
     _, client = image_app
-    response = post_image(client, encode(synthetic_skin_rgb(2), "JPEG"), content_type="image/jpeg",
-                          filename="skin.jpg")
+    response = post_image(client, encode(synthetic_skin_rgb(2), "JPEG"), content_type="image/jpeg", filename="skin.jpg")
     assert response.status_code == 200, response.text
     assert response.json()["quality"]["verdict"] == "ok"
 
 
-@pytest.mark.parametrize("picture, issue", [
-    (np.full((96, 96, 3), 3, np.uint8), "dark"),
-    (np.repeat(np.repeat(np.linspace(60, 200, 96).astype(np.uint8)[None, :, None], 96, 0), 3, 2), "blurry"),
-    ("small", "too_small"),
-])
+@pytest.mark.parametrize(
+    "picture, issue",
+    [
+        (np.full((96, 96, 3), 3, np.uint8), "dark"),
+        (np.repeat(np.repeat(np.linspace(60, 200, 96).astype(np.uint8)[None, :, None], 96, 0), 3, 2), "blurry"),
+        ("small", "too_small"),
+    ],
+)
 def test_the_quality_verdict_comes_with_the_prediction(image_app, picture, issue):
     _, client = image_app
     rgb = synthetic_skin_rgb(5, (40, 48)) if isinstance(picture, str) else picture
@@ -127,35 +129,58 @@ def test_a_clean_photo_gets_an_ok_verdict(image_app):
 
 def _chunked_multipart(total_bytes: int):
     boundary = "synthetic-boundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
     body = [head, b"\x89PNG\r\n\x1a\n"] + [b"\0" * 8192] * (total_bytes // 8192) + [f"\r\n--{boundary}--\r\n".encode()]
     return {"content": iter(body), "headers": {"Content-Type": f"multipart/form-data; boundary={boundary}"}}
 
 
 BAD_REQUESTS = {
     "not an image": (lambda c: post_image(c, b"this is a text file, not a photo"), 422, "corrupt"),
-    "wrong declared type": (lambda c: post_image(c, good_png(), content_type="text/plain"), 415,
-                            "unsupported_media_type"),
+    "wrong declared type": (
+        lambda c: post_image(c, good_png(), content_type="text/plain"),
+        415,
+        "unsupported_media_type",
+    ),
     "truncated PNG": (lambda c: post_image(c, good_png()[: len(good_png()) // 2]), 422, "truncated"),
-    "truncated JPEG": (lambda c: post_image(c, encode(synthetic_skin_rgb(0), "JPEG")[:-400],
-                                            content_type="image/jpeg"), 422, "truncated"),
+    "truncated JPEG": (
+        lambda c: post_image(c, encode(synthetic_skin_rgb(0), "JPEG")[:-400], content_type="image/jpeg"),
+        422,
+        "truncated",
+    ),
     "empty file": (lambda c: post_image(c, b""), 422, "empty_file"),
     "decompression bomb": (lambda c: post_image(c, decompression_bomb_png()), 422, "decompression_bomb"),
-    "GIF": (lambda c: post_image(c, b"GIF89a" + b"\0" * 64, content_type="application/octet-stream"), 415,
-            "unsupported_format"),
+    "GIF": (
+        lambda c: post_image(c, b"GIF89a" + b"\0" * 64, content_type="application/octet-stream"),
+        415,
+        "unsupported_format",
+    ),
     "over the size limit": (lambda c: post_image(c, b"\x89PNG\r\n\x1a\n" + bytes(MAX_UPLOAD)), 413, "too_large"),
     "over the limit, streamed without a length": (
-        lambda c: c.post("/predict", **_chunked_multipart(MAX_UPLOAD * 3)), 413, "too_large"),
+        lambda c: c.post("/predict", **_chunked_multipart(MAX_UPLOAD * 3)),
+        413,
+        "too_large",
+    ),
     "JSON body": (lambda c: c.post("/predict", json={"file": "abc"}), 415, "unsupported_media_type"),
     "no file": (lambda c: c.post("/predict", files={"age_group": (None, "AGE_18_TO_29")}), 422, "missing_file"),
     "unknown field": (lambda c: post_image(c, good_png(), data_fields={"patient_name": "x"}), 422, "unknown_field"),
-    "malformed multipart": (lambda c: c.post("/predict", content=b"--nope\r\ngarbage",
-                                             headers={"Content-Type": "multipart/form-data; boundary=b"}), 400,
-                            "bad_multipart"),
-    "two files": (lambda c: c.post("/predict", files=[("file", ("a.png", good_png(), "image/png")),
-                                                      ("file", ("b.png", good_png(), "image/png"))]), 400,
-                  "bad_multipart"),
+    "malformed multipart": (
+        lambda c: c.post(
+            "/predict", content=b"--nope\r\ngarbage", headers={"Content-Type": "multipart/form-data; boundary=b"}
+        ),
+        400,
+        "bad_multipart",
+    ),
+    "two files": (
+        lambda c: c.post(
+            "/predict",
+            files=[("file", ("a.png", good_png(), "image/png")), ("file", ("b.png", good_png(), "image/png"))],
+        ),
+        400,
+        "bad_multipart",
+    ),
 }
 
 
@@ -192,8 +217,9 @@ def test_the_metadata_model_answers_from_the_questionnaire(metadata_app):
     assert answer["metadata_used"] is True and answer["image_used"] is False and answer["quality"] is None
     assert answer["metadata"] == {"age_group": "AGE_30_TO_39", "sex_at_birth": "FEMALE", "symptoms": [ITCH]}
     package = app.state.model_source.served.package
-    direct = package.predict_proba(cases=pd.DataFrame([{"age_group": "AGE_30_TO_39", "sex_at_birth": "FEMALE",
-                                                         ITCH: True}]))[0]
+    direct = package.predict_proba(
+        cases=pd.DataFrame([{"age_group": "AGE_30_TO_39", "sex_at_birth": "FEMALE", ITCH: True}])
+    )[0]
     np.testing.assert_allclose([answer["probabilities"][c] for c in CLASSES], direct, rtol=1e-9)
     # The questionnaire matters (the synthetic class follows the age group).
     other = post_form(client, {"age_group": "AGE_18_TO_29"}).json()
@@ -215,12 +241,15 @@ def test_check_box_groups_take_repeated_or_comma_separated_columns(metadata_app)
     assert repeated["probabilities"] == joined["probabilities"]
 
 
-@pytest.mark.parametrize("fields, fragment", [
-    ({"age_group": "AGE_12"}, "age_group"),
-    ({"body_parts": "body_parts_elbow"}, "body_parts"),
-    ({"symptoms": "textures_flat"}, "symptoms"),
-    ({"sex_at_birth": ["MALE", "FEMALE"]}, "one value"),
-])
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({"age_group": "AGE_12"}, "age_group"),
+        ({"body_parts": "body_parts_elbow"}, "body_parts"),
+        ({"symptoms": "textures_flat"}, "symptoms"),
+        ({"sex_at_birth": ["MALE", "FEMALE"]}, "one value"),
+    ],
+)
 def test_unknown_questionnaire_values_are_refused(metadata_app, fields, fragment):
     _, client = metadata_app
     response = post_form(client, fields)
@@ -236,7 +265,9 @@ def test_the_multimodal_model_uses_image_and_questionnaire(multimodal_app):
     answer = post_image(client, data, data_fields={"age_group": "AGE_40_TO_49", "textures": "textures_flat"}).json()
     assert answer["image_used"] and answer["metadata_used"]
     cases = pd.DataFrame([{"age_group": "AGE_40_TO_49", "textures_flat": True}])
-    direct = app.state.model_source.served.package.predict_proba(preprocess_image_bytes(data, IMAGE_SIZE)[None], cases)[0]
+    direct = app.state.model_source.served.package.predict_proba(preprocess_image_bytes(data, IMAGE_SIZE)[None], cases)[
+        0
+    ]
     np.testing.assert_allclose([answer["probabilities"][c] for c in CLASSES], direct, rtol=1e-5, atol=1e-7)
     assert post_form(client, {"age_group": "AGE_40_TO_49"}).json()["error"] == "missing_file"
 

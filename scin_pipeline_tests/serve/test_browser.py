@@ -28,8 +28,9 @@ def test_upload_a_photo_and_read_the_prediction_in_chromium(serve_process, regis
 
     chromium = require_chromium()
     png = encode(synthetic_skin_rgb(4, (320, 240)))
-    expected = httpx.post(f"{serve_process.base_url}/predict", files={"file": ("a.png", png, "image/png")},
-                          timeout=60).json()
+    expected = httpx.post(
+        f"{serve_process.base_url}/predict", files={"file": ("a.png", png, "image/png")}, timeout=60
+    ).json()
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     SCREENSHOT.unlink(missing_ok=True)
 
@@ -39,11 +40,18 @@ def test_upload_a_photo_and_read_the_prediction_in_chromium(serve_process, regis
             page = browser.new_page(viewport={"width": 1100, "height": 820})
             page.set_default_timeout(PAGE_TIMEOUT_MS)
             external = []
-            page.on("request", lambda request: None if request.url.startswith(serve_process.base_url)
-                    or request.url.startswith(("blob:", "data:")) else external.append(request.url))
+            page.on(
+                "request",
+                lambda request: (
+                    None
+                    if request.url.startswith(serve_process.base_url) or request.url.startswith(("blob:", "data:"))
+                    else external.append(request.url)
+                ),
+            )
             page.goto(serve_process.base_url)
             expect(page.locator("#model-line")).to_contain_text(
-                f"{MODEL_NAME} version {registry.versions['keras_image']}")
+                f"{MODEL_NAME} version {registry.versions['keras_image']}"
+            )
             expect(page.locator("#notice")).to_contain_text("NOT A DIAGNOSIS")
             expect(page.locator("#synthetic")).to_be_visible()
             expect(page.locator("#metadata")).to_be_hidden()  # the image-only champion asks no questions

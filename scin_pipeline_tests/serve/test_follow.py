@@ -47,8 +47,12 @@ def store(registry, tmp_path, monkeypatch) -> Store:
     for kind in ("keras_image", "sklearn_metadata"):
         package_dir = registry.data_root / "packages" / kind
         assert package_dir.is_dir(), package_dir
-        with tracking.training_run(run_key=f"follow-{kind}", run_name=kind,
-                                   tags={"scin.synthetic_data": "true", "scin.candidate": kind}, params={}) as run:
+        with tracking.training_run(
+            run_key=f"follow-{kind}",
+            run_name=kind,
+            tags={"scin.synthetic_data": "true", "scin.candidate": kind},
+            params={},
+        ) as run:
             _, versions[kind] = run.log_model(package_dir)
     return Store(tracking, uri, versions)
 
@@ -111,8 +115,7 @@ def test_a_champion_removed_by_model_comparison_gives_its_recorded_reason(store)
 # ------------------------------------------------------------------------------------------ following
 
 
-def test_a_moved_alias_is_served_without_restart_and_a_request_in_flight_finishes_on_the_old_model(
-        store, monkeypatch):
+def test_a_moved_alias_is_served_without_restart_and_a_request_in_flight_finishes_on_the_old_model(store, monkeypatch):
     store.tracking.set_champion(store.versions["keras_image"], reason="first")
     app = create_app(CHAMPION, tracking_uri=store.uri, alias_poll_s=0)
     follower = app.state.model_source
@@ -140,8 +143,11 @@ def test_a_moved_alias_is_served_without_restart_and_a_request_in_flight_finishe
             after = predict(client, 2)
             assert after.status_code == 200, after.text
             model = after.json()["model"]
-            assert (model["name"], model["version"], model["alias"]) == \
-                (MODEL_NAME, store.versions["sklearn_metadata"], "champion")
+            assert (model["name"], model["version"], model["alias"]) == (
+                MODEL_NAME,
+                store.versions["sklearn_metadata"],
+                "champion",
+            )
             assert model["kind"] == "sklearn_metadata"
             status = client.get("/status").json()
             assert status["serving"] and status["version"] == store.versions["sklearn_metadata"]
@@ -195,8 +201,7 @@ def test_the_poller_thread_follows_the_alias_and_stops_with_the_app(store):
 
 def test_a_pinned_version_is_never_re_resolved(store):
     store.tracking.set_champion(store.versions["keras_image"], reason="first")
-    app = create_app(f"models:/{MODEL_NAME}/{store.versions['keras_image']}", tracking_uri=store.uri,
-                     alias_poll_s=0.05)
+    app = create_app(f"models:/{MODEL_NAME}/{store.versions['keras_image']}", tracking_uri=store.uri, alias_poll_s=0.05)
     follower = app.state.model_source
     with TestClient(app) as client:
         status = client.get("/status").json()

@@ -43,8 +43,10 @@ def test_200_requests_from_8_clients_all_succeed(serve_process):
     latencies_ms = np.array([r[0] for r in results]) * 1000
     errors = [r[1] for r in results if not r[2]]
     p50, p95, p99 = np.percentile(latencies_ms, [50, 95, 99])
-    print(f"\nload test on loopback: {len(results)} requests, {CLIENTS} concurrent clients, {wall:.1f} s wall, "
-          f"{len(results) / wall:.1f} req/s; latency p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms; "
-          f"errors {len(errors)}")
+    print(
+        f"\nload test on loopback: {len(results)} requests, {CLIENTS} concurrent clients, {wall:.1f} s wall, "
+        f"{len(results) / wall:.1f} req/s; latency p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms; "
+        f"errors {len(errors)}"
+    )
     assert len(results) == REQUESTS
     assert errors == []
