@@ -69,6 +69,9 @@ SCHEDULE_TIMEZONE = "UTC"
 GPU_POOL = "gpu"  # training assets declare pool="gpu"; the instance limits it (docker/dagster.yaml)
 
 TRIGGER_TAG = "scin/trigger"
+# Runs launched by `scin-pipeline run`/`demo` carry ENTRY_TAG=CLI_ENTRY and deliver their failure alert themselves.
+ENTRY_TAG = "scin/entry"
+CLI_ENTRY = "cli"
 RELEASE_TAG = "scin/release"
 FINGERPRINT_TAG = "scin/release_fingerprint"
 
@@ -340,9 +343,15 @@ def alert_from_failure(context: RunFailureSensorContext, now: datetime | None = 
     name="run_failure_alert_sensor",
     default_status=DefaultSensorStatus.RUNNING,
     description="On every failed run in this code location: one JSON line in "
-    "<data_root>/alerts/alerts.jsonl, and a POST to $SCIN_ALERT_WEBHOOK_URL (Slack-compatible) when set.",
+    "<data_root>/alerts/alerts.jsonl, and a POST to $SCIN_ALERT_WEBHOOK_URL (Slack-compatible) when set. "
+    "Runs launched by `scin-pipeline run`/`demo` (tag scin/entry=cli, no parent run) are skipped: the CLI "
+    "alerts for them.",
 )
 def run_failure_alert_sensor(context: RunFailureSensorContext, storage: StoragePaths) -> None:
+    # A re-execution from the UI inherits the parent's tags but has a parent: that one is the sensor's.
+    if context.dagster_run.tags.get(ENTRY_TAG) == CLI_ENTRY and context.dagster_run.parent_run_id is None:
+        context.log.info(f"run {context.dagster_run.run_id} came from the CLI, which delivered its alert itself")
+        return
     alert = alert_from_failure(context)
     for outcome in deliver(alert, alert_sinks_from_env(storage.root)):
         if outcome.ok:

@@ -9,6 +9,7 @@ can be re-executed from there.
 from __future__ import annotations
 
 import errno
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from dagster import DagsterInstance, Definitions
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
 from scin_pipeline.core.atomic import describe_os_error
-from scin_pipeline.orchestration import all_shards_tags
+from scin_pipeline.orchestration import CLI_ENTRY, ENTRY_TAG, all_shards_tags
 from scin_pipeline.run_console import INVOCATION_TAG
 
 
@@ -142,7 +143,6 @@ def stale_asset_keys(root: Path, source: str) -> list:
     return stale
 
 
-CLI_ENTRY_TAG = "scin/entry"
 # The named jobs, smallest first: a CLI run is a run of the smallest one that covers its selection.
 JOBS_BY_SIZE = ("curation_job", "training_job", "full_pipeline")
 
@@ -218,8 +218,6 @@ def _execute_job(
     log_level: str,
     echo: Callable[[str], None] | None,
 ) -> RunSummary:
-    from dagster import build_reconstructable_job, execute_job
-
     from scin_pipeline.run_console import StepEcho, follow_run
 
     # MLflow: the `mlflow` resource reads MLFLOW_TRACKING_URI, else uses SQLite under this data root; the
@@ -241,23 +239,61 @@ def _execute_job(
         ops = {d.node_def.name for d in ALL_ASSETS if set(d.keys) & keys}
         config["ops"] = {name: value for name, value in config["ops"].items() if name in ops}
     job_name = job_covering(graph, keys)
-    job = build_reconstructable_job("scin_pipeline.definitions", "named_job", reconstructable_args=(job_name,))
     invocation = uuid.uuid4().hex
     # Every shard of a sharded asset in this one run (its process pool does the fan-out).
-    tags = {CLI_ENTRY_TAG: "cli", INVOCATION_TAG: invocation, **all_shards_tags()}
+    tags = {ENTRY_TAG: CLI_ENTRY, INVOCATION_TAG: invocation, **all_shards_tags()}
     with embedded_instance(root) as instance:
         with follow_run(instance, invocation, StepEcho(echo) if echo else None):
-            result = execute_job(
-                job,
-                instance,
-                run_config=config,
-                tags=tags,
-                asset_selection=sorted(keys, key=lambda k: k.to_user_string()) if keys else None,
-            )
+            result = execute_in_code_location(job_name, instance, run_config=config, tags=tags, asset_selection=keys)
         summary = _summarize(result)
         if not result.success:
             summary.alert_deliveries = _alert_failed_run(instance, result.dagster_run, root)
     return summary
+
+
+DEFINITIONS_MODULE = "scin_pipeline.definitions"
+CODE_LOCATION_NAME = "scin_pipeline"  # as in workspace.yaml, docker/workspace.yaml and pyproject's [tool.dagster]
+
+
+def execute_in_code_location(job_name: str, instance, *, run_config: dict, tags: dict, asset_selection=None):
+    """Run ``job_name`` of this code location in this process, synchronously, as ``dagster.execute_job``
+    does, but recorded as a run of the code location ``scin_pipeline`` (what a run launched from the UI
+    records): the UI's Re-execute button and run-failure sensors find a run by that origin, and
+    ``execute_job`` leaves it empty. No public API sets it, so this is the one place that uses Dagster
+    internals to do so (they are the ones ``execute_job`` itself calls)."""
+    from dagster import build_reconstructable_job
+    from dagster._core.definitions.repository_definition.valid_definitions import SINGLETON_REPOSITORY_NAME
+    from dagster._core.execution.api import execute_run
+    from dagster._core.remote_origin import (
+        ManagedGrpcPythonEnvCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    job = build_reconstructable_job(DEFINITIONS_MODULE, "named_job", reconstructable_args=(job_name,))
+    load_data = job.repository.get_definition().repository_load_data
+    job = job.with_repository_load_data(load_data)
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(
+        LoadableTargetOrigin(executable_path=sys.executable, module_name=DEFINITIONS_MODULE),
+        location_name=CODE_LOCATION_NAME,
+    )
+    origin = RemoteJobOrigin(
+        repository_origin=RemoteRepositoryOrigin(
+            code_location_origin=location, repository_name=SINGLETON_REPOSITORY_NAME
+        ),
+        job_name=job_name,
+    )
+    run = instance.create_run_for_job(
+        job_def=job.get_definition(),
+        run_config=run_config,
+        tags=tags,
+        asset_selection=frozenset(asset_selection) if asset_selection else None,
+        remote_job_origin=origin,
+        job_code_origin=job.get_python_origin(),
+        repository_load_data=load_data,
+    )
+    return execute_run(job, run, instance)
 
 
 def _summarize(result) -> RunSummary:

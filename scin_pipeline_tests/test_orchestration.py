@@ -33,6 +33,8 @@ from scin_pipeline.core.synthetic import write_synthetic_mirror
 from scin_pipeline.definitions import build_resources, defs
 from scin_pipeline.orchestration import (
     ALL_JOBS,
+    CLI_ENTRY,
+    ENTRY_TAG,
     FINGERPRINT_TAG,
     GPU_POOL,
     RELEASE_TAG,
@@ -266,9 +268,9 @@ def failing_job():
     planted_failure()
 
 
-def evaluate_failure_sensor(data_root: Path):
+def evaluate_failure_sensor(data_root: Path, tags: dict | None = None):
     instance = DagsterInstance.ephemeral()
-    result = failing_job.execute_in_process(instance=instance, raise_on_error=False)
+    result = failing_job.execute_in_process(instance=instance, raise_on_error=False, tags=tags)
     assert not result.success
     context = build_run_status_sensor_context(
         sensor_name="run_failure_alert_sensor",
@@ -292,6 +294,16 @@ def test_failure_sensor_records_the_job_run_steps_and_error(tmp_path, monkeypatc
     datetime.fromisoformat(alert["time"])  # a parseable timestamp
     evaluate_failure_sensor(tmp_path / "data")
     assert len(read_alerts(tmp_path / "data")) == 2  # appended, never overwritten
+
+
+def test_failure_sensor_leaves_cli_runs_to_the_cli(tmp_path, monkeypatch):
+    """A failed `scin-pipeline run` delivers its own alert (test_cli); the sensor, which now sees such runs
+    as runs of this code location, must not send a second one."""
+    monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
+    evaluate_failure_sensor(tmp_path / "data", tags={ENTRY_TAG: CLI_ENTRY})
+    assert read_alerts(tmp_path / "data") == []
+    evaluate_failure_sensor(tmp_path / "data", tags={ENTRY_TAG: "ui"})
+    assert len(read_alerts(tmp_path / "data")) == 1
 
 
 class _Recorder(BaseHTTPRequestHandler):

@@ -133,3 +133,35 @@ def _run_status(base_url: str, run_id: str) -> str:
     if result["__typename"] != "Run":
         raise AssertionError(f"run {run_id}: {result}")
     return result["status"]
+
+
+REEXECUTE_MUTATION = """
+mutation Reexecute($params: ReexecutionParams!) { launchRunReexecution(reexecutionParams: $params) {
+  __typename ... on LaunchRunSuccess { run { runId jobName } }
+  ... on PythonError { message } ... on RunConfigValidationInvalid { errors { message } } } }
+"""
+
+
+def test_a_cli_run_is_listed_under_its_job_in_the_ui_and_reexecuted_from_there(dagster_ui, tiny_source, capsys):
+    """What the UI's Re-execute button sends (launchRunReexecution with the parent run): it needs the run
+    to belong to the UI's code location, which execute_job alone does not record."""
+    from scin_pipeline.cli import main
+
+    base_url, data_root = dagster_ui
+    assert main(["run", "--source", str(tiny_source), "--data-root", str(data_root), "--select", "group:ingest"]) == 0
+    run_id = capsys.readouterr().out.split("run ", 1)[1].split(" ", 1)[0]
+    listed = services.graphql(f"{base_url}/graphql", RUN_STATUS_QUERY, {"runId": run_id})["runOrError"]
+    assert listed["__typename"] == "Run" and listed["jobName"] == "curation_job" and listed["status"] == "SUCCESS"
+
+    launched = services.graphql(
+        f"{base_url}/graphql", REEXECUTE_MUTATION, {"params": {"parentRunId": run_id, "strategy": "ALL_STEPS"}}
+    )["launchRunReexecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    child = launched["run"]["runId"]
+    assert launched["run"]["jobName"] == "curation_job"
+    status = services.wait_until(
+        lambda: (s := _run_status(base_url, child)) in TERMINAL_STATUSES and s,
+        timeout_s=300,
+        what=f"re-execution {child} of the CLI run {run_id}",
+    )
+    assert status == "SUCCESS"
