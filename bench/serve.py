@@ -55,7 +55,7 @@ def register_bench_model(root: Path, arch: str, image_size: int) -> tuple[str, s
         compose_end_to_end,
     )
     from scin_pipeline.core.packaged_model import PackagedClassifier
-    from scin_pipeline.resources.mlflow_tracking import MlflowTracking
+    from scin_pipeline.resources import MlflowTracking, StoragePaths
     from scin_pipeline.runner import embedded_mlflow_uri
 
     if arch == "baseline_cnn":
@@ -68,7 +68,9 @@ def register_bench_model(root: Path, arch: str, image_size: int) -> tuple[str, s
         root / "package"
     )
     uri = embedded_mlflow_uri(root)
-    tracking = MlflowTracking(tracking_uri=uri, data_root=str(root), registered_model_name="bench-serve")
+    tracking = MlflowTracking(
+        tracking_uri=uri, storage=StoragePaths(data_root=str(root)), registered_model_name="bench-serve"
+    )
     with tracking.training_run(
         run_key=f"bench-serve-{arch}-{image_size}",
         run_name="bench",

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from scin_pipeline.core.data_root import DataRootLayout
+
 DEFAULT_DATA_ROOT = "data"
 DEMO_DEFAULT_OUT = "scin-demo"
 
@@ -206,7 +208,7 @@ def _execute(
     except SelectionError as exc:
         return _fail(str(exc), EXIT_USAGE)
     print(summary.render())
-    print(f"tables: {Path(data_root).resolve() / 'tables'}")
+    print(f"tables: {DataRootLayout.of(data_root).tables}")
     return summary.exit_code(strict=args.strict)
 
 
@@ -240,9 +242,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # The key names the release, not the folder: an extracted copy's temporary path changes per run.
         metadata_key = f"bundled:scin-{bundled_metadata.RELEASE}"
         metadata_text = bundled_metadata.DESCRIPTION
-    mirror = out / "synthetic_mirror"
+    layout = DataRootLayout.of(out)
+    mirror = layout.synthetic_mirror
     params = {"metadata": metadata_key, "cases": args.cases, "seed": args.seed}
-    params_file = out / "synthetic_mirror.json"
+    params_file = layout.synthetic_mirror_params
     print(f"metadata: {metadata_text}; images: SYNTHETIC")
     # Same parameters, same mirror: reuse it so a rerun does no work (the generator is deterministic).
     reuse = mirror.exists() and params_file.exists() and json.loads(params_file.read_text()) == params
@@ -265,18 +268,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from scin_pipeline.runner import embedded_instance, embedded_mlflow_uri, prepare_data_root
+    from scin_pipeline.runner import embedded_instance, prepare_data_root
 
     root = prepare_data_root(args.data_root)
+    layout = DataRootLayout.of(root)
     embedded_instance(root)  # writes dagster_home/dagster.yaml
-    (root / "mlflow").mkdir(exist_ok=True)
+    layout.mlflow.mkdir(exist_ok=True)
     env = {
         **os.environ,
-        "DAGSTER_HOME": str(root / "dagster_home"),
+        "DAGSTER_HOME": str(layout.dagster_home),
         "SCIN_DATA_ROOT": str(root),
         "SCIN_SOURCE": args.source,
     }
-    env.setdefault("MLFLOW_TRACKING_URI", embedded_mlflow_uri(root))
+    env.setdefault("MLFLOW_TRACKING_URI", layout.mlflow_uri)
     # MLflow 3's job-execution workers (six idle processes) only slow the UI's start and stop here.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
@@ -329,23 +333,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port opens, and the alias is followed while it runs."""
     import logging
 
-    from scin_pipeline.runner import embedded_mlflow_uri
-
     if not 0 < args.max_upload_mb <= 1024 or not 0 < args.port <= 65535:
         return _fail("--max-upload-mb must be in (0, 1024] and --port in [1, 65535]", EXIT_USAGE)
     if not 0 <= args.alias_poll_s <= 86400:
         return _fail("--alias-poll-s must be in [0, 86400] seconds", EXIT_USAGE)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
-        root = Path(args.data_root).expanduser().resolve()
-        if not (root / "mlflow" / "mlflow.db").is_file():
+        layout = DataRootLayout.of(args.data_root)
+        if not layout.mlflow_db.is_file():
             return _fail(
-                f"no MLflow store at {root / 'mlflow' / 'mlflow.db'}: no model has been trained under "
+                f"no MLflow store at {layout.mlflow_db}: no model has been trained under "
                 f"--data-root {args.data_root}; run `scin-pipeline demo --out {args.data_root}` first "
                 f"(or set MLFLOW_TRACKING_URI)",
                 EXIT_USAGE,
             )
-        tracking_uri = embedded_mlflow_uri(root)
+        tracking_uri = layout.mlflow_uri
     import uvicorn
 
     from scin_pipeline.serve import ServeError, create_app

@@ -12,6 +12,7 @@ import warnings
 from dagster import BetaWarning, Definitions
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
+from scin_pipeline.core.data_root import default_data_root
 
 # Jobs, the weekly schedule, the release sensor and failure alerts live in scin_pipeline.orchestration.
 from scin_pipeline.orchestration import ALL_JOBS, ALL_SCHEDULES, ALL_SENSORS, full_pipeline_job  # noqa: F401
@@ -22,13 +23,17 @@ warnings.filterwarnings("ignore", category=BetaWarning)
 
 
 def build_resources(data_root: str | None = None, source: str | None = None) -> dict:
-    data_root = data_root or os.environ.get("SCIN_DATA_ROOT", "data")
+    """The resources of the code location. One ``storage`` owns the data root: the IO manager and MLflow take
+    that same resource as a nested dependency, and it is configurable at launch (``data_root`` defaulting to
+    ``data_root``, else $SCIN_DATA_ROOT, else ``data``), so run config or the Launchpad setting
+    ``resources.storage.config.data_root`` once moves the tables, the caches and the MLflow store together."""
+    storage = StoragePaths.configure_at_launch(data_root=data_root or default_data_root())
     return {
         "scin_source": ScinSourceResource(location=source or os.environ.get("SCIN_SOURCE", "gcs")),
-        "storage": StoragePaths(data_root=data_root),
-        "io_manager": ParquetTableIOManager(data_root=data_root),
+        "storage": storage,
+        "io_manager": ParquetTableIOManager(storage=storage),
         # tracking_uri None: MLFLOW_TRACKING_URI, else SQLite under <data_root>/mlflow (read at run time).
-        "mlflow": MlflowTracking(data_root=data_root),
+        "mlflow": MlflowTracking(storage=storage),
     }
 
 

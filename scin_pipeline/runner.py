@@ -21,6 +21,7 @@ from dagster import DagsterInstance, Definitions
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
 from scin_pipeline.core.atomic import describe_os_error
+from scin_pipeline.core.data_root import DataRootLayout
 from scin_pipeline.orchestration import CLI_ENTRY, ENTRY_TAG, all_shards_tags
 from scin_pipeline.run_console import INVOCATION_TAG
 
@@ -48,7 +49,7 @@ def prepare_data_root(data_root: str | Path) -> Path:
 
 def embedded_instance(root: Path) -> DagsterInstance:
     """A SQLite-backed Dagster instance under <data_root>/dagster_home (telemetry off: runs offline)."""
-    home = root / "dagster_home"
+    home = DataRootLayout.of(root).dagster_home
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
@@ -56,8 +57,9 @@ def embedded_instance(root: Path) -> DagsterInstance:
     return DagsterInstance.from_config(str(home))
 
 
-def embedded_mlflow_uri(root: Path) -> str:
-    return f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+def embedded_mlflow_uri(root: str | Path) -> str:
+    """The embedded MLflow store of a data root (the layout owns it: ``core.data_root``)."""
+    return DataRootLayout.of(root).mlflow_uri
 
 
 class CheckOutcome(NamedTuple):
@@ -161,14 +163,12 @@ def job_covering(asset_graph, keys: frozenset | None) -> str:
 
 def resource_run_config(root: Path, source: str) -> dict:
     """The data root and source as run config of the job's resources: recorded with the run, so a
-    re-execution from the UI writes to the same data root and reads the same source."""
-    data_root = str(root)
+    re-execution from the UI writes to the same data root and reads the same source. The data root is
+    set on ``storage`` only: the IO manager and MLflow take that resource as a nested dependency."""
     return {
         "resources": {
             "scin_source": {"config": {"location": source}},
-            "storage": {"config": {"data_root": data_root}},
-            "io_manager": {"config": {"data_root": data_root}},
-            "mlflow": {"config": {"data_root": data_root}},
+            "storage": {"config": {"data_root": str(root)}},
         }
     }
 

@@ -73,7 +73,7 @@ def model_evaluation(
 
     candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)
     classes = json.loads(candidates["classes"].iloc[0])
-    cache_dir = storage.folder("cache", "image_tensors")
+    cache_dir = storage.image_tensors_dir
     out_dir = storage.table_files_dir("model_evaluation")
     data = {split: split_arrays(labeled_splits, image_tensors, cache_dir, split, classes) for split in EVALUATED_SPLITS}
     tables, predictions, metadata = [], [], {}

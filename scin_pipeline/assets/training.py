@@ -89,7 +89,7 @@ def image_tensors(
     context: AssetExecutionContext, config: ImageTensorsConfig, labeled_splits: pd.DataFrame, storage: StoragePaths
 ):
     rows = labeled_splits.drop_duplicates("image_id")[["image_id", "local_path", "split"]]
-    cache_dir = storage.folder("cache", "image_tensors")
+    cache_dir = storage.image_tensors_dir
     progress = Progress(f"image_tensors {config.image_size} px", len(rows), context.log.info, unit="images")
     index = image_cache.build_image_cache(
         rows,
@@ -220,7 +220,7 @@ def image_embeddings(
     key = hashlib.sha256(
         f"{frame_version(ok, ['image_id', 'shard', 'offset'])}:{_config_hash(config)}:{described['backend']}".encode()
     ).hexdigest()[:16]
-    out_dir = storage.folder("cache", "image_embeddings")
+    out_dir = storage.image_embeddings_dir
     emb_path, backbone_path = out_dir / f"embeddings-{key}.npy", out_dir / f"backbone-{key}.keras"
     weights = models.resolve_weights(
         None if config.weights == "none" else "imagenet", allow_fallback=config.allow_offline_fallback
@@ -232,7 +232,7 @@ def image_embeddings(
         )
     if not (emb_path.exists() and backbone_path.exists()):
         backbone = models.build_resnet50_backbone(image_size, weights)
-        images = image_cache.load_images(ok, storage.folder("cache", "image_tensors"))
+        images = image_cache.load_images(ok, storage.image_tensors_dir)
         progress = Progress("image_embeddings", len(images), context.log.info, unit="images")
         embeddings = training.extract_embeddings(
             backbone, images, batch_size=config.batch_size, on_batch=progress.advance
@@ -331,7 +331,7 @@ class CandidateRun:
         self.run_key = hashlib.sha256(
             f"{name}:{code_version}:{_config_hash(config)}:{self.splits_version}:{inputs_version}".encode()
         ).hexdigest()[:24]
-        self.package_dir = storage.folder("models", name) / self.run_key
+        self.package_dir = storage.model_package_dir(name, self.run_key)
         self.synthetic = synthetic
 
     def reusable(self) -> dict | None:
@@ -438,7 +438,7 @@ def _train_config(config: TrainingConfig, **overrides):
 
 
 def _checkpoint_dir(storage: StoragePaths, candidate: CandidateRun) -> Path:
-    return storage.folder("checkpoints", candidate.name, candidate.run_key)
+    return storage.checkpoint_dir(candidate.name, candidate.run_key)
 
 
 def _epoch_logger(run, context: AssetExecutionContext):
@@ -499,7 +499,7 @@ def baseline_cnn(
     from scin_pipeline.core import models, training
     from scin_pipeline.core.packaged_model import PackagedClassifier
 
-    cache_dir = storage.folder("cache", "image_tensors")
+    cache_dir = storage.image_tensors_dir
     _, x_train, y_train = split_arrays(labeled_splits, image_tensors, cache_dir, "train", candidate.classes)
     _, x_val, y_val = split_arrays(labeled_splits, image_tensors, cache_dir, "val", candidate.classes)
     train_config = _train_config(config)
@@ -656,7 +656,7 @@ def resnet50_transfer(
             )
             model = models.compose_end_to_end(backbone, result.model, with_metadata=False)
         else:
-            cache_dir = storage.folder("cache", "image_tensors")
+            cache_dir = storage.image_tensors_dir
             x_train = image_cache.load_images(train_rows, cache_dir)
             x_val = image_cache.load_images(val_rows, cache_dir)
             backbone = models.build_resnet50_backbone(image_size, None if weights == "none" else weights)

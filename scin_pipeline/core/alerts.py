@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from scin_pipeline.core.data_root import DataRootLayout
+
 WEBHOOK_URL_ENV = "SCIN_ALERT_WEBHOOK_URL"
 WEBHOOK_TIMEOUT_ENV = "SCIN_ALERT_WEBHOOK_TIMEOUT_S"
 # Base URL of the Dagster webserver, so that alert links are clickable (else the link is a path).
 DAGSTER_URL_ENV = "SCIN_DAGSTER_URL"
-ALERTS_FILE = Path("alerts") / "alerts.jsonl"
 DEFAULT_WEBHOOK_TIMEOUT_S = 10.0
 _MAX_ERROR_CHARS = 2000  # a Slack message holds ~40k characters; a stack dump is not an alert
 
@@ -145,7 +146,7 @@ class WebhookAlertSink:
 def alert_sinks_from_env(data_root: str | Path, env: Mapping[str, str] | None = None) -> list[AlertSink]:
     """The file sink under the data root, plus the webhook when SCIN_ALERT_WEBHOOK_URL is set."""
     env = os.environ if env is None else env
-    sinks: list[AlertSink] = [JsonLinesAlertSink(Path(data_root).expanduser() / ALERTS_FILE)]
+    sinks: list[AlertSink] = [JsonLinesAlertSink(DataRootLayout.of(data_root).alerts_file)]
     url = (env.get(WEBHOOK_URL_ENV) or "").strip()
     if url:
         try:
@@ -188,7 +189,7 @@ def deliver(alert: Alert, sinks: Iterable[AlertSink]) -> list[Delivery]:
 
 def read_alerts(data_root: str | Path) -> list[dict]:
     """Every alert recorded under a data root, oldest first (for tests, scripts and the docs)."""
-    path = Path(data_root).expanduser() / ALERTS_FILE
+    path = DataRootLayout.of(data_root).alerts_file
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

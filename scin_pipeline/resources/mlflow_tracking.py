@@ -2,9 +2,11 @@
 MLflow (no dagster-mlflow: its resource sets global state at start-up and knows nothing of run keys).
 
 Where things go. ``tracking_uri`` (None: ``$MLFLOW_TRACKING_URI``, else the embedded
-``sqlite:///<data_root>/mlflow/mlflow.db``). With a SQLite store the experiment is created with its
-artifacts under ``<data_root>/mlflow/artifacts/<experiment>``: MLflow's own default for a database store
-is ``./mlruns`` relative to whatever the working directory happens to be. Registry URI = tracking URI.
+``sqlite:///<data_root>/mlflow/mlflow.db``, the data root being the ``storage`` resource's: one
+``StoragePaths`` owns it, shared with the assets and the IO manager). With a SQLite store the experiment is
+created with its artifacts under ``<data_root>/mlflow/artifacts/<experiment>``: MLflow's own default for a
+database store is ``./mlruns`` relative to whatever the working directory happens to be. Registry URI =
+tracking URI.
 
 One MLflow run per training materialisation, found again by its run key. ``training_run(run_key=...)``
 looks for a run of the experiment tagged ``scin.run_key == run_key``: one that did not finish (RUNNING,
@@ -27,8 +29,6 @@ run); Dagster runs each training step in its own process, or sequentially in-pro
 Concurrency: with SQLite, the first use of a fresh store (schema creation) and the experiment creation
 run under a file lock next to the database, so parallel training steps do not race to create them.
 """
-
-from __future__ import annotations
 
 import contextlib
 import hashlib
@@ -55,7 +55,7 @@ from scin_pipeline.core.mlflow_registry import (
     fluent_tracking_uri,
     without_credentials,
 )
-from scin_pipeline.resources.storage import default_data_root
+from scin_pipeline.resources.storage import StoragePaths
 
 RUN_KEY_TAG = "scin.run_key"
 CANDIDATE_TAG = "scin.candidate"
@@ -143,7 +143,10 @@ class MlflowTracking(ConfigurableResource):
         default=None,
         description="MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else sqlite:///<data_root>/mlflow/mlflow.db",
     )
-    data_root: str = Field(default_factory=default_data_root, description="root folder of all pipeline files")
+    # The data root of the embedded store: the `storage` resource (set its data_root there). A real class in
+    # the annotation (no `from __future__ import annotations` here): Dagster reads it to accept the partial
+    # resource `StoragePaths.configure_at_launch(...)` that build_resources shares.
+    storage: StoragePaths
     experiment_name: str = Field(default="scin-pipeline", description="MLflow experiment of the training runs")
     registered_model_name: str = Field(
         default=DEFAULT_REGISTERED_MODEL_NAME, description="registered model that every candidate version goes to"
@@ -158,18 +161,14 @@ class MlflowTracking(ConfigurableResource):
 
     @property
     def root(self) -> Path:
-        return Path(self.data_root).expanduser().resolve()
+        return self.storage.root
 
     @property
     def artifact_root(self) -> Path:
-        return self.root / "mlflow" / "artifacts"
+        return self.storage.mlflow_artifacts_dir
 
     def resolved_tracking_uri(self) -> str:
-        uri = (
-            self.tracking_uri
-            or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{self.root / 'mlflow' / 'mlflow.db'}"
-        )
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or self.storage.mlflow_uri
         database = _sqlite_path(uri)
         if database is not None:
             database.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +250,7 @@ class MlflowTracking(ConfigurableResource):
     @contextlib.contextmanager
     def training_run(
         self, *, run_key: str, run_name: str, tags: Mapping[str, Any], params: Mapping[str, Any]
-    ) -> Iterator[TrackedRun]:
+    ) -> Iterator["TrackedRun"]:
         """One MLflow run for one training materialisation; resumes an unfinished run with the same key."""
         import mlflow
 
@@ -304,7 +303,7 @@ class MlflowTracking(ConfigurableResource):
                 mlflow.end_run("FINISHED")
 
     @contextlib.contextmanager
-    def log_to_run(self, run_id: str) -> Iterator[TrackedRun]:
+    def log_to_run(self, run_id: str) -> Iterator["TrackedRun"]:
         """Log evaluation results into a candidate's existing (usually FINISHED) run by id, leaving its
         status alone: a model's test metrics and fairness report sit beside its training record."""
         client = self.client()

@@ -1,12 +1,25 @@
 """Where the pipeline keeps its files, and the IO manager that stores table assets as Parquet.
 
+:class:`StoragePaths` owns the data root: it is the only resource with a ``data_root`` setting, and
+:class:`ParquetTableIOManager` and ``MlflowTracking`` take it as a nested resource. In ``build_resources`` one
+``StoragePaths.configure_at_launch(data_root=...)`` is given to all three, so the data root set once (in the
+Launchpad, or as run config of ``storage`` as the CLI does) moves the tables, the caches, the models and the
+MLflow store together. The layout itself is :class:`scin_pipeline.core.data_root.DataRootLayout`.
+
 Layout under the data root (documented in the README; users and scripts may rely on it):
-    tables/<asset_name>.parquet   every table asset
-    tables/<asset_name>/          files that belong to a table asset (plots, reports)
-    raw/<sha256>/<file>           verbatim metadata files, content-addressed
-    images/<image_id>.png         verified local copies of the images
-    quarantine/                   rejected or corrupt inputs, each with its reason
-    dagster_home/, mlflow/        the embedded Dagster instance and MLflow store
+    tables/<asset_name>.parquet         every table asset (partitioned: tables/<asset_name>/<partition>.parquet)
+    tables/<asset_name>/                files that belong to a table asset (plots, reports)
+    raw/<sha256>/<file>                 verbatim metadata files, content-addressed
+    images/<image_id>.png               verified local copies of the images
+    quarantine/<stage>/                 rejected or corrupt inputs, each with its reason
+    cache/image_tensors/<S>px/          decoded, resized uint8 image shards (image_tensors)
+    cache/image_embeddings/             frozen-backbone embeddings and the backbone (image_embeddings)
+    models/<candidate>/<run key>/       each trained candidate's packaged model
+    checkpoints/<candidate>/<run key>/  training checkpoints (a killed training resumes from them)
+    mlflow/mlflow.db, mlflow/artifacts/ the embedded MLflow store and its artifacts
+    dagster_home/                       the embedded Dagster instance (CLI runs)
+    alerts/alerts.jsonl                 one line per failed run
+    synthetic_mirror/                   `scin-pipeline demo` only: the synthetic source it wrote
 
 Every file is written atomically (:mod:`scin_pipeline.core.atomic`): temp files are dot-files named
 after their writer's pid, swept by the next write into the same folder once that writer is dead.
@@ -15,9 +28,6 @@ mount) raises ``dagster.Failure(allow_retries=False)``, so a step's retry policy
 minute repeating it.
 """
 
-from __future__ import annotations
-
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,21 +46,25 @@ from dagster import (
 from pydantic import Field
 
 from scin_pipeline.core.atomic import atomic_target, describe_os_error, unfixable_os_error
-
-
-def default_data_root() -> str:
-    return os.environ.get("SCIN_DATA_ROOT", "data")
+from scin_pipeline.core.data_root import DataRootLayout, default_data_root
 
 
 class StoragePaths(ConfigurableResource):
+    """The data root and every folder under it (the one owner: see the module docstring). A folder asked
+    for by name is created; a file or a permission in the way is a clear error naming the path."""
+
     data_root: str = Field(default_factory=default_data_root, description="root folder of all pipeline files")
 
     @property
-    def root(self) -> Path:
-        return Path(self.data_root).expanduser().resolve()
+    def layout(self) -> DataRootLayout:
+        """The paths under this data root, none created (for readers and for URIs)."""
+        return DataRootLayout.of(self.data_root)
 
-    def folder(self, *parts: str) -> Path:
-        path = self.root.joinpath(*parts)
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    def _folder(self, path: Path) -> Path:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -61,21 +75,62 @@ class StoragePaths(ConfigurableResource):
 
     @property
     def tables_dir(self) -> Path:
-        return self.folder("tables")
+        return self._folder(self.layout.tables)
 
     def table_files_dir(self, asset_name: str) -> Path:
-        return self.folder("tables", asset_name)
+        return self._folder(self.layout.table_files(asset_name))
 
     @property
     def images_dir(self) -> Path:
-        return self.folder("images")
+        return self._folder(self.layout.images)
 
     @property
     def raw_dir(self) -> Path:
-        return self.folder("raw")
+        return self._folder(self.layout.raw)
 
     def quarantine_dir(self, stage: str) -> Path:
-        return self.folder("quarantine", stage)
+        return self._folder(self.layout.quarantine(stage))
+
+    @property
+    def image_tensors_dir(self) -> Path:
+        return self._folder(self.layout.image_tensors)
+
+    @property
+    def image_embeddings_dir(self) -> Path:
+        return self._folder(self.layout.image_embeddings)
+
+    def model_package_dir(self, candidate: str, run_key: str) -> Path:
+        """Where a candidate's package goes; the candidate's folder is created, not the package's own (it is
+        written to a temporary sibling and renamed into place)."""
+        path = self.layout.model_package(candidate, run_key)
+        self._folder(path.parent)
+        return path
+
+    def checkpoint_dir(self, candidate: str, run_key: str) -> Path:
+        return self._folder(self.layout.checkpoints(candidate, run_key))
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self._folder(self.layout.mlflow)
+
+    @property
+    def mlflow_uri(self) -> str:
+        """The embedded MLflow store of this data root (``MlflowTracking`` decides whether it is used)."""
+        return self.layout.mlflow_uri
+
+    @property
+    def mlflow_artifacts_dir(self) -> Path:
+        """Not created here: MLflow creates an experiment's artifact folder on first use."""
+        return self.layout.mlflow_artifacts
+
+    @property
+    def dagster_home(self) -> Path:
+        return self._folder(self.layout.dagster_home)
+
+    @property
+    def alerts_file(self) -> Path:
+        """Not created here: the alert sink creates it on the first alert."""
+        return self.layout.alerts_file
 
 
 def table_metadata(frame, rows: int) -> dict:
@@ -135,7 +190,8 @@ def _stable_text_columns(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 class ParquetTableIOManager(ConfigurableIOManager):
-    """Stores each DataFrame asset at ``<data_root>/tables/<asset_name>.parquet``.
+    """Stores each DataFrame asset at ``<data_root>/tables/<asset_name>.parquet``, the data root being its
+    ``storage`` resource's (one ``StoragePaths`` shared with the assets and MLflow: see the module docstring).
 
     A partitioned asset is stored one file per partition, ``tables/<asset_name>/<partition>.parquet``
     (readable whole with ``pandas.read_parquet("tables/<asset_name>")``). A run over several partitions
@@ -143,12 +199,15 @@ class ParquetTableIOManager(ConfigurableIOManager):
     not partitioned receives all partitions concatenated: the cheap merge of a sharded stage.
     """
 
-    data_root: str = Field(default_factory=default_data_root)
+    # The data root: the `storage` resource (set its data_root there). A real class in the annotation (no
+    # `from __future__ import annotations` in this module): Dagster reads it to accept the partial resource
+    # `StoragePaths.configure_at_launch(...)` that build_resources shares.
+    storage: StoragePaths
 
     def _table_path(self, context: InputContext | OutputContext, partition: str | None = None) -> Path:
         name = "__".join(context.asset_key.path)
-        tables = Path(self.data_root).expanduser().resolve() / "tables"
-        return tables / f"{name}.parquet" if partition is None else tables / name / f"{partition}.parquet"
+        layout = self.storage.layout
+        return layout.table_file(name) if partition is None else layout.table_partition_file(name, partition)
 
     def handle_output(self, context: OutputContext, obj) -> None:
         if obj is None:

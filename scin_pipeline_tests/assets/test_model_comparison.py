@@ -32,8 +32,8 @@ def registry(tmp_path, monkeypatch):
     """Two registered candidates (versions "1", "2"); version 1 is champion from an earlier run."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracking = MlflowTracking(data_root=str(tmp_path / "data"))
     storage = StoragePaths(data_root=str(tmp_path / "data"))
+    tracking = MlflowTracking(storage=storage)
     frames = {}
     for index, model in enumerate(MODELS):
         with tracking.training_run(

@@ -100,7 +100,7 @@ def test_mlflow_server_on_postgres_records_a_training_run(topology):
     from sklearn.linear_model import SGDClassifier
     from sklearn.model_selection import train_test_split
 
-    from scin_pipeline.resources.mlflow_tracking import MlflowTracking
+    from scin_pipeline.resources import MlflowTracking, StoragePaths
 
     # A tiny SYNTHETIC training, three epochs of SGD: the point is where the run is recorded, not the model.
     rng = np.random.default_rng(0)
@@ -108,7 +108,9 @@ def test_mlflow_server_on_postgres_records_a_training_run(topology):
     labels = (features[:, 0] + 0.5 * features[:, 1] > 0).astype(int)
     x_train, x_val, y_train, y_val = train_test_split(features, labels, test_size=0.25, random_state=0)
     tracking = MlflowTracking(
-        tracking_uri=topology.mlflow_url, data_root=str(topology.data_root), experiment_name="deploy-topology-synthetic"
+        tracking_uri=topology.mlflow_url,
+        storage=StoragePaths(data_root=str(topology.data_root)),
+        experiment_name="deploy-topology-synthetic",
     )
     model = SGDClassifier(loss="log_loss", random_state=0)
     with tracking.training_run(

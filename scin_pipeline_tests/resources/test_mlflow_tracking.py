@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from scin_pipeline.core import schema
 from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
 from scin_pipeline.core.packaged_model import PackagedClassifier
+from scin_pipeline.resources import StoragePaths
 from scin_pipeline.resources.mlflow_tracking import MlflowTracking, dagster_tags, run_key_for
 
 CLASSES = ["Eczema", "Psoriasis", "Urticaria"]
@@ -31,7 +32,7 @@ def tracking(tmp_path, monkeypatch) -> MlflowTracking:
     # MLflow's default artifact root is ./mlruns: working in tmp_path lets the test see any stray folder.
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return MlflowTracking(data_root=str(tmp_path / "data"))
+    return MlflowTracking(storage=StoragePaths(data_root=str(tmp_path / "data")))
 
 
 def synthetic_cases(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
@@ -182,7 +183,7 @@ def test_run_keys_are_deterministic_and_checked():
     assert first != run_key_for(
         asset_key="models/baseline_cnn", code_version="3", config={"a": 1, "b": 3}, splits_data_version="abc"
     )
-    tracking = MlflowTracking(data_root="unused")
+    tracking = MlflowTracking(storage=StoragePaths(data_root="unused"))
     with pytest.raises(ValueError, match="run_key must be"):
         tracking.runs_with_key("x' OR '1'='1")
 
@@ -200,8 +201,8 @@ def test_artifact_names_may_not_leave_the_run_folder(tracking):
 
 KILLED_CHILD = textwrap.dedent("""
     import os, signal, sys
-    from scin_pipeline.resources.mlflow_tracking import MlflowTracking
-    tracking = MlflowTracking(data_root=sys.argv[1])
+    from scin_pipeline.resources import MlflowTracking, StoragePaths
+    tracking = MlflowTracking(storage=StoragePaths(data_root=sys.argv[1]))
     with tracking.training_run(run_key="synthetic-key", run_name="synthetic", params={"C": 0.1},
                                tags={"dagster.run_id": "dagster-run-killed"}) as run:
         run.log_epoch(0, {"loss": 0.9})
@@ -296,7 +297,9 @@ def test_mlflow_tracking_uri_is_honoured_when_no_uri_is_configured(tracking, tmp
     elsewhere = f"sqlite:///{tmp_path / 'elsewhere' / 'store.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
     assert tracking.resolved_tracking_uri() == elsewhere
-    configured = MlflowTracking(data_root=str(tmp_path / "data"), tracking_uri=f"sqlite:///{tmp_path}/own.db")
+    configured = MlflowTracking(
+        storage=StoragePaths(data_root=str(tmp_path / "data")), tracking_uri=f"sqlite:///{tmp_path}/own.db"
+    )
     assert configured.resolved_tracking_uri() == f"sqlite:///{tmp_path}/own.db"
 
     with tracking.training_run(run_key="key-env", run_name="env", tags={}, params={}) as run:
@@ -446,7 +449,9 @@ def test_the_champion_predicts_from_a_fresh_process(tracking, tmp_path):
 
 def test_run_links_use_the_ui_url_or_an_http_tracking_uri_without_credentials(tracking):
     assert tracking.run_url("abc", experiment_id="1") is None  # SQLite: no UI address is known
-    with_ui = MlflowTracking(data_root="unused", ui_url="http://127.0.0.1:5000/")
+    with_ui = MlflowTracking(storage=StoragePaths(data_root="unused"), ui_url="http://127.0.0.1:5000/")
     assert with_ui.run_url("abc", experiment_id="1") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
-    server = MlflowTracking(data_root="unused", tracking_uri="https://user:secret@mlflow.example:8443")
+    server = MlflowTracking(
+        storage=StoragePaths(data_root="unused"), tracking_uri="https://user:secret@mlflow.example:8443"
+    )
     assert server.run_url("abc", experiment_id="2") == "https://mlflow.example:8443/#/experiments/2/runs/abc"

@@ -116,12 +116,14 @@ def _train_packages(folder: Path) -> dict[str, Path]:
 def registry(tmp_path_factory) -> Registry:
     """Three registered versions under ``<tmp>/data`` (the embedded store of ``--data-root``); the
     keras_image one is the champion. Tagged scin.synthetic_data=true, as the pipeline tags synthetic runs."""
-    from scin_pipeline.resources.mlflow_tracking import MlflowTracking
+    from scin_pipeline.resources import MlflowTracking, StoragePaths
     from scin_pipeline.runner import embedded_mlflow_uri
 
     root = tmp_path_factory.mktemp("serve") / "data"
     uri = embedded_mlflow_uri(root.resolve())
-    tracking = MlflowTracking(tracking_uri=uri, data_root=str(root), registered_model_name=MODEL_NAME)
+    tracking = MlflowTracking(
+        tracking_uri=uri, storage=StoragePaths(data_root=str(root)), registered_model_name=MODEL_NAME
+    )
     registry = Registry(data_root=root, tracking_uri=uri)
     for kind, package_dir in _train_packages(root / "packages").items():
         with tracking.training_run(

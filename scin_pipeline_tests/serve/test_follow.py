@@ -35,14 +35,16 @@ class Store:
 @pytest.fixture
 def store(registry, tmp_path, monkeypatch) -> Store:
     """A fresh registry: keras_image and sklearn_metadata versions, no alias yet."""
-    from scin_pipeline.resources.mlflow_tracking import MlflowTracking
+    from scin_pipeline.resources import MlflowTracking, StoragePaths
     from scin_pipeline.runner import embedded_mlflow_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "data"
     uri = embedded_mlflow_uri(root.resolve())
-    tracking = MlflowTracking(tracking_uri=uri, data_root=str(root), registered_model_name=MODEL_NAME)
+    tracking = MlflowTracking(
+        tracking_uri=uri, storage=StoragePaths(data_root=str(root)), registered_model_name=MODEL_NAME
+    )
     versions = {}
     for kind in ("keras_image", "sklearn_metadata"):
         package_dir = registry.data_root / "packages" / kind

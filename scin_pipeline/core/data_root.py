@@ -1,0 +1,150 @@
+"""The layout of the data root: every file and folder a run writes, named once.
+
+The one place that knows where things live under the data root. ``resources.storage.StoragePaths`` (the
+Dagster resource the assets, the IO manager and the MLflow resource share) delegates to it, and the runner,
+the CLI and the alerts use it directly, without Dagster. Paths only: nothing here creates a folder.
+
+    tables/<asset>.parquet                      every table asset (stable, documented)
+    tables/<asset>/<partition>.parquet          a partitioned table asset, one file per partition
+    tables/<asset>/                             files that belong to a table asset (plots, reports)
+    raw/<sha256>/<file>                         verbatim metadata files, content-addressed
+    images/<image_id>.png                       verified local copies of the images
+    quarantine/<stage>/                         rejected or corrupt inputs, each with its reason
+    cache/image_tensors/<S>px/                  decoded, resized uint8 image shards + manifest
+    cache/image_embeddings/                     frozen-backbone embeddings and the backbone beside them
+    models/<candidate>/<run key>/               each trained candidate's packaged model
+    checkpoints/<candidate>/<run key>/          training checkpoints, to resume a killed training
+    mlflow/mlflow.db                            the embedded MLflow store (tracking + registry)
+    mlflow/artifacts/<experiment>/              its run artifacts
+    dagster_home/                               the embedded Dagster instance (CLI runs)
+    alerts/alerts.jsonl                         one JSON line per failed run
+    synthetic_mirror/, synthetic_mirror.json    `scin-pipeline demo` only: the synthetic source it wrote
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_ROOT_ENV = "SCIN_DATA_ROOT"
+DEFAULT_DATA_ROOT = "data"
+
+
+def default_data_root() -> str:
+    """``$SCIN_DATA_ROOT``, else ``data`` (relative to the working directory)."""
+    return os.environ.get(DATA_ROOT_ENV, DEFAULT_DATA_ROOT)
+
+
+def _name(value: str, what: str) -> str:
+    # One path segment: these names come from asset keys, candidates, stages and run keys.
+    text = str(value)
+    if not text or text in (".", "..") or "/" in text or "\\" in text or "\x00" in text:
+        raise ValueError(f"{what} must be one non-empty path segment, got {value!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class DataRootLayout:
+    """Where each thing lives under ``root`` (absolute; :meth:`of` resolves a user's path)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, data_root: str | os.PathLike) -> DataRootLayout:
+        return cls(Path(data_root).expanduser().resolve())
+
+    # ------------------------------------------------------------------ tables (the IO manager's)
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "tables"
+
+    def table_file(self, asset_name: str) -> Path:
+        return self.tables / f"{_name(asset_name, 'asset name')}.parquet"
+
+    def table_partition_file(self, asset_name: str, partition: str) -> Path:
+        return self.table_files(asset_name) / f"{_name(partition, 'partition key')}.parquet"
+
+    def table_files(self, asset_name: str) -> Path:
+        """The folder of a table asset's own files (and of its partitions)."""
+        return self.tables / _name(asset_name, "asset name")
+
+    # ------------------------------------------------------------------ inputs
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    def quarantine(self, stage: str) -> Path:
+        return self.root / "quarantine" / _name(stage, "quarantine stage")
+
+    # ------------------------------------------------------------------ caches, models, checkpoints
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def image_tensors(self) -> Path:
+        return self.cache / "image_tensors"
+
+    @property
+    def image_embeddings(self) -> Path:
+        return self.cache / "image_embeddings"
+
+    def model_package(self, candidate: str, run_key: str) -> Path:
+        return self.root / "models" / _name(candidate, "candidate") / _name(run_key, "run key")
+
+    def checkpoints(self, candidate: str, run_key: str) -> Path:
+        return self.root / "checkpoints" / _name(candidate, "candidate") / _name(run_key, "run key")
+
+    # ------------------------------------------------------------------ embedded services
+
+    @property
+    def mlflow(self) -> Path:
+        return self.root / "mlflow"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.mlflow / "mlflow.db"
+
+    @property
+    def mlflow_uri(self) -> str:
+        """The embedded MLflow store's tracking (and registry) URI."""
+        return f"sqlite:///{self.mlflow_db}"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.mlflow / "artifacts"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.root / "dagster_home"
+
+    @property
+    def alerts(self) -> Path:
+        return self.root / "alerts"
+
+    @property
+    def alerts_file(self) -> Path:
+        return self.alerts / "alerts.jsonl"
+
+    # ------------------------------------------------------------------ the demo's synthetic source
+
+    @property
+    def synthetic_mirror(self) -> Path:
+        return self.root / "synthetic_mirror"
+
+    @property
+    def synthetic_mirror_params(self) -> Path:
+        return self.root / "synthetic_mirror.json"
+
+
+def embedded_mlflow_uri(data_root: str | os.PathLike) -> str:
+    """``sqlite:///<data_root>/mlflow/mlflow.db``: the MLflow store of a data root."""
+    return DataRootLayout.of(data_root).mlflow_uri
