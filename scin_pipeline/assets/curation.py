@@ -83,6 +83,7 @@ class ImageQualityConfig(Config):
 
 @asset(
     group_name=GROUP,
+    kinds={"opencv", "parquet"},
     code_version="2",
     partitions_def=quality_shards,
     # One run can cover every shard (a process pool inside); a multi-run backfill fans shards out
@@ -156,6 +157,7 @@ class QualityFilterConfig(Config):
 
 @asset(
     group_name=GROUP,
+    kinds={"pandas", "parquet"},
     code_version="1",
     description="The image references kept for training: image quality passed (and, by default, the case "
     "is dermatologist-gradable). Metadata: counts per reason, exclusion rate per Monk skin tone, a contact "
@@ -264,6 +266,7 @@ class DedupConfig(Config):
 
 @asset(
     group_name=GROUP,
+    kinds={"numpy", "parquet"},
     code_version="2",
     description="Near-duplicate clusters: pHash + dHash pairs within the configured Hamming distances "
     "(multi-index hashing search) among the images that passed quality, each candidate verified with a "
@@ -345,6 +348,7 @@ SPLIT_COLUMNS = ["image_id", "case_id", "split", "label", "labels", "group_id", 
 
 @asset(
     group_name=GROUP,
+    kinds={"pandas", "parquet"},
     code_version="1",
     description="Train / val / test per image: a whole group of cases linked by shared or near-duplicate "
     "images stays in one split; stratified by label; deterministic (ids hashed with a seed). Label policy "

@@ -50,6 +50,7 @@ def predict_split(package, rows: pd.DataFrame, images: np.ndarray, cases: pd.Dat
 
 @asset(
     group_name=GROUP,
+    kinds={"scikitlearn", "mlflow"},
     code_version="1",
     description="Every candidate on the validation and test splits: accuracy, balanced accuracy, macro-F1, "
     "top-3 accuracy, per-class one-vs-rest AUC and their mean, expected calibration error. Long table "
@@ -168,6 +169,7 @@ class ComparisonConfig(Config):
 
 @asset(
     group_name=GROUP,
+    kinds={"mlflow"},
     code_version="2",
     description="Every candidate side by side (validation and test); the champion chosen by the stated rule "
     "(on validation, never test) and set as the MLflow registry alias 'champion': "

@@ -48,6 +48,7 @@ class FairnessConfig(Config):
 
 @asset(
     group_name=GROUP,
+    kinds={"fairlearn", "mlflow"},
     code_version="1",
     description="Per candidate, per group of Monk skin tone (US and India graders, single tones and bins "
     "1-2/3-4/5-6/7-10), dermatologist and self-reported Fitzpatrick type, race/ethnicity, sex at birth and "
@@ -182,6 +183,7 @@ def fairness_gate_results(storage: StoragePaths) -> pd.DataFrame:
 
 @asset(
     group_name=GROUP,
+    kinds={"mlflow", "markdown"},
     code_version="1",
     description="The champion's model card (Markdown + JSON manifest): intended use (education and research, "
     "not diagnosis), data and licence, exclusions, preprocessing, metrics overall and per group with "

@@ -78,6 +78,7 @@ def retry_only_what_can_heal(asset_name: str) -> Iterator[None]:
 
 @asset(
     group_name=GROUP,
+    kinds={"gcs", "csv"},
     code_version="1",
     # Exponential backoff with jitter (Dagster: (2^n - 1) x 5 s, +/- 5 s: about 5, 15, 35 s): the source's own
     # retries cover short blips; this covers an outage of about a minute, and jitter spreads parallel runs.
@@ -164,16 +165,19 @@ class CasesConfig(Config):
             "dermatologist FST, Monk skin tone, symptoms, textures, body parts, duration, "
             "parsed labels, gradability.",
             code_version="1",
+            kinds={"pandas", "parquet"},
         ),
         "images": AssetOut(
             description="One row per image reference: image_id, case_id, position, "
             "shot type, object path; unsafe paths rejected with their reason.",
             code_version="1",
+            kinds={"pandas", "parquet"},
         ),
         "metadata_quarantine": AssetOut(
             description="Every metadata row or value that was dropped, "
             "nulled or flagged, naming file, line, column and reason.",
             code_version="1",
+            kinds={"pandas", "parquet"},
         ),
     },
     check_specs=[
@@ -302,6 +306,7 @@ def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_met
 
 @asset(
     group_name=GROUP,
+    kinds={"gcs", "png"},
     code_version="1",
     # Resumable (verified files are kept), so a retry fetches only what is still missing; about 10, 30, 70 s.
     retry_policy=RetryPolicy(max_retries=3, delay=10, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS),

@@ -10,6 +10,7 @@ from scin_pipeline.resources.storage import write_parquet_atomic
 
 @asset(
     group_name="ingest",
+    kinds={"pandas", "matplotlib"},
     code_version="1",
     description="Representation by Monk skin tone (US, India), Fitzpatrick type (self-reported and "
     "dermatologist), race/ethnicity, sex, age; condition frequencies; label coverage; missingness. "

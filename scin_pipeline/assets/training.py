@@ -79,6 +79,7 @@ class ImageTensorsConfig(Config):
 
 @asset(
     group_name=GROUP,
+    kinds={"numpy", "parquet"},
     code_version="1",
     description="Every kept image of labeled_splits decoded once, resized (shorter side) and centre-cropped "
     "to a square, stored as uint8 .npy shards under <data-root>/cache/image_tensors/<size>px/. The table is "
@@ -202,6 +203,7 @@ def _prepare_keras(config) -> dict:
 
 @asset(
     group_name=GROUP,
+    kinds={"keras", "numpy"},
     code_version="1",
     pool="gpu",
     op_tags=GPU_TAGS,
@@ -457,6 +459,7 @@ def _epoch_logger(run, context: AssetExecutionContext):
 
 @asset(
     group_name=GROUP,
+    kinds={"keras", "mlflow"},
     code_version="1",
     pool="gpu",
     op_tags=GPU_TAGS,
@@ -566,6 +569,7 @@ def _class_weight(config: TrainingConfig, y: np.ndarray, n_classes: int) -> dict
 
 @asset(
     group_name=GROUP,
+    kinds={"keras", "mlflow"},
     code_version="1",
     pool="gpu",
     op_tags=GPU_TAGS,
@@ -704,6 +708,7 @@ def resnet50_transfer(
 
 @asset(
     group_name=GROUP,
+    kinds={"scikitlearn", "mlflow"},
     code_version="1",
     pool="cpu",
     description="Metadata-only classifier (the contributor's answers: symptoms, body parts, textures, "
@@ -795,6 +800,7 @@ def metadata_model(
 
 @asset(
     group_name=GROUP,
+    kinds={"keras", "mlflow"},
     code_version="1",
     pool="gpu",
     op_tags=GPU_TAGS,
