@@ -98,10 +98,12 @@ def test_image_models_learn_the_planted_signal(trained):
     # Measured at this size: resnet50_transfer 0.53, multimodal 0.46 (chance 0.14).
     for model in ("resnet50_transfer", "multimodal"):
         assert scores.loc[model, "balanced_accuracy"] > 2.5 * chance, (model, scores.loc[model].to_dict(), chance)
-    # The notebooks' CNN (no translation invariance, ~500 images) learns less (0.21 measured), and transfer
-    # beats it: the point of having a baseline.
-    assert scores.loc["baseline_cnn", "balanced_accuracy"] > chance
-    assert scores.loc["resnet50_transfer", "balanced_accuracy"] > scores.loc["baseline_cnn", "balanced_accuracy"]
+    # The notebooks' CNN (no translation invariance, ~500 images) stays near chance: its test balanced
+    # accuracy varied from 0.11 to 0.21 between identical runs (TensorFlow's multithreaded CPU kernels do
+    # not sum in a fixed order, and early stopping amplifies the difference), so it is not asserted above
+    # chance. Transfer beats it by a wide margin in every run: the point of having a baseline.
+    cnn = scores.loc["baseline_cnn", "balanced_accuracy"]
+    assert scores.loc["resnet50_transfer", "balanced_accuracy"] > cnn + 0.15, scores["balanced_accuracy"].to_dict()
 
 
 def test_training_runs_are_tagged_with_dagster_run_and_split_version(trained):
