@@ -321,8 +321,8 @@ def _summarize(result) -> RunSummary:
 
 
 def _alert_failed_run(instance, run, root: Path) -> list[str]:
-    """The alert the failure sensor would send for this run (alerts.jsonl, the webhook when set): the
-    sensor watches runs launched from the code location, so a CLI run reports its own failure."""
+    """The alert the failure sensor would send for this run (alerts.jsonl, the webhook when set), sent at
+    once: no daemon may be running, and the sensor leaves CLI runs to the CLI (no alert twice)."""
     from dagster import DagsterEventType
 
     from scin_pipeline.core.alerts import alert_sinks_from_env, deliver
