@@ -46,20 +46,7 @@ import pandas as pd
 from PIL import Image, ImageFilter, ImageStat
 
 from scin_pipeline.core.imageio import DEFAULT_MAX_PIXELS, decode_image, pixel_limit_guard
-
-# The published Monk Skin Tone scale swatches (sRGB), tone 1 (lightest) to 10 (deepest).
-MONK_SKIN_TONE_SRGB_HEX = {
-    1: "#f6ede4",
-    2: "#f3e7db",
-    3: "#f7ead0",
-    4: "#eadaba",
-    5: "#d7bd96",
-    6: "#a07e56",
-    7: "#825c43",
-    8: "#604134",
-    9: "#3a312a",
-    10: "#292420",
-}
+from scin_pipeline.core.schema import MONK_SKIN_TONE_HEX as MONK_SKIN_TONE_SRGB_HEX
 
 
 def _hex_lightness(hex_colour: str) -> float:

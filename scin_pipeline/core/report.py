@@ -36,19 +36,6 @@ PLOT_DPI = 100
 TOP_CONDITIONS_PLOTTED = 25
 TOP_MISSING_COLUMNS_PLOTTED = 30
 
-# The Monk Skin Tone scale's published swatches (tone 1 lightest .. tone 10 deepest).
-MONK_SWATCH_COLOURS = {
-    1: "#f6ede4",
-    2: "#f3e7db",
-    3: "#f7ead0",
-    4: "#eadaba",
-    5: "#d7bd96",
-    6: "#a07e56",
-    7: "#825c43",
-    8: "#604134",
-    9: "#3a312a",
-    10: "#292420",
-}
 # Deepest tones, the ones a skin-condition model most often fails on; reported as a headline share.
 DEEP_MONK_TONES = (7, 8, 9, 10)
 
@@ -479,7 +466,7 @@ def _plot_monk(representation: pd.DataFrame, n_cases: int, path: Path) -> Path:
     figure = _new_figure(10, 5)
     ax = figure.add_subplot()
     x = np.arange(len(us))
-    colours = [MONK_SWATCH_COLOURS.get(int(g), "#bdbdbd") if g.isdigit() else "#bdbdbd" for g in us["group"]]
+    colours = [schema.MONK_SKIN_TONE_HEX.get(int(g), "#bdbdbd") if g.isdigit() else "#bdbdbd" for g in us["group"]]
     # Same swatch colour for both grader pools (the bar *is* the tone); hatching tells them apart, and a
     # dark edge keeps the near-white swatches visible.
     _paired_bars(

@@ -138,3 +138,18 @@ ENUM_VALUES: dict[str, list[str]] = {
 }
 SHOT_TYPE_VALUES = ["CLOSE_UP", "AT_AN_ANGLE", "AT_DISTANCE"]
 MONK_TONES = list(range(1, 11))
+
+# The published Monk Skin Tone scale swatches (sRGB), tone 1 (lightest) to 10 (deepest): the one copy,
+# used by the dark rule (their L*), the synthetic images (skin colour) and the report's plots.
+MONK_SKIN_TONE_HEX = {
+    1: "#f6ede4",
+    2: "#f3e7db",
+    3: "#f7ead0",
+    4: "#eadaba",
+    5: "#d7bd96",
+    6: "#a07e56",
+    7: "#825c43",
+    8: "#604134",
+    9: "#3a312a",
+    10: "#292420",
+}

@@ -77,6 +77,7 @@ from scin_pipeline.core.paths import (
     image_id_from_path,
     image_object_path,
 )
+from scin_pipeline.core.schema import MONK_SKIN_TONE_HEX
 
 MARKER_FILE = "SYNTHETIC_DATA.md"
 PLANTS_FILE = "synthetic_plants.csv"
@@ -165,19 +166,6 @@ LABELS_COLUMNS: tuple[str, ...] = (
 IMAGE_PATH_COLUMNS = ("image_1_path", "image_2_path", "image_3_path")
 SHOT_TYPE_COLUMNS = ("image_1_shot_type", "image_2_shot_type", "image_3_shot_type")
 
-# The published Monk Skin Tone scale swatches (sRGB), tone 1 (lightest) to 10 (deepest).
-MONK_SKIN_TONE_HEX = {
-    1: "#f6ede4",
-    2: "#f3e7db",
-    3: "#f7ead0",
-    4: "#eadaba",
-    5: "#d7bd96",
-    6: "#a07e56",
-    7: "#825c43",
-    8: "#604134",
-    9: "#3a312a",
-    10: "#292420",
-}
 DEFAULT_MONK_TONE = 3  # used when neither the US nor the India Monk label is usable
 
 # US-grader Monk tone counts of the real release (README), used to draw synthetic tones.
