@@ -268,7 +268,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from scin_pipeline.runner import embedded_instance, prepare_data_root
+    from scin_pipeline.runner import DEFINITIONS_MODULE, embedded_instance, prepare_data_root
 
     root = prepare_data_root(args.data_root)
     layout = DataRootLayout.of(root)
@@ -286,7 +286,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
     bin_dir = Path(sys.executable).parent
     dagster_cmd = [str(bin_dir / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(args.port)]
-    dagster_cmd += ["-w", str(workspace)] if workspace.exists() else ["-m", "scin_pipeline.definitions"]
+    dagster_cmd += ["-w", str(workspace)] if workspace.exists() else ["-m", DEFINITIONS_MODULE]
     mlflow_exe = bin_dir / "mlflow"
     procs = [subprocess.Popen(dagster_cmd, env=env, start_new_session=True)]
     if mlflow_exe.exists() or shutil.which("mlflow"):

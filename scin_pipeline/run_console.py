@@ -100,6 +100,12 @@ def quiet_console(verbose: int = 0) -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+def row_count(metadata) -> int | None:
+    """A materialisation's ``dagster/row_count`` (set by the table IO manager), when it has one."""
+    value = metadata.get("dagster/row_count")
+    return None if value is None else int(getattr(value, "value", value))
+
+
 class StepEcho:
     """Turns the run's event records into console lines: started, finished (rows, seconds), FAILED."""
 
@@ -126,8 +132,6 @@ class StepEcho:
             self.echo(f"  started   {step}")
         elif kind == DagsterEventType.ASSET_MATERIALIZATION:
             materialization = event.event_specific_data.materialization
-            from scin_pipeline.runner import row_count
-
             rows = row_count(materialization.metadata)
             label = materialization.asset_key.to_user_string()
             partition = f"[{materialization.partition}]" if materialization.partition else ""

@@ -23,7 +23,7 @@ from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
 from scin_pipeline.core.atomic import describe_os_error
 from scin_pipeline.core.data_root import DataRootLayout
 from scin_pipeline.orchestration import CLI_ENTRY, ENTRY_TAG, all_shards_tags
-from scin_pipeline.run_console import INVOCATION_TAG
+from scin_pipeline.run_console import INVOCATION_TAG, row_count
 
 
 class DataRootError(RuntimeError):
@@ -341,12 +341,6 @@ def _alert_failed_run(instance, run, root: Path) -> list[str]:
         f"{o.sink}: {'delivered' if o.ok else 'NOT delivered, ' + o.detail}"
         for o in deliver(alert, alert_sinks_from_env(root))
     ]
-
-
-def row_count(metadata) -> int | None:
-    """A materialisation's ``dagster/row_count`` (set by the table IO manager), when it has one."""
-    value = metadata.get("dagster/row_count")
-    return None if value is None else int(getattr(value, "value", value))
 
 
 def check_reason(description: str | None, metadata) -> str:
