@@ -205,7 +205,7 @@ KILLED_WRITER = """
 import sys
 import numpy as np, pandas as pd
 from pathlib import Path
-from scin_pipeline.resources.storage import write_parquet_atomic
+from scin_pipeline.core.atomic import write_parquet_atomic
 frame = pd.DataFrame(np.random.default_rng(0).random((3_000_000, 3)), columns=list("abc"))
 write_parquet_atomic(frame, Path(sys.argv[1]))
 """

@@ -29,12 +29,12 @@ from pydantic import Field
 
 from scin_pipeline.assets._metadata import image_md, table_md
 from scin_pipeline.core import dedup, quality, splits
+from scin_pipeline.core.atomic import write_parquet_atomic
 from scin_pipeline.core.contact_sheet import write_contact_sheet
 from scin_pipeline.core.progress import Progress, tracked
 from scin_pipeline.core.report import split_report
 from scin_pipeline.core.synthetic import PLANTS_FILE
 from scin_pipeline.resources import ScinSourceResource, StoragePaths
-from scin_pipeline.resources.storage import write_parquet_atomic
 
 GROUP = "curation"
 N_QUALITY_SHARDS = 16

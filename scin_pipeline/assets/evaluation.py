@@ -21,12 +21,12 @@ from dagster import (
 from pydantic import Field
 
 from scin_pipeline.assets._metadata import metric_md
+from scin_pipeline.core.atomic import write_parquet_atomic
 from scin_pipeline.core.champion import ChampionRule, champion_rule_text, choose_champion, no_champion_reason
 from scin_pipeline.core.image_cache import split_arrays
 from scin_pipeline.core.report import png_data_uri_bytes
 from scin_pipeline.resources import MlflowTracking, StoragePaths
 from scin_pipeline.resources.mlflow_tracking import CHAMPION_CLEARED_REASON_TAG
-from scin_pipeline.resources.storage import write_parquet_atomic
 
 GROUP = "evaluation"
 CANDIDATES = ("baseline_cnn", "resnet50_transfer", "metadata_model", "multimodal")

@@ -24,10 +24,10 @@ from pydantic import Field
 
 from scin_pipeline.assets._metadata import metric_md, table_md
 from scin_pipeline.assets.evaluation import candidates_table
+from scin_pipeline.core.atomic import write_parquet_atomic
 from scin_pipeline.core.evaluation import case_level_predictions
 from scin_pipeline.core.report import png_data_uri_bytes
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
-from scin_pipeline.resources.storage import write_parquet_atomic
 
 GROUP = "evaluation"
 # The gate reads skin tone and skin type: the groups SCIN exists to make visible. Fine-grained attributes

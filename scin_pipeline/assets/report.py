@@ -3,9 +3,9 @@
 import pandas as pd
 from dagster import AssetExecutionContext, MetadataValue, asset
 
+from scin_pipeline.core.atomic import write_parquet_atomic
 from scin_pipeline.core.report import build_data_report, markdown_with_inline_images
 from scin_pipeline.resources import StoragePaths
-from scin_pipeline.resources.storage import write_parquet_atomic
 
 
 @asset(

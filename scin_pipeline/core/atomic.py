@@ -119,6 +119,16 @@ def write_bytes_atomic(data: bytes, target: Path) -> None:
         handle.write(data)
 
 
+def write_text_atomic(text: str, target: Path, *, encoding: str = "utf-8") -> None:
+    write_bytes_atomic(text.encode(encoding), target)
+
+
+def write_parquet_atomic(frame, target: Path) -> None:
+    """A pandas DataFrame as Parquet (no index): readers never see half a table."""
+    with atomic_target(Path(target)) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
 # ---- what a local filesystem error means -------------------------------------------------------------
 
 

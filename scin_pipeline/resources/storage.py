@@ -45,7 +45,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from scin_pipeline.core.atomic import atomic_target, describe_os_error, unfixable_os_error
+from scin_pipeline.core.atomic import describe_os_error, unfixable_os_error, write_parquet_atomic
 from scin_pipeline.core.data_root import DataRootLayout, default_data_root
 
 
@@ -142,13 +142,6 @@ def table_metadata(frame, rows: int) -> dict:
             columns=[TableColumn(name=str(name), type=str(dtype)) for name, dtype in frame.dtypes.items()]
         )
     return metadata
-
-
-def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a table.
-    Temp files that killed writers left in that folder are removed first."""
-    with atomic_target(Path(path)) as tmp:
-        frame.to_parquet(tmp, index=False)
 
 
 def local_fs_failure(what: str, exc: BaseException) -> Failure | None:

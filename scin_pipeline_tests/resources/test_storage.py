@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from dagster import DagsterInstance, RetryPolicy, asset, materialize
 
-from scin_pipeline.core.atomic import TMP_PREFIX, writer_namespace
+from scin_pipeline.core.atomic import TMP_PREFIX, write_parquet_atomic, writer_namespace
 from scin_pipeline.core.data_root import DataRootLayout
 from scin_pipeline.resources.mlflow_tracking import MlflowTracking
-from scin_pipeline.resources.storage import ParquetTableIOManager, StoragePaths, write_parquet_atomic
+from scin_pipeline.resources.storage import ParquetTableIOManager, StoragePaths
 
 DEAD_PID = 4194399  # above Linux's largest pid_max: no such process
 FRAME = pd.DataFrame({"image_id": ["1", "2"], "score": [0.5, 0.25]})
