@@ -607,6 +607,39 @@ class GateResult:
 
         return clean(asdict(self))
 
+    @classmethod
+    def from_dict(cls, record: dict) -> GateResult:
+        """The inverse of :meth:`to_dict` (None back to NaN): how a stored gate is read, never recomputed."""
+
+        def number(value) -> float:
+            return float("nan") if value is None else float(value)
+
+        def estimate(item: dict | None) -> GroupEstimate | None:
+            if item is None:
+                return None
+            return GroupEstimate(
+                str(item["attribute"]),
+                str(item["group"]),
+                int(item["n"]),
+                number(item["value"]),
+                number(item["ci_low"]),
+                number(item["ci_high"]),
+            )
+
+        return cls(
+            passed=bool(record["passed"]),
+            metric=str(record["metric"]),
+            max_gap=number(record["max_gap"]),
+            model=str(record["model"]),
+            worst=estimate(record.get("worst")),
+            reference=estimate(record.get("reference")),
+            gap=number(record.get("gap")),
+            cis_overlap=record.get("cis_overlap"),
+            reason=str(record["reason"]),
+            failing_groups=[e for e in map(estimate, record.get("failing_groups") or []) if e is not None],
+            insufficient_groups=[e for e in map(estimate, record.get("insufficient_groups") or []) if e is not None],
+        )
+
 
 def _estimate(row) -> GroupEstimate:
     return GroupEstimate(

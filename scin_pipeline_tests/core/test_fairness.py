@@ -6,6 +6,7 @@ flagged, the gate on planted gaps and on hand-made tables, representation by spl
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import numpy as np
@@ -26,6 +27,7 @@ from scin_pipeline.core.fairness import (
     SYNTHETIC_BANNER,
     TABLE_COLUMNS,
     UNKNOWN_GROUP,
+    GateResult,
     _group_rng,
     bootstrap_metrics,
     fairness_gate,
@@ -453,6 +455,17 @@ def test_gate_fails_on_a_planted_gap():
     assert gate.gap > 0.10 and gate.cis_overlap is False
     assert "FAILED" in gate.reason and "skin=bad" in gate.reason
     assert gate.to_dict()["worst"]["group"] == "bad"
+
+
+def test_a_stored_gate_reads_back_as_it_was_decided():
+    """model_card reads the gate fairness_report stored (JSON through Parquet); it must not drift."""
+    for table in (planted(gap=True), planted(gap=False, tiny_random=True)):
+        gate = fairness_gate(table, metric="balanced_accuracy", max_gap=0.10)
+        stored = json.loads(json.dumps(gate.to_dict()))
+        read = GateResult.from_dict(stored)
+        assert read.to_dict() == gate.to_dict()
+        assert (read.passed, read.reason, read.worst) == (gate.passed, gate.reason, gate.worst)
+        assert [g.group for g in read.insufficient_groups] == [g.group for g in gate.insufficient_groups]
 
 
 def test_gate_passes_without_the_gap():
