@@ -6,6 +6,9 @@ folder is atomic on POSIX), so a reader sees the old file or the new one, never 
 name starts with a dot (pandas/pyarrow skip dot-files when they read a folder of Parquet files) and says
 who wrote it: ``.tmp-<pid>@<writer>-[<label>-]<random><suffix>``.
 
+A folder is written the same way (:func:`atomic_directory`): filled under a temp name beside its target,
+then swapped in; the folder it replaces is moved aside, not deleted, until the new one is in place.
+
 A SIGKILLed writer cannot clean up, so every write first sweeps its folder of temp files whose writer
 is dead. The pid alone is not enough to tell: the data root may be shared by several machines or
 containers (one pod per step on a ReadWriteMany volume in Kubernetes), where a pid of another pid
@@ -25,6 +28,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -85,8 +89,16 @@ def _is_orphan(path: Path, now: float) -> bool:
         return False
 
 
+def _remove(path: Path) -> None:
+    """Delete a temp file, or a temp folder with what it holds; gone already is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_orphaned_temp_files(folder: Path) -> list[Path]:
-    """Delete the temp files in ``folder`` whose writer is dead; return what was removed.
+    """Delete the temp files (and temp folders) in ``folder`` whose writer is dead; return what was removed.
 
     Live writers' files (this process's included) are kept; so are names this module did not make.
     """
@@ -94,24 +106,65 @@ def remove_orphaned_temp_files(folder: Path) -> list[Path]:
     now = time.time()
     for path in Path(folder).glob(f"{TMP_PREFIX}*"):
         if _is_orphan(path, now):
-            path.unlink(missing_ok=True)  # another sweeper may have been first
+            _remove(path)  # another sweeper may have been first
             removed.append(path)
     return removed
 
 
 @contextmanager
-def atomic_target(target: Path, *, label: str = "") -> Iterator[Path]:
+def atomic_target(target: Path, *, label: str = "", suffix: str | None = None, sweep: bool = True) -> Iterator[Path]:
     """Yield a temp path beside ``target`` to write to; rename it onto ``target`` when the block ends
-    normally. No temp file is left behind either way, and dead writers' ones are swept first."""
+    normally. No temp file is left behind either way, and dead writers' ones are swept first.
+
+    ``suffix`` (default: ``target``'s) ends the temp name, for writers that insist on one (Keras wants
+    ``.weights.h5``). ``sweep=False`` skips the sweep, for a caller writing many files into a big folder
+    that it swept once itself. To leave ``target`` as it was, raise out of the block.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphaned_temp_files(target.parent)
-    tmp = temp_path(target.parent, suffix=target.suffix, label=label)
+    if sweep:
+        remove_orphaned_temp_files(target.parent)
+    tmp = temp_path(target.parent, suffix=target.suffix if suffix is None else suffix, label=label)
     try:
         yield tmp
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_directory(target: Path, *, label: str = "") -> Iterator[Path]:
+    """Yield a new empty folder beside ``target`` to fill; it takes ``target``'s place when the block ends
+    normally. Raise out of the block (or be killed in it) and ``target`` stays as it was.
+
+    The swap is two renames: the old ``target`` (folder or file) is moved aside under a temp name, the new
+    folder is renamed in, and only then is the old one deleted; if the second rename fails the old one is
+    put back. A reader never sees a half-filled folder; in the instant between the two renames it sees
+    none (POSIX offers no portable atomic exchange of two folders). A writer killed in that instant leaves
+    ``target`` missing: callers treat a missing folder as not written yet.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temp_files(target.parent)
+    tmp = temp_path(target.parent, label=label)
+    tmp.mkdir()
+    aside = None
+    try:
+        yield tmp
+        if os.path.lexists(target):
+            aside = temp_path(target.parent, label=f"{label}-old" if label else "old")
+            os.replace(target, aside)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if aside is not None and not os.path.lexists(target):
+                os.replace(aside, target)
+                aside = None
+            raise
+    finally:
+        _remove(tmp)
+        if aside is not None:
+            _remove(aside)
 
 
 def write_bytes_atomic(data: bytes, target: Path) -> None:
@@ -172,6 +225,7 @@ __all__ = [
     "STALE_FOREIGN_TEMP_S",
     "TMP_PREFIX",
     "UNFIXABLE_ERRNOS",
+    "atomic_directory",
     "atomic_target",
     "describe_os_error",
     "pid_alive",
@@ -179,5 +233,7 @@ __all__ = [
     "temp_path",
     "unfixable_os_error",
     "write_bytes_atomic",
+    "write_parquet_atomic",
+    "write_text_atomic",
     "writer_namespace",
 ]

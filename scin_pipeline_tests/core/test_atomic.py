@@ -15,12 +15,14 @@ import pytest
 from scin_pipeline.core.atomic import (
     STALE_FOREIGN_TEMP_S,
     TMP_PREFIX,
+    atomic_directory,
     atomic_target,
     describe_os_error,
     remove_orphaned_temp_files,
     temp_path,
     unfixable_os_error,
     write_bytes_atomic,
+    write_text_atomic,
     writer_namespace,
 )
 
@@ -101,6 +103,112 @@ def test_a_sigkilled_writers_temp_file_is_removed_by_the_next_write(tmp_path):
 
     assert not orphan.exists()
     assert target.read_bytes() == b"whole"
+    assert temp_files(tmp_path) == []
+
+
+def test_atomic_target_takes_a_suffix_and_can_skip_the_sweep(tmp_path):
+    dead = tmp_path / f"{TMP_PREFIX}{DEAD_PID}@{writer_namespace()}-abc.bin"
+    dead.write_bytes(b"x")
+    with atomic_target(tmp_path / "w.weights.h5", suffix=".weights.h5", sweep=False) as tmp:
+        assert tmp.name.endswith(".weights.h5") and tmp.parent == tmp_path
+        tmp.write_bytes(b"weights")
+    assert (tmp_path / "w.weights.h5").read_bytes() == b"weights"
+    assert dead.exists()  # not swept
+    write_text_atomic("swept", tmp_path / "other.txt")
+    assert not dead.exists()
+
+
+# ------------------------------------------------------------------------------------------- folders
+
+
+def make_folder(path: Path, files: dict[str, bytes]) -> None:
+    path.mkdir(parents=True)
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+
+
+def folder_files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_a_folder_write_replaces_the_old_folder_whole_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "models" / "package"
+    make_folder(target, {"model.keras": b"old", "stale.txt": b"only in the old one"})
+    with atomic_directory(target) as tmp:
+        assert tmp.is_dir() and tmp.parent == target.parent and tmp.name.startswith(TMP_PREFIX)
+        (tmp / "model.keras").write_bytes(b"new")
+        (tmp / "spec.json").write_bytes(b"{}")
+        # until the block ends, readers see the old folder, untouched
+        assert folder_files(target) == {"model.keras": b"old", "stale.txt": b"only in the old one"}
+    assert folder_files(target) == {"model.keras": b"new", "spec.json": b"{}"}
+    assert temp_files(target.parent) == []
+
+
+def test_a_folder_write_creates_a_missing_target(tmp_path):
+    target = tmp_path / "a" / "b"
+    with atomic_directory(target, label="pkg") as tmp:
+        (tmp / "x").write_bytes(b"1")
+    assert folder_files(target) == {"x": b"1"}
+    assert temp_files(target.parent) == []
+
+
+def test_a_failed_folder_write_keeps_the_old_folder_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "package"
+    make_folder(target, {"model.keras": b"old"})
+    with pytest.raises(RuntimeError, match="synthetic failure"), atomic_directory(target) as tmp:
+        (tmp / "model.keras").write_bytes(b"half")
+        raise RuntimeError("synthetic failure")
+    assert folder_files(target) == {"model.keras": b"old"}
+    assert temp_files(tmp_path) == []
+
+
+def test_a_failed_rename_into_place_puts_the_old_folder_back(tmp_path, monkeypatch):
+    target = tmp_path / "package"
+    make_folder(target, {"model.keras": b"old"})
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == target and Path(src).name.startswith(TMP_PREFIX) and "-old-" not in Path(src).name:
+            raise OSError(errno.EXDEV, "synthetic rename failure", str(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="synthetic rename failure"), atomic_directory(target) as tmp:
+        (tmp / "model.keras").write_bytes(b"new")
+    assert folder_files(target) == {"model.keras": b"old"}
+    assert temp_files(tmp_path) == []
+
+
+KILLED_FOLDER_WRITER = """
+import sys, time
+from pathlib import Path
+from scin_pipeline.core.atomic import atomic_directory
+with atomic_directory(Path(sys.argv[1])) as tmp:
+    (tmp / "model.keras").write_bytes(b"half")
+    print(tmp, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_folder_write_killed_mid_way_leaves_the_old_folder_and_its_orphan_is_swept(tmp_path):
+    target = tmp_path / "package"
+    make_folder(target, {"model.keras": b"old"})
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_FOLDER_WRITER, str(target)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        orphan = Path(writer.stdout.readline().strip())
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    assert orphan.is_dir() and (orphan / "model.keras").read_bytes() == b"half"
+    assert folder_files(target) == {"model.keras": b"old"}  # the old folder was never touched
+
+    with atomic_directory(target) as tmp:
+        (tmp / "model.keras").write_bytes(b"whole")
+
+    assert not orphan.exists()  # a dead writer's folder is swept like a file
+    assert folder_files(target) == {"model.keras": b"whole"}
     assert temp_files(tmp_path) == []
 
 
