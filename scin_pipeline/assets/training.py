@@ -13,8 +13,6 @@ Keras BackupAndRestore from the last finished epoch).
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +23,7 @@ from pydantic import Field
 
 from scin_pipeline.assets._metadata import table_md
 from scin_pipeline.core import image_cache
+from scin_pipeline.core.atomic import atomic_target
 from scin_pipeline.core.image_cache import split_arrays, split_rows
 from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
 from scin_pipeline.core.progress import Progress
@@ -239,8 +238,10 @@ def image_embeddings(
         embeddings = training.extract_embeddings(
             backbone, images, batch_size=config.batch_size, on_batch=progress.advance
         )
-        _save_atomic(lambda p: np.save(p, embeddings), emb_path)
-        _save_atomic(lambda p: backbone.save(p), backbone_path)
+        with atomic_target(emb_path) as tmp:
+            np.save(tmp, embeddings)
+        with atomic_target(backbone_path) as tmp:
+            backbone.save(tmp)
         reused = False
     else:
         embeddings = np.load(emb_path, mmap_mode="r")
@@ -268,16 +269,6 @@ def image_embeddings(
             "embeddings_file": MetadataValue.path(str(emb_path)),
         },
     )
-
-
-def _save_atomic(write, path: Path) -> None:
-    """Write through a temp name in the same folder, then rename: a killed run leaves no half file."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def pixels_version(image_tensors: pd.DataFrame, image_embeddings: pd.DataFrame | None = None) -> str:
@@ -405,12 +396,7 @@ class CandidateRun:
         """Save the package, log it, its curves and summary to the run, register it."""
         from scin_pipeline.core import plots
 
-        if self.package_dir.exists():
-            shutil.rmtree(self.package_dir)
-        tmp = self.package_dir.with_name(f".tmp-{self.package_dir.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        package.save(tmp)
-        os.replace(tmp, self.package_dir)
+        package.save(self.package_dir)  # swapped in whole: a kill here leaves the old package or none
         if history is not None and len(history):
             run.log_table(history, "history.csv")
             run.log_figure_png(plots.training_curves_png(history, title=self.name), "training_curves.png")

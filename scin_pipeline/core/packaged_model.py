@@ -41,8 +41,6 @@ import binascii
 import importlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -52,6 +50,8 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+
+from scin_pipeline.core.atomic import atomic_directory
 
 KINDS = ("keras_image", "keras_multimodal", "sklearn_metadata")
 KERAS_KINDS = ("keras_image", "keras_multimodal")
@@ -134,40 +134,25 @@ class PackagedClassifier:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``spec.json`` and the model file into ``directory``, replacing it whole.
 
-        The package is written into a temporary sibling folder and renamed into place, so a reader never
-        sees a half-written package and a crash leaves the previous one intact.
+        The package is written into a temporary sibling folder and swapped into place
+        (``core.atomic.atomic_directory``), so a reader never sees a half-written package and a crash
+        leaves the previous one intact.
         """
         directory = Path(directory).expanduser().resolve()
         try:
             spec_text = json.dumps(self.spec(), indent=2, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"package spec for {directory} is not plain JSON (check `extra`): {exc}") from exc
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
-        old = None
-        try:
+        if self.kind not in KERAS_KINDS and not callable(getattr(self.model, "predict_proba", None)):
+            raise TypeError(f"{self.kind} model must have predict_proba(X), got {type(self.model)}")
+        with atomic_directory(directory) as tmp:
             if self.kind in KERAS_KINDS:
                 self.model.save(tmp / KERAS_FILE)
             else:
                 import joblib
 
-                if not callable(getattr(self.model, "predict_proba", None)):
-                    raise TypeError(f"{self.kind} model must have predict_proba(X), got {type(self.model)}")
                 joblib.dump(self.model, tmp / SKLEARN_FILE)
             (tmp / SPEC_FILE).write_text(spec_text + "\n")
-            if directory.exists():
-                # A non-empty folder cannot be renamed over: move the old one aside first.
-                old = Path(tempfile.mkdtemp(prefix=f".old-{directory.name}-", dir=directory.parent))
-                os.replace(directory, old / "package")
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and not directory.exists():
-                os.replace(old / "package", directory)
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
         return directory
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -200,6 +201,33 @@ def test_package_trained_on_columns_the_code_no_longer_makes_fails_naming_them()
     package.metadata_columns = package.metadata_columns[:-1] + ["retired_feature"]
     with pytest.raises(ValueError, match="retired_feature"):
         package.predict_proba(cases=cases)
+
+
+class UnpicklableModel:
+    """Has predict_proba, but a lock in it: joblib fails part-way through writing model.joblib."""
+
+    def __init__(self, model):
+        self.model, self.lock = model, threading.Lock()
+
+    def predict_proba(self, features):
+        return self.model.predict_proba(features)
+
+
+def test_a_model_file_that_fails_mid_write_keeps_the_previous_package(tmp_path):
+    package, cases = fitted_metadata_package()
+    package.save(tmp_path / "pkg")
+    broken = PackagedClassifier(
+        kind="sklearn_metadata",
+        classes=CLASSES,
+        model=UnpicklableModel(package.model),
+        metadata_columns=package.metadata_columns,
+    )
+    with pytest.raises(TypeError, match="pickle"):
+        broken.save(tmp_path / "pkg")
+    np.testing.assert_allclose(
+        PackagedClassifier.load(tmp_path / "pkg").predict_proba(cases=cases), package.predict_proba(cases=cases)
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
 
 
 def test_unreadable_specs_name_the_file(tmp_path):
