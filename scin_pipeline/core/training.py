@@ -16,8 +16,9 @@ Decisions:
   weights on disk. Calling ``fit_classifier`` again with the same directory after a kill continues at
   the first unfinished epoch, with the early-stopping state (best, wait) rebuilt from the CSV and the best
   weights taken from disk, so a best epoch from before the kill is not lost. A finished fit writes
-  ``completed.json`` + ``final.weights.h5``; calling again then loads them instead of training
-  (this is what lets ``fine_tune_transfer`` resume inside its second phase).
+  ``final.weights.h5`` then ``completed.json`` (each through ``core.atomic``: whole or absent); calling
+  again then loads them instead of training (this is what lets ``fine_tune_transfer`` resume inside its
+  second phase).
 - Epoch numbers are 1-based and global: phase 2 of ``fine_tune_transfer`` continues the numbering of
   phase 1 (``initial_epoch_offset``), so per-epoch MLflow steps stay monotonic.
 - Class imbalance: ``class_weighting="balanced"`` (scikit-learn's n / (k * count)); classes absent from
@@ -48,6 +49,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from scin_pipeline.core.atomic import atomic_target, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -412,8 +415,10 @@ def fit_classifier(
         resumed_from_epoch=resumed_from,
     )
     if ckpt is not None:
-        model.save_weights(str(ckpt / _FINAL_WEIGHTS))
-        (ckpt / _COMPLETED).write_text(
+        # Weights first, then the marker that vouches for them; each whole or absent.
+        with atomic_target(ckpt / _FINAL_WEIGHTS, suffix=_FINAL_WEIGHTS) as tmp:
+            model.save_weights(str(tmp))
+        write_text_atomic(
             json.dumps(
                 {
                     "best_epoch": best_epoch,
@@ -421,7 +426,8 @@ def fit_classifier(
                     "stopped_early": result.stopped_early,
                     "resumed_from_epoch": resumed_from,
                 }
-            )
+            ),
+            ckpt / _COMPLETED,
         )
         (ckpt / _BEST_WEIGHTS).unlink(missing_ok=True)
     return result
@@ -433,7 +439,8 @@ def _truncate_history(csv_path: Path, finished: int, monitor: str) -> dict | Non
         return None
     records = pd.read_csv(csv_path)
     records = records[records["epoch"] < finished]  # a row written just before the kill is redone
-    records.to_csv(csv_path, index=False)
+    with atomic_target(csv_path) as tmp:
+        records.to_csv(tmp, index=False)
     if records.empty or monitor not in records:
         return None
     i = int(np.nanargmax(records[monitor].to_numpy(dtype=float)))

@@ -4,6 +4,9 @@ learning a planted SYNTHETIC visual signal (stripes / blobs / one patch on skin-
 from __future__ import annotations
 
 import functools
+import json
+import os
+from pathlib import Path
 
 import cv2
 import keras
@@ -13,6 +16,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from scin_pipeline.core import training
+from scin_pipeline.core.atomic import TMP_PREFIX
 from scin_pipeline.core.models import (
     RESNET50_EMBEDDING_DIM,
     build_baseline_cnn,
@@ -292,6 +296,39 @@ def test_resume_keeps_the_early_stopping_state_and_best_weights_from_before_the_
     assert list(result.history["epoch"]) == [1, 2, 3] and result.stopped_early
     assert result.best_epoch == 1
     _assert_same_weights(result.model, weights.by_epoch[1])
+
+
+def test_a_fit_killed_while_marking_itself_complete_is_trained_again_not_loaded(monkeypatch, tmp_path):
+    x, y = _tiny_data()
+    config = TrainConfig(epochs=2, batch_size=16, early_stopping_patience=2, class_weighting="none")
+    real_replace = os.replace
+
+    def killed_at_the_marker(src, dst):
+        if Path(dst).name == "completed.json":
+            raise KeyboardInterrupt("killed while writing completed.json")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_marker)
+    with pytest.raises(KeyboardInterrupt):
+        fit_classifier(_tiny_model(), (x, y), x, y, config=config, class_weight=None, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    # Neither a torn nor a whole marker: the weights it would vouch for are not trusted.
+    assert not (tmp_path / "completed.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)] == []
+
+    epochs = []
+    result = fit_classifier(
+        _tiny_model(),
+        (x, y),
+        x,
+        y,
+        config=config,
+        class_weight=None,
+        checkpoint_dir=tmp_path,
+        on_epoch_end=lambda epoch, logs: epochs.append(epoch),
+    )
+    assert epochs == [1, 2] and result.resumed_from_epoch is None
+    assert json.loads((tmp_path / "completed.json").read_text())["best_epoch"] == result.best_epoch
 
 
 def test_baseline_cnn_learns_a_planted_pattern():
