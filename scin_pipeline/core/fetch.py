@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from scin_pipeline.core.atomic import TMP_PREFIX, remove_orphaned_temp_files, temp_path
+from scin_pipeline.core.atomic import TMP_PREFIX, atomic_target, remove_orphaned_temp_files, write_text_atomic
 from scin_pipeline.core.paths import IMAGE_PREFIX, UnsafeObjectPath, image_id_from_path
 from scin_pipeline.core.sources import (
     ObjectInfo,
@@ -165,6 +165,14 @@ def fetch_images(
 # --------------------------------------------------------------------------------------------------
 
 
+class _Unfetched(Exception):
+    """Raised out of one download attempt: ``result`` is the outcome to report, None to try again."""
+
+    def __init__(self, result: FetchResult | None):
+        super().__init__(result.reason if result is not None else "retry")
+        self.result = result
+
+
 def _result(image_id: str, object_path: str, status: str, reason: str | None, *, attempts: int) -> FetchResult:
     return FetchResult(image_id, object_path, None, None, None, status, reason, fetched=False, attempts=attempts)
 
@@ -231,13 +239,7 @@ class _RunState:
     def save_verified(self) -> None:
         if not self._dirty:
             return
-        target = self.dest_dir / VERIFIED_MANIFEST
-        tmp = temp_path(self.dest_dir, suffix=VERIFIED_MANIFEST)
-        try:
-            tmp.write_text(json.dumps(self.verified, indent=0, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(json.dumps(self.verified, indent=0, sort_keys=True), self.dest_dir / VERIFIED_MANIFEST)
 
     # ---- one object --------------------------------------------------------------------------------
 
@@ -289,78 +291,84 @@ class _RunState:
             final.unlink()
             self.forget(image_id)
 
-        need_md5 = expected.crc32c is None and expected.md5 is not None
         max_attempts = 1 + self.retries
-        last_error = ""
         for attempt in range(1, max_attempts + 1):
-            tmp = temp_path(self.dest_dir, label=image_id, suffix=".png")
             try:
-                try:
-                    served = self.source.download_to(object_path, tmp)
-                except ObjectMissing as exc:
-                    # Listed a moment ago, gone now: nothing to retry.
-                    return _result(image_id, object_path, "missing", f"{object_path}: {exc}", attempts=attempt)
-                except UnsafeObjectPath as exc:
-                    return _result(image_id, object_path, "rejected", str(exc), attempts=attempt)
-                except _TRANSIENT_ERRORS as exc:
-                    last_error = f"{type(exc).__name__}: {exc}"
-                    if attempt == max_attempts:
-                        return _result(
-                            image_id,
-                            object_path,
-                            "missing",
-                            f"{object_path}: transient error after {attempt} attempts: {last_error}",
-                            attempts=attempt,
-                        )
-                    self._sleep_before_retry(attempt)
-                    continue
-                except Exception as exc:
-                    # Not known to be transient (e.g. HTTP 400, a local disk error): retrying will not help.
-                    return _result(
+                # The download becomes <image_id>.png only when this block ends normally (verified); an
+                # attempt that fails raises _Unfetched out of it and the temp file goes. fetch_images swept
+                # dest_dir once: sweeping a folder of thousands of images per download would cost O(n^2).
+                with atomic_target(final, label=image_id, sweep=False) as tmp:
+                    size, crc = self._download_verified(tmp, image_id, object_path, expected, attempt, max_attempts)
+            except _Unfetched as unfetched:
+                if unfetched.result is not None:
+                    return unfetched.result
+                self._sleep_before_retry(attempt)
+                continue
+            self.record(image_id, expected, size, crc)
+            return FetchResult(image_id, object_path, str(final), size, crc, "ok", None, fetched=True, attempts=attempt)
+        raise AssertionError("unreachable: the loop returns on its last attempt")
+
+    def _download_verified(
+        self, tmp: Path, image_id: str, object_path: str, expected: ObjectInfo, attempt: int, max_attempts: int
+    ) -> tuple[int, str]:
+        """Download into ``tmp`` and verify it: (size, crc32c), or raise _Unfetched (the result to give,
+        or None to try again)."""
+        try:
+            served = self.source.download_to(object_path, tmp)
+        except ObjectMissing as exc:
+            # Listed a moment ago, gone now: nothing to retry.
+            raise _Unfetched(
+                _result(image_id, object_path, "missing", f"{object_path}: {exc}", attempts=attempt)
+            ) from exc
+        except UnsafeObjectPath as exc:
+            raise _Unfetched(_result(image_id, object_path, "rejected", str(exc), attempts=attempt)) from exc
+        except _TRANSIENT_ERRORS as exc:
+            if attempt == max_attempts:
+                raise _Unfetched(
+                    _result(
                         image_id,
                         object_path,
                         "missing",
-                        f"{object_path}: download failed: {type(exc).__name__}: {exc}",
+                        f"{object_path}: transient error after {attempt} attempts: {type(exc).__name__}: {exc}",
                         attempts=attempt,
                     )
+                ) from exc
+            raise _Unfetched(None) from exc
+        except Exception as exc:
+            # Not known to be transient (e.g. HTTP 400, a local disk error): retrying will not help.
+            raise _Unfetched(
+                _result(
+                    image_id,
+                    object_path,
+                    "missing",
+                    f"{object_path}: download failed: {type(exc).__name__}: {exc}",
+                    attempts=attempt,
+                )
+            ) from exc
 
-                size, crc, md5 = file_checksums(tmp, md5=need_md5)
-                mismatch = describe_mismatch(expected, size, crc, md5)
-                if mismatch is None:
-                    os.replace(tmp, final)
-                    self.record(image_id, expected, size, crc)
-                    return FetchResult(
-                        image_id,
-                        object_path,
-                        str(final),
-                        size,
-                        crc,
-                        "ok",
-                        None,
-                        fetched=True,
-                        attempts=attempt,
-                    )
-
-                served_generation = getattr(served, "generation", None)
-                if served_generation and expected.generation and served_generation != expected.generation:
-                    mismatch += (
-                        f"; served generation {served_generation}, listed {expected.generation}"
-                        " (object changed since listing?)"
-                    )
-                if attempt == max_attempts:
-                    where = self._quarantine(tmp, image_id, object_path, mismatch, attempt)
-                    return _result(
-                        image_id,
-                        object_path,
-                        "corrupt",
-                        f"{object_path}: {mismatch}; quarantined as {where}",
-                        attempts=attempt,
-                    )
-                logger.warning("%s: %s (attempt %d of %d, retrying)", object_path, mismatch, attempt, max_attempts)
-                self._sleep_before_retry(attempt)
-            finally:
-                tmp.unlink(missing_ok=True)
-        raise AssertionError("unreachable: the loop returns on its last attempt")
+        need_md5 = expected.crc32c is None and expected.md5 is not None
+        size, crc, md5 = file_checksums(tmp, md5=need_md5)
+        mismatch = describe_mismatch(expected, size, crc, md5)
+        if mismatch is None:
+            return size, crc
+        served_generation = getattr(served, "generation", None)
+        if served_generation and expected.generation and served_generation != expected.generation:
+            mismatch += (
+                f"; served generation {served_generation}, listed {expected.generation} (object changed since listing?)"
+            )
+        if attempt == max_attempts:
+            where = self._quarantine(tmp, image_id, object_path, mismatch, attempt)
+            raise _Unfetched(
+                _result(
+                    image_id,
+                    object_path,
+                    "corrupt",
+                    f"{object_path}: {mismatch}; quarantined as {where}",
+                    attempts=attempt,
+                )
+            )
+        logger.warning("%s: %s (attempt %d of %d, retrying)", object_path, mismatch, attempt, max_attempts)
+        raise _Unfetched(None)
 
     def _sleep_before_retry(self, attempt: int) -> None:
         # Exponential backoff with full jitter, so parallel workers hitting the same throttle spread out.
@@ -369,13 +377,13 @@ class _RunState:
             time.sleep(random.uniform(0, ceiling))
 
     def _quarantine(self, tmp: Path, image_id: str, object_path: str, reason: str, attempts: int) -> Path:
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         target = self.quarantine_dir / f"{image_id}.png.corrupt"
-        shutil.move(str(tmp), str(target))  # move, not rename: quarantine may be on another filesystem
-        (self.quarantine_dir / f"{image_id}.png.corrupt.reason.txt").write_text(
+        with atomic_target(target) as quarantined:
+            shutil.move(str(tmp), str(quarantined))  # move, not rename: quarantine may be on another filesystem
+        write_text_atomic(
             f"object: {object_path}\nsource: {getattr(self.source, 'uri', self.source)}\n"
             f"attempts: {attempts}\nreason: {reason}\n",
-            encoding="utf-8",
+            self.quarantine_dir / f"{image_id}.png.corrupt.reason.txt",
         )
         return target
 

@@ -32,10 +32,11 @@ The cache (:func:`build_image_cache`), one folder per image size::
   change, an unchanged shard is reused as is; a changed shard is rewritten, but only its new or changed
   images are decoded, the others are copied from the old shards (memory-mapped), so decode work is
   proportional to what changed. Failures are remembered by the same per-image key and not retried.
-- Shards are written to a temp file and ``os.replace``-d into place, then the manifest the same way, and
-  only then are shard files of this size folder that the manifest does not name removed. A crash leaves
-  either the old manifest with its shards or the new one with its shards. One builder per folder at a
-  time (the Dagster asset materialisation); concurrent builders are not coordinated.
+- Shards are written to a temp file (``core.atomic``), fsynced and renamed into place, then the manifest
+  the same way, and only then are shard files of this size folder that the manifest does not name
+  removed. A crash leaves either the old manifest with its shards or the new one with its shards. One
+  builder per folder at a time (the Dagster asset materialisation); concurrent builders are not
+  coordinated.
 - At most one shard of pixels is held in memory (plus one full-size photo per decode thread).
 - A file that does not decode becomes an index row with status "failed" and a reason ("<kind>: <reason
   naming the file>"); it is absent from the shards and nothing else is affected.
@@ -68,6 +69,7 @@ import numpy as np
 import pandas as pd
 import PIL.Image
 
+from scin_pipeline.core.atomic import TMP_PREFIX, atomic_target, remove_orphaned_temp_files
 from scin_pipeline.core.imageio import (
     DEFAULT_MAX_PIXELS,
     decode_image,
@@ -87,7 +89,7 @@ AUGMENT_MIN_CROP_FRACTION = 0.85
 _QUARTER_TURNS = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}
 
 _MAX_PNG_DIMENSION = 2**31 - 1
-_TMP_MARK = ".tmp-"
+_TMP_MARK = ".tmp-"  # in temp names of the former form <file>.tmp-<pid>-<thread>; swept
 _UNREADABLE_NPY = (OSError, ValueError, EOFError)  # what np.load raises for a missing, torn or foreign file
 
 
@@ -316,16 +318,11 @@ def _shard_matches(path: Path, n_ok: int, image_size: int) -> bool:
 
 
 def _atomic_write(target: Path, write) -> None:
-    tmp = target.with_name(f"{target.name}{_TMP_MARK}{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``write(handle)`` into a temp file beside ``target`` (core.atomic), flushed to disk, renamed into place."""
+    with atomic_target(target) as tmp, open(tmp, "xb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def build_image_cache(
@@ -403,7 +400,11 @@ def build_image_cache(
         folder / MANIFEST_NAME, lambda fh: fh.write(json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
     )
     referenced = {s["file"] for s in new_shards}
+    remove_orphaned_temp_files(folder)  # core.atomic's temp files go when their writer is dead, not before
     for stale in folder.iterdir():
+        if stale.name.startswith(TMP_PREFIX):
+            continue
+        # unreferenced shards, and temp files of the former naming (<file>.tmp-<pid>-<thread>)
         if stale.is_file() and ((stale.suffix == ".npy" and stale.name not in referenced) or _TMP_MARK in stale.name):
             stale.unlink(missing_ok=True)
 

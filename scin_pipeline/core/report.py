@@ -28,6 +28,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from scin_pipeline.core import schema
+from scin_pipeline.core.atomic import write_text_atomic
 
 MISSING_GROUP = "missing"
 SYNTHETIC_BANNER = "SYNTHETIC DATA: images in this run are synthetic; no number here describes real skin conditions"
@@ -860,5 +861,5 @@ def build_data_report(
     report.markdown = _build_markdown(
         report, n_cases, n_labelled, synthetic=synthetic, source_uri=source_uri, release=release
     )
-    (out_dir / REPORT_MARKDOWN_FILE).write_text(report.markdown, encoding="utf-8")
+    write_text_atomic(report.markdown, out_dir / REPORT_MARKDOWN_FILE)
     return report

@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 import google_crc32c
 
+from scin_pipeline.core.atomic import write_text_atomic
 from scin_pipeline.core.paths import (
     BUCKET,
     CASES_OBJECT,
@@ -638,9 +639,7 @@ def write_mirror_manifest(root: str | Path) -> Path:
             size, crc, md5 = file_checksums(source._resolve(path), md5=True)
             objects[path] = {"size": size, "crc32c": crc, "md5": md5}
     target = source.root / MIRROR_MANIFEST
-    tmp = source.root / f".tmp-{os.getpid()}-{MIRROR_MANIFEST}"
-    tmp.write_text(json.dumps({"format": 1, "objects": objects}, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, target)
+    write_text_atomic(json.dumps({"format": 1, "objects": objects}, indent=1, sort_keys=True), target)
     return target
 
 

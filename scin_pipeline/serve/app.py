@@ -26,7 +26,6 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 import time
 import uuid
 from importlib import resources
@@ -38,6 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from scin_pipeline.core.atomic import write_bytes_atomic
 from scin_pipeline.serve.follow import DEFAULT_ALIAS_POLL_S, ModelFollower, ServingState
 from scin_pipeline.serve.inputs import (
     CHECKBOX_FIELDS,
@@ -213,15 +213,7 @@ _UNAVAILABLE = {
 
 def _store_upload(folder: Path, data: bytes) -> None:
     suffix = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, folder / f"{uuid.uuid4().hex}{suffix}")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(data, folder / f"{uuid.uuid4().hex}{suffix}")
 
 
 def _page_html() -> str:

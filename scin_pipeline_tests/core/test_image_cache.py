@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from scin_pipeline.core import image_cache
+from scin_pipeline.core.atomic import TMP_PREFIX, writer_namespace
 from scin_pipeline.core.image_cache import (
     INDEX_COLUMNS,
     ImagePreprocessError,
@@ -313,7 +314,8 @@ def test_stale_shards_of_this_size_are_removed_and_other_sizes_kept(tmp_path):
     other = build_image_cache(rows, cache, image_size=16, shard_size=4, workers=1)
     first = build_image_cache(rows, cache, image_size=S, shard_size=4, workers=1)
     (cache / f"{S}px" / "train-leftover.npy").write_bytes(b"junk")
-    (cache / f"{S}px" / "train-x.npy.tmp-1-2").write_bytes(b"junk")
+    (cache / f"{S}px" / "train-x.npy.tmp-1-2").write_bytes(b"junk")  # a temp file of the former naming
+    (cache / f"{S}px" / f"{TMP_PREFIX}4194399@{writer_namespace()}-abc.npy").write_bytes(b"junk")  # dead writer's
     second = build_image_cache(rows.iloc[:3], cache, image_size=S, shard_size=4, workers=1)
     files = sorted(p.name for p in (cache / f"{S}px").iterdir())
     assert files == sorted([os.path.basename(s) for s in second["shard"].unique()] + ["manifest.json"])

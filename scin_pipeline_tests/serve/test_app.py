@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from scin_pipeline.core.atomic import TMP_PREFIX, writer_namespace
 from scin_pipeline.core.image_cache import preprocess_image_bytes
 from scin_pipeline.core.synthetic import decompression_bomb_png
 from scin_pipeline.serve import NOT_A_DIAGNOSIS, ServeError, create_app
@@ -325,6 +326,10 @@ def test_logs_hold_no_file_name_client_address_or_answers(image_app, caplog):
 
 def test_uploads_are_stored_only_when_configured(registry, tmp_path):
     store = tmp_path / "kept"
+    # An upload half-written by a killed server (pid above Linux's pid_max: dead) is swept by the next one.
+    store.mkdir()
+    orphan = store / f"{TMP_PREFIX}4194399@{writer_namespace()}-0123456789ab.png"
+    orphan.write_bytes(b"half")
     app = create_app(f"models:/{MODEL_NAME}@champion", tracking_uri=registry.tracking_uri, store_uploads_dir=store)
     data = good_png(4)
     with TestClient(app) as client:
