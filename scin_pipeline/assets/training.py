@@ -30,7 +30,15 @@ from scin_pipeline.core.progress import Progress
 from scin_pipeline.core.report import png_data_uri_bytes
 from scin_pipeline.core.splits import splits_data_version
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
-from scin_pipeline.resources.mlflow_tracking import dagster_tags
+from scin_pipeline.resources.mlflow_tracking import (
+    CANDIDATE_TAG,
+    KERAS_BACKEND_TAG,
+    MODEL_URI_TAG,
+    REGISTERED_VERSION_TAG,
+    TRAINING_MODE_TAG,
+    WEIGHTS_TAG,
+    dagster_tags,
+)
 
 GROUP = "training"
 # One training per GPU (the deployment sets the pool's limit); Kubernetes gets a GPU request per step.
@@ -335,23 +343,23 @@ class CandidateRun:
         tags = run.data.tags
         return {
             "mlflow_run_id": run.info.run_id,
-            "model_uri": tags.get("scin.model_uri", ""),
-            "registered_version": tags.get("scin.registered_version", ""),
+            "model_uri": tags.get(MODEL_URI_TAG, ""),
+            "registered_version": tags.get(REGISTERED_VERSION_TAG, ""),
             "best_epoch": int(float(run.data.metrics.get("best_epoch", -1))),
             "best_val_score": float(run.data.metrics.get("best_val_score", float("nan"))),
-            "keras_backend": tags.get("scin.keras_backend", ""),
-            "weights": tags.get("scin.weights", ""),
+            "keras_backend": tags.get(KERAS_BACKEND_TAG, ""),
+            "weights": tags.get(WEIGHTS_TAG, ""),
         }
 
-    def tags(self, **extra) -> dict:
+    def tags(self, extra: dict | None = None) -> dict:
         tags = dagster_tags(
             self.context,
             code_version=self.code_version,
             splits_data_version=self.splits_version,
             synthetic_data=self.synthetic,
         )
-        tags["scin.candidate"] = self.name
-        tags.update({k: str(v) for k, v in extra.items()})
+        tags[CANDIDATE_TAG] = self.name
+        tags.update({k: str(v) for k, v in (extra or {}).items()})
         return tags
 
     def output(
@@ -405,7 +413,7 @@ class CandidateRun:
         run.log_metrics({"best_epoch": best_epoch, "best_val_score": best_score})
         model_uri, version = run.log_model(str(self.package_dir), register=True)
         self.mlflow.set_run_tags(
-            run.run_id, {"scin.model_uri": model_uri, "scin.registered_version": str(version or ""), **extra_tags}
+            run.run_id, {MODEL_URI_TAG: model_uri, REGISTERED_VERSION_TAG: str(version or ""), **extra_tags}
         )
         return {
             "mlflow_run_id": run.run_id,
@@ -495,7 +503,7 @@ def baseline_cnn(
     with mlflow.training_run(
         run_key=candidate.run_key,
         run_name="baseline_cnn",
-        tags=candidate.tags(**{"scin.keras_backend": described["backend"]}),
+        tags=candidate.tags({KERAS_BACKEND_TAG: described["backend"]}),
         params={
             **config.model_dump(),
             "image_size": image_size,
@@ -532,7 +540,7 @@ def baseline_cnn(
             result.history,
             result.best_epoch,
             result.best_score,
-            {"scin.keras_backend": described["backend"]},
+            {KERAS_BACKEND_TAG: described["backend"]},
         )
         resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
     row.update(keras_backend=described["backend"], weights="none")
@@ -618,7 +626,7 @@ def resnet50_transfer(
     with mlflow.training_run(
         run_key=candidate.run_key,
         run_name="resnet50_transfer",
-        tags=candidate.tags(**{"scin.keras_backend": described["backend"], "scin.weights": weights, "scin.mode": mode}),
+        tags=candidate.tags({KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights, TRAINING_MODE_TAG: mode}),
         params={
             **config.model_dump(),
             "resolved_mode": mode,
@@ -677,7 +685,7 @@ def resnet50_transfer(
             result.history,
             result.best_epoch,
             result.best_score,
-            {"scin.keras_backend": described["backend"], "scin.weights": weights},
+            {KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights},
         )
         resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
     row.update(keras_backend=described["backend"], weights=weights)
@@ -846,7 +854,7 @@ def multimodal(
     with mlflow.training_run(
         run_key=candidate.run_key,
         run_name="multimodal",
-        tags=candidate.tags(**{"scin.keras_backend": described["backend"], "scin.weights": weights}),
+        tags=candidate.tags({KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights}),
         params={
             **config.model_dump(),
             "weights": weights,
@@ -892,7 +900,7 @@ def multimodal(
             result.history,
             result.best_epoch,
             result.best_score,
-            {"scin.keras_backend": described["backend"], "scin.weights": weights},
+            {KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights},
         )
         resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
     row.update(keras_backend=described["backend"], weights=weights)

@@ -57,8 +57,18 @@ from scin_pipeline.core.mlflow_registry import (
 )
 from scin_pipeline.resources.storage import StoragePaths
 
+# The tags of a training run (SYNTHETIC_TAG, shared with serve/, lives in core.mlflow_registry).
+DAGSTER_RUN_ID_TAG = "dagster.run_id"
+DAGSTER_ASSET_KEY_TAG = "dagster.asset_key"
+DAGSTER_CODE_VERSION_TAG = "dagster.code_version"
+SPLITS_DATA_VERSION_TAG = "scin.splits_data_version"
 RUN_KEY_TAG = "scin.run_key"
 CANDIDATE_TAG = "scin.candidate"
+KERAS_BACKEND_TAG = "scin.keras_backend"
+WEIGHTS_TAG = "scin.weights"  # the image backbone's weights (imagenet, or none: random init)
+TRAINING_MODE_TAG = "scin.mode"  # resnet50_transfer: head_on_embeddings or fine_tune
+MODEL_URI_TAG = "scin.model_uri"  # set once the packaged model is logged
+REGISTERED_VERSION_TAG = "scin.registered_version"
 MODEL_KIND_TAG = "scin.model_kind"
 RESUME_COUNT_TAG = "scin.resume_count"
 PREVIOUS_DAGSTER_RUNS_TAG = "scin.previous_dagster_run_ids"
@@ -96,14 +106,14 @@ def dagster_tags(
     except Exception:  # a multi-asset step has no single asset key
         asset_key = ",".join(key.to_user_string() for key in context.selected_asset_keys)
     tags = {
-        "dagster.run_id": str(context.run.run_id),
-        "dagster.asset_key": asset_key,
-        "dagster.code_version": str(code_version),
-        "scin.splits_data_version": str(splits_data_version),
+        DAGSTER_RUN_ID_TAG: str(context.run.run_id),
+        DAGSTER_ASSET_KEY_TAG: asset_key,
+        DAGSTER_CODE_VERSION_TAG: str(code_version),
+        SPLITS_DATA_VERSION_TAG: str(splits_data_version),
         SYNTHETIC_TAG: "true" if synthetic_data else "false",
     }
     if keras_backend:
-        tags["scin.keras_backend"] = str(keras_backend)
+        tags[KERAS_BACKEND_TAG] = str(keras_backend)
     return tags
 
 
@@ -267,10 +277,10 @@ class MlflowTracking(ConfigurableResource):
                 old_tags = previous.data.tags
                 run_tags[RESUME_COUNT_TAG] = str(int(old_tags.get(RESUME_COUNT_TAG, "0")) + 1)
                 earlier = [t for t in old_tags.get(PREVIOUS_DAGSTER_RUNS_TAG, "").split(",") if t]
-                old_dagster_run = old_tags.get("dagster.run_id")
+                old_dagster_run = old_tags.get(DAGSTER_RUN_ID_TAG)
                 if (
                     old_dagster_run
-                    and old_dagster_run != run_tags.get("dagster.run_id")
+                    and old_dagster_run != run_tags.get(DAGSTER_RUN_ID_TAG)
                     and old_dagster_run not in earlier
                 ):
                     earlier.append(old_dagster_run)
