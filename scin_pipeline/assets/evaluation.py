@@ -1,4 +1,5 @@
-"""Evaluation assets: model_evaluation (every candidate on val and test) -> model_comparison (champion).
+"""Evaluation assets: model_evaluation + model_predictions (every candidate on val and test: metrics, and
+the per-image predictions the fairness report reads) -> model_comparison (champion).
 
 Every candidate is scored on the same rows (one per image and case with cached pixels), through the same
 packaged model that the registry serves, so the comparison is like for like. The champion is chosen on the
@@ -13,15 +14,17 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetOut,
     Config,
     MetadataValue,
     Output,
     asset,
+    multi_asset,
 )
 from pydantic import Field
 
 from scin_pipeline.assets._metadata import metric_md
-from scin_pipeline.core.atomic import write_parquet_atomic
+from scin_pipeline.core.atomic import write_bytes_atomic
 from scin_pipeline.core.champion import ChampionRule, champion_rule_text, choose_champion, no_champion_reason
 from scin_pipeline.core.image_cache import split_arrays
 from scin_pipeline.core.report import png_data_uri_bytes
@@ -48,14 +51,25 @@ def predict_split(package, rows: pd.DataFrame, images: np.ndarray, cases: pd.Dat
     )
 
 
-@asset(
+@multi_asset(
     group_name=GROUP,
-    kinds={"scikitlearn", "mlflow"},
-    code_version="1",
-    description="Every candidate on the validation and test splits: accuracy, balanced accuracy, macro-F1, "
-    "top-3 accuracy, per-class one-vs-rest AUC and their mean, expected calibration error. Long table "
-    "(model, split, metric, class, value); per-row predictions in tables/model_evaluation/predictions.parquet; "
-    "confusion matrices in the metadata and in each model's MLflow run.",
+    outs={
+        "model_evaluation": AssetOut(
+            kinds={"scikitlearn", "mlflow"},
+            code_version="1",
+            description="Every candidate on the validation and test splits: accuracy, balanced accuracy, "
+            "macro-F1, top-3 accuracy, per-class one-vs-rest AUC and their mean, expected calibration error. "
+            "Long table (model, split, metric, class, value); confusion matrices in the metadata and in each "
+            "model's MLflow run.",
+        ),
+        "model_predictions": AssetOut(
+            kinds={"pandas", "parquet"},
+            code_version="1",
+            description="Every candidate's prediction per image on the validation and test splits: image_id, "
+            "case_id, label, model, split, y_true, y_pred and the class probabilities p_0..p_K-1 (classes in "
+            "the candidates' order). What the fairness report is computed from.",
+        ),
+    },
 )
 def model_evaluation(
     context: AssetExecutionContext,
@@ -100,7 +114,7 @@ def model_evaluation(
             confusion = evaluation.confusion_matrix_png(
                 y, proba.argmax(axis=1), classes, title=f"{candidate.model} (test)"
             )
-            (out_dir / f"confusion_{candidate.model}.png").write_bytes(confusion)
+            write_bytes_atomic(confusion, out_dir / f"confusion_{candidate.model}.png")
             overall = table[table["class"].isna() | (table["class"] == "")]
             with mlflow.log_to_run(candidate.mlflow_run_id) as run:
                 run.log_metrics(
@@ -113,7 +127,7 @@ def model_evaluation(
             )
     result = pd.concat(tables, ignore_index=True)
     result = result[["model", "split", "metric", "class", "value"]]
-    write_parquet_atomic(pd.concat(predictions, ignore_index=True), out_dir / "predictions.parquet")
+    prediction_rows = pd.concat(predictions, ignore_index=True)
     overall = result[result["class"].isna() | (result["class"] == "")]
     wide = (
         overall.pivot_table(index="model", columns=["split", "metric"], values="value")
@@ -134,10 +148,19 @@ def model_evaluation(
                 .reset_index(),
                 rows=40,
             ),
-            "predictions": MetadataValue.path(str(out_dir / "predictions.parquet")),
         }
     )
-    return Output(result, metadata=metadata)
+    yield Output(result, output_name="model_evaluation", metadata=metadata)
+    yield Output(
+        prediction_rows,
+        output_name="model_predictions",
+        metadata={
+            "models": ", ".join(candidates["model"]),
+            "rows_per_model_and_split": MetadataValue.json(
+                {f"{m}/{s}": int(n) for (m, s), n in prediction_rows.groupby(["model", "split"]).size().items()}
+            ),
+        },
+    )
 
 
 _DEFAULT_RULE = ChampionRule()
@@ -189,12 +212,11 @@ def model_comparison(
     context: AssetExecutionContext,
     config: ComparisonConfig,
     model_evaluation: pd.DataFrame,
-    fairness_report: pd.DataFrame,
+    fairness_gates: pd.DataFrame,
     baseline_cnn: pd.DataFrame,
     resnet50_transfer: pd.DataFrame,
     metadata_model: pd.DataFrame,
     multimodal: pd.DataFrame,
-    storage: StoragePaths,
     mlflow: MlflowTracking,
 ):
     from scin_pipeline.core.plots import metric_comparison_png
@@ -207,9 +229,8 @@ def model_comparison(
     wide = overall.pivot_table(index="model", columns=["split", "metric"], values="value")
     wide.columns = [f"{s}_{m}" for s, m in wide.columns]
     wide = wide.reset_index()
-    gates = pd.read_parquet(storage.table_files_dir("fairness_report") / "gates.parquet")
     champion_rule = config.rule()
-    ranked = choose_champion(wide, n_classes, champion_rule, gates).merge(
+    ranked = choose_champion(wide, n_classes, champion_rule, fairness_gates).merge(
         candidates[["model", "kind", "registered_version", "model_uri", "mlflow_run_id"]], on="model"
     )
     champion = ranked[ranked["champion"]]

@@ -1,5 +1,6 @@
-"""Fairness assets: fairness_report (every candidate, per skin-tone and demographic group, with bootstrap
-intervals and a gate) and model_card (the champion's card, Markdown + JSON manifest).
+"""Fairness assets: fairness_report + fairness_gates (every candidate, per skin-tone and demographic group,
+with bootstrap intervals; the gate's decision per candidate as its own table) and model_card (the champion's
+card, Markdown + JSON manifest, quoting the stored gate).
 
 Fairness is measured per CASE on the test split: a case's images are averaged into one prediction (what a
 reader of the case would see), so rows are independent for the bootstrap and a case with three photos does
@@ -15,16 +16,18 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetOut,
     Config,
     MetadataValue,
     Output,
     asset,
+    multi_asset,
 )
 from pydantic import Field
 
 from scin_pipeline.assets._metadata import metric_md, table_md
 from scin_pipeline.assets.evaluation import candidates_table
-from scin_pipeline.core.atomic import write_parquet_atomic
+from scin_pipeline.core.atomic import write_parquet_atomic, write_text_atomic
 from scin_pipeline.core.evaluation import case_level_predictions
 from scin_pipeline.core.report import png_data_uri_bytes
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
@@ -46,15 +49,26 @@ class FairnessConfig(Config):
     seed: int = 0
 
 
-@asset(
+@multi_asset(
     group_name=GROUP,
-    kinds={"fairlearn", "mlflow"},
-    code_version="1",
-    description="Per candidate, per group of Monk skin tone (US and India graders, single tones and bins "
-    "1-2/3-4/5-6/7-10), dermatologist and self-reported Fitzpatrick type, race/ethnicity, sex at birth and "
-    "age group: n, accuracy, balanced accuracy, macro-F1, mean one-vs-rest AUC, top-3 accuracy, with "
-    "bootstrap intervals, difference and ratio to overall, the worst group; per case on the test split. "
-    "HTML and Markdown reports in tables/fairness_report/ and in each model's MLflow run; the gate per model.",
+    outs={
+        "fairness_report": AssetOut(
+            kinds={"fairlearn", "mlflow"},
+            code_version="1",
+            description="Per candidate, per group of Monk skin tone (US and India graders, single tones and "
+            "bins 1-2/3-4/5-6/7-10), dermatologist and self-reported Fitzpatrick type, race/ethnicity, sex at "
+            "birth and age group: n, accuracy, balanced accuracy, macro-F1, mean one-vs-rest AUC, top-3 "
+            "accuracy, with bootstrap intervals, difference and ratio to overall, the worst group; per case on "
+            "the test split. HTML and Markdown reports in tables/fairness_report/ and in each model's MLflow run.",
+        ),
+        "fairness_gates": AssetOut(
+            kinds={"fairlearn", "pandas"},
+            code_version="1",
+            description="The fairness gate's decision per candidate, as fairness_report made it: passed, "
+            "reason, metric, max_gap, gate attributes, the worst group's gap, and the whole decision as JSON "
+            "(gate). model_comparison excludes failing candidates from the champion; the model card quotes it.",
+        ),
+    },
     check_specs=[
         AssetCheckSpec(
             "fairness_gate",
@@ -67,7 +81,7 @@ class FairnessConfig(Config):
 def fairness_report(
     context: AssetExecutionContext,
     config: FairnessConfig,
-    model_evaluation: pd.DataFrame,
+    model_predictions: pd.DataFrame,
     baseline_cnn: pd.DataFrame,
     resnet50_transfer: pd.DataFrame,
     metadata_model: pd.DataFrame,
@@ -82,8 +96,7 @@ def fairness_report(
 
     candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)
     classes = json.loads(candidates["classes"].iloc[0])
-    predictions = pd.read_parquet(storage.table_files_dir("model_evaluation") / "predictions.parquet")
-    per_case = case_level_predictions(predictions)
+    per_case = case_level_predictions(model_predictions)
     synthetic = scin_source.is_synthetic()
     out_dir = storage.table_files_dir("fairness_report")
     tables, gates, metadata = [], {}, {}
@@ -108,8 +121,8 @@ def fairness_report(
         plots = fairness.fairness_plots(table, metrics=(config.gate_metric,))
         html = fairness.fairness_html(table, gate, plots, model=candidate.model, synthetic=synthetic)
         markdown = fairness.fairness_markdown(table, gate, model=candidate.model, synthetic=synthetic)
-        (out_dir / f"{candidate.model}.html").write_text(html)
-        (out_dir / f"{candidate.model}.md").write_text(markdown)
+        write_text_atomic(html, out_dir / f"{candidate.model}.html")
+        write_text_atomic(markdown, out_dir / f"{candidate.model}.md")
         with mlflow.log_to_run(candidate.mlflow_run_id) as run:
             run.log_text(html, "fairness/fairness_report.html")
             run.log_text(markdown, "fairness/fairness_report.md")
@@ -137,18 +150,19 @@ def fairness_report(
                 "metric": config.gate_metric,
                 "max_gap": config.max_gap,
                 "attributes": json.dumps(config.gate_attributes),
+                "gap": float(g.gap),
+                "gate": json.dumps(g.to_dict()),
             }
             for m, g in gates.items()
         ]
     )
-    write_parquet_atomic(gate_rows, out_dir / "gates.parquet")
     representation = fairness.representation_by_split(labeled_splits, cases)
     write_parquet_atomic(representation, out_dir / "representation_by_split.parquet")
     worst = result[result["worst"] & (result["metric"] == config.gate_metric)]
     metadata.update(
         {
             "unit": "case (test split; a case's images averaged)",
-            "gate": metric_md(gate_rows),
+            "gate": metric_md(gate_rows[["model", "passed", "reason"]]),
             "worst_groups": metric_md(
                 worst[["model", "attribute", "group", "n", "value", "ci_low", "ci_high", "diff_to_overall"]], rows=60
             ),
@@ -163,7 +177,16 @@ def fairness_report(
     )
     if synthetic:
         metadata["note"] = "SYNTHETIC images: these figures say nothing about fairness on real skin"
-    yield Output(result, metadata=metadata)
+    yield Output(result, output_name="fairness_report", metadata=metadata)
+    yield Output(
+        gate_rows,
+        output_name="fairness_gates",
+        metadata={
+            "passed": ", ".join(m for m, g in gates.items() if g.passed) or "none",
+            "failed": ", ".join(m for m, g in gates.items() if not g.passed) or "none",
+            "gate": metric_md(gate_rows[["model", "passed", "metric", "max_gap", "gap", "reason"]]),
+        },
+    )
     failing = [m for m, g in gates.items() if not g.passed]
     yield AssetCheckResult(
         check_name="fairness_gate",
@@ -175,10 +198,6 @@ def fairness_report(
         },
         description="; ".join(f"{m}: {gates[m].reason}" for m in failing) or None,
     )
-
-
-def fairness_gate_results(storage: StoragePaths) -> pd.DataFrame:
-    return pd.read_parquet(storage.table_files_dir("fairness_report") / "gates.parquet")
 
 
 @asset(
@@ -194,6 +213,7 @@ def model_card(
     model_comparison: pd.DataFrame,
     model_evaluation: pd.DataFrame,
     fairness_report: pd.DataFrame,
+    fairness_gates: pd.DataFrame,
     quality_filtered_index: pd.DataFrame,
     labeled_splits: pd.DataFrame,
     image_tensors: pd.DataFrame,
@@ -201,20 +221,14 @@ def model_card(
     mlflow: MlflowTracking,
     scin_source: ScinSourceResource,
 ):
-    from scin_pipeline.core import fairness
+    from scin_pipeline.core.fairness import GateResult
     from scin_pipeline.core.model_card import build_model_card
 
     champion = model_comparison[model_comparison["champion"]].iloc[0]
     name = str(champion["model"])
     table = fairness_report[fairness_report["model"] == name]
-    gates = fairness_gate_results(storage).set_index("model")
-    settings = gates.loc[name]  # the gate exactly as fairness_report applied it
-    gate = fairness.fairness_gate(
-        table,
-        metric=str(settings["metric"]),
-        max_gap=float(settings["max_gap"]),
-        attributes=json.loads(settings["attributes"]),
-    )
+    # The gate as fairness_report decided it (read, never recomputed).
+    gate = GateResult.from_dict(json.loads(fairness_gates.set_index("model").loc[name, "gate"]))
     overall = model_evaluation[
         (model_evaluation["model"] == name)
         & (model_evaluation["split"] == "test")
@@ -251,8 +265,8 @@ def model_card(
         synthetic=scin_source.is_synthetic(),
     )
     out_dir = storage.table_files_dir("model_card")
-    (out_dir / "model_card.md").write_text(markdown)
-    (out_dir / "model_card.json").write_text(json.dumps(manifest, indent=2, default=str))
+    write_text_atomic(markdown, out_dir / "model_card.md")
+    write_text_atomic(json.dumps(manifest, indent=2, default=str), out_dir / "model_card.json")
     with mlflow.log_to_run(str(champion["mlflow_run_id"])) as run:
         run.log_text(markdown, "model_card/model_card.md")
         run.log_text(json.dumps(manifest, indent=2, default=str), "model_card/model_card.json")

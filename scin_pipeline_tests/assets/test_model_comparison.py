@@ -53,8 +53,6 @@ def registry(tmp_path, monkeypatch):
             ]
         )
     tracking.set_champion(frames["baseline_cnn"]["registered_version"].iloc[0], reason="an earlier run's winner")
-    gates = pd.DataFrame({"model": list(MODELS), "passed": [True, True], "reason": ["ok", "ok"]})
-    gates.to_parquet(storage.table_files_dir("fairness_report") / "gates.parquet")
     return tracking, storage, frames
 
 
@@ -69,19 +67,18 @@ def evaluation_table(val_balanced_accuracy: dict[str, float]) -> pd.DataFrame:
 
 
 def run_comparison(registry, val_balanced_accuracy: dict[str, float]) -> tuple[Output, AssetCheckResult]:
-    tracking, storage, frames = registry
+    tracking, _, frames = registry
     empty = pd.DataFrame()
     results = list(
         model_comparison(
             build_asset_context(),
             config=ComparisonConfig(),
             model_evaluation=evaluation_table(val_balanced_accuracy),
-            fairness_report=empty,
+            fairness_gates=pd.DataFrame({"model": list(MODELS), "passed": [True, True], "reason": ["ok", "ok"]}),
             baseline_cnn=frames["baseline_cnn"],
             resnet50_transfer=empty,
             metadata_model=frames["metadata_model"],
             multimodal=empty,
-            storage=storage,
             mlflow=tracking,
         )
     )
