@@ -123,15 +123,15 @@ def _write_phone_image(job: tuple[int, str]) -> int:
     import cv2
     import numpy as np
 
-    from scin_pipeline.core import synthetic
+    from scin_pipeline.core.synthetic.lesions import CONDITION_PATTERNS, NO_LESION_PATTERN, render_skin_image
 
     index, target = job
     rng = np.random.default_rng([PHONE_SEED, index])
     long_side = int(rng.integers(800, 1601))
     short_side = long_side * 3 // 4
     size = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
-    patterns = sorted(set(synthetic.CONDITION_PATTERNS.values())) + [synthetic.NO_LESION_PATTERN]
-    rgb = synthetic.render_skin_image(
+    patterns = sorted(set(CONDITION_PATTERNS.values())) + [NO_LESION_PATTERN]
+    rgb = render_skin_image(
         f"phone-{index}", int(rng.integers(1, 11)), patterns[int(rng.integers(len(patterns)))], size, PHONE_SEED
     )
     noisy = np.clip(rgb + rng.normal(0, 1.5, rgb.shape).astype(np.float32), 0, 255).astype(np.uint8)
@@ -162,20 +162,21 @@ def calibration_mirror(cache: Path, workers: int) -> tuple[Path, object]:
     """The calibration mirror (cached); every Monk tone equally often (tone = 1 + case index mod 10)."""
     import pandas as pd
 
-    from scin_pipeline.core import synthetic
+    from scin_pipeline.core.synthetic.metadata import generate_synthetic_metadata
+    from scin_pipeline.core.synthetic.mirror import PLANTS_FILE, write_synthetic_mirror
 
     root = cache / "calibration_v2"
     mirror = root / "mirror"
-    plants_file = mirror / synthetic.PLANTS_FILE
+    plants_file = mirror / PLANTS_FILE
     if not plants_file.exists():
         print(f"writing the calibration mirror into {mirror} ...", flush=True)
-        cases, labels = synthetic.generate_synthetic_metadata(CALIBRATION["n_cases"], CALIBRATION["seed"])
+        cases, labels = generate_synthetic_metadata(CALIBRATION["n_cases"], CALIBRATION["seed"])
         labels["monk_skin_tone_label_us"] = [str(1 + i % 10) for i in range(len(labels))]
         meta = root / "metadata"
         meta.mkdir(parents=True, exist_ok=True)
         cases.to_csv(meta / "scin_cases.csv", index=False)
         labels.to_csv(meta / "scin_labels.csv", index=False)
-        synthetic.write_synthetic_mirror(
+        write_synthetic_mirror(
             mirror,
             metadata_dir=meta,
             seed=CALIBRATION["seed"],

@@ -197,7 +197,7 @@ def thresholds(n_cases: int, seeds) -> None:
     import pandas as pd
     from PIL import Image
 
-    from scin_pipeline.core.synthetic import write_synthetic_mirror
+    from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 
     decodable = {
         "clean",

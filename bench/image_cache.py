@@ -4,7 +4,7 @@
                                 [--workers 2] [--batch-size 32] [--epochs 3]
 
 SYNTHETIC images only: ``--images`` phone-sized PNGs (1600 x 1200 by default, every other one portrait)
-are generated into a temp folder: 8 drawn skin bases (scin_pipeline.core.synthetic.render_skin_image,
+are generated into a temp folder: 8 drawn skin bases (scin_pipeline.core.synthetic.lesions.render_skin_image,
 Monk tones 1-10 and several lesion patterns) plus Gaussian sensor noise (sigma 2, its own seed per file)
 so that every file differs and compresses like a photo, written with OpenCV's default PNG settings.
 Every file is read once beforehand so that all peers see a warm page cache.
@@ -41,7 +41,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scin_pipeline.core.image_cache import build_image_cache, load_images, preprocess_image_file  # noqa: E402
-from scin_pipeline.core.synthetic import render_skin_image  # noqa: E402
+from scin_pipeline.core.synthetic.lesions import render_skin_image  # noqa: E402
 
 PATTERNS = (
     "eczema_blotches",

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scin_pipeline.core.synthetic import render_skin_image  # noqa: E402
+from scin_pipeline.core.synthetic.lesions import render_skin_image  # noqa: E402
 
 CLASSES = ["Eczema", "Psoriasis", "Urticaria", "Tinea", "other"]
 
@@ -117,7 +117,7 @@ def main() -> None:
     import httpx
 
     from scin_pipeline.core.image_cache import preprocess_image_bytes
-    from scin_pipeline.core.synthetic import _encode_png
+    from scin_pipeline.core.synthetic.encoding import encode_png
     from scin_pipeline.serve import create_app
     from scin_pipeline.serve.inputs import PredictionRequest
     from scin_pipeline.serve.prediction import predict
@@ -136,7 +136,7 @@ def main() -> None:
         served = app.state.model_source.served
         if served is None:
             raise SystemExit(f"nothing to benchmark: {app.state.model_source.state.reason}")
-        photo = _encode_png(render_skin_image("bench-serve", 6, "eczema_blotches", (args.width, args.height), seed=3))
+        photo = encode_png(render_skin_image("bench-serve", 6, "eczema_blotches", (args.width, args.height), seed=3))
         size = served.package.image_size
         images = preprocess_image_bytes(photo, size)[None] if served.uses_image else None
         cases = PredictionRequest(image=None).cases()

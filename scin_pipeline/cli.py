@@ -220,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from scin_pipeline.core import bundled_metadata
-    from scin_pipeline.core.synthetic import write_synthetic_mirror
+    from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 
     if args.cases < 1:
         return _fail("--cases must be at least 1", EXIT_USAGE)

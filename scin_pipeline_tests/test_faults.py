@@ -32,7 +32,7 @@ from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
 from scin_pipeline.cli import EXIT_USAGE
 from scin_pipeline.core.paths import CASES_OBJECT, LABELS_OBJECT
 from scin_pipeline.core.sources import SYNTHETIC_MARKER
-from scin_pipeline.core.synthetic import write_synthetic_mirror
+from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 from scin_pipeline.definitions import build_resources
 from scin_pipeline.resources import ScinSourceResource
 

@@ -1,6 +1,7 @@
 """The layers of the package, read from its source (every import, module level or inside a function):
 
-- core/ is the pure core: no Dagster, nothing from the layers above it (assets, resources, serve, ...);
+- core/ (subpackages such as core/synthetic/ included) is the pure core: no Dagster, nothing from the
+  layers above it (assets, resources, serve, ...);
 - serve/ runs without the orchestrator: nothing from Dagster, the assets or the resources;
 - an asset module takes from another asset module only public names (shared helpers live in
   assets/_metadata.py or in core/).
@@ -43,14 +44,19 @@ def imports(path: Path) -> list[tuple[int, str, list[str]]]:
 
 
 def modules(folder: str) -> list[Path]:
+    """Every module under the folder, its subpackages included."""
     return sorted((PACKAGE / folder).rglob("*.py"))
+
+
+def module_id(path: Path) -> str:
+    return str(path.relative_to(PACKAGE))  # unique where names are not (two __init__.py)
 
 
 def within(module: str, prefixes) -> bool:
     return any(module == p or module.startswith(p + ".") for p in prefixes)
 
 
-@pytest.mark.parametrize("path", modules("core"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", modules("core"), ids=module_id)
 def test_core_imports_neither_dagster_nor_the_layers_above(path):
     bad = [
         f"{path.name}:{line}: {module}"
@@ -60,7 +66,7 @@ def test_core_imports_neither_dagster_nor_the_layers_above(path):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("path", modules("serve"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", modules("serve"), ids=module_id)
 def test_serve_imports_neither_dagster_nor_assets_nor_resources(path):
     bad = [
         f"{path.name}:{line}: {module}"
@@ -80,7 +86,7 @@ def test_serve_imports_neither_dagster_nor_assets_nor_resources(path):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("path", modules("assets"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", modules("assets"), ids=module_id)
 def test_asset_modules_share_no_private_names(path):
     own = f"scin_pipeline.assets.{path.stem}"
     bad = [
@@ -91,3 +97,8 @@ def test_asset_modules_share_no_private_names(path):
         if name.startswith("_")
     ]
     assert not bad, bad
+
+
+def test_core_subpackages_are_checked_too():
+    checked = {module_id(p) for p in modules("core")}
+    assert "core/synthetic/mirror.py" in checked and "core/synthetic/__init__.py" in checked

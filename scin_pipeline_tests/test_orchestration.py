@@ -29,7 +29,7 @@ from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
 from scin_pipeline.core.alerts import WEBHOOK_URL_ENV, read_alerts
 from scin_pipeline.core.paths import CASES_OBJECT, LABELS_OBJECT
 from scin_pipeline.core.sources import LocalMirrorSource
-from scin_pipeline.core.synthetic import write_synthetic_mirror
+from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 from scin_pipeline.definitions import build_resources, defs
 from scin_pipeline.orchestration import (
     ALL_JOBS,

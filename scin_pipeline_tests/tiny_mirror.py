@@ -18,38 +18,6 @@ from PIL import Image
 
 from scin_pipeline.core import schema
 
-CASES_COLUMNS = [
-    "case_id",
-    "source",
-    "release",
-    "year",
-    "age_group",
-    "sex_at_birth",
-    "fitzpatrick_skin_type",
-    *schema.RACE_COLUMNS[:-1],
-    *schema.TEXTURE_COLUMNS,
-    *schema.BODY_PART_COLUMNS,
-    *schema.SYMPTOM_COLUMNS,
-    "related_category",
-    "condition_duration",
-    *schema.IMAGE_PATH_COLUMNS,
-    *schema.SHOT_TYPE_COLUMNS,
-    "combined_race",
-    "race_ethnicity_two_or_more_after_mitigation",
-]
-LABELS_COLUMNS = [
-    "case_id",
-    *schema.GRADABLE_CONDITION_COLUMNS,
-    schema.LABEL_NAMES_COLUMN,
-    schema.LABEL_CONFIDENCE_COLUMN,
-    schema.WEIGHTED_LABEL_COLUMN,
-    *schema.GRADABLE_FST_COLUMNS,
-    *schema.DERM_FST_COLUMNS,
-    "gradable_for_monk_skin_tone_india",
-    "gradable_for_monk_skin_tone_us",
-    "monk_skin_tone_label_india",
-    "monk_skin_tone_label_us",
-]
 TRAVERSAL = "dataset/images/../../etc/passwd"
 MISSING_IMAGE = "dataset/images/5.png"
 
@@ -69,10 +37,10 @@ _LABELS = {
 
 def cases_csv() -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CASES_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=schema.CASES_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for case_id, paths, fst, age, sex in _CASES:
-        row = dict.fromkeys(CASES_COLUMNS, "")
+        row = dict.fromkeys(schema.CASES_COLUMNS, "")
         row.update(
             case_id=case_id,
             source="SCIN",
@@ -94,10 +62,10 @@ def cases_csv() -> str:
 
 def labels_csv() -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=LABELS_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=schema.LABELS_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for case_id, (names, conf, weighted, tone, fst) in _LABELS.items():
-        row = dict.fromkeys(LABELS_COLUMNS, "")
+        row = dict.fromkeys(schema.LABELS_COLUMNS, "")
         grade = "DEFAULT_YES_IMAGE_QUALITY_SUFFICIENT" if tone else "NO_IMAGE_QUALITY_INSUFFICIENT"
         row.update(
             {

@@ -33,7 +33,7 @@ from scin_pipeline.core.atomic import write_parquet_atomic
 from scin_pipeline.core.contact_sheet import write_contact_sheet
 from scin_pipeline.core.progress import Progress, tracked
 from scin_pipeline.core.report import split_report
-from scin_pipeline.core.synthetic import PLANTS_FILE
+from scin_pipeline.core.synthetic.mirror import PLANTS_FILE
 from scin_pipeline.resources import ScinSourceResource, StoragePaths
 
 GROUP = "curation"

@@ -761,7 +761,7 @@ def case_groups(clusters: pd.DataFrame) -> pd.Series:
 # Scoring against a synthetic mirror's plants
 # --------------------------------------------------------------------------------------------------------
 
-# synthetic.py writes the copy's row with detail "source_image_id=<id>; crop=...; ...; source_case_id=<id>".
+# core/synthetic/ writes the copy's row with detail "source_image_id=<id>; crop=...; ...; source_case_id=<id>".
 _SOURCE_IMAGE_ID = re.compile(r"source_image_id=(-?\d+)")
 
 

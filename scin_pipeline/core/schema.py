@@ -68,6 +68,40 @@ LABEL_NAMES_COLUMN = "dermatologist_skin_condition_on_label_name"
 LABEL_CONFIDENCE_COLUMN = "dermatologist_skin_condition_confidence"
 WEIGHTED_LABEL_COLUMN = "weighted_skin_condition_label"
 
+# The full headers of the two files, in the release's order (the synthetic mirror writes these).
+CASES_COLUMNS = [
+    "case_id",
+    "source",
+    "release",
+    "year",
+    "age_group",
+    "sex_at_birth",
+    "fitzpatrick_skin_type",
+    *RACE_COLUMNS[:-1],
+    *TEXTURE_COLUMNS,
+    *BODY_PART_COLUMNS,
+    *SYMPTOM_COLUMNS,
+    "related_category",
+    "condition_duration",
+    *IMAGE_PATH_COLUMNS,
+    *SHOT_TYPE_COLUMNS,
+    "combined_race",
+    RACE_COLUMNS[-1],
+]
+LABELS_COLUMNS = [
+    "case_id",
+    *GRADABLE_CONDITION_COLUMNS,
+    LABEL_NAMES_COLUMN,
+    LABEL_CONFIDENCE_COLUMN,
+    WEIGHTED_LABEL_COLUMN,
+    *GRADABLE_FST_COLUMNS,
+    *DERM_FST_COLUMNS,
+    "gradable_for_monk_skin_tone_india",
+    "gradable_for_monk_skin_tone_us",
+    "monk_skin_tone_label_india",
+    "monk_skin_tone_label_us",
+]
+
 # Columns without which nothing downstream can be trusted; a file missing one is refused outright.
 REQUIRED_CASE_COLUMNS = [
     "case_id",

@@ -9,7 +9,7 @@ import pytest
 from dagster import AssetCheckKey, AssetKey, AssetSelection, DagsterInstance
 
 from scin_pipeline.core.dedup import planted_near_duplicate_scores
-from scin_pipeline.core.synthetic import write_synthetic_mirror
+from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 from scin_pipeline.runner import run_pipeline
 
 SMALL = (240, 180)  # half the demo size keeps the suite fast (the rules are tuned on 480 px)

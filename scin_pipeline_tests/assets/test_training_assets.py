@@ -17,7 +17,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from scin_pipeline.core.synthetic import write_synthetic_mirror
+from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 from scin_pipeline.runner import embedded_mlflow_uri, run_pipeline
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from scin_pipeline.core.synthetic import write_synthetic_mirror
+from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 from scin_pipeline.resources.mlflow_tracking import (
     CANDIDATE_TAG,
     PREVIOUS_DAGSTER_RUNS_TAG,

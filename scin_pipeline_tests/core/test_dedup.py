@@ -394,7 +394,7 @@ def synthetic_hashed(tmp_path_factory):
     imagehash = pytest.importorskip("imagehash")
     from PIL import Image
 
-    from scin_pipeline.core.synthetic import write_synthetic_mirror
+    from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 
     root = tmp_path_factory.mktemp("dedup_mirror")
     mirror = write_synthetic_mirror(root, n_cases=160, seed=3, image_size=(320, 240), defect_rate=0.5)
@@ -465,7 +465,7 @@ def test_imagededup_backend_says_how_to_install_it():
     reason="imagededup not installed (optional extra scin-pipeline[imagededup]; it pulls PyTorch)",
 )
 def test_imagededup_backend_finds_the_planted_near_duplicates(tmp_path):
-    from scin_pipeline.core.synthetic import write_synthetic_mirror
+    from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 
     mirror = write_synthetic_mirror(tmp_path / "m", n_cases=80, seed=5, image_size=(320, 240), defect_rate=0.5)
     plants = mirror.plants

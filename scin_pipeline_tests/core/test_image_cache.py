@@ -28,7 +28,8 @@ from scin_pipeline.core.image_cache import (
     split_arrays,
     split_rows,
 )
-from scin_pipeline.core.synthetic import decompression_bomb_png, render_skin_image
+from scin_pipeline.core.synthetic.encoding import decompression_bomb_png
+from scin_pipeline.core.synthetic.lesions import render_skin_image
 
 S = 32
 PATTERNS = ("eczema_blotches", "urticaria_wheals", "tinea_rings", "psoriasis_plaques", "none")

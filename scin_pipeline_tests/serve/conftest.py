@@ -33,7 +33,7 @@ SERVER_START_TIMEOUT_S = 180
 
 def synthetic_skin_rgb(index: int, size: tuple[int, int] = (96, 80), tone: int | None = None) -> np.ndarray:
     """A SYNTHETIC skin photo (core.synthetic's renderer): class index % 3 sets the painted pattern."""
-    from scin_pipeline.core.synthetic import render_skin_image
+    from scin_pipeline.core.synthetic.lesions import render_skin_image
 
     return render_skin_image(f"serve-test-{index}", tone or 1 + index % 10, PATTERNS[index % 3], size, seed=7)
 

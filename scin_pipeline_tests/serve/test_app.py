@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from scin_pipeline.core.atomic import TMP_PREFIX, writer_namespace
 from scin_pipeline.core.image_cache import preprocess_image_bytes
-from scin_pipeline.core.synthetic import decompression_bomb_png
+from scin_pipeline.core.synthetic.encoding import decompression_bomb_png
 from scin_pipeline.serve import NOT_A_DIAGNOSIS, ServeError, create_app
 from scin_pipeline.serve.prediction import decode_upload
 from scin_pipeline_tests.serve.conftest import CLASSES, IMAGE_SIZE, ITCH, MODEL_NAME, encode, synthetic_skin_rgb
