@@ -37,7 +37,9 @@ from scin_pipeline.resources.mlflow_tracking import (
     REGISTERED_VERSION_TAG,
     TRAINING_MODE_TAG,
     WEIGHTS_TAG,
+    config_hash,
     dagster_tags,
+    run_key_for,
 )
 
 GROUP = "training"
@@ -188,10 +190,6 @@ class MetadataModelConfig(Config):
     seed: int = 0
 
 
-def _config_hash(config: Config) -> str:
-    return hashlib.sha256(json.dumps(config.model_dump(), sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def _prepare_keras(config) -> dict:
     """Select the Keras backend and precision policy before Keras is imported in this process."""
     from scin_pipeline.core import backend
@@ -226,9 +224,8 @@ def image_embeddings(
     described = _prepare_keras(config)
     ok = image_tensors[image_tensors["status"] == "ok"].reset_index(drop=True)
     image_size = int(ok["image_size"].iloc[0]) if len(ok) else 224
-    key = hashlib.sha256(
-        f"{frame_version(ok, ['image_id', 'shard', 'offset'])}:{_config_hash(config)}:{described['backend']}".encode()
-    ).hexdigest()[:16]
+    key_text = f"{frame_version(ok, ['image_id', 'shard', 'offset'])}:{config_hash(config.model_dump())}"
+    key = hashlib.sha256(f"{key_text}:{described['backend']}".encode()).hexdigest()[:16]
     out_dir = storage.image_embeddings_dir
     emb_path, backbone_path = out_dir / f"embeddings-{key}.npy", out_dir / f"backbone-{key}.keras"
     weights = models.resolve_weights(
@@ -329,9 +326,13 @@ class CandidateRun:
         self.splits_version = splits_data_version(labeled_splits)
         code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or "none"
         self.code_version = code_version
-        self.run_key = hashlib.sha256(
-            f"{name}:{code_version}:{_config_hash(config)}:{self.splits_version}:{inputs_version}".encode()
-        ).hexdigest()[:24]
+        self.run_key = run_key_for(
+            asset_key=name,
+            code_version=code_version,
+            config=config.model_dump(),
+            splits_data_version=self.splits_version,
+            inputs_version=inputs_version,
+        )
         self.package_dir = storage.model_package_dir(name, self.run_key)
         self.synthetic = synthetic
 

@@ -1,6 +1,7 @@
 """MlflowTracking on a SQLite store under tmp_path: tagging, artifacts' location, resumed runs, the registry's
 champion alias, and prediction from the registry in a fresh process. Models are tiny and synthetic."""
 
+import hashlib
 import io
 import json
 import os
@@ -21,7 +22,7 @@ from scin_pipeline.core import schema
 from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
 from scin_pipeline.core.packaged_model import PackagedClassifier
 from scin_pipeline.resources import StoragePaths
-from scin_pipeline.resources.mlflow_tracking import MlflowTracking, dagster_tags, run_key_for
+from scin_pipeline.resources.mlflow_tracking import MlflowTracking, config_hash, dagster_tags, run_key_for
 
 CLASSES = ["Eczema", "Psoriasis", "Urticaria"]
 PARAMS = {"C": 0.1, "epochs": 2, "layers": [8, 4]}
@@ -91,7 +92,11 @@ def test_a_training_materialisation_is_one_tagged_run_with_params_epochs_and_art
             context, code_version="v7", splits_data_version=splits_version, synthetic_data=True, keras_backend="jax"
         ) | {"scin.candidate": "synthetic_candidate"}
         key = run_key_for(
-            asset_key="synthetic_candidate", code_version="v7", config=PARAMS, splits_data_version=splits_version
+            asset_key="synthetic_candidate",
+            code_version="v7",
+            config=PARAMS,
+            splits_data_version=splits_version,
+            inputs_version="pixels-1",
         )
         with mlflow_tracking.training_run(run_key=key, run_name="synthetic_candidate", tags=tags, params=PARAMS) as run:
             for epoch, loss in enumerate([0.9, 0.5, 0.4]):
@@ -132,7 +137,13 @@ def test_a_training_materialisation_is_one_tagged_run_with_params_epochs_and_art
         "scin.synthetic_data": "true",
         "scin.candidate": "synthetic_candidate",
     }
-    assert run.data.tags["scin.run_key"].startswith("synthetic_candidate:code=v7:config=")
+    assert run.data.tags["scin.run_key"] == run_key_for(
+        asset_key="synthetic_candidate",
+        code_version="v7",
+        config=PARAMS,
+        splits_data_version=splits_version,
+        inputs_version="pixels-1",
+    )
     assert run.data.params == {"C": "0.1", "epochs": "2", "layers": "[8, 4]"}
     history = client.get_metric_history(run_id, "val_loss")
     assert [(m.step, round(m.value, 6)) for m in history] == [(0, 1.0), (1, 0.6), (2, 0.5)]
@@ -174,15 +185,27 @@ def test_synthetic_flag_and_optional_backend_tag():
 
 
 def test_run_keys_are_deterministic_and_checked():
-    first = run_key_for(
-        asset_key="models/baseline_cnn", code_version="3", config={"a": 1, "b": 2}, splits_data_version="abc"
-    )
-    assert first == run_key_for(
-        asset_key="models/baseline_cnn", code_version="3", config={"b": 2, "a": 1}, splits_data_version="abc"
-    )
-    assert first != run_key_for(
-        asset_key="models/baseline_cnn", code_version="3", config={"a": 1, "b": 3}, splits_data_version="abc"
-    )
+    parts = {
+        "asset_key": "baseline_cnn",
+        "code_version": "3",
+        "config": {"a": 1, "b": 2},
+        "splits_data_version": "abc",
+        "inputs_version": "p",
+    }
+    first = run_key_for(**parts)
+    assert first == run_key_for(**{**parts, "config": {"b": 2, "a": 1}})  # key order is not content
+    changed = [
+        {"asset_key": "multimodal"},
+        {"code_version": "4"},
+        {"config": {"a": 1, "b": 3}},
+        {"splits_data_version": "abd"},
+        {"inputs_version": "q"},
+    ]
+    keys = {run_key_for(**{**parts, **change}) for change in changed}
+    assert len(keys) == len(changed) and first not in keys  # every part is in the key
+    # The recipe itself: stored runs are found again by it, so it must not drift.
+    assert first == hashlib.sha256(f"baseline_cnn:3:{config_hash({'a': 1, 'b': 2})}:abc:p".encode()).hexdigest()[:24]
+    assert config_hash({"a": 1, "b": 2}) == hashlib.sha256(b'{"a": 1, "b": 2}').hexdigest()[:12]
     tracking = MlflowTracking(storage=StoragePaths(data_root="unused"))
     with pytest.raises(ValueError, match="run_key must be"):
         tracking.runs_with_key("x' OR '1'='1")
