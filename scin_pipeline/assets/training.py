@@ -29,6 +29,7 @@ from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata
 from scin_pipeline.core.progress import Progress
 from scin_pipeline.core.report import png_data_uri_bytes
 from scin_pipeline.core.splits import splits_data_version
+from scin_pipeline.core.training import TrainConfig
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
 from scin_pipeline.resources.mlflow_tracking import (
     CANDIDATE_TAG,
@@ -146,32 +147,44 @@ def _grid(images: np.ndarray, columns: int = 6) -> bytes:
 # shared training configuration
 
 
+# One set of training defaults: core.training.TrainConfig's. The Dagster configs below read theirs off it,
+# and _train_config hands every field back, by name (scin_pipeline_tests/core/test_training.py checks both).
+_TRAIN_DEFAULTS = TrainConfig()
+
+
 class TrainingConfig(Config):
-    """Common knobs of every Keras candidate (Launchpad-editable; fixed seeds)."""
+    """Common knobs of every Keras candidate (Launchpad-editable; fixed seeds). Defaults: core.training's."""
 
     backend: Literal["auto", "tensorflow", "jax", "torch"] = Field(
         default="auto", description="Keras backend (auto: KERAS_BACKEND, else jax on a GPU host, else tensorflow)"
     )
     mixed_precision: Literal["auto", "bfloat16", "off"] = Field(
-        default="auto", description="auto: bfloat16 on an accelerator, float32 on CPU"
+        default=_TRAIN_DEFAULTS.mixed_precision, description="auto: bfloat16 on an accelerator, float32 on CPU"
     )
-    epochs: int = Field(default=20, ge=1)
-    batch_size: int = Field(default=64, ge=1)
-    learning_rate: float = Field(default=1e-3, gt=0)
-    early_stopping_patience: int = Field(default=4, ge=1)
-    monitor: Literal["val_macro_f1", "val_balanced_accuracy"] = "val_macro_f1"
-    class_weighting: Literal["balanced", "none"] = "balanced"
-    augment: bool = Field(default=True, description="flips, 90° turns, small crops; never colour (skin tone)")
-    seed: int = 0
+    epochs: int = Field(default=_TRAIN_DEFAULTS.epochs, ge=1)
+    batch_size: int = Field(default=_TRAIN_DEFAULTS.batch_size, ge=1)
+    learning_rate: float = Field(default=_TRAIN_DEFAULTS.learning_rate, gt=0)
+    early_stopping_patience: int = Field(default=_TRAIN_DEFAULTS.early_stopping_patience, ge=1)
+    monitor: Literal["val_macro_f1", "val_balanced_accuracy"] = _TRAIN_DEFAULTS.monitor
+    class_weighting: Literal["balanced", "none"] = _TRAIN_DEFAULTS.class_weighting
+    augment: bool = Field(
+        default=_TRAIN_DEFAULTS.augment, description="flips, 90° turns, small crops; never colour (skin tone)"
+    )
+    seed: int = _TRAIN_DEFAULTS.seed
+    loader_workers: int = Field(
+        default=_TRAIN_DEFAULTS.loader_workers, ge=1, description="threads preparing training batches of images"
+    )
 
 
 class TransferConfig(TrainingConfig):
     mode: Literal["auto", "head_on_embeddings", "fine_tune"] = Field(
         default="auto", description="auto: fine_tune on an accelerator; on CPU a head on frozen embeddings"
     )
-    fine_tune_epochs: int = Field(default=5, ge=0)
-    fine_tune_learning_rate: float = Field(default=1e-5, gt=0)
-    unfreeze_layers: int = Field(default=30, ge=0, description="top backbone layers unfrozen in phase 2")
+    fine_tune_epochs: int = Field(default=_TRAIN_DEFAULTS.fine_tune_epochs, ge=0)
+    fine_tune_learning_rate: float = Field(default=_TRAIN_DEFAULTS.fine_tune_learning_rate, gt=0)
+    unfreeze_layers: int = Field(
+        default=_TRAIN_DEFAULTS.unfreeze_layers, ge=0, description="top backbone layers unfrozen in phase 2"
+    )
     dropout: float = Field(default=0.3, ge=0, lt=1)
 
 
@@ -425,13 +438,25 @@ class CandidateRun:
         }
 
 
-def _train_config(config: TrainingConfig, **overrides):
-    from scin_pipeline.core.training import TrainConfig
-
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    values = {k: v for k, v in config.model_dump().items() if k in fields}
-    values.update({k: v for k, v in overrides.items() if k in fields})
-    return TrainConfig(**values)
+def _train_config(config: TrainingConfig) -> TrainConfig:
+    """core.training's TrainConfig from a candidate's Dagster config, every field by name. Only
+    TransferConfig has the fine-tuning fields: the baseline CNN never fine-tunes and keeps core's values."""
+    tuning = config if isinstance(config, TransferConfig) else _TRAIN_DEFAULTS
+    return TrainConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        fine_tune_epochs=tuning.fine_tune_epochs,
+        fine_tune_learning_rate=tuning.fine_tune_learning_rate,
+        unfreeze_layers=tuning.unfreeze_layers,
+        early_stopping_patience=config.early_stopping_patience,
+        monitor=config.monitor,
+        seed=config.seed,
+        class_weighting=config.class_weighting,
+        mixed_precision=config.mixed_precision,
+        augment=config.augment,
+        loader_workers=config.loader_workers,
+    )
 
 
 def _checkpoint_dir(storage: StoragePaths, candidate: CandidateRun) -> Path:
@@ -515,7 +540,13 @@ def baseline_cnn(
     ) as run:
         model = models.build_baseline_cnn(len(candidate.classes), image_size)
         sequence = training.default_dataset_factory(
-            x_train, y_train, batch_size=config.batch_size, shuffle=True, augment=config.augment, seed=config.seed
+            x_train,
+            y_train,
+            batch_size=train_config.batch_size,
+            shuffle=True,
+            augment=train_config.augment,
+            seed=train_config.seed,
+            workers=train_config.loader_workers,
         )
         result = training.fit_classifier(
             model,

@@ -3,9 +3,11 @@ learning a planted SYNTHETIC visual signal (stripes / blobs / one patch on skin-
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
+import typing
 from pathlib import Path
 
 import cv2
@@ -41,6 +43,7 @@ SKIN_RGB = np.array(
     [[241, 214, 190], [224, 180, 150], [198, 145, 110], [160, 110, 80], [110, 72, 50], [70, 45, 32]], dtype=np.float32
 )
 PATTERNS = ("stripes", "blobs", "patch")
+FINE_TUNING_FIELDS = ("fine_tune_epochs", "fine_tune_learning_rate", "unfreeze_layers")
 
 
 def synthetic_pattern_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -329,6 +332,35 @@ def test_a_fit_killed_while_marking_itself_complete_is_trained_again_not_loaded(
     )
     assert epochs == [1, 2] and result.resumed_from_epoch is None
     assert json.loads((tmp_path / "completed.json").read_text())["best_epoch"] == result.best_epoch
+
+
+def _another_value(annotation, default):
+    """A valid value of a config field that differs from its default."""
+    choices = typing.get_args(annotation)
+    if choices:  # a Literal
+        return next(c for c in choices if c != default)
+    if annotation is bool:
+        return not default
+    return default * 2 if annotation is float else default + 1
+
+
+def test_every_train_config_field_reaches_core_from_the_asset_config_with_the_same_default():
+    """One set of defaults: the assets' Dagster configs take core's, and none of core's fields is dropped."""
+    from scin_pipeline.assets.training import TrainingConfig, TransferConfig, _train_config
+
+    core = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for config_class in (TransferConfig, TrainingConfig):
+        fields = config_class.model_fields
+        # The baseline's TrainingConfig lacks only the fine-tuning fields: the baseline CNN never fine-tunes.
+        missing = set(core) - set(fields)
+        assert missing == (set() if config_class is TransferConfig else set(FINE_TUNING_FIELDS)), config_class
+        assert {name: fields[name].default for name in core if name in fields} == {
+            name: default for name, default in core.items() if name in fields
+        }, f"{config_class.__name__}'s defaults differ from core.training.TrainConfig's"
+        assert _train_config(config_class()) == TrainConfig()
+        for name in set(core) - missing:  # each field, changed alone, arrives changed and alone
+            value = _another_value(fields[name].annotation, core[name])
+            assert _train_config(config_class(**{name: value})) == dataclasses.replace(TrainConfig(), **{name: value})
 
 
 def test_baseline_cnn_learns_a_planted_pattern():
