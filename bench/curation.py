@@ -23,7 +23,7 @@
 2. Memory of our stage at N = 1,000 and N = 5,000 images (the same files under 5 different ids each):
    streaming keeps it flat. Skipped with --skip-big (only N = --images is run).
 
-3. The near-duplicate search (scin_pipeline.core.dedup.find_near_duplicate_pairs) over 10,000 and
+3. The near-duplicate search (scin_pipeline.core.hamming.find_near_duplicate_pairs) over 10,000 and
    1,000,000 random 64-bit hashes with 1 % planted near pairs, at the dedup stage's default pHash distance;
    1,000,000 is skipped with --skip-big.
 
@@ -250,7 +250,8 @@ def dedup_child(n: int) -> None:
     import numpy as np
 
     try:
-        from scin_pipeline.core.dedup import DEFAULT_MAX_PHASH_DISTANCE, find_near_duplicate_pairs
+        from scin_pipeline.core.dedup import DEFAULT_MAX_PHASH_DISTANCE
+        from scin_pipeline.core.hamming import find_near_duplicate_pairs
     except ImportError as err:
         print("RESULT " + json.dumps({"error": f"dedup not available ({err})"}), flush=True)
         return
@@ -364,7 +365,7 @@ def memory_section(paths: list[str], workers: int, cache: Path, skip_big: bool) 
 
 
 def dedup_section(skip_big: bool) -> None:
-    print("\n## Near-duplicate search (core.dedup.find_near_duplicate_pairs)\n")
+    print("\n## Near-duplicate search (core.hamming.find_near_duplicate_pairs)\n")
     rows = []
     for n in [10_000] if skip_big else [10_000, 1_000_000]:
         r = run_child(["--dedup-child", str(n)])
@@ -386,13 +387,13 @@ def dedup_section(skip_big: bool) -> None:
 
 def calibration_section(cache: Path, workers: int) -> None:
 
+    from scin_pipeline.core.planted import planted_defect_scores
     from scin_pipeline.core.quality import (
         QualityConfig,
         assess_images,
         assessments_frame,
         decide_quality,
         exclusion_rates_by_monk_tone,
-        planted_defect_scores,
         threshold_sweep,
     )
 

@@ -1,8 +1,9 @@
-"""Benchmark and calibrate core.dedup: the near-duplicate search, its cost model, its thresholds.
+"""Benchmark and calibrate the near-duplicate search: core.hamming (the search, its cost model) and
+core.dedup (its thresholds).
 
     python bench/dedup_search.py                 # search table: ours vs a blockwise brute-force popcount
     python bench/dedup_search.py --thresholds    # pHash / dHash distances of true vs unrelated image pairs
-    python bench/dedup_search.py --calibrate     # refit the cost-model constants of core.dedup
+    python bench/dedup_search.py --calibrate     # refit the cost-model constants of core.hamming
 
 Search table: N random uint64 hashes (seeded) plus N/100 planted near pairs (a copy of a random hash with
 0..12 bits flipped), for N = 10,000 / 100,000 / 1,000,000 and max_distance 4, 6, 8, 10. Each measurement
@@ -43,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scin_pipeline.core import dedup  # noqa: E402
+from scin_pipeline.core import dedup, hamming, planted  # noqa: E402
 
 SIZES = (10_000, 100_000, 1_000_000)
 DISTANCES = (4, 6, 8, 10)
@@ -102,10 +103,10 @@ class PeakRss:
 def measure_one(n: int, max_distance: int, method: str) -> dict:
     hashes = bench_hashes(n)
     n_substrings = 0 if method == "brute_force" else None
-    plan = dedup.plan_search(n, max_distance, n_substrings=n_substrings)
+    plan = hamming.plan_search(n, max_distance, n_substrings=n_substrings)
     with PeakRss() as rss:
         start = time.perf_counter()
-        pairs = dedup.find_near_duplicate_pairs(hashes, max_distance, n_substrings=n_substrings)
+        pairs = hamming.find_near_duplicate_pairs(hashes, max_distance, n_substrings=n_substrings)
         seconds = time.perf_counter() - start
     digest = int(np.bitwise_xor.reduce(pairs["i"].to_numpy() * 1_000_003 + pairs["j"].to_numpy())) if len(pairs) else 0
     return {
@@ -129,7 +130,7 @@ def in_child(*args: str) -> dict:
 
 
 def search_table(sizes, distances) -> None:
-    print(f"core.dedup search, {os.cpu_count()} CPUs, numpy {np.__version__}; each cell a fresh process\n")
+    print(f"core.hamming search, {os.cpu_count()} CPUs, numpy {np.__version__}; each cell a fresh process\n")
     header = (
         "| N | max_distance | plan | ours s | pairs | peak RSS MB (+search) | brute force s | brute peak RSS MB "
         "(+search) | same pairs | brute / ours |"
@@ -234,7 +235,7 @@ def thresholds(n_cases: int, seeds) -> None:
                     true_p.append(int(np.bitwise_count(phash ^ copy_p)))
                     true_d.append(int(np.bitwise_count(dhash ^ copy_d)))
                     origin.append("own copy")
-            near = dedup.planted_near_duplicate_pairs(plants)
+            near = planted.planted_near_duplicate_pairs(plants)
             for a, b in near.itertuples(index=False):
                 true_p.append(int(np.bitwise_count(by_id[a][0] ^ by_id[b][0])))
                 true_d.append(int(np.bitwise_count(by_id[a][1] ^ by_id[b][1])))
@@ -327,14 +328,14 @@ def calibrate() -> None:
 
     features, seconds, labels = [], [], []
     brute = []
-    dedup.find_near_duplicate_pairs(bench_hashes(3000), 4)  # warm-up: imports, first allocations
+    hamming.find_near_duplicate_pairs(bench_hashes(3000), 4)  # warm-up: imports, first allocations
     for n in (3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000):
         hashes = bench_hashes(n)
         for d in (2, 4, 6, 8, 10):
             for m in range(3, 11):
-                tables = dedup.substring_tables(m, d)
+                tables = hamming.substring_tables(m, d)
                 searched = [t for t in tables if t.radius >= 0]
-                masks = [dedup.keys_within_radius(t.width, t.radius) for t in searched]
+                masks = [hamming.keys_within_radius(t.width, t.radius) for t in searched]
                 pairs = n * (n - 1) / 2
                 row = [
                     sum((v - 1) * 2.0 ** (t.width - 1) for v, t in zip(masks, searched)),
@@ -347,13 +348,13 @@ def calibrate() -> None:
                 if guess > 8:
                     continue
                 start = time.perf_counter()
-                dedup.find_near_duplicate_pairs(hashes, d, n_substrings=m)
+                hamming.find_near_duplicate_pairs(hashes, d, n_substrings=m)
                 features.append(row)
                 seconds.append(time.perf_counter() - start)
                 labels.append((n, d, m))
             if n <= 30_000:
                 start = time.perf_counter()
-                dedup.find_near_duplicate_pairs(hashes, d, n_substrings=0)
+                hamming.find_near_duplicate_pairs(hashes, d, n_substrings=0)
                 brute.append((time.perf_counter() - start) / (n * (n - 1) / 2))
         print(f"timed N = {n:,}", flush=True)
     features, seconds = np.array(features), np.array(seconds)

@@ -28,7 +28,7 @@ from dagster import (
 from pydantic import Field
 
 from scin_pipeline.assets._metadata import image_md, table_md
-from scin_pipeline.core import dedup, quality, splits
+from scin_pipeline.core import dedup, planted, quality, splits
 from scin_pipeline.core.atomic import write_parquet_atomic
 from scin_pipeline.core.contact_sheet import write_contact_sheet
 from scin_pipeline.core.progress import Progress, tracked
@@ -229,7 +229,7 @@ def quality_filtered_index(
     }
     plants = synthetic_plants(scin_source)
     if plants is not None:
-        scores = quality.planted_defect_scores(per_file.drop(columns=["monk_tone"]), plants)
+        scores = planted.planted_defect_scores(per_file.drop(columns=["monk_tone"]), plants)
         write_parquet_atomic(scores, out_dir / "planted_defect_scores.parquet")
         metadata["planted_defect_scores (synthetic)"] = table_md(scores, rows=30)
     kept = refs[refs["kept"]].drop(columns=["keep", "reason", "excluded_by", "kept"]).reset_index(drop=True)
@@ -309,7 +309,7 @@ def dedup_clusters(
     }
     plants = synthetic_plants(scin_source)
     if plants is not None:
-        scores = dedup.planted_near_duplicate_scores(pairs, plants, image_ids=hashed["image_id"])
+        scores = planted.planted_near_duplicate_scores(pairs, plants, image_ids=hashed["image_id"])
         summary = {k: v for k, v in scores.items() if not isinstance(v, list)}
         summary.update({k: v[:10] for k, v in scores.items() if isinstance(v, list)})  # a sample, not all
         metadata["planted_near_duplicates (synthetic)"] = MetadataValue.json(summary)

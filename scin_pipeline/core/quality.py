@@ -46,6 +46,7 @@ import pandas as pd
 from PIL import Image, ImageFilter, ImageStat
 
 from scin_pipeline.core.imageio import DEFAULT_MAX_PIXELS, decode_image, pixel_limit_guard
+from scin_pipeline.core.planted import planted_defect_scores
 from scin_pipeline.core.schema import MONK_SKIN_TONE_HEX as MONK_SKIN_TONE_SRGB_HEX
 
 
@@ -715,86 +716,6 @@ def decide_quality(
 # --------------------------------------------------------------------------------------------------------
 # Measuring the rule
 # --------------------------------------------------------------------------------------------------------
-
-# Planted kind of the synthetic mirror -> the reason(s) the rule should give it.
-PLANTED_EXPECTED_REASONS = {
-    "dark": ("dark",),
-    "blurred": ("blurry",),
-    "overexposed": ("overexposed",),
-    "corrupt_truncated": ("truncated", "corrupt"),
-    "corrupt_zero_byte": ("empty_file",),
-    "wrong_format": ("wrong_format",),
-    "decompression_bomb": ("decompression_bomb",),
-}
-# Not scored: their look belongs to another case (near_duplicate, exact_reuse: the dedup stage's business)
-# or there is no file (missing, rejected_path: the image_files stage's business).
-UNSCORED_PLANTS = ("near_duplicate", "exact_reuse", "missing", "rejected_path")
-MONK_TONE_GROUPS = {"1-3": (1, 3), "4-6": (4, 6), "7-10": (7, 10)}
-
-
-def planted_defect_scores(decisions: pd.DataFrame, plants: pd.DataFrame) -> pd.DataFrame:
-    """Precision and recall of the rule per planted kind of a synthetic mirror, plus fairness rows.
-
-    ``decisions`` from decide_quality, ``plants`` the mirror's synthetic_plants.csv (image_id, planted,
-    monk_tone); joined on image_id. Scored images: clean ones and every planted quality defect (not
-    UNSCORED_PLANTS). Per planted kind: n_planted, n_flagged (scored images given that reason),
-    true_positives, precision, recall. ``dark_diagnostic``: flagged = kept as dark-but-diagnostic.
-    ``clean_kept:monk_<group>``: n_planted clean images of that Monk group, n_flagged how many were
-    excluded, true_positives how many kept, recall the share kept (precision does not apply).
-    """
-    plants = plants[plants["image_id"].notna() & (plants["image_id"].astype(str) != "")]
-    joined = plants.assign(image_id=plants["image_id"].astype(str)).merge(
-        decisions.assign(image_id=decisions["image_id"].astype(str)), on="image_id", how="inner"
-    )
-    scored = joined[~joined["planted"].isin(UNSCORED_PLANTS)]
-    rows = []
-    for kind, reasons in PLANTED_EXPECTED_REASONS.items():
-        planted = scored["planted"] == kind
-        flagged = scored["reason"].isin(reasons)
-        rows.append(
-            _score_row(kind, "|".join(reasons), int(planted.sum()), int(flagged.sum()), int((planted & flagged).sum()))
-        )
-    planted = scored["planted"] == "dark_diagnostic"
-    flagged = scored["dark_but_diagnostic"].astype(bool) & scored["keep"].astype(bool)
-    rows.append(
-        _score_row(
-            "dark_diagnostic",
-            "kept:dark_but_diagnostic",
-            int(planted.sum()),
-            int(flagged.sum()),
-            int((planted & flagged).sum()),
-        )
-    )
-    clean = scored[scored["planted"] == "clean"]
-    for group, (lo, hi) in MONK_TONE_GROUPS.items():
-        in_group = clean[clean["monk_tone"].between(lo, hi)]
-        kept = int(in_group["keep"].sum())
-        rows.append(
-            {
-                "planted": "clean",
-                "reason": f"clean_kept:monk_{group}",
-                "n_planted": len(in_group),
-                "n_flagged": len(in_group) - kept,
-                "true_positives": kept,
-                "precision": np.nan,
-                "recall": kept / len(in_group) if len(in_group) else np.nan,
-            }
-        )
-    return pd.DataFrame(
-        rows, columns=["planted", "reason", "n_planted", "n_flagged", "true_positives", "precision", "recall"]
-    )
-
-
-def _score_row(kind: str, reason: str, n_planted: int, n_flagged: int, tp: int) -> dict:
-    return {
-        "planted": kind,
-        "reason": reason,
-        "n_planted": n_planted,
-        "n_flagged": n_flagged,
-        "true_positives": tp,
-        "precision": tp / n_flagged if n_flagged else np.nan,
-        "recall": tp / n_planted if n_planted else np.nan,
-    }
 
 
 def exclusion_rates_by_monk_tone(decisions: pd.DataFrame, monk_tone: pd.Series) -> pd.DataFrame:

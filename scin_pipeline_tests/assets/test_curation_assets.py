@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from dagster import AssetCheckKey, AssetKey, AssetSelection, DagsterInstance
 
-from scin_pipeline.core.dedup import planted_near_duplicate_scores
+from scin_pipeline.core.planted import planted_near_duplicate_scores
 from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 from scin_pipeline.runner import run_pipeline
 

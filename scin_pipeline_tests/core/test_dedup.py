@@ -1,4 +1,5 @@
-"""Tests for core.dedup: the exact Hamming search, clusters and their kinds, case groups, plant scores."""
+"""Tests for core.dedup: near-duplicate pairs (pHash AND dHash), clusters and their kinds, case groups, and
+how well they find the near duplicates a synthetic mirror planted."""
 
 from __future__ import annotations
 
@@ -15,142 +16,10 @@ from scin_pipeline.core.dedup import (
     build_dedup_clusters,
     case_groups,
     cluster_labels,
-    find_near_duplicate_pairs,
     near_duplicate_pairs,
-    planted_near_duplicate_scores,
 )
-
-# --------------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------------
-
-
-def random_hashes(rng: np.random.Generator, n: int) -> np.ndarray:
-    return rng.integers(0, np.iinfo(np.uint64).max, n, dtype=np.uint64, endpoint=True)
-
-
-def flip_bits(rng: np.random.Generator, value: np.uint64, n_bits: int) -> np.uint64:
-    mask = 0
-    for bit in rng.choice(64, size=n_bits, replace=False):
-        mask |= 1 << int(bit)
-    return np.uint64(int(value) ^ mask)
-
-
-def reference_pairs(hashes: np.ndarray, max_distance: int, hashes2: np.ndarray | None = None) -> set:
-    """The O(N^2) truth: the full distance matrix, written independently of the module."""
-    other = hashes if hashes2 is None else hashes2
-    distance = np.bitwise_count(hashes[:, None] ^ other[None, :])
-    hit = distance <= max_distance
-    if hashes2 is None:
-        hit &= np.triu(np.ones_like(hit), k=1)
-    i, j = np.nonzero(hit)
-    return set(zip(i.tolist(), j.tolist(), distance[i, j].tolist()))
-
-
-def as_set(pairs: pd.DataFrame) -> set:
-    return set(zip(pairs["i"].tolist(), pairs["j"].tolist(), pairs["distance"].tolist()))
-
-
-@pytest.fixture(scope="module")
-def search_hashes() -> np.ndarray:
-    """3,000 random hashes, planted near pairs at distances 0..12, exact copies, and a crowded family that
-    shares its top 40 bits (so substring buckets hold many members)."""
-    rng = np.random.default_rng(20240229)
-    base = random_hashes(rng, 3000)
-    planted = [flip_bits(rng, base[s], int(k)) for s, k in zip(rng.integers(0, 3000, 800), np.arange(800) % 13)]
-    copies = base[rng.integers(0, 3000, 40)]
-    family_top = int(rng.integers(0, 1 << 40)) << 24
-    family = np.array([family_top | int(low) for low in rng.integers(0, 1 << 24, 150)], dtype=np.uint64)
-    hashes = np.concatenate([base, np.array(planted, dtype=np.uint64), copies, family])
-    return hashes[rng.permutation(hashes.size)]
-
-
-# --------------------------------------------------------------------------------------------------------
-# The search
-# --------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("max_distance", [0, 2, 5, 8])
-@pytest.mark.parametrize("n_substrings", [None, 0, 3, 4, 5, 7, 11])
-def test_search_returns_exactly_the_brute_force_pairs(search_hashes, max_distance, n_substrings):
-    found = find_near_duplicate_pairs(search_hashes, max_distance, n_substrings=n_substrings)
-    i, j = found["i"].to_numpy(), found["j"].to_numpy()
-    assert (i < j).all()
-    assert not found.duplicated(["i", "j"]).any()
-    assert found.equals(found.sort_values(["i", "j"]).reset_index(drop=True))
-    assert (found["distance"].to_numpy() == np.bitwise_count(search_hashes[i] ^ search_hashes[j])).all()
-    assert as_set(found) == reference_pairs(search_hashes, max_distance)
-
-
-def test_search_finds_the_planted_distances_around_the_threshold(search_hashes):
-    # The fixture plants pairs at every distance 0..12: d = 6 must keep 0..6 and drop 7 and 8.
-    found = find_near_duplicate_pairs(search_hashes, 6)
-    assert set(found["distance"].unique()) == set(range(0, 7))
-
-
-@pytest.mark.parametrize("n_substrings", [None, 0, 3, 6])
-@pytest.mark.parametrize("max_distance", [1, 6])
-def test_two_set_search_matches_brute_force(search_hashes, n_substrings, max_distance):
-    rng = np.random.default_rng(7)
-    queries = np.array(
-        [flip_bits(rng, h, int(k)) for h, k in zip(search_hashes[:700], np.arange(700) % 9)], dtype=np.uint64
-    )
-    found = find_near_duplicate_pairs(search_hashes, max_distance, hashes2=queries, n_substrings=n_substrings)
-    assert not found.duplicated(["i", "j"]).any()
-    assert as_set(found) == reference_pairs(search_hashes, max_distance, queries)
-
-
-@pytest.mark.parametrize("block_size", [1, 7, 1000])
-def test_block_size_bounds_memory_not_the_result(search_hashes, block_size):
-    expected = find_near_duplicate_pairs(search_hashes, 5, n_substrings=4)
-    assert find_near_duplicate_pairs(search_hashes, 5, n_substrings=4, block_size=block_size).equals(expected)
-
-
-def test_identical_hashes_pair_with_each_other_once():
-    hashes = np.full(60, 0x0123456789ABCDEF, dtype=np.uint64)
-    found = find_near_duplicate_pairs(hashes, 3, n_substrings=4)
-    assert len(found) == 60 * 59 // 2
-    assert (found["distance"] == 0).all()
-
-
-def test_tiny_and_empty_inputs():
-    assert find_near_duplicate_pairs(np.zeros(0, np.uint64), 4).empty
-    assert find_near_duplicate_pairs(np.array([5], np.uint64), 4).empty
-    pair = find_near_duplicate_pairs(np.array([0b1011, 0b0011], np.uint64), 1)
-    assert pair[["i", "j", "distance"]].values.tolist() == [[0, 1, 1]]
-    with pytest.raises(ValueError):
-        find_near_duplicate_pairs(np.array([1, 2], np.uint64), -1)
-
-
-def test_int64_bit_patterns_are_reinterpreted_and_missing_hashes_refused():
-    values = np.array([np.uint64(2**63 + 5), np.uint64(2**63 + 4)], dtype=np.uint64)
-    as_int64 = values.view(np.int64)  # what a store without uint64 support keeps
-    assert (dedup.as_uint64_hashes(as_int64) == values).all()
-    nullable = pd.Series(pd.array([2**63 + 5, 2**63 + 4], dtype="UInt64"))
-    assert (dedup.as_uint64_hashes(nullable) == values).all()  # no float round trip: the low bit survives
-    with pytest.raises(ValueError, match="missing"):
-        dedup.as_uint64_hashes(pd.Series(pd.array([1, None], dtype="UInt64")))
-    with pytest.raises(TypeError):
-        dedup.as_uint64_hashes(np.array([1.0, 2.0]))
-
-
-def test_refined_pigeonhole_radii():
-    assert [t.radius for t in dedup.substring_tables(3, 8)] == [2, 2, 2]  # 8 = 2*3 + 2
-    assert [t.radius for t in dedup.substring_tables(4, 6)] == [1, 1, 1, 0]  # 6 = 1*4 + 2
-    assert [t.radius for t in dedup.substring_tables(5, 3)] == [0, 0, 0, 0, -1]  # 3 = 0*5 + 3
-    tables = dedup.substring_tables(3, 0)
-    assert [t.width for t in tables] == [22, 21, 21] and sum(t.width for t in tables) == 64
-    assert int(np.bitwise_or.reduce([t.bit_mask for t in tables])) == 2**64 - 1
-
-
-def test_plan_uses_multi_index_at_scale_and_brute_force_when_tiny():
-    big = dedup.plan_search(1_000_000, 8)
-    assert big.method == "multi_index"
-    assert max(t.width for t in big.tables if t.radius >= 0) <= dedup.MAX_DENSE_SUBSTRING_BITS
-    assert dedup.plan_search(10_000, 8).method == "multi_index"
-    assert dedup.plan_search(50, 8).method == "brute_force"
-    with pytest.raises(ValueError):
-        dedup.plan_search(1000, 8, n_substrings=2)  # 32-bit substrings: no dense key space
+from scin_pipeline.core.planted import planted_near_duplicate_scores
+from scin_pipeline_tests.core.hashes import flip_bits, random_hashes
 
 
 def test_near_duplicate_pairs_require_both_hashes():
@@ -354,40 +223,6 @@ def test_case_groups_from_the_hand_made_clusters():
     assert groups["C"] == "C"
 
 
-# --------------------------------------------------------------------------------------------------------
-# Scores against plants
-# --------------------------------------------------------------------------------------------------------
-
-
-def test_planted_scores_count_exactly():
-    plants = pd.DataFrame(
-        {
-            "image_id": ["5", "6", "7"],
-            "case_id": ["a", "b", "c"],
-            "planted": ["near_duplicate", "near_duplicate", "clean"],
-            "detail": [
-                "source_image_id=1; crop=0.03; source_case_id=x",
-                "source_image_id=-2; crop=0.04; source_case_id=y",
-                "",
-            ],
-        }
-    )
-    pairs = pd.DataFrame(
-        {
-            "image_id_a": ["1", "7", "8", "3"],
-            "image_id_b": ["5", "9", "8", "4"],
-            "phash_distance": [2, 3, 0, 1],
-            "dhash_distance": [1, 2, 0, 1],
-            "same_case": [False, False, False, True],
-            "kind": [CROSS_CASE_NEAR_DUPLICATE, CROSS_CASE_NEAR_DUPLICATE, EXACT_REUSE, SAME_CASE_MULTI_ANGLE],
-        }
-    )
-    scores = planted_near_duplicate_scores(pairs, plants)
-    assert (scores["true_positives"], scores["false_positives"], scores["false_negatives"]) == (1, 1, 1)
-    assert scores["precision"] == 0.5 and scores["recall"] == 0.5
-    assert scores["missed"] == [("-2", "6")] and scores["unexpected"] == [("7", "9")]
-
-
 @pytest.fixture(scope="module")
 def synthetic_hashed(tmp_path_factory):
     """A synthetic mirror with many planted near duplicates, hashed with imagehash directly."""
@@ -447,31 +282,3 @@ def test_planted_near_duplicates_found_with_high_precision_and_recall(synthetic_
     assert by_pairs["precision"] >= 0.9, by_pairs
     by_clusters = planted_near_duplicate_scores(clusters, plants)
     assert by_clusters["recall"] >= 0.9 and by_clusters["precision"] >= 0.9, by_clusters
-
-
-# --------------------------------------------------------------------------------------------------------
-# Optional imagededup backend
-# --------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(dedup.imagededup_available(), reason="imagededup is installed: the missing-extra error cannot show")
-def test_imagededup_backend_says_how_to_install_it():
-    with pytest.raises(ImportError, match=r"install scin-pipeline\[imagededup\]"):
-        dedup.find_near_duplicates_imagededup(["a.png"], 4)
-
-
-@pytest.mark.skipif(
-    not dedup.imagededup_available(),
-    reason="imagededup not installed (optional extra scin-pipeline[imagededup]; it pulls PyTorch)",
-)
-def test_imagededup_backend_finds_the_planted_near_duplicates(tmp_path):
-    from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
-
-    mirror = write_synthetic_mirror(tmp_path / "m", n_cases=80, seed=5, image_size=(320, 240), defect_rate=0.5)
-    plants = mirror.plants
-    kept = plants[plants["planted"].isin(["clean", "near_duplicate"])]
-    paths = [str(tmp_path / "m" / p) for p in kept["image_path"]]
-    found = dedup.find_near_duplicates_imagededup(paths, 10)
-    stem = lambda p: p.rsplit("/", 1)[-1].removesuffix(".png")  # noqa: E731
-    pairs = pd.DataFrame({"image_id_a": found["path_a"].map(stem), "image_id_b": found["path_b"].map(stem)})
-    assert planted_near_duplicate_scores(pairs, plants, image_ids=kept["image_id"])["recall"] >= 0.9

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from scin_pipeline.core.planted import planted_defect_scores
 from scin_pipeline.core.quality import (
     MONK_SWATCH_LIGHTNESS,
     ROW_COLUMNS,
@@ -25,7 +26,6 @@ from scin_pipeline.core.quality import (
     exclusion_rates_by_monk_tone,
     hash_to_uint64,
     monk_tone_per_image,
-    planted_defect_scores,
     threshold_sweep,
     uint64_to_hash,
     uint64_to_hex,
@@ -335,31 +335,6 @@ def test_exclusion_rates_by_monk_tone():
     assert out.loc["1", "rate"] == 0.5 and out.loc["9", "n_excluded"] == 2
     assert out.loc["9", "rate_dark"] == pytest.approx(1 / 3) and out.loc["9", "rate_blurry"] == pytest.approx(1 / 3)
     assert out.loc["unknown", "rate"] == 0.0
-
-
-def test_planted_defect_scores_counts():
-    decisions = pd.DataFrame(
-        {
-            "image_id": ["1", "2", "3", "4", "5", "6"],
-            "keep": [False, False, True, False, True, True],
-            "reason": ["dark", "dark", None, "blurry", None, None],
-            "dark_but_diagnostic": [False, False, True, False, False, False],
-        }
-    )
-    plants = pd.DataFrame(
-        {
-            "image_id": ["1", "2", "3", "4", "5", "6"],
-            "planted": ["dark", "clean", "dark_diagnostic", "blurred", "blurred", "clean"],
-            "monk_tone": [1, 2, 9, 3, 3, 9],
-        }
-    )
-    out = planted_defect_scores(decisions, plants).set_index("planted")
-    assert out.loc["dark", ["n_planted", "n_flagged", "true_positives"]].tolist() == [1, 2, 1]
-    assert out.loc["dark", "precision"] == 0.5 and out.loc["dark", "recall"] == 1.0
-    assert out.loc["blurred", "recall"] == 0.5 and out.loc["blurred", "precision"] == 1.0
-    assert out.loc["dark_diagnostic", "recall"] == 1.0
-    clean = out.loc["clean"].set_index("reason")
-    assert clean.loc["clean_kept:monk_1-3", "recall"] == 0.0 and clean.loc["clean_kept:monk_7-10", "recall"] == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------
