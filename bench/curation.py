@@ -387,6 +387,7 @@ def dedup_section(skip_big: bool) -> None:
 
 def calibration_section(cache: Path, workers: int) -> None:
 
+    from bench.quality_calibration import threshold_sweep
     from scin_pipeline.core.planted import planted_defect_scores
     from scin_pipeline.core.quality import (
         QualityConfig,
@@ -394,7 +395,6 @@ def calibration_section(cache: Path, workers: int) -> None:
         assessments_frame,
         decide_quality,
         exclusion_rates_by_monk_tone,
-        threshold_sweep,
     )
 
     mirror, plants = calibration_mirror(cache, workers)

@@ -28,8 +28,6 @@ Dermatologist gradability is not part of this rule; it is a separate filter down
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import multiprocessing
 import os
@@ -37,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import cv2
 import imagehash
@@ -46,8 +44,7 @@ import pandas as pd
 from PIL import Image, ImageFilter, ImageStat
 
 from scin_pipeline.core.imageio import DEFAULT_MAX_PIXELS, decode_image, pixel_limit_guard
-from scin_pipeline.core.planted import planted_defect_scores
-from scin_pipeline.core.schema import MONK_SKIN_TONE_HEX as MONK_SKIN_TONE_SRGB_HEX
+from scin_pipeline.core.schema import MONK_SKIN_TONE_HEX
 
 
 def _hex_lightness(hex_colour: str) -> float:
@@ -56,7 +53,7 @@ def _hex_lightness(hex_colour: str) -> float:
 
 
 # CIELAB L* (D65) of each swatch: 94.1, 92.1, 92.9, 87.5, 77.8, 55.1, 42.4, 30.6, 21.0, 14.6.
-MONK_SWATCH_LIGHTNESS = {tone: _hex_lightness(h) for tone, h in MONK_SKIN_TONE_SRGB_HEX.items()}
+MONK_SWATCH_LIGHTNESS = {tone: _hex_lightness(h) for tone, h in MONK_SKIN_TONE_HEX.items()}
 
 DECODE_FAILURE_REASONS = (
     "empty_file",
@@ -134,16 +131,6 @@ def hash_to_uint64(image_hash: imagehash.ImageHash) -> np.uint64:
     return np.uint64(int.from_bytes(np.packbits(bits).tobytes(), "big"))
 
 
-def uint64_to_hex(value: int | np.uint64) -> str:
-    """16 hex digits, as imagehash prints an 8x8 hash (``imagehash.hex_to_hash`` reads it back)."""
-    return f"{int(value):016x}"
-
-
-def uint64_to_hash(value: int | np.uint64) -> imagehash.ImageHash:
-    bits = np.unpackbits(np.frombuffer(int(value).to_bytes(8, "big"), np.uint8)).astype(bool)
-    return imagehash.ImageHash(bits.reshape(8, 8))
-
-
 # --------------------------------------------------------------------------------------------------------
 # Metrics of one decoded image
 # --------------------------------------------------------------------------------------------------------
@@ -175,7 +162,7 @@ METRIC_COLUMNS = (
     "cv_blurriness_grayscale_std",
     "cv_size",
     # cleanvision's per-image scores (1 = no issue, 0 = worst); odd_size is dataset-relative: see
-    # cleanvision_scores()
+    # cleanvision_scores() in scin_pipeline_tests/core/cleanvision_check.py
     "dark_score",
     "light_score",
     "blurry_score",
@@ -354,7 +341,8 @@ def image_metrics(
 def _cleanvision_image_scores(perc_99, perc_5, entropy, blurriness, gray_std, aspect, is_grey_file) -> dict:
     # The per-image score formulas of cleanvision 0.3.7 (BrightnessProperty, EntropyProperty,
     # BlurrinessProperty, AspectRatioProperty, ColorSpaceProperty .get_scores) with its default parameters;
-    # cleanvision_scores() recomputes them with cleanvision's own classes, and a test checks they agree.
+    # the tests recompute them with cleanvision's own classes (scin_pipeline_tests/core/cleanvision_check.py)
+    # and check that they agree.
     blur = 1 - math.exp(-blurriness * _CV_BLURRY_NORMALIZING)
     std_score = 1 - math.exp(-gray_std * _CV_BLURRY_NORMALIZING)
     if std_score <= _CV_BLURRY_COLOR_THRESHOLD:
@@ -566,74 +554,6 @@ def assessments_frame(rows: Iterable[dict]) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------------------
-# cleanvision's issue scores, dataset level
-# --------------------------------------------------------------------------------------------------------
-
-CLEANVISION_ISSUES = ("dark", "light", "blurry", "low_information", "odd_aspect_ratio", "grayscale", "odd_size")
-
-
-def cleanvision_scores(frame: pd.DataFrame) -> pd.DataFrame:
-    """cleanvision's scores and issue flags for decoded rows of an assessments table, by its own code.
-
-    Uses cleanvision's property classes and default parameters on our raw properties, so the dataset-level
-    ones (odd_size: an IQR rule over the whole set) come out as cleanvision would compute them on these
-    images. Columns ``<issue>_score`` and ``is_<issue>_issue``; rows that did not decode are left out.
-    """
-    from cleanvision.issue_managers.image_property import (  # noqa: PLC0415 - heavy import, only here
-        AspectRatioProperty,
-        BlurrinessProperty,
-        BrightnessProperty,
-        ColorSpaceProperty,
-        EntropyProperty,
-        SizeProperty,
-    )
-    from cleanvision.issue_managers.image_property_issue_manager import ImagePropertyIssueManager
-
-    ok = frame[frame["decode_status"] == "ok"]
-    raw = pd.DataFrame(
-        {
-            "brightness_perc_99": ok["cv_brightness_perc_99"],
-            "brightness_perc_5": ok["cv_brightness_perc_5"],
-            "aspect_ratio": ok["aspect_ratio"],
-            "entropy": ok["cv_entropy"],
-            "blurriness": ok["cv_blurriness"],
-            "blurriness_grayscale_std": ok["cv_blurriness_grayscale_std"],
-            "size": ok["cv_size"],
-            "color_space": np.where(ok["grayscale_score"] == 0, "L", "RGB"),
-        },
-        index=ok.index,
-    )
-    params = ImagePropertyIssueManager().get_default_params()
-    properties = {
-        "dark": BrightnessProperty("dark"),
-        "light": BrightnessProperty("light"),
-        "blurry": BlurrinessProperty(),
-        "low_information": EntropyProperty(),
-        "odd_aspect_ratio": AspectRatioProperty(),
-        "grayscale": ColorSpaceProperty(),
-        "odd_size": SizeProperty(),
-    }
-    out = pd.DataFrame(index=ok.index)
-    out["image_id"] = ok["image_id"]
-    for issue, prop in properties.items():
-        issue_params = dict(params[issue])
-        threshold = issue_params.pop("threshold", None)
-        scores = (
-            prop.get_scores(raw[prop.score_columns], issue, **issue_params)
-            if len(raw)
-            else pd.DataFrame({f"{issue}_score": pd.Series(dtype=float)})
-        )
-        flags = (
-            prop.mark_issue(scores, issue, threshold)
-            if len(raw)
-            else pd.DataFrame({f"is_{issue}_issue": pd.Series(dtype=bool)})
-        )
-        out[f"{issue}_score"] = scores[f"{issue}_score"].astype(float)
-        out[f"is_{issue}_issue"] = flags[f"is_{issue}_issue"].astype(bool)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------
 # The rule
 # --------------------------------------------------------------------------------------------------------
 
@@ -733,74 +653,3 @@ def exclusion_rates_by_monk_tone(decisions: pd.DataFrame, monk_tone: pd.Series) 
             row[f"rate_{reason}"] = float((group["reason"] == reason).mean())
         rows.append(row)
     return pd.DataFrame(rows, columns=["monk_tone", "n", "n_excluded", "rate", *[f"rate_{r}" for r in reasons]])
-
-
-def threshold_sweep(
-    metrics: pd.DataFrame,
-    monk_tone: pd.Series | None,
-    plants: pd.DataFrame,
-    parameter: str,
-    values: Iterable[float],
-    config: QualityConfig = QualityConfig(),
-) -> pd.DataFrame:
-    """planted_defect_scores for each value of one QualityConfig threshold, the others held at config.
-
-    One row per (value, planted kind): the table bench/curation.py prints to justify the defaults.
-    """
-    if parameter not in asdict(config):
-        raise ValueError(f"unknown QualityConfig field {parameter!r}")
-    frames = []
-    for value in values:
-        swept = QualityConfig(**{**asdict(config), parameter: value})
-        scores = planted_defect_scores(decide_quality(metrics, monk_tone, swept), plants)
-        frames.append(scores.assign(parameter=parameter, value=value))
-    return pd.concat(frames, ignore_index=True)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Agreement with cleanvision itself
-# --------------------------------------------------------------------------------------------------------
-
-
-def validate_against_cleanvision(paths: Sequence[str], ours: pd.DataFrame) -> pd.DataFrame:
-    """Run cleanvision's Imagelab on ``paths`` and compare with our scores for the same files.
-
-    ``ours`` is the assessments table of the same files in the same order (row i is paths[i]); files that
-    did not decode are left out (cleanvision would stop on them). Per issue: n, the Spearman rank
-    correlation of the scores, the share of files where both flag or both pass, and how many each flags.
-    Meant for a small sample: cleanvision reads every file again at full size.
-    """
-    from cleanvision import Imagelab  # noqa: PLC0415 - heavy import, only here
-
-    if len(paths) != len(ours):
-        raise ValueError(f"{len(paths)} paths but {len(ours)} rows of ours")
-    ours = ours.reset_index(drop=True)
-    ok = (ours["decode_status"] == "ok").to_numpy()
-    ok_paths = [str(p) for p, keep in zip(paths, ok) if keep]
-    ours_ok = ours[ok].reset_index(drop=True)
-    if not ok_paths:
-        return pd.DataFrame(
-            columns=["issue", "n", "spearman", "flag_agreement", "n_flagged_cleanvision", "n_flagged_ours"]
-        )
-    lab = Imagelab(filepaths=ok_paths)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        # cleanvision draws tqdm progress bars even with verbose=False
-        lab.find_issues({issue: {} for issue in CLEANVISION_ISSUES}, n_jobs=1, verbose=False)
-    theirs = lab.issues.reindex(ok_paths).reset_index(drop=True)
-    mine = cleanvision_scores(ours_ok).reset_index(drop=True)
-    rows = []
-    for issue in CLEANVISION_ISSUES:
-        a, b = mine[f"{issue}_score"], theirs[f"{issue}_score"].astype(float)
-        fa, fb = mine[f"is_{issue}_issue"].astype(bool), theirs[f"is_{issue}_issue"].astype(bool)
-        constant = a.nunique() < 2 or b.nunique() < 2
-        rows.append(
-            {
-                "issue": issue,
-                "n": len(a),
-                "spearman": np.nan if constant else float(a.corr(b, method="spearman")),
-                "flag_agreement": float((fa == fb).mean()),
-                "n_flagged_cleanvision": int(fb.sum()),
-                "n_flagged_ours": int(fa.sum()),
-            }
-        )
-    return pd.DataFrame(rows)

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from bench.quality_calibration import threshold_sweep
 from scin_pipeline.core.planted import planted_defect_scores
 from scin_pipeline.core.quality import (
     MONK_SWATCH_LIGHTNESS,
@@ -21,19 +22,16 @@ from scin_pipeline.core.quality import (
     assess_image,
     assess_images,
     assessments_frame,
-    cleanvision_scores,
     decide_quality,
     exclusion_rates_by_monk_tone,
     hash_to_uint64,
     monk_tone_per_image,
-    threshold_sweep,
-    uint64_to_hash,
-    uint64_to_hex,
-    validate_against_cleanvision,
 )
 from scin_pipeline.core.synthetic.lesions import render_skin_image
 from scin_pipeline.core.synthetic.metadata import generate_synthetic_metadata
 from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
+from scin_pipeline_tests.core.cleanvision_check import cleanvision_scores, validate_against_cleanvision
+from scin_pipeline_tests.core.hashes import uint64_to_hash, uint64_to_hex
 
 SIZE = (160, 120)
 
