@@ -13,8 +13,8 @@ How well this finds the near-duplicates a synthetic mirror planted is measured i
 
 Thresholds
 ----------
-pHash <= 10 AND dHash <= 10 by default, each candidate then verified on a 256-bit dHash (<= 56); see the
-comment above :data:`DEFAULT_MAX_PHASH_DISTANCE` for the measurements behind them.
+pHash <= 10 AND dHash <= 10 by default, each candidate then verified on a 256-bit dHash (<= 56); the
+measurements behind them are in ``docs/results/dedup_thresholds.md``.
 """
 
 from __future__ import annotations
@@ -26,33 +26,9 @@ from scipy.sparse.csgraph import connected_components
 
 from scin_pipeline.core.hamming import as_uint64_hashes, find_near_duplicate_pairs
 
-# Default thresholds: a pair is a near duplicate when pHash <= 12 AND dHash <= 10 bits apart (of 64).
-# Measured by `bench/dedup_search.py --thresholds` on synthetic images (three mirrors of scin_pipeline.core.synthetic,
-# 400 cases each, 480 x 360, 1,986 decodable images): 1,361 true pairs (125 near-duplicates planted by the
-# generator: 2-5 % crop + resize back, brightness shift 3-8 levels, JPEG quality 75-92, copied from another
-# case; plus one copy of each of 1,236 clean images with the same kind of changes made with PIL) against
-# 1,505,855 unrelated pairs of ordinary images.
-#   true pairs    pHash p50 6, p99 10 (planted) / 13 (own copies), max 10 / 16;
-#                 dHash p50 4, p99 10 / 11, max 11 / 14.
-#   unrelated     pHash p50 30, p0.01 14, min 8;  dHash p50 29, p0.01 11, min 6.
-# Either hash alone overlaps the two populations at the tails; jointly they separate. pHash <= 12 AND
-# dHash <= 10 accepts 1,330 of 1,361 true pairs (recall 0.992 on the generator's plants, 0.976 on our
-# copies) and 0 of the 1.5 M unrelated pairs; so does pHash <= 14 (one 2-bit step of margin), while
-# pHash <= 12 AND dHash <= 12 accepts 2. Blown-out and black frames are another matter: 1,715 of their pairs
-# are at distance ~0 under any threshold, so dedup runs on the images the quality filter keeps.
-# Synthetic skin is not a photograph: recheck on real hashes (the pairs table carries both distances).
-# At the scale of the whole release the tail matters more than 1.5 M pairs show: on a synthetic mirror of
-# all 5,033 cases (10,337 files at 480x360, 6,5k kept; ~21 M pairs) pHash <= 12 AND dHash <= 10 found
-# all 41 planted cross-case pairs but also 342 unrelated ones (precision 0.11), nearly all between
-# plain-skin images with faint marks (their hashes encode little beyond the lighting). pHash <= 8 AND
-# dHash <= 8 kept 38 of 41 planted pairs and 1 unrelated (precision 0.97, recall 0.93): the defaults.
-# pHash <= 8 AND dHash <= 8 kept 38 of 41 planted pairs and 1 unrelated (precision 0.97, recall 0.93).
-# Better: keep the loose 64-bit thresholds to find candidates and verify each candidate with a 256-bit
-# dHash (hash_size=16, computed by the quality stage). On those 383 candidates the 256-bit distance of
-# planted pairs was 15-49 (of 256) and of unrelated pairs 64-121: a threshold of 56 separates them.
-# The search radius is the pHash one; 10 rather than 12 keeps a 1,000,000-hash search near 35 s instead
-# of ~2 min on this 2-core machine (bench/dedup_search.py), at the cost of planted pairs at pHash 11-12
-# (1 of 41 at full scale).
+# Defaults: a candidate pair has pHash <= 10 AND dHash <= 10 bits apart (of 64), and is kept when its 256-bit
+# dHash distance is <= 56 (of 256). Measured on synthetic mirrors by `bench/dedup_search.py --thresholds`; the
+# measurements and how the defaults moved: docs/results/dedup_thresholds.md. Recheck on real hashes.
 DEFAULT_MAX_PHASH_DISTANCE = 10
 DEFAULT_MAX_DHASH_DISTANCE = 10
 DEFAULT_MAX_DHASH256_DISTANCE = 56

@@ -1,74 +1,21 @@
-"""A metadata-only multi-label classifier for the most frequent SCIN conditions.
+"""A metadata-only classifier for the most frequent SCIN conditions: how well the contributor's own answers
+(symptoms, body parts, textures, duration, age group, sex, ...) predict the dermatologists' condition labels.
 
-No image is reachable offline, so this is the one real model figure the project can produce: how well the
-contributor's own answers (symptoms, body parts, textures, duration, age group, sex, ...) predict the
-dermatologists' condition labels. It is also a floor for any image model: an image model that cannot beat
-the questionnaire has learnt nothing from the pixels.
+Why: no image is reachable offline, so this is the one real model figure the project can produce; it is
+also a floor for any image model (one that cannot beat the questionnaire has learnt nothing from the pixels).
 
-Task (chosen): the 10 conditions that are most often a case's highest-weighted label (``top_k_classes``,
-``rank_by="top_label"``: the same classes the single-label image task ranks by), one 0/1 target per condition,
-1 when the dermatologists named it at all (a case may carry several); every labelled case is a row, and cases
-naming none of the 10 stay in as all-negative rows (the model must learn to say "none of these" too); ``other``
-is not a class. Split: ``make_splits(assign_labels(cases, LabelPolicy("multilabel", top_k=10)), <empty
-case_groups>, SplitConfig())``, the case being the unit (no images offline to link duplicate cases by); the
-same cases in each split under every definition below.
+Multi-label task: the 10 conditions that are most often a case's highest-weighted label
+(``top_k_classes``, ``rank_by="top_label"``), one 0/1 target per condition (1 when the dermatologists named
+it at all); every labelled case is a row, cases naming none of the 10 as all-negative rows. Features:
+``METADATA_FEATURE_COLUMNS`` (90; race/ethnicity is deliberately not one). Models: ``BASELINE_CONFIG``
+(logistic regression, C=1) and ``CHOSEN_CONFIG`` (logistic regression, C=0.03, averaged with 150 boosted
+stumps). Single label: ``fit_single_label_metadata_model`` is the pipeline's ``metadata_model`` asset (one
+class per case, as the image models): the same configuration as a multinomial logistic regression averaged
+with multiclass boosted stumps, class-balanced sample weights.
 
-Why our first baseline (0.630) sat below the issue's "about 0.67": the task definition, and val noise. The
-first version ranked the 10 classes by any mention (``assign_labels``' multilabel policy), which swaps the
-well-separated Impetigo and Pigmented purpuric eruption for Drug Rash and Irritant Contact Dermatitis (named
-often as second or third guesses, rarely first). Ranked by top label, the plain logistic baseline gives 0.670
-(5-fold CV on train+val) and 0.670 on test: the issue's figure. On the mention ranking the same baseline
-scores 0.653 by CV but 0.631 on val: 462 val cases move a mean AUC by +-0.02, so choices below were made by
-pooled out-of-fold AUC of 5-fold CV on train+val (2,600 cases, folds stratified by first class), test unseen.
-
-Definitions tried (logistic baseline C=1 / logistic C=0.01; CV mean AUC on train+val):
-
-| definition | cases | CV C=1 | CV C=0.01 |
-| --- | --- | --- | --- |
-| top-10 by mention, all-negative rows kept (first version) | 3,061 | 0.653 | 0.663 |
-| top-10 by mention, only cases with a top-10 label | 2,336 | 0.638 | 0.654 |
-| top-10 by mention, targets weight >= 0.2 | 3,061 | 0.648 | 0.661 |
-| top-10 by mention, targets weight >= 0.34, positive cases only | 1,569 | 0.647 | 0.659 |
-| **top-10 by top label, all-negative rows kept (chosen)** | 3,061 | 0.670 | 0.685 |
-| top-10 by top label, only cases with a top-10 label | 2,335 | 0.665 | 0.678 |
-| top-10 by top label, targets = the top-weighted class(es) only | 3,061 | 0.660 | 0.676 (C=.03) |
-| top-10 by top label, targets weight >= 0.3 | 3,061 | 0.670 | 0.684 (C=.03) |
-
-Dropping the all-negative rows does not help (and would make the task easier than deployment, where most
-cases are none of the 10). Models tried on the chosen definition (CV mean AUC): logistic C=0.003 0.673,
-0.01 0.685, 0.03 0.686 (1.0 0.670); standardised features 0.679; the dermatologists' weights as soft targets
-(each case twice, weighted w and 1-w) 0.679-0.680; pairwise interactions of the 31 check boxes (textures x body
-parts x symptoms, C=0.003-0.01) 0.675; multinomial softmax on the top label (hard or soft targets) 0.668-0.677;
-HistGradientBoosting stumps 0.678, depth 2 0.675; sklearn MLP (32 or 64 units, alpha 1-3, 3 seeds averaged)
-0.682-0.684 (alpha 10: 0.618);
-averages: logistic C=0.01 + stumps x100 0.687, logistic C=0.03 + MLP 0.687, logistic C=0.03 + stumps x150
-0.688 (chosen). Everything reasonable lands at 0.68-0.69: the questionnaire carries about this much signal.
-
-Features (``METADATA_FEATURE_COLUMNS``, 90): symptoms, body parts, textures, condition duration, age group,
-sex at birth, self-reported Fitzpatrick type and related_category. Fitzpatrick and related_category barely
-matter: on val (logistic, C=0.03, mention ranking) dropping Fitzpatrick moved mean AUC 0.6580 -> 0.6589,
-dropping related_category 0.6580 -> 0.6573; both are kept. Race/ethnicity is deliberately not a feature.
-
-Measured on the real v1.0.0 release (3,061 labelled cases: train 2,138, val 462, test 461; seed 0; fitted on
-train only; test scored once per model after every choice was made; ``bench/metadata_model_real.py``):
-
-| definition | model | val mean AUC | test mean AUC | test micro AUC | test macro AP |
-| --- | --- | --- | --- | --- | --- |
-| top label (chosen) | BASELINE_CONFIG: logistic C=1 | 0.6514 | 0.6698 | 0.6830 | 0.2170 |
-| top label (chosen) | CHOSEN_CONFIG: logistic C=0.03 + stumps x150 | 0.6846 | 0.6857 | 0.6882 | 0.2459 |
-| mention (first) | BASELINE_CONFIG | 0.6305 | 0.6295 | 0.6497 | 0.2104 |
-| mention (first) | PREVIOUS_CHOSEN_CONFIG: logistic C=0.01 + stumps x100 | 0.6697 | 0.6556 | 0.6609 | 0.2346 |
-
-Chosen model, test AUC per class: Allergic Contact Dermatitis 0.637, Eczema 0.617, Folliculitis 0.619, Herpes
-Zoster 0.679, Impetigo 0.701, Insect Bite 0.636, Pigmented purpuric eruption 0.924, Psoriasis 0.704, Tinea
-0.664, Urticaria 0.677 (baseline: 0.640, 0.636, 0.616, 0.713, 0.762, 0.638, 0.819, 0.669, 0.605, 0.600).
-The gain over the baseline, +0.016 on test, has a paired-bootstrap standard error of about 0.008 (461 cases).
-
-The 0.72 target is NOT reached (0.686 on test); the remaining gap needs the images.
-
-Single label: ``fit_single_label_metadata_model`` is the pipeline's ``metadata_model`` asset (one class per
-case, as the image models): the same configuration as a multinomial logistic regression averaged with
-multiclass boosted stumps, class-balanced sample weights.
+The task definitions and models tried, how the choice was made, and the results on the real release (test
+mean AUC 0.686 for the chosen model, 0.670 for the baseline; the 0.72 target is not reached) are in
+``docs/results/metadata_model.md``; ``bench/metadata_model_real.py`` reproduces them.
 """
 
 from __future__ import annotations
@@ -298,9 +245,10 @@ def multilabel_metrics(Y_true: np.ndarray, P: np.ndarray, classes: list[str] | N
 
 # The plain baseline: L2 logistic regression at sklearn's default strength, every feature (the issue's reference).
 BASELINE_CONFIG = MetadataModelConfig(kind="logistic", C=1.0)
-# The chosen model, every hyper-parameter picked by 5-fold CV on train+val under the chosen task definition (see
-# the module docstring): a strongly regularised logistic regression (C=0.03; 0.01 and 0.03 tie, 0.003 and 1 are
-# worse) averaged with boosted stumps (depth 1 beat 2; l2 10). Test was not looked at to choose any of it.
+# The chosen model, every hyper-parameter picked by 5-fold CV on train+val under the chosen task definition
+# (see docs/results/metadata_model.md): a strongly regularised logistic regression (C=0.03; 0.01 and 0.03 tie,
+# 0.003 and 1 are worse) averaged with boosted stumps (depth 1 beat 2; l2 10). Test was not looked at to choose
+# any of it.
 CHOSEN_CONFIG = MetadataModelConfig(
     kind="logistic_plus_boosting",
     C=0.03,
