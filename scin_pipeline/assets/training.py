@@ -4,6 +4,8 @@ Each candidate is one asset and one MLflow run (tagged with the Dagster run id, 
 and the splits' data version); its output is a one-row table pointing at the packaged model (one file that
 takes raw uint8 images and/or case metadata) and its registered version. The rules (models, training
 loop, cache, packaging) live in scin_pipeline.core; these assets feed them and record what happened.
+Every candidate is declared through one skeleton, ``candidate_asset`` (reuse, the MLflow run, packaging,
+registration, the output table); all that differs between candidates is their training function.
 
 Idempotent by construction: a candidate's MLflow run is keyed by (asset, code version, config, splits data
 version, inputs' versions). A rerun with the same key finds the FINISHED run and its packaged model and
@@ -13,12 +15,25 @@ Keras BackupAndRestore from the last finished epoch).
 
 import hashlib
 import json
-from pathlib import Path
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    AssetsDefinition,
+    Config,
+    DataVersion,
+    Failure,
+    MetadataValue,
+    Output,
+    asset,
+)
 from pydantic import Field
 
 from scin_pipeline.assets._metadata import table_md
@@ -203,6 +218,27 @@ class MetadataModelConfig(Config):
     seed: int = 0
 
 
+def _train_config(config: TrainingConfig) -> TrainConfig:
+    """core.training's TrainConfig from a candidate's Dagster config, every field by name. Only
+    TransferConfig has the fine-tuning fields: the baseline CNN never fine-tunes and keeps core's values."""
+    tuning = config if isinstance(config, TransferConfig) else _TRAIN_DEFAULTS
+    return TrainConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        fine_tune_epochs=tuning.fine_tune_epochs,
+        fine_tune_learning_rate=tuning.fine_tune_learning_rate,
+        unfreeze_layers=tuning.unfreeze_layers,
+        early_stopping_patience=config.early_stopping_patience,
+        monitor=config.monitor,
+        seed=config.seed,
+        class_weighting=config.class_weighting,
+        mixed_precision=config.mixed_precision,
+        augment=config.augment,
+        loader_workers=config.loader_workers,
+    )
+
+
 def _prepare_keras(config) -> dict:
     """Select the Keras backend and precision policy before Keras is imported in this process."""
     from scin_pipeline.core import backend
@@ -311,24 +347,46 @@ def load_embeddings(image_embeddings: pd.DataFrame, rows: pd.DataFrame) -> np.nd
 
 
 # --------------------------------------------------------------------------------------------------------
-# candidates
+# candidates: one skeleton (candidate_asset), four declarations, each with its own training
+
+
+@dataclass
+class Trained:
+    """A finished training run, as a candidate's training hands it to the skeleton."""
+
+    row: dict  # the output table's run columns (CandidateRun.finish)
+    resumed: bool  # the MLflow run or the fit continued an interrupted one
+    metadata: dict  # the candidate's own asset metadata
+
+
+def inputs_version(inputs: dict[str, pd.DataFrame]) -> str:
+    """What a candidate trained on besides the splits: the cached pixels and embeddings, then the cases."""
+    parts = []
+    if "image_tensors" in inputs:
+        parts.append(pixels_version(inputs["image_tensors"], inputs.get("image_embeddings")))
+    if "cases" in inputs:
+        parts.append(frame_version(inputs["cases"], ["case_id"]))
+    return ":".join(parts)
 
 
 class CandidateRun:
-    """One candidate's training: its MLflow run key, reuse of a finished run, packaging and registration."""
+    """One candidate's materialisation: its inputs and MLflow run key, reuse of a finished run, the
+    training run, packaging, registration and the output table."""
 
     def __init__(
         self,
         context: AssetExecutionContext,
         name: str,
+        kind: str,
         config: Config,
-        labeled_splits: pd.DataFrame,
-        inputs_version: str,
+        inputs: dict[str, pd.DataFrame],
         storage: StoragePaths,
         mlflow: MlflowTracking,
         synthetic: bool,
     ):
-        self.context, self.name, self.config, self.mlflow = context, name, config, mlflow
+        self.context, self.name, self.kind, self.config, self.mlflow = context, name, kind, config, mlflow
+        self.inputs, self.storage, self.synthetic = inputs, storage, synthetic
+        labeled_splits = inputs["labeled_splits"]
         self.classes = class_names(labeled_splits)
         if len(self.classes) < 2:
             raise Failure(
@@ -336,18 +394,20 @@ class CandidateRun:
                 "tell apart; use more cases or lower labeled_splits' min_cases_per_class",
                 allow_retries=False,
             )
+        tensors = inputs.get("image_tensors")
+        self.image_size = int(tensors["image_size"].iloc[0]) if tensors is not None else None
+        self.monitor = config.monitor if isinstance(config, TrainingConfig) else "val_macro_f1"
         self.splits_version = splits_data_version(labeled_splits)
-        code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or "none"
-        self.code_version = code_version
+        self.code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or "none"
         self.run_key = run_key_for(
             asset_key=name,
-            code_version=code_version,
+            code_version=self.code_version,
             config=config.model_dump(),
             splits_data_version=self.splits_version,
-            inputs_version=inputs_version,
+            inputs_version=inputs_version(inputs),
         )
         self.package_dir = storage.model_package_dir(name, self.run_key)
-        self.synthetic = synthetic
+        self.checkpoint_dir = storage.checkpoint_dir(name, self.run_key)
 
     def reusable(self) -> dict | None:
         """The finished run and package of an identical earlier training, if both are still there."""
@@ -376,18 +436,91 @@ class CandidateRun:
         tags.update({k: str(v) for k, v in (extra or {}).items()})
         return tags
 
-    def output(
-        self, row: dict, *, kind: str, image_size: int | None, monitor: str, reused: bool, resumed: bool, metadata: dict
-    ) -> Output:
+    @contextmanager
+    def training_run(self, tags: dict, params: dict):
+        """The candidate's MLflow run (resumed when an earlier one with this key did not finish): the
+        standard tags plus ``tags``, the whole config plus ``params``."""
+        with self.mlflow.training_run(
+            run_key=self.run_key,
+            run_name=self.name,
+            tags=self.tags(tags),
+            params={**self.config.model_dump(), **params},
+        ) as run:
+            yield run
+
+    def epoch_logger(self, run):
+        """Each finished epoch to MLflow, and one progress line with its validation metrics to the run log."""
+        from scin_pipeline.core.progress import report
+
+        def on_epoch_end(epoch: int, logs: dict) -> None:
+            run.log_epoch(epoch, logs)
+            shown = ", ".join(
+                f"{k} {logs[k]:.3f}" for k in ("val_macro_f1", "val_balanced_accuracy", "val_loss") if k in logs
+            )
+            report(self.context.log.info, f"{self.context.op_def.name} epoch {epoch}: {shown}")
+
+        return on_epoch_end
+
+    def finish(
+        self,
+        run,
+        model,
+        result,
+        *,
+        tags: dict,
+        keras_backend: str,
+        weights: str,
+        metadata: dict,
+        package_extra: dict | None = None,
+    ) -> Trained:
+        """Package ``model`` (one file for raw inputs), save it, log it with ``result``'s curves and
+        summary (history, best_epoch, best_score) to the run, register it, and tag the run with the model's
+        URI, its version and ``tags``."""
+        from scin_pipeline.core import plots
+        from scin_pipeline.core.packaged_model import METADATA_KINDS, PackagedClassifier
+
+        package = PackagedClassifier(
+            kind=self.kind,
+            classes=self.classes,
+            image_size=self.image_size,
+            metadata_columns=list(METADATA_FEATURE_COLUMNS) if self.kind in METADATA_KINDS else None,
+            model=model,
+            extra={"candidate": self.name, **(package_extra or {})},
+        )
+        package.save(self.package_dir)  # swapped in whole: a kill here leaves the old package or none
+        history = result.history
+        if history is not None and len(history):
+            run.log_table(history, "history.csv")
+            run.log_figure_png(plots.training_curves_png(history, title=self.name), "training_curves.png")
+        for keras_file in self.package_dir.glob("*.keras"):
+            run.log_artifact(str(keras_file), "keras")
+        run.log_metrics({"best_epoch": result.best_epoch, "best_val_score": result.best_score})
+        model_uri, version = run.log_model(str(self.package_dir), register=True)
+        self.mlflow.set_run_tags(
+            run.run_id, {MODEL_URI_TAG: model_uri, REGISTERED_VERSION_TAG: str(version or ""), **tags}
+        )
+        row = {
+            "mlflow_run_id": run.run_id,
+            "model_uri": model_uri,
+            "registered_version": str(version or ""),
+            "best_epoch": int(result.best_epoch),
+            "best_val_score": float(result.best_score),
+            "keras_backend": keras_backend,
+            "weights": weights,
+        }
+        resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
+        return Trained(row=row, resumed=resumed, metadata=metadata)
+
+    def output(self, row: dict, *, reused: bool, resumed: bool, metadata: dict) -> Output:
         record = {
             "model": self.name,
-            "kind": kind,
+            "kind": self.kind,
             "classes": json.dumps(self.classes),
-            "image_size": image_size or 0,
+            "image_size": self.image_size or 0,
             "package_dir": str(self.package_dir),
             "run_key": self.run_key,
             "splits_data_version": self.splits_version,
-            "monitor": monitor,
+            "monitor": self.monitor,
             "reused": reused,
             "resumed": resumed,
             **row,
@@ -412,133 +545,69 @@ class CandidateRun:
             meta["note"] = "SYNTHETIC images: these figures say nothing about skin conditions"
         return Output(table, data_version=DataVersion(self.run_key), metadata=meta)
 
-    def finish(
-        self, run, package, history: pd.DataFrame | None, best_epoch: int, best_score: float, extra_tags: dict
-    ) -> dict:
-        """Save the package, log it, its curves and summary to the run, register it."""
-        from scin_pipeline.core import plots
 
-        package.save(self.package_dir)  # swapped in whole: a kill here leaves the old package or none
-        if history is not None and len(history):
-            run.log_table(history, "history.csv")
-            run.log_figure_png(plots.training_curves_png(history, title=self.name), "training_curves.png")
-        for keras_file in self.package_dir.glob("*.keras"):
-            run.log_artifact(str(keras_file), "keras")
-        run.log_metrics({"best_epoch": best_epoch, "best_val_score": best_score})
-        model_uri, version = run.log_model(str(self.package_dir), register=True)
-        self.mlflow.set_run_tags(
-            run.run_id, {MODEL_URI_TAG: model_uri, REGISTERED_VERSION_TAG: str(version or ""), **extra_tags}
-        )
-        return {
-            "mlflow_run_id": run.run_id,
-            "model_uri": model_uri,
-            "registered_version": str(version or ""),
-            "best_epoch": int(best_epoch),
-            "best_val_score": float(best_score),
-        }
+def candidate_asset(
+    *,
+    name: str,
+    kind: str,
+    config: type[Config],
+    ins: tuple[str, ...],
+    train: Callable[[CandidateRun], Trained],
+    description: str,
+) -> AssetsDefinition:
+    """One candidate classifier as an asset: reuse of an identical finished training, else ``train`` (which
+    opens the MLflow run and finishes the package), then the one-row output table. Keras candidates (a
+    TrainingConfig) go to the "gpu" pool with a GPU request, the metadata model to "cpu"."""
+    keras_candidate = issubclass(config, TrainingConfig)
 
-
-def _train_config(config: TrainingConfig) -> TrainConfig:
-    """core.training's TrainConfig from a candidate's Dagster config, every field by name. Only
-    TransferConfig has the fine-tuning fields: the baseline CNN never fine-tunes and keeps core's values."""
-    tuning = config if isinstance(config, TransferConfig) else _TRAIN_DEFAULTS
-    return TrainConfig(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        fine_tune_epochs=tuning.fine_tune_epochs,
-        fine_tune_learning_rate=tuning.fine_tune_learning_rate,
-        unfreeze_layers=tuning.unfreeze_layers,
-        early_stopping_patience=config.early_stopping_patience,
-        monitor=config.monitor,
-        seed=config.seed,
-        class_weighting=config.class_weighting,
-        mixed_precision=config.mixed_precision,
-        augment=config.augment,
-        loader_workers=config.loader_workers,
+    @asset(
+        name=name,
+        ins={input_name: AssetIn(dagster_type=pd.DataFrame) for input_name in ins},
+        group_name=GROUP,
+        kinds={"keras" if keras_candidate else "scikitlearn", "mlflow"},
+        code_version="1",
+        pool="gpu" if keras_candidate else "cpu",
+        op_tags=GPU_TAGS if keras_candidate else None,
+        description=description,
     )
+    def candidate(
+        context: AssetExecutionContext,
+        config: config,
+        storage: StoragePaths,
+        mlflow: MlflowTracking,
+        scin_source: ScinSourceResource,
+        **inputs: pd.DataFrame,
+    ):
+        run = CandidateRun(context, name, kind, config, inputs, storage, mlflow, scin_source.is_synthetic())
+        previous = run.reusable()
+        if previous:
+            context.log.info(f"unchanged inputs, code and config: reusing MLflow run {previous['mlflow_run_id']}")
+            return run.output(previous, reused=True, resumed=False, metadata={})
+        trained = train(run)
+        return run.output(trained.row, reused=False, resumed=trained.resumed, metadata=trained.metadata)
+
+    return candidate
 
 
-def _checkpoint_dir(storage: StoragePaths, candidate: CandidateRun) -> Path:
-    return storage.checkpoint_dir(candidate.name, candidate.run_key)
+def _class_weight(config: TrainingConfig, y: np.ndarray, n_classes: int) -> dict | None:
+    from scin_pipeline.core.training import balanced_class_weights
+
+    return balanced_class_weights(y, n_classes) if config.class_weighting == "balanced" else None
 
 
-def _epoch_logger(run, context: AssetExecutionContext):
-    """Each finished epoch to MLflow, and one progress line with its validation metrics to the run log."""
-    from scin_pipeline.core.progress import report
-
-    def on_epoch_end(epoch: int, logs: dict) -> None:
-        run.log_epoch(epoch, logs)
-        shown = ", ".join(
-            f"{k} {logs[k]:.3f}" for k in ("val_macro_f1", "val_balanced_accuracy", "val_loss") if k in logs
-        )
-        report(context.log.info, f"{context.op_def.name} epoch {epoch}: {shown}")
-
-    return on_epoch_end
-
-
-@asset(
-    group_name=GROUP,
-    kinds={"keras", "mlflow"},
-    code_version="1",
-    pool="gpu",
-    op_tags=GPU_TAGS,
-    description="The student notebooks' two-layer CNN (32 and 64 filters), trained from the uint8 cache "
-    "with class weights and early stopping on validation macro-F1: the baseline every model must beat.",
-)
-def baseline_cnn(
-    context: AssetExecutionContext,
-    config: TrainingConfig,
-    labeled_splits: pd.DataFrame,
-    image_tensors: pd.DataFrame,
-    storage: StoragePaths,
-    mlflow: MlflowTracking,
-    scin_source: ScinSourceResource,
-):
-    candidate = CandidateRun(
-        context,
-        "baseline_cnn",
-        config,
-        labeled_splits,
-        pixels_version(image_tensors),
-        storage,
-        mlflow,
-        scin_source.is_synthetic(),
-    )
-    image_size = int(image_tensors["image_size"].iloc[0])
-    previous = candidate.reusable()
-    if previous:
-        context.log.info(f"unchanged inputs, code and config: reusing MLflow run {previous['mlflow_run_id']}")
-        return candidate.output(
-            previous,
-            kind="keras_image",
-            image_size=image_size,
-            monitor=config.monitor,
-            reused=True,
-            resumed=False,
-            metadata={},
-        )
+def _train_baseline_cnn(candidate: CandidateRun) -> Trained:
+    config, inputs = candidate.config, candidate.inputs
     described = _prepare_keras(config)
     from scin_pipeline.core import models, training
-    from scin_pipeline.core.packaged_model import PackagedClassifier
 
-    cache_dir = storage.image_tensors_dir
-    _, x_train, y_train = split_arrays(labeled_splits, image_tensors, cache_dir, "train", candidate.classes)
-    _, x_val, y_val = split_arrays(labeled_splits, image_tensors, cache_dir, "val", candidate.classes)
+    cache_dir, classes = candidate.storage.image_tensors_dir, candidate.classes
+    _, x_train, y_train = split_arrays(inputs["labeled_splits"], inputs["image_tensors"], cache_dir, "train", classes)
+    _, x_val, y_val = split_arrays(inputs["labeled_splits"], inputs["image_tensors"], cache_dir, "val", classes)
     train_config = _train_config(config)
-    with mlflow.training_run(
-        run_key=candidate.run_key,
-        run_name="baseline_cnn",
-        tags=candidate.tags({KERAS_BACKEND_TAG: described["backend"]}),
-        params={
-            **config.model_dump(),
-            "image_size": image_size,
-            "n_train": len(y_train),
-            "n_val": len(y_val),
-            "classes": len(candidate.classes),
-        },
-    ) as run:
-        model = models.build_baseline_cnn(len(candidate.classes), image_size)
+    tags = {KERAS_BACKEND_TAG: described["backend"]}
+    params = {"image_size": candidate.image_size, "n_train": len(y_train), "n_val": len(y_val), "classes": len(classes)}
+    with candidate.training_run(tags, params) as run:
+        model = models.build_baseline_cnn(len(classes), candidate.image_size)
         sequence = training.default_dataset_factory(
             x_train,
             y_train,
@@ -554,96 +623,34 @@ def baseline_cnn(
             x_val,
             y_val,
             config=train_config,
-            class_weight=_class_weight(config, y_train, len(candidate.classes)),
-            checkpoint_dir=_checkpoint_dir(storage, candidate),
-            on_epoch_end=_epoch_logger(run, context),
+            class_weight=_class_weight(config, y_train, len(classes)),
+            checkpoint_dir=candidate.checkpoint_dir,
+            on_epoch_end=candidate.epoch_logger(run),
         )
-        package = PackagedClassifier(
-            kind="keras_image",
-            classes=candidate.classes,
-            image_size=image_size,
-            metadata_columns=None,
-            model=model,
-            extra={"candidate": "baseline_cnn"},
-        )
-        row = candidate.finish(
+        return candidate.finish(
             run,
-            package,
-            result.history,
-            result.best_epoch,
-            result.best_score,
-            {KERAS_BACKEND_TAG: described["backend"]},
+            model,
+            result,
+            tags=tags,
+            keras_backend=described["backend"],
+            weights="none",
+            metadata={"history": table_md(result.history, rows=40), "stopped_early": bool(result.stopped_early)},
         )
-        resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
-    row.update(keras_backend=described["backend"], weights="none")
-    return candidate.output(
-        row,
-        kind="keras_image",
-        image_size=image_size,
-        monitor=config.monitor,
-        reused=False,
-        resumed=resumed,
-        metadata={"history": table_md(result.history, rows=40), "stopped_early": bool(result.stopped_early)},
-    )
 
 
-def _class_weight(config: TrainingConfig, y: np.ndarray, n_classes: int) -> dict | None:
-    from scin_pipeline.core.training import balanced_class_weights
-
-    return balanced_class_weights(y, n_classes) if config.class_weighting == "balanced" else None
-
-
-@asset(
-    group_name=GROUP,
-    kinds={"keras", "mlflow"},
-    code_version="1",
-    pool="gpu",
-    op_tags=GPU_TAGS,
-    description="ResNet50 transfer: on an accelerator (or mode=fine_tune) the head is trained on a frozen "
-    "backbone, then the top layers are unfrozen at a lower learning rate (BatchNorm stays frozen), from the "
-    "uint8 cache with bfloat16 on GPU. On CPU (mode=auto) the head is trained on image_embeddings so a full "
-    "run stays practical. Saved as one end-to-end model on raw uint8 images.",
-)
-def resnet50_transfer(
-    context: AssetExecutionContext,
-    config: TransferConfig,
-    labeled_splits: pd.DataFrame,
-    image_tensors: pd.DataFrame,
-    image_embeddings: pd.DataFrame,
-    storage: StoragePaths,
-    mlflow: MlflowTracking,
-    scin_source: ScinSourceResource,
-):
-    candidate = CandidateRun(
-        context,
-        "resnet50_transfer",
-        config,
-        labeled_splits,
-        pixels_version(image_tensors, image_embeddings),
-        storage,
-        mlflow,
-        scin_source.is_synthetic(),
-    )
-    image_size = int(image_tensors["image_size"].iloc[0])
-    weights = backbone_weights(image_embeddings)
-    previous = candidate.reusable()
-    if previous:
-        context.log.info(f"unchanged inputs, code and config: reusing MLflow run {previous['mlflow_run_id']}")
-        return candidate.output(
-            previous,
-            kind="keras_image",
-            image_size=image_size,
-            monitor=config.monitor,
-            reused=True,
-            resumed=False,
-            metadata={},
-        )
+def _train_resnet50_transfer(candidate: CandidateRun) -> Trained:
+    config, inputs = candidate.config, candidate.inputs
     described = _prepare_keras(config)
     import keras
 
     from scin_pipeline.core import models, training
-    from scin_pipeline.core.packaged_model import PackagedClassifier
 
+    labeled_splits, image_tensors, image_embeddings = (
+        inputs["labeled_splits"],
+        inputs["image_tensors"],
+        inputs["image_embeddings"],
+    )
+    weights = backbone_weights(image_embeddings)
     mode = (
         config.mode
         if config.mode != "auto"
@@ -655,20 +662,16 @@ def resnet50_transfer(
     val_rows, y_val = split_rows(labeled_splits, image_tensors, "val", candidate.classes)
     train_config = _train_config(config)
     n_classes = len(candidate.classes)
-    with mlflow.training_run(
-        run_key=candidate.run_key,
-        run_name="resnet50_transfer",
-        tags=candidate.tags({KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights, TRAINING_MODE_TAG: mode}),
-        params={
-            **config.model_dump(),
-            "resolved_mode": mode,
-            "weights": weights,
-            "image_size": image_size,
-            "n_train": len(y_train),
-            "n_val": len(y_val),
-            "classes": n_classes,
-        },
-    ) as run:
+    tags = {KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights}
+    params = {
+        "resolved_mode": mode,
+        "weights": weights,
+        "image_size": candidate.image_size,
+        "n_train": len(y_train),
+        "n_val": len(y_val),
+        "classes": n_classes,
+    }
+    with candidate.training_run({**tags, TRAINING_MODE_TAG: mode}, params) as run:
         if mode == "head_on_embeddings":
             backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
             e_train, e_val = load_embeddings(image_embeddings, train_rows), load_embeddings(image_embeddings, val_rows)
@@ -681,15 +684,15 @@ def resnet50_transfer(
                     e_train.shape[1], n_classes, config.dropout, normalize_with=e_train
                 ),
                 config=train_config,
-                checkpoint_dir=_checkpoint_dir(storage, candidate),
-                on_epoch_end=_epoch_logger(run, context),
+                checkpoint_dir=candidate.checkpoint_dir,
+                on_epoch_end=candidate.epoch_logger(run),
             )
             model = models.compose_end_to_end(backbone, result.model, with_metadata=False)
         else:
-            cache_dir = storage.image_tensors_dir
+            cache_dir = candidate.storage.image_tensors_dir
             x_train = image_cache.load_images(train_rows, cache_dir)
             x_val = image_cache.load_images(val_rows, cache_dir)
-            backbone = models.build_resnet50_backbone(image_size, None if weights == "none" else weights)
+            backbone = models.build_resnet50_backbone(candidate.image_size, None if weights == "none" else weights)
             head = models.build_classifier_head(backbone.output_shape[-1], n_classes, config.dropout)
             result = training.fine_tune_transfer(
                 backbone,
@@ -699,204 +702,86 @@ def resnet50_transfer(
                 x_val,
                 y_val,
                 config=train_config,
-                checkpoint_dir=_checkpoint_dir(storage, candidate),
-                on_epoch_end=_epoch_logger(run, context),
+                checkpoint_dir=candidate.checkpoint_dir,
+                on_epoch_end=candidate.epoch_logger(run),
             )
             model = result.model
-        package = PackagedClassifier(
-            kind="keras_image",
-            classes=candidate.classes,
-            image_size=image_size,
-            metadata_columns=None,
-            model=model,
-            extra={"candidate": "resnet50_transfer", "mode": mode, "weights": weights},
-        )
-        row = candidate.finish(
+        return candidate.finish(
             run,
-            package,
-            result.history,
-            result.best_epoch,
-            result.best_score,
-            {KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights},
+            model,
+            result,
+            tags=tags,
+            keras_backend=described["backend"],
+            weights=weights,
+            metadata={"mode": mode, "history": table_md(result.history, rows=40)},
+            package_extra={"mode": mode, "weights": weights},
         )
-        resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
-    row.update(keras_backend=described["backend"], weights=weights)
-    return candidate.output(
-        row,
-        kind="keras_image",
-        image_size=image_size,
-        monitor=config.monitor,
-        reused=False,
-        resumed=resumed,
-        metadata={"mode": mode, "history": table_md(result.history, rows=40)},
-    )
 
 
-@asset(
-    group_name=GROUP,
-    kinds={"scikitlearn", "mlflow"},
-    code_version="1",
-    pool="cpu",
-    description="Metadata-only classifier (the contributor's answers: symptoms, body parts, textures, "
-    "duration, age group, sex, self-reported Fitzpatrick type): scikit-learn logistic regression plus "
-    "boosted stumps, class-balanced, one row per case. A floor for the image models.",
-)
-def metadata_model(
-    context: AssetExecutionContext,
-    config: MetadataModelConfig,
-    labeled_splits: pd.DataFrame,
-    cases: pd.DataFrame,
-    storage: StoragePaths,
-    mlflow: MlflowTracking,
-    scin_source: ScinSourceResource,
-):
+def _train_metadata_model(candidate: CandidateRun) -> Trained:
     from scin_pipeline.core import evaluation
     from scin_pipeline.core import metadata_model as core_model
-    from scin_pipeline.core.packaged_model import PackagedClassifier
 
-    candidate = CandidateRun(
-        context,
-        "metadata_model",
-        config,
-        labeled_splits,
-        frame_version(cases, ["case_id"]),
-        storage,
-        mlflow,
-        scin_source.is_synthetic(),
-    )
-    previous = candidate.reusable()
-    if previous:
-        return candidate.output(
-            previous,
-            kind="sklearn_metadata",
-            image_size=None,
-            monitor="val_macro_f1",
-            reused=True,
-            resumed=False,
-            metadata={},
-        )
-    index = {c: i for i, c in enumerate(candidate.classes)}
-    per_case = labeled_splits.drop_duplicates("case_id")[["case_id", "split", "label"]]
-    frame = per_case.merge(cases, on="case_id", how="left")
+    config, inputs, classes = candidate.config, candidate.inputs, candidate.classes
+    index = {c: i for i, c in enumerate(classes)}
+    per_case = inputs["labeled_splits"].drop_duplicates("case_id")[["case_id", "split", "label"]]
+    frame = per_case.merge(inputs["cases"], on="case_id", how="left")
     features = metadata_features(frame)
     y = frame["label"].astype(str).map(index).to_numpy(np.int32)
     train, val = (frame["split"].astype(str) == "train").to_numpy(), (frame["split"].astype(str) == "val").to_numpy()
-    with mlflow.training_run(
-        run_key=candidate.run_key,
-        run_name="metadata_model",
-        tags=candidate.tags(),
-        params={
-            **config.model_dump(),
-            "n_train_cases": int(train.sum()),
-            "n_val_cases": int(val.sum()),
-            "features": len(METADATA_FEATURE_COLUMNS),
-            "classes": len(candidate.classes),
-        },
-    ) as run:
-        model = core_model.fit_single_label_metadata_model(
-            features[train], y[train], len(candidate.classes), seed=config.seed
-        )
+    params = {
+        "n_train_cases": int(train.sum()),
+        "n_val_cases": int(val.sum()),
+        "features": len(METADATA_FEATURE_COLUMNS),
+        "classes": len(classes),
+    }
+    with candidate.training_run({}, params) as run:
+        model = core_model.fit_single_label_metadata_model(features[train], y[train], len(classes), seed=config.seed)
         val_metrics = (
-            evaluation.classification_metrics(y[val], model.predict_proba(features[val]), candidate.classes)
-            if val.any()
-            else {}
+            evaluation.classification_metrics(y[val], model.predict_proba(features[val]), classes) if val.any() else {}
         )
         run.log_metrics({f"val_{k}": v for k, v in val_metrics.items() if np.isfinite(v)})
-        package = PackagedClassifier(
-            kind="sklearn_metadata",
-            classes=candidate.classes,
-            image_size=None,
-            metadata_columns=list(METADATA_FEATURE_COLUMNS),
-            model=model,
-            extra={"candidate": "metadata_model"},
+        macro_f1 = float(val_metrics.get("macro_f1", float("nan")))
+        fitted = SimpleNamespace(history=None, best_epoch=0, best_score=macro_f1)  # one fit, no epochs
+        return candidate.finish(
+            run,
+            model,
+            fitted,
+            tags={},
+            keras_backend="",
+            weights="",
+            metadata={"val_metrics": MetadataValue.json({k: round(float(v), 4) for k, v in val_metrics.items()})},
         )
-        row = candidate.finish(run, package, None, 0, float(val_metrics.get("macro_f1", float("nan"))), {})
-        resumed = bool(run.resumed)
-    row.update(keras_backend="", weights="")
-    return candidate.output(
-        row,
-        kind="sklearn_metadata",
-        image_size=None,
-        monitor="val_macro_f1",
-        reused=False,
-        resumed=resumed,
-        metadata={"val_metrics": MetadataValue.json({k: round(float(v), 4) for k, v in val_metrics.items()})},
-    )
 
 
-@asset(
-    group_name=GROUP,
-    kinds={"keras", "mlflow"},
-    code_version="1",
-    pool="gpu",
-    op_tags=GPU_TAGS,
-    description="Multimodal: the frozen ResNet50 image embedding and a metadata branch (the answers with "
-    "their missing-value masks) fused by concatenation, class-balanced, early stopping on validation "
-    "macro-F1. Saved as one model on raw uint8 images plus the metadata vector.",
-)
-def multimodal(
-    context: AssetExecutionContext,
-    config: TransferConfig,
-    labeled_splits: pd.DataFrame,
-    image_tensors: pd.DataFrame,
-    image_embeddings: pd.DataFrame,
-    cases: pd.DataFrame,
-    storage: StoragePaths,
-    mlflow: MlflowTracking,
-    scin_source: ScinSourceResource,
-):
-    candidate = CandidateRun(
-        context,
-        "multimodal",
-        config,
-        labeled_splits,
-        f"{pixels_version(image_tensors, image_embeddings)}:{frame_version(cases, ['case_id'])}",
-        storage,
-        mlflow,
-        scin_source.is_synthetic(),
-    )
-    image_size = int(image_tensors["image_size"].iloc[0])
-    weights = backbone_weights(image_embeddings)
-    previous = candidate.reusable()
-    if previous:
-        return candidate.output(
-            previous,
-            kind="keras_multimodal",
-            image_size=image_size,
-            monitor=config.monitor,
-            reused=True,
-            resumed=False,
-            metadata={},
-        )
+def _train_multimodal(candidate: CandidateRun) -> Trained:
+    config, inputs = candidate.config, candidate.inputs
     described = _prepare_keras(config)
     import keras
 
     from scin_pipeline.core import models, training
-    from scin_pipeline.core.packaged_model import PackagedClassifier
 
+    image_embeddings = inputs["image_embeddings"]
+    weights = backbone_weights(image_embeddings)
     classes, n_classes = candidate.classes, len(candidate.classes)
     parts = {}
     for split in ("train", "val"):
-        rows, y = split_rows(labeled_splits, image_tensors, split, classes)
+        rows, y = split_rows(inputs["labeled_splits"], inputs["image_tensors"], split, classes)
         emb = load_embeddings(image_embeddings, rows)
-        meta = metadata_features(rows[["case_id"]].merge(cases, on="case_id", how="left")).to_numpy(np.float32)
-        parts[split] = (emb, meta, y)
+        meta = metadata_features(rows[["case_id"]].merge(inputs["cases"], on="case_id", how="left"))
+        parts[split] = (emb, meta.to_numpy(np.float32), y)
     (e_train, m_train, y_train), (e_val, m_val, y_val) = parts["train"], parts["val"]
     train_config = _train_config(config)
-    with mlflow.training_run(
-        run_key=candidate.run_key,
-        run_name="multimodal",
-        tags=candidate.tags({KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights}),
-        params={
-            **config.model_dump(),
-            "weights": weights,
-            "image_size": image_size,
-            "n_train": len(y_train),
-            "n_val": len(y_val),
-            "classes": n_classes,
-            "metadata_features": m_train.shape[1],
-        },
-    ) as run:
+    tags = {KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights}
+    params = {
+        "weights": weights,
+        "image_size": candidate.image_size,
+        "n_train": len(y_train),
+        "n_val": len(y_val),
+        "classes": n_classes,
+        "metadata_features": m_train.shape[1],
+    }
+    with candidate.training_run(tags, params) as run:
         result = training.train_head_on_embeddings(
             e_train,
             y_train,
@@ -913,35 +798,63 @@ def multimodal(
                 normalize_metadata_with=m_train,
             ),
             config=train_config,
-            checkpoint_dir=_checkpoint_dir(storage, candidate),
-            on_epoch_end=_epoch_logger(run, context),
+            checkpoint_dir=candidate.checkpoint_dir,
+            on_epoch_end=candidate.epoch_logger(run),
         )
         backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
         model = models.compose_end_to_end(backbone, result.model, with_metadata=True)
-        package = PackagedClassifier(
-            kind="keras_multimodal",
-            classes=classes,
-            image_size=image_size,
-            metadata_columns=list(METADATA_FEATURE_COLUMNS),
-            model=model,
-            extra={"candidate": "multimodal", "weights": weights},
-        )
-        row = candidate.finish(
+        return candidate.finish(
             run,
-            package,
-            result.history,
-            result.best_epoch,
-            result.best_score,
-            {KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights},
+            model,
+            result,
+            tags=tags,
+            keras_backend=described["backend"],
+            weights=weights,
+            metadata={"history": table_md(result.history, rows=40)},
+            package_extra={"weights": weights},
         )
-        resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
-    row.update(keras_backend=described["backend"], weights=weights)
-    return candidate.output(
-        row,
-        kind="keras_multimodal",
-        image_size=image_size,
-        monitor=config.monitor,
-        reused=False,
-        resumed=resumed,
-        metadata={"history": table_md(result.history, rows=40)},
-    )
+
+
+baseline_cnn = candidate_asset(
+    name="baseline_cnn",
+    kind="keras_image",
+    config=TrainingConfig,
+    ins=("labeled_splits", "image_tensors"),
+    train=_train_baseline_cnn,
+    description="The student notebooks' two-layer CNN (32 and 64 filters), trained from the uint8 cache "
+    "with class weights and early stopping on validation macro-F1: the baseline every model must beat.",
+)
+
+resnet50_transfer = candidate_asset(
+    name="resnet50_transfer",
+    kind="keras_image",
+    config=TransferConfig,
+    ins=("labeled_splits", "image_tensors", "image_embeddings"),
+    train=_train_resnet50_transfer,
+    description="ResNet50 transfer: on an accelerator (or mode=fine_tune) the head is trained on a frozen "
+    "backbone, then the top layers are unfrozen at a lower learning rate (BatchNorm stays frozen), from the "
+    "uint8 cache with bfloat16 on GPU. On CPU (mode=auto) the head is trained on image_embeddings so a full "
+    "run stays practical. Saved as one end-to-end model on raw uint8 images.",
+)
+
+metadata_model = candidate_asset(
+    name="metadata_model",
+    kind="sklearn_metadata",
+    config=MetadataModelConfig,
+    ins=("labeled_splits", "cases"),
+    train=_train_metadata_model,
+    description="Metadata-only classifier (the contributor's answers: symptoms, body parts, textures, "
+    "duration, age group, sex, self-reported Fitzpatrick type): scikit-learn logistic regression plus "
+    "boosted stumps, class-balanced, one row per case. A floor for the image models.",
+)
+
+multimodal = candidate_asset(
+    name="multimodal",
+    kind="keras_multimodal",
+    config=TransferConfig,
+    ins=("labeled_splits", "image_tensors", "image_embeddings", "cases"),
+    train=_train_multimodal,
+    description="Multimodal: the frozen ResNet50 image embedding and a metadata branch (the answers with "
+    "their missing-value masks) fused by concatenation, class-balanced, early stopping on validation "
+    "macro-F1. Saved as one model on raw uint8 images plus the metadata vector.",
+)

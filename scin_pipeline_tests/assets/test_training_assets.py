@@ -136,6 +136,26 @@ def test_training_runs_are_tagged_with_dagster_run_and_split_version(trained):
     }
 
 
+def test_a_candidates_run_key_is_the_one_recipe_of_its_inputs(trained):
+    data_root, _mirror, _summary, uri = trained
+    from dagster import AssetKey
+
+    from scin_pipeline.assets.training import MetadataModelConfig, frame_version, metadata_model
+    from scin_pipeline.core.splits import splits_data_version
+    from scin_pipeline.resources.mlflow_tracking import RUN_KEY_TAG, run_key_for
+
+    row = table(data_root, "metadata_model").iloc[0]
+    expected = run_key_for(
+        asset_key="metadata_model",
+        code_version=metadata_model.code_versions_by_key[AssetKey("metadata_model")],
+        config=MetadataModelConfig().model_dump(),
+        splits_data_version=splits_data_version(table(data_root, "labeled_splits")),
+        inputs_version=frame_version(table(data_root, "cases"), ["case_id"]),
+    )
+    assert row["run_key"] == expected
+    assert mlflow.MlflowClient(uri).get_run(row["mlflow_run_id"]).data.tags[RUN_KEY_TAG] == expected
+
+
 def test_champion_alias_names_the_rule_winner_and_predicts_in_a_fresh_process(trained):
     data_root, mirror, _summary, uri = trained
     comparison = table(data_root, "model_comparison")
