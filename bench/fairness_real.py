@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scin_pipeline.core import evaluation, fairness
+from scin_pipeline.core import evaluation, fairness, schema
 from scin_pipeline.core.metadata import parse_metadata
 from scin_pipeline.core.metadata_model import CHOSEN_CONFIG, fit_single_label_metadata_model, metadata_features
 from scin_pipeline.core.splits import LabelPolicy, SplitConfig, assign_labels, make_splits
@@ -72,7 +72,7 @@ def group_table(table: pd.DataFrame, attribute: str) -> str:
             r = by_metric.loc[metric]
             diff = (
                 f" ({r['diff_to_overall']:+.3f})"
-                if attribute != fairness.OVERALL and np.isfinite(r["diff_to_overall"])
+                if attribute != schema.OVERALL and np.isfinite(r["diff_to_overall"])
                 else ""
             )
             cells.append(_cell(r) + diff)
@@ -125,9 +125,9 @@ def main() -> None:
     overall_line = ", ".join(f"{k} {v:.4f} (train-prior peer {peer[k]:.4f})" for k, v in overall.items())
     print(provenance)
     print(f"\nOverall test metrics (evaluation.classification_metrics): {overall_line}\n")
-    print("Overall with 95% bootstrap intervals:\n" + group_table(table, fairness.OVERALL) + "\n")
+    print("Overall with 95% bootstrap intervals:\n" + group_table(table, schema.OVERALL) + "\n")
     for attribute in PRINTED_ATTRIBUTES:
-        print(f"{fairness.ATTRIBUTE_TITLES[attribute]} (`{attribute}`); cell: value [95% CI] (diff to overall)")
+        print(f"{schema.ATTRIBUTE_TITLES[attribute]} (`{attribute}`); cell: value [95% CI] (diff to overall)")
         print(group_table(table, attribute) + "\n")
     print(f"Fairness gate: {'PASSED' if gate.passed else 'FAILED'}. {gate.reason}")
 

@@ -8,12 +8,13 @@ Decisions:
 - Sensitive attributes (:func:`sensitive_features`): Monk skin tone from the US and from the India lay
   graders, each also binned (default 1-2, 3-4, 5-6, 7-10, because tones 9-10 hold a dozen cases in all),
   dermatologist-estimated and self-reported Fitzpatrick type, race/ethnicity, sex at birth, age group.
-  A missing answer is the group ``"unknown"``; an answer that means "don't know" (``AGE_UNKNOWN``,
-  ``NONE_IDENTIFIED``, ``OTHER_OR_UNSPECIFIED``) keeps its own group, as in the data report.
+  A missing answer is the group ``"missing"`` (``schema.MISSING_GROUP``, as in the data report); an answer
+  that means "don't know" (``AGE_UNKNOWN``, ``NONE_IDENTIFIED``, ``OTHER_OR_UNSPECIFIED``) keeps its own
+  group.
 - Race/ethnicity is multi-select in SCIN. For a per-group metric each row must be in exactly one group,
   so: one box ticked -> that box's group (``WHITE``, ``ASIAN``, ..., ``PREFER_NOT_TO_ANSWER``); two or
   more boxes ticked, or the release's own ``race_ethnicity_two_or_more_after_mitigation`` flag (set
-  where the release merged rare combinations to protect privacy) -> ``"multiple"``; none -> ``"unknown"``.
+  where the release merged rare combinations to protect privacy) -> ``"multiple"``; none -> ``"missing"``.
   The data report counts the same answers multi-select; the two views differ on purpose.
 - Metrics (:data:`FAIRNESS_METRICS`): accuracy, balanced accuracy, macro-F1, mean one-vs-rest AUC,
   top-3 accuracy, with exactly the definitions of :mod:`scin_pipeline.core.evaluation`; ``n`` is a
@@ -83,10 +84,8 @@ from scin_pipeline.core.evaluation import (
     top_k_hits,
     validate_predictions,
 )
+from scin_pipeline.core.schema import ATTRIBUTE_TITLES, MISSING_GROUP, MULTIPLE_GROUP, OVERALL
 
-UNKNOWN_GROUP = "unknown"
-MULTIPLE_GROUP = "multiple"
-OVERALL = "overall"  # attribute and group name of the overall block
 DEFAULT_MONK_BINS: tuple[tuple[int, int], ...] = ((1, 2), (3, 4), (5, 6), (7, 10))
 ATTRIBUTES = [
     "monk_skin_tone_us",
@@ -99,18 +98,6 @@ ATTRIBUTES = [
     "sex_at_birth",
     "age_group",
 ]
-ATTRIBUTE_TITLES = {
-    "monk_skin_tone_us": "Monk skin tone (US lay graders)",
-    "monk_us_bin": "Monk skin tone bins (US lay graders)",
-    "monk_skin_tone_india": "Monk skin tone (India lay graders)",
-    "monk_india_bin": "Monk skin tone bins (India lay graders)",
-    "fst_dermatologist": "Fitzpatrick skin type, dermatologist-estimated (grader 1)",
-    "fst_self_reported": "Fitzpatrick skin type, self-reported",
-    "race_ethnicity": "Race/ethnicity, self-reported (several boxes ticked: 'multiple')",
-    "sex_at_birth": "Sex at birth, self-reported",
-    "age_group": "Age group, self-reported",
-    OVERALL: "All rows",
-}
 FAIRNESS_METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "mean_ovr_auc", "top3_accuracy"]
 TABLE_COLUMNS = [
     "model",
@@ -183,11 +170,11 @@ _BOOTSTRAP_CELLS = 2_000_000
 
 def _group_name(value) -> str:
     if value is None or (np.isscalar(value) and pd.isna(value)) or value is pd.NA:
-        return UNKNOWN_GROUP
+        return MISSING_GROUP
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))
     text = str(value).strip()
-    return text if text else UNKNOWN_GROUP
+    return text if text else MISSING_GROUP
 
 
 def _groups(values: pd.Series) -> pd.Series:
@@ -230,7 +217,7 @@ def _monk(cases: pd.DataFrame, attribute: str, monk_bins) -> tuple[pd.Series, pd
         )
     tone_groups = _groups(tones)
     lookup = {str(t): _bin_label(low, high) for low, high in monk_bins for t in range(low, high + 1)}
-    return tone_groups, tone_groups.map(lambda g: lookup.get(g, UNKNOWN_GROUP)).astype(object)
+    return tone_groups, tone_groups.map(lambda g: lookup.get(g, MISSING_GROUP)).astype(object)
 
 
 def _ticked(values: pd.Series) -> np.ndarray:
@@ -255,7 +242,7 @@ def _race(cases: pd.DataFrame) -> pd.Series:
         else np.zeros(len(cases), dtype=bool)
     )
     single = names[ticks.argmax(axis=1)]
-    groups = np.where(merged | (n_ticked >= 2), MULTIPLE_GROUP, np.where(n_ticked == 1, single, UNKNOWN_GROUP))
+    groups = np.where(merged | (n_ticked >= 2), MULTIPLE_GROUP, np.where(n_ticked == 1, single, MISSING_GROUP))
     return pd.Series(groups, index=cases.index, dtype=object)
 
 
@@ -263,7 +250,7 @@ def sensitive_features(
     cases: pd.DataFrame, *, monk_bins: Sequence[tuple[int, int]] = DEFAULT_MONK_BINS
 ) -> pd.DataFrame:
     """One string column per attribute of :data:`ATTRIBUTES`, indexed like ``cases`` (pass the case
-    metadata joined onto the rows being evaluated, e.g. one row per test image). Missing -> "unknown";
+    metadata joined onto the rows being evaluated, e.g. one row per test image). Missing -> "missing";
     race/ethnicity multi-select folded as described in the module docstring; Monk bins from
     ``monk_bins`` (ascending (low, high) ranges that cover 1-10)."""
     _check_monk_bins(monk_bins)
@@ -285,13 +272,13 @@ def sensitive_features(
 
 def group_order(attribute: str, groups: Iterable[str]) -> list[str]:
     """Natural order of the given groups: the attribute's known vocabulary (Monk 1..10, bins by their
-    first tone, FST1..FST6, ages ascending, ...), then other values by name, "unknown" last."""
+    first tone, FST1..FST6, ages ascending, ...), then other values by name, "missing" last."""
     groups = list(dict.fromkeys(str(g) for g in groups))
     known = KNOWN_GROUP_ORDER.get(attribute, [])
     rank = {g: i for i, g in enumerate(known)}
 
     def key(group: str):
-        if group == UNKNOWN_GROUP:
+        if group == MISSING_GROUP:
             return (3, 0, group)
         if group in rank:
             return (0, rank[group], group)
@@ -933,7 +920,7 @@ def _how_to_read(table: pd.DataFrame) -> str:
         f"Each cell: estimate [{level:.0%} percentile bootstrap interval, {n_boot} resamples within "
         "the group; where every resample gave the same value, e.g. 0 of n right, the Wilson score "
         "interval instead, noted per group]. Groups flagged 'insufficient data' are shown but never "
-        "called worst and never decide the gate. 'unknown' = not answered; 'multiple' = several "
+        "called worst and never decide the gate. 'missing' = not answered; 'multiple' = several "
         "race/ethnicity boxes."
     )
 

@@ -20,13 +20,12 @@ import numpy as np
 import pandas as pd
 
 from scin_pipeline.core.fairness import (
-    ATTRIBUTE_TITLES,
-    OVERALL,
     SYNTHETIC_BANNER,
     GateResult,
     group_metrics_wide,
     markdown_text_table,
 )
+from scin_pipeline.core.schema import ATTRIBUTE_TITLES, OVERALL
 
 SCIN_DATASET_NAME = "Skin Condition Image Network (SCIN)"
 SCIN_RELEASE = "1.0.0"

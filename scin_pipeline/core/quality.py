@@ -44,7 +44,7 @@ import pandas as pd
 from PIL import Image, ImageFilter, ImageStat
 
 from scin_pipeline.core.imageio import DEFAULT_MAX_PIXELS, decode_image, pixel_limit_guard
-from scin_pipeline.core.schema import MONK_SKIN_TONE_HEX
+from scin_pipeline.core.schema import MISSING_GROUP, MONK_SKIN_TONE_HEX
 
 
 def _hex_lightness(hex_colour: str) -> float:
@@ -639,12 +639,12 @@ def decide_quality(
 
 
 def exclusion_rates_by_monk_tone(decisions: pd.DataFrame, monk_tone: pd.Series) -> pd.DataFrame:
-    """Per Monk tone (1-10, and "unknown"): n, n_excluded, rate, and rate_<reason> for each reason seen."""
+    """Per Monk tone (1-10, and "missing"): n, n_excluded, rate, and rate_<reason> for each reason seen."""
     tone = pd.to_numeric(monk_tone.reindex(decisions.index), errors="coerce")
-    label = tone.map(lambda t: "unknown" if pd.isna(t) else str(int(t)))
+    label = tone.map(lambda t: MISSING_GROUP if pd.isna(t) else str(int(t)))
     reasons = sorted(r for r in decisions["reason"].dropna().unique())
     rows = []
-    order = [str(t) for t in range(1, 11)] + ["unknown"]
+    order = [str(t) for t in range(1, 11)] + [MISSING_GROUP]
     for value in [v for v in order if (label == v).any()]:
         group = decisions[label == value]
         excluded = ~group["keep"].astype(bool)

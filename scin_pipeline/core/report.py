@@ -5,8 +5,8 @@ The student notebooks explored SCIN by hand; this module computes the same views
 one Markdown document, from the tables of :func:`scin_pipeline.core.metadata.parse_metadata`.
 
 Conventions, applied to every table here:
-- A missing value is the group ``"missing"`` and is counted, never dropped: what was not answered is part
-  of what the data set is.
+- A missing value is the group ``"missing"`` (``schema.MISSING_GROUP``, as in the fairness report) and is
+  counted, never dropped: what was not answered is part of what the data set is.
 - An answer that *is* an answer (``AGE_UNKNOWN``, ``NONE_IDENTIFIED``, ``OTHER_OR_UNSPECIFIED``) keeps its
   own group, distinct from ``"missing"`` (no answer at all).
 - Groups come in their natural order (Monk tones 1..10, FST1..FST6, ages ascending), known groups with
@@ -29,8 +29,8 @@ from matplotlib.figure import Figure
 
 from scin_pipeline.core import schema
 from scin_pipeline.core.atomic import write_text_atomic
+from scin_pipeline.core.schema import ATTRIBUTE_TITLES, MISSING_GROUP
 
-MISSING_GROUP = "missing"
 SYNTHETIC_BANNER = "SYNTHETIC DATA: images in this run are synthetic; no number here describes real skin conditions"
 REPORT_MARKDOWN_FILE = "data_report.md"
 PLOT_DPI = 100
@@ -64,16 +64,6 @@ ATTRIBUTE_ORDER = [
     "sex_at_birth",
     "age_group",
 ]
-ATTRIBUTE_TITLES = {
-    "monk_skin_tone_us": "Monk skin tone, estimated by US lay graders",
-    "monk_skin_tone_india": "Monk skin tone, estimated by India lay graders",
-    "fst_self_reported": "Fitzpatrick skin type, self-reported",
-    "fst_dermatologist": "Fitzpatrick skin type, estimated by dermatologist (grader 1)",
-    RACE_ATTRIBUTE: "Race/ethnicity, self-reported (multi-select)",
-    "combined_race": "Race/ethnicity combination, as released (combined_race)",
-    "sex_at_birth": "Sex at birth, self-reported",
-    "age_group": "Age group, self-reported",
-}
 # Natural group order where the column carries no categorical order of its own.
 KNOWN_GROUPS = {
     "monk_skin_tone_label_us": [str(t) for t in schema.MONK_TONES],

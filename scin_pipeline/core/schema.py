@@ -171,6 +171,31 @@ ENUM_VALUES: dict[str, list[str]] = {
     **{col: list(FST_VALUES) for col in DERM_FST_COLUMNS},
 }
 SHOT_TYPE_VALUES = ["CLOSE_UP", "AT_AN_ANGLE", "AT_DISTANCE"]
+
+# Group names of the reports (data report, quality exclusion rates, fairness report, model card). A row whose
+# answer is absent (the question was not answered, no grader gave a label) is in the group MISSING_GROUP:
+# counted, never dropped. Answers that mean "don't know" (AGE_UNKNOWN, NONE_IDENTIFIED, OTHER_OR_UNSPECIFIED)
+# are answers and keep their own groups.
+MISSING_GROUP = "missing"
+# Race/ethnicity with several boxes ticked, where each row must be in one group (the fairness report; the data
+# report counts the boxes multi-select instead).
+MULTIPLE_GROUP = "multiple"
+# The block over all rows, beside the per-group ones: its attribute and its group name.
+OVERALL = "overall"
+# Sensitive attributes as the reports title them.
+ATTRIBUTE_TITLES = {
+    "monk_skin_tone_us": "Monk skin tone (US lay graders)",
+    "monk_us_bin": "Monk skin tone bins (US lay graders)",
+    "monk_skin_tone_india": "Monk skin tone (India lay graders)",
+    "monk_india_bin": "Monk skin tone bins (India lay graders)",
+    "fst_self_reported": "Fitzpatrick skin type, self-reported",
+    "fst_dermatologist": "Fitzpatrick skin type, dermatologist-estimated (grader 1)",
+    "race_ethnicity": "Race/ethnicity, self-reported",
+    "combined_race": "Race/ethnicity combination, as released (combined_race)",
+    "sex_at_birth": "Sex at birth, self-reported",
+    "age_group": "Age group, self-reported",
+    OVERALL: "All rows",
+}
 MONK_TONES = list(range(1, 11))
 
 # The published Monk Skin Tone scale swatches (sRGB), tone 1 (lightest) to 10 (deepest): the one copy,

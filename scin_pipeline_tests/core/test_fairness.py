@@ -22,11 +22,8 @@ from scin_pipeline.core.fairness import (
     CI_BOOTSTRAP_WILSON,
     CI_WILSON,
     FAIRNESS_METRICS,
-    MULTIPLE_GROUP,
-    OVERALL,
     SYNTHETIC_BANNER,
     TABLE_COLUMNS,
-    UNKNOWN_GROUP,
     GateResult,
     _group_rng,
     bootstrap_metrics,
@@ -43,6 +40,7 @@ from scin_pipeline.core.fairness import (
     weighted_metrics,
     wilson_interval,
 )
+from scin_pipeline.core.schema import MISSING_GROUP, MULTIPLE_GROUP, OVERALL
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -99,17 +97,17 @@ def test_sensitive_features_by_hand():
     features = sensitive_features(case_frame())
     assert list(features.columns) == ATTRIBUTES
     assert list(features.index) == [10, 11, 12, 13, 14]
-    assert features["monk_skin_tone_us"].tolist() == ["1", "4", "7", "10", UNKNOWN_GROUP]
-    assert features["monk_us_bin"].tolist() == ["1-2", "3-4", "7-10", "7-10", UNKNOWN_GROUP]
-    assert features["monk_india_bin"].tolist() == ["1-2", "3-4", UNKNOWN_GROUP, "7-10", "5-6"]
-    assert features["fst_dermatologist"].tolist() == ["FST1", UNKNOWN_GROUP, "FST6", "FST3", "FST2"]
+    assert features["monk_skin_tone_us"].tolist() == ["1", "4", "7", "10", MISSING_GROUP]
+    assert features["monk_us_bin"].tolist() == ["1-2", "3-4", "7-10", "7-10", MISSING_GROUP]
+    assert features["monk_india_bin"].tolist() == ["1-2", "3-4", MISSING_GROUP, "7-10", "5-6"]
+    assert features["fst_dermatologist"].tolist() == ["FST1", MISSING_GROUP, "FST6", "FST3", "FST2"]
     # "NONE_IDENTIFIED" / "AGE_UNKNOWN" are answers, kept apart from a missing answer.
-    assert features["fst_self_reported"].tolist() == ["FST2", "NONE_IDENTIFIED", UNKNOWN_GROUP, "FST5", "FST1"]
+    assert features["fst_self_reported"].tolist() == ["FST2", "NONE_IDENTIFIED", MISSING_GROUP, "FST5", "FST1"]
     assert features["age_group"].tolist() == [
         "AGE_18_TO_29",
         "AGE_UNKNOWN",
         "AGE_80_OR_ABOVE",
-        UNKNOWN_GROUP,
+        MISSING_GROUP,
         "AGE_30_TO_39",
     ]
     # one box -> its group; two boxes or the release's mitigation flag -> multiple; none -> unknown
@@ -118,7 +116,7 @@ def test_sensitive_features_by_hand():
         MULTIPLE_GROUP,
         "PREFER_NOT_TO_ANSWER",
         MULTIPLE_GROUP,
-        UNKNOWN_GROUP,
+        MISSING_GROUP,
     ]
 
 
@@ -132,9 +130,9 @@ def test_sensitive_features_reads_raw_yes_flags_and_custom_bins():
         MULTIPLE_GROUP,
         "PREFER_NOT_TO_ANSWER",
         MULTIPLE_GROUP,
-        UNKNOWN_GROUP,
+        MISSING_GROUP,
     ]
-    assert features["monk_us_bin"].tolist() == ["1-3", "4-6", "7-8", "9-10", UNKNOWN_GROUP]
+    assert features["monk_us_bin"].tolist() == ["1-3", "4-6", "7-8", "9-10", MISSING_GROUP]
 
 
 @pytest.mark.parametrize("bins", [[(1, 2), (3, 10), (5, 6)], [(1, 4), (6, 10)], [(2, 1), (3, 10)]])
@@ -159,23 +157,23 @@ def test_sensitive_features_on_the_real_release(real_parsed_metadata):
     tones = features["monk_skin_tone_us"].value_counts()
     # README facts: tones 1-10 = 577, 1,660, 1,265, 687, 361, 248, 137, 57, 11, 2; 28 missing.
     assert [tones[str(t)] for t in range(1, 11)] == [577, 1660, 1265, 687, 361, 248, 137, 57, 11, 2]
-    assert tones[UNKNOWN_GROUP] == 28
+    assert tones[MISSING_GROUP] == 28
     assert features["monk_us_bin"].value_counts()["7-10"] == 137 + 57 + 11 + 2
     race = features["race_ethnicity"].value_counts()
     ticks = cases[[c for c in schema.RACE_COLUMNS if "two_or_more" not in c]].astype(bool).sum(axis=1)
     merged = cases["race_ethnicity_two_or_more_after_mitigation"].astype(bool)
     assert race[MULTIPLE_GROUP] == int(((ticks >= 2) | merged).sum())
-    assert race[UNKNOWN_GROUP] == int(((ticks == 0) & ~merged).sum())
+    assert race[MISSING_GROUP] == int(((ticks == 0) & ~merged).sum())
     assert race.sum() == len(cases)
 
 
 def test_group_order_is_natural():
-    assert group_order("monk_skin_tone_us", ["10", UNKNOWN_GROUP, "2", "1"]) == ["1", "2", "10", UNKNOWN_GROUP]
-    assert group_order("monk_us_bin", ["7-10", "1-2", UNKNOWN_GROUP, "3-4"]) == ["1-2", "3-4", "7-10", UNKNOWN_GROUP]
-    assert group_order("age_group", [UNKNOWN_GROUP, "AGE_40_TO_49", "AGE_18_TO_29"]) == [
+    assert group_order("monk_skin_tone_us", ["10", MISSING_GROUP, "2", "1"]) == ["1", "2", "10", MISSING_GROUP]
+    assert group_order("monk_us_bin", ["7-10", "1-2", MISSING_GROUP, "3-4"]) == ["1-2", "3-4", "7-10", MISSING_GROUP]
+    assert group_order("age_group", [MISSING_GROUP, "AGE_40_TO_49", "AGE_18_TO_29"]) == [
         "AGE_18_TO_29",
         "AGE_40_TO_49",
-        UNKNOWN_GROUP,
+        MISSING_GROUP,
     ]
 
 
@@ -566,7 +564,7 @@ def test_representation_by_split():
     assert train.loc["7-10", "share_in_dataset"] == pytest.approx(2 / 5)
     assert train.loc["1-2", "share_ratio"] == pytest.approx(0.5 / 0.2)
     union = table[table["split"] == "all_splits"].set_index("group")
-    assert union["n"].sum() == 4 and union.loc[UNKNOWN_GROUP, "n"] == 0
+    assert union["n"].sum() == 4 and union.loc[MISSING_GROUP, "n"] == 0
     assert list(table["split"].unique()) == ["train", "val", "test", "all_splits"]
     with pytest.raises(ValueError, match="'c9' is not in cases"):
         representation_by_split(pd.DataFrame({"case_id": ["c9"], "split": ["test"]}), cases)

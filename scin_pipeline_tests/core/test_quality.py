@@ -27,6 +27,7 @@ from scin_pipeline.core.quality import (
     hash_to_uint64,
     monk_tone_per_image,
 )
+from scin_pipeline.core.schema import MISSING_GROUP
 from scin_pipeline.core.synthetic.lesions import render_skin_image
 from scin_pipeline.core.synthetic.metadata import generate_synthetic_metadata
 from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
@@ -329,10 +330,10 @@ def test_exclusion_rates_by_monk_tone():
     )
     tones = pd.Series([1, 1, 9, 9, 9, None])
     out = exclusion_rates_by_monk_tone(decisions, tones).set_index("monk_tone")
-    assert list(out.index) == ["1", "9", "unknown"]
+    assert list(out.index) == ["1", "9", MISSING_GROUP]
     assert out.loc["1", "rate"] == 0.5 and out.loc["9", "n_excluded"] == 2
     assert out.loc["9", "rate_dark"] == pytest.approx(1 / 3) and out.loc["9", "rate_blurry"] == pytest.approx(1 / 3)
-    assert out.loc["unknown", "rate"] == 0.0
+    assert out.loc[MISSING_GROUP, "rate"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from PIL import Image
 
 from scin_pipeline.core import schema
 from scin_pipeline.core.report import (
-    MISSING_GROUP,
     PLOT_NAMES,
     REPORT_MARKDOWN_FILE,
     SYNTHETIC_BANNER,
@@ -24,6 +23,7 @@ from scin_pipeline.core.report import (
     representation_table,
     split_report,
 )
+from scin_pipeline.core.schema import MISSING_GROUP
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_BYTES = 150_000
