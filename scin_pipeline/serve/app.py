@@ -14,15 +14,26 @@ comes from the pydantic models below. ``POST /predict`` reads its multipart body
 request schema is declared by hand (``openapi_extra``). FastAPI's /docs and /redoc pages are switched off:
 they load their scripts from a CDN; the schema is at ``/openapi.json``.
 
+Cost per request (:mod:`.limits` says why each default): the body is read under a byte cap and a time limit
+(``body_timeout_s``: 408 ``timeout``); the picture's pixel count is checked from its header before it is
+decoded (``max_pixels``: 422 ``too_many_pixels``); decoding and predicting run in at most
+``max_concurrent_predictions`` threads at once, and a request that finds none free within
+``queue_timeout_s`` is answered 503 ``busy`` with ``Retry-After``. Request headers are timed by the HTTP
+protocol (:mod:`.server`).
+
 Privacy: uploads live in memory for the duration of the request and are written nowhere unless
-``store_uploads_dir`` is set (then under a random name, with no metadata). The request log line holds the
-method, path, status and time only: no client address (uvicorn's access log is off), no file name, no
-form value.
+``store_uploads_dir`` is set; then the decoded pixels are written, re-encoded as PNG under a random name, so
+nothing of the file but its pixels is kept (no EXIF: no GPS position, camera make or model, capture time; no
+file name). The request log line holds the method, path, status and time only: no client address
+(uvicorn's access log is off), no file name, no form value. A client that goes away mid-request is one
+info line, not an error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import logging
 import math
 import os
@@ -32,10 +43,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import PIL.Image
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scin_pipeline.core.atomic import write_bytes_atomic
 from scin_pipeline.serve.follow import DEFAULT_ALIAS_POLL_S, ModelFollower, ServingState
@@ -48,10 +64,18 @@ from scin_pipeline.serve.inputs import (
     metadata_field_descriptions,
     read_prediction_request,
 )
+from scin_pipeline.serve.limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_CONCURRENT_PREDICTIONS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_QUEUE_TIMEOUT_S,
+    ServeLimits,
+)
 from scin_pipeline.serve.model import DEFAULT_MODEL_URI, ServedModel
-from scin_pipeline.serve.prediction import NOT_A_DIAGNOSIS, model_info, notice_for, predict
+from scin_pipeline.serve.prediction import NOT_A_DIAGNOSIS, decode_upload, model_info, notice_for, predict_decoded
 
-DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # phone photos are 2-6 MB
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away before the answer": logged, never sent
 PAGE_RESOURCE = "static/index.html"
 LOG = logging.getLogger("scin_pipeline.serve")
 # The page loads nothing from elsewhere; the browser is told to refuse it too.
@@ -94,6 +118,7 @@ class MetadataField(BaseModel):
 class ModelDescription(ModelInfo):
     notice: str
     max_upload_bytes: int
+    max_pixels: int = Field(description="largest picture accepted, in pixels (width x height)")
     stores_uploads: bool = Field(description="accepted uploads are kept on the server (--store-uploads)")
     metadata_fields: list[MetadataField] = Field(
         description="optional questionnaire fields of POST /predict (used when uses_metadata)"
@@ -131,7 +156,10 @@ class PredictionResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    error: str = Field(description="short code, e.g. too_large, truncated, unsupported_media_type")
+    error: str = Field(
+        description="short code, e.g. too_large, too_many_pixels, too_small, truncated, unsupported_media_type, "
+        "timeout, busy"
+    )
     detail: str
     notice: str
 
@@ -193,17 +221,20 @@ def _predict_request_schema() -> dict:
 _ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
-        400: "malformed multipart body",
+        400: "malformed multipart body (cut off, no closing boundary, a part header too long)",
+        408: "the upload did not arrive within the body timeout (`timeout`)",
         413: "upload over the size limit",
         415: "not multipart/form-data, or not a PNG/JPEG image",
-        422: "empty, truncated, corrupt or decompression-bomb image; unknown field or value; no image",
+        422: "empty, truncated or corrupt image; more pixels than the limit (`too_many_pixels`); a side under "
+        "16 px (`too_small`); unknown field or value; no image",
     }.items()
 }
 _UNAVAILABLE = {
     503: {
         "model": UnavailableResponse,
-        "description": "no version holds the alias (no champion yet, "
-        "or model_comparison removed it): the reason is in `detail`",
+        "description": "`no_model`: no version holds the alias (no champion yet, or model_comparison removed it), "
+        "the reason is in `detail`; or `busy` (an ErrorResponse): every prediction slot stayed taken for the "
+        "queue timeout, try again after `Retry-After` seconds",
     }
 }
 
@@ -211,9 +242,54 @@ _UNAVAILABLE = {
 # ------------------------------------------------------------------------------------------------ app
 
 
-def _store_upload(folder: Path, data: bytes) -> None:
-    suffix = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
-    write_bytes_atomic(data, folder / f"{uuid.uuid4().hex}{suffix}")
+def _store_upload(folder: Path, rgb: np.ndarray) -> Path:
+    """The decoded pixels as a new PNG under a random name: no EXIF, ICC, text chunks or file name of the
+    upload survive (PIL writes only what it is given; the pixels are already EXIF-oriented)."""
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(rgb, "RGB").save(buffer, format="PNG", compress_level=3)
+    target = folder / f"{uuid.uuid4().hex}.png"
+    write_bytes_atomic(buffer.getvalue(), target)
+    return target
+
+
+class _RequestLog:
+    """One log line per request: method, path, status, time; nothing about who sent it or what. An exception
+    is logged with its traceback (it names code, not the request) and answered 500; a client that went away
+    is one info line (it is not the service failing, and a traceback per disconnect would let anyone flood
+    the log)."""
+
+    def __init__(self, app: ASGIApp, failure_response) -> None:
+        self.app = app
+        self.failure_response = failure_response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status: int | None = None
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        method, path = scope["method"], scope["path"]
+        try:
+            await self.app(scope, receive, send_and_note)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED_REQUEST
+        except Exception:
+            LOG.exception("%s %s failed", method, path)
+            if status is None:
+                await self.failure_response()(scope, receive, send)
+                status = 500
+        elapsed = (time.perf_counter() - started) * 1000
+        if status == CLIENT_CLOSED_REQUEST:
+            LOG.info("%s %s client disconnected after %.1f ms (no answer sent)", method, path, elapsed)
+        else:
+            LOG.info("%s %s %d %.1f ms", method, path, status or 0, elapsed)
 
 
 def _page_html() -> str:
@@ -228,16 +304,27 @@ def create_app(
     store_uploads_dir: str | os.PathLike | None = None,
     served_model: ServedModel | None = None,
     alias_poll_s: float = DEFAULT_ALIAS_POLL_S,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_concurrent_predictions: int = DEFAULT_MAX_CONCURRENT_PREDICTIONS,
+    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The service for ``model_uri``. Its version is resolved and loaded now: a ServeError here means it
     cannot start (no such model, a model that is not ours); an alias that holds no version is not one: the
     service starts and answers 503 until it does. ``alias_poll_s``: how often the alias is re-resolved
-    while the app runs (0: never; a pinned ``models:/NAME/VERSION`` never is).
+    while the app runs (0: never; a pinned ``models:/NAME/VERSION`` never is). The limits are
+    :class:`~scin_pipeline.serve.limits.ServeLimits`' (ValueError when one is out of range).
 
     ``served_model`` skips the registry (an already loaded model, e.g. for benchmarks).
     """
-    if not isinstance(max_upload_bytes, int) or max_upload_bytes < 1:
-        raise ValueError(f"max_upload_bytes must be a positive int, got {max_upload_bytes!r}")
+    ServeLimits(  # validates the limits the app enforces (the others are the server's)
+        max_upload_bytes=max_upload_bytes,
+        max_pixels=max_pixels,
+        max_concurrent_predictions=max_concurrent_predictions,
+        queue_timeout_s=queue_timeout_s,
+        body_timeout_s=body_timeout_s,
+        limit_concurrency=max(max_concurrent_predictions + 1, 2),
+    )
     if served_model is not None:
         served_model.warm_up()
         follower = ModelFollower.fixed(served_model)
@@ -246,6 +333,8 @@ def create_app(
         follower.start()
     store = Path(store_uploads_dir).expanduser().resolve() if store_uploads_dir else None
     page = _page_html()
+    prediction_slots = asyncio.Semaphore(max_concurrent_predictions)
+    busy_retry_after = str(max(1, math.ceil(queue_timeout_s or 1)))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -268,11 +357,13 @@ def create_app(
     def notice(served: ServedModel | None) -> str:
         return notice_for(served) if served is not None else NOT_A_DIAGNOSIS
 
-    def error_response(status: int, error: str, detail: str, served: ServedModel | None) -> JSONResponse:
+    def error_response(
+        status: int, error: str, detail: str, served: ServedModel | None, headers: dict | None = None
+    ) -> JSONResponse:
         return JSONResponse(
             {"error": error, "detail": detail, "notice": notice(served)},
             status_code=status,
-            headers={"Cache-Control": "no-store"},
+            headers={"Cache-Control": "no-store", **(headers or {})},
         )
 
     def unavailable_response(state: ServingState) -> JSONResponse:
@@ -290,23 +381,12 @@ def create_app(
         }
         return JSONResponse(body, status_code=503, headers=headers)
 
-    @app.middleware("http")
-    async def log_without_personal_data(request: Request, call_next):
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:
-            # The traceback names code, not the request; form values and file names never reach a log.
-            LOG.exception("%s %s failed", request.method, request.url.path)
-            response = error_response(500, "internal_error", "the service failed on this request", follower.served)
-        LOG.info(
-            "%s %s %d %.1f ms",
-            request.method,
-            request.url.path,
-            response.status_code,
-            (time.perf_counter() - started) * 1000,
-        )
-        return response
+    app.add_middleware(
+        _RequestLog,
+        failure_response=lambda: error_response(
+            500, "internal_error", "the service failed on this request", follower.served
+        ),
+    )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
@@ -336,6 +416,7 @@ def create_app(
             **model_info(served),
             "notice": notice(served),
             "max_upload_bytes": max_upload_bytes,
+            "max_pixels": max_pixels,
             "stores_uploads": store is not None,
             "metadata_fields": metadata_field_descriptions(),
         }
@@ -356,14 +437,58 @@ def create_app(
         if served is None:
             return unavailable_response(state)
         try:
-            parsed: PredictionRequest = await read_prediction_request(request, max_upload_bytes=max_upload_bytes)
-            answer = await run_in_threadpool(predict, served, parsed)
-            if store is not None and parsed.image is not None:
-                await run_in_threadpool(_store_upload, store, parsed.image)
+            try:
+                parsed: PredictionRequest = await asyncio.wait_for(
+                    read_prediction_request(request, max_upload_bytes=max_upload_bytes), timeout=body_timeout_s
+                )
+            except TimeoutError:
+                return error_response(
+                    408,
+                    "timeout",
+                    f"the upload did not arrive within {body_timeout_s:g} s: the connection is too slow or "
+                    f"stalled; try again, or send a smaller photo",
+                    served,
+                    headers={"Connection": "close"},
+                )
+            if not await _take_slot():
+                return error_response(
+                    503,
+                    "busy",
+                    "the service is busy with other photos right now: try again in a few seconds",
+                    served,
+                    headers={"Retry-After": busy_retry_after},
+                )
+            try:
+                answer = await run_in_threadpool(_work, served, parsed)
+            finally:
+                prediction_slots.release()
         except RequestError as exc:
             return error_response(exc.status, exc.error, exc.detail, served)
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(
             PredictionResponse.model_validate(answer).model_dump(mode="json"), headers={"Cache-Control": "no-store"}
         )
+
+    async def _take_slot() -> bool:
+        """A prediction slot, waiting at most ``queue_timeout_s``; False when none came free."""
+        if queue_timeout_s == 0:
+            if prediction_slots.locked():
+                return False
+            await prediction_slots.acquire()  # a free slot: does not wait
+            return True
+        try:
+            await asyncio.wait_for(prediction_slots.acquire(), timeout=queue_timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _work(served: ServedModel, parsed: PredictionRequest) -> dict:
+        # In a worker thread, inside a prediction slot: the decoded pixels exist only here.
+        rgb = decode_upload(parsed.image, max_pixels) if parsed.image is not None else None
+        answer = predict_decoded(served, parsed, rgb)
+        if store is not None and rgb is not None:
+            _store_upload(store, rgb)
+        return answer
 
     return app

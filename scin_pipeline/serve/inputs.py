@@ -13,6 +13,10 @@
   (``textures``, ``body_parts``, ``symptoms``) is a list of the ticked case columns, as repeated fields or
   comma-separated. Unknown fields or values are refused (422) rather than silently read as "not answered".
 
+- Malformed bodies are 400 ``bad_multipart`` with a message for people: a body that ends without its
+  closing boundary (``--BOUNDARY--``: cut off, or not multipart at all) and a part header over
+  python-multipart's limit (4,224 bytes: e.g. a file name thousands of characters long) included.
+
 Client file names are never read into anything that is logged or returned.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pandas as pd
+from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
@@ -72,8 +77,26 @@ def _in_memory_parser(cap: int) -> type[MultiPartParser]:
     class InMemoryMultiPartParser(MultiPartParser):
         # Above this size a SpooledTemporaryFile moves to disk; a part cannot outgrow the capped body.
         spool_max_size = cap + 1
+        reached_end = False  # python-multipart saw the closing boundary (its finalize() does not check)
+
+        def on_end(self) -> None:
+            self.reached_end = True
 
     return InMemoryMultiPartParser
+
+
+def _plain_multipart_problem(exc: MultiPartException) -> str:
+    """What was wrong with the body, for people (never quoting the client's file name)."""
+    cause = str(exc.__cause__ or "")
+    if "header size" in cause.lower():
+        return (
+            f"a part header of the multipart body is too long (over {DEFAULT_MAX_HEADER_SIZE:,} bytes; usually a "
+            "very long file name): rename the file to a shorter name and send it again"
+        )
+    if "header" in cause.lower() and "count" in cause.lower():
+        return "a part of the multipart body has too many headers"
+    reason = f": {cause}" if cause else f": {exc.message}"
+    return f"the body is not valid multipart/form-data{reason}"
 
 
 async def _capped_stream(request: Request, cap: int):
@@ -153,7 +176,15 @@ async def read_prediction_request(request: Request, *, max_upload_bytes: int) ->
     try:
         form = await parser.parse()
     except MultiPartException as exc:
-        raise RequestError(400, "bad_multipart", f"malformed multipart/form-data: {exc.message}") from None
+        raise RequestError(400, "bad_multipart", _plain_multipart_problem(exc)) from None
+    if not parser.reached_end:
+        await form.close()
+        raise RequestError(
+            400,
+            "bad_multipart",
+            "the multipart body ends before its closing boundary: the upload was cut off or is not "
+            "multipart/form-data; send it again",
+        )
     try:
         image: bytes | None = None
         fields: dict[str, list[str]] = {}

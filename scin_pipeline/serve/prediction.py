@@ -15,7 +15,11 @@ why it deserves less trust.
   skin are flagged: a lighter reference would call well-exposed photos of deep skin "dark", a warning that
   would fall on one group of people.
 - too small: a short side under ``MIN_SHORT_SIDE`` (64) px is flagged, not refused: the model enlarges it
-  and can still answer, but fine detail is absent.
+  and can still answer, but fine detail is absent. A side under ``MIN_SIDE`` (16) px is refused (422
+  ``too_small``) before the quality code runs: such a picture (1 x 1, 1 x N, 2 x 2, ...) holds no skin to
+  look at, and the quality metrics are not made for it.
+- too many pixels: the decoder refuses a header that declares more than ``max_pixels`` (the service's
+  ``--max-megapixels``) before any pixel buffer exists (422 ``too_many_pixels``).
 - overexposed, low information, blurry: the curation thresholds as they are (measured on the synthetic
   mirror; see QualityConfig).
 """
@@ -28,6 +32,7 @@ import pandas as pd
 from scin_pipeline.core.image_cache import decode_bytes_rgb, preprocess_image
 from scin_pipeline.core.quality import MONK_SWATCH_LIGHTNESS, QualityConfig, decide_quality, image_metrics
 from scin_pipeline.serve.inputs import PredictionRequest, RequestError
+from scin_pipeline.serve.limits import DEFAULT_MAX_PIXELS
 from scin_pipeline.serve.model import ServedModel
 
 NOT_A_DIAGNOSIS = (
@@ -37,17 +42,19 @@ NOT_A_DIAGNOSIS = (
 )
 SYNTHETIC_NOTICE = "This model was trained on SYNTHETIC images: its output says nothing about real skin conditions."
 MIN_SHORT_SIDE = 64
+MIN_SIDE = 16
 DARK_REFERENCE_MONK_TONE = 10
 TOP_K = 3
 UPLOAD_NAME = "upload"  # what error messages call the file: never the client's own file name
-# ImagePreprocessError.kind -> HTTP status. A decompression bomb is 422, not 413: the request is small; its
-# content declares a picture too large to decode.
-STATUS_BY_DECODE_KIND = {
-    "unsupported_format": 415,
-    "empty_file": 422,
-    "truncated": 422,
-    "corrupt": 422,
-    "decompression_bomb": 422,
+# ImagePreprocessError.kind -> (HTTP status, error code). A picture over the pixel limit is 422, not 413: the
+# request is small; its content declares a picture too large to decode. The decoder calls it a decompression
+# bomb whatever the limit; the service says what the sender can change.
+ERROR_BY_DECODE_KIND = {
+    "unsupported_format": (415, "unsupported_format"),
+    "empty_file": (422, "empty_file"),
+    "truncated": (422, "truncated"),
+    "corrupt": (422, "corrupt"),
+    "decompression_bomb": (422, "too_many_pixels"),
 }
 QUALITY_METRICS_SHOWN = ("brightness_median", "overexposed_fraction", "entropy", "sharpness", "texture")
 
@@ -56,14 +63,28 @@ def notice_for(served: ServedModel) -> str:
     return f"{NOT_A_DIAGNOSIS} {SYNTHETIC_NOTICE}" if served.synthetic_data else NOT_A_DIAGNOSIS
 
 
-def decode_upload(data: bytes) -> np.ndarray:
-    """The full-size RGB pixels of PNG/JPEG bytes (training's guarded decoder); RequestError when refused."""
+def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The full-size RGB pixels of PNG/JPEG bytes (training's guarded decoder, its header check at
+    ``max_pixels``); RequestError when refused, or when a side is under ``MIN_SIDE`` px."""
     from scin_pipeline.core.image_cache import ImagePreprocessError
 
     try:
-        return decode_bytes_rgb(bytes(data), UPLOAD_NAME)
+        rgb = decode_bytes_rgb(bytes(data), UPLOAD_NAME, max_pixels=max_pixels)
     except ImagePreprocessError as exc:
-        raise RequestError(STATUS_BY_DECODE_KIND.get(exc.kind, 422), exc.kind, str(exc)) from None
+        status, error = ERROR_BY_DECODE_KIND.get(exc.kind, (422, exc.kind))
+        detail = str(exc)
+        if error == "too_many_pixels":
+            detail += f". This service takes pictures of up to {max_pixels:,} pixels: send a smaller copy of the photo"
+        raise RequestError(status, error, detail) from None
+    height, width = rgb.shape[:2]
+    if min(width, height) < MIN_SIDE:
+        raise RequestError(
+            422,
+            "too_small",
+            f"{UPLOAD_NAME}: the picture is {width} x {height} px, too small to look at: each side must be at "
+            f"least {MIN_SIDE} px (a photo of the skin is usually hundreds of pixels wide)",
+        )
+    return rgb
 
 
 DEFAULT_QUALITY = QualityConfig()  # frozen: one shared default instance
@@ -147,13 +168,18 @@ def model_info(served: ServedModel) -> dict:
     }
 
 
-def predict(served: ServedModel, request: PredictionRequest) -> dict:
+def predict(served: ServedModel, request: PredictionRequest, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """The answer of POST /predict (see app.PredictionResponse); RequestError for a refused image."""
-    if request.image is None and served.uses_image:
+    rgb = decode_upload(request.image, max_pixels) if request.image is not None else None
+    return predict_decoded(served, request, rgb)
+
+
+def predict_decoded(served: ServedModel, request: PredictionRequest, rgb: np.ndarray | None) -> dict:
+    """:func:`predict` for an upload already decoded by :func:`decode_upload` (``rgb``; None: no image)."""
+    if rgb is None and served.uses_image:
         raise RequestError(422, "missing_file", "no image: send it as the file field `file` (PNG or JPEG)")
     quality = images = None
-    if request.image is not None:
-        rgb = decode_upload(request.image)
+    if rgb is not None:
         quality = quality_verdict(rgb)
         if served.uses_image:
             images = preprocess_image(rgb, served.package.image_size)[None]

@@ -169,11 +169,9 @@ def _ready(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 def serve_process(registry, tmp_path_factory) -> ServerProcess:
-    """``scin-pipeline serve --data-root <registry>`` on a free loopback port, in its own process group;
-    the whole group is stopped (SIGTERM, then SIGKILL) at the end."""
+    """``scin-pipeline serve --data-root <registry>`` (default limits) on a free loopback port, in its own
+    process group; the whole group is stopped (SIGTERM, then SIGKILL) at the end."""
     port = services.free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SCIN_"))}
-    log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
     command = [
         str(Path(sys.executable).parent / "scin-pipeline"),
         "serve",
@@ -184,6 +182,12 @@ def serve_process(registry, tmp_path_factory) -> ServerProcess:
         "--port",
         str(port),
     ]
+    yield from run_server_process(command, port, registry, tmp_path_factory.mktemp("serve-log") / "serve.log")
+
+
+def run_server_process(command: list[str], port: int, registry: Registry, log_path: Path):
+    """Start ``command`` (a server on ``port``), wait for /healthz, yield its ServerProcess, stop it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SCIN_"))}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             command,

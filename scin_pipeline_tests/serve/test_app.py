@@ -3,9 +3,14 @@ registered in a temporary MLflow registry (conftest.py)."""
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
+import threading
+import time
 
 import numpy as np
+import PIL.Image
 import pytest
 from fastapi.testclient import TestClient
 
@@ -138,6 +143,23 @@ def _chunked_multipart(total_bytes: int):
     return {"content": iter(body), "headers": {"Content-Type": f"multipart/form-data; boundary={boundary}"}}
 
 
+def _multipart_without_end():
+    boundary = "synthetic-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode() + good_png()
+    return {"content": body, "headers": {"Content-Type": f"multipart/form-data; boundary={boundary}"}}
+
+
+@functools.cache
+def huge_flat_png(side: int = 7000) -> bytes:
+    """The issue's upload: a valid ~143 KB PNG of 7000 x 7000 px (one grey; deflate packs it ~1000:1)."""
+    import cv2
+
+    return cv2.imencode(".png", np.full((side, side, 3), 128, np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])[1].tobytes()
+
+
 BAD_REQUESTS = {
     "not an image": (lambda c: post_image(c, b"this is a text file, not a photo"), 422, "corrupt"),
     "wrong declared type": (
@@ -152,7 +174,22 @@ BAD_REQUESTS = {
         "truncated",
     ),
     "empty file": (lambda c: post_image(c, b""), 422, "empty_file"),
-    "decompression bomb": (lambda c: post_image(c, decompression_bomb_png()), 422, "decompression_bomb"),
+    "decompression bomb": (lambda c: post_image(c, decompression_bomb_png()), 422, "too_many_pixels"),
+    "6000 x 6000 PNG (36 Mpx)": (lambda c: post_image(c, huge_flat_png(6000)), 422, "too_many_pixels"),
+    "1 x 1 PNG": (lambda c: post_image(c, encode(np.full((1, 1, 3), 120, np.uint8))), 422, "too_small"),
+    "1 x 40 PNG": (lambda c: post_image(c, encode(np.full((40, 1, 3), 120, np.uint8))), 422, "too_small"),
+    "40 x 1 PNG": (lambda c: post_image(c, encode(np.full((1, 40, 3), 120, np.uint8))), 422, "too_small"),
+    "2 x 2 JPEG": (
+        lambda c: post_image(c, encode(np.full((2, 2, 3), 120, np.uint8), "JPEG"), content_type="image/jpeg"),
+        422,
+        "too_small",
+    ),
+    "no closing boundary": (lambda c: c.post("/predict", **_multipart_without_end()), 400, "bad_multipart"),
+    "5,000-character file name": (
+        lambda c: post_image(c, good_png(), filename="a" * 5000 + ".png"),
+        400,
+        "bad_multipart",
+    ),
     "GIF": (
         lambda c: post_image(c, b"GIF89a" + b"\0" * 64, content_type="application/octet-stream"),
         415,
@@ -337,8 +374,104 @@ def test_uploads_are_stored_only_when_configured(registry, tmp_path):
         assert post_image(client, data, filename="jane-doe.png").status_code == 200
         assert post_image(client, b"not an image").status_code == 422
     kept = list(store.iterdir())
-    assert len(kept) == 1 and kept[0].read_bytes() == data
-    assert "jane" not in kept[0].name and kept[0].suffix == ".png"
+    assert len(kept) == 1 and "jane" not in kept[0].name and kept[0].suffix == ".png"
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(kept[0]).convert("RGB")), decode_upload(data))
+
+
+def gps_tagged_jpeg(rgb: np.ndarray) -> bytes:
+    """A JPEG with the EXIF a phone writes: GPS position (IFD 0x8825), camera make and model, capture time."""
+    exif = PIL.Image.Exif()
+    exif[0x010F] = "SyntheticPhoneMaker"  # Make
+    exif[0x0110] = "SynthPhone 12 Pro"  # Model
+    exif[0x0132] = "2026:01:02 03:04:05"  # DateTime
+    exif[0x8825] = {1: "N", 2: (48.0, 51.0, 29.0), 3: "E", 4: (2.0, 17.0, 40.0)}  # GPSInfo: Paris
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(rgb).save(buffer, format="JPEG", quality=92, exif=exif)
+    return buffer.getvalue()
+
+
+def test_stored_uploads_keep_pixels_only_no_gps_or_camera(registry, tmp_path):
+    store = tmp_path / "kept"
+    data = gps_tagged_jpeg(synthetic_skin_rgb(6, (120, 90)))
+    with PIL.Image.open(io.BytesIO(data)) as sent:  # the test photo really carries the metadata
+        assert sent.getexif().get_ifd(0x8825)[2] == (48.0, 51.0, 29.0) and sent.getexif()[0x0110] == "SynthPhone 12 Pro"
+    app = create_app(f"models:/{MODEL_NAME}@champion", tracking_uri=registry.tracking_uri, store_uploads_dir=store)
+    with TestClient(app) as client:
+        assert post_image(client, data, content_type="image/jpeg", filename="IMG_0001.jpg").status_code == 200
+    (kept,) = store.iterdir()
+    raw = kept.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and kept.suffix == ".png"
+    traces = (b"Exif", b"SynthPhone", b"SyntheticPhoneMaker", b"2026:01:02", b"eXIf", b"tEXt", b"iTXt", b"IMG_0001")
+    assert [trace for trace in traces if trace in raw] == []
+    with PIL.Image.open(kept) as stored:
+        assert not stored.getexif() and not stored.info.get("exif")
+        np.testing.assert_array_equal(np.asarray(stored.convert("RGB")), decode_upload(data))
+
+
+def test_a_picture_over_the_pixel_limit_is_refused_from_its_header(registry):
+    app = create_app(
+        f"models:/{MODEL_NAME}@champion", tracking_uri=registry.tracking_uri, max_pixels=100 * 100, alias_poll_s=0
+    )
+    with TestClient(app) as client:
+        assert client.get("/model").json()["max_pixels"] == 10_000
+        assert post_image(client, encode(synthetic_skin_rgb(1, (100, 100)))).status_code == 200
+        refused = post_image(client, encode(synthetic_skin_rgb(1, (101, 100))))
+        assert refused.status_code == 422 and refused.json()["error"] == "too_many_pixels"
+        assert "101 x 100" in refused.json()["detail"] and "10,000 pixels" in refused.json()["detail"]
+
+
+def test_tiny_pictures_are_refused_with_a_plain_message_never_a_500(image_app):
+    _, client = image_app
+    for height, width in [(1, 1), (1, 300), (300, 1), (2, 2), (15, 200)]:
+        response = post_image(client, encode(np.full((height, width, 3), 90, np.uint8)))
+        assert response.status_code == 422, (height, width, response.text)
+        body = response.json()
+        assert body["error"] == "too_small" and f"{width} x {height} px, too small" in body["detail"]
+    small_but_usable = post_image(client, encode(synthetic_skin_rgb(2, (16, 40)))).json()
+    assert [i["issue"] for i in small_but_usable["quality"]["issues"]][:1] == ["too_small"]
+
+
+def test_multipart_problems_are_400_in_plain_words(image_app):
+    _, client = image_app
+    cut = client.post("/predict", **_multipart_without_end()).json()
+    assert "closing boundary" in cut["detail"] and "cut off" in cut["detail"]
+    long_name = post_image(client, good_png(), filename="b" * 5000 + ".png").json()
+    assert "file name" in long_name["detail"] and "bbbb" not in long_name["detail"]
+
+
+def test_when_every_prediction_slot_is_taken_the_answer_is_503_busy_with_retry_after(registry, monkeypatch):
+    import scin_pipeline.serve.app as app_module
+
+    release, entered = threading.Event(), threading.Event()
+    real = app_module.predict_decoded
+
+    def held(*args):
+        entered.set()
+        release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(app_module, "predict_decoded", held)
+    app = create_app(
+        f"models:/{MODEL_NAME}@champion",
+        tracking_uri=registry.tracking_uri,
+        alias_poll_s=0,
+        max_concurrent_predictions=1,
+        queue_timeout_s=0.2,
+    )
+    results = {}
+    with TestClient(app) as client:
+        first = threading.Thread(target=lambda: results.setdefault("first", post_image(client, good_png())))
+        first.start()
+        assert entered.wait(30)
+        started = time.monotonic()
+        busy = post_image(client, good_png())
+        waited = time.monotonic() - started
+        release.set()
+        first.join(30)
+        assert busy.status_code == 503 and busy.json()["error"] == "busy", busy.text
+        assert busy.headers["retry-after"] == "1" and 0.2 <= waited < 5
+        assert results["first"].status_code == 200
+        assert post_image(client, good_png()).status_code == 200  # the slot was given back
 
 
 def test_startup_fails_clearly_without_a_model_or_with_a_bad_uri(registry):

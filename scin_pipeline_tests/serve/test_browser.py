@@ -1,7 +1,8 @@
 """The page in a real browser: headless Chromium from Debian's package, driven by Playwright (no browser
 download), against ``scin-pipeline serve`` running as a subprocess. A SYNTHETIC photo is uploaded, the
 result is read off the page and compared with the JSON API's answer for the same bytes; the screenshot
-goes to artifacts/screenshots/serve-prediction.png.
+goes to artifacts/screenshots/serve-prediction.png. On a phone-sized window, where the answer is below the
+form, it is scrolled into view after Classify, and a refused picture is explained in plain words there.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import re
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from scin_pipeline_tests.serve.conftest import MODEL_NAME, encode, require_chromium, synthetic_skin_rgb
@@ -28,6 +30,7 @@ def test_upload_a_photo_and_read_the_prediction_in_chromium(serve_process, regis
 
     chromium = require_chromium()
     png = encode(synthetic_skin_rgb(4, (320, 240)))
+    tiny = encode(np.full((1, 1, 3), 200, np.uint8))  # refused (422 too_small), never a 500
     expected = httpx.post(
         f"{serve_process.base_url}/predict", files={"file": ("a.png", png, "image/png")}, timeout=60
     ).json()
@@ -68,6 +71,23 @@ def test_upload_a_photo_and_read_the_prediction_in_chromium(serve_process, regis
             expect(page.locator("#quality-verdict")).to_contain_text("no problem found (320 x 240 px)")
             expect(page.locator("#result-model")).to_contain_text("SYNTHETIC")
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # A phone-sized window: the answer area is below the form and comes into view by itself.
+            page.set_viewport_size({"width": 390, "height": 700})
+            page.evaluate("window.scrollTo(0, 0)")
+            page.set_input_files("#file", files=[{"name": "dot.png", "mimeType": "image/png", "buffer": tiny}])
+            page.click("#submit")
+            error = page.get_by_test_id("error")
+            expect(error).to_be_visible()
+            expect(page.locator("#error-title")).to_have_text("The picture is too small")
+            expect(error).to_be_in_viewport()
+            expect(page.locator("#result")).to_be_hidden()
+            page.set_input_files("#file", files=[{"name": UPLOAD_NAME, "mimeType": "image/png", "buffer": png}])
+            page.evaluate("window.scrollTo(0, 0)")
+            page.click("#submit")
+            expect(top).to_be_visible()
+            expect(top).to_be_in_viewport()
+            expect(error).to_be_hidden()
         finally:
             browser.close()
 
@@ -76,6 +96,7 @@ def test_upload_a_photo_and_read_the_prediction_in_chromium(serve_process, regis
     assert SCREENSHOT.stat().st_size > MIN_SCREENSHOT_BYTES
     assert external == []  # the page loads nothing from elsewhere
     log = serve_process.log_text()
-    assert re.search(r"POST /predict 200", log)
+    assert re.search(r"POST /predict 200", log) and re.search(r"POST /predict 422", log)
+    assert "Traceback" not in log and not re.search(r"POST /predict 500", log)
     assert "jane-doe" not in log
     assert not re.search(r"POST /predict.*127\.0\.0\.1", log)  # no client address on request lines

@@ -38,3 +38,30 @@ def test_serve_follows_the_alias_every_few_seconds_by_default(tmp_path, capsys):
     assert build_parser().parse_args(["serve", "--alias-poll-s", "0"]).alias_poll_s == 0.0
     assert main(["serve", "--data-root", str(tmp_path), "--alias-poll-s", "-1"]) == EXIT_USAGE
     assert "--alias-poll-s" in capsys.readouterr().err
+
+
+def test_the_limit_options_default_to_the_documented_limits():
+    import argparse
+
+    import pytest
+
+    from scin_pipeline.serve.limits import ServeLimits, add_limit_arguments, limits_from_args
+
+    parser = argparse.ArgumentParser()
+    add_limit_arguments(parser)
+    limits = limits_from_args(parser.parse_args([]))
+    assert limits == ServeLimits()
+    assert (limits.max_upload_bytes, limits.max_pixels) == (10 * 2**20, 25_000_000)
+    assert limits.max_concurrent_predictions == 2
+    assert (limits.header_timeout_s, limits.body_timeout_s, limits.keep_alive_s) == (10.0, 30.0, 5)
+    assert (limits.queue_timeout_s, limits.limit_concurrency) == (10.0, 32)
+    custom = limits_from_args(parser.parse_args(["--max-megapixels", "12.5", "--body-timeout-s", "60"]))
+    assert (custom.max_pixels, custom.body_timeout_s) == (12_500_000, 60.0)
+    for bad, fragment in [
+        (["--max-megapixels", "0"], "--max-megapixels"),
+        (["--limit-concurrency", "2"], "limit_concurrency"),
+        (["--header-timeout-s", "0"], "header_timeout_s"),
+        (["--queue-timeout-s", "-1"], "queue_timeout_s"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            limits_from_args(parser.parse_args(bad))
