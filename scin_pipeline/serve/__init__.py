@@ -17,23 +17,34 @@
 docs/serving.md describes the service for users.
 """
 
-from scin_pipeline.serve.app import create_app
-from scin_pipeline.serve.follow import DEFAULT_ALIAS_POLL_S, ModelFollower
-from scin_pipeline.serve.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, ServeLimits
-from scin_pipeline.serve.model import DEFAULT_MODEL_URI, AliasNotSet, ServedModel, ServeError, load_served_model
-from scin_pipeline.serve.prediction import NOT_A_DIAGNOSIS
+import importlib
 
-__all__ = [
-    "DEFAULT_ALIAS_POLL_S",
-    "DEFAULT_MAX_PIXELS",
-    "DEFAULT_MAX_UPLOAD_BYTES",
-    "DEFAULT_MODEL_URI",
-    "NOT_A_DIAGNOSIS",
-    "AliasNotSet",
-    "ModelFollower",
-    "ServeError",
-    "ServeLimits",
-    "ServedModel",
-    "create_app",
-    "load_served_model",
-]
+# Loaded on first use (PEP 562): the CLI reads the serve options (.limits) without importing FastAPI, MLflow
+# and the model code, which only `scin-pipeline serve` itself needs.
+_EXPORTS = {
+    "create_app": "app",
+    "DEFAULT_ALIAS_POLL_S": "follow",
+    "ModelFollower": "follow",
+    "DEFAULT_MAX_PIXELS": "limits",
+    "DEFAULT_MAX_UPLOAD_BYTES": "limits",
+    "ServeLimits": "limits",
+    "DEFAULT_MODEL_URI": "model",
+    "AliasNotSet": "model",
+    "ServedModel": "model",
+    "ServeError": "model",
+    "load_served_model": "model",
+    "NOT_A_DIAGNOSIS": "prediction",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
