@@ -42,7 +42,6 @@ from dagster import (
     schedule,
     sensor,
 )
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from scin_pipeline.assets.curation import quality_shards
 from scin_pipeline.core.alerts import DAGSTER_URL_ENV, Alert, alert_sinks_from_env, deliver, run_link, shorten
@@ -66,7 +65,6 @@ DEFAULT_RELEASE_SENSOR_INTERVAL_S = 3600
 SENSOR_SOURCE_TIMEOUT_S = 20.0
 WEEKLY_CRON = "0 3 * * 1"  # Mondays 03:00
 SCHEDULE_TIMEZONE = "UTC"
-GPU_POOL = "gpu"  # training assets declare pool="gpu"; the instance limits it (docker/dagster.yaml)
 
 TRIGGER_TAG = "scin/trigger"
 # Runs launched by `scin-pipeline run`/`demo` carry ENTRY_TAG=CLI_ENTRY and deliver their failure alert themselves.
@@ -75,11 +73,19 @@ CLI_ENTRY = "cli"
 RELEASE_TAG = "scin/release"
 FINGERPRINT_TAG = "scin/release_fingerprint"
 
+# Dagster's run tags for "one run covers this range of partitions" (single-run backfills). Dagster 1.13
+# exports no public constant or RunRequest argument for them (its own constants are in the internal
+# dagster._core.storage.tags), so they are named here once. The strings are stored on the runs of every
+# single-run backfill and are how Dagster's maintainers say to launch a range as one run (dagster-io/dagster
+# discussion 11653); test_orchestration checks that Dagster's RunRequest reads them back as the range.
+PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
+PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
+
 
 def all_shards_tags() -> dict[str, str]:
     """Run tags that make one run cover every shard of the sharded curation asset."""
     keys = quality_shards.get_partition_keys()
-    return {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
+    return {PARTITION_RANGE_START_TAG: keys[0], PARTITION_RANGE_END_TAG: keys[-1]}
 
 
 def automation_enabled(env: dict | None = None) -> bool:

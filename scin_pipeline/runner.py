@@ -122,12 +122,19 @@ class RunSummary:
 def stale_asset_keys(root: Path, source: str) -> list:
     """Assets (or any partition of them) that are missing or stale by Dagster's code and data versions.
 
-    Uses Dagster's own stale-status resolver, the one behind the UI's "Materialize changed and missing";
-    it is internal API (``dagster._core``), hence this one function around it. Config edits are not
+    Uses Dagster's own stale-status resolver, the one behind the UI's "Materialize changed and missing"
+    and the daemon's ``RunRequest(stale_assets_only=True)``. Dagster 1.13 has no public API that answers
+    "which assets are stale" outside a sensor or the GraphQL of a running webserver, so this is the one
+    function around the internals: ``dagster._core.definitions.data_version.CachingStaleStatusResolver``
+    and ``StaleStatus``, with an ``AssetGraphView`` as its loading context (the context the automation
+    daemon uses over an asset graph; not ``LoadingContextForTest``, a test helper). Config edits are not
     tracked by Dagster's versions: a changed config is a deliberate rerun with ``--select``.
     """
+    from datetime import UTC, datetime
+
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
-    from dagster._core.loader import LoadingContextForTest
+    from dagster._core.definitions.temporal_context import TemporalContext
 
     from scin_pipeline.definitions import build_resources
 
@@ -135,7 +142,12 @@ def stale_asset_keys(root: Path, source: str) -> list:
     graph = Definitions(
         assets=ALL_ASSETS, asset_checks=ALL_ASSET_CHECKS, resources=build_resources(data_root=str(root), source=source)
     ).resolve_asset_graph()
-    resolver = CachingStaleStatusResolver(instance, asset_graph=graph, loading_context=LoadingContextForTest(instance))
+    loading_context = AssetGraphView(
+        temporal_context=TemporalContext(effective_dt=datetime.now(UTC), last_event_id=None),
+        instance=instance,
+        asset_graph=graph,
+    )
+    resolver = CachingStaleStatusResolver(instance, asset_graph=graph, loading_context=loading_context)
     stale = []
     for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
         node = graph.get(key)

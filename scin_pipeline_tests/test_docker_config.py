@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from scin_pipeline.core.alerts import DAGSTER_URL_ENV, WEBHOOK_URL_ENV
-from scin_pipeline.orchestration import AUTOMATION_ENV, GPU_POOL, RELEASE_SENSOR_INTERVAL_ENV
+from scin_pipeline.orchestration import AUTOMATION_ENV, RELEASE_SENSOR_INTERVAL_ENV
+from scin_pipeline_tests.test_orchestration import gpu_pool
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 REPO = DOCKER.parent
@@ -103,7 +104,8 @@ def test_dagster_services_share_the_instance_and_postgres_credentials(compose):
         assert name in env, name
     assert env[AUTOMATION_ENV] == "on"
     daemon = command_text(compose["services"]["dagster-daemon"])
-    assert f"dagster instance concurrency set {GPU_POOL}" in daemon and "dagster-daemon run" in daemon
+    # The pool the GPU steps declare is the pool whose limit the daemon sets (the number of GPUs).
+    assert f"dagster instance concurrency set {gpu_pool()}" in daemon and "dagster-daemon run" in daemon
 
 
 def test_mlflow_server_uses_postgres_and_serves_artifacts_from_a_volume(compose):

@@ -16,6 +16,7 @@ from dagster import (
     DefaultScheduleStatus,
     DefaultSensorStatus,
     Definitions,
+    PartitionKeyRange,
     RunRequest,
     SkipReason,
     build_run_status_sensor_context,
@@ -26,6 +27,7 @@ from dagster import (
 )
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
+from scin_pipeline.assets.curation import quality_shards
 from scin_pipeline.core.alerts import WEBHOOK_URL_ENV, read_alerts
 from scin_pipeline.core.paths import CASES_OBJECT, LABELS_OBJECT
 from scin_pipeline.core.sources import LocalMirrorSource
@@ -36,7 +38,6 @@ from scin_pipeline.orchestration import (
     CLI_ENTRY,
     ENTRY_TAG,
     FINGERPRINT_TAG,
-    GPU_POOL,
     RELEASE_TAG,
     ReleaseState,
     all_shards_tags,
@@ -80,18 +81,39 @@ def test_jobs_select_by_group_so_they_follow_the_assets_a_group_gains():
     assert job_asset_keys("full_pipeline") == {spec.key for spec in defs.resolve_all_asset_specs()}
 
 
+def k8s_limits(op_def) -> dict:
+    """The container resource limits a step asks Kubernetes for (its ``dagster-k8s/config`` tag)."""
+    config = op_def.tags.get("dagster-k8s/config") or {}
+    if isinstance(config, str):
+        config = json.loads(config)
+    return config.get("container_config", {}).get("resources", {}).get("limits", {})
+
+
+def gpu_pool() -> str:
+    """The one concurrency pool of the steps that ask Kubernetes for a GPU (the training assets declare
+    it; docker/compose.yaml's daemon sets its limit)."""
+    pools = {a.op.pool for a in defs.assets if "nvidia.com/gpu" in k8s_limits(a.op)}
+    assert len(pools) == 1 and None not in pools, f"GPU steps must share one pool, got {pools}"
+    return pools.pop()
+
+
 def test_every_step_that_asks_kubernetes_for_a_gpu_is_in_the_gpu_pool():
     """The pool (one step per GPU, docker/dagster.yaml) and the k8s GPU request must travel together:
     a GPU step outside the pool would oversubscribe a GPU host; a pool member without the request would
     get a pod with no GPU on Kubernetes."""
+    pool = gpu_pool()
     for assets_def in defs.assets:
         op_def = assets_def.op
-        config = op_def.tags.get("dagster-k8s/config") or {}
-        if isinstance(config, str):
-            config = json.loads(config)
-        limits = config.get("container_config", {}).get("resources", {}).get("limits", {})
+        limits = k8s_limits(op_def)
         asks_for_gpu = "nvidia.com/gpu" in limits
-        assert asks_for_gpu == (op_def.pool == GPU_POOL), f"{op_def.name}: pool {op_def.pool}, k8s limits {limits}"
+        assert asks_for_gpu == (op_def.pool == pool), f"{op_def.name}: pool {op_def.pool}, k8s limits {limits}"
+
+
+def test_the_shard_range_tags_are_the_ones_dagster_reads():
+    """all_shards_tags names Dagster's partition-range run tags by their documented strings (no public
+    constant exists): Dagster's own RunRequest must read them back as the range of every shard."""
+    keys = quality_shards.get_partition_keys()
+    assert RunRequest(tags=all_shards_tags()).partition_key_range == PartitionKeyRange(keys[0], keys[-1])
 
 
 def test_automation_is_opt_in_and_failure_alerts_are_always_on():
