@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scin_pipeline.core import evaluation, fairness, schema
+from scin_pipeline.core import evaluation, fairness, fairness_report, schema
 from scin_pipeline.core.metadata import parse_metadata
 from scin_pipeline.core.metadata_model import CHOSEN_CONFIG, fit_single_label_metadata_model, metadata_features
 from scin_pipeline.core.splits import LabelPolicy, SplitConfig, assign_labels, make_splits
@@ -132,13 +132,15 @@ def main() -> None:
     print(f"Fairness gate: {'PASSED' if gate.passed else 'FAILED'}. {gate.reason}")
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    markdown = fairness.fairness_markdown(table, gate, model=MODEL, synthetic=False)
+    markdown = fairness_report.fairness_markdown(table, gate, model=MODEL, synthetic=False)
     markdown += (
         f"\n## Provenance\n\n{provenance}\n\nOverall test metrics "
         f"(`evaluation.classification_metrics`): {overall_line}.\n"
     )
     (OUT_DIR / "fairness_metadata_model_real.md").write_text(markdown)
-    page = fairness.fairness_html(table, gate, fairness.fairness_plots(table), model=MODEL, synthetic=False)
+    page = fairness_report.fairness_html(
+        table, gate, fairness_report.fairness_plots(table), model=MODEL, synthetic=False
+    )
     page = page.replace(
         "</body></html>",
         f"<h2>Provenance</h2><p>{html.escape(provenance)}</p>"

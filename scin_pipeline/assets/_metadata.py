@@ -3,7 +3,7 @@
 import pandas as pd
 from dagster import MetadataValue
 
-from scin_pipeline.core.report import markdown_table, png_data_uri
+from scin_pipeline.core.rendering import markdown_table, png_data_uri
 
 PREVIEW_ROWS = 10
 

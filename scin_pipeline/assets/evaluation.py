@@ -27,7 +27,7 @@ from scin_pipeline.assets._metadata import metric_md
 from scin_pipeline.core.atomic import write_bytes_atomic
 from scin_pipeline.core.champion import ChampionRule, champion_rule_text, choose_champion, no_champion_reason
 from scin_pipeline.core.image_cache import split_arrays
-from scin_pipeline.core.report import png_data_uri_bytes
+from scin_pipeline.core.rendering import png_data_uri_bytes
 from scin_pipeline.resources import MlflowTracking, StoragePaths
 from scin_pipeline.resources.mlflow_tracking import CHAMPION_CLEARED_REASON_TAG
 

@@ -29,7 +29,7 @@ from scin_pipeline.assets._metadata import metric_md, table_md
 from scin_pipeline.assets.evaluation import candidates_table
 from scin_pipeline.core.atomic import write_parquet_atomic, write_text_atomic
 from scin_pipeline.core.evaluation import case_level_predictions
-from scin_pipeline.core.report import png_data_uri_bytes
+from scin_pipeline.core.rendering import png_data_uri_bytes
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
 
 GROUP = "evaluation"
@@ -93,6 +93,7 @@ def fairness_report(
     scin_source: ScinSourceResource,
 ):
     from scin_pipeline.core import fairness
+    from scin_pipeline.core.fairness_report import fairness_html, fairness_markdown, fairness_plots, plot_key
 
     candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)
     classes = json.loads(candidates["classes"].iloc[0])
@@ -118,9 +119,9 @@ def fairness_report(
         gate = fairness.fairness_gate(
             table, metric=config.gate_metric, max_gap=config.max_gap, attributes=config.gate_attributes
         )
-        plots = fairness.fairness_plots(table, metrics=(config.gate_metric,))
-        html = fairness.fairness_html(table, gate, plots, model=candidate.model, synthetic=synthetic)
-        markdown = fairness.fairness_markdown(table, gate, model=candidate.model, synthetic=synthetic)
+        plots = fairness_plots(table, metrics=(config.gate_metric,))
+        html = fairness_html(table, gate, plots, model=candidate.model, synthetic=synthetic)
+        markdown = fairness_markdown(table, gate, model=candidate.model, synthetic=synthetic)
         write_text_atomic(html, out_dir / f"{candidate.model}.html")
         write_text_atomic(markdown, out_dir / f"{candidate.model}.md")
         with mlflow.log_to_run(candidate.mlflow_run_id) as run:
@@ -135,7 +136,7 @@ def fairness_report(
             )
         tables.append(table)
         gates[candidate.model] = gate
-        monk = fairness.plot_key("monk_us_bin", config.gate_metric)
+        monk = plot_key("monk_us_bin", config.gate_metric)
         if monk in plots:
             metadata[f"{candidate.model}_monk_us_bin"] = MetadataValue.md(
                 f"![{candidate.model}]({png_data_uri_bytes(plots[monk])})"

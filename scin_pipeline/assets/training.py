@@ -42,7 +42,7 @@ from scin_pipeline.core.atomic import atomic_target
 from scin_pipeline.core.image_cache import split_arrays, split_rows
 from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
 from scin_pipeline.core.progress import Progress
-from scin_pipeline.core.report import png_data_uri_bytes
+from scin_pipeline.core.rendering import png_data_uri_bytes
 from scin_pipeline.core.splits import splits_data_version
 from scin_pipeline.core.training import TrainConfig
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths

@@ -19,12 +19,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from scin_pipeline.core.fairness import (
-    SYNTHETIC_BANNER,
-    GateResult,
-    group_metrics_wide,
-    markdown_text_table,
-)
+from scin_pipeline.core.fairness import GateResult
+from scin_pipeline.core.fairness_report import SYNTHETIC_BANNER, group_metrics_wide
+from scin_pipeline.core.rendering import markdown_text_table
 from scin_pipeline.core.schema import ATTRIBUTE_TITLES, OVERALL
 
 SCIN_DATASET_NAME = "Skin Condition Image Network (SCIN)"

@@ -19,7 +19,6 @@ no GUI backend, safe in Dagster's threaded executors.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from matplotlib.figure import Figure
 
 from scin_pipeline.core import schema
 from scin_pipeline.core.atomic import write_text_atomic
+from scin_pipeline.core.rendering import format_cell, markdown_table, png_data_uri
 from scin_pipeline.core.schema import ATTRIBUTE_TITLES, MISSING_GROUP
 
 SYNTHETIC_BANNER = "SYNTHETIC DATA: images in this run are synthetic; no number here describes real skin conditions"
@@ -609,7 +609,7 @@ def _plot_missingness(missingness: pd.DataFrame, path: Path) -> Path:
     else:
         y = np.arange(len(top))
         bars = ax.barh(y, top["share_missing"], color="#7f7f7f")
-        ax.bar_label(bars, labels=[_format_cell(s) for s in top["share_missing"]], fontsize=7, padding=2)
+        ax.bar_label(bars, labels=[format_cell(s) for s in top["share_missing"]], fontsize=7, padding=2)
         ax.set_yticks(y, top["table"] + "." + top["column"], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 1.1)
@@ -621,29 +621,6 @@ def _plot_missingness(missingness: pd.DataFrame, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- markdown
-
-
-def _format_cell(value) -> str:
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (float, np.floating)):
-        if np.isnan(value):
-            return ""
-        if 0 < value < 0.01:  # small shares matter here (deep tones): keep them distinguishable from 0
-            return f"{value:.2%}"
-        return f"{value:.1%}" if 0 <= value <= 1 else f"{value:,.2f}"
-    if isinstance(value, (int, np.integer)):
-        return f"{value:,}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table. Floats in [0, 1] are shown as percentages (every float column
-    of these tables is a share); integers with thousands separators."""
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "| " + " | ".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in frame.columns) + " |"
-    body = ["| " + " | ".join(_format_cell(v) for v in row) + " |" for row in frame.itertuples(index=False, name=None)]
-    return "\n".join([header, rule, *body])
 
 
 def _image_link(name: str) -> str:
@@ -752,17 +729,6 @@ def _build_markdown(
         "",
     ]
     return "\n".join(lines)
-
-
-def png_data_uri(path: str | Path) -> str:
-    """A PNG file as a ``data:`` URI, for Markdown viewers that cannot reach local files (Dagster's
-    ``MetadataValue.md``)."""
-    return png_data_uri_bytes(Path(path).read_bytes())
-
-
-def png_data_uri_bytes(data: bytes) -> str:
-    """PNG bytes as a ``data:`` URI (see ``png_data_uri``)."""
-    return f"data:image/png;base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def markdown_with_inline_images(report: DataReport) -> str:

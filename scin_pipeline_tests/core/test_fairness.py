@@ -5,14 +5,11 @@ flagged, the gate on planted gaps and on hand-made tables, representation by spl
 
 from __future__ import annotations
 
-import io
 import json
-import re
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from scin_pipeline.core import schema
 from scin_pipeline.core.evaluation import top_k_hits
@@ -22,16 +19,11 @@ from scin_pipeline.core.fairness import (
     CI_BOOTSTRAP_WILSON,
     CI_WILSON,
     FAIRNESS_METRICS,
-    SYNTHETIC_BANNER,
     TABLE_COLUMNS,
     GateResult,
     _group_rng,
     bootstrap_metrics,
     fairness_gate,
-    fairness_html,
-    fairness_markdown,
-    fairness_plot_png,
-    fairness_plots,
     fairness_table,
     group_order,
     metric_interval,
@@ -41,8 +33,7 @@ from scin_pipeline.core.fairness import (
     wilson_interval,
 )
 from scin_pipeline.core.schema import MISSING_GROUP, MULTIPLE_GROUP, OVERALL
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from scin_pipeline_tests.core.fairness_inputs import case_frame, model_output
 
 
 def proba_for(pred, k: int, top: float = 0.6) -> np.ndarray:
@@ -52,15 +43,6 @@ def proba_for(pred, k: int, top: float = 0.6) -> np.ndarray:
     return proba
 
 
-def model_output(n: int, k: int, signal: float, rng: np.random.Generator):
-    """Labels and softmax probabilities of a model whose true-class logit is raised by ``signal``."""
-    y = rng.integers(0, k, n)
-    logits = rng.normal(size=(n, k))
-    logits[np.arange(n), y] += signal
-    proba = np.exp(logits)
-    return y, proba / proba.sum(axis=1, keepdims=True)
-
-
 def value(table: pd.DataFrame, attribute: str, group: str, metric: str, column: str = "value"):
     row = table[(table["attribute"] == attribute) & (table["group"] == group) & (table["metric"] == metric)]
     assert len(row) == 1, (attribute, group, metric)
@@ -68,29 +50,6 @@ def value(table: pd.DataFrame, attribute: str, group: str, metric: str, column: 
 
 
 # ------------------------------------------------------------------------------ sensitive features
-
-
-def case_frame() -> pd.DataFrame:
-    """Five cases in the parsed-metadata layout (race boxes as bools, tones as Int8, enums as category)."""
-    race = {c: [False] * 5 for c in schema.RACE_COLUMNS}
-    race["race_ethnicity_white"] = [True, True, False, False, False]
-    race["race_ethnicity_asian"] = [False, True, False, False, False]  # case 2: two boxes
-    race["race_ethnicity_prefer_not_to_answer"] = [False, False, True, False, False]
-    race["race_ethnicity_two_or_more_after_mitigation"] = [False, False, False, True, False]
-    frame = pd.DataFrame(
-        {
-            "case_id": ["c1", "c2", "c3", "c4", "c5"],
-            "monk_skin_tone_label_us": pd.array([1, 4, 7, 10, None], dtype="Int8"),
-            "monk_skin_tone_label_india": pd.array([2, 3, None, 9, 6], dtype="Int8"),
-            "fst_dermatologist": pd.Categorical(["FST1", None, "FST6", "FST3", "FST2"], categories=schema.FST_VALUES),
-            "fitzpatrick_skin_type": pd.Categorical(["FST2", "NONE_IDENTIFIED", None, "FST5", "FST1"]),
-            "sex_at_birth": pd.Categorical(["FEMALE", "MALE", None, "FEMALE", "OTHER_OR_UNSPECIFIED"]),
-            "age_group": pd.Categorical(["AGE_18_TO_29", "AGE_UNKNOWN", "AGE_80_OR_ABOVE", None, "AGE_30_TO_39"]),
-            **race,
-        },
-        index=[10, 11, 12, 13, 14],
-    )
-    return frame
 
 
 def test_sensitive_features_by_hand():
@@ -568,52 +527,3 @@ def test_representation_by_split():
     assert list(table["split"].unique()) == ["train", "val", "test", "all_splits"]
     with pytest.raises(ValueError, match="'c9' is not in cases"):
         representation_by_split(pd.DataFrame({"case_id": ["c9"], "split": ["test"]}), cases)
-
-
-# ----------------------------------------------------------------------------------------- reports
-
-
-@pytest.fixture(scope="module")
-def report_inputs():
-    rng = np.random.default_rng(12)
-    y, proba = model_output(600, 4, signal=2.0, rng=rng)
-    cases = pd.concat([case_frame()] * 120, ignore_index=True)
-    table = fairness_table(
-        "synthetic-cnn", y, proba, list("abcd"), sensitive_features(cases), n_bootstrap=30, min_group_n=130
-    )
-    return table, fairness_gate(table)
-
-
-def test_markdown_report(report_inputs):
-    table, gate = report_inputs
-    text = fairness_markdown(table, gate, model="synthetic-cnn", synthetic=True)
-    assert text.splitlines()[0] == SYNTHETIC_BANNER
-    assert f"**Fairness gate: {'PASSED' if gate.passed else 'FAILED'}**" in text
-    assert f"**Fairness gate: {'FAILED' if gate.passed else 'PASSED'}**" not in text
-    for attribute in ATTRIBUTES:
-        assert f"`{attribute}`" in text
-    assert "insufficient data" in text
-    real = fairness_markdown(table, gate, model="synthetic-cnn", synthetic=False)
-    assert SYNTHETIC_BANNER not in real
-
-
-def test_html_report_is_self_contained(report_inputs):
-    table, gate = report_inputs
-    plots = fairness_plots(table)
-    page = fairness_html(table, gate, plots, model="synthetic-cnn", synthetic=True)
-    assert not re.search(r"https?:|(src|href)\s*=\s*[\"']?//|url\(|@import", page, re.I)
-    assert page.count("data:image/png;base64,") == len(plots) == len(ATTRIBUTES)
-    for attribute in ATTRIBUTES:
-        assert f"<code>{attribute}</code>" in page
-    assert page.index(SYNTHETIC_BANNER) < page.index("<h1>")
-    assert "<style>" in page and "<link" not in page and "<script" not in page
-
-
-def test_fairness_plot_png(report_inputs):
-    table, _ = report_inputs
-    data = fairness_plot_png(table, "monk_skin_tone_us", "balanced_accuracy")
-    assert data.startswith(PNG_SIGNATURE)
-    with Image.open(io.BytesIO(data)) as image:
-        assert image.size[0] >= 500
-    with pytest.raises(ValueError, match="no rows"):
-        fairness_plot_png(table, "shoe_size", "accuracy")

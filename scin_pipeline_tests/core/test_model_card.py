@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from scin_pipeline.core.evaluation import classification_metrics
-from scin_pipeline.core.fairness import SYNTHETIC_BANNER, fairness_gate, fairness_table
+from scin_pipeline.core.fairness import fairness_gate, fairness_table
+from scin_pipeline.core.fairness_report import SYNTHETIC_BANNER
 from scin_pipeline.core.model_card import (
     MODEL_CARD_SECTIONS,
     NOT_FOR_DIAGNOSIS,
