@@ -16,9 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-from scin_pipeline.core.data_root import DataRootLayout
+from scin_pipeline.core.data_root import (
+    DATA_ROOT_ENV,
+    DEFAULT_SOURCE,
+    METADATA_DIR_ENV,
+    SOURCE_ENV,
+    DataRootLayout,
+    default_data_root,
+)
 
-DEFAULT_DATA_ROOT = "data"
 DEMO_DEFAULT_OUT = "scin-demo"
 
 EXIT_FAILED = 1
@@ -66,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="materialise the asset graph on embedded defaults")
     run.add_argument(
         "--source",
-        default=os.environ.get("SCIN_SOURCE", "gcs"),
+        default=os.environ.get(SOURCE_ENV, DEFAULT_SOURCE),
         help="'gcs' (the public bucket gs://dx-scin-public-data) or a local mirror folder",
     )
-    run.add_argument("--data-root", default=os.environ.get("SCIN_DATA_ROOT", DEFAULT_DATA_ROOT))
+    run.add_argument("--data-root", default=default_data_root())
     run.add_argument(
         "--limit-cases", type=int, default=None, help="a deterministic sample of N cases (default: all 5,033)"
     )
@@ -82,13 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="folder with the real scin_cases.csv and scin_labels.csv (default: "
-        "$SCIN_METADATA_DIR if set, else the real SCIN 1.0.0 metadata bundled in "
+        f"${METADATA_DIR_ENV} if set, else the real SCIN 1.0.0 metadata bundled in "
         "the package)",
     )
     demo_metadata.add_argument(
         "--synthetic-metadata",
         action="store_true",
-        help="generate the metadata too (fully synthetic; ignores $SCIN_METADATA_DIR)",
+        help=f"generate the metadata too (fully synthetic; ignores ${METADATA_DIR_ENV})",
     )
     demo.add_argument("--cases", type=int, default=300, help="number of cases (default 300)")
     demo.add_argument("--out", default=DEMO_DEFAULT_OUT, help="output folder (the data root)")
@@ -103,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(demo)
 
     ui = sub.add_parser("ui", help="dagster dev on 127.0.0.1 plus the MLflow UI")
-    ui.add_argument("--data-root", default=os.environ.get("SCIN_DATA_ROOT", DEFAULT_DATA_ROOT))
-    ui.add_argument("--source", default=os.environ.get("SCIN_SOURCE", "gcs"))
+    ui.add_argument("--data-root", default=default_data_root())
+    ui.add_argument("--source", default=os.environ.get(SOURCE_ENV, DEFAULT_SOURCE))
     ui.add_argument("--port", type=int, default=3000)
     ui.add_argument("--mlflow-port", type=int, default=5000)
 
@@ -113,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--data-root",
-        default=os.environ.get("SCIN_DATA_ROOT", DEFAULT_DATA_ROOT),
+        default=default_data_root(),
         help="where the embedded MLflow store is (ignored when MLFLOW_TRACKING_URI is set)",
     )
     serve.add_argument(
@@ -228,11 +234,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _fail("--image-size must be at least 32 and --epochs at least 1", EXIT_USAGE)
     out = Path(args.out).expanduser().resolve()
     # Metadata: --synthetic-metadata, else --metadata, else $SCIN_METADATA_DIR, else the bundled release.
-    chosen = args.metadata or os.environ.get("SCIN_METADATA_DIR")
+    chosen = args.metadata or os.environ.get(METADATA_DIR_ENV)
     if args.synthetic_metadata:
         metadata, metadata_key, metadata_text = None, None, "SYNTHETIC metadata (--synthetic-metadata)"
     elif chosen:
-        given_by = "--metadata" if args.metadata else "SCIN_METADATA_DIR"
+        given_by = "--metadata" if args.metadata else METADATA_DIR_ENV
         metadata = Path(chosen).expanduser().resolve()
         if not metadata.is_dir():
             return _fail(f"{given_by} {chosen}: no such folder", EXIT_USAGE)
@@ -277,8 +283,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     env = {
         **os.environ,
         "DAGSTER_HOME": str(layout.dagster_home),
-        "SCIN_DATA_ROOT": str(root),
-        "SCIN_SOURCE": args.source,
+        DATA_ROOT_ENV: str(root),
+        SOURCE_ENV: args.source,
     }
     env.setdefault("MLFLOW_TRACKING_URI", layout.mlflow_uri)
     # MLflow 3's job-execution workers (six idle processes) only slow the UI's start and stop here.

@@ -2,37 +2,49 @@
 
 Deployment settings come from the environment only (SCIN_DATA_ROOT, SCIN_SOURCE, DAGSTER_HOME,
 MLFLOW_TRACKING_URI); everything else is Dagster config with defaults, overridable in the Launchpad.
+SCIN_DATA_ROOT and SCIN_SOURCE reach the resources as ``dagster.EnvVar`` (see :func:`env_or_default`);
+their names and defaults are owned by ``scin_pipeline.core.data_root``.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
-from dagster import BetaWarning, Definitions
+from dagster import Definitions, EnvVar
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
-from scin_pipeline.core.data_root import default_data_root
+from scin_pipeline.core.data_root import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, DEFAULT_SOURCE, SOURCE_ENV
 
 # Jobs, the weekly schedule, the release sensor and failure alerts live in scin_pipeline.orchestration.
 from scin_pipeline.orchestration import ALL_JOBS, ALL_SCHEDULES, ALL_SENSORS, full_pipeline_job  # noqa: F401
 from scin_pipeline.resources import MlflowTracking, ParquetTableIOManager, ScinSourceResource, StoragePaths
 
-# Output(data_version=...) is marked beta; we rely on it for content-based data versions on purpose.
-warnings.filterwarnings("ignore", category=BetaWarning)
+
+def env_or_default(name: str, default: str) -> str | EnvVar:
+    """``EnvVar(name)`` when the variable is set as the definitions load, else ``default``.
+
+    With an EnvVar, Dagster reads the variable when a run launches (and the UI shows the setting as coming
+    from it) instead of this module freezing its value at import. Dagster's EnvVar has no default, though:
+    one whose variable is unset fails every launch. Choosing at load keeps the documented default for a
+    deployment that does not set the variable; the code server, its run workers and its sensors share one
+    environment, so a variable set at load is set at launch too. Run config (as the CLI passes) overrides
+    either."""
+    return EnvVar(name) if name in os.environ else default
 
 
 def build_resources(data_root: str | None = None, source: str | None = None) -> dict:
     """The resources of the code location. One ``storage`` owns the data root: the IO manager and MLflow take
     that same resource as a nested dependency, and it is configurable at launch (``data_root`` defaulting to
     ``data_root``, else $SCIN_DATA_ROOT, else ``data``), so run config or the Launchpad setting
-    ``resources.storage.config.data_root`` once moves the tables, the caches and the MLflow store together."""
-    storage = StoragePaths.configure_at_launch(data_root=data_root or default_data_root())
+    ``resources.storage.config.data_root`` once moves the tables, the caches and the MLflow store together.
+    ``source`` likewise defaults to $SCIN_SOURCE, else ``gcs``."""
+    storage = StoragePaths.configure_at_launch(data_root=data_root or env_or_default(DATA_ROOT_ENV, DEFAULT_DATA_ROOT))
     return {
-        "scin_source": ScinSourceResource(location=source or os.environ.get("SCIN_SOURCE", "gcs")),
+        "scin_source": ScinSourceResource(location=source or env_or_default(SOURCE_ENV, DEFAULT_SOURCE)),
         "storage": storage,
         "io_manager": ParquetTableIOManager(storage=storage),
-        # tracking_uri None: MLFLOW_TRACKING_URI, else SQLite under <data_root>/mlflow (read at run time).
+        # tracking_uri None: MLFLOW_TRACKING_URI, else SQLite under <data_root>/mlflow. The resource reads the
+        # variable itself when a run starts (not at import), by its own rule in resources/mlflow_tracking.py.
         "mlflow": MlflowTracking(storage=storage),
     }
 

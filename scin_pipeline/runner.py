@@ -12,12 +12,13 @@ import errno
 import sys
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from dagster import DagsterInstance, Definitions
+from dagster import BetaWarning, DagsterInstance, Definitions
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
 from scin_pipeline.core.atomic import describe_os_error
@@ -208,7 +209,13 @@ def run_pipeline(
     graph = Definitions(
         assets=ALL_ASSETS, asset_checks=ALL_ASSET_CHECKS, resources=build_resources(data_root=str(root), source=source)
     ).resolve_asset_graph()
-    resolved = resolve_selection(select, graph)
+    with warnings.catch_warnings():
+        # Dagster's own parser behind resolve_selection (AssetSelection.from_string) turns a "group:" term
+        # into AssetSelection.groups(..., include_sources=...), a beta parameter that warns; not ours to change.
+        warnings.filterwarnings(
+            "ignore", message=r"Parameter `include_sources` of function `AssetSelection.groups`", category=BetaWarning
+        )
+        resolved = resolve_selection(select, graph)
     if resolved is not None and resolved.note and echo:
         echo(resolved.note)
     keys = None if resolved is None else resolved.keys
@@ -305,7 +312,14 @@ def execute_in_code_location(job_name: str, instance, *, run_config: dict, tags:
         job_code_origin=job.get_python_origin(),
         repository_load_data=load_data,
     )
-    return execute_run(job, run, instance)
+    with warnings.catch_warnings():
+        # The assets return Output(value, data_version=DataVersion(...)) on purpose (content-based data
+        # versions); that parameter of Output.__init__ is beta in Dagster 1.13 and warns in each step. Silenced
+        # for this in-process run only (runs launched by the UI or the daemon execute in their own process).
+        warnings.filterwarnings(
+            "ignore", message=r"Parameter `data_version` of initializer `Output.__init__`", category=BetaWarning
+        )
+        return execute_run(job, run, instance)
 
 
 def _summarize(result) -> RunSummary:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from scin_pipeline.cli import EXIT_UNREACHABLE, EXIT_USAGE, main
+from scin_pipeline.cli import EXIT_UNREACHABLE, EXIT_USAGE, build_parser, main
 from scin_pipeline.core.alerts import read_alerts
 from scin_pipeline_tests.tiny_mirror import write_tiny_mirror
 
@@ -192,6 +192,21 @@ def test_a_bad_selection_is_one_line_with_an_example(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert "e.g. 'raw_metadata,cases'" in captured.err and "labeled_splits" in captured.err
+
+
+def test_source_and_data_root_default_to_the_environment_else_the_documented_defaults(monkeypatch):
+    # The same names and defaults as the code location (core.data_root owns them).
+    monkeypatch.delenv("SCIN_SOURCE", raising=False)
+    monkeypatch.delenv("SCIN_DATA_ROOT", raising=False)
+    for command in ("run", "ui"):
+        args = build_parser().parse_args([command])
+        assert (args.source, args.data_root) == ("gcs", "data")
+    monkeypatch.setenv("SCIN_SOURCE", "/srv/mirror")
+    monkeypatch.setenv("SCIN_DATA_ROOT", "/srv/data")
+    for command in ("run", "ui"):
+        args = build_parser().parse_args([command])
+        assert (args.source, args.data_root) == ("/srv/mirror", "/srv/data")
+    assert build_parser().parse_args(["serve"]).data_root == "/srv/data"
 
 
 def test_bad_arguments_are_usage_errors(tmp_path, capsys):

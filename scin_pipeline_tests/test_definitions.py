@@ -1,4 +1,5 @@
-"""Snapshot of the asset graph, its checks and jobs: a structural change must be made on purpose.
+"""Snapshot of the asset graph, its checks and jobs: a structural change must be made on purpose; and the
+environment-driven resource settings.
 
 After a deliberate change, regenerate with:  UPDATE_SNAPSHOTS=1 make test ARGS=scin_pipeline_tests/test_definitions.py
 """
@@ -9,7 +10,12 @@ import json
 import os
 from pathlib import Path
 
-from scin_pipeline.definitions import defs
+import dagster
+import pytest
+from dagster import EnvVar
+
+from scin_pipeline.core.data_root import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, DEFAULT_SOURCE, SOURCE_ENV
+from scin_pipeline.definitions import build_resources, defs
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "asset_graph.json"
 
@@ -56,3 +62,27 @@ def test_every_asset_says_what_it_is_made_with():
         assert spec.kinds and len(spec.kinds) <= 3, (spec.key, spec.kinds)
     by_key = {spec.key.to_user_string(): spec.kinds for spec in defs.resolve_all_asset_specs()}
     assert "mlflow" in by_key["model_comparison"] and "keras" in by_key["baseline_cnn"]
+
+
+@pytest.mark.parametrize("value", [None, "/srv/scin-mirror"])
+def test_the_source_and_data_root_come_from_the_environment_through_envvar(monkeypatch, tmp_path, value):
+    """SCIN_SOURCE and SCIN_DATA_ROOT reach the resources as dagster.EnvVar when set (Dagster reads them at
+    launch; the UI shows them as environment-driven), and the documented defaults when unset."""
+    for name in (SOURCE_ENV, DATA_ROOT_ENV):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    resources = build_resources()
+    if value is None:
+        assert resources["scin_source"].location == DEFAULT_SOURCE == "gcs"
+    else:
+        assert isinstance(resources["scin_source"].location, EnvVar)
+        assert resources["scin_source"].location.env_var_name == SOURCE_ENV
+    with dagster.build_resources(resources) as resolved:
+        assert resolved.scin_source.location == (value or "gcs")
+        assert resolved.storage.data_root == (value or DEFAULT_DATA_ROOT)
+        assert resolved.io_manager.storage.data_root == resolved.storage.data_root
+    # Explicit arguments (what the CLI's runner passes) win over the environment.
+    with dagster.build_resources(build_resources(data_root=str(tmp_path), source="gs://elsewhere")) as resolved:
+        assert (resolved.scin_source.location, resolved.storage.data_root) == ("gs://elsewhere", str(tmp_path))

@@ -27,8 +27,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# The deployment's environment variables and their defaults, named once: the code location
+# (definitions.build_resources, through dagster.EnvVar), the CLI's argument defaults and the docs use these.
 DATA_ROOT_ENV = "SCIN_DATA_ROOT"
 DEFAULT_DATA_ROOT = "data"
+SOURCE_ENV = "SCIN_SOURCE"  # 'gcs', 'gs://<bucket>' or a local mirror folder (ScinSourceResource.location)
+DEFAULT_SOURCE = "gcs"
+METADATA_DIR_ENV = "SCIN_METADATA_DIR"  # a folder with the real SCIN CSVs; the demo's default is the bundled copy
 
 
 def default_data_root() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from scin_pipeline.core.data_root import DEFAULT_SOURCE
 from scin_pipeline.core.sources import ScinSource, open_source
 
 
@@ -15,7 +16,7 @@ class ScinSourceResource(ConfigurableResource):
     STORAGE_EMULATOR_HOST), ``gs://<bucket>``, or the path of a local folder with the bucket's layout.
     """
 
-    location: str = Field(default="gcs", description="'gcs', 'gs://<bucket>' or a local mirror folder")
+    location: str = Field(default=DEFAULT_SOURCE, description="'gcs', 'gs://<bucket>' or a local mirror folder")
     download_workers: int = Field(default=16, ge=1, le=128, description="parallel downloads")
     download_retries: int = Field(default=4, ge=0, le=20, description="retries per object on transient errors")
     timeout_s: float = Field(default=60.0, gt=0, description="per-request timeout, seconds")

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from scin_pipeline.core.data_root import DataRootLayout, default_data_root, embedded_mlflow_uri
+from scin_pipeline.core.data_root import (
+    DATA_ROOT_ENV,
+    DEFAULT_DATA_ROOT,
+    DEFAULT_SOURCE,
+    METADATA_DIR_ENV,
+    SOURCE_ENV,
+    DataRootLayout,
+    default_data_root,
+    embedded_mlflow_uri,
+)
 
 
 def relative(layout: DataRootLayout, path: Path) -> str:
@@ -85,9 +94,15 @@ def test_a_relative_or_home_root_is_resolved(tmp_path, monkeypatch):
 
 def test_the_default_root_is_the_environment_else_data(monkeypatch):
     monkeypatch.delenv("SCIN_DATA_ROOT", raising=False)
-    assert default_data_root() == "data"
+    assert default_data_root() == DEFAULT_DATA_ROOT == "data"
     monkeypatch.setenv("SCIN_DATA_ROOT", "/srv/scin")
     assert default_data_root() == "/srv/scin"
+
+
+def test_the_deployments_variable_names_and_defaults_are_the_documented_ones():
+    # README "Configuration", docker/compose.yaml and the docs name these; renaming one breaks deployments.
+    assert (DATA_ROOT_ENV, SOURCE_ENV, METADATA_DIR_ENV) == ("SCIN_DATA_ROOT", "SCIN_SOURCE", "SCIN_METADATA_DIR")
+    assert (DEFAULT_DATA_ROOT, DEFAULT_SOURCE) == ("data", "gcs")
 
 
 @pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "..\\x", "a\x00b"])
