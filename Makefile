@@ -6,16 +6,27 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo test test-fast test-shuffled lint ui clean-venv
+.PHONY: run demo test test-fast test-shuffled lint ui clean-venv lock
 
+# dev: the test and lint tools; postgres: Dagster's Postgres storage (docker/, the topology test).
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip==25.3"
-	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev]"
-	# Postgres storage for Dagster (docker/, the topology test). --no-deps: dagster-postgres's newest release
-	# pins dagster==1.13.27 exactly, one patch behind ours; its code works with 1.13.28 (tested).
-	$(PY) -m pip install --quiet --no-deps -c requirements.lock dagster-postgres psycopg2-binary
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev,postgres]"
 	touch $(STAMP)
+
+# requirements.lock: the whole resolved set of pyproject.toml's dependencies with the dev and postgres
+# extras (not imagededup), resolved by pip-compile (pip-tools) in a venv of its own, so it works while
+# .venv cannot be installed from the old lock. Pins already in the lock are kept unless pyproject.toml
+# rules them out; `make lock LOCK_ARGS=--upgrade` (or --upgrade-package NAME) moves them on purpose.
+# Run it with the Python the lock is for (3.11: the CI's and docker/Dockerfile's).
+LOCK_VENV ?= build/lock-venv
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet "pip==25.3" "pip-tools==7.6.2"
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --extra dev --extra postgres \
+		--strip-extras --no-annotate --no-emit-index-url --no-emit-find-links $(LOCK_ARGS) \
+		--output-file requirements.lock pyproject.toml
 
 run: $(STAMP)
 	$(VENV)/bin/scin-pipeline run $(ARGS)

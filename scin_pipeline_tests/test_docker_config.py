@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import re
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,7 @@ def test_the_code_server_the_workspace_and_the_image_agree(compose):
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert "COPY docker/workspace.yaml /opt/dagster/app/workspace.yaml" in dockerfile
     assert "COPY docker/dagster.yaml /opt/dagster/home/dagster.yaml" in dockerfile
-    assert "pip install -c requirements.lock ." in dockerfile
+    assert 'pip install -c requirements.lock ".[postgres]"' in dockerfile
     for source in re.findall(r"^COPY (.+) \S+$", dockerfile, flags=re.M):
         for path in source.split():
             assert (REPO / path).exists(), f"Dockerfile copies {path}, which does not exist"
@@ -164,7 +165,7 @@ def validated(data) -> dict:
 
 
 def test_dagster_yaml_passes_the_instance_and_postgres_schemas(monkeypatch):
-    pytest.importorskip("dagster_postgres", reason="dagster-postgres is installed by docker/Dockerfile")
+    pytest.importorskip("dagster_postgres", reason="dagster-postgres comes with the postgres extra (make, docker/)")
     ref = instance_ref(DOCKER, monkeypatch)
     assert (ref.storage_data.module_name, ref.storage_data.class_name) == ("dagster_postgres", "DagsterPostgresStorage")
     storage = validated(ref.storage_data)
@@ -182,7 +183,7 @@ def test_dagster_yaml_passes_the_instance_and_postgres_schemas(monkeypatch):
 
 
 def test_a_misspelt_storage_key_is_caught_by_the_same_check(monkeypatch, tmp_path):
-    pytest.importorskip("dagster_postgres", reason="dagster-postgres is installed by docker/Dockerfile")
+    pytest.importorskip("dagster_postgres", reason="dagster-postgres comes with the postgres extra (make, docker/)")
     shutil.copy(DOCKER / "dagster.yaml", tmp_path / "dagster.yaml")
     text = (tmp_path / "dagster.yaml").read_text().replace("      hostname:", "      host:")
     (tmp_path / "dagster.yaml").write_text(text)
@@ -195,8 +196,6 @@ def test_a_misspelt_storage_key_is_caught_by_the_same_check(monkeypatch, tmp_pat
 def test_one_code_location_name_everywhere():
     """Schedule and sensor state is keyed by the location name: the UI's workspace, the deployments'
     workspaces, the documented local topology and pyproject's [tool.dagster] must agree."""
-    import tomllib
-
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["dagster"]
     root = yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"][0]["python_module"]
     docker = load("workspace.yaml")["load_from"][0]["grpc_server"]
@@ -204,3 +203,24 @@ def test_one_code_location_name_everywhere():
     assert root["location_name"] == docker["location_name"] == pyproject["code_location_name"]
     local_doc = (REPO / "docs" / "deployment-local.md").read_text()
     assert set(re.findall(r"location_name: (\S+)", local_doc)) == {pyproject["code_location_name"]}
+
+
+def test_the_dagster_family_is_pinned_at_one_release_and_installs_by_resolution():
+    """dagster, its webserver/graphql/pipes/shared (1.x.y) and its integrations (0.z.y) pin each other
+    exactly: the lock must hold one release of all of them, so pip resolves them (no --no-deps anywhere)."""
+    lock = dict(
+        line.split("==", 1)
+        for line in (REPO / "requirements.lock").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    family = ("dagster", "dagster-webserver", "dagster-graphql", "dagster-pipes", "dagster-shared")
+    core = {name: lock[name] for name in family}
+    assert len(set(core.values())) == 1, core
+    patch = lock["dagster"].rsplit(".", 1)[1]
+    assert lock["dagster-postgres"].rsplit(".", 1)[1] == patch, lock["dagster-postgres"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert f"dagster=={lock['dagster']}" in project["dependencies"]
+    assert f"dagster-postgres=={lock['dagster-postgres']}" in project["optional-dependencies"]["postgres"]
+    assert ".[dev,postgres]" in (REPO / "Makefile").read_text()
+    for path in ("Makefile", "docker/Dockerfile"):
+        assert "--no-deps" not in (REPO / path).read_text(), path
