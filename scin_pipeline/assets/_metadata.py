@@ -1,7 +1,9 @@
 """How assets show tables and images in their Dagster metadata (one renderer for every stage)."""
 
+import warnings
+
 import pandas as pd
-from dagster import MetadataValue
+from dagster import BetaWarning, DataVersion, MetadataValue, Output
 
 from scin_pipeline.core.rendering import markdown_table, png_data_uri
 
@@ -25,3 +27,14 @@ def metric_md(frame: pd.DataFrame, rows: int = 60) -> MetadataValue:
 def image_md(path) -> MetadataValue:
     """A PNG inline: Dagster's Markdown cannot reach files on the data root."""
     return MetadataValue.md("_no image_" if path is None else f"![{path.stem}]({png_data_uri(path)})")
+
+
+def versioned_output(value, version: str, **kwargs) -> Output:
+    """``Output(value, data_version=DataVersion(version), ...)``: a content-based data version, so a rerun on
+    unchanged inputs is recognised. ``data_version`` is a beta parameter of ``Output`` in Dagster 1.13 and
+    warns on every call; silenced here, at the one call, in whatever process runs the step."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"Parameter `data_version` of initializer `Output.__init__`", category=BetaWarning
+        )
+        return Output(value, data_version=DataVersion(version), **kwargs)

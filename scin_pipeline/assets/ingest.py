@@ -23,7 +23,6 @@ from dagster import (
     AssetOut,
     Backoff,
     Config,
-    DataVersion,
     Failure,
     Jitter,
     MetadataValue,
@@ -35,7 +34,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from scin_pipeline.assets._metadata import table_md
+from scin_pipeline.assets._metadata import table_md, versioned_output
 from scin_pipeline.core import schema
 from scin_pipeline.core.fetch import FetchRequest, FetchResult, fetch_images
 from scin_pipeline.core.metadata import CASES_FILE, LABELS_FILE, parse_metadata, read_csv_bytes
@@ -118,9 +117,9 @@ def _raw_metadata(scin_source: ScinSourceResource, storage: StoragePaths) -> Out
     table = pd.DataFrame(rows)
     releases = sorted({r for value in table["release"] for r in value.split(",") if r})
     combined = hashlib.sha256("".join(table["sha256"]).encode()).hexdigest()
-    return Output(
+    return versioned_output(
         table,
-        data_version=DataVersion(combined[:16]),
+        combined[:16],
         metadata={
             "source": source.uri,
             "synthetic_images": bool(table["synthetic"].any()),

@@ -28,7 +28,6 @@ from dagster import (
     AssetIn,
     AssetsDefinition,
     Config,
-    DataVersion,
     Failure,
     MetadataValue,
     Output,
@@ -36,7 +35,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from scin_pipeline.assets._metadata import table_md
+from scin_pipeline.assets._metadata import table_md, versioned_output
 from scin_pipeline.core import image_cache
 from scin_pipeline.core.atomic import atomic_target
 from scin_pipeline.core.image_cache import split_arrays, split_rows
@@ -141,7 +140,7 @@ def image_tensors(
     }
     if preview is not None and len(preview):
         metadata["preview"] = MetadataValue.md(f"![cached images]({png_data_uri_bytes(_grid(preview))})")
-    return Output(index, data_version=DataVersion(version), metadata=metadata)
+    return versioned_output(index, version, metadata=metadata)
 
 
 def _grid(images: np.ndarray, columns: int = 6) -> bytes:
@@ -310,9 +309,9 @@ def image_embeddings(
         weights=weights or "none",
         image_size=image_size,
     )
-    return Output(
+    return versioned_output(
         table,
-        data_version=DataVersion(key),
+        key,
         metadata={
             "data_version": key,
             "images": len(table),
@@ -543,7 +542,7 @@ class CandidateRun:
             meta["mlflow_run_url"] = MetadataValue.url(url)
         if self.synthetic:
             meta["note"] = "SYNTHETIC images: these figures say nothing about skin conditions"
-        return Output(table, data_version=DataVersion(self.run_key), metadata=meta)
+        return versioned_output(table, self.run_key, metadata=meta)
 
 
 def candidate_asset(
