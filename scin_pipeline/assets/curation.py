@@ -69,6 +69,14 @@ class ImageQualityConfig(Config):
     overexposed_fraction_max: float = Field(default=_DEFAULT_QUALITY.overexposed_fraction_max)
     blurry_sharpness_min: float = Field(default=_DEFAULT_QUALITY.blurry_sharpness_min)
     low_information_entropy_min: float = Field(default=_DEFAULT_QUALITY.low_information_entropy_min)
+    low_information_structure_min: float = Field(
+        default=_DEFAULT_QUALITY.low_information_structure_min,
+        description="a nearly flat frame (covered lens, wall, sleeve) when structure (noise-free texture at "
+        "3-16 px, % of the mean grey level) < this",
+    )
+    min_long_side_px: int = Field(
+        default=_DEFAULT_QUALITY.min_long_side_px, ge=1, description="too_small when the long side is under this"
+    )
 
     def rule(self) -> quality.QualityConfig:
         return quality.QualityConfig(
@@ -78,13 +86,15 @@ class ImageQualityConfig(Config):
             overexposed_fraction_max=self.overexposed_fraction_max,
             blurry_sharpness_min=self.blurry_sharpness_min,
             low_information_entropy_min=self.low_information_entropy_min,
+            low_information_structure_min=self.low_information_structure_min,
+            min_long_side_px=self.min_long_side_px,
         )
 
 
 @asset(
     group_name=GROUP,
     kinds={"opencv", "parquet"},
-    code_version="2",
+    code_version="3",
     partitions_def=quality_shards,
     # One run can cover every shard (a process pool inside); a multi-run backfill fans shards out
     # across run workers or machines instead.

@@ -13,15 +13,24 @@ The rule (:func:`decide_quality`), first match wins:
 
 1. the file did not decode: the decode status is the reason (``empty_file``, ``truncated``, ``corrupt``,
    ``wrong_format``, ``decompression_bomb``, ``unreadable``, ``missing``);
-2. ``overexposed``: more than ``overexposed_fraction_max`` of the frame is blown out;
-3. ``dark``: the median lightness is below ``dark_relative_min`` times the lightness *expected for the
+2. ``too_small``: the long side of the file is under ``min_long_side_px`` (160): training enlarges every
+   photo to 224 px, and one this small would be mostly interpolation (a 1 x 1 or 2 x 2 file lands here too);
+3. ``overexposed``: more than ``overexposed_fraction_max`` of the frame is blown out;
+4. ``dark``: the median lightness is below ``dark_relative_min`` times the lightness *expected for the
    case's skin* (the CIELAB L* of its Monk skin tone swatch): a well-exposed photo of deep skin (Monk 10,
    swatch L* 14.6) is not dark, the same pixels on a Monk 1 case (L* 94.1) are. A dark image is kept, with
    ``dark_but_diagnostic``, when texture or redness is still visible (``texture >= diagnostic_texture_min``
    or ``redness_contrast >= diagnostic_redness_min``);
-4. ``low_information``: grey-level entropy below ``low_information_entropy_min`` bits (a near-uniform
-   frame); not applied to dark-but-diagnostic images, whose entropy is low because they are dark;
-5. ``blurry``: variance of the Laplacian below ``blurry_sharpness_min``.
+5. ``low_information``: a nearly flat frame, one colour with faint shading and sensor noise (a covered
+   lens, a wall, a sleeve): ``structure`` below ``low_information_structure_min`` per cent, or grey-level
+   entropy below ``low_information_entropy_min`` bits (a near-uniform frame without noise). ``structure`` is
+   the noise-free standard deviation of the grey level at 3-16 px of the working copy, as a percentage of
+   the mean grey level (:func:`coherent_band_std`): mottling, skin relief, hair and lesions live there;
+   sensor noise (independent between pixels 2.8 px apart) and smooth shading (removed by the band-pass)
+   do not count, and being relative it reads the same on every Monk tone. The structure test also applies
+   to dark-but-diagnostic images (what made a flat dark frame look "textured" was its noise); the entropy
+   test does not (their entropy is low because they are dark);
+6. ``blurry``: variance of the Laplacian below ``blurry_sharpness_min``.
 
 Dermatologist gradability is not part of this rule; it is a separate filter downstream.
 """
@@ -64,7 +73,7 @@ DECODE_FAILURE_REASONS = (
     "unreadable",
     "missing",
 )
-QUALITY_REASONS = ("overexposed", "dark", "low_information", "blurry")
+QUALITY_REASONS = ("too_small", "overexposed", "dark", "low_information", "blurry")
 
 # cleanvision 0.3.7 defaults (ImagePropertyIssueManager.get_default_params), for the per-image scores.
 _CV_LOW_INFORMATION_NORMALIZING = 0.1
@@ -95,7 +104,18 @@ class QualityConfig:
       watch for fairness on real photos;
     - ``low_information_entropy_min`` 1.0 bit (range 0.25-2; no planted kind): only near-uniform frames.
       Grey-level entropy is lowest on deep skin (clean Monk 7-10 from 2.4 bits, Monk 1-3 from 4.7), so
-      cleanvision's own cut (3 bits of RGB entropy) would exclude deep skin first.
+      cleanvision's own cut (3 bits of RGB entropy) would exclude deep skin first;
+    - ``low_information_structure_min`` 0.43 % (the geometric mean of the nearest flat frame and the
+      nearest plain skin): measured by ``python bench/curation.py --calibrate`` on a set of our own
+      (bench/flat_and_plain_skin.py, seed 11, 20 per kind: flat frames of covered lenses, walls, sleeves
+      and skin colours with ramps, vignettes and smooth blobs, noise sigma 1-6, some of it softened; plain
+      skin of every Monk tone, 300-1600 px, PNG and JPEG): flat frames reach at most 0.26 (walls with
+      little noise), plain skin with mottling starts at 0.71 (lowest per tone 0.71-0.97); clean images of
+      the calibration mirror start at 0.94 (per tone 0.94-1.01), its blurred ones at 0.57. Skin whose
+      only texture is finer than the working copy (pores or skin lines alone, sub-pixel at 512 px) reads
+      as flat: a limit of measuring at 512 px;
+    - ``min_long_side_px`` 160: below the 224 px training size with margin (a 160 px photo is enlarged
+      1.4x), above what a thumbnail or an icon is.
 
     With these defaults on that mirror: precision and recall 1.00 for dark, blurred, over-exposed and
     every decode failure (49 files each); all 49 dark-but-diagnostic images kept; clean images excluded:
@@ -113,6 +133,8 @@ class QualityConfig:
     overexposed_fraction_max: float = 0.5
     blurry_sharpness_min: float = 3.0
     low_information_entropy_min: float = 1.0
+    low_information_structure_min: float = 0.44
+    min_long_side_px: int = 160
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -149,6 +171,7 @@ METRIC_COLUMNS = (
     "redness",
     "redness_contrast",
     "entropy",
+    "structure",
     "skin_fraction",
     "skin_mean_r",
     "skin_mean_g",
@@ -226,6 +249,81 @@ def binned_percentiles(
     return lo + np.searchsorted(cdf, ranks, side="right") * step
 
 
+# Structure: the band of spatial scales between pixel noise and the illumination (3-16 px of the working
+# copy: mottling, skin relief, hair, lesions), measured so that sensor noise does not count.
+_STRUCTURE_SIGMAS = (0.75, 4.0)  # difference of Gaussians, in pixels of the quarter-resolution lattices
+_STRUCTURE_PAIRS = (((0, 0), (2, 2)), ((0, 2), (2, 0)), ((1, 1), (3, 3)), ((1, 3), (3, 1)))
+_STRUCTURE_CONFIDENCE = 2.0  # the metric is an upper bound: the covariance plus this many standard errors
+
+
+def _noise_area(sigmas: tuple[float, float]) -> float:
+    """Sum over lags of the squared autocorrelation of white noise after the band-pass: the number of
+    pixels one independent sample of a product of two such noises is worth."""
+    size = int(8 * sigmas[1]) | 1
+    impulse = np.zeros((size, size), np.float32)
+    impulse[size // 2, size // 2] = 1
+    kernel = cv2.GaussianBlur(impulse, (0, 0), sigmas[0]) - cv2.GaussianBlur(impulse, (0, 0), sigmas[1])
+    spectrum = np.abs(np.fft.fft2(kernel, (2 * size, 2 * size))) ** 2
+    autocorrelation = np.real(np.fft.ifft2(spectrum))
+    return float((autocorrelation**2).sum() / autocorrelation[0, 0] ** 2)
+
+
+# Sensor noise softened by demosaicing or JPEG is slightly correlated even 2.8 px apart (about 0.04 for
+# a 0.8 px blur): this share of the band's noise variance is taken off the covariance as well.
+_STRUCTURE_NOISE_LEAK = 0.1
+_STRUCTURE_NOISE_AREA = _noise_area(_STRUCTURE_SIGMAS)
+_STRUCTURE_MIN_SIDE = 8  # lattices smaller than this (a working copy under 32 px) give NaN
+
+
+def coherent_band_std(plane: np.ndarray) -> float:
+    """Standard deviation of the noise-free part of ``plane`` in the structure band (same units as plane).
+
+    The plane is sampled on pairs of disjoint lattices of every 4th pixel, offset by 2 px diagonally
+    ((0, 0) with (2, 2), (0, 2) with (2, 0), (1, 1) with (3, 3), (1, 3) with (3, 1)); each lattice is
+    band-passed (difference of Gaussians, ``_STRUCTURE_SIGMAS`` in lattice pixels: 3-16 px of the plane)
+    and a border of the larger sigma's reach is dropped. Structure wider than a few pixels is nearly the
+    same on both lattices of a pair; sensor noise, even softened by demosaicing or JPEG (correlated over a
+    pixel or so), is independent between pixels 2.8 px apart. So the *covariance* of the two band-passed
+    lattices, averaged over the four pairs, estimates the variance of the structure alone, without a noise
+    model. Smooth shading (a ramp, a vignette) is removed by the band-pass. Taken off the covariance:
+    ``_STRUCTURE_NOISE_LEAK`` of the band's noise variance (what softened noise still shares 2.8 px apart);
+    added: ``_STRUCTURE_CONFIDENCE`` standard errors of the covariance under pure noise (noise variance
+    times the square root of the noise's correlation area over the number of samples). The result is an
+    upper bound, what the frame may hold given its noise: a rule that excludes below it excludes only
+    frames that are flat with confidence, and a small, noisy photo gets the benefit of the doubt. 0 when
+    negative,
+    NaN when the plane is too small (under ``4 * _STRUCTURE_MIN_SIDE`` px a side).
+    """
+    h, w = plane.shape[:2]
+    qh, qw = h // 4, w // 4
+    if min(qh, qw) < _STRUCTURE_MIN_SIDE:
+        return float("nan")
+    small, large = _STRUCTURE_SIGMAS
+    my, mx = (min(int(2 * large), (n - _STRUCTURE_MIN_SIDE) // 2) for n in (qh, qw))
+
+    def band(y: int, x: int) -> np.ndarray:
+        lattice = np.ascontiguousarray(plane[y : y + 4 * qh - 3 : 4, x : x + 4 * qw - 3 : 4], dtype=np.float32)
+        out = cv2.GaussianBlur(lattice, (0, 0), small) - cv2.GaussianBlur(lattice, (0, 0), large)
+        out = out[my : qh - my, mx : qw - mx]
+        return out - np.float32(cv2.mean(out)[0])
+
+    product = None
+    variance = 0.0
+    for (ya, xa), (yb, xb) in _STRUCTURE_PAIRS:
+        a, b = band(ya, xa), band(yb, xb)
+        term = cv2.multiply(a, b)
+        product = term if product is None else cv2.add(product, term)
+        variance += (float(cv2.mean(cv2.multiply(a, a))[0]) + float(cv2.mean(cv2.multiply(b, b))[0])) / 2
+    product *= np.float32(1 / len(_STRUCTURE_PAIRS))
+    variance /= len(_STRUCTURE_PAIRS)
+    covariance = float(cv2.mean(product)[0])
+    # The standard error of that covariance where there is no structure (independent band-passed noise on
+    # the two lattices): noise variance over the number of independent samples.
+    noise = max(variance - covariance, 0.0)
+    error = noise * math.sqrt(_STRUCTURE_NOISE_AREA / (product.size * len(_STRUCTURE_PAIRS)))
+    return math.sqrt(max(covariance - _STRUCTURE_NOISE_LEAK * noise + _STRUCTURE_CONFIDENCE * error, 0.0))
+
+
 def image_metrics(
     rgb: np.ndarray, *, original_size: tuple[int, int], source_mode: str | None, working_long_side: int = 512
 ) -> dict:
@@ -275,11 +373,14 @@ def image_metrics(
     # A 3x3 Sobel weighs a one-pixel step by 8: bins of 0.08 are 0.01 L* per pixel.
     texture = float(binned_percentiles(gradient[every_other], (99,), lo=0, hi=600, step=0.08)[0]) / 8
 
+    # Structure, relative to the frame's mean grey level (mottling and skin relief are multiplicative, so
+    # the same skin gives the same percentage at every exposure and Monk tone).
+    gray_f = gray.astype(np.float32)
+    structure = 100 * coherent_band_std(gray_f) / max(float(cv2.mean(gray_f)[0]), 1.0)
+
     channels = cv2.split(work)
-    blown = cv2.bitwise_or(
-        cv2.compare(cv2.max(cv2.max(channels[0], channels[1]), channels[2]), 250, cv2.CMP_GE),
-        cv2.compare(lightness, 97.0, cv2.CMP_GT),
-    )
+    # numpy comparisons, not cv2.compare: OpenCV reads a 1 x 1 (or 1 x 4) image as a scalar and fails.
+    blown = (cv2.max(cv2.max(channels[0], channels[1]), channels[2]) >= 250) | (lightness > 97.0)
 
     # cleanvision's raw properties, same formulas as cleanvision.issue_managers.image_property (written
     # out here: importing cleanvision costs ~1 s per worker process and pulls matplotlib, and its
@@ -311,13 +412,14 @@ def image_metrics(
         "brightness_median": float(l_med),
         "brightness_p95": float(l_p95),
         "contrast": l_std,
-        "underexposed_fraction": cv2.countNonZero(cv2.compare(lightness, 5.0, cv2.CMP_LT)) / n_px,
-        "overexposed_fraction": cv2.countNonZero(blown) / n_px,
+        "underexposed_fraction": int(np.count_nonzero(lightness < 5.0)) / n_px,
+        "overexposed_fraction": int(np.count_nonzero(blown)) / n_px,
         "sharpness": laplacian_std**2,
         "texture": texture,
         "redness": float(redness),
         "redness_contrast": float(a_p99 - a_med),
         "entropy": _shannon_entropy(np.asarray(pil_gray.histogram())),
+        "structure": structure,
         "skin_fraction": float(skin_fraction),
         "skin_mean_r": float(skin_r),
         "skin_mean_g": float(skin_g),
@@ -601,19 +703,30 @@ def decide_quality(
     ok = status == "ok"
     dark_relative = metrics["brightness_median"].astype(float) / expected.clip(lower=1.0)
 
-    overexposed = ok & (metrics["overexposed_fraction"] > config.overexposed_fraction_max)
-    dark = ok & ~overexposed & (dark_relative < config.dark_relative_min)
+    def column(name: str) -> pd.Series:  # a table from before a metric existed reads as NaN (not judged)
+        values = metrics[name] if name in metrics else pd.Series(np.nan, index=metrics.index)
+        return pd.to_numeric(values, errors="coerce").astype(float)
+
+    long_side = np.maximum(column("width"), column("height"))
+    too_small = ok & (long_side < config.min_long_side_px)
+    overexposed = ok & ~too_small & (metrics["overexposed_fraction"] > config.overexposed_fraction_max)
+    dark = ok & ~too_small & ~overexposed & (dark_relative < config.dark_relative_min)
     visible = (metrics["texture"] >= config.diagnostic_texture_min) | (
         metrics["redness_contrast"] >= config.diagnostic_redness_min
     )
-    dark_diagnostic = dark & visible
-    low_information = ok & ~overexposed & ~dark & (metrics["entropy"] < config.low_information_entropy_min)
-    # A dark image kept for its visible texture or redness is not judged blurry or low in information:
-    # its darkness explains both, and the visible lesion is the evidence the rule asks for.
-    blurry = ok & ~overexposed & ~dark & (metrics["sharpness"] < config.blurry_sharpness_min)
+    flat = column("structure") < config.low_information_structure_min  # NaN (tiny, or an old table): not flat
+    dark_diagnostic = dark & visible & ~flat
+    low_information = (
+        ok & ~too_small & ~overexposed & ((~dark & (metrics["entropy"] < config.low_information_entropy_min)) | flat)
+    )
+    # A dark image kept for its visible texture or redness is not judged blurry or low in entropy: its
+    # darkness explains both, and the visible lesion is the evidence the rule asks for. It must still have
+    # structure: on a flat dark frame, what looks like texture is the sensor noise.
+    blurry = ok & ~too_small & ~overexposed & ~dark & (metrics["sharpness"] < config.blurry_sharpness_min)
 
     reason = pd.Series(None, index=metrics.index, dtype=object)
     reason[~ok] = status[~ok]
+    reason[too_small] = "too_small"
     reason[overexposed] = "overexposed"
     reason[dark & ~visible] = "dark"
     reason[low_information & reason.isna()] = "low_information"

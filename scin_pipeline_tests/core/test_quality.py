@@ -27,7 +27,7 @@ from scin_pipeline.core.quality import (
     hash_to_uint64,
     monk_tone_per_image,
 )
-from scin_pipeline.core.schema import MISSING_GROUP
+from scin_pipeline.core.schema import MISSING_GROUP, MONK_SKIN_TONE_HEX
 from scin_pipeline.core.synthetic.lesions import render_skin_image
 from scin_pipeline.core.synthetic.metadata import generate_synthetic_metadata
 from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
@@ -291,6 +291,121 @@ def test_overexposed_blurry_and_low_information_reasons(tmp_path):
     ]
     out = _decide(rows, [3, 3, 3]).set_index("image_id")
     assert out["reason"].to_dict() == {"over": "overexposed", "blur": "blurry", "flat": "low_information"}
+
+
+def _plain_skin_patch(tone: int, size=(480, 360), seed: int = 0, noise: float = 2.0) -> np.ndarray:
+    """Plain skin without a lesion, drawn here (not by core/synthetic): the tone's swatch under a soft
+    light ramp, multiplicative mottling of 1.2 % (two scales), redness varying by 1 a* unit, sensor noise."""
+    rng = np.random.default_rng([seed, tone])
+    w, h = size
+    swatch = np.array([int(MONK_SKIN_TONE_HEX[tone][i : i + 2], 16) for i in (1, 3, 5)], np.float32)
+
+    def smooth(cell: float) -> np.ndarray:
+        small = rng.standard_normal((int(h / cell) + 2, int(w / cell) + 2)).astype(np.float32)
+        field = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+        return (field - field.mean()) / field.std()
+
+    ramp = 1 - 0.08 * np.linspace(0, 1, w, dtype=np.float32)[None, :]
+    shade = ramp * (1 + 0.012 * (smooth(w / 12) + smooth(w / 40)))
+    rgb = shade[..., None] * swatch * np.float32(0.95)
+    lab = cv2.cvtColor(np.clip(rgb, 0, 255) / 255, cv2.COLOR_RGB2Lab)
+    lab[..., 1] += smooth(w / 20)
+    rgb = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB) * 255 + rng.normal(0, noise, (h, w, 3)).astype(np.float32)
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+
+
+def _flat_frame(colour, size=(480, 360), seed: int = 0, noise: float = 3.0, ramp: float = 0.12) -> np.ndarray:
+    """One colour, a faint light ramp and vignette, sensor noise: a covered lens, a wall, a sleeve."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    xx = np.linspace(-1, 1, w, dtype=np.float32)[None, :]
+    yy = np.linspace(-1, 1, h, dtype=np.float32)[:, None]
+    shade = 1 - ramp * (xx + 1) / 2 - 0.06 * (xx * xx + yy * yy)
+    rgb = shade[..., None] * np.asarray(colour, np.float32) + rng.normal(0, noise, (h, w, 3)).astype(np.float32)
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("tone", [1, 2, 5, 8, 9, 10])
+def test_plain_skin_without_lesion_is_kept_on_every_tone_light_and_deep(tmp_path, tone):
+    rows = [
+        _assess(tmp_path, f"plain{i}", _plain_skin_patch(tone, size, seed=i, noise=noise))
+        for i, (size, noise) in enumerate([((480, 360), 2.0), ((360, 480), 4.0), ((1024, 768), 3.0)])
+    ]
+    rows.append(_assess(tmp_path, "demo", _skin("plain-demo", tone, "none", (480, 360))))
+    out = _decide(rows, [tone] * len(rows)).set_index("image_id")
+    assert out["keep"].all(), out[["reason"]].join(assessments_frame(rows).set_index("image_id")["structure"])
+
+
+@pytest.mark.parametrize(
+    "colour",
+    [(8, 7, 6), (110, 35, 20), (200, 200, 195), (150, 170, 205), (30, 40, 110), (246, 237, 228), (41, 36, 32)],
+    ids=["covered_lens", "finger_glow", "wall", "pastel_wall", "sleeve", "monk1_wall", "monk10_wall"],
+)
+def test_flat_frames_of_any_colour_are_low_information(tmp_path, colour):
+    rows = [
+        _assess(tmp_path, f"flat{i}", _flat_frame(colour, size, seed=i, noise=noise))
+        for i, (size, noise) in enumerate([((480, 360), 1.0), ((360, 480), 6.0), ((1024, 768), 3.0)])
+    ]
+    # Judged against Monk 10, the darkest swatch: a flat frame in that very colour still shows no skin. A
+    # covered lens is also dark, which comes first.
+    out = _decide(rows, [10] * len(rows)).set_index("image_id")
+    expected = {"dark", "low_information"} if max(colour) < 20 else {"low_information"}
+    assert out["reason"].isin(expected).all(), out[["reason"]].join(
+        assessments_frame(rows).set_index("image_id")["structure"]
+    )
+
+
+def test_flat_jpeg_frame_is_low_information_and_structure_ignores_noise_level(tmp_path):
+    frames = {sigma: _flat_frame((180, 150, 130), (800, 600), seed=1, noise=sigma) for sigma in (1.0, 6.0)}
+    rows = []
+    for sigma, rgb in frames.items():
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
+        (tmp_path / f"j{sigma}.jpg").write_bytes(buf.tobytes())
+        rows.append(assess_image(f"j{sigma}", str(tmp_path / f"j{sigma}.jpg")))
+    assert all(r["structure"] < QualityConfig().low_information_structure_min / 2 for r in rows)
+    assert (_decide(rows, [4, 4])["reason"] == "low_information").all()
+
+
+def test_a_dark_flat_frame_is_not_kept_as_diagnostic_for_its_noise(tmp_path):
+    row = _assess(tmp_path, "lens", _flat_frame((12, 10, 9), noise=6.0))
+    # Noisier sensors make the noise pass the texture test: what the rule sees then.
+    row = dict(row, texture=2 * QualityConfig().diagnostic_texture_min)
+    out = _decide([row], [1]).iloc[0]
+    assert out["reason"] == "low_information" and not out["dark_but_diagnostic"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (2, 2), (1, 4), (40, 30), (159, 100)])
+def test_tiny_and_degenerate_images_are_too_small_without_crashing(tmp_path, shape):
+    w, h = shape
+    rgb = np.full((h, w, 3), (180, 140, 120), np.uint8)
+    row = _assess(tmp_path, "tiny", rgb)
+    assert row["decode_status"] == "ok", row["decode_reason"]
+    out = _decide([row], [3]).iloc[0]
+    assert out["reason"] == "too_small" and not out["keep"]
+
+
+def test_min_long_side_is_the_long_side_and_configurable(tmp_path):
+    rows = [_assess(tmp_path, "wide", _skin("n1", 4, "psoriasis_plaques", (200, 120)))]
+    rows.append(_assess(tmp_path, "tall", _skin("n2", 4, "psoriasis_plaques", (120, 200))))
+    frame = assessments_frame(rows)
+    tones = pd.Series([4, 4], index=frame.index)
+    assert decide_quality(frame, tones)["keep"].all()  # 200 px long side >= 160
+    strict = decide_quality(frame, tones, QualityConfig(min_long_side_px=224))
+    assert (strict["reason"] == "too_small").all()
+
+
+def test_too_small_and_low_information_are_reported_per_monk_tone(tmp_path):
+    rows = [
+        _assess(tmp_path, "tiny", _skin("o1", 9, size=(100, 75))),
+        _assess(tmp_path, "flat", _flat_frame((41, 36, 32))),
+        _assess(tmp_path, "plain", _plain_skin_patch(9)),
+    ]
+    frame = assessments_frame(rows)
+    tones = pd.Series([9, 9, 9], index=frame.index)
+    rates = exclusion_rates_by_monk_tone(decide_quality(frame, tones), tones).set_index("monk_tone")
+    assert rates.loc["9", "n_excluded"] == 2
+    assert rates.loc["9", "rate_too_small"] == pytest.approx(1 / 3)
+    assert rates.loc["9", "rate_low_information"] == pytest.approx(1 / 3)
 
 
 def test_threshold_sweep_is_monotone_and_rejects_unknown_fields(tmp_path, mirror):
