@@ -129,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10)")
     serve.add_argument(
         "--store-uploads",
         default=None,
@@ -145,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a removed alias makes /predict answer 503 (default 5; 0: never; a models:/NAME/VERSION "
         "is never re-resolved)",
     )
+    from scin_pipeline.serve.limits import add_limit_arguments  # argparse only: no FastAPI import
+
+    add_limit_arguments(serve)  # --max-upload-mb, --max-megapixels, timeouts, ... (docs/serving.md, Limits)
     return parser
 
 
@@ -337,10 +339,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """uvicorn on the FastAPI app of scin_pipeline.serve; the model (if the alias has one) is loaded before the
     port opens, and the alias is followed while it runs."""
-    import logging
+    from scin_pipeline.serve.limits import limits_from_args
 
-    if not 0 < args.max_upload_mb <= 1024 or not 0 < args.port <= 65535:
-        return _fail("--max-upload-mb must be in (0, 1024] and --port in [1, 65535]", EXIT_USAGE)
+    if not 0 < args.port <= 65535:
+        return _fail("--port must be in [1, 65535]", EXIT_USAGE)
+    try:
+        limits = limits_from_args(args)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     if not 0 <= args.alias_poll_s <= 86400:
         return _fail("--alias-poll-s must be in [0, 86400] seconds", EXIT_USAGE)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -354,15 +360,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 EXIT_USAGE,
             )
         tracking_uri = layout.mlflow_uri
-    import uvicorn
-
     from scin_pipeline.serve import ServeError, create_app
+    from scin_pipeline.serve.server import configure_logging, run_server
 
     try:
         app = create_app(
             args.model,
             tracking_uri=tracking_uri,
-            max_upload_bytes=int(args.max_upload_mb * 2**20),
+            **limits.app_options(),
             store_uploads_dir=args.store_uploads,
             alias_poll_s=args.alias_poll_s,
         )
@@ -372,9 +377,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"{app.state.model_source.describe()}; at http://{args.host}:{args.port}/  (NOT A DIAGNOSIS; Ctrl-C stops)",
         flush=True,
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # No access log: it would record client addresses. The app logs method, path, status and time only.
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")
+    configure_logging()
+    # No access log (it would record client addresses): the app logs method, path, status and time only.
+    run_server(app, host=args.host, port=args.port, limits=limits)
     return 0
 
 

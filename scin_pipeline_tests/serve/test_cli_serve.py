@@ -65,3 +65,14 @@ def test_the_limit_options_default_to_the_documented_limits():
     ]:
         with pytest.raises(ValueError, match=fragment):
             limits_from_args(parser.parse_args(bad))
+
+
+def test_serve_takes_the_limit_options(tmp_path, capsys):
+    args = build_parser().parse_args(["serve"])
+    assert (args.max_upload_mb, args.max_megapixels, args.max_concurrent_predictions) == (10.0, 25.0, 2)
+    assert (args.header_timeout_s, args.body_timeout_s, args.limit_concurrency) == (10.0, 30.0, 32)
+    assert main(["serve", "--data-root", str(tmp_path), "--max-megapixels", "0"]) == EXIT_USAGE
+    assert "--max-megapixels" in capsys.readouterr().err
+    assert main(["serve", "--data-root", str(tmp_path), "--body-timeout-s", "0"]) == EXIT_USAGE
+    assert "body_timeout_s" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow").exists()

@@ -34,7 +34,7 @@ MB = 2**20
 # many ran at once: 8 uploads took the process 1,846 MB above its idle RSS (0.99 -> 2.83 GB).
 DECODE_BYTES = SIDE * SIDE * 6
 REFUSED_BOUND_MB = 64  # pictures refused from their header: a few buffers of 150 KB bodies, no pixels
-DECODED_BOUND_MB = SLOTS * DECODE_BYTES / MB + 96  # two decodes at a time plus bodies and parser slack
+DECODED_BOUND_MB = SLOTS * DECODE_BYTES / MB + 128  # two decodes at a time plus bodies, arenas, parser slack
 
 
 def _kib(pid: int, key: str) -> int:
