@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from scin_pipeline.core.atomic import write_bytes_atomic, write_text_atomic
+from scin_pipeline.core.atomic import atomic_target, remove_orphaned_temp_files, write_text_atomic
 from scin_pipeline.core.paths import (
     CASES_OBJECT,
     IMAGE_PREFIX,
@@ -83,7 +83,10 @@ class SyntheticMirror:
 def _write_job(job: ImageJob) -> tuple[str, bool, str, str]:
     data, detail, drawn = image_bytes(job)
     if data is not None:
-        write_bytes_atomic(data, Path(job.target))
+        # Atomic, without a sweep per file: the images folder was swept once before the jobs (a sweep lists
+        # the folder, so one per file would cost O(files^2) on a full-size mirror).
+        with atomic_target(Path(job.target), sweep=False) as tmp, open(tmp, "xb") as handle:
+            handle.write(data)
     return job.image_id, data is not None, detail, drawn
 
 
@@ -133,6 +136,7 @@ def _prepare_out_root(out_root: Path, overwrite: bool) -> None:
                 if entry.is_file() or entry.is_symlink():
                     entry.unlink()
     (out_root / IMAGE_PREFIX).mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temp_files(out_root / IMAGE_PREFIX)  # once for all the image writes (see _write_job)
 
 
 def _file_digest(path: Path) -> str:
