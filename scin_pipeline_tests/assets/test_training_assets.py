@@ -1,6 +1,6 @@
 """Training, evaluation, comparison and fairness on a SYNTHETIC mirror, end to end through Dagster.
 
-The synthetic images draw one lesion pattern per condition (core/synthetic.py), so an image model that
+The synthetic images draw one lesion pattern per condition (core/synthetic/lesions.py), so an image model that
 learns anything must beat chance by far; that is the planted signal asserted here. No figure here says
 anything about real skin conditions.
 """
