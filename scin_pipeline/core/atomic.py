@@ -185,7 +185,7 @@ def write_parquet_atomic(frame, target: Path) -> None:
 # ---- what a local filesystem error means -------------------------------------------------------------
 
 
-def unfixable_os_error(exc: BaseException) -> OSError | None:
+def unfixable_os_error(exc: BaseException | None) -> OSError | None:
     """The local filesystem error in ``exc`` or its explicit causes that no retry fixes, else None."""
     seen = set()
     while exc is not None and id(exc) not in seen:

@@ -30,6 +30,7 @@ from scin_pipeline.core.paths import IMAGE_PREFIX, UnsafeObjectPath, image_id_fr
 from scin_pipeline.core.sources import (
     ObjectInfo,
     ObjectMissing,
+    ScinSource,
     TransientSourceError,
     describe_mismatch,
     file_checksums,
@@ -208,7 +209,7 @@ def _load_verified(dest_dir: Path) -> dict[str, dict]:
 
 @dataclass
 class _RunState:
-    source: object
+    source: ScinSource
     dest_dir: Path
     quarantine_dir: Path
     retries: int

@@ -56,6 +56,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import combinations
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -184,7 +185,9 @@ def as_uint64_hashes(hashes, name: str = "hashes") -> np.ndarray:
         if n_missing:
             raise ValueError(f"{name} has {n_missing} missing values: leave out images without hashes")
         # np.asarray would turn a nullable integer column into float64 and lose the low bits.
-        numpy_dtype = getattr(series.dtype, "numpy_dtype", series.dtype)
+        # A numpy dtype for numpy and nullable (masked) columns; other extension dtypes (string, categorical)
+        # hold no hashes, and to_numpy refuses them with a TypeError.
+        numpy_dtype = cast(np.dtype, getattr(series.dtype, "numpy_dtype", series.dtype))
         hashes = series.to_numpy(dtype=numpy_dtype)
     arr = np.asarray(hashes)
     if arr.ndim != 1:

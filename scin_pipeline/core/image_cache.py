@@ -237,6 +237,7 @@ def preprocess_image_file(path: str | os.PathLike, image_size: int) -> np.ndarra
     decoded = decode_image(path)
     if not decoded.ok:
         raise ImagePreprocessError(decoded.reason or f"{path}: {decoded.status}", decoded.status)
+    assert decoded.rgb is not None  # DecodedImage sets rgb whenever ok
     return preprocess_image(decoded.rgb, size)
 
 

@@ -135,7 +135,7 @@ def read_png_layout(buf: np.ndarray | bytes) -> PngLayout | None:
     declared pixel buffer before telling us the size, and a walk over chunk headers is the cheapest exact
     truncation test (each chunk's length says where the next must start; a file cut short runs out).
     """
-    data = memoryview(buf).cast("B") if isinstance(buf, np.ndarray) else memoryview(buf)
+    data = buf.data.cast("B") if isinstance(buf, np.ndarray) else memoryview(buf)
     n = len(data)
     if n < 33 or bytes(data[8:16]) != b"\x00\x00\x00\x0dIHDR":
         return None
@@ -172,8 +172,9 @@ def read_png_layout(buf: np.ndarray | bytes) -> PngLayout | None:
         pos = end
 
 
-def pixel_limit_guard(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
-    """Make PIL and OpenCV refuse images at the same size :func:`decode_image` does; return PIL's old limit.
+def pixel_limit_guard(max_pixels: int = DEFAULT_MAX_PIXELS) -> int | None:
+    """Make PIL and OpenCV refuse images at the same size :func:`decode_image` does; return PIL's old limit
+    (None: PIL had no limit).
 
     PIL only *warns* above ``MAX_IMAGE_PIXELS`` and raises ``DecompressionBombError`` above twice that, so
     half our limit puts its hard refusal exactly where ours is. OpenCV reads ``OPENCV_IO_MAX_IMAGE_PIXELS``

@@ -32,7 +32,8 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous_uri)
+        # mlflow's annotation says str | Path, but it handles None (its unset state, restored here).
+        mlflow.set_tracking_uri(previous_uri)  # pyright: ignore[reportArgumentType]
         if previous_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:

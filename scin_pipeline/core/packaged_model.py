@@ -50,6 +50,7 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc.model import PythonModel
 
 from scin_pipeline.core.atomic import atomic_directory
 
@@ -199,6 +200,7 @@ class PackagedClassifier:
             raise ValueError(f"{self.kind} model needs `cases` (case metadata rows), got None")
         if not isinstance(cases, pd.DataFrame):
             raise ValueError(f"cases must be a pandas DataFrame, got {type(cases).__name__}")
+        assert self.metadata_columns is not None  # __post_init__ requires them for the metadata kinds
         features = metadata_features(cases)
         missing = [c for c in self.metadata_columns if c not in features.columns]
         if missing:
@@ -321,7 +323,7 @@ def _is_missing(value) -> bool:
         return False
 
 
-class ScinClassifierPyfunc(mlflow.pyfunc.PythonModel):
+class ScinClassifierPyfunc(PythonModel):
     """MLflow pyfunc over a :class:`PackagedClassifier` stored as the model artifact ``package``.
 
     ``predict(df)``: column ``image`` holds each row's raw image file bytes (or base64 text); it may be
@@ -338,6 +340,7 @@ class ScinClassifierPyfunc(mlflow.pyfunc.PythonModel):
             raise ValueError(f"input must be a pandas DataFrame, got {type(model_input).__name__}")
         images = None
         if package.kind in KERAS_KINDS:
+            assert package.image_size is not None  # __post_init__ requires it for the Keras kinds
             images = self._decode_images(model_input, package.image_size)
         cases = None
         if package.kind in METADATA_KINDS:

@@ -12,6 +12,7 @@ same inputs and seed give the same split on any machine, and adding a case moves
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -127,7 +128,7 @@ def assign_group_splits(groups: pd.DataFrame, config: SplitConfig = SplitConfig(
     furthest below its target share, so every class with three or more groups reaches val and test.
     """
     targets = np.asarray(config.fractions, dtype=float)
-    assignment: dict[str, str] = {}
+    assignment: dict[Hashable, str] = {}  # group_id -> split
     for _label, stratum in sorted(groups.groupby("label", observed=True), key=lambda kv: str(kv[0])):
         order = sorted(stratum.itertuples(index=False), key=lambda r: stable_hash(config.seed, str(r.group_id)))
         filled = np.zeros(3)
