@@ -1,6 +1,17 @@
 """Benchmark and calibrate the curation stage: per-image quality + hashes, against its peers.
 
     python bench/curation.py [--images 1000] [--workers 2] [--skip-big] [--cache DIR]
+    python bench/curation.py --calibrate [--labelled SAMPLE.csv]    # margins of every threshold, only
+
+``--calibrate`` runs section 4 and section 5 only. Section 5, the margins: for each threshold of the rule, the
+value of the nearest clean image per Monk tone (the one closest to being excluded by that threshold) and
+of the nearest defect it must catch, each with its margin (the ratio to the threshold; > 1 = on the
+right side), on three sources: the calibration mirror (section 4), our flat-frame and plain-skin set
+(bench/flat_and_plain_skin.py: flat frames are the defect of ``low_information_structure_min``, plain
+skin counts as clean), and, with ``--labelled``, your own images: a CSV with columns ``path``,
+``monk_tone`` (1-10, may be empty) and ``label`` (``clean``, or the defect: ``dark``, ``blurred``,
+``overexposed``, ``flat``, ``tiny``, ``dark_diagnostic``). Re-tune a threshold where a margin is near
+or under 1, then pass the new value as run config (README, "Re-tuning the quality rule").
 
 1. Throughput. ``--images`` phone-sized PNGs are written once into a cache folder under /tmp (synthetic
    skin from scin_pipeline.core.synthetic, long side 800-1,600 px, 4:3 either way, Monk tones 1-10, a
@@ -467,6 +478,114 @@ def calibration_section(cache: Path, workers: int) -> None:
         print()
 
 
+# threshold -> (metric column, "min": clean must be >= / "max": clean must be <=, the defect kinds it
+# must catch, the kinds that must stay on the clean side besides clean images). The two diagnostic
+# thresholds only judge dark images: they have no clean rows.
+THRESHOLD_METRICS = {
+    "min_long_side_px": ("long_side", "min", ("tiny",), ()),
+    "overexposed_fraction_max": ("overexposed_fraction", "max", ("overexposed",), ()),
+    "dark_relative_min": ("dark_relative", "min", ("dark", "dark_diagnostic"), ()),
+    "diagnostic_texture_min": ("texture", "min", ("dark",), ("dark_diagnostic",)),
+    "diagnostic_redness_min": ("redness_contrast", "min", ("dark",), ("dark_diagnostic",)),
+    "low_information_structure_min": ("structure", "min", ("flat",), ("blurred", "dark_diagnostic")),
+    "low_information_entropy_min": ("entropy", "min", (), ()),  # noise-free uniform frames: none planted
+    "blurry_sharpness_min": ("sharpness", "min", ("blurred",), ()),
+}
+
+
+def _nearest(v, side: str, limit: float, clean_side: bool):
+    """(value, margin, n) of the image nearest the threshold among v; None when v is empty."""
+    if v.empty:
+        return None
+    # The clean side of a "min" threshold is above it: the nearest clean image is the lowest value.
+    pick = float(v.min() if (side == "min") == clean_side else v.max())
+    above, below = (pick, limit) if (side == "min") == clean_side else (limit, pick)
+    ratio = above / below if below > 0 else float("inf")
+    return pick, ratio, int(len(v))
+
+
+def margin_rows(source: str, frame, labels, tones, config) -> list[list]:
+    """One row per (threshold, group): the nearest image's value and its margin (ratio to the threshold,
+    > 1 = on its side). Groups: clean images per Monk tone, then each defect kind and each must-keep kind."""
+    import numpy as np
+    import pandas as pd
+
+    from scin_pipeline.core.quality import decide_quality
+
+    decisions = decide_quality(frame, tones, config)
+    ok = (frame["decode_status"] == "ok").to_numpy()
+    values = frame.assign(
+        long_side=np.maximum(frame["width"].astype(float), frame["height"].astype(float)),
+        dark_relative=decisions["dark_relative"].astype(float),
+    )
+    labels = pd.Series(np.asarray(labels, dtype=object), index=frame.index)
+    tone_label = pd.to_numeric(pd.Series(np.asarray(tones), index=frame.index), errors="coerce")
+    rows = []
+    for threshold, (metric, side, defects, keeps) in THRESHOLD_METRICS.items():
+        limit = float(getattr(config, threshold))
+        column = values[metric].astype(float)
+
+        groups = []
+        if not threshold.startswith("diagnostic_"):
+            groups = [(f"clean, Monk {t}", (labels == "clean") & (tone_label == t), True) for t in range(1, 11)]
+            groups.append(("clean, tone unknown", (labels == "clean") & tone_label.isna(), True))
+        groups += [(f"keep: {k}", labels == k, True) for k in keeps]
+        groups += [(f"catch: {k}", labels == k, False) for k in defects]
+        for name, mask, clean_side in groups:
+            found = _nearest(column[mask.to_numpy() & ok & column.notna().to_numpy()], side, limit, clean_side)
+            if found is None:
+                continue
+            pick, ratio, n = found
+            flag = "" if ratio > 1 else "  <-- on the wrong side"
+            rows.append([source, f"{threshold}={limit:g}", name, n, f"{pick:.3g}", f"x{ratio:.2f}{flag}"])
+    return rows
+
+
+def margins_section(cache: Path, workers: int, labelled: Path | None) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from bench.flat_and_plain_skin import write_set
+    from scin_pipeline.core.quality import QualityConfig, assess_images, assessments_frame
+
+    config = QualityConfig()
+    print("\n## Margins: the nearest image to each threshold, per Monk tone and per defect\n")
+    print(
+        "value: the nearest image's metric; margin: its ratio to the threshold, > 1 on the right side "
+        "(clean: kept by this threshold; catch: excluded by it). A margin near 1 is a threshold to re-tune.\n"
+    )
+    rows = []
+    mirror, plants = calibration_mirror(cache, workers)
+    images = mirror / "dataset" / "images"
+    items = [
+        (i, None if planted == "missing" else str(images / f"{i}.png"))
+        for i, planted in plants[["image_id", "planted"]].itertuples(index=False)
+    ]
+    frame = assessments_frame(assess_images(items, workers=workers))
+    rows += margin_rows("calibration mirror", frame, plants["planted"], plants["monk_tone"], config)
+
+    table = write_set(cache / "flat_and_plain_skin", per_kind=20, workers=workers)
+    frame = assessments_frame(assess_images(zip(table["image_id"], table["path"]), workers=workers))
+    fine = table["kind"].isin(["pores", "lines", "hair", "weak"]) & (table["population"] == "skin")
+    labels = np.where(table["population"] == "flat", "flat", np.where(fine, "fine_texture_only", "clean"))
+    tones = table["monk_tone"].where(table["population"] == "skin")
+    rows += margin_rows("flat and plain skin", frame, labels, tones, config)
+    structure = frame["structure"].astype(float)
+    print(
+        f"(flat and plain skin: {int(fine.sum())} of its plain-skin patches carry only texture finer than "
+        f"the 512 px working copy (pores, skin lines, sparse hair, or all faintly); left out of the clean "
+        f"rows above; {int((structure[fine.to_numpy()] < config.low_information_structure_min).sum())} of "
+        "them read as flat)\n"
+    )
+    if labelled is not None:
+        sample = pd.read_csv(labelled, dtype={"path": str, "label": str})
+        sample["image_id"] = [str(i) for i in range(len(sample))]
+        frame = assessments_frame(assess_images(zip(sample["image_id"], sample["path"]), workers=workers))
+        tones = pd.to_numeric(sample.get("monk_tone"), errors="coerce") if "monk_tone" in sample else None
+        rows += margin_rows(f"labelled: {labelled.name}", frame, sample["label"], tones, config)
+    print_table(["source", "threshold", "nearest of", "n", "value", "margin"], rows)
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return "nan" if value != value else f"{value:.2f}"
@@ -479,7 +598,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-big", action="store_true", help="skip N=5,000 memory and 1,000,000-hash search")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--only", choices=["throughput", "memory", "dedup", "calibration"], action="append")
+    parser.add_argument("--only", choices=["throughput", "memory", "dedup", "calibration", "margins"], action="append")
+    parser.add_argument("--calibrate", action="store_true", help="the calibration sweep and the margins only")
+    parser.add_argument("--labelled", type=Path, help="CSV of your own images: path, monk_tone, label")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--paths-file", help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=1, help=argparse.SUPPRESS)
@@ -491,7 +612,11 @@ def main() -> None:
     if args.dedup_child:
         dedup_child(args.dedup_child)
         return
-    sections = args.only or ["throughput", "memory", "dedup", "calibration"]
+    sections = (
+        ["calibration", "margins"]
+        if args.calibrate
+        else args.only or ["throughput", "memory", "dedup", "calibration", "margins"]
+    )
     args.cache.mkdir(parents=True, exist_ok=True)
     print(f"# bench/curation.py: {args.images} images, {args.workers} workers, cache {args.cache}")
     if "throughput" in sections or "memory" in sections:
@@ -505,6 +630,8 @@ def main() -> None:
         dedup_section(args.skip_big)
     if "calibration" in sections:
         calibration_section(args.cache, args.workers)
+    if "margins" in sections:
+        margins_section(args.cache, args.workers, args.labelled)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,24 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "nothing at all when everything is up to date",
     )
     parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="Dagster run config (YAML: ops, resources), as `dagster asset materialize -c` takes; merged "
+        "over what the command builds, the file winning key by key (repeatable: later files win)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="set_values",
+        metavar="KEY=VALUE",
+        help="one config value: OP.FIELD=VALUE sets ops.OP.config.FIELD "
+        "(--set quality_filtered_index.max_quarantined_fraction=0.2); a key starting with ops., "
+        "resources., execution. or loggers. is the full path; VALUE is read as YAML (repeatable)",
+    )
+    parser.add_argument(
         "-v",
         "--verbose",
         action="count",
@@ -182,13 +200,63 @@ def demo_run_config(image_size: int, epochs: int) -> dict:
     }
 
 
+_RUN_CONFIG_SECTIONS = ("ops", "resources", "execution", "loggers")
+
+
+class UserConfigError(ValueError):
+    """A --config file or --set value that cannot be read; the message names the file or the key."""
+
+
+def user_run_config(files: list[str], set_values: list[str]) -> dict:
+    """The run config given on the command line: each --config file (YAML mapping) deep-merged in order,
+    then each --set KEY=VALUE (OP.FIELD means ops.OP.config.FIELD)."""
+    import yaml
+
+    from scin_pipeline.runner import merge_run_config
+
+    config: dict = {}
+    for name in files:
+        try:
+            loaded = yaml.safe_load(Path(name).expanduser().read_text())
+        except OSError as exc:
+            raise UserConfigError(f"--config {name}: cannot read: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise UserConfigError(f"--config {name}: not YAML: {' '.join(str(exc).split())}") from None
+        if loaded is None:
+            continue
+        if not isinstance(loaded, dict):
+            raise UserConfigError(f"--config {name}: the top level must be a mapping (ops:, resources:, ...)")
+        config = merge_run_config(config, loaded)
+    for item in set_values:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts) or len(parts) < 2:
+            raise UserConfigError(f"--set {item}: expected KEY=VALUE with KEY as OP.FIELD or a full dotted path")
+        if parts[0] not in _RUN_CONFIG_SECTIONS:
+            parts = ["ops", parts[0], "config", *parts[1:]]
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        nested: dict = {parts[-1]: value}
+        for part in reversed(parts[:-1]):
+            nested = {part: nested}
+        config = merge_run_config(config, nested)
+    return config
+
+
 def _execute(
     data_root: str, source: str, limit_cases: int | None, args: argparse.Namespace, run_config: dict | None = None
 ) -> int:
     from scin_pipeline.core.sources import SourceUnreachable, open_source
-    from scin_pipeline.runner import DataRootError, prepare_data_root, run_pipeline
+    from scin_pipeline.runner import DataRootError, RunConfigError, merge_run_config, prepare_data_root, run_pipeline
     from scin_pipeline.selection import SelectionError
 
+    try:
+        given = user_run_config(getattr(args, "config", []), getattr(args, "set_values", []))
+    except UserConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    run_config = merge_run_config(run_config or {}, given)
     try:
         prepare_data_root(data_root)
     except DataRootError as exc:
@@ -213,7 +281,7 @@ def _execute(
             log_level=log_level,
             echo=lambda line: print(line, flush=True),
         )
-    except SelectionError as exc:
+    except (SelectionError, RunConfigError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     print(summary.render())
     print(f"tables: {DataRootLayout.of(data_root).tables}")

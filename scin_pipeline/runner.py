@@ -9,11 +9,12 @@ can be re-executed from there.
 from __future__ import annotations
 
 import errno
+import re
 import sys
 import tempfile
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -186,6 +187,59 @@ def resource_run_config(root: Path, source: str) -> dict:
     }
 
 
+class RunConfigError(ValueError):
+    """Run config the job does not accept; the message is one line naming the key."""
+
+
+def merge_run_config(base: Mapping, override: Mapping) -> dict:
+    """``override`` deep-merged over ``base`` (mappings merged key by key, anything else replaced): a user's
+    config file changes the one field it names and keeps the rest of what the runner built."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_run_config(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def validate_job_run_config(job_name: str, run_config: Mapping, keys: frozenset | None = None) -> None:
+    """Check ``run_config`` against the named job (the subset for ``keys``) with Dagster's public
+    ``validate_run_config``, before anything runs; raises RunConfigError with one line naming the key."""
+    from dagster import DagsterInvalidConfigError, validate_run_config
+
+    from scin_pipeline.definitions import named_job
+
+    job = named_job(job_name)
+    if keys is not None:
+        job = job.get_subset(asset_selection=set(keys))
+    try:
+        validate_run_config(job, dict(run_config))
+    except DagsterInvalidConfigError as err:
+        raise RunConfigError(describe_config_error(err)) from None
+
+
+def describe_config_error(err) -> str:
+    """The first of Dagster's config errors as one line naming the dotted key: ``unknown key a.b.c`` for a
+    key the job does not have (with the keys allowed there when they are few), else ``a.b.c: reason``."""
+    first = err.errors[0] if getattr(err, "errors", None) else None
+    if first is None:
+        return "invalid run config: " + " ".join(str(err).split())
+    path = ".".join(entry.field_name for entry in first.stack.entries if hasattr(entry, "field_name"))
+    message = " ".join(first.message.split())
+    unexpected = re.findall(r'unexpected config entr(?:y|ies) "?([^".]+)"?', message)
+    expected = re.search(r'Expected: "\{ (.*) \}"', message)
+    message = re.sub(r" at path root[^ ]*\.?", "", message.split(" Expected:")[0]).rstrip(". ")
+    if unexpected:
+        names = [n.strip() for n in unexpected[0].replace("[", "").replace("]", "").split(",")]
+        keys = ", ".join(f"{path}.{name}" if path else name for name in names)
+        allowed = re.findall(r"(\w+)\??:", expected.group(1)) if expected and len(expected.group(1)) < 400 else []
+        allowed = list(dict.fromkeys(name for name in allowed if name != "env"))  # {env: VAR} is Dagster's own
+        hint = f" (allowed there: {', '.join(allowed)})" if allowed else ""
+        return f"invalid run config: unknown key {keys}{hint}"
+    return f"invalid run config at {path or 'the top level'}: {message}"
+
+
 def run_pipeline(
     *,
     data_root: str | Path,
@@ -250,14 +304,16 @@ def _execute_job(
     }
     if limit_cases:
         config["ops"] = {"parsed_metadata": {"config": {"limit_cases": limit_cases}}}
-    for key, value in (run_config or {}).items():
-        config.setdefault(key, {}).update(value)
+    config = merge_run_config(config, run_config or {})
     if keys is not None and "ops" in config:
-        # Config for an op outside the selection is an error to Dagster; callers (the demo) pass one
-        # config for the whole graph, so keep only the selected ops' entries.
-        ops = {d.node_def.name for d in ALL_ASSETS if set(d.keys) & keys}
-        config["ops"] = {name: value for name, value in config["ops"].items() if name in ops}
+        # Config for an op outside the selection is an error to Dagster; callers (the demo, a --config
+        # file) pass one config for the whole graph, so drop the entries of the graph's unselected ops.
+        # A name that is no op of the graph stays, for validation to report.
+        selected = {d.node_def.name for d in ALL_ASSETS if set(d.keys) & keys}
+        every = {d.node_def.name for d in ALL_ASSETS}
+        config["ops"] = {name: value for name, value in config["ops"].items() if name in selected or name not in every}
     job_name = job_covering(graph, keys)
+    validate_job_run_config(job_name, config, keys)
     invocation = uuid.uuid4().hex
     # Every shard of a sharded asset in this one run (its process pool does the fan-out).
     tags = {ENTRY_TAG: CLI_ENTRY, INVOCATION_TAG: invocation, **all_shards_tags()}

@@ -307,12 +307,11 @@ def coherent_band_std(plane: np.ndarray) -> float:
         out = out[my : qh - my, mx : qw - mx]
         return out - np.float32(cv2.mean(out)[0])
 
-    product = None
+    product = np.zeros((qh - 2 * my, qw - 2 * mx), np.float32)
     variance = 0.0
     for (ya, xa), (yb, xb) in _STRUCTURE_PAIRS:
         a, b = band(ya, xa), band(yb, xb)
-        term = cv2.multiply(a, b)
-        product = term if product is None else cv2.add(product, term)
+        product += a * b
         variance += (float(cv2.mean(cv2.multiply(a, a))[0]) + float(cv2.mean(cv2.multiply(b, b))[0])) / 2
     product *= np.float32(1 / len(_STRUCTURE_PAIRS))
     variance /= len(_STRUCTURE_PAIRS)
