@@ -7,6 +7,7 @@ validation split by a stated rule; test figures are reported, never used to choo
 """
 
 import json
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,14 @@ from pydantic import Field
 
 from scin_pipeline.assets._metadata import metric_md
 from scin_pipeline.core.atomic import write_bytes_atomic
-from scin_pipeline.core.champion import ChampionRule, champion_rule_text, choose_champion, no_champion_reason
+from scin_pipeline.core.champion import (
+    FAIRNESS_STATUS_TAG,
+    FAIRNESS_UNJUDGED_TAG,
+    ChampionRule,
+    champion_rule_text,
+    choose_champion,
+    no_champion_reason,
+)
 from scin_pipeline.core.image_cache import split_arrays
 from scin_pipeline.core.rendering import png_data_uri_bytes
 from scin_pipeline.resources import MlflowTracking, StoragePaths
@@ -166,6 +174,30 @@ def model_evaluation(
 _DEFAULT_RULE = ChampionRule()
 
 
+def tag_fairness_status(mlflow: MlflowTracking, ranked: pd.DataFrame, gates: pd.DataFrame) -> None:
+    """The gate's outcome on every registered candidate version (tag scin.fairness_status) and, when it
+    could not judge, the groups too small to judge (scin.fairness_unjudged; removed otherwise)."""
+    from scin_pipeline.core.fairness import GateResult
+
+    stored = {
+        str(m): GateResult.from_dict(json.loads(g))
+        for m, g in zip(gates["model"], gates["gate"] if "gate" in gates else [None] * len(gates))
+        if isinstance(g, str) and g
+    }
+    client = mlflow.client()
+    name = mlflow.registered_model_name
+    for model, version, status in zip(ranked["model"], ranked["registered_version"], ranked["fairness_status"]):
+        if not status or not isinstance(version, str | int) or not str(version):
+            continue
+        client.set_model_version_tag(name, str(version), FAIRNESS_STATUS_TAG, str(status))
+        gate = stored.get(str(model))
+        unjudged = (gate.unjudged_summary() if gate is not None else "") or "see the fairness report"
+        if status == "not_judged":
+            client.set_model_version_tag(name, str(version), FAIRNESS_UNJUDGED_TAG, unjudged[:4000])
+        elif FAIRNESS_UNJUDGED_TAG in (client.get_model_version(name, str(version)).tags or {}):
+            client.delete_model_version_tag(name, str(version), FAIRNESS_UNJUDGED_TAG)
+
+
 # The Launchpad face of core.champion.ChampionRule (defaults from there).
 class ComparisonConfig(Config):
     selection_split: str = Field(
@@ -180,6 +212,12 @@ class ComparisonConfig(Config):
         ge=0,
         description="eligible only when balanced accuracy beats chance (1/K) by this",
     )
+    unjudged_policy: Literal["block", "allow_with_flag"] = Field(
+        default=_DEFAULT_RULE.unjudged_policy,
+        description="a candidate the fairness gate could not judge (a gate group too small even at bin level): "
+        "block (not eligible; the default, and `scin-pipeline run`'s) or allow_with_flag (eligible, flagged on "
+        "the model version, card and page; the demo's, on synthetic images)",
+    )
 
     def rule(self) -> ChampionRule:
         return ChampionRule(
@@ -187,6 +225,7 @@ class ComparisonConfig(Config):
             selection_metric=self.selection_metric,
             tie_breakers=tuple(self.tie_breakers),
             chance_margin=self.chance_margin,
+            unjudged_policy=self.unjudged_policy,
         )
 
 
@@ -233,15 +272,23 @@ def model_comparison(
     ranked = choose_champion(wide, n_classes, champion_rule, fairness_gates).merge(
         candidates[["model", "kind", "registered_version", "model_uri", "mlflow_run_id"]], on="model"
     )
+    ranked["champion"] = ranked["champion"].fillna(False).astype(bool)
     champion = ranked[ranked["champion"]]
     rule = champion_rule_text(champion_rule)
     alias_uri = None
+    tag_fairness_status(mlflow, ranked, fairness_gates)
+    flag_metadata = {}
     if len(champion):
         best = champion.iloc[0]
         reason = (
             f"{best['model']}: {rule}; {config.selection_split}_{config.selection_metric}="
             f"{best[f'{config.selection_split}_{config.selection_metric}']:.3f}"
         )
+        if best["fairness_status"] == "not_judged":
+            # Named under unjudged_policy=allow_with_flag: say so wherever the champion is shown.
+            reason += "; FAIRNESS NOT JUDGED (a gate group too small to judge, allowed by unjudged_policy)"
+            flag_metadata["fairness_flag"] = "champion chosen with unjudged fairness groups (allow_with_flag)"
+            context.log.warning(f"champion {best['model']} has fairness groups the gate could not judge")
         mlflow.set_champion(best["registered_version"], reason=reason)
         alias_uri = mlflow.model_uri_for_alias("champion")
         context.log.info(f"champion: {reason}")
@@ -272,6 +319,7 @@ def model_comparison(
             "champion",
             f"val_{config.selection_metric}",
             "val_balanced_accuracy",
+            "fairness_status",
             "test_accuracy",
             "test_balanced_accuracy",
             "test_macro_f1",
@@ -289,6 +337,8 @@ def model_comparison(
             "rule": rule,
             "champion": str(champion["model"].iloc[0]) if len(champion) else "none",
             "champion_model_uri": alias_uri or "none",
+            "unjudged_policy": config.unjudged_policy,
+            **flag_metadata,
             **cleared_metadata,
             "comparison": metric_md(ranked[shown]),
             "test_metrics_plot": MetadataValue.md(f"![comparison]({png_data_uri_bytes(bars)})"),

@@ -4,8 +4,9 @@ card, Markdown + JSON manifest, quoting the stored gate).
 
 Fairness is measured per CASE on the test split: a case's images are averaged into one prediction (what a
 reader of the case would see), so rows are independent for the bootstrap and a case with three photos does
-not weigh three times. The gate reads the groups with enough data only; tiny groups are shown, marked
-"insufficient data", never hidden.
+not weigh three times. The gate judges the groups with enough data; a tiny group is shown, marked
+"insufficient data", never hidden, and judged through its bin (Monk 7-10, FST5-6) when that is big enough,
+else the candidate is "not judged" (model_comparison's unjudged_policy decides what that means).
 """
 
 import json
@@ -46,6 +47,11 @@ class FairnessConfig(Config):
         default=0.10, ge=0, le=1, description="gate: worst group below overall by more than this, CIs apart -> fail"
     )
     gate_attributes: list[str] = Field(default=DEFAULT_GATE_ATTRIBUTES)
+    bin_fallback: bool = Field(
+        default=True,
+        description="a gate group below min_group_n is judged through its bin (Monk 7-10, FST5-6) when that is "
+        "big enough; a group too small even then leaves the candidate 'not judged'",
+    )
     seed: int = 0
 
 
@@ -117,7 +123,13 @@ def fairness_report(
             seed=config.seed,
         )
         gate = fairness.fairness_gate(
-            table, metric=config.gate_metric, max_gap=config.max_gap, attributes=config.gate_attributes
+            table,
+            metric=config.gate_metric,
+            max_gap=config.max_gap,
+            attributes=config.gate_attributes,
+            min_group_n=config.min_group_n,
+            fallback=config.bin_fallback,
+            source="test split (one row per case)",
         )
         plots = fairness_plots(table, metrics=(config.gate_metric,))
         html = fairness_html(table, gate, plots, model=candidate.model, synthetic=synthetic)
@@ -131,6 +143,7 @@ def fairness_report(
             run.log_metrics(
                 {
                     "fairness_gate_passed": float(gate.passed),
+                    "fairness_gate_not_judged": float(gate.status == "not_judged"),
                     "fairness_worst_gap": float(gate.gap) if gate.gap is not None else float("nan"),
                 }
             )
@@ -147,11 +160,14 @@ def fairness_report(
             {
                 "model": m,
                 "passed": g.passed,
+                "status": g.status,
                 "reason": g.reason,
                 "metric": config.gate_metric,
                 "max_gap": config.max_gap,
                 "attributes": json.dumps(config.gate_attributes),
                 "gap": float(g.gap),
+                "min_group_n": config.min_group_n,
+                "unjudged": g.unjudged_summary(),
                 "gate": json.dumps(g.to_dict()),
             }
             for m, g in gates.items()
@@ -163,7 +179,7 @@ def fairness_report(
     metadata.update(
         {
             "unit": "case (test split; a case's images averaged)",
-            "gate": metric_md(gate_rows[["model", "passed", "reason"]]),
+            "gate": metric_md(gate_rows[["model", "status", "reason"]]),
             "worst_groups": metric_md(
                 worst[["model", "attribute", "group", "n", "value", "ci_low", "ci_high", "diff_to_overall"]], rows=60
             ),
@@ -183,18 +199,20 @@ def fairness_report(
         gate_rows,
         output_name="fairness_gates",
         metadata={
-            "passed": ", ".join(m for m, g in gates.items() if g.passed) or "none",
-            "failed": ", ".join(m for m, g in gates.items() if not g.passed) or "none",
-            "gate": metric_md(gate_rows[["model", "passed", "metric", "max_gap", "gap", "reason"]]),
+            "passed": ", ".join(m for m, g in gates.items() if g.status == "passed") or "none",
+            "failed": ", ".join(m for m, g in gates.items() if g.status == "failed") or "none",
+            "not_judged": ", ".join(m for m, g in gates.items() if g.status == "not_judged") or "none",
+            "gate": metric_md(gate_rows[["model", "status", "metric", "max_gap", "min_group_n", "gap", "reason"]]),
         },
     )
-    failing = [m for m, g in gates.items() if not g.passed]
+    failing = [m for m, g in gates.items() if g.status == "failed"]
     yield AssetCheckResult(
         check_name="fairness_gate",
         passed=not failing,
         severity=AssetCheckSeverity.ERROR,
         metadata={
             "failing_models": ", ".join(failing) or "none",
+            "not_judged_models": ", ".join(m for m, g in gates.items() if g.status == "not_judged") or "none",
             "reasons": MetadataValue.json({m: g.reason for m, g in gates.items()}),
         },
         description="; ".join(f"{m}: {gates[m].reason}" for m in failing) or None,

@@ -2,17 +2,29 @@
 
 Candidates are ranked on one split (validation by default; the test split only reports) by one metric,
 ties broken by further metrics and then by name. A candidate is eligible only when its balanced accuracy on
-that split beats chance (1/K) by a margin and it passed the fairness gate; an ineligible one is kept in the
-table with the reason it was passed over. ``model_comparison`` (scin_pipeline.assets.evaluation) feeds the
-rule from its Launchpad config and sets or clears the alias.
+that split beats chance (1/K) by a margin and the fairness gate did not fail it; an ineligible one is kept in
+the table with the reason it was passed over. The gate has three outcomes (``core.fairness``): failed always
+excludes; "not judged" (some gate group too small to judge, even at bin level) follows ``unjudged_policy``:
+``block`` (the default, and ``scin-pipeline run``'s) excludes the candidate too, ``allow_with_flag`` (the
+demo's, on synthetic images) keeps it eligible and its ``fairness_status`` says "not_judged", which
+``model_comparison`` puts on the model version (tag ``scin.fairness_status``), the card and the served
+page. ``model_comparison`` (scin_pipeline.assets.evaluation) feeds the rule from its Launchpad config and
+sets or clears the alias.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
+
+UNJUDGED_POLICIES = ("block", "allow_with_flag")
+# On every registered candidate version: the fairness gate's outcome (passed, failed, not_judged) and, when
+# not judged, which gate groups were too small. The served page reads them (serve.model).
+FAIRNESS_STATUS_TAG = "scin.fairness_status"
+FAIRNESS_UNJUDGED_TAG = "scin.fairness_unjudged"
 
 
 @dataclass(frozen=True)
@@ -23,6 +35,21 @@ class ChampionRule:
     selection_metric: str = "macro_f1"
     tie_breakers: Sequence[str] = ("balanced_accuracy", "mean_ovr_auc")
     chance_margin: float = 0.05
+    unjudged_policy: Literal["block", "allow_with_flag"] = "block"
+
+    def __post_init__(self):
+        if self.unjudged_policy not in UNJUDGED_POLICIES:
+            raise ValueError(f"unjudged_policy must be one of {UNJUDGED_POLICIES}, got {self.unjudged_policy!r}")
+
+
+def gate_statuses(gates: pd.DataFrame) -> pd.Series:
+    """model -> "passed" / "failed" / "not_judged"; a gates table from before the three outcomes (no
+    ``status`` column) reads passed/failed from ``passed``."""
+    if "status" in gates:
+        status = gates["status"].astype(str)
+    else:
+        status = gates["passed"].astype(bool).map({True: "passed", False: "failed"})
+    return pd.Series(status.to_numpy(), index=gates["model"].astype(str).to_numpy())
 
 
 def champion_rule_text(config: ChampionRule) -> str:
@@ -32,6 +59,12 @@ def champion_rule_text(config: ChampionRule) -> str:
         f"{', '.join(config.tie_breakers)}, then name), among candidates whose {config.selection_split} "
         f"balanced accuracy beats chance (1/K) by at least {config.chance_margin:.2f} and that pass the "
         "fairness gate"
+        + (
+            " (one it could not judge, a gate group too small even at bin level, is not eligible)"
+            if config.unjudged_policy == "block"
+            else " or that it could not judge (a gate group too small even at bin level: allowed, flagged "
+            "'fairness not judged' on the model version, card and page)"
+        )
     )
 
 
@@ -40,18 +73,28 @@ def choose_champion(
 ) -> pd.DataFrame:
     """Rank candidates by the rule; ``passed_over`` says why an ineligible one was not considered.
 
-    ``wide``: one row per model, columns ``<split>_<metric>``. ``gates`` (model, passed, reason): a
-    candidate failing the fairness gate is passed over, whatever its average metrics. Returns ``wide`` with
-    ``passed_over``, ``rank`` (1 = champion; missing when passed over) and ``champion``, ranked first.
+    ``wide``: one row per model, columns ``<split>_<metric>``. ``gates`` (model, status or passed, reason):
+    a candidate the fairness gate failed is passed over, whatever its average metrics; one it could not judge
+    is passed over under ``unjudged_policy="block"``. Returns ``wide`` with ``fairness_status`` ("passed",
+    "failed", "not_judged"; "" without gates), ``passed_over``, ``rank`` (1 = champion; missing when passed
+    over) and ``champion``, ranked first.
     """
     split = config.selection_split
     table = wide.copy()
     chance = 1.0 / max(n_classes, 1)
     table["passed_over"] = ""
+    table["fairness_status"] = ""
     if gates is not None and len(gates):
-        failed = gates[~gates["passed"].astype(bool)].set_index("model")["reason"]
-        unfair = table["model"].isin(failed.index)
-        table.loc[unfair, "passed_over"] = [f"fairness gate failed: {failed[m]}" for m in table.loc[unfair, "model"]]
+        status = gate_statuses(gates)
+        reasons = pd.Series(gates["reason"].astype(str).to_numpy(), index=status.index)
+        table["fairness_status"] = table["model"].astype(str).map(status).fillna("")
+        unfair = (table["fairness_status"] == "failed").to_numpy()
+        table.loc[unfair, "passed_over"] = [f"fairness gate failed: {reasons[m]}" for m in table.loc[unfair, "model"]]
+        if config.unjudged_policy == "block":
+            unjudged = (table["fairness_status"] == "not_judged").to_numpy()
+            table.loc[unjudged, "passed_over"] = [
+                f"fairness not judged (unjudged_policy block): {reasons[m]}" for m in table.loc[unjudged, "model"]
+            ]
     low = ~(table[f"{split}_balanced_accuracy"] >= chance + config.chance_margin) & (table["passed_over"] == "")
     table.loc[low, "passed_over"] = (
         f"{split} balanced accuracy not above chance ({chance:.3f}) + {config.chance_margin:.2f}"

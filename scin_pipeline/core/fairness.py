@@ -47,13 +47,23 @@ Decisions:
   because statsmodels is not a dependency (tested against scipy's ``binomtest``). With
   ``n_bootstrap=0`` there are no intervals at all, Wilson included (the gate then uses the gap alone).
 - Groups with ``n < min_group_n`` are kept, with their numbers and intervals, and flagged
-  ``insufficient_data``; they are never the ``worst`` group and never decide the gate.
+  ``insufficient_data``; they are never the ``worst`` group and are never judged on their own.
+- Bins: Monk tones (1-2, 3-4, 5-6, 7-10, per grader pool) and Fitzpatrick types (FST1-2, FST3-4, FST5-6,
+  dermatologist and self-reported) are also attributes of their own, so the gate has a coarser level to
+  fall back to (:data:`GATE_FALLBACK`, :func:`bin_of`).
 - Gate (:func:`fairness_gate`): the reference is the overall value, not the best group. The best group
   is itself a noisy pick among many (its value is biased upward), and "how much worse than everyone"
   is what a user of the model experiences. It fails when some group's gap to overall exceeds
   ``max_gap`` AND its interval does not overlap the overall interval; a gap inside overlapping
   intervals is not distinguishable from sampling noise and is reported, not blocked. Without
   intervals (``n_bootstrap=0``) the gap alone decides (fail-safe).
+- Three outcomes, no pass by default: "failed" (some judged group fails as above), "not_judged" (none
+  fails, but some gate group has fewer than ``min_group_n`` rows and so has its bin, e.g. US Monk 7-10
+  with 24 test cases; or no group could be judged at all), "passed" (every gate group judged, directly or
+  through its bin, and none fails). The result says which level judged each small group and where the
+  estimates come from (``source``: the test split, or out-of-fold predictions over train+val, see
+  :mod:`scin_pipeline.core.crossval`). What "not_judged" means for the champion is the comparison's
+  policy (``core.champion``: block, or allow with a flag on the model version, card and page).
 """
 
 from __future__ import annotations
@@ -81,17 +91,34 @@ from scin_pipeline.core.evaluation import (
 from scin_pipeline.core.schema import MISSING_GROUP, MULTIPLE_GROUP, OVERALL
 
 DEFAULT_MONK_BINS: tuple[tuple[int, int], ...] = ((1, 2), (3, 4), (5, 6), (7, 10))
+# Fitzpatrick types binned as I-II, III-IV, V-VI ("FST5-6"): the level the gate falls back to when a single
+# type (FST6: 69 cases in the whole release) is too small to judge.
+FST_BINS: tuple[tuple[int, int], ...] = ((1, 2), (3, 4), (5, 6))
 ATTRIBUTES = [
     "monk_skin_tone_us",
     "monk_us_bin",
     "monk_skin_tone_india",
     "monk_india_bin",
     "fst_dermatologist",
+    "fst_dermatologist_bin",
     "fst_self_reported",
+    "fst_self_reported_bin",
     "race_ethnicity",
     "sex_at_birth",
     "age_group",
 ]
+# The gate's coarser level: a group of the key attribute too small to judge is judged through the bin it
+# belongs to, in the value attribute (Monk 8 -> Monk 7-10, FST6 -> FST5-6). Bins have no coarser level.
+GATE_FALLBACK: dict[str, str] = {
+    "monk_skin_tone_us": "monk_us_bin",
+    "monk_skin_tone_india": "monk_india_bin",
+    "fst_dermatologist": "fst_dermatologist_bin",
+    "fst_self_reported": "fst_self_reported_bin",
+}
+# The gate's three outcomes (module docstring, "Gate").
+GATE_PASSED, GATE_FAILED, GATE_NOT_JUDGED = "passed", "failed", "not_judged"
+GATE_STATUSES = (GATE_PASSED, GATE_FAILED, GATE_NOT_JUDGED)
+GATE_LABELS = {GATE_PASSED: "PASSED", GATE_FAILED: "FAILED", GATE_NOT_JUDGED: "NOT JUDGED"}
 FAIRNESS_METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "mean_ovr_auc", "top3_accuracy"]
 TABLE_COLUMNS = [
     "model",
@@ -146,7 +173,9 @@ KNOWN_GROUP_ORDER: dict[str, list[str]] = {
     "monk_skin_tone_us": [str(t) for t in schema.MONK_TONES],
     "monk_skin_tone_india": [str(t) for t in schema.MONK_TONES],
     "fst_dermatologist": list(schema.FST_VALUES),
+    "fst_dermatologist_bin": [f"FST{low}-{high}" for low, high in FST_BINS],
     "fst_self_reported": schema.ENUM_VALUES["fitzpatrick_skin_type"],
+    "fst_self_reported_bin": [f"FST{low}-{high}" for low, high in FST_BINS] + ["NONE_IDENTIFIED"],
     "race_ethnicity": [c.removeprefix(RACE_PREFIX).upper() for c in RACE_BOX_COLUMNS] + [MULTIPLE_GROUP],
     "sex_at_birth": schema.ENUM_VALUES["sex_at_birth"],
     "age_group": schema.ENUM_VALUES["age_group"],
@@ -210,6 +239,30 @@ def _monk(cases: pd.DataFrame, attribute: str, monk_bins) -> tuple[pd.Series, pd
     return tone_groups, tone_groups.map(lambda g: lookup.get(g, MISSING_GROUP)).astype(object)
 
 
+def fst_bin(group: str) -> str:
+    """The Fitzpatrick bin of a type group ("FST6" -> "FST5-6"); other answers ("NONE_IDENTIFIED",
+    "missing") are their own group at the bin level."""
+    for low, high in FST_BINS:
+        if group in {f"FST{t}" for t in range(low, high + 1)}:
+            return f"FST{low}-{high}"
+    return group
+
+
+def bin_of(
+    attribute: str, group: str, *, monk_bins: Sequence[tuple[int, int]] = DEFAULT_MONK_BINS
+) -> tuple[str, str] | None:
+    """(bin attribute, bin group) the gate falls back to for a group too small to judge on its own, or
+    None when there is no coarser level (a bin already, "missing", an answer outside the scale)."""
+    coarse = GATE_FALLBACK.get(attribute)
+    if coarse is None or group == MISSING_GROUP:
+        return None
+    if attribute.startswith("monk_"):
+        lookup = {str(t): _bin_label(low, high) for low, high in monk_bins for t in range(low, high + 1)}
+        return (coarse, lookup[group]) if group in lookup else None
+    binned = fst_bin(group)
+    return (coarse, binned) if binned != group else None
+
+
 def _ticked(values: pd.Series) -> np.ndarray:
     """A check box as bool: True / "YES" is ticked; False, empty or missing is not."""
     if pd.api.types.is_bool_dtype(values.dtype):
@@ -246,13 +299,17 @@ def sensitive_features(
     _check_monk_bins(monk_bins)
     us, us_bin = _monk(cases, "monk_skin_tone_us", monk_bins)
     india, india_bin = _monk(cases, "monk_skin_tone_india", monk_bins)
+    fst_derm = _groups(cases[_source_column(cases, "fst_dermatologist")])
+    fst_self = _groups(cases[_source_column(cases, "fst_self_reported")])
     columns = {
         "monk_skin_tone_us": us,
         "monk_us_bin": us_bin,
         "monk_skin_tone_india": india,
         "monk_india_bin": india_bin,
-        "fst_dermatologist": _groups(cases[_source_column(cases, "fst_dermatologist")]),
-        "fst_self_reported": _groups(cases[_source_column(cases, "fst_self_reported")]),
+        "fst_dermatologist": fst_derm,
+        "fst_dermatologist_bin": fst_derm.map(fst_bin).astype(object),
+        "fst_self_reported": fst_self,
+        "fst_self_reported_bin": fst_self.map(fst_bin).astype(object),
         "race_ethnicity": _race(cases),
         "sex_at_birth": _groups(cases[_source_column(cases, "sex_at_birth")]),
         "age_group": _groups(cases[_source_column(cases, "age_group")]),
@@ -553,8 +610,12 @@ class GroupEstimate:
 
 @dataclass
 class GateResult:
-    """Outcome of :func:`fairness_gate`. ``worst`` is the group that decided it (the failing group with
-    the largest gap, else the group with the largest gap); ``reference`` the overall estimate."""
+    """Outcome of :func:`fairness_gate`. ``status``: "passed", "failed" or "not_judged"; ``passed`` is
+    ``status == "passed"`` (kept for callers that read a bool). ``worst`` is the group that decided it (the
+    failing group with the largest gap, else the judged group with the largest gap); ``reference`` the
+    overall estimate; ``unjudged_groups`` the gate groups too small even at bin level (they make the status
+    "not_judged" unless something failed); ``fallbacks`` the groups judged through their bin (the level
+    judged); ``source`` where the estimates come from (the test split, or out-of-fold predictions)."""
 
     passed: bool
     metric: str
@@ -567,6 +628,30 @@ class GateResult:
     reason: str
     failing_groups: list[GroupEstimate] = field(default_factory=list)
     insufficient_groups: list[GroupEstimate] = field(default_factory=list)
+    status: str = ""
+    min_group_n: int | None = None
+    source: str = "test split"
+    unjudged_groups: list[GroupEstimate] = field(default_factory=list)
+    fallbacks: list[dict] = field(default_factory=list)
+    n_judged: int = 0
+
+    def __post_init__(self):
+        if not self.status:  # a result made the old way (a bool only)
+            self.status = GATE_PASSED if self.passed else GATE_FAILED
+        if self.status not in GATE_STATUSES:
+            raise ValueError(f"gate status must be one of {GATE_STATUSES}, got {self.status!r}")
+        self.passed = self.status == GATE_PASSED
+
+    @property
+    def label(self) -> str:
+        """PASSED, FAILED or NOT JUDGED (reports, card, page)."""
+        return GATE_LABELS[self.status]
+
+    def unjudged_summary(self, limit: int = 8) -> str:
+        """The gate groups nobody could judge, e.g. "monk_us_bin=7-10 (n=24)"; "" when none."""
+        listed = ", ".join(f"{g.attribute}={g.group} (n={g.n})" for g in self.unjudged_groups[:limit])
+        more = f" and {len(self.unjudged_groups) - limit} more" if len(self.unjudged_groups) > limit else ""
+        return listed + more
 
     def to_dict(self) -> dict:
         """JSON-serialisable (NaN becomes None)."""
@@ -586,7 +671,8 @@ class GateResult:
 
     @classmethod
     def from_dict(cls, record: dict) -> GateResult:
-        """The inverse of :meth:`to_dict` (None back to NaN): how a stored gate is read, never recomputed."""
+        """The inverse of :meth:`to_dict` (None back to NaN): how a stored gate is read, never recomputed.
+        A gate stored before the three outcomes (no ``status``) reads as passed or failed."""
 
         def number(value) -> float:
             return float("nan") if value is None else float(value)
@@ -603,6 +689,10 @@ class GateResult:
                 number(item["ci_high"]),
             )
 
+        def estimates(key: str) -> list[GroupEstimate]:
+            return [e for e in map(estimate, record.get(key) or []) if e is not None]
+
+        min_group_n = record.get("min_group_n")
         return cls(
             passed=bool(record["passed"]),
             metric=str(record["metric"]),
@@ -613,8 +703,14 @@ class GateResult:
             gap=number(record.get("gap")),
             cis_overlap=record.get("cis_overlap"),
             reason=str(record["reason"]),
-            failing_groups=[e for e in map(estimate, record.get("failing_groups") or []) if e is not None],
-            insufficient_groups=[e for e in map(estimate, record.get("insufficient_groups") or []) if e is not None],
+            failing_groups=estimates("failing_groups"),
+            insufficient_groups=estimates("insufficient_groups"),
+            status=str(record.get("status") or ""),
+            min_group_n=None if min_group_n is None else int(min_group_n),
+            source=str(record.get("source") or "test split"),
+            unjudged_groups=estimates("unjudged_groups"),
+            fallbacks=[dict(f) for f in record.get("fallbacks") or []],
+            n_judged=int(record.get("n_judged") or 0),
         )
 
 
@@ -641,10 +737,21 @@ def fairness_gate(
     metric: str = "balanced_accuracy",
     max_gap: float = 0.10,
     attributes: Sequence[str] | None = None,
+    min_group_n: int | None = None,
+    fallback: bool = True,
+    monk_bins: Sequence[tuple[int, int]] = DEFAULT_MONK_BINS,
+    source: str = "test split",
 ) -> GateResult:
-    """Fail when some group (with enough data) is more than ``max_gap`` below the overall value on
-    ``metric`` and its interval does not overlap the overall interval (module docstring: why overall,
-    why both conditions). Insufficient-data groups are listed in the result, never decide it."""
+    """Judge one model's table on ``metric``; three outcomes (module docstring, "Gate").
+
+    A judged group fails when it is more than ``max_gap`` below the overall value and its interval does
+    not overlap the overall interval. A gate group with fewer than ``min_group_n`` rows (default: the
+    table's ``insufficient_data`` flag) is judged through its bin when ``fallback`` and the bin is big
+    enough (Monk 8 -> Monk 7-10, FST6 -> FST5-6; :data:`GATE_FALLBACK`), else it is unjudged. Status:
+    "failed" when some judged group fails; else "not_judged" when some gate group is unjudged (or none
+    could be judged at all: there is no pass by default); else "passed". "missing" (no answer) is judged
+    when big enough and never makes a gate unjudged. ``source`` says where the estimates come from.
+    """
     models = table["model"].unique()
     if len(models) != 1:
         raise ValueError(f"fairness_gate needs the table of one model, got {list(models)!r}")
@@ -655,32 +762,99 @@ def fairness_gate(
     if overall_rows.empty:
         raise ValueError("the fairness table has no overall block (attribute 'overall')")
     reference = _estimate(overall_rows.iloc[0])
-    groups = rows[rows["attribute"] != OVERALL]
+    everything = rows[rows["attribute"] != OVERALL]
+    groups = everything
     if attributes is not None:
         unknown = sorted(set(attributes) - set(groups["attribute"]))
         if unknown:
             raise ValueError(f"fairness gate attributes not in the table: {unknown}")
         groups = groups[groups["attribute"].isin(list(attributes))]
-    insufficient = [_estimate(r) for _, r in groups[groups["insufficient_data"]].iterrows()]
-    judged = [_estimate(r) for _, r in groups[~groups["insufficient_data"]].iterrows() if np.isfinite(r["value"])]
-    skipped = ""
+
+    def small(row) -> bool:
+        return bool(row["n"] < min_group_n) if min_group_n is not None else bool(row["insufficient_data"])
+
+    by_key = {(str(r["attribute"]), str(r["group"])): r for _, r in everything.iterrows()}
+    judged: dict[tuple[str, str], GroupEstimate] = {}
+    insufficient: list[GroupEstimate] = []
+    unjudged: list[GroupEstimate] = []
+    fallbacks: list[dict] = []
+    for _, row in groups.iterrows():
+        estimate = _estimate(row)
+        key = (estimate.attribute, estimate.group)
+        if small(row):
+            insufficient.append(estimate)
+        elif np.isfinite(estimate.value):
+            judged[key] = estimate
+            continue
+        if estimate.group == MISSING_GROUP:
+            continue  # an unanswered question is reported, never required to be judged
+        coarse = bin_of(estimate.attribute, estimate.group, monk_bins=monk_bins) if fallback else None
+        bin_row = by_key.get(coarse) if coarse is not None else None
+        if bin_row is not None and not small(bin_row) and np.isfinite(float(bin_row["value"])):
+            judged[coarse] = _estimate(bin_row)
+            fallbacks.append(
+                {
+                    "attribute": estimate.attribute,
+                    "group": estimate.group,
+                    "n": estimate.n,
+                    "judged_as_attribute": coarse[0],
+                    "judged_as_group": coarse[1],
+                    "judged_n": int(bin_row["n"]),
+                }
+            )
+        else:
+            unjudged.append(estimate)
+    judged_list = list(judged.values())
+    limit_text = f"min_group_n {min_group_n}" if min_group_n is not None else "the table's min_group_n"
+    notes = f" Estimates: {source}; {limit_text}."
+    if fallbacks:
+        listed = "; ".join(
+            f"{f['attribute']}={f['group']} (n={f['n']}) as {f['judged_as_attribute']}={f['judged_as_group']} "
+            f"(n={f['judged_n']})"
+            for f in fallbacks[:8]
+        )
+        notes += f" Judged at bin level: {listed}."
     if insufficient:
         listed = ", ".join(f"{g.attribute}={g.group} (n={g.n})" for g in insufficient[:12])
         more = f" and {len(insufficient) - 12} more" if len(insufficient) > 12 else ""
-        skipped = f" Not judged, insufficient data: {listed}{more}."
-    if not judged:
+        notes += f" Insufficient data on their own: {listed}{more}."
+
+    def result(status, worst, gap, overlap, reason, failing) -> GateResult:
         return GateResult(
-            True,
+            status == GATE_PASSED,
             metric,
             max_gap,
             str(models[0]),
-            None,
+            worst,
             reference,
+            float(gap),
+            overlap,
+            reason,
+            failing,
+            insufficient,
+            status=status,
+            min_group_n=min_group_n,
+            source=source,
+            unjudged_groups=unjudged,
+            fallbacks=fallbacks,
+            n_judged=len(judged_list),
+        )
+
+    unjudged_text = ""
+    if unjudged:
+        probe = result(GATE_NOT_JUDGED, None, float("nan"), None, "", [])
+        unjudged_text = (
+            f"{len(unjudged)} gate group(s) too small to judge even at bin level: {probe.unjudged_summary()}."
+        )
+    if not judged_list:
+        return result(
+            GATE_NOT_JUDGED,
+            None,
             float("nan"),
             None,
-            f"PASSED by default: no group has enough data to judge {metric}.{skipped}",
+            f"NOT JUDGED on {metric}: no group has enough data to judge {metric}; there is no pass by "
+            f"default.{' ' + unjudged_text if unjudged_text else ''}{notes}",
             [],
-            insufficient,
         )
 
     def fails(group: GroupEstimate) -> bool:
@@ -688,8 +862,8 @@ def fairness_gate(
         overlap = _overlaps(group, reference)
         return gap > max_gap and overlap is not True  # no interval -> the gap alone decides
 
-    failing = sorted((g for g in judged if fails(g)), key=lambda g: g.value)
-    worst = failing[0] if failing else min(judged, key=lambda g: g.value)
+    failing = sorted((g for g in judged_list if fails(g)), key=lambda g: g.value)
+    worst = failing[0] if failing else min(judged_list, key=lambda g: g.value)
     gap = reference.value - worst.value
     overlap = _overlaps(worst, reference)
     comparison = f"worst group {worst.describe()} vs {reference.describe()}: gap {gap:.3f} (max_gap {max_gap:.3f})"
@@ -702,27 +876,23 @@ def fairness_gate(
             if overlap is False
             else "no intervals were computed, so the gap alone decides"
         )
-        reason = f"FAILED on {metric}: {comparison} exceeds max_gap and {why}.{others}{skipped}"
-    elif gap > max_gap:
-        reason = (
-            f"PASSED on {metric}: {comparison} exceeds max_gap, but the intervals overlap, so the "
-            f"gap is not distinguishable from sampling noise at this n.{skipped}"
-        )
+        status = GATE_FAILED
+        also = f" Not judged: {unjudged_text}" if unjudged_text else ""
+        reason = f"FAILED on {metric}: {comparison} exceeds max_gap and {why}.{others}{also}{notes}"
     else:
-        reason = f"PASSED on {metric}: {comparison} is within max_gap.{skipped}"
-    return GateResult(
-        not failing,
-        metric,
-        max_gap,
-        str(models[0]),
-        worst,
-        reference,
-        float(gap),
-        overlap,
-        reason,
-        failing,
-        insufficient,
-    )
+        status = GATE_NOT_JUDGED if unjudged else GATE_PASSED
+        head = f"PASSED on {metric}: "
+        if unjudged:
+            head = f"NOT JUDGED on {metric}: {unjudged_text} Of the {len(judged_list)} judged group(s) none fails: "
+        if gap > max_gap:
+            verdict = (
+                f"{comparison} exceeds max_gap, but the intervals overlap, so the gap is not distinguishable "
+                "from sampling noise at this n."
+            )
+        else:
+            verdict = f"{comparison} is within max_gap."
+        reason = f"{head}{verdict}{notes}"
+    return result(status, worst, gap, overlap, reason, failing)
 
 
 # ------------------------------------------------------------------------------- representation

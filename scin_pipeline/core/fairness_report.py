@@ -142,6 +142,10 @@ def _attributes(table: pd.DataFrame) -> list[str]:
     return [a for a in table["attribute"].unique() if a != OVERALL]
 
 
+def _min_n(gate: GateResult) -> str:
+    return f", min_group_n {gate.min_group_n}" if gate.min_group_n is not None else ""
+
+
 def fairness_markdown(table: pd.DataFrame, gate: GateResult, *, model: str, synthetic: bool) -> str:
     """The fairness report as Markdown: synthetic banner first (when synthetic), the gate, the overall
     block and one table per attribute."""
@@ -149,8 +153,8 @@ def fairness_markdown(table: pd.DataFrame, gate: GateResult, *, model: str, synt
     lines += [
         f"# Fairness report: {model}",
         "",
-        f"**Fairness gate: {'PASSED' if gate.passed else 'FAILED'}** ({gate.metric}, "
-        f"max_gap {gate.max_gap:.2f}). {gate.reason}",
+        f"**Fairness gate: {gate.label}** ({gate.metric}, max_gap {gate.max_gap:.2f}"
+        f"{_min_n(gate)}; estimates: {gate.source}). {gate.reason}",
         "",
         _how_to_read(table),
         "",
@@ -172,7 +176,7 @@ def fairness_markdown(table: pd.DataFrame, gate: GateResult, *, model: str, synt
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1200px}
 .banner{background:#fff3cd;border:2px solid #d39e00;padding:.6em 1em;font-weight:bold}
-.pass{color:#1e7e34}.fail{color:#b21f2d}
+.pass{color:#1e7e34}.fail{color:#b21f2d}.unjudged{color:#b36b00}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.85em}
 th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}th{background:#f2f2f2}
 td:first-child,th:first-child{text-align:left}
@@ -193,7 +197,8 @@ def fairness_html(
     external asset. A plot keyed ``"<attribute>.<metric>"`` is placed under its attribute; any other
     plot at the end."""
     title = f"Fairness report: {model}" + (" (SYNTHETIC)" if synthetic else "")
-    status = "PASSED" if gate.passed else "FAILED"
+    status = gate.label
+    css = {"passed": "pass", "failed": "fail"}.get(gate.status, "unjudged")
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -203,8 +208,9 @@ def fairness_html(
         parts.append(f'<p class="banner">{html.escape(SYNTHETIC_BANNER)}</p>')
     parts += [
         f"<h1>{html.escape(f'Fairness report: {model}')}</h1>",
-        f'<p><strong class="{"pass" if gate.passed else "fail"}">Fairness gate: '
-        f"{status}</strong> ({html.escape(gate.metric)}, max_gap {gate.max_gap:.2f}). "
+        f'<p><strong class="{css}">Fairness gate: '
+        f"{status}</strong> ({html.escape(gate.metric)}, max_gap {gate.max_gap:.2f}"
+        f"{html.escape(_min_n(gate))}; estimates: {html.escape(gate.source)}). "
         f"{html.escape(gate.reason)}</p>",
         f"<p>{html.escape(_how_to_read(table))}</p>",
         f"<h2>{html.escape(ATTRIBUTE_TITLES[OVERALL])}</h2>",

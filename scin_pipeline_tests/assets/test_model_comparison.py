@@ -66,15 +66,23 @@ def evaluation_table(val_balanced_accuracy: dict[str, float]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_comparison(registry, val_balanced_accuracy: dict[str, float]) -> tuple[Output, AssetCheckResult]:
+def run_comparison(
+    registry,
+    val_balanced_accuracy: dict[str, float],
+    *,
+    config: ComparisonConfig | None = None,
+    gates: pd.DataFrame | None = None,
+) -> tuple[Output, AssetCheckResult]:
     tracking, _, frames = registry
     empty = pd.DataFrame()
+    if gates is None:
+        gates = pd.DataFrame({"model": list(MODELS), "passed": [True, True], "reason": ["ok", "ok"]})
     results = list(
         model_comparison(
             build_asset_context(),
-            config=ComparisonConfig(),
+            config=config or ComparisonConfig(),
             model_evaluation=evaluation_table(val_balanced_accuracy),
-            fairness_gates=pd.DataFrame({"model": list(MODELS), "passed": [True, True], "reason": ["ok", "ok"]}),
+            fairness_gates=gates,
             baseline_cnn=frames["baseline_cnn"],
             resnet50_transfer=empty,
             metadata_model=frames["metadata_model"],
@@ -138,3 +146,64 @@ def test_the_launchpad_config_is_the_core_rule():
     assert ComparisonConfig().rule() == ChampionRule()
     config = ComparisonConfig(selection_metric="top3_accuracy", tie_breakers=["ece"], chance_margin=0.2)
     assert config.rule() == ChampionRule(selection_metric="top3_accuracy", tie_breakers=("ece",), chance_margin=0.2)
+
+
+def unjudged_gates() -> pd.DataFrame:
+    """metadata_model's gate could not judge US Monk 7-10 (24 cases); baseline_cnn's failed."""
+    from scin_pipeline.core.fairness import GateResult, GroupEstimate
+
+    tiny = GroupEstimate("monk_us_bin", "7-10", 24, 0.08, 0.0, 0.14)
+    gate = GateResult(
+        False,
+        "balanced_accuracy",
+        0.1,
+        "metadata_model",
+        None,
+        None,
+        float("nan"),
+        None,
+        "NOT JUDGED",
+        status="not_judged",
+        unjudged_groups=[tiny],
+        min_group_n=30,
+    )
+    return pd.DataFrame(
+        {
+            "model": list(MODELS),
+            "passed": [False, False],
+            "status": ["failed", "not_judged"],
+            "reason": ["FAILED on balanced_accuracy", "NOT JUDGED on balanced_accuracy: monk_us_bin=7-10 (n=24)"],
+            "gate": ["", json.dumps(gate.to_dict())],
+        }
+    )
+
+
+def test_an_unjudged_candidate_blocks_under_the_default_policy(registry):
+    tracking, _, _ = registry
+    assert ComparisonConfig().unjudged_policy == "block"
+    output, check = run_comparison(registry, {"baseline_cnn": 0.6, "metadata_model": 0.6}, gates=unjudged_gates())
+    assert tracking.champion_version() is None and check.passed is False
+    reason = output.metadata["champion_cleared_reason"].value
+    assert "fairness not judged (unjudged_policy block)" in reason and "monk_us_bin=7-10 (n=24)" in reason
+
+
+def test_allow_with_flag_names_an_unjudged_champion_and_flags_its_version(registry):
+    from scin_pipeline.core.champion import FAIRNESS_STATUS_TAG, FAIRNESS_UNJUDGED_TAG
+
+    tracking, _, frames = registry
+    output, check = run_comparison(
+        registry,
+        {"baseline_cnn": 0.6, "metadata_model": 0.6},
+        config=ComparisonConfig(unjudged_policy="allow_with_flag"),
+        gates=unjudged_gates(),
+    )
+    champion = tracking.champion_version()
+    assert check.passed is True and str(champion.version) == frames["metadata_model"]["registered_version"][0]
+    assert champion.tags[FAIRNESS_STATUS_TAG] == "not_judged"
+    assert champion.tags[FAIRNESS_UNJUDGED_TAG] == "monk_us_bin=7-10 (n=24)"
+    assert "FAIRNESS NOT JUDGED" in champion.tags[CHAMPION_REASON_TAG]
+    assert "fairness_flag" in output.metadata
+    failed = tracking.client().get_model_version(
+        tracking.registered_model_name, frames["baseline_cnn"]["registered_version"][0]
+    )
+    assert failed.tags[FAIRNESS_STATUS_TAG] == "failed" and FAIRNESS_UNJUDGED_TAG not in failed.tags

@@ -37,6 +37,7 @@ RUN_CONFIG = {
         "resnet50_transfer": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
         "multimodal": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
         "fairness_report": {"config": {"n_bootstrap": 50, "min_group_n": 10}},
+        "model_comparison": {"config": {"unjudged_policy": "allow_with_flag"}},
     }
 }
 

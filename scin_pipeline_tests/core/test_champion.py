@@ -89,7 +89,8 @@ def test_the_rule_reads_its_own_split_and_metric():
 def test_rule_text_states_split_metric_ties_and_margin():
     assert champion_rule_text(ChampionRule()) == (
         "highest val macro_f1 (ties: balanced_accuracy, mean_ovr_auc, then name), among candidates whose val "
-        "balanced accuracy beats chance (1/K) by at least 0.05 and that pass the fairness gate"
+        "balanced accuracy beats chance (1/K) by at least 0.05 and that pass the fairness gate (one it could "
+        "not judge, a gate group too small even at bin level, is not eligible)"
     )
     text = champion_rule_text(ChampionRule(selection_metric="top3_accuracy", tie_breakers=(), chance_margin=0.1))
     assert "highest val top3_accuracy (ties: , then name)" in text and "at least 0.10" in text
@@ -100,3 +101,50 @@ def test_no_champion_reason_lists_each_passed_over_candidate():
     assert no_champion_reason(ranked, "RULE") == "no eligible candidate by the rule (RULE); a: too weak; c: unfair"
     empty = pd.DataFrame({"model": [], "passed_over": []})
     assert no_champion_reason(empty, "RULE") == "no eligible candidate by the rule (RULE); no candidate was evaluated"
+
+
+def unjudged_fixture():
+    table = wide(
+        model=["judged", "unjudged"],
+        val_macro_f1=[0.50, 0.90],
+        val_balanced_accuracy=[0.55, 0.92],
+        val_mean_ovr_auc=[0.7, 0.95],
+    )
+    gates = pd.DataFrame(
+        {
+            "model": ["judged", "unjudged"],
+            "passed": [True, False],
+            "status": ["passed", "not_judged"],
+            "reason": ["ok", "NOT JUDGED: monk_us_bin=7-10 (n=24)"],
+        }
+    )
+    return table, gates
+
+
+def test_an_unjudged_candidate_is_blocked_under_block():
+    table, gates = unjudged_fixture()
+    ranked = choose_champion(table, 4, ChampionRule(), gates).set_index("model")
+    assert ChampionRule().unjudged_policy == "block"
+    assert ranked["champion"].fillna(False).astype(bool).tolist() == [True, False]
+    assert ranked.loc["unjudged", "passed_over"].startswith("fairness not judged (unjudged_policy block)")
+    assert "monk_us_bin=7-10 (n=24)" in ranked.loc["unjudged", "passed_over"]
+    assert ranked.loc["unjudged", "fairness_status"] == "not_judged"
+    assert "is not eligible" in champion_rule_text(ChampionRule())
+
+
+def test_an_unjudged_candidate_may_win_flagged_under_allow_with_flag():
+    table, gates = unjudged_fixture()
+    rule = ChampionRule(unjudged_policy="allow_with_flag")
+    ranked = choose_champion(table, 4, rule, gates)
+    champion = ranked[ranked["champion"]].iloc[0]
+    assert champion["model"] == "unjudged" and champion["fairness_status"] == "not_judged"
+    assert "flagged 'fairness not judged'" in champion_rule_text(rule)
+    # A failed gate excludes under either policy.
+    gates.loc[1, "status"] = "failed"
+    assert choose_champion(table, 4, rule, gates).loc[lambda f: f["champion"], "model"].tolist() == ["judged"]
+
+
+def test_gates_stored_before_the_three_outcomes_still_read():
+    table, gates = unjudged_fixture()
+    ranked = choose_champion(table, 4, ChampionRule(), gates.drop(columns=["status"])).set_index("model")
+    assert ranked.loc["unjudged", "fairness_status"] == "failed"

@@ -22,6 +22,7 @@ from scin_pipeline.core.fairness import (
     TABLE_COLUMNS,
     GateResult,
     _group_rng,
+    bin_of,
     bootstrap_metrics,
     fairness_gate,
     fairness_table,
@@ -392,12 +393,12 @@ def test_mismatched_rows_are_refused():
 # -------------------------------------------------------------------------------------------- gate
 
 
-def planted(gap: bool, *, tiny_random: bool = False, seed: int = 11):
+def planted(gap: bool, *, tiny_random: bool = False, seed: int = 11, tiny: int = 12):
     """3,000 rows of a good 5-class model; group "bad" (400 rows) gets random predictions if ``gap``;
-    group "tiny" (12 rows) gets random predictions if ``tiny_random``."""
+    group "tiny" (``tiny`` rows, 12 by default) gets random predictions if ``tiny_random``."""
     rng = np.random.default_rng(seed)
     y, proba = model_output(3_000, 5, signal=3.0, rng=rng)
-    groups = np.array(["ok"] * 2_588 + ["bad"] * 400 + ["tiny"] * 12, dtype=object)
+    groups = np.array(["ok"] * (2_600 - tiny) + ["bad"] * 400 + ["tiny"] * tiny, dtype=object)
     for name, on in (("bad", gap), ("tiny", tiny_random)):
         if on:
             rows = np.flatnonzero(groups == name)
@@ -426,19 +427,109 @@ def test_a_stored_gate_reads_back_as_it_was_decided():
 
 
 def test_gate_passes_without_the_gap():
-    gate = fairness_gate(planted(gap=False), metric="balanced_accuracy", max_gap=0.10)
-    assert gate.passed, gate.reason
+    gate = fairness_gate(planted(gap=False, tiny=0), metric="balanced_accuracy", max_gap=0.10)
+    assert gate.passed and gate.status == "passed", gate.reason
     assert gate.gap <= 0.10
-    assert "PASSED" in gate.reason
+    assert "PASSED" in gate.reason and gate.label == "PASSED"
 
 
-def test_gate_ignores_an_insufficient_group_but_names_it():
+def test_an_insufficient_group_is_not_judged_never_passed_by_default():
+    """A tiny group with no bin to fall back to: the gate cannot judge the model, so it does not pass it;
+    the tiny group is named, and never the worst."""
     table = planted(gap=False, tiny_random=True)
     assert value(table, "skin", "tiny", "balanced_accuracy", "diff_to_overall") < -0.10
     gate = fairness_gate(table, metric="balanced_accuracy", max_gap=0.10)
-    assert gate.passed, gate.reason
+    assert gate.status == "not_judged" and not gate.passed and gate.label == "NOT JUDGED", gate.reason
     assert [g.group for g in gate.insufficient_groups] == ["tiny"]
-    assert "skin=tiny (n=12)" in gate.reason
+    assert [g.group for g in gate.unjudged_groups] == ["tiny"] and gate.worst.group != "tiny"
+    assert "skin=tiny (n=12)" in gate.reason and gate.reason.startswith("NOT JUDGED")
+
+
+def test_a_failure_outranks_an_unjudged_group():
+    gate = fairness_gate(planted(gap=True), metric="balanced_accuracy", max_gap=0.10)
+    assert gate.status == "failed" and [g.group for g in gate.unjudged_groups] == ["tiny"]
+    assert "Not judged" in gate.reason
+
+
+def test_a_missing_group_is_reported_but_never_required():
+    rows = [("a", 500, 0.82, 0.79, 0.85, False), ("missing", 5, 0.10, 0.0, 0.5, True)]
+    gate = fairness_gate(gate_table(rows), max_gap=0.10)
+    assert gate.status == "passed", gate.reason
+    assert [g.group for g in gate.insufficient_groups] == ["missing"] and not gate.unjudged_groups
+
+
+def test_min_group_n_given_to_the_gate_overrides_the_table_flag_and_is_recorded():
+    rows = [("a", 500, 0.82, 0.79, 0.85, False), ("b", 40, 0.80, 0.70, 0.90, False)]
+    gate = fairness_gate(gate_table(rows), max_gap=0.10, min_group_n=50)
+    assert gate.status == "not_judged" and gate.min_group_n == 50
+    assert "min_group_n 50" in gate.reason and gate.to_dict()["min_group_n"] == 50
+
+
+def fallback_table(deep: int, deep_bin: int, deep_value: float = 0.80, bin_value: float = 0.80) -> pd.DataFrame:
+    """Monk tones 1-2 (plenty) and 8 (``deep`` rows) with the bins 1-2 and 7-10 (``deep_bin`` rows)."""
+    table = gate_table([])
+    extra = [
+        ("monk_skin_tone_us", "1", 400, 0.80, 0.76, 0.84),
+        ("monk_skin_tone_us", "8", deep, deep_value, deep_value - 0.2, min(1.0, deep_value + 0.2)),
+        ("monk_us_bin", "1-2", 400, 0.80, 0.76, 0.84),
+        ("monk_us_bin", "7-10", deep_bin, bin_value, bin_value - 0.05, bin_value + 0.05),
+    ]
+    records = [
+        {
+            "model": "m",
+            "attribute": a,
+            "group": g,
+            "n": n,
+            "metric": "balanced_accuracy",
+            "value": v,
+            "ci_low": lo,
+            "ci_high": hi,
+            "insufficient_data": n < 30,
+        }
+        for a, g, n, v, lo, hi in extra
+    ]
+    return pd.concat([table, pd.DataFrame(records)], ignore_index=True)
+
+
+def test_a_small_tone_is_judged_through_its_bin_and_the_level_is_reported():
+    table = fallback_table(deep=12, deep_bin=150)
+    gate = fairness_gate(table, attributes=["monk_skin_tone_us"], min_group_n=30)
+    assert gate.status == "passed", gate.reason
+    assert gate.fallbacks == [
+        {
+            "attribute": "monk_skin_tone_us",
+            "group": "8",
+            "n": 12,
+            "judged_as_attribute": "monk_us_bin",
+            "judged_as_group": "7-10",
+            "judged_n": 150,
+        }
+    ]
+    assert "Judged at bin level: monk_skin_tone_us=8 (n=12) as monk_us_bin=7-10 (n=150)" in gate.reason
+    # The bin carries the verdict: a clear gap there fails the model.
+    failing = fairness_gate(fallback_table(deep=12, deep_bin=150, bin_value=0.55), attributes=["monk_skin_tone_us"])
+    assert failing.status == "failed" and (failing.worst.attribute, failing.worst.group) == ("monk_us_bin", "7-10")
+    # A bin that is itself too small leaves the tone unjudged; without fallback the tone is unjudged too.
+    assert fairness_gate(fallback_table(deep=12, deep_bin=24), attributes=["monk_skin_tone_us"]).status == "not_judged"
+    assert fairness_gate(table, attributes=["monk_skin_tone_us"], fallback=False).status == "not_judged"
+
+
+def test_a_candidate_whose_only_deep_tone_group_is_tiny_is_not_judged():
+    """The issue's case: US Monk 7-10 with 24 test cases (min_group_n 30), every other bin fine."""
+    table = fallback_table(deep=20, deep_bin=24)
+    gate = fairness_gate(table, attributes=["monk_us_bin"], min_group_n=30)
+    assert gate.status == "not_judged" and not gate.passed
+    assert [(g.attribute, g.group, g.n) for g in gate.unjudged_groups] == [("monk_us_bin", "7-10", 24)]
+    assert "monk_us_bin=7-10 (n=24)" in gate.reason
+
+
+def test_bins_of_tones_and_types():
+    assert bin_of("monk_skin_tone_us", "8") == ("monk_us_bin", "7-10")
+    assert bin_of("monk_skin_tone_india", "2") == ("monk_india_bin", "1-2")
+    assert bin_of("fst_dermatologist", "FST6") == ("fst_dermatologist_bin", "FST5-6")
+    assert bin_of("fst_self_reported", "FST1") == ("fst_self_reported_bin", "FST1-2")
+    assert bin_of("fst_self_reported", "NONE_IDENTIFIED") is None
+    assert bin_of("monk_us_bin", "7-10") is None and bin_of("monk_skin_tone_us", "missing") is None
 
 
 def gate_table(rows, overall=(0.80, 0.78, 0.82)) -> pd.DataFrame:
@@ -480,7 +571,8 @@ def gate_table(rows, overall=(0.80, 0.78, 0.82)) -> pd.DataFrame:
         ([("a", 500, 0.82, 0.79, 0.85, False), ("b", 40, 0.65, 0.45, 0.79, False)], True, "overlap"),
         ([("a", 500, 0.82, 0.79, 0.85, False), ("b", 300, 0.75, 0.71, 0.77, False)], True, "within max_gap"),
         ([("b", 300, 0.65, np.nan, np.nan, False)], False, "gap alone"),
-        ([("b", 10, 0.20, 0.00, 0.40, True)], True, "no group has enough data"),
+        ([("b", 10, 0.20, 0.00, 0.40, True)], False, "no pass by default"),
+        ([], False, "no pass by default"),
     ],
 )
 def test_gate_rules_on_hand_made_tables(rows, passed, phrase):

@@ -38,8 +38,10 @@ def test_markdown_report(report_inputs):
     table, gate = report_inputs
     text = fairness_markdown(table, gate, model="synthetic-cnn", synthetic=True)
     assert text.splitlines()[0] == SYNTHETIC_BANNER
-    assert f"**Fairness gate: {'PASSED' if gate.passed else 'FAILED'}**" in text
-    assert f"**Fairness gate: {'FAILED' if gate.passed else 'PASSED'}**" not in text
+    assert f"**Fairness gate: {gate.label}**" in text
+    assert all(
+        f"**Fairness gate: {other}**" not in text for other in ("PASSED", "FAILED", "NOT JUDGED") if other != gate.label
+    )
     for attribute in ATTRIBUTES:
         assert f"`{attribute}`" in text
     assert "insufficient data" in text
