@@ -28,7 +28,6 @@ true pairs / unrelated pairs accepted) for thresholds on both hashes. Unrelated 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -44,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scin_pipeline.core import dedup, hamming, planted  # noqa: E402
+from scin_pipeline.core import hamming  # noqa: E402
 
 SIZES = (10_000, 100_000, 1_000_000)
 DISTANCES = (4, 6, 8, 10)
@@ -165,157 +164,176 @@ def search_table(sizes, distances) -> None:
 
 # ---- thresholds ------------------------------------------------------------------------------------
 
-
-def _packed(image_hash) -> np.uint64:
-    return np.uint64(int.from_bytes(np.packbits(image_hash.hash.ravel()).tobytes(), "big"))
-
-
-def _hash_pair(image):
-    import imagehash
-
-    grey = image.convert("L")
-    return _packed(imagehash.phash(grey)), _packed(imagehash.dhash(grey))
+STAGE1_THRESHOLDS = (8, 10, 12, 14, 16)
+STAGE2_THRESHOLDS = (4, 6, 8, 10, 12, 16, 20)
+DEGENERATE = {"overexposed", "dark"}  # frames the quality filter drops: they are never searched
 
 
-def _altered_copy(image, rng):
-    """The near-duplicate plant's changes, redone with PIL: crop 2-5 % and resize back, shift brightness by
-    3-8 levels, re-encode as JPEG at quality 75-92."""
-    from PIL import Image
-
-    width, height = image.size
-    crop = rng.uniform(0.02, 0.05)
-    crop_w, crop_h = round(width * (1 - crop)), round(height * (1 - crop))
-    left, top = round(width * crop * rng.uniform()), round(height * crop * rng.uniform())
-    resized = image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.BILINEAR)
-    shifted = np.clip(np.asarray(resized, np.float32) + rng.choice([-1, 1]) * rng.uniform(3, 8), 0, 255)
-    buffer = io.BytesIO()
-    Image.fromarray(shifted.astype(np.uint8)).save(buffer, "JPEG", quality=int(rng.integers(75, 93)))
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
-
-
-def thresholds(n_cases: int, seeds) -> None:
+def _labels(root: Path):
+    """The mirror's scin_labels.csv (the Monk tone labels), case_id as strings."""
     import pandas as pd
-    from PIL import Image
 
+    return pd.read_csv(root / "dataset" / "scin_labels.csv", dtype={"case_id": str})
+
+
+def _synthetic_images(n_cases: int, seeds, tmp: Path):
+    """(key, tone, path, kind, source key) of every decodable image of synthetic mirrors (defect_rate 0.5)."""
+
+    from scin_pipeline.core.planted import planted_near_duplicate_pairs
+    from scin_pipeline.core.quality import monk_tone_per_image
     from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 
-    decodable = {
-        "clean",
-        "dark",
-        "dark_diagnostic",
-        "blurred",
-        "overexposed",
-        "near_duplicate",
-        "wrong_format",
-        "exact_reuse",
-    }
-    degenerate = {"overexposed", "dark"}  # frames the quality filter drops
-    records, true_p, true_d, origin = [], [], [], []
-    related: set[tuple[str, str]] = set()  # planted (copy, source) pairs: true pairs, not unrelated ones
-    rng = np.random.default_rng(0)
+    decodable = {"clean", "dark", "dark_diagnostic", "blurred", "overexposed", "near_duplicate", "exact_reuse"}
+    for seed in seeds:
+        root = tmp / f"mirror{seed}"
+        mirror = write_synthetic_mirror(root, n_cases=n_cases, seed=seed, defect_rate=0.5, workers=os.cpu_count() or 1)
+        plants = mirror.plants
+        tone = monk_tone_per_image(plants.astype({"image_id": str, "case_id": str}), _labels(root))
+        source_of = {a: b for a, b in planted_near_duplicate_pairs(plants).itertuples(index=False)}
+        source_of.update({b: a for a, b in source_of.items()})
+        for row in plants.drop_duplicates("image_id").itertuples(index=False):
+            if row.planted in decodable and row.planted not in DEGENERATE:
+                image_id = str(row.image_id)
+                linked = source_of.get(image_id)
+                yield (
+                    f"{seed}:{image_id}",
+                    int(tone.get(image_id, 0)),
+                    root / row.image_path,
+                    row.planted,
+                    f"{seed}:{linked}" if linked else None,
+                )
+
+
+def _mirror_images(root: Path):
+    """(key, tone, path, "real", None) of every image a SCIN mirror's scin_cases.csv references."""
+    import pandas as pd
+
+    from scin_pipeline.core.quality import monk_tone_per_image
+    from scin_pipeline.core.schema import IMAGE_PATH_COLUMNS
+
+    cases = pd.read_csv(root / "dataset" / "scin_cases.csv", dtype={"case_id": str})
+    refs = cases.melt(id_vars="case_id", value_vars=IMAGE_PATH_COLUMNS, value_name="path").dropna(subset=["path"])
+    refs = refs.assign(image_id=refs["path"].map(lambda p: Path(str(p)).stem))
+    tone = monk_tone_per_image(refs, _labels(root))
+    for row in refs.drop_duplicates("image_id").itertuples(index=False):
+        yield str(row.image_id), int(tone.get(row.image_id, 0)), root / str(row.path), "real", None
+
+
+def thresholds(n_cases: int, seeds, mirror: Path | None = None, limit: int | None = None) -> None:
+    """Margins of the near-duplicate detector per threshold and per Monk tone, on synthetic mirrors or on a
+    mirror of real images. True pairs: one re-upload copy of each image (bench/near_duplicate_generator's
+    combined transformation: uneven crop 0-8 % a side, downscale 0.5-1.0, gain +-15 % and offset, JPEG
+    60-95), plus a synthetic mirror's planted near-duplicates. Clean images: everything else."""
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from near_duplicate_generator import reupload
+
+    from scin_pipeline.core import near_duplicates
+    from scin_pipeline.core.quality import working_copy
+
+    def descriptor(rgb: np.ndarray) -> bytes:
+        gray = Image.fromarray(np.ascontiguousarray(working_copy(rgb, 512))).convert("L")
+        return near_duplicates.image_descriptor(gray)
+
+    keys, tones, kinds, links, blobs = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in seeds:
-            root = Path(tmp) / f"mirror{seed}"
-            mirror = write_synthetic_mirror(
-                root, n_cases=n_cases, seed=seed, defect_rate=0.5, workers=os.cpu_count() or 1
-            )
-            plants = mirror.plants
-            by_id = {}
-            for row in plants.itertuples(index=False):
-                if row.planted not in decodable:
-                    continue
-                with Image.open(root / row.image_path) as image:
-                    image = image.convert("RGB")
-                phash, dhash = _hash_pair(image)
-                by_id[row.image_id] = (phash, dhash)
-                records.append((f"{seed}:{row.image_id}", row.planted, phash, dhash))
-                if row.planted == "clean":
-                    copy_p, copy_d = _hash_pair(_altered_copy(image, rng))
-                    true_p.append(int(np.bitwise_count(phash ^ copy_p)))
-                    true_d.append(int(np.bitwise_count(dhash ^ copy_d)))
-                    origin.append("own copy")
-            near = planted.planted_near_duplicate_pairs(plants)
-            for a, b in near.itertuples(index=False):
-                true_p.append(int(np.bitwise_count(by_id[a][0] ^ by_id[b][0])))
-                true_d.append(int(np.bitwise_count(by_id[a][1] ^ by_id[b][1])))
-                origin.append("planted")
-            related |= {(f"{seed}:{a}", f"{seed}:{b}") for a, b in near.itertuples(index=False)}
-    true_p, true_d, origin = np.array(true_p), np.array(true_d), np.array(origin)
-    table = pd.DataFrame(records, columns=["key", "planted", "phash", "dhash"])
-    keys = table["key"].to_numpy()
-    phash = table["phash"].to_numpy(np.uint64)
-    dhash = table["dhash"].to_numpy(np.uint64)
-    i, j = np.triu_indices(len(table), k=1)
-    unrelated_p = np.bitwise_count(phash[i] ^ phash[j])
-    unrelated_d = np.bitwise_count(dhash[i] ^ dhash[j])
-    a, b = np.minimum(keys[i], keys[j]), np.maximum(keys[i], keys[j])
-    is_related = np.array([(x, y) in related for x, y in zip(a, b)])
-    kinds = table["planted"].to_numpy()
-    ordinary = ~np.isin(kinds[i], list(degenerate)) & ~np.isin(kinds[j], list(degenerate)) & ~is_related
-    everything = ~is_related
-
-    print(f"synthetic mirrors: seeds {list(seeds)}, {n_cases} cases each, 480 x 360; {len(table)} decodable images")
+        found = _mirror_images(mirror) if mirror else _synthetic_images(n_cases, seeds, Path(tmp))
+        for n, (key, tone, path, kind, linked) in enumerate(found):
+            if limit and n >= limit:
+                break
+            try:
+                with Image.open(path) as image:
+                    rgb = np.asarray(image.convert("RGB"))
+            except (OSError, ValueError):
+                continue  # the quality stage would exclude it
+            rng = np.random.default_rng([int.from_bytes(key.encode()[-8:], "little"), 13])
+            copy, _ = reupload(rgb, rng, "combined")
+            for k, (name, pixels) in enumerate(((key, rgb), (f"{key}~copy", copy))):
+                keys.append(name)
+                tones.append(tone)
+                kinds.append(kind if k == 0 else "own copy")
+                links.append(linked if k == 0 else key)
+                blobs.append(descriptor(pixels))
+    hashes, keypoints = near_duplicates.split_descriptors(blobs)
+    keys, tones, kinds = np.array(keys), np.array(tones), np.array(kinds)
+    index = {k: n for n, k in enumerate(keys)}
+    # Duplicate groups: an image with its own copy, a planted copy with its source (and their copies).
+    group = np.arange(len(keys))
+    for n, linked in enumerate(links):
+        if linked in index:
+            a, b = sorted((group[n], group[index[linked]]))
+            group[group == b] = a
+    loosest = max(STAGE1_THRESHOLDS)
+    cand = near_duplicates.candidate_pairs(hashes, loosest)
+    i, j, dist = cand["i"].to_numpy(), cand["j"].to_numpy(), cand["crop_phash_distance"].to_numpy()
+    dup = group[i] == group[j]
+    inliers = near_duplicates.verify_pairs(keypoints, cand)
+    originals = kinds != "own copy"
+    # the true pairs: each image with its own copy (distance from the search, or above the loosest threshold)
+    true_i = np.flatnonzero(originals)
+    true_j = np.array([index[f"{k}~copy"] for k in keys[true_i]])
+    pair_of = {(a, b): (d, m) for a, b, d, m in zip(i, j, dist, inliers)}
+    true_d = np.array([pair_of.get((min(a, b), max(a, b)), (loosest + 1, 0))[0] for a, b in zip(true_i, true_j)])
+    true_m = np.array([pair_of.get((min(a, b), max(a, b)), (loosest + 1, 0))[1] for a, b in zip(true_i, true_j)])
+    # nearest clean image of every image (crop pHash distance), over the pairs within the loosest threshold
+    nearest = np.full(len(keys), loosest + 1)
+    np.minimum.at(nearest, i[~dup], dist[~dup])
+    np.minimum.at(nearest, j[~dup], dist[~dup])
+    most_inliers = np.zeros(len(keys), dtype=np.int64)
+    np.maximum.at(most_inliers, i[~dup], inliers[~dup])
+    np.maximum.at(most_inliers, j[~dup], inliers[~dup])
+    tone_values = sorted(set(tones.tolist()))
+    source = f"mirror {mirror}" if mirror else f"synthetic mirrors, seeds {list(seeds)}, {n_cases} cases each"
     print(
-        f"true pairs: {len(true_p)} ({(origin == 'planted').sum()} planted by the generator, "
-        f"{(origin == 'own copy').sum()} own copies); unrelated pairs: {ordinary.sum():,} ordinary, "
-        f"{everything.sum():,} with blown-out/black frames\n"
+        f"{source}: {int(originals.sum())} images (quality-degenerate frames left out) + one re-upload copy each; "
+        f"{len(cand):,} pairs within crop pHash {loosest}, {int((~dup).sum()):,} of them between unrelated images"
     )
-    q = [50, 90, 99, 100]
-    print("| pairs | hash | p50 | p90 | p99 | max | min |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for label, mask in (("true, planted", origin == "planted"), ("true, own copies", origin == "own copy")):
-        for name, values in (("pHash", true_p[mask]), ("dHash", true_d[mask])):
-            p = np.percentile(values, q)
-            print(f"| {label} | {name} | " + " | ".join(f"{v:.0f}" for v in p) + f" | {values.min()} |")
-    for label, mask in (("unrelated, ordinary", ordinary), ("unrelated, all", everything)):
-        for name, values in (("pHash", unrelated_p[mask]), ("dHash", unrelated_d[mask])):
-            p = np.percentile(values, [50, 1, 0.1, 0.01])
-            print(
-                f"| {label} | {name} | {p[0]:.0f} | p1 {p[1]:.0f} | p0.1 {p[2]:.0f} | p0.01 {p[3]:.0f} | "
-                f"{values.min()} |"
-            )
+    print(f"Monk tones (0 = unknown): {', '.join(f'{t}: {int((tones[originals] == t).sum())}' for t in tone_values)}\n")
+
+    def cell(t_mask, recall, margin):
+        return f"{recall:.3f}; {margin:+d}" if t_mask.any() else "-"
 
     print(
-        "\nJoint rule pHash <= P AND dHash <= D. Each cell: true pairs accepted (planted + own copies, of "
-        f"{len(true_p)}); unrelated ordinary pairs accepted (of {ordinary.sum():,}); all unrelated pairs accepted\n"
+        "Stage 1, crop pHash <= T. Each cell: recall of own copies; margin = (distance from an image of that tone "
+        f"to its nearest clean image, minimum) - T (above {loosest}: shown as {loosest + 1}). Negative: unrelated "
+        "images become candidates, which stage 2 must reject.\n"
     )
-    d_values = (8, 10, 12, 14, 16)
-    print("| P \\ D | " + " | ".join(str(d) for d in d_values) + " |")
-    print("| ---: |" + " --- |" * len(d_values))
-    accepted = {}
-    for p_max in (8, 10, 12, 14, 16, 18):
+    print("| T | " + " | ".join(f"Monk {t}" for t in tone_values) + " | all |")
+    print("| ---: |" + " ---: |" * (len(tone_values) + 1))
+    for threshold in STAGE1_THRESHOLDS:
         cells = []
-        for d_max in d_values:
-            accept_true = (true_p <= p_max) & (true_d <= d_max)
-            accept_unrelated = (unrelated_p <= p_max) & (unrelated_d <= d_max)
-            n_true, n_false = int(accept_true.sum()), int((accept_unrelated & ordinary).sum())
-            accepted[p_max, d_max] = (
-                n_true,
-                n_false,
-                accept_true[origin == "planted"].mean(),
-                accept_true[origin == "own copy"].mean(),
-            )
-            cells.append(f"{n_true}; {n_false}; {int((accept_unrelated & everything).sum())}")
-        print(f"| {p_max} | " + " | ".join(cells) + " |")
-    # The pick: the most true pairs among the cells that accept no ordinary unrelated pair and whose pHash
-    # step looser (+2) accepts none either: one step of margin on the hash that is searched.
-    safe = [
-        (v[0], -p_max, -d_max)
-        for (p_max, d_max), v in accepted.items()
-        if v[1] == 0 and accepted.get((p_max + 2, d_max), (0, 1))[1] == 0
-    ]
-    if safe:
-        _, p_pick, d_pick = max(safe)
-        n_true, _, planted_recall, own_recall = accepted[-p_pick, -d_pick]
-        print(
-            f"\npick: pHash <= {-p_pick}, dHash <= {-d_pick}: {n_true} of {len(true_p)} true pairs (recall "
-            f"{planted_recall:.3f} planted, {own_recall:.3f} own copies), 0 of {ordinary.sum():,} ordinary "
-            "unrelated pairs, also 0 at pHash + 2"
-        )
+        for t in (*tone_values, None):
+            mask = np.ones(len(keys), bool) if t is None else tones == t
+            tm = mask[true_i]
+            recall = float(np.mean(true_d[tm] <= threshold)) if tm.any() else float("nan")
+            cells.append(cell(tm, recall, int(nearest[mask].min()) - threshold))
+        print(f"| {threshold} | " + " | ".join(cells) + " |")
     print(
-        f"\nmodule defaults: pHash <= {dedup.DEFAULT_MAX_PHASH_DISTANCE}, dHash <= {dedup.DEFAULT_MAX_DHASH_DISTANCE}"
+        f"\nStage 2, ORB inliers >= M on the candidates within crop pHash {loosest}. Each cell: recall of own "
+        "copies (stage 1 at the default included); margin = M - (most inliers of an image of that tone with any "
+        "clean image). Positive: no unrelated pair is accepted.\n"
     )
+    print("| M | " + " | ".join(f"Monk {t}" for t in tone_values) + " | all |")
+    print("| ---: |" + " ---: |" * (len(tone_values) + 1))
+    default_t = near_duplicates.DEFAULT_MAX_CROP_PHASH_DISTANCE
+    for threshold in STAGE2_THRESHOLDS:
+        cells = []
+        for t in (*tone_values, None):
+            mask = np.ones(len(keys), bool) if t is None else tones == t
+            tm = mask[true_i]
+            recall = float(np.mean((true_m[tm] >= threshold) & (true_d[tm] <= default_t))) if tm.any() else float("nan")
+            cells.append(cell(tm, recall, threshold - int(most_inliers[mask].max())))
+        print(f"| {threshold} | " + " | ".join(cells) + " |")
+    accepted = (~dup) & (dist <= default_t) & (inliers >= near_duplicates.DEFAULT_MIN_INLIERS)
+    print(
+        f"\ndefaults: crop pHash <= {default_t}, inliers >= {near_duplicates.DEFAULT_MIN_INLIERS}; "
+        f"own copies found {np.mean((true_d <= default_t) & (true_m >= near_duplicates.DEFAULT_MIN_INLIERS)):.3f}; "
+        f"pairs of unrelated images accepted: {int(accepted.sum())}"
+        + (" (on real images, look at them: some are near duplicates nobody planted)" if mirror else "")
+    )
+    for a, b, d, m in list(zip(i[accepted], j[accepted], dist[accepted], inliers[accepted]))[:20]:
+        print(f"  {keys[a]} ~ {keys[b]}: crop pHash {d}, inliers {m}")
 
 
 # ---- calibration -----------------------------------------------------------------------------------
@@ -384,6 +402,8 @@ def main(argv=None) -> None:
     parser.add_argument("--distances", type=lambda s: [int(v) for v in s.split(",")], default=list(DISTANCES))
     parser.add_argument("--thresholds", action="store_true")
     parser.add_argument("--cases", type=int, default=400, help="cases per synthetic mirror (--thresholds)")
+    parser.add_argument("--mirror", type=Path, help="--thresholds on the images of this SCIN mirror (real images)")
+    parser.add_argument("--limit", type=int, help="--thresholds: at most this many images")
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--calibrate", action="store_true")
     parser.add_argument("--one", nargs=3, metavar=("N", "D", "METHOD"), help=argparse.SUPPRESS)
@@ -392,7 +412,7 @@ def main(argv=None) -> None:
         n, d, method = args.one
         print(json.dumps(measure_one(int(n), int(d), method)))
     elif args.thresholds:
-        thresholds(args.cases, args.seeds)
+        thresholds(args.cases, args.seeds, args.mirror, args.limit)
     elif args.calibrate:
         calibrate()
     else:

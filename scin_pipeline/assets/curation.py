@@ -94,14 +94,15 @@ class ImageQualityConfig(Config):
 @asset(
     group_name=GROUP,
     kinds={"opencv", "parquet"},
-    code_version="3",
+    code_version="4",
     partitions_def=quality_shards,
     # One run can cover every shard (a process pool inside); a multi-run backfill fans shards out
     # across run workers or machines instead.
     backfill_policy=BackfillPolicy.single_run(),
     pool="cpu",
     description="Per image, from one decode: brightness, contrast, exposure, sharpness, redness, texture, "
-    "entropy, size, cleanvision-style scores, pHash and dHash; keep or exclude with a reason code. "
+    "entropy, size, cleanvision-style scores, pHash and dHash, the near-duplicate descriptor (crop pHashes, "
+    "ORB keypoints); keep or exclude with a reason code. "
     f"Sharded ({N_QUALITY_SHARDS} static partitions by image id); tables/image_quality/<shard>.parquet.",
 )
 def image_quality(
@@ -264,6 +265,14 @@ def quality_filtered_index(
 
 
 class DedupConfig(Config):
+    method: Literal["auto", "keypoints", "hashes"] = Field(
+        default="auto",
+        description="keypoints: crop pHash candidates verified by ORB keypoint geometry (survives crops, "
+        "rescaling, brightness, JPEG); hashes: the earlier pHash AND dHash rule with the dHash256 check; "
+        "auto: keypoints where image_quality has descriptors",
+    )
+    max_crop_phash_distance: int = Field(default=dedup.DEFAULT_MAX_CROP_PHASH_DISTANCE, ge=0, le=32)
+    min_keypoint_inliers: int = Field(default=dedup.DEFAULT_MIN_KEYPOINT_INLIERS, ge=3, le=1000)
     max_phash_distance: int = Field(default=dedup.DEFAULT_MAX_PHASH_DISTANCE, ge=0, le=32)
     max_dhash_distance: int = Field(default=dedup.DEFAULT_MAX_DHASH_DISTANCE, ge=0, le=32)
     max_dhash256_distance: int | None = Field(
@@ -277,10 +286,10 @@ class DedupConfig(Config):
 @asset(
     group_name=GROUP,
     kinds={"numpy", "parquet"},
-    code_version="2",
-    description="Near-duplicate clusters: pHash + dHash pairs within the configured Hamming distances "
-    "(multi-index hashing search) among the images that passed quality, each candidate verified with a "
-    "256-bit dHash; connected-component clusters "
+    code_version="3",
+    description="Near-duplicate clusters among the images that passed quality: candidates whose crop pHashes "
+    "are within the configured Hamming distance (exact multi-index hashing search), each verified by ORB "
+    "keypoint matches agreeing with one crop-and-rescale map; connected-component clusters "
     "typed exact_reuse, same_case_multi_angle or cross_case_near_duplicate. Pairs in "
     "tables/dedup_clusters/pairs.parquet.",
 )
@@ -294,7 +303,8 @@ def dedup_clusters(
 ) -> pd.DataFrame:
     # Only images that passed quality: they are the ones a split can leak, and blown-out or black frames
     # all hash alike, so including them would only add false clusters.
-    hashed = image_quality[image_quality["keep"].astype(bool)][["image_id", "phash", "dhash", "dhash256"]]
+    columns = [c for c in ("image_id", "phash", "dhash", "dhash256", dedup.DESCRIPTOR_COLUMN) if c in image_quality]
+    hashed = image_quality[image_quality["keep"].astype(bool)][columns]
     refs = images[(images["path_status"] == "ok") & images["image_id"].isin(hashed["image_id"])]
     started = time.perf_counter()
     clusters, pairs = dedup.build_dedup_clusters(
@@ -303,6 +313,9 @@ def dedup_clusters(
         max_phash_distance=config.max_phash_distance,
         max_dhash_distance=config.max_dhash_distance,
         max_dhash256_distance=config.max_dhash256_distance,
+        method=config.method,
+        max_crop_phash_distance=config.max_crop_phash_distance,
+        min_keypoint_inliers=config.min_keypoint_inliers,
     )
     elapsed = time.perf_counter() - started
     out_dir = storage.table_files_dir("dedup_clusters")

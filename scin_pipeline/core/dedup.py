@@ -2,8 +2,11 @@
 
 Two layers, each a pure, deterministic function:
 
-1. **Near-duplicate pairs** (:func:`near_duplicate_pairs`): pHash AND dHash within their thresholds; the
-   pHash search is the exact Hamming search of :mod:`scin_pipeline.core.hamming`.
+1. **Near-duplicate pairs**: by default (where the quality stage stored descriptors) crop-tolerant pHash
+   candidates verified by ORB keypoint geometry (:mod:`scin_pipeline.core.near_duplicates`: finds re-uploads,
+   i.e. crops, rescaling, brightness, JPEG); otherwise the earlier rule (:func:`near_duplicate_pairs`):
+   pHash AND dHash within their thresholds. Both search with the exact Hamming search of
+   :mod:`scin_pipeline.core.hamming`.
 2. **Clusters** (:func:`build_dedup_clusters`): images linked by exact file reuse (one ``image_id``
    referenced by several cases) or by a near-duplicate pair are one cluster, typed by what it means for
    leakage; :func:`case_groups` lifts clusters to groups of cases that a split must keep on one side.
@@ -13,8 +16,9 @@ How well this finds the near-duplicates a synthetic mirror planted is measured i
 
 Thresholds
 ----------
-pHash <= 10 AND dHash <= 10 by default, each candidate then verified on a 256-bit dHash (<= 56); the
-measurements behind them are in ``docs/results/dedup_thresholds.md``.
+Keypoints method: crop pHash <= 12 (any of the 4 x 4 crop pairs), then >= 10 ORB inliers; see the comment
+above :data:`DEFAULT_MAX_CROP_PHASH_DISTANCE`. Hashes method: pHash <= 10 AND dHash <= 10, each candidate
+verified on a 256-bit dHash (<= 56); its measurements are in ``docs/results/dedup_thresholds.md``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from scin_pipeline.core import near_duplicates
 from scin_pipeline.core.hamming import as_uint64_hashes, find_near_duplicate_pairs
 
 # Defaults: a candidate pair has pHash <= 10 AND dHash <= 10 bits apart (of 64), and is kept when its 256-bit
@@ -32,6 +37,21 @@ from scin_pipeline.core.hamming import as_uint64_hashes, find_near_duplicate_pai
 DEFAULT_MAX_PHASH_DISTANCE = 10
 DEFAULT_MAX_DHASH_DISTANCE = 10
 DEFAULT_MAX_DHASH256_DISTANCE = 56
+
+# The keypoints method (the default where the quality stage stored descriptors), measured 2026-12 by
+# bench/near_duplicates.py (its own generator: 300 sources x 6 re-upload copies - uneven crop 0-8 % a side,
+# downscale 0.5-1.0, gain +-15 % with offset, JPEG 60-95, each alone and combined - against same-condition,
+# same-tone photos and plain skin; seeds 1 and 2, 2,550 images each):
+#   stage 1, crop pHash (4 x 4 crop pairs): source-copy pairs p99 12, max 16-18; unrelated min 4-6, 1,411 and
+#     2,096 of 3.2 M unrelated pairs within 12. <= 12: 7 and 9 of 1,800 true pairs missed; a looser radius
+#     buys little recall for many more candidates to verify (the cost at scale).
+#   stage 2, ORB inliers on those candidates: true p1 22 / 13, min 8 / 0; unrelated max 0 (the plausible-map
+#     test rejects them all). At 10,000 images (1,000 copies): 23.5 k candidates, unrelated max 6 inliers,
+#     so >= 10 keeps a margin of 4. Result: recall 0.995 / 0.992, precision 1.000 on both seeds (pHash AND
+#     dHash: recall 0.67 / 0.65). Plain skin without marks is the weak case (110 of 167 copies at 10 k).
+DESCRIPTOR_COLUMN = "near_duplicate_descriptor"
+DEFAULT_MAX_CROP_PHASH_DISTANCE = near_duplicates.DEFAULT_MAX_CROP_PHASH_DISTANCE
+DEFAULT_MIN_KEYPOINT_INLIERS = near_duplicates.DEFAULT_MIN_INLIERS
 
 
 def near_duplicate_pairs(phash: np.ndarray, dhash: np.ndarray, max_phash: int, max_dhash: int) -> pd.DataFrame:
@@ -124,11 +144,19 @@ def build_dedup_clusters(
     max_phash_distance: int = DEFAULT_MAX_PHASH_DISTANCE,
     max_dhash_distance: int = DEFAULT_MAX_DHASH_DISTANCE,
     max_dhash256_distance: int | None = DEFAULT_MAX_DHASH256_DISTANCE,
+    method: str = "auto",
+    max_crop_phash_distance: int = DEFAULT_MAX_CROP_PHASH_DISTANCE,
+    min_keypoint_inliers: int = DEFAULT_MIN_KEYPOINT_INLIERS,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Duplicate clusters over image references, and the near-duplicate pairs that link them.
 
-    When ``hashes`` has a ``dhash256`` column (hex, 256 bits) and ``max_dhash256_distance`` is set, every
-    candidate pair of the 64-bit search is verified against it (coarse to fine; see the thresholds note).
+    ``method``: ``"keypoints"`` (the default wherever ``hashes`` has the ``near_duplicate_descriptor`` column
+    the quality stage writes: ``"auto"``) finds candidates on the crop pHashes within
+    ``max_crop_phash_distance`` and keeps those with at least ``min_keypoint_inliers`` ORB inliers
+    (:mod:`scin_pipeline.core.near_duplicates`; survives crops, rescaling, brightness and JPEG).
+    ``"hashes"`` (``"auto"`` without descriptors) is the earlier rule: pHash AND dHash within their
+    thresholds, each candidate verified on the 256-bit ``dhash256`` column (hex) where present and
+    ``max_dhash256_distance`` is set.
 
     ``images``: one row per image reference with ``image_id`` and ``case_id`` (only references whose file
     decoded and has hashes). ``hashes``: one row per distinct file with ``image_id``, ``phash``, ``dhash``
@@ -136,8 +164,7 @@ def build_dedup_clusters(
     so that they cannot bridge two clusters.
 
     Images are linked (a) by exact reuse: one image_id referenced by several cases is one node shared by
-    those cases, and (b) by near-duplicate pairs: pHash within ``max_phash_distance`` AND dHash within
-    ``max_dhash_distance``. Clusters are the connected components.
+    those cases, and (b) by near-duplicate pairs (``method``). Clusters are the connected components.
 
     Returns ``(clusters, pairs)``:
 
@@ -149,8 +176,10 @@ def build_dedup_clusters(
       ``same_case_multi_angle`` (several images, every link within one case) over ``singleton``.
       Sorted by (cluster_id, image_id, case_id).
     - pairs: one row per near-duplicate pair of distinct files, ``image_id_a < image_id_b``, their
-      distances, ``same_case`` (the two files share at least one referencing case), ``kind``
-      (``same_case_multi_angle`` or ``cross_case_near_duplicate``) and ``cluster_id``.
+      distances (pHash and dHash always; ``crop_phash_distance`` and ``keypoint_inliers`` with the keypoints
+      method, ``dhash256_distance`` with the verified hashes method), ``same_case`` (the two files share at
+      least one referencing case), ``kind`` (``same_case_multi_angle`` or ``cross_case_near_duplicate``) and
+      ``cluster_id``.
 
     Pass the images a split will use (after the quality filter): blown-out or black frames share hashes
     (on three synthetic mirrors, 1,715 pairs of such frames are near-identical under any threshold) and
@@ -184,8 +213,28 @@ def build_dedup_clusters(
     phash = as_uint64_hashes(hashes["phash"].iloc[rows], "hashes.phash")
     dhash = as_uint64_hashes(hashes["dhash"].iloc[rows], "hashes.dhash")
 
-    near = near_duplicate_pairs(phash, dhash, max_phash_distance, max_dhash_distance)
-    if max_dhash256_distance is not None and "dhash256" in hashes.columns:
+    if method == "auto":
+        method = "keypoints" if DESCRIPTOR_COLUMN in hashes.columns else "hashes"
+    if method == "keypoints":
+        if DESCRIPTOR_COLUMN not in hashes.columns:
+            raise ValueError(f"method 'keypoints' needs the {DESCRIPTOR_COLUMN} column (quality stage)")
+        crop_hashes, keypoints = near_duplicates.split_descriptors(hashes[DESCRIPTOR_COLUMN].iloc[rows])
+        near = near_duplicates.find_near_duplicates(
+            crop_hashes,
+            keypoints,
+            max_crop_phash_distance=max_crop_phash_distance,
+            min_inliers=min_keypoint_inliers,
+        )
+        i, j = near["i"].to_numpy(), near["j"].to_numpy()
+        near = near.assign(
+            phash_distance=np.bitwise_count(phash[i] ^ phash[j]).astype(np.int16),
+            dhash_distance=np.bitwise_count(dhash[i] ^ dhash[j]).astype(np.int16),
+        )
+    elif method == "hashes":
+        near = near_duplicate_pairs(phash, dhash, max_phash_distance, max_dhash_distance)
+    else:
+        raise ValueError(f"method must be 'auto', 'keypoints' or 'hashes', got {method!r}")
+    if method == "hashes" and max_dhash256_distance is not None and "dhash256" in hashes.columns:
         fine = hex_hashes_to_bits(hashes["dhash256"].iloc[rows])
         distance = np.bitwise_count(fine[near["i"].to_numpy()] ^ fine[near["j"].to_numpy()]).sum(axis=1)
         near = near.assign(dhash256_distance=distance)[distance <= max_dhash256_distance].reset_index(drop=True)
@@ -238,8 +287,9 @@ def build_dedup_clusters(
         },
         columns=list(PAIR_TABLE_COLUMNS),
     )
-    if "dhash256_distance" in near:
-        pairs["dhash256_distance"] = near["dhash256_distance"].to_numpy()
+    for col in ("crop_phash_distance", "keypoint_inliers", "dhash256_distance"):
+        if col in near:
+            pairs[col] = near[col].to_numpy()
     for col in ("image_id_a", "image_id_b", "kind", "cluster_id"):
         pairs[col] = pairs[col].astype(str)
     return clusters, pairs.sort_values(["image_id_a", "image_id_b"], kind="stable").reset_index(drop=True)

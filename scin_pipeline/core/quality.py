@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter, ImageStat
 
+from scin_pipeline.core import near_duplicates
 from scin_pipeline.core.imageio import DEFAULT_MAX_PIXELS, decode_image, pixel_limit_guard
 from scin_pipeline.core.schema import MISSING_GROUP, MONK_SKIN_TONE_HEX
 
@@ -206,6 +207,7 @@ ROW_COLUMNS = (
     "phash",
     "dhash",
     "dhash256",
+    "near_duplicate_descriptor",
 )
 
 
@@ -436,6 +438,9 @@ def image_metrics(
         # A 256-bit dHash (hex) to verify 64-bit candidates: it keeps the detail that tells two plain-skin
         # photos apart, where the 64-bit hashes encode little beyond the lighting (see core.dedup).
         "dhash256": str(imagehash.dhash(pil_gray, hash_size=16)),
+        # Crop pHashes and ORB keypoints (bytes, ~5 KB): core.dedup's near-duplicate search, which survives
+        # re-uploads (crops, rescaling, brightness, JPEG); see core.near_duplicates.
+        "near_duplicate_descriptor": near_duplicates.image_descriptor(gray),
     }
 
 
@@ -473,6 +478,7 @@ def _failed_row(image_id: str, status: str, reason: str | None, decoded=None) ->
         phash=None,
         dhash=None,
         dhash256=None,
+        near_duplicate_descriptor=None,
     )
     return {col: row[col] for col in ROW_COLUMNS}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scin_pipeline.core import dedup
+from scin_pipeline.core import dedup, near_duplicates
 from scin_pipeline.core.dedup import (
     CROSS_CASE_NEAR_DUPLICATE,
     EXACT_REUSE,
@@ -250,15 +250,17 @@ def synthetic_hashed(tmp_path_factory):
                 packed(imagehash.phash(grey)),
                 packed(imagehash.dhash(grey)),
                 str(imagehash.dhash(grey, hash_size=16)),
+                near_duplicates.image_descriptor(grey),  # as the quality stage stores it (no resize below 512 px)
             )
         )
-    hashes = pd.DataFrame(rows, columns=["image_id", "phash", "dhash", "dhash256"])
+    hashes = pd.DataFrame(rows, columns=["image_id", "phash", "dhash", "dhash256", dedup.DESCRIPTOR_COLUMN])
     images = kept[["image_id", "case_id"]]
     return images, hashes, plants
 
 
 def test_fine_hash_verification_drops_candidates_whose_detail_differs(synthetic_hashed):
     images, hashes, plants = synthetic_hashed
+    hashes = hashes.drop(columns=[dedup.DESCRIPTOR_COLUMN])  # the hashes method, as before descriptors
     _c, coarse = build_dedup_clusters(
         images, hashes.drop(columns=["dhash256"]), max_phash_distance=22, max_dhash_distance=22
     )
@@ -272,13 +274,29 @@ def test_fine_hash_verification_drops_candidates_whose_detail_differs(synthetic_
         build_dedup_clusters(images, hashes.assign(dhash256=None))
 
 
-def test_planted_near_duplicates_found_with_high_precision_and_recall(synthetic_hashed):
+@pytest.mark.parametrize("method", ["auto", "hashes"])
+def test_planted_near_duplicates_found_with_high_precision_and_recall(synthetic_hashed, method):
     images, hashes, plants = synthetic_hashed
     assert (plants["planted"] == "near_duplicate").sum() >= 10
-    clusters, pairs = build_dedup_clusters(images, hashes)
+    clusters, pairs = build_dedup_clusters(images, hashes, method=method)
+    if method == "auto":  # descriptors present: the keypoints method, its scores in the pairs table
+        assert {"crop_phash_distance", "keypoint_inliers"} <= set(pairs.columns)
+        assert (pairs["keypoint_inliers"] >= dedup.DEFAULT_MIN_KEYPOINT_INLIERS).all()
+        assert (pairs["crop_phash_distance"] <= dedup.DEFAULT_MAX_CROP_PHASH_DISTANCE).all()
+    assert list(pairs.columns[: len(dedup.PAIR_TABLE_COLUMNS)]) == list(dedup.PAIR_TABLE_COLUMNS)
     by_pairs = planted_near_duplicate_scores(pairs, plants)
     assert by_pairs["n_planted"] >= 10
     assert by_pairs["recall"] >= 0.9, by_pairs
     assert by_pairs["precision"] >= 0.9, by_pairs
     by_clusters = planted_near_duplicate_scores(clusters, plants)
     assert by_clusters["recall"] >= 0.9 and by_clusters["precision"] >= 0.9, by_clusters
+
+
+def test_keypoints_method_needs_descriptors_and_names_a_bad_method(synthetic_hashed):
+    images, hashes, _ = synthetic_hashed
+    with pytest.raises(ValueError, match="near_duplicate_descriptor"):
+        build_dedup_clusters(images, hashes.drop(columns=[dedup.DESCRIPTOR_COLUMN]), method="keypoints")
+    with pytest.raises(ValueError, match="method must be"):
+        build_dedup_clusters(images, hashes, method="cnn")
+    with pytest.raises(ValueError, match="descriptor 0 is NoneType"):
+        build_dedup_clusters(images, hashes.assign(**{dedup.DESCRIPTOR_COLUMN: None}))

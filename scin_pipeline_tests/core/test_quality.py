@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from bench.quality_calibration import threshold_sweep
+from scin_pipeline.core import near_duplicates
 from scin_pipeline.core.planted import planted_defect_scores
 from scin_pipeline.core.quality import (
     MONK_SWATCH_LIGHTNESS,
@@ -85,6 +86,10 @@ def test_row_has_every_column_and_sane_values(tmp_path):
     assert 0 <= row["underexposed_fraction"] <= 1 and 0 <= row["overexposed_fraction"] <= 1
     assert isinstance(row["phash"], np.uint64) and isinstance(row["dhash"], np.uint64)
     assert row["aspect_ratio"] == pytest.approx(120 / 160)
+    # The near-duplicate descriptor: crop pHashes, then ORB keypoints (core.near_duplicates reads it back).
+    crop_hashes, keypoints = near_duplicates.split_descriptors([row["near_duplicate_descriptor"]])
+    assert crop_hashes.shape == (1, len(near_duplicates.CROP_MARGINS))
+    assert len(near_duplicates.decode_keypoints(keypoints[0])[0]) > 10
 
 
 def test_darker_copy_has_lower_brightness(tmp_path):
@@ -161,6 +166,7 @@ def test_decode_failures_give_a_row_with_the_reason_and_no_metrics(tmp_path, con
     row = assess_image("bad", str(path))
     assert row["decode_status"] == status and str(path) in row["decode_reason"]
     assert np.isnan(row["brightness_mean"]) and row["phash"] is None
+    assert row["near_duplicate_descriptor"] is None
     assert list(row) == list(ROW_COLUMNS)
 
 
