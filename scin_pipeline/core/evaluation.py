@@ -37,6 +37,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
+from typing import cast
 
 import matplotlib
 import numpy as np
@@ -125,7 +126,8 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean F1 over the classes present in ``y_true`` or predicted (``labels=`` given explicitly)."""
     labels = np.union1d(np.unique(y_true), np.unique(y_pred))
-    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+    # sklearn takes a number for zero_division; pyright infers str from its default "warn".
+    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))  # pyright: ignore[reportArgumentType]
 
 
 def ovr_auc_per_class(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -138,7 +140,8 @@ def ovr_auc_per_class(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray
     aucs = np.full(k, np.nan)
     if defined.any():
         # One call in multilabel form: per column the binary AUC, validated once, not K times.
-        aucs[defined] = roc_auc_score(onehot[:, defined], proba[:, defined], average=None)
+        # average=None (per-column scores) is documented; pyright infers str from its default "macro".
+        aucs[defined] = roc_auc_score(onehot[:, defined], proba[:, defined], average=None)  # pyright: ignore[reportArgumentType]
     notes = [AUC_ABSENT if n == 0 else AUC_ONLY_CLASS if n == len(y) else "" for n in n_positive]
     return aucs, notes
 
@@ -207,7 +210,12 @@ def per_class_table(y_true, proba, classes: Sequence[str]) -> pd.DataFrame:
     labels = np.arange(len(classes))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=np.nan)
+        # average=None: four per-class arrays (sklearn returns floats and None only when averaging).
+        # zero_division takes a number; pyright infers str from its default "warn".
+        precision, recall, f1, support = cast(
+            tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+            precision_recall_fscore_support(y, pred, labels=labels, zero_division=np.nan),  # pyright: ignore[reportArgumentType]
+        )
     n_predicted = np.bincount(pred, minlength=len(classes))
     # A class seen and predicted nowhere has no F1 (sklearn would give its zero_division value).
     f1 = np.where((support + n_predicted) > 0, np.nan_to_num(f1, nan=0.0), np.nan)

@@ -18,6 +18,7 @@ import csv
 import io
 import re
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -246,8 +247,8 @@ def _parse_labels(table: CsvTable, labels: pd.DataFrame) -> pd.DataFrame:
             table.issues.append(
                 _issue(
                     table.name,
-                    row.line,
-                    row.case_id,
+                    cast(int, row.line),
+                    cast(str, row.case_id),
                     schema.WEIGHTED_LABEL_COLUMN,
                     "value_nulled",
                     f"labels not used: {exc}",
@@ -283,7 +284,7 @@ def label_status(gradability: pd.DataFrame, has_label: pd.Series, parse_ok: pd.S
     """
     graded = gradability.notna().any(axis=1)
     gradable = gradability.isin(schema.GRADABILITY_VALUES[:2]).any(axis=1)
-    no_pathology = gradability.eq(schema.GRADABILITY_VALUES[1]).any(axis=1)
+    no_pathology = gradability.eq(schema.GRADABILITY_VALUES[1]).any(axis=1)  # pyright: ignore[reportArgumentType]  # pandas-stubs' DataFrame.eq omits str scalars
     status = np.select(
         [
             parse_ok.eq(False).to_numpy(),
@@ -476,8 +477,8 @@ def _images_from_cases(table: CsvTable, raw: pd.DataFrame) -> pd.DataFrame:
         table.issues.append(
             _issue(
                 table.name,
-                row.cases_line,
-                row.case_id,
+                cast(int, row.cases_line),
+                cast(str, row.case_id),
                 f"image_{row.position}_shot_type",
                 "flagged",
                 f"unknown value {row.shot_type!r} kept",

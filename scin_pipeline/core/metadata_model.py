@@ -21,7 +21,7 @@ mean AUC 0.686 for the chosen model, 0.670 for the baseline; the 0.72 target is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -194,7 +194,7 @@ def train_metadata_model(
                 max_iter=config.max_iter,
                 l2_regularization=config.l2_regularization,
                 min_samples_leaf=config.min_samples_leaf,
-                early_stopping=False,
+                early_stopping=False,  # pyright: ignore[reportArgumentType]  # sklearn takes 'auto' or a bool; str is inferred from the default
                 random_state=config.seed,
             )
             # HGB's class_weight would do the same; sample weights keep it explicit: each side weighs half.
@@ -302,7 +302,7 @@ def top_k_classes(cases: pd.DataFrame, top_k: int, rank_by: str = "top_label") -
     counted = [names[0] for names in named] if rank_by == "top_label" else [n for names in named for n in names]
     counts = pd.Series(counted, dtype=object).value_counts()
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return sorted(name for name, _ in ranked[:top_k])
+    return sorted(cast(str, name) for name, _ in ranked[:top_k])  # condition names (metadata checks they are str)
 
 
 def metadata_dataset(
@@ -323,9 +323,10 @@ def metadata_dataset(
     classes = top_k_classes(cases, top_k, rank_by)
     by_case = cases.assign(case_id=cases["case_id"].astype(str)).set_index("case_id")
     case_ids = labels["case_id"].astype(str).to_numpy()
-    named = pd.DataFrame({"labels": [list(n) for n in by_case.loc[case_ids, "weighted_label_names"]]})
-    X = metadata_features(by_case.loc[case_ids].reset_index())
-    split = splits.assign(case_id=splits["case_id"].astype(str)).set_index("case_id").loc[case_ids, "split"]
+    rows = pd.Index(case_ids)  # the same labels as a .loc indexer
+    named = pd.DataFrame({"labels": [list(n) for n in by_case.loc[rows, "weighted_label_names"]]})
+    X = metadata_features(by_case.loc[rows].reset_index())
+    split = splits.assign(case_id=splits["case_id"].astype(str)).set_index("case_id").loc[rows, "split"]
     return MetadataDataset(
         case_ids=case_ids,
         X=X,
@@ -442,7 +443,7 @@ def fit_single_label_metadata_model(
                 max_iter=config.max_iter,
                 l2_regularization=config.l2_regularization,
                 min_samples_leaf=config.min_samples_leaf,
-                early_stopping=False,
+                early_stopping=False,  # pyright: ignore[reportArgumentType]  # sklearn takes 'auto' or a bool; str is inferred from the default
                 random_state=config.seed,
             ).fit(matrix, labels, sample_weight=weights)
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -133,7 +134,8 @@ def _bullets(mapping: Mapping, indent: int = 0) -> list[str]:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return markdown_text_table(frame, _format)
+    # rendering.markdown_text_table's fmt is unannotated (inferred type[str]); it takes any value -> str.
+    return markdown_text_table(frame, _format)  # pyright: ignore[reportArgumentType]
 
 
 def _overall_with_intervals(metrics: Mapping[str, float], fairness_table: pd.DataFrame) -> pd.DataFrame:
@@ -141,8 +143,8 @@ def _overall_with_intervals(metrics: Mapping[str, float], fairness_table: pd.Dat
     overall = fairness_table[fairness_table["attribute"] == OVERALL].set_index("metric")
     rows = []
     for name, value in metrics.items():
-        low = overall.loc[name, "ci_low"] if name in overall.index else float("nan")
-        high = overall.loc[name, "ci_high"] if name in overall.index else float("nan")
+        low = cast(float, overall.loc[name, "ci_low"]) if name in overall.index else float("nan")
+        high = cast(float, overall.loc[name, "ci_high"]) if name in overall.index else float("nan")
         rows.append({"metric": name, "value": float(value), "ci_low": float(low), "ci_high": float(high)})
     return pd.DataFrame(rows, columns=["metric", "value", "ci_low", "ci_high"])
 
@@ -317,5 +319,6 @@ def build_model_card(
             "sections": MODEL_CARD_SECTIONS,
         }
     )
+    assert isinstance(manifest, dict)  # _json_safe turns the mapping into a dict
     json.dumps(manifest, allow_nan=False)  # fail here, not in the caller, if anything is not JSON
     return markdown, manifest

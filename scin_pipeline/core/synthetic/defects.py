@@ -205,6 +205,7 @@ def image_bytes(job: ImageJob) -> tuple[bytes | None, str, str]:
         shifted = np.clip(resized.astype(np.float32) + shift, 0, 255).astype(np.uint8)
         quality = int(prng.integers(75, 93))
         reencoded = cv2.imdecode(np.frombuffer(encode_jpeg(shifted, quality), np.uint8), cv2.IMREAD_COLOR)
+        assert reencoded is not None  # the JPEG we have just encoded decodes
         out = cv2.cvtColor(reencoded, cv2.COLOR_BGR2RGB)
         detail = (
             f"source_image_id={job.source_id}; crop={crop:.3f}; brightness_shift={shift:+.1f}; jpeg_quality={quality}"

@@ -9,6 +9,8 @@ ids, Python-literal label lists, "YES" check boxes). Each case's Monk tone and t
 from __future__ import annotations
 
 import ast
+from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -183,11 +185,13 @@ _THREE_GRADER_SHARE = 0.14  # 716 of 5,033 real cases
 _FST_GRADABLE_SHARE = 0.85
 
 
-def _draw(rng: np.random.Generator, counts: dict, size: int | None = None):
+_K = TypeVar("_K")
+
+
+def _draw(rng: np.random.Generator, counts: Mapping[_K, float]) -> _K:
     keys = list(counts)
     p = np.array([counts[k] for k in keys], dtype=float)
-    idx = rng.choice(len(keys), size=size, p=p / p.sum())
-    return keys[idx] if size is None else [keys[i] for i in idx]
+    return keys[rng.choice(len(keys), p=p / p.sum())]
 
 
 def _unique_int64_strings(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
