@@ -274,6 +274,10 @@ class GcsBucketSource(ScinSource):
     is how the tests and the benchmark point this at a local gcp-storage-emulator.
     """
 
+    # google-cloud-storage is unannotated, so pyright takes each parameter's type from its default
+    # (timeout int, checksum str, retry Retry); the float timeouts and the None checksum / retry it
+    # documents carry a targeted `pyright: ignore` ("untyped GCS parameter").
+
     def __init__(self, bucket: str = BUCKET, timeout_s: float = 60.0, *, max_connections: int = 32):
         from google.api_core.retry import Retry
         from google.cloud import storage
@@ -288,7 +292,7 @@ class GcsBucketSource(ScinSource):
         self._client = storage.Client.create_anonymous_client()
         # The client's bucket metadata cache only decorates tracing spans, yet on first use it starts a
         # background GET of the bucket resource (403 for anonymous callers of a public bucket). Off.
-        self._client._bucket_metadata_cache = None
+        self._client._bucket_metadata_cache = None  # pyright: ignore[reportAttributeAccessIssue]  # private; GCS tests it for truth
         # requests keeps 10 connections per host by default; parallel downloads need one per worker or
         # every extra worker opens (and throws away) a new TCP/TLS connection per object.
         import requests.adapters
@@ -356,7 +360,7 @@ class GcsBucketSource(ScinSource):
     def stat(self, path: str) -> ObjectInfo:
         check_object_path(path)
         try:
-            blob = self._bucket.get_blob(path, timeout=self.timeout_s, retry=self._metadata_retry)
+            blob = self._bucket.get_blob(path, timeout=self.timeout_s, retry=self._metadata_retry)  # pyright: ignore[reportArgumentType]  # untyped GCS parameter
         except Exception as exc:
             self._raise_mapped(exc, path, during_transfer=False)
         if blob is None:
@@ -372,7 +376,7 @@ class GcsBucketSource(ScinSource):
                 prefix=prefix or None,
                 page_size=1000,  # the API maximum: one request per 1000 objects
                 fields="items(name,size,crc32c,md5Hash,generation,updated),nextPageToken",
-                timeout=self.timeout_s,
+                timeout=self.timeout_s,  # pyright: ignore[reportArgumentType]  # untyped GCS parameter
                 retry=self._metadata_retry,
             )
             for blob in blobs:
@@ -387,7 +391,10 @@ class GcsBucketSource(ScinSource):
         blob = self._bucket.blob(path, generation=int(info.generation) if info.generation else None)
         try:
             data = blob.download_as_bytes(
-                raw_download=True, checksum=None, timeout=self.timeout_s, retry=self._metadata_retry
+                raw_download=True,
+                checksum=None,  # pyright: ignore[reportArgumentType]  # untyped GCS parameter
+                timeout=self.timeout_s,  # pyright: ignore[reportArgumentType]  # untyped GCS parameter
+                retry=self._metadata_retry,
             )
         except Exception as exc:
             self._raise_mapped(exc, path, during_transfer=True)
@@ -406,7 +413,7 @@ class GcsBucketSource(ScinSource):
                 # raw_download: the stored bytes, never a transcoded body, so the listed checksums apply.
                 # checksum=None: fetch hashes the file itself against the listing (one pass, not two).
                 # retry=None: fetch owns the retry policy for downloads.
-                blob.download_to_file(counter, raw_download=True, checksum=None, retry=None, timeout=self.timeout_s)
+                blob.download_to_file(counter, raw_download=True, checksum=None, retry=None, timeout=self.timeout_s)  # pyright: ignore[reportArgumentType]  # untyped GCS parameter
                 written = counter.written
         except Exception as exc:
             self._raise_mapped(exc, path, during_transfer=True)
@@ -422,7 +429,11 @@ class GcsBucketSource(ScinSource):
         try:
             # One tiny list call: works anonymously on a public bucket (a bucket GET does not).
             page = self._client.list_blobs(
-                self.bucket_name, prefix="dataset/", max_results=1, timeout=timeout_s, retry=None
+                self.bucket_name,
+                prefix="dataset/",
+                max_results=1,
+                timeout=timeout_s,  # pyright: ignore[reportArgumentType]  # untyped GCS parameter
+                retry=None,  # pyright: ignore[reportArgumentType]  # untyped GCS parameter
             )
             for _ in page:
                 break

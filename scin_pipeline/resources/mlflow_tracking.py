@@ -233,6 +233,7 @@ class MlflowTracking(ConfigurableResource):
                     if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                         raise
                     experiment = client.get_experiment_by_name(self.experiment_name)
+                    assert experiment is not None  # it exists: creating it said so (deleted ones are found too)
         if experiment.lifecycle_stage != "active":
             raise RuntimeError(
                 f"MLflow experiment {self.experiment_name!r} is deleted: restore it in the MLflow "
@@ -434,7 +435,7 @@ class MlflowTracking(ConfigurableResource):
         """Asset metadata: mlflow_run_id, mlflow_experiment_id, mlflow_model_uri, ..., and mlflow_run_url as
         a clickable link (``MetadataValue.url``) when the MLflow UI's address is known."""
         run = self.client().get_run(run_id)
-        meta = {
+        meta: dict[str, Any] = {
             "mlflow_run_id": run_id,
             "mlflow_experiment_id": run.info.experiment_id,
             "mlflow_run_status": run.info.status,
