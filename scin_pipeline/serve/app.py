@@ -41,7 +41,7 @@ import time
 import uuid
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import PIL.Image
@@ -229,7 +229,7 @@ _ERROR_RESPONSES = {
         "16 px (`too_small`); unknown field or value; no image",
     }.items()
 }
-_UNAVAILABLE = {
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {  # FastAPI's type for `responses`
     503: {
         "model": UnavailableResponse,
         "description": "`no_model`: no version holds the alias (no champion yet, or model_comparison removed it), "

@@ -73,14 +73,17 @@ def metadata_field_descriptions() -> list[dict]:
     ]
 
 
-def _in_memory_parser(cap: int) -> type[MultiPartParser]:
-    class InMemoryMultiPartParser(MultiPartParser):
+class _EndCheckingMultiPartParser(MultiPartParser):
+    reached_end = False  # python-multipart saw the closing boundary (its finalize() does not check)
+
+    def on_end(self) -> None:
+        self.reached_end = True
+
+
+def _in_memory_parser(cap: int) -> type[_EndCheckingMultiPartParser]:
+    class InMemoryMultiPartParser(_EndCheckingMultiPartParser):
         # Above this size a SpooledTemporaryFile moves to disk; a part cannot outgrow the capped body.
         spool_max_size = cap + 1
-        reached_end = False  # python-multipart saw the closing boundary (its finalize() does not check)
-
-        def on_end(self) -> None:
-            self.reached_end = True
 
     return InMemoryMultiPartParser
 

@@ -182,6 +182,7 @@ def predict_decoded(served: ServedModel, request: PredictionRequest, rgb: np.nda
     if rgb is not None:
         quality = quality_verdict(rgb)
         if served.uses_image:
+            assert served.package.image_size is not None  # the image kinds carry one (PackagedClassifier checks)
             images = preprocess_image(rgb, served.package.image_size)[None]
     probabilities = served.predict_proba(images, request.cases())[0]
     order = np.argsort(-probabilities, kind="stable")[:TOP_K]

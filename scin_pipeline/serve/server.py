@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from scin_pipeline.serve.limits import ServeLimits, add_limit_arguments, limits_from_args
 
@@ -29,8 +30,14 @@ REQUEST_TIMEOUT_RESPONSE = (
     b"content-length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n\r\n" + _TIMEOUT_BODY
 )
 
+if TYPE_CHECKING:
+    # For the checker only: what the mixin uses of its host class (HttpToolsProtocol has the same names).
+    from uvicorn.protocols.http.h11_impl import H11Protocol as _HostProtocol
+else:
+    _HostProtocol = object
 
-class _HeaderDeadline:
+
+class _HeaderDeadline(_HostProtocol):
     """Mixed in before uvicorn's H11Protocol or HttpToolsProtocol (both have ``loop``, ``transport``,
     ``cycle`` and ``on_response_complete``)."""
 
@@ -122,7 +129,9 @@ def configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m scin_pipeline.serve.server --tracking-uri URI [--model ...] [limits]``: the service without
     the ``scin-pipeline`` CLI's data-root handling (for a registry given by URI)."""
-    parser = argparse.ArgumentParser(prog="python -m scin_pipeline.serve.server", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scin_pipeline.serve.server", description=(__doc__ or "").split("\n")[0]
+    )
     parser.add_argument("--tracking-uri", required=True, help="MLflow tracking (= registry) URI")
     parser.add_argument("--model", default=None, help="models:/NAME@ALIAS or models:/NAME/VERSION (default: champion)")
     parser.add_argument("--host", default="127.0.0.1")
