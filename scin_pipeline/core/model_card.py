@@ -176,6 +176,22 @@ def _limitations(fairness_table: pd.DataFrame, synthetic: bool) -> list[str]:
     return limitations
 
 
+def fairness_headline(gate: GateResult) -> str:
+    """The card's first statement about fairness: the gate's outcome, its bar (metric, max_gap, min_group_n)
+    and where its estimates come from; when the gate could not judge, a warning naming the groups."""
+    bar = f"{gate.metric}, max_gap {gate.max_gap:.2f}"
+    if gate.min_group_n is not None:
+        bar += f", min_group_n {gate.min_group_n}"
+    line = f"> **Fairness gate: {gate.label}** ({bar}; estimates: {gate.source})."
+    if gate.status == "not_judged":
+        line += (
+            f" **WARNING: fairness was NOT JUDGED for {gate.unjudged_summary() or 'some gate groups'}**: too few "
+            "cases to judge, even at bin level. This version was named champion without fairness evidence "
+            "for those groups (unjudged_policy allow_with_flag)."
+        )
+    return line
+
+
 def build_model_card(
     *,
     model_name: str,
@@ -207,6 +223,7 @@ def build_model_card(
 
     lines: list[str] = [SYNTHETIC_BANNER, ""] if synthetic else []
     lines += [f"# Model card: {model_name} (version {model_version})", "", f"> {NOT_FOR_DIAGNOSIS}", ""]
+    lines += [fairness_headline(gate), ""]
     lines += [
         "## Model details",
         "",
@@ -263,7 +280,7 @@ def build_model_card(
             _table(group_metrics_wide(fairness_table, attribute)),
             "",
         ]
-    lines += ["## Fairness gate", "", f"**{'PASSED' if gate.passed else 'FAILED'}**: {gate.reason}", ""]
+    lines += ["## Fairness gate", "", f"**{gate.label}**: {gate.reason}", ""]
     lines += ["## Limitations", "", *[f"- {item}" for item in limitations], ""]
     lines += ["## Ethical considerations", "", *[f"- {item}" for item in ETHICAL_CONSIDERATIONS], ""]
     lines += [

@@ -106,6 +106,15 @@ class ModelInfo(BaseModel):
     synthetic_data: bool = Field(
         description="the version was trained on SYNTHETIC images (registry tag scin.synthetic_data)"
     )
+    fairness_status: Literal["passed", "failed", "not_judged"] | None = Field(
+        default=None,
+        description="the fairness gate's outcome for this version (registry tag scin.fairness_status); "
+        "not_judged: some skin-tone group had too few cases to judge, and the version was named champion "
+        "anyway (unjudged_policy allow_with_flag); null: never compared",
+    )
+    fairness_unjudged: str | None = Field(
+        default=None, description="the groups too small to judge, when not_judged (tag scin.fairness_unjudged)"
+    )
     run_id: str | None = Field(description="MLflow run that trained it")
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from scin_pipeline.core.champion import FAIRNESS_STATUS_TAG, FAIRNESS_UNJUDGED_TAG
 from scin_pipeline.core.mlflow_registry import (
     CHAMPION_ALIAS,
     CHAMPION_CLEARED_AT_TAG,
@@ -74,6 +75,17 @@ class ServedModel:
     @property
     def kind(self) -> str:
         return self.package.kind
+
+    @property
+    def fairness_status(self) -> str | None:
+        """The fairness gate's outcome for this version (registry tag scin.fairness_status): passed,
+        failed, not_judged; None when the version was never compared."""
+        return self.tags.get(FAIRNESS_STATUS_TAG) or None
+
+    @property
+    def fairness_unjudged(self) -> str | None:
+        """The gate groups too small to judge (tag scin.fairness_unjudged), when not judged."""
+        return self.tags.get(FAIRNESS_UNJUDGED_TAG) or None
 
     @property
     def classes(self) -> list[str]:

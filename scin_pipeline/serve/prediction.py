@@ -164,6 +164,8 @@ def model_info(served: ServedModel) -> dict:
         "uses_image": served.uses_image,
         "uses_metadata": served.uses_metadata,
         "synthetic_data": served.synthetic_data,
+        "fairness_status": served.fairness_status,
+        "fairness_unjudged": served.fairness_unjudged,
         "run_id": served.run_id,
     }
 

@@ -117,3 +117,17 @@ def test_synthetic_card_says_so_first(card_inputs):
 
 def test_card_is_deterministic(card_inputs):
     assert build_model_card(**card_inputs, synthetic=False) == build_model_card(**card_inputs, synthetic=False)
+
+
+def test_the_first_lines_say_when_fairness_was_not_judged(card_inputs):
+    from scin_pipeline.core.model_card import fairness_headline
+
+    gate = fairness_gate(card_inputs["fairness_table"], min_group_n=30)
+    assert gate.status == "not_judged"  # monk_us_bin 7-10 holds ~3 % of 400 rows
+    markdown, manifest = build_model_card(**{**card_inputs, "gate": gate}, synthetic=False)
+    head = "\n".join(markdown.splitlines()[:8])
+    assert "**Fairness gate: NOT JUDGED**" in head and "min_group_n 30" in head and "max_gap 0.10" in head
+    assert "WARNING: fairness was NOT JUDGED for monk_us_bin=7-10" in head
+    assert manifest["fairness_gate"]["status"] == "not_judged"
+    passed = fairness_gate(card_inputs["fairness_table"], attributes=["sex_at_birth"], min_group_n=30)
+    assert passed.status == "passed" and "WARNING" not in fairness_headline(passed)
