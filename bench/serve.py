@@ -3,6 +3,8 @@
     python bench/serve.py [--data-root DIR [--model models:/NAME@champion]]
                           [--arch baseline_cnn|resnet50] [--image-size 64] [--width 1024 --height 768]
                           [--requests 100] [--warmup 10]
+    python bench/serve.py --clients 8 [--load-requests 200] [--rounds 3] [--variant NAME=SERVER_ARGS ...]
+                          [--arch ...] [--image-size 64] [--width 160 --height 120]
 
 The model: with ``--data-root`` the registry there (e.g. after ``scin-pipeline demo``), champion by
 default; without it, a model built here from ``scin_pipeline.core.models`` (``--arch``, random weights:
@@ -21,13 +23,25 @@ sequential predictions after ``--warmup``; p50 and p95 in ms, and their ratio ag
 Interleaved rounds (a, b, c, a, b, c, ...) so that load from other processes on a shared machine hits
 every row alike. Synthetic images and random weights: latency only, says nothing about any model's
 accuracy.
+
+``--clients N`` measures throughput instead: each ``--variant`` (``NAME=`` followed by extra options of
+``python -m scin_pipeline.serve.server``, e.g. ``unbatched=--max-batch-size 1``; default one variant with
+the defaults) runs as its own server process on loopback, started from this checkout, or from another
+checkout with ``NAME@DIR=...`` (e.g. a ``git worktree`` of an older commit: before/after in one run), and
+N client threads
+(one keep-alive connection each, N different SYNTHETIC photos) send ``--load-requests`` predictions; the
+variants take turns for ``--rounds`` rounds. Per variant: requests/s (median of the rounds, and their
+range), p50/p95/p99 latency over every request of every round, errors, and the ratio of requests/s and
+p95 against the first variant.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -102,6 +116,120 @@ def start_server(app) -> tuple[object, threading.Thread, str]:
     return server, thread, f"http://127.0.0.1:{port}"
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_server_process(tracking_uri: str, model_uri: str, extra: list[str], log_path: Path, checkout: Path = REPO):
+    """``python -m scin_pipeline.serve.server`` of ``checkout`` on a free port; (process, base URL) once
+    /healthz says a model is served."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "scin_pipeline.serve.server", "--tracking-uri", tracking_uri]
+    command += ["--model", model_uri, "--port", str(port), "--alias-poll-s", "0", *extra]
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {extra} exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=2).json().get("serving"):
+                return proc, base_url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server {extra} not ready in 180 s: {log_path.read_text()[-2000:]}")
+        time.sleep(0.3)
+
+
+def load_round(base_url: str, photos: list[bytes], clients: int, requests: int) -> tuple[float, list[float], int]:
+    """(wall s, latencies ms, errors) of ``requests`` predictions from ``clients`` concurrent clients."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def client_loop(worker: int) -> tuple[list[float], int]:
+        latencies, errors = [], 0
+        with httpx.Client(base_url=base_url, timeout=120) as client:
+            for _ in range(worker, requests, clients):
+                started = time.perf_counter()
+                response = client.post("/predict", files={"file": ("p.png", photos[worker], "image/png")})
+                latencies.append((time.perf_counter() - started) * 1000)
+                errors += response.status_code != 200
+        return latencies, errors
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(client_loop, range(clients)))
+    wall = time.perf_counter() - started
+    return wall, [ms for latencies, _ in results for ms in latencies], sum(errors for _, errors in results)
+
+
+def run_load(args, tracking_uri: str, model_uri: str, tmp: Path) -> None:
+    from scin_pipeline.core.synthetic.encoding import encode_png
+
+    patterns = ("eczema_blotches", "psoriasis_plaques", "urticaria_wheals")
+    photos = [
+        encode_png(render_skin_image(f"bench-load-{i}", 1 + i % 10, patterns[i % 3], (args.width, args.height), seed=i))
+        for i in range(args.clients)
+    ]
+    variants, checkouts = [], {}
+    for spec in args.variant or ["server="]:
+        name, _, extra = spec.partition("=")
+        name, _, checkout = name.partition("@")
+        checkouts[name] = Path(checkout).expanduser().resolve() if checkout else REPO
+        variants.append((name, shlex.split(extra)))
+    servers = {}
+    try:
+        for name, extra in variants:
+            log = tmp / f"{name}.log"
+            servers[name] = start_server_process(tracking_uri, model_uri, extra, log, checkouts[name])
+        for _, base_url in servers.values():  # warm-up: first calls trace graphs
+            load_round(base_url, photos, args.clients, 2 * args.clients)
+        rates = {name: [] for name in servers}
+        latencies = {name: [] for name in servers}
+        errors = dict.fromkeys(servers, 0)
+        for _ in range(args.rounds):
+            for name, (_, base_url) in servers.items():
+                wall, ms, failed = load_round(base_url, photos, args.clients, args.load_requests)
+                rates[name].append(args.load_requests / wall)
+                latencies[name] += ms
+                errors[name] += failed
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+        for proc, _ in servers.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(
+        f"\n{model_uri} ({args.arch}, {args.image_size} px); {args.clients} concurrent clients, "
+        f"{args.load_requests} POST /predict per round, {args.rounds} rounds, variants in turn; "
+        f"{args.width} x {args.height} SYNTHETIC PNGs; server: a separate process on loopback; CPU only"
+    )
+    print(
+        f"{'variant':<12} {'checkout':<16} {'server options':<40} {'req/s':>7} {'(range)':>13} {'p50 ms':>7} "
+        f"{'p95 ms':>7} {'p99 ms':>7} {'errors':>6} {'req/s x first':>14} {'p95 x first':>12}"
+    )
+    first_rate = first_p95 = None
+    for name, extra in variants:
+        rate = float(np.median(rates[name]))
+        p50, p95, p99 = np.percentile(latencies[name], [50, 95, 99])
+        first_rate = first_rate or rate
+        first_p95 = first_p95 or p95
+        spread = f"{min(rates[name]):.1f}-{max(rates[name]):.1f}"
+        print(
+            f"{name:<12} {checkouts[name].name:<16} {' '.join(extra) or '(defaults)':<40} {rate:>7.1f} {spread:>13} "
+            f"{p50:>7.0f} {p95:>7.0f} {p99:>7.0f} {errors[name]:>6} {rate / first_rate:>14.2f} {p95 / first_p95:>12.2f}"
+        )
+    print("\nLatency only: synthetic images and random weights; no accuracy is implied.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=None, help="use this data root's registry (embedded MLflow store)")
@@ -112,6 +240,12 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=768)
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=0, help="throughput with N concurrent clients (see above)")
+    parser.add_argument("--load-requests", type=int, default=200, help="predictions per round (--clients)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per variant (--clients)")
+    parser.add_argument(
+        "--variant", action="append", metavar="NAME=SERVER_ARGS", help="a server variant (--clients; repeatable)"
+    )
     args = parser.parse_args()
 
     import httpx
@@ -132,6 +266,9 @@ def main() -> None:
             model_uri = args.model
         else:
             tracking_uri, model_uri = register_bench_model(Path(tmp), args.arch, args.image_size)
+        if args.clients:
+            run_load(args, tracking_uri, model_uri, Path(tmp))
+            return
         app = create_app(model_uri, tracking_uri=tracking_uri, max_upload_bytes=64 * 2**20, alias_poll_s=0)
         served = app.state.model_source.served
         if served is None:

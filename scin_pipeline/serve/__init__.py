@@ -8,6 +8,7 @@
 - :mod:`.prediction`: one decode, training's preprocessing, the quality verdict, the answer with its
   "NOT A DIAGNOSIS" notice;
 - :mod:`.limits`: what one request may cost (bytes, pixels, prediction slots) and how long a client may take;
+- :mod:`.batching`: requests that arrive together share one model call (a bounded queue, one worker per model);
 - :mod:`.app`: the FastAPI application (page, ``POST /predict``, ``GET /model``, ``GET /status``, OpenAPI
   schema);
 - :mod:`.server`: uvicorn with those limits (a deadline for request headers, which uvicorn lacks);

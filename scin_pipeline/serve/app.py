@@ -16,9 +16,11 @@ they load their scripts from a CDN; the schema is at ``/openapi.json``.
 
 Cost per request (:mod:`.limits` says why each default): the body is read under a byte cap and a time limit
 (``body_timeout_s``: 408 ``timeout``); the picture's pixel count is checked from its header before it is
-decoded (``max_pixels``: 422 ``too_many_pixels``); decoding and predicting run in at most
-``max_concurrent_predictions`` threads at once, and a request that finds none free within
-``queue_timeout_s`` is answered 503 ``busy`` with ``Retry-After``. Request headers are timed by the HTTP
+decoded (``max_pixels``: 422 ``too_many_pixels``); decoding (with the quality check and preprocessing)
+runs in at most ``max_concurrent_predictions`` threads at once, and a request that finds none free within
+``queue_timeout_s`` is answered 503 ``busy`` with ``Retry-After``. The model call is micro-batched
+(:mod:`.batching`: ``max_batch_size`` rows per call, ``max_batch_wait_ms``, a queue of
+``max_queued_predictions`` rows; full: 503 ``busy``). Request headers are timed by the HTTP
 protocol (:mod:`.server`).
 
 Privacy: uploads live in memory for the duration of the request and are written nowhere unless
@@ -54,6 +56,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scin_pipeline.core.atomic import write_bytes_atomic
+from scin_pipeline.serve.batching import Batchers, QueueFull
 from scin_pipeline.serve.follow import DEFAULT_ALIAS_POLL_S, ModelFollower, ServingState
 from scin_pipeline.serve.inputs import (
     CHECKBOX_FIELDS,
@@ -66,14 +69,24 @@ from scin_pipeline.serve.inputs import (
 )
 from scin_pipeline.serve.limits import (
     DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_WAIT_MS,
     DEFAULT_MAX_CONCURRENT_PREDICTIONS,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_QUEUED_PREDICTIONS,
     DEFAULT_MAX_UPLOAD_BYTES,
     DEFAULT_QUEUE_TIMEOUT_S,
     ServeLimits,
 )
 from scin_pipeline.serve.model import DEFAULT_MODEL_URI, ServedModel
-from scin_pipeline.serve.prediction import NOT_A_DIAGNOSIS, decode_upload, model_info, notice_for, predict_decoded
+from scin_pipeline.serve.prediction import (
+    NOT_A_DIAGNOSIS,
+    answer,
+    decode_upload,
+    model_info,
+    notice_for,
+    prepare_inputs,
+)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away before the answer": logged, never sent
 PAGE_RESOURCE = "static/index.html"
@@ -317,6 +330,9 @@ def create_app(
     max_concurrent_predictions: int = DEFAULT_MAX_CONCURRENT_PREDICTIONS,
     queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS,
+    max_queued_predictions: int = DEFAULT_MAX_QUEUED_PREDICTIONS,
 ) -> FastAPI:
     """The service for ``model_uri``. Its version is resolved and loaded now: a ServeError here means it
     cannot start (no such model, a model that is not ours); an alias that holds no version is not one: the
@@ -333,6 +349,9 @@ def create_app(
         queue_timeout_s=queue_timeout_s,
         body_timeout_s=body_timeout_s,
         limit_concurrency=max(max_concurrent_predictions + 1, 2),
+        max_batch_size=max_batch_size,
+        max_batch_wait_ms=max_batch_wait_ms,
+        max_queued_predictions=max_queued_predictions,
     )
     if served_model is not None:
         served_model.warm_up()
@@ -344,6 +363,9 @@ def create_app(
     page = _page_html()
     prediction_slots = asyncio.Semaphore(max_concurrent_predictions)
     busy_retry_after = str(max(1, math.ceil(queue_timeout_s or 1)))
+    batchers = Batchers(
+        max_batch_size=max_batch_size, max_batch_wait_ms=max_batch_wait_ms, max_queued=max_queued_predictions
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -352,6 +374,7 @@ def create_app(
             yield
         finally:
             await run_in_threadpool(follower.stop_polling)
+            await run_in_threadpool(batchers.stop)
 
     app = FastAPI(
         title="SCIN skin-condition classifier (NOT A DIAGNOSIS)",
@@ -362,6 +385,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.model_source = follower
+    app.state.batchers = batchers
 
     def notice(served: ServedModel | None) -> str:
         return notice_for(served) if served is not None else NOT_A_DIAGNOSIS
@@ -468,15 +492,26 @@ def create_app(
                     headers={"Retry-After": busy_retry_after},
                 )
             try:
-                answer = await run_in_threadpool(_work, served, parsed)
+                quality, images, cases = await run_in_threadpool(_prepare, served, parsed)
             finally:
                 prediction_slots.release()
+            try:
+                probabilities = await batchers.for_model(served).predict(images, cases)
+            except QueueFull:
+                return error_response(
+                    503,
+                    "busy",
+                    "the service is busy with other photos right now: try again in a second",
+                    served,
+                    headers={"Retry-After": "1"},
+                )
+            result = answer(served, parsed, quality, probabilities)
         except RequestError as exc:
             return error_response(exc.status, exc.error, exc.detail, served)
         except ClientDisconnect:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(
-            PredictionResponse.model_validate(answer).model_dump(mode="json"), headers={"Cache-Control": "no-store"}
+            PredictionResponse.model_validate(result).model_dump(mode="json"), headers={"Cache-Control": "no-store"}
         )
 
     async def _take_slot() -> bool:
@@ -492,12 +527,13 @@ def create_app(
             return False
         return True
 
-    def _work(served: ServedModel, parsed: PredictionRequest) -> dict:
-        # In a worker thread, inside a prediction slot: the decoded pixels exist only here.
+    def _prepare(served: ServedModel, parsed: PredictionRequest):
+        # In a worker thread, inside a slot: the decoded pixels exist only here; what leaves is the quality
+        # verdict and the model's input (a small preprocessed square), queued for the batcher.
         rgb = decode_upload(parsed.image, max_pixels) if parsed.image is not None else None
-        answer = predict_decoded(served, parsed, rgb)
+        prepared = prepare_inputs(served, parsed, rgb)
         if store is not None and rgb is not None:
             _store_upload(store, rgb)
-        return answer
+        return prepared
 
     return app

@@ -178,6 +178,15 @@ def predict(served: ServedModel, request: PredictionRequest, *, max_pixels: int 
 
 def predict_decoded(served: ServedModel, request: PredictionRequest, rgb: np.ndarray | None) -> dict:
     """:func:`predict` for an upload already decoded by :func:`decode_upload` (``rgb``; None: no image)."""
+    quality, images, cases = prepare_inputs(served, request, rgb)
+    return answer(served, request, quality, served.predict_proba(images, cases)[0])
+
+
+def prepare_inputs(
+    served: ServedModel, request: PredictionRequest, rgb: np.ndarray | None
+) -> tuple[dict | None, np.ndarray | None, pd.DataFrame]:
+    """(quality verdict, the model's image input (1, S, S, 3) or None, the case row): everything of one
+    prediction but the model call, which the service batches (:mod:`.batching`)."""
     if rgb is None and served.uses_image:
         raise RequestError(422, "missing_file", "no image: send it as the file field `file` (PNG or JPEG)")
     quality = images = None
@@ -186,7 +195,11 @@ def predict_decoded(served: ServedModel, request: PredictionRequest, rgb: np.nda
         if served.uses_image:
             assert served.package.image_size is not None  # the image kinds carry one (PackagedClassifier checks)
             images = preprocess_image(rgb, served.package.image_size)[None]
-    probabilities = served.predict_proba(images, request.cases())[0]
+    return quality, images, request.cases()
+
+
+def answer(served: ServedModel, request: PredictionRequest, quality: dict | None, probabilities: np.ndarray) -> dict:
+    """The answer of POST /predict from one row of class probabilities."""
     order = np.argsort(-probabilities, kind="stable")[:TOP_K]
     classes = served.classes
     return {

@@ -443,14 +443,14 @@ def test_when_every_prediction_slot_is_taken_the_answer_is_503_busy_with_retry_a
     import scin_pipeline.serve.app as app_module
 
     release, entered = threading.Event(), threading.Event()
-    real = app_module.predict_decoded
+    real = app_module.prepare_inputs
 
     def held(*args):
         entered.set()
         release.wait(30)
         return real(*args)
 
-    monkeypatch.setattr(app_module, "predict_decoded", held)
+    monkeypatch.setattr(app_module, "prepare_inputs", held)
     app = create_app(
         f"models:/{MODEL_NAME}@champion",
         tracking_uri=registry.tracking_uri,

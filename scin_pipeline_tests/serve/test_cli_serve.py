@@ -55,13 +55,22 @@ def test_the_limit_options_default_to_the_documented_limits():
     assert limits.max_concurrent_predictions == 2
     assert (limits.header_timeout_s, limits.body_timeout_s, limits.keep_alive_s) == (10.0, 30.0, 5)
     assert (limits.queue_timeout_s, limits.limit_concurrency) == (10.0, 32)
+    assert (limits.max_batch_size, limits.max_batch_wait_ms, limits.max_queued_predictions) == (8, 5.0, 32)
     custom = limits_from_args(parser.parse_args(["--max-megapixels", "12.5", "--body-timeout-s", "60"]))
     assert (custom.max_pixels, custom.body_timeout_s) == (12_500_000, 60.0)
+    batching = limits_from_args(
+        parser.parse_args(["--max-batch-size", "4", "--max-batch-wait-ms", "0", "--max-queued-predictions", "2"])
+    )
+    assert (batching.max_batch_size, batching.max_batch_wait_ms, batching.max_queued_predictions) == (4, 0.0, 2)
+    assert batching.app_options()["max_batch_size"] == 4
     for bad, fragment in [
         (["--max-megapixels", "0"], "--max-megapixels"),
         (["--limit-concurrency", "2"], "limit_concurrency"),
         (["--header-timeout-s", "0"], "header_timeout_s"),
         (["--queue-timeout-s", "-1"], "queue_timeout_s"),
+        (["--max-batch-size", "0"], "max_batch_size"),
+        (["--max-batch-wait-ms", "-1"], "max_batch_wait_ms"),
+        (["--max-queued-predictions", "0"], "max_queued_predictions"),
     ]:
         with pytest.raises(ValueError, match=fragment):
             limits_from_args(parser.parse_args(bad))
