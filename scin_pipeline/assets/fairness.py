@@ -2,10 +2,12 @@
 with bootstrap intervals; the gate's decision per candidate as its own table) and model_card (the champion's
 card, Markdown + JSON manifest, quoting the stored gate).
 
-Fairness is measured per CASE on the test split: a case's images are averaged into one prediction (what a
+Fairness is reported per CASE on the test split: a case's images are averaged into one prediction (what a
 reader of the case would see), so rows are independent for the bootstrap and a case with three photos does
 not weigh three times. The gate judges the groups with enough data; a tiny group is shown, marked
-"insufficient data", never hidden, and judged through its bin (Monk 7-10, FST5-6) when that is big enough,
+"insufficient data", never hidden. The gate reads out-of-fold estimates over train+val for the
+cross-validated candidates (cross_validated_predictions: the metadata model), the test split for the others;
+a small group is judged through its bin (Monk 7-10, FST5-6) when that is big enough,
 else the candidate is "not judged" (model_comparison's unjudged_policy decides what that means).
 """
 
@@ -55,6 +57,78 @@ class FairnessConfig(Config):
     seed: int = 0
 
 
+class CrossValidationConfig(Config):
+    n_folds: int = Field(default=5, ge=2, description="folds over the train+val cases")
+    seed: int = Field(default=0, description="fold order (hash seed) and each fold model's seed")
+
+
+# Candidates refitted per fold: the metadata model is a CPU fit of seconds. The Keras candidates are not
+# cross-validated (yet); their gate reads the test split, and the report says so.
+CROSS_VALIDATED = ("metadata_model",)
+OOF_COLUMNS = ["model", "case_id", "group_id", "fold", "y_true"]
+
+
+@asset(
+    group_name=GROUP,
+    kinds={"scikitlearn", "pandas"},
+    code_version="1",
+    pool="cpu",
+    description="Out-of-fold predictions for the fairness gate: k-fold cross-validation over the train+val "
+    "cases (whole groups of cases linked by shared or near-duplicate images per fold, stratified by label and "
+    "US Monk bin), each case scored once by a model refitted on the other folds, so a small skin-tone group "
+    "is judged on ~85 % of its cases instead of the test split's ~15 %. metadata_model only (the Keras "
+    "candidates are judged on the test split). One row per (model, case): fold, y_true, p_0..p_K-1.",
+)
+def cross_validated_predictions(
+    context: AssetExecutionContext,
+    config: CrossValidationConfig,
+    labeled_splits: pd.DataFrame,
+    cases: pd.DataFrame,
+    metadata_model: pd.DataFrame,
+) -> Output:
+    import numpy as np
+
+    from scin_pipeline.core import crossval, fairness
+    from scin_pipeline.core import metadata_model as core_model
+
+    if metadata_model is None or metadata_model.empty:
+        return Output(pd.DataFrame(columns=OOF_COLUMNS), metadata={"models": "none"})
+    candidates = candidates_table(metadata_model)
+    classes = json.loads(candidates["classes"].iloc[0])
+    index = {c: i for i, c in enumerate(classes)}
+    per_case = labeled_splits.drop_duplicates("case_id")
+    per_case = per_case[per_case["split"].astype(str).isin(["train", "val"])][["case_id", "group_id", "label"]]
+    frame = per_case.astype(str).merge(cases.assign(case_id=cases["case_id"].astype(str)), on="case_id", how="left")
+    frame = frame.reset_index(drop=True)
+    frame["monk_bin"] = fairness.sensitive_features(frame)["monk_us_bin"].to_numpy()
+    folds = crossval.assign_folds(frame, config.n_folds, seed=config.seed).to_numpy()
+    features = core_model.metadata_features(frame)
+    y = frame["label"].map(index).to_numpy(np.int32)
+
+    def fit_predict(train_rows, held_out):
+        model = core_model.fit_single_label_metadata_model(
+            features.iloc[train_rows], y[train_rows], len(classes), seed=config.seed
+        )
+        return model.predict_proba(features.iloc[held_out])
+
+    proba = crossval.out_of_fold_proba(folds, frame["group_id"].to_numpy(), fit_predict, len(classes))
+    result = frame[["case_id", "group_id"]].assign(
+        model="metadata_model", fold=folds, y_true=y, **{f"p_{i}": proba[:, i] for i in range(len(classes))}
+    )[OOF_COLUMNS + [f"p_{i}" for i in range(len(classes))]]
+    deep = frame["monk_bin"] == "7-10"
+    return Output(
+        result,
+        metadata={
+            "models": ", ".join(CROSS_VALIDATED),
+            "not_cross_validated": "baseline_cnn, resnet50_transfer, multimodal (judged on the test split)",
+            "n_folds": config.n_folds,
+            "cases_scored": len(result),
+            "monk_us_7_10_scored": int(deep.sum()),
+            "fold_sizes": MetadataValue.json({int(k): int(v) for k, v in zip(*np.unique(folds, return_counts=True))}),
+        },
+    )
+
+
 @multi_asset(
     group_name=GROUP,
     outs={
@@ -70,9 +144,17 @@ class FairnessConfig(Config):
         "fairness_gates": AssetOut(
             kinds={"fairlearn", "pandas"},
             code_version="1",
-            description="The fairness gate's decision per candidate, as fairness_report made it: passed, "
-            "reason, metric, max_gap, gate attributes, the worst group's gap, and the whole decision as JSON "
-            "(gate). model_comparison excludes failing candidates from the champion; the model card quotes it.",
+            description="The fairness gate's decision per candidate, as fairness_report made it: status "
+            "(passed, failed, not_judged), reason, metric, max_gap, min_group_n, gate attributes, the worst "
+            "group's gap, the estimates' source, and the whole decision as JSON (gate). model_comparison "
+            "excludes failing candidates (and unjudged ones under unjudged_policy block); the card quotes it.",
+        ),
+        "fairness_gate_estimates": AssetOut(
+            kinds={"fairlearn", "pandas"},
+            code_version="1",
+            description="The per-group table each candidate's gate read (fairness_report's columns plus "
+            "source): out-of-fold over train+val for the cross-validated candidates (cross_validated_predictions), "
+            "the test split for the others. fairness_report stays the test split's final report.",
         ),
     },
     check_specs=[
@@ -92,13 +174,14 @@ def fairness_report(
     resnet50_transfer: pd.DataFrame,
     metadata_model: pd.DataFrame,
     multimodal: pd.DataFrame,
+    cross_validated_predictions: pd.DataFrame,
     labeled_splits: pd.DataFrame,
     cases: pd.DataFrame,
     storage: StoragePaths,
     mlflow: MlflowTracking,
     scin_source: ScinSourceResource,
 ):
-    from scin_pipeline.core import fairness
+    from scin_pipeline.core import crossval, fairness
     from scin_pipeline.core.fairness_report import fairness_html, fairness_markdown, fairness_plots, plot_key
 
     candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)
@@ -106,7 +189,8 @@ def fairness_report(
     per_case = case_level_predictions(model_predictions)
     synthetic = scin_source.is_synthetic()
     out_dir = storage.table_files_dir("fairness_report")
-    tables, gates, metadata = [], {}, {}
+    tables, gates, metadata, estimates = [], {}, {}, []
+    oof = cross_validated_predictions
     for candidate in candidates.itertuples():
         part = per_case[per_case["model"] == candidate.model].reset_index(drop=True)
         case_rows = part[["case_id"]].merge(cases, on="case_id", how="left")
@@ -122,14 +206,35 @@ def fairness_report(
             min_group_n=config.min_group_n,
             seed=config.seed,
         )
+        gate_table, source = table, "test split (one row per case; not cross-validated)"
+        cv_rows = oof[oof["model"] == candidate.model].reset_index(drop=True) if len(oof) else oof
+        if len(cv_rows):
+            # The gate judges out-of-fold estimates over train+val; the test table stays the report.
+            cv_cases = (
+                cv_rows[["case_id"]]
+                .astype(str)
+                .merge(cases.assign(case_id=cases["case_id"].astype(str)), on="case_id", how="left")
+            )
+            gate_table = fairness.fairness_table(
+                candidate.model,
+                cv_rows["y_true"].to_numpy(),
+                cv_rows[[f"p_{i}" for i in range(len(classes))]].to_numpy(),
+                classes,
+                fairness.sensitive_features(cv_cases).reset_index(drop=True),
+                n_bootstrap=config.n_bootstrap,
+                min_group_n=config.min_group_n,
+                seed=config.seed,
+            )
+            source = crossval.oof_source(int(cv_rows["fold"].nunique()))
+        estimates.append(gate_table.assign(source=source))
         gate = fairness.fairness_gate(
-            table,
+            gate_table,
             metric=config.gate_metric,
             max_gap=config.max_gap,
             attributes=config.gate_attributes,
             min_group_n=config.min_group_n,
             fallback=config.bin_fallback,
-            source="test split (one row per case)",
+            source=source,
         )
         plots = fairness_plots(table, metrics=(config.gate_metric,))
         html = fairness_html(table, gate, plots, model=candidate.model, synthetic=synthetic)
@@ -168,6 +273,7 @@ def fairness_report(
                 "gap": float(g.gap),
                 "min_group_n": config.min_group_n,
                 "unjudged": g.unjudged_summary(),
+                "source": g.source,
                 "gate": json.dumps(g.to_dict()),
             }
             for m, g in gates.items()
@@ -195,6 +301,21 @@ def fairness_report(
     if synthetic:
         metadata["note"] = "SYNTHETIC images: these figures say nothing about fairness on real skin"
     yield Output(result, output_name="fairness_report", metadata=metadata)
+    gate_estimates = pd.concat(estimates, ignore_index=True)
+    yield Output(
+        gate_estimates,
+        output_name="fairness_gate_estimates",
+        metadata={
+            "sources": MetadataValue.json({m: g.source for m, g in gates.items()}),
+            "gate_groups": metric_md(
+                gate_estimates[
+                    gate_estimates["attribute"].isin(config.gate_attributes)
+                    & (gate_estimates["metric"] == config.gate_metric)
+                ][["model", "attribute", "group", "n", "value", "ci_low", "ci_high", "insufficient_data", "source"]],
+                rows=80,
+            ),
+        },
+    )
     yield Output(
         gate_rows,
         output_name="fairness_gates",

@@ -37,6 +37,7 @@ RUN_CONFIG = {
         "resnet50_transfer": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
         "multimodal": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
         "fairness_report": {"config": {"n_bootstrap": 50, "min_group_n": 10}},
+        "cross_validated_predictions": {"config": {"n_folds": 3}},
         "model_comparison": {"config": {"unjudged_policy": "allow_with_flag"}},
     }
 }
@@ -209,6 +210,29 @@ def test_fairness_report_and_model_card_are_written(trained):
     assert manifest["model"]["name"] == champion["model"]
     assert manifest["model"]["version"] == str(champion["registered_version"])
     assert manifest["model"]["uri"] == "models:/scin-condition-classifier@champion"
+    # The card's first lines say what the gate decided, on what bar; the version carries the status.
+    assert "Fairness gate: " in "\n".join(card.splitlines()[:8]) and "min_group_n 10" in card
+    version = mlflow.MlflowClient(_uri).get_model_version(
+        "scin-condition-classifier", str(champion["registered_version"])
+    )
+    assert version.tags["scin.fairness_status"] == champion["fairness_status"]
+
+
+def test_the_gate_of_the_metadata_model_reads_out_of_fold_predictions(trained):
+    data_root, _mirror, _summary, _uri = trained
+    oof = table(data_root, "cross_validated_predictions")
+    splits = table(data_root, "labeled_splits").drop_duplicates("case_id")
+    train_val = splits[splits["split"].astype(str).isin(["train", "val"])]
+    # Every train+val case scored exactly once; a duplicate group never spans two folds.
+    assert sorted(oof["case_id"].astype(str)) == sorted(train_val["case_id"].astype(str))
+    assert set(oof["fold"]) == {0, 1, 2} and (oof.groupby("group_id")["fold"].nunique() == 1).all()
+    gates = table(data_root, "fairness_gates").set_index("model")
+    assert gates.loc["metadata_model", "source"].startswith("out-of-fold predictions, 3-fold")
+    assert gates.loc["multimodal", "source"].startswith("test split")
+    assert set(gates["status"]) <= {"passed", "failed", "not_judged"}
+    estimates = table(data_root, "fairness_gate_estimates")
+    cv_n = estimates[(estimates["model"] == "metadata_model") & (estimates["attribute"] == "overall")]["n"].iloc[0]
+    assert cv_n == len(train_val)
 
 
 def test_rerun_with_unchanged_inputs_trains_nothing_and_opens_no_mlflow_run(trained):
