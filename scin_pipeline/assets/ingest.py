@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 from dagster import (
@@ -136,11 +137,12 @@ def metadata_required_columns(raw_metadata: pd.DataFrame) -> AssetCheckResult:
     required = {CASES_FILE: schema.REQUIRED_CASE_COLUMNS, LABELS_FILE: schema.REQUIRED_LABEL_COLUMNS}
     problems = {}
     for row in raw_metadata.itertuples():
-        data = Path(row.local_path).read_bytes()
+        file_name, local_path = cast(str, row.file_name), cast(str, row.local_path)
+        data = Path(local_path).read_bytes()
         try:
-            read_csv_bytes(row.file_name, data, required[row.file_name])
+            read_csv_bytes(file_name, data, required[file_name])
         except ValueError as exc:
-            problems[row.file_name] = str(exc)
+            problems[file_name] = str(exc)
     return AssetCheckResult(
         passed=not problems,
         metadata={"problems": MetadataValue.json(problems)},
@@ -208,7 +210,7 @@ class CasesConfig(Config):
     ],
 )
 def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_metadata: pd.DataFrame):
-    files = {row.file_name: Path(row.local_path) for row in raw_metadata.itertuples()}
+    files = {row.file_name: Path(cast(str, row.local_path)) for row in raw_metadata.itertuples()}
     parsed = parse_metadata(
         files[CASES_FILE].read_bytes(),
         files[LABELS_FILE].read_bytes(),
@@ -258,7 +260,7 @@ def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_met
         output_name="metadata_quarantine",
         metadata={
             "dagster/row_count": len(quarantine),
-            "by_action": MetadataValue.json(quarantine["action"].value_counts().to_dict()),
+            "by_action": MetadataValue.json(cast(dict[str, int], quarantine["action"].value_counts().to_dict())),
             "preview": table_md(quarantine, rows=25),
         },
     )
@@ -362,7 +364,7 @@ def _image_files(
     megabytes = float(table.loc[table["fetched"], "bytes"].sum() or 0) / 1e6
     context.add_output_metadata(
         {
-            "status_counts": MetadataValue.json({k: int(v) for k, v in counts.items()}),
+            "status_counts": MetadataValue.json({cast(str, k): int(v) for k, v in counts.items()}),
             "fetched_now": n_fetched,
             "reused_verified": int(((table["status"] == "ok") & ~table["fetched"]).sum()),
             "total_mb": round(float(table["bytes"].sum() or 0) / 1e6, 2),

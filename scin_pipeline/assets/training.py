@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -132,7 +132,7 @@ def image_tensors(
     metadata = {
         "data_version": version,
         "image_size": config.image_size,
-        "images_per_split": MetadataValue.json(ok["split"].value_counts().astype(int).to_dict()),
+        "images_per_split": MetadataValue.json(cast(dict[str, int], ok["split"].value_counts().astype(int).to_dict())),
         "failed": len(failed),
         "failures": table_md(failed, ["image_id", "split", "reason"], rows=20),
         "cache_dir": MetadataValue.path(str(cache_dir)),
@@ -571,7 +571,7 @@ def candidate_asset(
     )
     def candidate(
         context: AssetExecutionContext,
-        config: config,
+        config: config,  # pyright: ignore[reportInvalidTypeForm]  # the candidate's Config class: Dagster reads it here
         storage: StoragePaths,
         mlflow: MlflowTracking,
         scin_source: ScinSourceResource,
@@ -596,6 +596,8 @@ def _class_weight(config: TrainingConfig, y: np.ndarray, n_classes: int) -> dict
 
 def _train_baseline_cnn(candidate: CandidateRun) -> Trained:
     config, inputs = candidate.config, candidate.inputs
+    assert isinstance(config, TrainingConfig)  # its candidate_asset's config class
+    assert candidate.image_size is not None  # set from image_tensors, an input of every Keras candidate
     described = _prepare_keras(config)
     from scin_pipeline.core import models, training
 
@@ -639,6 +641,8 @@ def _train_baseline_cnn(candidate: CandidateRun) -> Trained:
 
 def _train_resnet50_transfer(candidate: CandidateRun) -> Trained:
     config, inputs = candidate.config, candidate.inputs
+    assert isinstance(config, TransferConfig)  # its candidate_asset's config class
+    assert candidate.image_size is not None  # set from image_tensors, an input of every Keras candidate
     described = _prepare_keras(config)
     import keras
 
@@ -755,6 +759,7 @@ def _train_metadata_model(candidate: CandidateRun) -> Trained:
 
 def _train_multimodal(candidate: CandidateRun) -> Trained:
     config, inputs = candidate.config, candidate.inputs
+    assert isinstance(config, TransferConfig)  # its candidate_asset's config class
     described = _prepare_keras(config)
     import keras
 

@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -84,10 +84,10 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-5
     unfreeze_layers: int = 30
     early_stopping_patience: int = 5
-    monitor: str = "val_macro_f1"
+    monitor: Literal["val_macro_f1", "val_balanced_accuracy"] = "val_macro_f1"  # MONITORS
     seed: int = 0
-    class_weighting: str = "balanced"
-    mixed_precision: str = "auto"
+    class_weighting: Literal["balanced", "none"] = "balanced"
+    mixed_precision: Literal["auto", "bfloat16", "off"] = "auto"
     augment: bool = True
     loader_workers: int = 4  # threads of the default training PyDataset (cv2 augmentation releases the GIL)
 
@@ -185,15 +185,19 @@ def predict_in_batches(
     if n == 0:
         raise ValueError("no rows to predict")
     batch_size = min(batch_size, n)
-    out = None
+    out: np.ndarray | None = None
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        batch = keras.ops.convert_to_numpy(model.predict_on_batch(_slice(inputs, start, stop, batch_size)))
+        # convert_to_numpy gives a numpy array (its inferred type is the union of every backend's).
+        batch = cast(
+            np.ndarray, keras.ops.convert_to_numpy(model.predict_on_batch(_slice(inputs, start, stop, batch_size)))
+        )
         if out is None:
             out = np.empty((n, *batch.shape[1:]), dtype=np.float32)
         out[start:stop] = batch[: stop - start]
         if on_batch is not None:
             on_batch(stop - start)
+    assert out is not None  # n > 0: the loop ran
     return out
 
 
@@ -223,7 +227,8 @@ def _macro_scores(y_true, probabilities) -> dict[str, float]:
         "val_loss": float(-np.log(p_true).mean()),
         "val_accuracy": float((y_pred == y_true).mean()),
         "val_balanced_accuracy": float(balanced),
-        "val_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        # sklearn takes a number for zero_division; pyright infers str from its default "warn".
+        "val_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),  # pyright: ignore[reportArgumentType]
     }
 
 
@@ -243,9 +248,11 @@ def _macro_metrics_class():
         def on_epoch_end(self, epoch, logs=None):
             if logs is None:
                 return
+            assert self.model is not None  # fit sets it before the first epoch
             probabilities = predict_in_batches(self.model, self.val_inputs, self.batch_size)
             logs.update(_macro_scores(self.val_y, probabilities))
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            learning_rate = cast(np.ndarray, keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            logs["learning_rate"] = float(learning_rate)
 
     MacroMetricsCallback.__module__ = __name__
     MacroMetricsCallback.__qualname__ = "MacroMetricsCallback"
@@ -353,7 +360,7 @@ def fit_classifier(
                 (ckpt / stale).unlink(missing_ok=True)
 
     early_stopping = _resumable_early_stopping(config.monitor, config.early_stopping_patience, prior)
-    all_callbacks = [_macro_metrics_class()(val_inputs, val_y, config.batch_size)]
+    all_callbacks: list[keras.callbacks.Callback] = [_macro_metrics_class()(val_inputs, val_y, config.batch_size)]
     if ckpt is not None:
         all_callbacks += [
             keras.callbacks.CSVLogger(str(ckpt / _HISTORY_CSV), append=True),
@@ -477,7 +484,7 @@ def _model_inputs(images_or_embeddings, metadata, key: str):
 def _snapshot(model) -> dict[str, np.ndarray]:
     import keras
 
-    return {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}
+    return {v.path: cast(np.ndarray, keras.ops.convert_to_numpy(v)) for v in model.weights}
 
 
 def _restore(model, snapshot: dict[str, np.ndarray]) -> None:
