@@ -126,8 +126,7 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean F1 over the classes present in ``y_true`` or predicted (``labels=`` given explicitly)."""
     labels = np.union1d(np.unique(y_true), np.unique(y_pred))
-    # sklearn takes a number for zero_division; pyright infers str from its default "warn".
-    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))  # pyright: ignore[reportArgumentType]
+    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))  # pyright: ignore[reportArgumentType]  # sklearn: untyped; a number is documented
 
 
 def ovr_auc_per_class(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -140,8 +139,7 @@ def ovr_auc_per_class(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray
     aucs = np.full(k, np.nan)
     if defined.any():
         # One call in multilabel form: per column the binary AUC, validated once, not K times.
-        # average=None (per-column scores) is documented; pyright infers str from its default "macro".
-        aucs[defined] = roc_auc_score(onehot[:, defined], proba[:, defined], average=None)  # pyright: ignore[reportArgumentType]
+        aucs[defined] = roc_auc_score(onehot[:, defined], proba[:, defined], average=None)  # pyright: ignore[reportArgumentType]  # sklearn: untyped; None is documented
     notes = [AUC_ABSENT if n == 0 else AUC_ONLY_CLASS if n == len(y) else "" for n in n_positive]
     return aucs, notes
 
@@ -211,10 +209,9 @@ def per_class_table(y_true, proba, classes: Sequence[str]) -> pd.DataFrame:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # average=None: four per-class arrays (sklearn returns floats and None only when averaging).
-        # zero_division takes a number; pyright infers str from its default "warn".
         precision, recall, f1, support = cast(
             tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-            precision_recall_fscore_support(y, pred, labels=labels, zero_division=np.nan),  # pyright: ignore[reportArgumentType]
+            precision_recall_fscore_support(y, pred, labels=labels, zero_division=np.nan),  # pyright: ignore[reportArgumentType]  # sklearn: untyped; nan is documented
         )
     n_predicted = np.bincount(pred, minlength=len(classes))
     # A class seen and predicted nowhere has no F1 (sklearn would give its zero_division value).

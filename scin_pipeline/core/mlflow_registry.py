@@ -32,8 +32,7 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        # mlflow's annotation says str | Path, but it handles None (its unset state, restored here).
-        mlflow.set_tracking_uri(previous_uri)  # pyright: ignore[reportArgumentType]
+        mlflow.set_tracking_uri(previous_uri)  # pyright: ignore[reportArgumentType]  # mlflow handles None (unset), unlike its annotation
         if previous_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:

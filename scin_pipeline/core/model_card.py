@@ -134,8 +134,7 @@ def _bullets(mapping: Mapping, indent: int = 0) -> list[str]:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    # rendering.markdown_text_table's fmt is unannotated (inferred type[str]); it takes any value -> str.
-    return markdown_text_table(frame, _format)  # pyright: ignore[reportArgumentType]
+    return markdown_text_table(frame, _format)  # pyright: ignore[reportArgumentType]  # rendering's fmt is unannotated (inferred type[str])
 
 
 def _overall_with_intervals(metrics: Mapping[str, float], fairness_table: pd.DataFrame) -> pd.DataFrame:

@@ -156,8 +156,7 @@ def build_resnet50_backbone(
     # Rescaling(1.0) is the built-in cast uint8 -> float; float32 so preprocessing is exact (see module doc).
     x = layers.Rescaling(1.0, dtype="float32", name="to_float")(image)
     x = keras.applications.resnet50.preprocess_input(x)  # RGB -> BGR, minus the ImageNet channel means
-    # weights=None (random init; ours are loaded below) is documented; the unannotated default makes pyright infer str.
-    resnet = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x, pooling=None)  # pyright: ignore[reportArgumentType]
+    resnet = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x, pooling=None)  # pyright: ignore[reportArgumentType]  # Keras: untyped; None is documented
     pooled = [
         layers.GlobalAveragePooling2D(name=f"pool_{stage}")(resnet.get_layer(stage).output) for stage in pooled_stages
     ]

@@ -248,8 +248,7 @@ class ParquetTableIOManager(ConfigurableIOManager):
         merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         # Back to plain Python text with None for missing, as the unpartitioned tables hold it.
         for column in merged.columns[merged.dtypes == "string"]:
-            # pandas-stubs' Series.where leaves None out of `other`; pandas takes it (the missing value here).
-            merged[column] = merged[column].astype(object).where(merged[column].notna(), None)  # pyright: ignore[reportArgumentType]
+            merged[column] = merged[column].astype(object).where(merged[column].notna(), None)  # pyright: ignore[reportArgumentType]  # stubs omit None
         return merged
 
     @staticmethod
