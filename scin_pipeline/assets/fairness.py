@@ -31,7 +31,6 @@ from pydantic import Field
 from scin_pipeline.assets._metadata import metric_md, table_md
 from scin_pipeline.assets.evaluation import candidates_table
 from scin_pipeline.core.atomic import write_parquet_atomic, write_text_atomic
-from scin_pipeline.core.evaluation import case_level_predictions
 from scin_pipeline.core.rendering import png_data_uri_bytes
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
 
@@ -182,6 +181,7 @@ def fairness_report(
     scin_source: ScinSourceResource,
 ):
     from scin_pipeline.core import crossval, fairness
+    from scin_pipeline.core.evaluation import case_level_predictions
     from scin_pipeline.core.fairness_report import fairness_html, fairness_markdown, fairness_plots, plot_key
 
     candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)

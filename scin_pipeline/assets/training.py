@@ -39,7 +39,6 @@ from scin_pipeline.assets._metadata import table_md, versioned_output
 from scin_pipeline.core import image_cache
 from scin_pipeline.core.atomic import atomic_target
 from scin_pipeline.core.image_cache import split_arrays, split_rows
-from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
 from scin_pipeline.core.progress import Progress
 from scin_pipeline.core.rendering import png_data_uri_bytes
 from scin_pipeline.core.splits import splits_data_version
@@ -476,6 +475,7 @@ class CandidateRun:
         summary (history, best_epoch, best_score) to the run, register it, and tag the run with the model's
         URI, its version and ``tags``."""
         from scin_pipeline.core import plots
+        from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS
         from scin_pipeline.core.packaged_model import METADATA_KINDS, PackagedClassifier
 
         package = PackagedClassifier(
@@ -724,6 +724,7 @@ def _train_resnet50_transfer(candidate: CandidateRun) -> Trained:
 def _train_metadata_model(candidate: CandidateRun) -> Trained:
     from scin_pipeline.core import evaluation
     from scin_pipeline.core import metadata_model as core_model
+    from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
 
     config, inputs, classes = candidate.config, candidate.inputs, candidate.classes
     index = {c: i for i, c in enumerate(classes)}
@@ -764,6 +765,7 @@ def _train_multimodal(candidate: CandidateRun) -> Trained:
     import keras
 
     from scin_pipeline.core import models, training
+    from scin_pipeline.core.metadata_model import metadata_features
 
     image_embeddings = inputs["image_embeddings"]
     weights = backbone_weights(image_embeddings)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from scin_pipeline.core import near_duplicates
 from scin_pipeline.core.hamming import as_uint64_hashes, find_near_duplicate_pairs
@@ -100,6 +98,10 @@ def cluster_labels(n: int, pairs) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if edges.size and (edges.min() < 0 or edges.max() >= n):
         raise ValueError(f"pairs reference nodes outside 0..{n - 1}")
+    # scipy here, not at the top: the definitions import this module for its defaults and must stay light.
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     _, first_member = np.unique(component, return_index=True)  # first occurrence = smallest node index

@@ -29,7 +29,6 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 import pandas as pd
-import scipy.fft
 from PIL import Image
 
 from scin_pipeline.core.hamming import as_uint64_hashes, find_near_duplicate_pairs
@@ -75,6 +74,8 @@ def _gray_array(image) -> np.ndarray:
 
 def _phash_bits(pixels: np.ndarray) -> np.uint64:
     """pHash of a 32 x 32 array: 2-D DCT, the 8 x 8 lowest frequencies above their median, MSB first."""
+    import scipy.fft  # here, not at the top: importing the definitions must not pay scipy (cached after once)
+
     low = scipy.fft.dct(scipy.fft.dct(pixels, axis=0), axis=1)[:8, :8]
     return np.uint64(int.from_bytes(np.packbits((low > np.median(low)).ravel()).tobytes(), "big"))
 

@@ -54,16 +54,29 @@ from PIL import Image, ImageFilter, ImageStat
 
 from scin_pipeline.core import near_duplicates
 from scin_pipeline.core.imageio import DEFAULT_MAX_PIXELS, decode_image, pixel_limit_guard
-from scin_pipeline.core.schema import MISSING_GROUP, MONK_SKIN_TONE_HEX
+from scin_pipeline.core.schema import MISSING_GROUP
 
 
-def _hex_lightness(hex_colour: str) -> float:
+def hex_lightness(hex_colour: str) -> float:
+    """CIELAB L* (D65) of a ``#rrggbb`` colour, as OpenCV computes it (float32)."""
     rgb = np.array([[[int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)]]], np.float32) / 255.0
     return float(cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab)[0, 0, 0])
 
 
-# CIELAB L* (D65) of each swatch: 94.1, 92.1, 92.9, 87.5, 77.8, 55.1, 42.4, 30.6, 21.0, 14.6.
-MONK_SWATCH_LIGHTNESS = {tone: _hex_lightness(h) for tone, h in MONK_SKIN_TONE_HEX.items()}
+# CIELAB L* (D65) of each swatch: hex_lightness of MONK_SKIN_TONE_HEX, written out (a test recomputes them):
+# OpenCV's first call costs about 0.1 s of initialisation, which importing the definitions must not pay.
+MONK_SWATCH_LIGHTNESS = {
+    1: 94.061279296875,
+    2: 92.132568359375,
+    3: 92.9443359375,
+    4: 87.451171875,
+    5: 77.813720703125,
+    6: 55.133056640625,
+    7: 42.3828125,
+    8: 30.56640625,
+    9: 20.99609375,
+    10: 14.56298828125,
+}
 
 DECODE_FAILURE_REASONS = (
     "empty_file",

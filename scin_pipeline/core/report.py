@@ -21,15 +21,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from scin_pipeline.core import schema
 from scin_pipeline.core.atomic import write_text_atomic
 from scin_pipeline.core.rendering import format_cell, markdown_table, png_data_uri
 from scin_pipeline.core.schema import ATTRIBUTE_TITLES, MISSING_GROUP
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn: importing the definitions must not pay it
+    from matplotlib.figure import Figure
 
 SYNTHETIC_BANNER = "SYNTHETIC DATA: images in this run are synthetic; no number here describes real skin conditions"
 REPORT_MARKDOWN_FILE = "data_report.md"
@@ -428,6 +431,8 @@ def images_summary_table(
 
 def _new_figure(width: float, height: float) -> Figure:
     # Figure, not pyplot: no global figure registry, no GUI backend, thread-safe.
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(width, height), dpi=PLOT_DPI, layout="constrained")
 
 

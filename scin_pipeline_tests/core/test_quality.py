@@ -601,3 +601,10 @@ def test_binned_percentiles_agree_with_numpy_to_the_bin_width():
         atol=0.05,
     )
     assert np.isnan(binned_percentiles(values, (50,), lo=0, hi=100, step=0.05, mask=np.zeros_like(mask))).all()
+
+
+def test_the_written_out_swatch_lightness_is_what_opencv_computes():
+    from scin_pipeline.core.quality import hex_lightness
+    from scin_pipeline.core.schema import MONK_SKIN_TONE_HEX
+
+    assert MONK_SWATCH_LIGHTNESS == {tone: hex_lightness(h) for tone, h in MONK_SKIN_TONE_HEX.items()}
