@@ -35,6 +35,7 @@ from scin_pipeline.core.hamming import as_uint64_hashes, find_near_duplicate_pai
 
 # Centred crops hashed (fraction cut from each side); margin 0 is the whole frame.
 CROP_MARGINS = (0.0, 0.05, 0.10, 0.15)
+MIN_SIDE_PX = 8  # smaller images have no descriptor (the quality rule excludes them as too_small)
 HASH_LONG_SIDE = 128
 # The keypoint image: the grey working copy scaled to this long side, local contrast equalised (CLAHE), so
 # that faint marks on deep or pale skin still give corners; ORB keeps the strongest KEYPOINTS of them.
@@ -67,8 +68,10 @@ def _gray_array(image) -> np.ndarray:
         raise TypeError(f"image must be uint8, got dtype {arr.dtype}")
     if arr.ndim == 3 and arr.shape[2] == 3:
         arr = cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2GRAY)
-    if arr.ndim != 2 or min(arr.shape) < 8:
-        raise ValueError(f"image must be grey (h, w) or RGB (h, w, 3), at least 8 px a side; got shape {arr.shape}")
+    if arr.ndim != 2 or min(arr.shape) < MIN_SIDE_PX:
+        raise ValueError(
+            f"image must be grey (h, w) or RGB (h, w, 3), at least {MIN_SIDE_PX} px a side; got shape {arr.shape}"
+        )
     return np.ascontiguousarray(arr)
 
 

@@ -453,7 +453,9 @@ def image_metrics(
         "dhash256": str(imagehash.dhash(pil_gray, hash_size=16)),
         # Crop pHashes and ORB keypoints (bytes, ~5 KB): core.dedup's near-duplicate search, which survives
         # re-uploads (crops, rescaling, brightness, JPEG); see core.near_duplicates.
-        "near_duplicate_descriptor": near_duplicates.image_descriptor(gray),
+        "near_duplicate_descriptor": (
+            near_duplicates.image_descriptor(gray) if min(gray.shape[:2]) >= near_duplicates.MIN_SIDE_PX else None
+        ),
     }
 
 
