@@ -129,8 +129,13 @@ def quality_verdict(rgb: np.ndarray, config: QualityConfig = DEFAULT_QUALITY) ->
         issues.append(
             {
                 "issue": "low_information",
-                "detail": f"an almost uniform frame (grey-level entropy "
-                f"{metrics['entropy']:.2f} bits, under {config.low_information_entropy_min:g})",
+                "detail": (
+                    f"an almost uniform frame (grey-level entropy {metrics['entropy']:.2f} bits, "
+                    f"under {config.low_information_entropy_min:g})"
+                    if metrics["entropy"] < config.low_information_entropy_min
+                    else f"a nearly flat frame: no skin texture or lesion (structure {metrics['structure']:.2f} %, "
+                    f"under {config.low_information_structure_min:g} %)"
+                ),
             }
         )
     elif reason == "blurry":

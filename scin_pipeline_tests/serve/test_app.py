@@ -107,7 +107,11 @@ def test_a_jpeg_is_accepted_too(image_app):
     "picture, issue",
     [
         (np.full((96, 96, 3), 3, np.uint8), "dark"),
-        (np.repeat(np.repeat(np.linspace(60, 200, 96).astype(np.uint8)[None, :, None], 96, 0), 3, 2), "blurry"),
+        # a smooth gradient: shading without texture, i.e. a flat frame (a wall, a covered lens)
+        (
+            np.repeat(np.repeat(np.linspace(60, 200, 96).astype(np.uint8)[None, :, None], 96, 0), 3, 2),
+            "low_information",
+        ),
         ("small", "too_small"),
     ],
 )
