@@ -163,7 +163,7 @@ def test_weekly_schedule_requests_a_full_pipeline_run_on_mondays_at_three_utc():
 def test_a_scheduled_run_request_is_launchable_and_covers_every_shard(tmp_path):
     """The partition range tags of a schedule/sensor request let a job run all shards in one run
     (what the daemon launches); curation_job stands in for full_pipeline, which will also train."""
-    mirror = write_synthetic_mirror(tmp_path / "mirror", n_cases=20, seed=1, image_size=(64, 48), defect_rate=0.0)
+    mirror = write_synthetic_mirror(tmp_path / "mirror", n_cases=20, seed=1, image_size=(200, 150), defect_rate=0.0)
     data_root = tmp_path / "data"
     data = weekly_full_pipeline.evaluate_tick(
         build_schedule_context(scheduled_execution_time=datetime(2026, 1, 12, 3, tzinfo=UTC))
