@@ -101,7 +101,7 @@ def wait_for_epochs(client, proc: subprocess.Popen, count: int, timeout_s: float
 
 def test_a_training_killed_mid_fit_resumes_its_mlflow_run_from_the_last_finished_epoch(tmp_path):
     mirror = write_synthetic_mirror(
-        tmp_path / "mirror", n_cases=200, seed=11, image_size=(96, 72), defect_rate=0.0
+        tmp_path / "mirror", n_cases=200, seed=11, image_size=(160, 120), defect_rate=0.0
     ).root
     data_root = tmp_path / "data"
     upstream = run_pipeline(
