@@ -201,6 +201,20 @@ def calibration_mirror(cache: Path, workers: int) -> tuple[Path, object]:
     return mirror, plants
 
 
+def assessed_calibration_mirror(cache: Path, workers: int):
+    """The calibration mirror's quality assessments (one row per referenced file; a planted missing file
+    is assessed as missing) and its plants table."""
+    from scin_pipeline.core.quality import assess_images, assessments_frame
+
+    mirror, plants = calibration_mirror(cache, workers)
+    images = mirror / "dataset" / "images"
+    items = [
+        (i, None if planted == "missing" else str(images / f"{i}.png"))
+        for i, planted in plants[["image_id", "planted"]].itertuples(index=False)
+    ]
+    return assessments_frame(assess_images(items, workers=workers)), plants
+
+
 # ---- phases (each in a fresh child process) -------------------------------------------------------
 
 
@@ -402,19 +416,11 @@ def calibration_section(cache: Path, workers: int) -> None:
     from scin_pipeline.core.planted import planted_defect_scores
     from scin_pipeline.core.quality import (
         QualityConfig,
-        assess_images,
-        assessments_frame,
         decide_quality,
         exclusion_rates_by_monk_tone,
     )
 
-    mirror, plants = calibration_mirror(cache, workers)
-    images = mirror / "dataset" / "images"
-    items = [
-        (i, None if planted == "missing" else str(images / f"{i}.png"))
-        for i, planted in plants[["image_id", "planted"]].itertuples(index=False)
-    ]
-    frame = assessments_frame(assess_images(items, workers=workers))
+    frame, plants = assessed_calibration_mirror(cache, workers)
     tones = plants["monk_tone"]
     config = QualityConfig()
     decisions = decide_quality(frame, tones, config)
@@ -555,13 +561,7 @@ def margins_section(cache: Path, workers: int, labelled: Path | None) -> None:
         "(clean: kept by this threshold; catch: excluded by it). A margin near 1 is a threshold to re-tune.\n"
     )
     rows = []
-    mirror, plants = calibration_mirror(cache, workers)
-    images = mirror / "dataset" / "images"
-    items = [
-        (i, None if planted == "missing" else str(images / f"{i}.png"))
-        for i, planted in plants[["image_id", "planted"]].itertuples(index=False)
-    ]
-    frame = assessments_frame(assess_images(items, workers=workers))
+    frame, plants = assessed_calibration_mirror(cache, workers)
     rows += margin_rows("calibration mirror", frame, plants["planted"], plants["monk_tone"], config)
 
     table = write_set(cache / "flat_and_plain_skin", per_kind=20, workers=workers)

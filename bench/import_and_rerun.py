@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Each costs 0.1-1.2 s to import on the development machine (matplotlib 0.4 s, sklearn 1 s with scipy);
+# scin_pipeline_tests/test_import_cost.py forbids them in the definitions import.
 HEAVY = (
     "tensorflow",
     "keras",

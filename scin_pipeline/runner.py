@@ -368,14 +368,7 @@ def execute_in_code_location(job_name: str, instance, *, run_config: dict, tags:
         job_code_origin=job.get_python_origin(),
         repository_load_data=load_data,
     )
-    with warnings.catch_warnings():
-        # The assets return Output(value, data_version=DataVersion(...)) on purpose (content-based data
-        # versions); that parameter of Output.__init__ is beta in Dagster 1.13 and warns in each step. Silenced
-        # for this in-process run only (runs launched by the UI or the daemon execute in their own process).
-        warnings.filterwarnings(
-            "ignore", message=r"Parameter `data_version` of initializer `Output.__init__`", category=BetaWarning
-        )
-        return execute_run(job, run, instance)
+    return execute_run(job, run, instance)
 
 
 def _summarize(result) -> RunSummary:

@@ -13,22 +13,8 @@ import sys
 from pathlib import Path
 
 import scin_pipeline
+from bench.import_and_rerun import HEAVY  # one list: what the bench times, this test forbids
 
-# Each costs 0.1-1.2 s to import on the development machine (matplotlib 0.4 s, sklearn 1 s with scipy).
-HEAVY = (
-    "tensorflow",
-    "keras",
-    "jax",
-    "torch",
-    "mlflow",
-    "matplotlib",
-    "sklearn",
-    "scipy",
-    "cleanvision",
-    "fairlearn",
-    "imagededup",
-    "google.cloud.storage",
-)
 PROBE = f"""
 import json, sys
 import {{module}}

@@ -18,7 +18,6 @@ from dagster import (
     AssetExecutionContext,
     BackfillPolicy,
     Config,
-    DataVersion,
     MetadataValue,
     Output,
     StaticPartitionsDefinition,
@@ -27,7 +26,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from scin_pipeline.assets._metadata import image_md, table_md
+from scin_pipeline.assets._metadata import image_md, table_md, versioned_output
 from scin_pipeline.core import dedup, planted, quality, splits
 from scin_pipeline.core.atomic import write_parquet_atomic
 from scin_pipeline.core.contact_sheet import write_contact_sheet
@@ -418,9 +417,9 @@ def labeled_splits(
     presence = splits.class_presence(table, config.min_cases_per_split)
     version = splits.splits_data_version(table)
     counts = table.groupby("split", observed=True).agg(images=("image_id", "size"), cases=("case_id", "nunique"))
-    yield Output(
+    yield versioned_output(
         table,
-        data_version=DataVersion(version),
+        version,
         metadata={
             "data_version": version,
             "images_per_split": MetadataValue.json({str(k): int(v) for k, v in counts["images"].items()}),

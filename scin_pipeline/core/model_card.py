@@ -134,7 +134,7 @@ def _bullets(mapping: Mapping, indent: int = 0) -> list[str]:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return markdown_text_table(frame, _format)  # pyright: ignore[reportArgumentType]  # rendering's fmt is unannotated (inferred type[str])
+    return markdown_text_table(frame, _format)
 
 
 def _overall_with_intervals(metrics: Mapping[str, float], fairness_table: pd.DataFrame) -> pd.DataFrame:

@@ -8,6 +8,7 @@ import base64
 import html
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -52,7 +53,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def markdown_text_table(frame: pd.DataFrame, fmt=str) -> str:
+def markdown_text_table(frame: pd.DataFrame, fmt: Callable[[Any], str] = str) -> str:
     """A Markdown table whose cells are ``fmt(value)`` taken as text (pipes escaped); the caller's own
     formatting, unlike :func:`markdown_table`'s share-as-percentage rule."""
 
