@@ -19,6 +19,7 @@ from pathlib import Path
 from scin_pipeline.core.data_root import (
     DATA_ROOT_ENV,
     DEFAULT_SOURCE,
+    GCS_ACCESS_ENV,
     METADATA_DIR_ENV,
     SOURCE_ENV,
     DataRootLayout,
@@ -252,7 +253,8 @@ def user_run_config(files: list[str], set_values: list[str]) -> dict:
 def _execute(
     data_root: str, source: str, limit_cases: int | None, args: argparse.Namespace, run_config: dict | None = None
 ) -> int:
-    from scin_pipeline.core.sources import SourceUnreachable, open_source
+    from scin_pipeline.core.sources import SourceAccessDenied, SourceUnreachable
+    from scin_pipeline.resources import ScinSourceResource
     from scin_pipeline.runner import DataRootError, RunConfigError, merge_run_config, prepare_data_root, run_pipeline
     from scin_pipeline.selection import SelectionError
 
@@ -265,14 +267,24 @@ def _execute(
         prepare_data_root(data_root)
     except DataRootError as exc:
         return _fail(str(exc), EXIT_USAGE)
+    # The source as the run will open it (definitions.build_resources): credentials from $SCIN_GCS_*, then
+    # --set/--config (resources.scin_source.config) over them.
+    source_config = {
+        "location": source,
+        **{field: os.environ[name] for field, name in GCS_ACCESS_ENV.items() if name in os.environ},
+        **run_config.get("resources", {}).get("scin_source", {}).get("config", {}),
+    }
     try:
-        open_source(source).check_reachable(timeout_s=15)
+        ScinSourceResource(**source_config).open(timeout_s=15).check_reachable(timeout_s=15)
+    except ValueError as exc:  # pydantic's ValidationError and GcsAccess's rules alike
+        return _fail(f"resources.scin_source.config: {exc}", EXIT_USAGE)
     except SourceUnreachable as exc:
         hint = (
             "\nNo network to the SCIN bucket? Run the offline demo (bundled real metadata, SYNTHETIC "
             "images) instead:\n  make demo   (or: scin-pipeline demo --cases 300)"
         )
-        return _fail(f"{exc}{hint if source in ('gcs',) or source.startswith('gs://') else ''}", EXIT_UNREACHABLE)
+        offline_hint = (source == "gcs" or source.startswith("gs://")) and not isinstance(exc, SourceAccessDenied)
+        return _fail(f"{exc}{hint if offline_hint else ''}", EXIT_UNREACHABLE)
     log_level = {0: "CRITICAL", 1: "INFO"}.get(args.verbose, "DEBUG")
     try:
         summary = run_pipeline(

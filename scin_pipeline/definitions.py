@@ -1,9 +1,9 @@
 """The one Definitions object of the code location: assets, checks, resources, jobs, schedules, sensors.
 
-Deployment settings come from the environment only (SCIN_DATA_ROOT, SCIN_SOURCE, DAGSTER_HOME,
-MLFLOW_TRACKING_URI); everything else is Dagster config with defaults, overridable in the Launchpad.
-SCIN_DATA_ROOT and SCIN_SOURCE reach the resources as ``dagster.EnvVar`` (see :func:`env_or_default`);
-their names and defaults are owned by ``scin_pipeline.core.data_root``.
+Deployment settings come from the environment only (SCIN_DATA_ROOT, SCIN_SOURCE, the SCIN_GCS_* credentials,
+DAGSTER_HOME, MLFLOW_TRACKING_URI); everything else is Dagster config with defaults, overridable in the
+Launchpad. SCIN_DATA_ROOT, SCIN_SOURCE and SCIN_GCS_* reach the resources as ``dagster.EnvVar`` (see
+:func:`env_or_default`); their names and defaults are owned by ``scin_pipeline.core.data_root``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from dagster import Definitions, EnvVar
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
-from scin_pipeline.core.data_root import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, DEFAULT_SOURCE, SOURCE_ENV
+from scin_pipeline.core.data_root import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, DEFAULT_SOURCE, GCS_ACCESS_ENV, SOURCE_ENV
 
 # Jobs, the weekly schedule, the release sensor and failure alerts live in scin_pipeline.orchestration.
 from scin_pipeline.orchestration import ALL_JOBS, ALL_SCHEDULES, ALL_SENSORS, full_pipeline_job  # noqa: F401
@@ -37,10 +37,18 @@ def build_resources(data_root: str | None = None, source: str | None = None) -> 
     that same resource as a nested dependency, and it is configurable at launch (``data_root`` defaulting to
     ``data_root``, else $SCIN_DATA_ROOT, else ``data``), so run config or the Launchpad setting
     ``resources.storage.config.data_root`` once moves the tables, the caches and the MLflow store together.
-    ``source`` likewise defaults to $SCIN_SOURCE, else ``gcs``."""
+    ``source`` likewise defaults to $SCIN_SOURCE, else ``gcs``; the GCS credentials to $SCIN_GCS_AUTH,
+    $SCIN_GCS_SERVICE_ACCOUNT_KEY and $SCIN_GCS_USER_PROJECT, else anonymous."""
     storage = StoragePaths.configure_at_launch(data_root=data_root or env_or_default(DATA_ROOT_ENV, DEFAULT_DATA_ROOT))
+    # Unset variables leave the resource's own defaults (anonymous, no key, no billing project).
+    gcs = {field: EnvVar(name) for field, name in GCS_ACCESS_ENV.items() if name in os.environ}
     return {
-        "scin_source": ScinSourceResource(location=source or env_or_default(SOURCE_ENV, DEFAULT_SOURCE)),
+        "scin_source": ScinSourceResource(
+            location=source or env_or_default(SOURCE_ENV, DEFAULT_SOURCE),
+            auth=gcs.get("auth", "anonymous"),
+            service_account_key_file=gcs.get("service_account_key_file"),
+            user_project=gcs.get("user_project"),
+        ),
         "storage": storage,
         "io_manager": ParquetTableIOManager(storage=storage),
         # tracking_uri None: MLFLOW_TRACKING_URI, else SQLite under <data_root>/mlflow. The resource reads the

@@ -54,7 +54,6 @@ from scin_pipeline.core.sources import (
     SourceUnreachable,
     TransientSourceError,
     crc32c_b64,
-    open_source,
 )
 from scin_pipeline.resources import ScinSourceResource, StoragePaths
 
@@ -277,7 +276,7 @@ def scin_release_sensor(context: SensorEvaluationContext, scin_source: ScinSourc
     if context.cursor and previous is None:
         context.log.warning("scin_release_sensor: unreadable cursor, treating this tick as the first")
     try:
-        source = open_source(scin_source.location, timeout_s=SENSOR_SOURCE_TIMEOUT_S)
+        source = scin_source.open(timeout_s=SENSOR_SOURCE_TIMEOUT_S)
         source.check_reachable(timeout_s=SENSOR_SOURCE_TIMEOUT_S / 2)
         current = observe_release(source, previous)
     except _SOURCE_ERRORS as exc:

@@ -14,7 +14,12 @@ emulator lacks:
 - ``fail_next(path, status, times)`` / ``reset_next(path, times)``: answer the next downloads of an
   object with an HTTP error or a body cut off mid-way (connection closed);
 - ``downloads(path)``: how many times an object's bytes were requested, so tests can prove an object
-  was (or was never) downloaded.
+  was (or was never) downloaded;
+- ``requests_seen()``: every GET's path, query and Authorization header, so tests can prove what a
+  client sent (a requester-pays ``userProject``, a bearer token).
+
+:class:`FakeTokenEndpoint` and :func:`write_service_account_key` give a service-account key whose
+token exchange is answered on loopback, so credentialed clients are tested with no network.
 
 Run ``python -m scin_pipeline_tests.gcs_emulator --port-file F`` to serve from a separate process
 (the benchmark does, so the server's CPU and memory are not counted as the client's).
@@ -59,6 +64,11 @@ class _Faults:
         self._lock = threading.Lock()
         self._queued: dict[tuple[str, str], collections.deque] = collections.defaultdict(collections.deque)
         self.downloads: collections.Counter = collections.Counter()
+        self.seen: list[dict] = []
+
+    def record(self, request: dict) -> None:
+        with self._lock:
+            self.seen.append(request)
 
     def add(self, bucket: str, name: str, fault: tuple, times: int) -> None:
         with self._lock:
@@ -77,6 +87,13 @@ def _make_handler(storage, faults: _Faults):
     class FaultInjectingHandler(RequestHandler):
         def do_GET(self):
             parsed = urlparse(self.path)
+            faults.record(
+                {
+                    "path": parsed.path,
+                    "query": parse_qs(parsed.query),
+                    "authorization": self.headers.get("Authorization"),
+                }
+            )
             match = _MEDIA_URL.match(parsed.path)
             is_media = match and (
                 parsed.path.startswith("/download/") or parse_qs(parsed.query).get("alt") == ["media"]
@@ -209,6 +226,11 @@ class GcsEmulator:
         """Serve the next ``times`` downloads of ``path`` with half the body, then close the connection."""
         self._faults.add(self.bucket, path, ("reset", None), times)
 
+    def requests_seen(self) -> list[dict]:
+        """Every GET so far (listings, metadata, downloads): ``path``, ``query`` (parsed) and ``authorization``."""
+        with self._faults._lock:
+            return list(self._faults.seen)
+
     def downloads(self, path: str | None = None) -> int:
         """Download requests seen for ``path`` (faulted ones included), or for all objects."""
         if path is None:
@@ -230,6 +252,91 @@ def gcs_emulator(monkeypatch):
     finally:
         emulator.stop()
         emulator_logger.setLevel(previous_level)
+
+
+class FakeTokenEndpoint:
+    """An OAuth2 token endpoint on loopback for service-account keys (``token_uri`` in the key file).
+
+    Answers the JWT-bearer grant google-auth sends with a bearer token (``token-1``, ``token-2``, ...) and
+    keeps each grant's decoded JWT claims (``grants``); ``refuse(error)`` makes every later exchange fail
+    with HTTP 400 and that OAuth2 error, as Google's endpoint does for a deleted or disabled key.
+    """
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler
+
+        self.grants: list[dict] = []
+        self._refusal: str | None = None
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                form = parse_qs(self.rfile.read(length).decode())
+                endpoint.grants.append(_jwt_claims(form["assertion"][0]))
+                if endpoint._refusal is not None:
+                    status, body = 400, {"error": endpoint._refusal, "error_description": "refused by the test"}
+                else:
+                    status, body = 200, {"access_token": f"token-{len(endpoint.grants)}", "expires_in": 3600}
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format, *args):  # quiet: pytest shows stderr of a failing test
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.token_uri = f"http://127.0.0.1:{self._httpd.server_address[1]}/token"
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-token", daemon=True
+        )
+
+    def refuse(self, error: str = "invalid_grant") -> None:
+        self._refusal = error
+
+    def __enter__(self) -> FakeTokenEndpoint:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def _jwt_claims(assertion: str) -> dict:
+    import base64
+
+    payload = assertion.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def write_service_account_key(
+    path: Path, token_uri: str, email: str = "reader@scin-test.iam.gserviceaccount.com"
+) -> Path:
+    """A service-account JSON key with a fresh RSA key, exchanging tokens at ``token_uri``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    key = {
+        "type": "service_account",
+        "project_id": "scin-test",
+        "private_key_id": "test-key-1",
+        "private_key": pem,
+        "client_email": email,
+        "client_id": "1",
+        "token_uri": token_uri,
+    }
+    path.write_text(json.dumps(key))
+    return path
 
 
 def closed_loopback_port() -> int:

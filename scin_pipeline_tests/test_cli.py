@@ -35,6 +35,23 @@ def test_run_against_an_unreachable_bucket_says_so_and_points_at_the_demo(tmp_pa
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+def test_run_checks_the_source_with_the_configured_credentials(tmp_path, capsys, monkeypatch):
+    """The reachability check before a run opens the source as the run will: $SCIN_GCS_* and --set."""
+    monkeypatch.delenv("SCIN_GCS_AUTH", raising=False)
+    data_root = str(tmp_path / "data")
+    auth = "resources.scin_source.config.auth=service_account_key"
+    assert main(["run", "--source", "gcs", "--data-root", data_root, "--set", auth]) == EXIT_USAGE
+    assert "needs service_account_key_file" in capsys.readouterr().err
+
+    key = tmp_path / "absent-key.json"
+    monkeypatch.setenv("SCIN_GCS_AUTH", "service_account_key")
+    monkeypatch.setenv("SCIN_GCS_SERVICE_ACCOUNT_KEY", str(key))
+    assert main(["run", "--source", "gcs", "--data-root", data_root]) == EXIT_UNREACHABLE
+    err = capsys.readouterr().err
+    assert f"service-account key file {key} not found" in err
+    assert "scin-pipeline demo" not in err  # no network is not the problem: the offline hint would mislead
+
+
 def test_unwritable_data_root_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

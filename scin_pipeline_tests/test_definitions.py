@@ -14,7 +14,8 @@ import dagster
 import pytest
 from dagster import EnvVar
 
-from scin_pipeline.core.data_root import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, DEFAULT_SOURCE, SOURCE_ENV
+from scin_pipeline.core.data_root import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, DEFAULT_SOURCE, GCS_ACCESS_ENV, SOURCE_ENV
+from scin_pipeline.core.sources import GcsAccess
 from scin_pipeline.definitions import build_resources, defs
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "asset_graph.json"
@@ -86,3 +87,20 @@ def test_the_source_and_data_root_come_from_the_environment_through_envvar(monke
     # Explicit arguments (what the CLI's runner passes) win over the environment.
     with dagster.build_resources(build_resources(data_root=str(tmp_path), source="gs://elsewhere")) as resolved:
         assert (resolved.scin_source.location, resolved.storage.data_root) == ("gs://elsewhere", str(tmp_path))
+
+
+def test_gcs_credentials_of_a_deployment_come_from_the_environment(monkeypatch, tmp_path):
+    """SCIN_GCS_AUTH / _SERVICE_ACCOUNT_KEY / _USER_PROJECT reach scin_source as EnvVar; unset, anonymous."""
+    for name in GCS_ACCESS_ENV.values():
+        monkeypatch.delenv(name, raising=False)
+    with dagster.build_resources(build_resources(source="gcs")) as resolved:
+        assert resolved.scin_source.gcs_access() == GcsAccess()
+    monkeypatch.setenv(GCS_ACCESS_ENV["auth"], "service_account_key")
+    monkeypatch.setenv(GCS_ACCESS_ENV["service_account_key_file"], str(tmp_path / "key.json"))
+    monkeypatch.setenv(GCS_ACCESS_ENV["user_project"], "billing-9")
+    resources = build_resources(source="gcs")
+    assert resources["scin_source"].auth.env_var_name == GCS_ACCESS_ENV["auth"]
+    with dagster.build_resources(resources) as resolved:
+        assert resolved.scin_source.gcs_access() == GcsAccess(
+            "service_account_key", str(tmp_path / "key.json"), "billing-9"
+        )

@@ -263,6 +263,21 @@ def test_release_sensor_on_the_bucket_follows_object_generations(gcs_emulator):
     assert "generation" in republished.tags["scin/release_change"]
 
 
+def test_release_sensor_reads_with_the_resources_credentials(gcs_emulator, monkeypatch):
+    """The sensor opens the source as the resource says (here ADC and a requester-pays billing project)."""
+    from google.auth.credentials import AnonymousCredentials
+
+    gcs_emulator.upload(CASES_OBJECT, cases_csv().encode(), "text/csv")
+    gcs_emulator.upload(LABELS_OBJECT, labels_csv().encode(), "text/csv")
+    uploads = len(gcs_emulator.requests_seen())
+    monkeypatch.setattr("google.auth.default", lambda scopes=None, **kw: (AnonymousCredentials(), None))
+    resource = ScinSourceResource(location="gcs", auth="application_default", user_project="billing-3")
+    result = scin_release_sensor(build_sensor_context(resources={"scin_source": resource}))
+    assert isinstance(result, RunRequest)
+    seen = gcs_emulator.requests_seen()[uploads:]
+    assert seen and all(r["query"].get("userProject") == ["billing-3"] for r in seen)
+
+
 def test_release_sensor_skips_with_the_reason_when_the_source_is_unreachable(tmp_path, monkeypatch):
     absent = tmp_path / "no-such-mirror"
     result, cursor = tick(str(absent), None)

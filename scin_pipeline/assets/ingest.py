@@ -3,8 +3,9 @@
 Thin on purpose: every rule lives in scin_pipeline.core; these functions read, call, and describe.
 
 raw_metadata and image_files talk to the bucket, so they carry a retry policy; an error that no retry
-can heal (a local filesystem error, bad metadata content, an object the source does not have) raises
-``dagster.Failure(allow_retries=False)`` instead, so it fails at once rather than after a minute.
+can heal (a local filesystem error, bad metadata content, an object the source does not have, credentials
+the source refuses) raises ``dagster.Failure(allow_retries=False)`` instead, so it fails at once rather
+than after a minute.
 """
 
 import dataclasses
@@ -41,7 +42,7 @@ from scin_pipeline.core.fetch import FetchRequest, FetchResult, fetch_images
 from scin_pipeline.core.metadata import CASES_FILE, LABELS_FILE, parse_metadata, read_csv_bytes
 from scin_pipeline.core.paths import CASES_OBJECT, LABELS_OBJECT
 from scin_pipeline.core.raw import releases_in_csv, store_verbatim
-from scin_pipeline.core.sources import CorruptObject, ObjectMissing, TransientSourceError
+from scin_pipeline.core.sources import CorruptObject, ObjectMissing, SourceAccessDenied, TransientSourceError
 from scin_pipeline.resources import ScinSourceResource, StoragePaths
 from scin_pipeline.resources.storage import local_fs_failure
 
@@ -61,6 +62,12 @@ def retry_only_what_can_heal(asset_name: str) -> Iterator[None]:
     is not retried (local filesystem errors: see resources.storage.local_fs_failure)."""
     try:
         yield
+    except SourceAccessDenied as exc:
+        # A ConnectionError by kind (so in CAN_HEAL), but every retry would present the same credentials.
+        raise Failure(
+            description=f"{asset_name}: {exc} (not retried: a retry presents the same credentials)",
+            allow_retries=False,
+        ) from exc
     except (Failure, *CAN_HEAL):
         raise
     except Exception as exc:

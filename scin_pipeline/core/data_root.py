@@ -33,6 +33,13 @@ DATA_ROOT_ENV = "SCIN_DATA_ROOT"
 DEFAULT_DATA_ROOT = "data"
 SOURCE_ENV = "SCIN_SOURCE"  # 'gcs', 'gs://<bucket>' or a local mirror folder (ScinSourceResource.location)
 DEFAULT_SOURCE = "gcs"
+# GCS credentials of a deployment (ScinSourceResource.auth, .service_account_key_file, .user_project); unset,
+# the bucket is read anonymously. Keyed by the resource field each one sets.
+GCS_ACCESS_ENV = {
+    "auth": "SCIN_GCS_AUTH",  # anonymous | application_default | service_account_key
+    "service_account_key_file": "SCIN_GCS_SERVICE_ACCOUNT_KEY",  # path of a service-account JSON key
+    "user_project": "SCIN_GCS_USER_PROJECT",  # project billed for a requester-pays bucket
+}
 METADATA_DIR_ENV = "SCIN_METADATA_DIR"  # a folder with the real SCIN CSVs; the demo's default is the bundled copy
 
 

@@ -31,6 +31,7 @@ from scin_pipeline.core.sources import (
     ObjectInfo,
     ObjectMissing,
     ScinSource,
+    SourceAccessDenied,
     TransientSourceError,
     describe_mismatch,
     file_checksums,
@@ -323,6 +324,9 @@ class _RunState:
             ) from exc
         except UnsafeObjectPath as exc:
             raise _Unfetched(_result(image_id, object_path, "rejected", str(exc), attempts=attempt)) from exc
+        except SourceAccessDenied as exc:
+            # A ConnectionError by kind, but a retry presents the same identity: not transient.
+            raise _Unfetched(_result(image_id, object_path, "missing", str(exc), attempts=attempt)) from exc
         except _TRANSIENT_ERRORS as exc:
             if attempt == max_attempts:
                 raise _Unfetched(

@@ -5,10 +5,12 @@ which one it talks to. Every object path handed to a source is checked before it
 filesystem: image paths must pass :func:`scin_pipeline.core.paths.image_id_from_path`, and the only
 other objects that may be read are the metadata files, by exact name.
 
-Errors are mapped onto three kinds the caller can act on:
+Errors are mapped onto four kinds the caller can act on:
 
 - :class:`ObjectMissing`: the object is not in the source (do not retry).
 - :class:`SourceUnreachable`: the source cannot be talked to at all (network, DNS, wrong folder).
+- :class:`SourceAccessDenied` (a SourceUnreachable): HTTP 401/403, or credentials that cannot be loaded or
+  refreshed; the message names the credentials used (:class:`GcsAccess`) and what to try (do not retry).
 - :class:`TransientSourceError`: 429/5xx or a connection broken mid-transfer (retry with backoff).
 """
 
@@ -27,7 +29,7 @@ import stat as stat_module
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal, get_args
 
 import google_crc32c
 
@@ -80,6 +82,14 @@ class ObjectMissing(FileNotFoundError):
 
 class SourceUnreachable(ConnectionError):
     """The source cannot be talked to at all; the message says where and why."""
+
+
+class SourceAccessDenied(SourceUnreachable):
+    """The source refused the caller (HTTP 401/403) or the configured credentials could not be used.
+
+    A SourceUnreachable (every caller that stops on an unreachable source stops on this too), but never
+    retried: a retry presents the same identity again.
+    """
 
 
 class TransientSourceError(IOError):
@@ -249,6 +259,13 @@ def describe_network_error(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:300] + "..."
 
 
+def _is_network_error_chain(exc: BaseException) -> bool:
+    """Whether ``exc`` or anything it wraps is a network failure (a token refresh that never got an answer)."""
+    from google.auth.exceptions import TransportError
+
+    return any(_is_network_error(e) or isinstance(e, TransportError) for e in _exception_chain(exc))
+
+
 def _is_network_error(exc: BaseException) -> bool:
     import requests
     import urllib3
@@ -267,8 +284,137 @@ def _is_network_error(exc: BaseException) -> bool:
     )
 
 
+GcsAuth = Literal["anonymous", "application_default", "service_account_key"]
+GCS_AUTH_MODES: tuple[str, ...] = get_args(GcsAuth)
+# The pipeline only reads: a read-only token is all a leaked token could be used for.
+GCS_READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
+
+
+@dataclass(frozen=True)
+class GcsAccess:
+    """Who the GCS source reads as, and who pays for a requester-pays bucket.
+
+    - ``anonymous`` (the default): no credentials; the bucket must be public (the SCIN release is).
+    - ``application_default``: Google's Application Default Credentials, as ``google.auth.default`` finds
+      them (``GOOGLE_APPLICATION_CREDENTIALS``, ``gcloud auth application-default login``, a workload's
+      attached service account).
+    - ``service_account_key``: the service-account JSON key at ``service_account_key_file``.
+
+    ``user_project`` is the project billed for a requester-pays bucket (sent as ``userProject`` on every
+    request); billing needs an identity, so it is refused with ``anonymous``.
+    """
+
+    auth: str = "anonymous"
+    service_account_key_file: str | None = None
+    user_project: str | None = None
+
+    def __post_init__(self) -> None:
+        # Launchpad and environment values arrive as "" when cleared: the same as not set.
+        for name in ("service_account_key_file", "user_project"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                object.__setattr__(self, name, None)
+        if self.auth not in GCS_AUTH_MODES:
+            raise ValueError(f"GCS auth {self.auth!r} is not one of {', '.join(GCS_AUTH_MODES)}")
+        if self.auth == "service_account_key" and self.service_account_key_file is None:
+            raise ValueError("GCS auth 'service_account_key' needs service_account_key_file (the JSON key's path)")
+        if self.auth != "service_account_key" and self.service_account_key_file is not None:
+            raise ValueError(
+                f"service_account_key_file is set but GCS auth is {self.auth!r}: "
+                "set auth to 'service_account_key' to read with that key"
+            )
+        if self.auth == "anonymous" and self.user_project is not None:
+            raise ValueError(
+                f"user_project {self.user_project!r} (requester pays) needs an identity to bill: "
+                "set auth to 'application_default' or 'service_account_key'"
+            )
+
+    @property
+    def is_anonymous(self) -> bool:
+        return self.auth == "anonymous"
+
+    def describe(self) -> str:
+        """The credentials in words, as error messages and logs name them."""
+        who = {
+            "anonymous": "anonymous access",
+            "application_default": "Application Default Credentials",
+            "service_account_key": f"service-account key {self.service_account_key_file}",
+        }[self.auth]
+        return who + (f", billing project {self.user_project}" if self.user_project else "")
+
+    def denied_hint(self, code: int | None) -> str:
+        """What to try after HTTP ``code`` (401 or 403) with these credentials."""
+        if self.auth == "anonymous":
+            return (
+                "the bucket is read anonymously, so it must be public; for a private bucket set the "
+                "scin_source resource's auth to 'application_default' (after `gcloud auth application-default "
+                "login`) or to 'service_account_key' with service_account_key_file; for a requester-pays "
+                "bucket set user_project too"
+            )
+        who = (
+            "the Application Default Credentials' identity (`gcloud auth application-default print-access-token` "
+            "shows they load; `gcloud auth list` which account)"
+            if self.auth == "application_default"
+            else f"the service account in {self.service_account_key_file}"
+        )
+        if code == 401:
+            return (
+                f"the credentials were not accepted (expired, revoked or for another project): renew {who}, "
+                "e.g. rerun `gcloud auth application-default login` or issue a new key"
+            )
+        billing = (
+            f"; billing project {self.user_project} needs serviceusage.services.use granted to it"
+            if self.user_project
+            else "; if the bucket is requester pays, set user_project to a project to bill"
+        )
+        return f"grant {who} roles/storage.objectViewer (storage.objects.get and .list) on the bucket{billing}"
+
+
+def gcs_client(access: GcsAccess):
+    """A ``google.cloud.storage.Client`` reading as ``access`` says (nothing is sent until it is used).
+
+    Credentials that cannot be loaded raise :class:`SourceAccessDenied` naming what was tried; the
+    read-only scope is asked for, so a token minted here cannot write.
+    """
+    from google.cloud import storage
+
+    if access.auth == "anonymous":
+        return storage.Client.create_anonymous_client()
+    if access.auth == "application_default":
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            credentials, project = google.auth.default(scopes=[GCS_READ_ONLY_SCOPE])
+        except DefaultCredentialsError as exc:
+            raise SourceAccessDenied(
+                f"no Application Default Credentials found ({exc}); run `gcloud auth application-default "
+                "login`, set GOOGLE_APPLICATION_CREDENTIALS to a key file, or set the scin_source resource's "
+                "auth to 'service_account_key' with service_account_key_file"
+            ) from exc
+        # project=None would make the client look the project up again; "<none>" is its own "no project".
+        return storage.Client(project=project or "<none>", credentials=credentials)
+    from google.oauth2 import service_account
+
+    key_file = Path(str(access.service_account_key_file)).expanduser()
+    try:
+        credentials = service_account.Credentials.from_service_account_file(str(key_file), scopes=[GCS_READ_ONLY_SCOPE])
+    except FileNotFoundError as exc:
+        raise SourceAccessDenied(f"service-account key file {key_file} not found (service_account_key_file)") from exc
+    except IsADirectoryError as exc:
+        raise SourceAccessDenied(f"service-account key file {key_file} is a folder, not a JSON key") from exc
+    except PermissionError as exc:
+        raise SourceAccessDenied(f"service-account key file {key_file} is not readable: {exc.strerror}") from exc
+    except (ValueError, KeyError) as exc:  # json.JSONDecodeError and a missing field are ValueError / KeyError
+        raise SourceAccessDenied(
+            f"{key_file} is not a service-account JSON key ({type(exc).__name__}: {exc}); create one with "
+            "`gcloud iam service-accounts keys create`"
+        ) from exc
+    return storage.Client(project=credentials.project_id or "<none>", credentials=credentials)
+
+
 class GcsBucketSource(ScinSource):
-    """The public bucket, read with an anonymous client (no credentials needed or used).
+    """A GCS bucket (the public SCIN bucket by default), read as ``access`` says (anonymous by default).
 
     ``STORAGE_EMULATOR_HOST`` is honoured (google-cloud-storage reads it when the client is built), which
     is how the tests and the benchmark point this at a local gcp-storage-emulator.
@@ -278,7 +424,14 @@ class GcsBucketSource(ScinSource):
     # (timeout int, checksum str, retry Retry); the float timeouts and the None checksum / retry it
     # documents carry a targeted `pyright: ignore` ("untyped GCS parameter").
 
-    def __init__(self, bucket: str = BUCKET, timeout_s: float = 60.0, *, max_connections: int = 32):
+    def __init__(
+        self,
+        bucket: str = BUCKET,
+        timeout_s: float = 60.0,
+        *,
+        max_connections: int = 32,
+        access: GcsAccess | None = None,
+    ):
         from google.api_core.retry import Retry
         from google.cloud import storage
         from google.cloud.storage.retry import DEFAULT_RETRY
@@ -289,7 +442,8 @@ class GcsBucketSource(ScinSource):
         self.uri = f"gs://{bucket}"
         self.timeout_s = timeout_s
         self.emulator_host = os.environ.get("STORAGE_EMULATOR_HOST") or None
-        self._client = storage.Client.create_anonymous_client()
+        self.access = access or GcsAccess()
+        self._client: storage.Client = gcs_client(self.access)
         # The client's bucket metadata cache only decorates tracing spans, yet on first use it starts a
         # background GET of the bucket resource (403 for anonymous callers of a public bucket). Off.
         self._client._bucket_metadata_cache = None  # pyright: ignore[reportAttributeAccessIssue]  # private; GCS tests it for truth
@@ -300,7 +454,8 @@ class GcsBucketSource(ScinSource):
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max_connections)
         self._client._http.mount("https://", adapter)
         self._client._http.mount("http://", adapter)
-        self._bucket = self._client.bucket(bucket)
+        # user_project rides on the bucket: every request made through it (stat, list, download) carries it.
+        self._bucket = self._client.bucket(bucket, user_project=self.access.user_project)
         # Metadata calls retry 429/5xx/connection errors within the source's timeout; downloads are
         # retried by the caller (fetch) so one policy decides how long an image may take.
         self._metadata_retry: Retry = DEFAULT_RETRY.with_timeout(timeout_s)
@@ -308,9 +463,8 @@ class GcsBucketSource(ScinSource):
     # ---- error mapping -----------------------------------------------------------------------------
 
     def _where(self) -> str:
-        if self.emulator_host:
-            return f"{self.uri} (emulator at {self.emulator_host})"
-        return self.uri
+        where = f"{self.uri} (emulator at {self.emulator_host})" if self.emulator_host else self.uri
+        return where if self.access == GcsAccess() else f"{where} with {self.access.describe()}"
 
     def _map_error(self, exc: BaseException, path: str | None, *, during_transfer: bool) -> BaseException:
         from google.api_core import exceptions as api_exceptions
@@ -326,12 +480,20 @@ class GcsBucketSource(ScinSource):
             if code in _TRANSIENT_HTTP_STATUSES:
                 return TransientSourceError(f"{path or self.uri}: HTTP {code} from {self._where()}: {exc.message}")
             if code in (401, 403):
-                return SourceUnreachable(
-                    f"cannot reach {self._where()}: access denied (HTTP {code}) for {path or 'listing'}; "
-                    "the bucket is read anonymously and must be public"
+                return SourceAccessDenied(
+                    f"cannot reach {self.uri}: access denied (HTTP {code}: {exc.message}) for "
+                    f"{path or 'listing'}, reading with {self.access.describe()}; " + self.access.denied_hint(code)
                 )
             return exc  # another HTTP error: not ours to reinterpret
-        if _is_network_error(exc):
+        from google.auth.exceptions import RefreshError
+
+        if isinstance(exc, RefreshError) and not _is_network_error_chain(exc):
+            # A token could not be minted (revoked key, disabled account, bad token_uri answer).
+            return SourceAccessDenied(
+                f"cannot reach {self.uri}: the credentials could not be refreshed ({exc}), reading with "
+                f"{self.access.describe()}; " + self.access.denied_hint(401)
+            )
+        if _is_network_error(exc) or isinstance(exc, RefreshError):
             why = describe_network_error(exc)
             if during_transfer:
                 return TransientSourceError(f"{path}: {why} while downloading from {self._where()}")
@@ -372,7 +534,7 @@ class GcsBucketSource(ScinSource):
         listing: dict[str, ObjectInfo] = {}
         try:
             blobs = self._client.list_blobs(
-                self.bucket_name,
+                self._bucket,  # the bucket object, so user_project goes with the listing
                 prefix=prefix or None,
                 page_size=1000,  # the API maximum: one request per 1000 objects
                 fields="items(name,size,crc32c,md5Hash,generation,updated),nextPageToken",
@@ -429,7 +591,7 @@ class GcsBucketSource(ScinSource):
         try:
             # One tiny list call: works anonymously on a public bucket (a bucket GET does not).
             page = self._client.list_blobs(
-                self.bucket_name,
+                self._bucket,
                 prefix="dataset/",
                 max_results=1,
                 timeout=timeout_s,  # pyright: ignore[reportArgumentType]  # untyped GCS parameter
@@ -654,20 +816,31 @@ def write_mirror_manifest(root: str | Path) -> Path:
     return target
 
 
-def open_source(location: str, *, timeout_s: float = 60.0) -> ScinSource:
-    """ "gcs" or "gs://<bucket>" -> the bucket; anything else is a local mirror folder."""
+def open_source(location: str, *, timeout_s: float = 60.0, access: GcsAccess | None = None) -> ScinSource:
+    """ "gcs" or "gs://<bucket>" -> the bucket, read as ``access`` says (anonymous by default); anything
+    else is a local mirror folder, which takes no GCS credentials (given ones are an error, not ignored)."""
+    access = access or GcsAccess()
     if location == "gcs":
-        return GcsBucketSource(timeout_s=timeout_s)
+        return GcsBucketSource(timeout_s=timeout_s, access=access)
     if location.startswith("gs://"):
         bucket = location[len("gs://") :].rstrip("/")
         if not bucket or "/" in bucket:
             raise ValueError(f"expected gs://<bucket> with no object path, got {location!r}")
-        return GcsBucketSource(bucket, timeout_s=timeout_s)
+        return GcsBucketSource(bucket, timeout_s=timeout_s, access=access)
+    if access != GcsAccess():
+        raise ValueError(
+            f"GCS credentials ({access.describe()}) are set but the source {location!r} is a local folder; "
+            "credentials apply to 'gcs' and gs://<bucket> sources only"
+        )
     return LocalMirrorSource(location)
 
 
 __all__ = [
     "CorruptObject",
+    "GCS_AUTH_MODES",
+    "GCS_READ_ONLY_SCOPE",
+    "GcsAccess",
+    "GcsAuth",
     "GcsBucketSource",
     "LocalMirrorSource",
     "MIRROR_MANIFEST",
@@ -676,6 +849,7 @@ __all__ = [
     "ObjectMissing",
     "SYNTHETIC_MARKER",
     "ScinSource",
+    "SourceAccessDenied",
     "SourceUnreachable",
     "TransientSourceError",
     "check_object_path",
@@ -683,6 +857,7 @@ __all__ = [
     "describe_mismatch",
     "describe_network_error",
     "file_checksums",
+    "gcs_client",
     "open_source",
     "write_mirror_manifest",
 ]
