@@ -267,7 +267,9 @@ def case_level_predictions(predictions: pd.DataFrame, split: str = "test") -> pd
 def figure_png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     FigureCanvasAgg(figure)
-    figure.savefig(buffer, format="png", dpi=PLOT_DPI)
+    # The figures are sized to their contents; "tight" is the safety net that keeps any artist that still
+    # reaches past the canvas (a long model name in a title) inside the PNG instead of cut off.
+    figure.savefig(buffer, format="png", dpi=PLOT_DPI, bbox_inches="tight", pad_inches=0.1)
     return buffer.getvalue()
 
 

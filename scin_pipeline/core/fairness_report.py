@@ -34,26 +34,47 @@ def plot_key(attribute: str, metric: str) -> str:
     return f"{attribute}.{metric}"
 
 
-def fairness_plot_png(table: pd.DataFrame, attribute: str, metric: str) -> bytes:
+# Inches per group on the x axis, and the least width that holds the title and the two-column legend.
+_INCHES_PER_GROUP = 0.75
+_MIN_PLOT_WIDTH = 7.0
+
+
+def fairness_plot_figure(table: pd.DataFrame, attribute: str, metric: str) -> Figure:
     """Point and interval per group of ``attribute`` on ``metric``; overall value as a line with its
-    interval as a band; insufficient-data groups grey, the worst group red; n under each group."""
+    interval as a band; insufficient-data groups grey, the worst group red; n under each group.
+
+    The figure is sized from the number of groups (every tick label has its room) and the legend sits
+    under the axes, outside the points, with constrained layout reserving its space: nothing is drawn
+    outside the canvas whatever the number of groups (tested on the renderer's extents)."""
     rows = table[(table["attribute"] == attribute) & (table["metric"] == metric)].reset_index(drop=True)
     if rows.empty:
         raise ValueError(f"the fairness table has no rows for {attribute!r} / {metric!r}")
     overall = table[(table["attribute"] == OVERALL) & (table["metric"] == metric)]
-    figure = Figure(figsize=(max(5.0, 0.7 * len(rows) + 2.5), 4.2))
+    rotated = len(rows) > 6
+    width = max(_MIN_PLOT_WIDTH, _INCHES_PER_GROUP * len(rows) + 2.5)
+    figure = Figure(figsize=(width, 5.2 if rotated else 4.8), layout="constrained")
     ax = figure.add_subplot()
+    level = float(rows["ci_level"].iloc[0]) if "ci_level" in rows else 0.95
+    handles = []
     if not overall.empty:
         o = overall.iloc[0]
-        ax.axhline(o["value"], color="#4c72b0", lw=1, ls="--", label=f"overall {o['value']:.3f}")
+        handles.append(ax.axhline(o["value"], color="#4c72b0", lw=1, ls="--", label=f"overall {o['value']:.3f}"))
         if np.isfinite(o["ci_low"]) and np.isfinite(o["ci_high"]):
-            ax.axhspan(o["ci_low"], o["ci_high"], color="#4c72b0", alpha=0.12, lw=0)
-    for i, row in rows.iterrows():
-        colour = "#aaaaaa" if row["insufficient_data"] else ("#c44e52" if row["worst"] else "#222222")
+            band = f"overall's {level:.0%} interval"
+            handles.append(ax.axhspan(o["ci_low"], o["ci_high"], color="#4c72b0", alpha=0.12, lw=0, label=band))
+    styles = {
+        "group": ("#222222", f"group estimate, {level:.0%} bootstrap (or Wilson) interval"),
+        "insufficient": ("#aaaaaa", "insufficient data (too few cases to judge)"),
+        "worst": ("#c44e52", "worst judged group"),
+    }
+    shown: set[str] = set()
+    for i, (_, row) in enumerate(rows.iterrows()):
+        style = "insufficient" if row["insufficient_data"] else ("worst" if row["worst"] else "group")
+        colour, label = styles[style]
         low = row["value"] - row["ci_low"] if np.isfinite(row["ci_low"]) else 0.0
         high = row["ci_high"] - row["value"] if np.isfinite(row["ci_high"]) else 0.0
         if np.isfinite(row["value"]):
-            ax.errorbar(
+            handle = ax.errorbar(
                 [i],
                 [row["value"]],
                 yerr=[[max(low, 0.0)], [max(high, 0.0)]],
@@ -62,27 +83,30 @@ def fairness_plot_png(table: pd.DataFrame, attribute: str, metric: str) -> bytes
                 ecolor=colour,
                 capsize=3,
                 ms=5,
+                label=label,
             )
+            if style not in shown:
+                handles.append(handle)
+                shown.add(style)
     ax.set_xticks(
         range(len(rows)),
         [f"{g}\nn={n:,}" for g, n in zip(rows["group"], rows["n"])],
-        rotation=45 if len(rows) > 6 else 0,
-        ha="right" if len(rows) > 6 else "center",
+        rotation=45 if rotated else 0,
+        ha="right" if rotated else "center",
         fontsize=8,
     )
+    ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel(metric)
     model = str(table["model"].iloc[0]) if len(table) else ""
-    level = float(rows["ci_level"].iloc[0]) if "ci_level" in rows else 0.95
-    ax.set_title(
-        f"{model}: {metric} by {ATTRIBUTE_TITLES.get(attribute, attribute)}\n"
-        f"points: estimate; bars: {level:.0%} bootstrap (or Wilson) interval; "
-        "grey: insufficient data; red: worst",
-        fontsize=9,
-    )
-    ax.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    return figure_png(figure)
+    ax.set_title(f"{model}: {metric} by {ATTRIBUTE_TITLES.get(attribute, attribute)}", fontsize=10, wrap=True)
+    figure.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return figure
+
+
+def fairness_plot_png(table: pd.DataFrame, attribute: str, metric: str) -> bytes:
+    """:func:`fairness_plot_figure` as PNG bytes."""
+    return figure_png(fairness_plot_figure(table, attribute, metric))
 
 
 def fairness_plots(table: pd.DataFrame, metrics: Sequence[str] = ("balanced_accuracy",)) -> dict[str, bytes]:
@@ -106,11 +130,10 @@ def group_metrics_wide(table: pd.DataFrame, attribute: str) -> pd.DataFrame:
     rows = table[table["attribute"] == attribute]
     out = []
     for group, part in rows.groupby("group", sort=False):
-        by_metric = part.set_index("metric")
+        estimates = part[["value", "ci_low", "ci_high"]].to_numpy(dtype="float64")
+        cells = {str(m): _cell(*map(float, e)) for m, e in zip(part["metric"], estimates)}
         record = {"group": group, "n": f"{int(part['n'].iloc[0]):,}"}
-        for metric in [m for m in FAIRNESS_METRICS if m in by_metric.index]:
-            r = by_metric.loc[metric]
-            record[metric] = _cell(r["value"], r["ci_low"], r["ci_high"])
+        record.update({metric: cells[metric] for metric in FAIRNESS_METRICS if metric in cells})
         notes = []
         if bool(part["insufficient_data"].iloc[0]):
             notes.append("insufficient data")

@@ -15,6 +15,7 @@ from scin_pipeline.core.fairness_report import (
     SYNTHETIC_BANNER,
     fairness_html,
     fairness_markdown,
+    fairness_plot_figure,
     fairness_plot_png,
     fairness_plots,
 )
@@ -69,3 +70,50 @@ def test_fairness_plot_png(report_inputs):
         assert image.size[0] >= 500
     with pytest.raises(ValueError, match="no rows"):
         fairness_plot_png(table, "shoe_size", "accuracy")
+
+
+def artists_outside_canvas(figure) -> list[str]:
+    """What reaches past the figure's canvas once drawn: each axes' title, the legends, and each axes with
+    everything drawn on it (tick labels, axis labels)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    figure.draw_without_rendering()  # runs the layout engine, as saving does
+    renderer = figure.canvas.get_renderer()  # pyright: ignore[reportAttributeAccessIssue]  # Agg's canvas
+    canvas = figure.bbox
+    boxes = [(f"legend {i}", legend.get_window_extent(renderer)) for i, legend in enumerate(figure.legends)]
+    for ax in figure.axes:
+        boxes += [(f"title {ax.get_title()!r}", ax.title.get_window_extent(renderer))]
+        boxes += [(f"axes {ax.get_title()!r} with its labels", ax.get_tightbbox(renderer))]
+    return [
+        name
+        for name, box in boxes
+        if box is None
+        or box.x0 < canvas.x0 - 0.5
+        or box.y0 < canvas.y0 - 0.5
+        or box.x1 > canvas.x1 + 0.5
+        or box.y1 > canvas.y1 + 0.5
+    ]
+
+
+@pytest.mark.parametrize("model", ["multimodal", "resnet50_transfer_with_a_long_candidate_name"])
+def test_a_five_group_fairness_plot_keeps_title_legend_and_labels_on_its_canvas(report_inputs, model):
+    table, _ = report_inputs
+    table = table.assign(model=model)
+    assert table[table["attribute"] == "monk_skin_tone_us"]["group"].nunique() == 5
+    figure = fairness_plot_figure(table, "monk_skin_tone_us", "balanced_accuracy")
+    assert figure.legends, "the plot explains its colours in a legend"
+    assert artists_outside_canvas(figure) == []
+    assert model in figure.axes[0].get_title()
+
+
+def test_a_many_group_fairness_plot_grows_with_its_groups(report_inputs):
+    rng = np.random.default_rng(3)
+    y, proba = model_output(660, 4, signal=2.0, rng=rng)
+    tones = pd.DataFrame({"monk_skin_tone_us": [str(1 + i % 10) if i % 11 else "missing" for i in range(660)]})
+    table = fairness_table("multimodal", y, proba, list("abcd"), tones, n_bootstrap=10, min_group_n=30)
+    five, eleven = (
+        fairness_plot_figure(t, "monk_skin_tone_us", "balanced_accuracy") for t in (report_inputs[0], table)
+    )
+    assert eleven.get_figwidth() > five.get_figwidth()
+    assert artists_outside_canvas(eleven) == []
