@@ -40,10 +40,12 @@ ui: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
 
-# Lint and format check (ruff, configured in pyproject.toml); .ci/run runs it before the tests.
+# Lint, format and type check (ruff and pyright, both configured in pyproject.toml); .ci/run runs it before
+# the tests.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
 
 # The tests that need no end-to-end run of the graph (about a minute): for the edit-test loop.
 test-fast: $(STAMP)

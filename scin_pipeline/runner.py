@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from dagster import BetaWarning, DagsterInstance, Definitions
+from dagster import AssetsDefinition, BetaWarning, DagsterInstance, Definitions
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
 from scin_pipeline.core.atomic import describe_os_error
@@ -153,7 +153,7 @@ def stale_asset_keys(root: Path, source: str) -> list:
     stale = []
     for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
         node = graph.get(key)
-        partitions = node.partitions_def.get_partition_keys() if node.is_partitioned else [None]
+        partitions = node.partitions_def.get_partition_keys() if node.partitions_def is not None else [None]
         if any(resolver.get_status(key, p) != StaleStatus.FRESH for p in partitions):
             stale.append(key)
     return stale
@@ -309,8 +309,10 @@ def _execute_job(
         # Config for an op outside the selection is an error to Dagster; callers (the demo, a --config
         # file) pass one config for the whole graph, so drop the entries of the graph's unselected ops.
         # A name that is no op of the graph stays, for validation to report.
-        selected = {d.node_def.name for d in ALL_ASSETS if set(d.keys) & keys}
-        every = {d.node_def.name for d in ALL_ASSETS}
+        # load_assets_from_modules types its result as every kind of definition; this package makes assets only
+        defined = [d for d in ALL_ASSETS if isinstance(d, AssetsDefinition)]
+        selected = {d.node_def.name for d in defined if set(d.keys) & keys}
+        every = {d.node_def.name for d in defined}
         config["ops"] = {name: value for name, value in config["ops"].items() if name in selected or name not in every}
     job_name = job_covering(graph, keys)
     validate_job_run_config(job_name, config, keys)

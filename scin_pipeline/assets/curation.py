@@ -115,7 +115,7 @@ def image_quality(
     files = image_files[image_files["image_id"].notna()].copy()
     files["shard"] = files["image_id"].map(lambda i: splits.stable_shard(str(i), N_QUALITY_SHARDS))
     files = files[files["shard"].isin(keys)]
-    items = ((str(r.image_id), r.local_path if r.status == "ok" else None) for r in files.itertuples())
+    items = ((str(r.image_id), str(r.local_path) if r.status == "ok" else None) for r in files.itertuples())
     workers = config.workers or os.cpu_count() or 1
     started = time.perf_counter()
     progress = Progress(

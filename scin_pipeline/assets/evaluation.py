@@ -101,12 +101,12 @@ def model_evaluation(
     data = {split: split_arrays(labeled_splits, image_tensors, cache_dir, split, classes) for split in EVALUATED_SPLITS}
     tables, predictions, metadata = [], [], {}
     for candidate in candidates.itertuples():
-        package = PackagedClassifier.load(candidate.package_dir)
+        package = PackagedClassifier.load(str(candidate.package_dir))
         if list(package.classes) != classes:
             raise ValueError(f"{candidate.model}: trained on classes {package.classes}, splits have {classes}")
         for split, (rows, images, y) in data.items():
             proba = predict_split(package, rows, images, cases)
-            table = evaluation.evaluation_table(candidate.model, y, proba, classes).assign(split=split)
+            table = evaluation.evaluation_table(str(candidate.model), y, proba, classes).assign(split=split)
             tables.append(table)
             predictions.append(
                 rows[["image_id", "case_id", "label"]].assign(
@@ -124,10 +124,9 @@ def model_evaluation(
             )
             write_bytes_atomic(confusion, out_dir / f"confusion_{candidate.model}.png")
             overall = table[table["class"].isna() | (table["class"] == "")]
-            with mlflow.log_to_run(candidate.mlflow_run_id) as run:
-                run.log_metrics(
-                    {f"test_{r.metric}": float(r.value) for r in overall.itertuples() if np.isfinite(r.value)}
-                )
+            overall_values = overall.set_index("metric")["value"].astype(float)
+            with mlflow.log_to_run(str(candidate.mlflow_run_id)) as run:
+                run.log_metrics({f"test_{m}": float(v) for m, v in overall_values.items() if np.isfinite(v)})
                 run.log_figure_png(confusion, "evaluation/confusion_test.png")
                 run.log_table(table, "evaluation/test_metrics.csv")
             metadata[f"confusion_{candidate.model}"] = MetadataValue.md(

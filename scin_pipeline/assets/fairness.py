@@ -123,7 +123,7 @@ def cross_validated_predictions(
             "n_folds": config.n_folds,
             "cases_scored": len(result),
             "monk_us_7_10_scored": int(deep.sum()),
-            "fold_sizes": MetadataValue.json({int(k): int(v) for k, v in zip(*np.unique(folds, return_counts=True))}),
+            "fold_sizes": MetadataValue.json({str(k): int(v) for k, v in zip(*np.unique(folds, return_counts=True))}),
         },
     )
 
@@ -192,12 +192,13 @@ def fairness_report(
     tables, gates, metadata, estimates = [], {}, {}, []
     oof = cross_validated_predictions
     for candidate in candidates.itertuples():
-        part = per_case[per_case["model"] == candidate.model].reset_index(drop=True)
+        model = str(candidate.model)
+        part = per_case[per_case["model"] == model].reset_index(drop=True)
         case_rows = part[["case_id"]].merge(cases, on="case_id", how="left")
         sensitive = fairness.sensitive_features(case_rows).reset_index(drop=True)
         proba = part[[f"p_{i}" for i in range(len(classes))]].to_numpy()
         table = fairness.fairness_table(
-            candidate.model,
+            model,
             part["y_true"].to_numpy(),
             proba,
             classes,
@@ -207,7 +208,7 @@ def fairness_report(
             seed=config.seed,
         )
         gate_table, source = table, "test split (one row per case; not cross-validated)"
-        cv_rows = oof[oof["model"] == candidate.model].reset_index(drop=True) if len(oof) else oof
+        cv_rows = oof[oof["model"] == model].reset_index(drop=True) if len(oof) else oof
         if len(cv_rows):
             # The gate judges out-of-fold estimates over train+val; the test table stays the report.
             cv_cases = (
@@ -216,7 +217,7 @@ def fairness_report(
                 .merge(cases.assign(case_id=cases["case_id"].astype(str)), on="case_id", how="left")
             )
             gate_table = fairness.fairness_table(
-                candidate.model,
+                model,
                 cv_rows["y_true"].to_numpy(),
                 cv_rows[[f"p_{i}" for i in range(len(classes))]].to_numpy(),
                 classes,
@@ -237,11 +238,11 @@ def fairness_report(
             source=source,
         )
         plots = fairness_plots(table, metrics=(config.gate_metric,))
-        html = fairness_html(table, gate, plots, model=candidate.model, synthetic=synthetic)
-        markdown = fairness_markdown(table, gate, model=candidate.model, synthetic=synthetic)
-        write_text_atomic(html, out_dir / f"{candidate.model}.html")
-        write_text_atomic(markdown, out_dir / f"{candidate.model}.md")
-        with mlflow.log_to_run(candidate.mlflow_run_id) as run:
+        html = fairness_html(table, gate, plots, model=model, synthetic=synthetic)
+        markdown = fairness_markdown(table, gate, model=model, synthetic=synthetic)
+        write_text_atomic(html, out_dir / f"{model}.html")
+        write_text_atomic(markdown, out_dir / f"{model}.md")
+        with mlflow.log_to_run(str(candidate.mlflow_run_id)) as run:
             run.log_text(html, "fairness/fairness_report.html")
             run.log_text(markdown, "fairness/fairness_report.md")
             run.log_table(table, "fairness/fairness_table.csv")
@@ -253,12 +254,10 @@ def fairness_report(
                 }
             )
         tables.append(table)
-        gates[candidate.model] = gate
+        gates[model] = gate
         monk = plot_key("monk_us_bin", config.gate_metric)
         if monk in plots:
-            metadata[f"{candidate.model}_monk_us_bin"] = MetadataValue.md(
-                f"![{candidate.model}]({png_data_uri_bytes(plots[monk])})"
-            )
+            metadata[f"{model}_monk_us_bin"] = MetadataValue.md(f"![{model}]({png_data_uri_bytes(plots[monk])})")
     result = pd.concat(tables, ignore_index=True)
     gate_rows = pd.DataFrame(
         [
@@ -368,13 +367,13 @@ def model_card(
     name = str(champion["model"])
     table = fairness_report[fairness_report["model"] == name]
     # The gate as fairness_report decided it (read, never recomputed).
-    gate = GateResult.from_dict(json.loads(fairness_gates.set_index("model").loc[name, "gate"]))
+    gate = GateResult.from_dict(json.loads(str(fairness_gates.set_index("model").loc[name, "gate"])))
     overall = model_evaluation[
         (model_evaluation["model"] == name)
         & (model_evaluation["split"] == "test")
         & ((model_evaluation["class"] == "") | model_evaluation["class"].isna())
     ]
-    metrics = {r.metric: float(r.value) for r in overall.itertuples()}
+    metrics = {str(m): float(v) for m, v in overall.set_index("metric")["value"].items()}
     exclusions = quality_filtered_index if "reason" in quality_filtered_index else pd.DataFrame()
     counts = labeled_splits.groupby("split", observed=True)["case_id"].nunique().to_dict()
     data_summary = {

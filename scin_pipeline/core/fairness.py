@@ -187,21 +187,6 @@ _BOOTSTRAP_CELLS = 2_000_000
 # ------------------------------------------------------------------------------ sensitive features
 
 
-def _group_name(value) -> str:
-    if value is None or (np.isscalar(value) and pd.isna(value)) or value is pd.NA:
-        return MISSING_GROUP
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    text = str(value).strip()
-    return text if text else MISSING_GROUP
-
-
-def _groups(values: pd.Series) -> pd.Series:
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        values = values.astype(object)
-    return values.map(_group_name).astype(object)
-
-
 def _source_column(cases: pd.DataFrame, attribute: str) -> str:
     for column in SOURCE_COLUMNS[attribute]:
         if column in cases.columns:
@@ -234,7 +219,7 @@ def _monk(cases: pd.DataFrame, attribute: str, monk_bins) -> tuple[pd.Series, pd
         raise ValueError(
             f"cases column {column!r}, row {row}: Monk skin tone {cases[column].loc[row]} is not an integer 1-10"
         )
-    tone_groups = _groups(tones)
+    tone_groups = schema.group_labels(tones)
     lookup = {str(t): _bin_label(low, high) for low, high in monk_bins for t in range(low, high + 1)}
     return tone_groups, tone_groups.map(lambda g: lookup.get(g, MISSING_GROUP)).astype(object)
 
@@ -299,8 +284,8 @@ def sensitive_features(
     _check_monk_bins(monk_bins)
     us, us_bin = _monk(cases, "monk_skin_tone_us", monk_bins)
     india, india_bin = _monk(cases, "monk_skin_tone_india", monk_bins)
-    fst_derm = _groups(cases[_source_column(cases, "fst_dermatologist")])
-    fst_self = _groups(cases[_source_column(cases, "fst_self_reported")])
+    fst_derm = schema.group_labels(cases[_source_column(cases, "fst_dermatologist")])
+    fst_self = schema.group_labels(cases[_source_column(cases, "fst_self_reported")])
     columns = {
         "monk_skin_tone_us": us,
         "monk_us_bin": us_bin,
@@ -311,8 +296,8 @@ def sensitive_features(
         "fst_self_reported": fst_self,
         "fst_self_reported_bin": fst_self.map(fst_bin).astype(object),
         "race_ethnicity": _race(cases),
-        "sex_at_birth": _groups(cases[_source_column(cases, "sex_at_birth")]),
-        "age_group": _groups(cases[_source_column(cases, "age_group")]),
+        "sex_at_birth": schema.group_labels(cases[_source_column(cases, "sex_at_birth")]),
+        "age_group": schema.group_labels(cases[_source_column(cases, "age_group")]),
     }
     return pd.DataFrame(columns, index=cases.index)[ATTRIBUTES]
 
@@ -498,6 +483,14 @@ def metric_interval(
     return low, high, n_valid, CI_BOOTSTRAP
 
 
+def _group_row(by_group: pd.Series | pd.DataFrame, group: str) -> pd.Series:
+    """One group's metrics from MetricFrame.by_group: a frame (several metrics) with one row per group."""
+    row = by_group.loc[group] if isinstance(by_group, pd.DataFrame) else None
+    if not isinstance(row, pd.Series):
+        raise ValueError(f"the per-group metrics do not hold exactly one row of metrics for group {group!r}")
+    return row
+
+
 def fairness_table(
     model: str,
     y_true,
@@ -556,12 +549,14 @@ def fairness_table(
             )
 
     everyone = np.full(len(y), OVERALL, dtype=object)
-    add_group(OVERALL, OVERALL, np.arange(len(y)), _metric_frame(y, pred, p, everyone, OVERALL).by_group.loc[OVERALL])
+    add_group(
+        OVERALL, OVERALL, np.arange(len(y)), _group_row(_metric_frame(y, pred, p, everyone, OVERALL).by_group, OVERALL)
+    )
     for attribute in sensitive.columns:
-        groups = _groups(sensitive[attribute].reset_index(drop=True)).to_numpy()
+        groups = schema.group_labels(sensitive[attribute].reset_index(drop=True)).to_numpy()
         by_group = _metric_frame(y, pred, p, groups, str(attribute)).by_group
         for group in group_order(str(attribute), by_group.index):
-            add_group(str(attribute), group, np.flatnonzero(groups == group), by_group.loc[group])
+            add_group(str(attribute), group, np.flatnonzero(groups == group), _group_row(by_group, group))
 
     table = pd.DataFrame.from_records(records)
     overall = table[table["attribute"] == OVERALL].set_index("metric")["value"]
@@ -667,7 +662,9 @@ class GateResult:
                 return clean(value.item())
             return value
 
-        return clean(asdict(self))
+        cleaned = clean(asdict(self))
+        assert isinstance(cleaned, dict)  # asdict gives a dict, and clean keeps a dict a dict
+        return cleaned
 
     @classmethod
     def from_dict(cls, record: dict) -> GateResult:
@@ -790,7 +787,7 @@ def fairness_gate(
             continue  # an unanswered question is reported, never required to be judged
         coarse = bin_of(estimate.attribute, estimate.group, monk_bins=monk_bins) if fallback else None
         bin_row = by_key.get(coarse) if coarse is not None else None
-        if bin_row is not None and not small(bin_row) and np.isfinite(float(bin_row["value"])):
+        if coarse is not None and bin_row is not None and not small(bin_row) and np.isfinite(float(bin_row["value"])):
             judged[coarse] = _estimate(bin_row)
             fallbacks.append(
                 {

@@ -79,7 +79,7 @@ def _phash_bits(pixels: np.ndarray) -> np.uint64:
     """pHash of a 32 x 32 array: 2-D DCT, the 8 x 8 lowest frequencies above their median, MSB first."""
     import scipy.fft  # here, not at the top: importing the definitions must not pay scipy (cached after once)
 
-    low = scipy.fft.dct(scipy.fft.dct(pixels, axis=0), axis=1)[:8, :8]
+    low = np.asarray(scipy.fft.dct(scipy.fft.dct(pixels, axis=0), axis=1))[:8, :8]
     return np.uint64(int.from_bytes(np.packbits((low > np.median(low)).ravel()).tobytes(), "big"))
 
 
@@ -121,7 +121,7 @@ def keypoint_descriptor(image) -> bytes:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     gray = cv2.createCLAHE(clipLimit=_CLAHE_CLIP, tileGridSize=_CLAHE_TILES).apply(gray)
-    keypoints, descriptors = cv2.ORB_create(**_ORB).detectAndCompute(gray, None)
+    keypoints, descriptors = cv2.ORB.create(**_ORB).detectAndCompute(gray, None)
     if not keypoints or descriptors is None:
         return b""
     long_side = float(max(gray.shape))
@@ -130,7 +130,7 @@ def keypoint_descriptor(image) -> bytes:
     return coords.tobytes() + np.ascontiguousarray(descriptors, dtype=np.uint8).tobytes()
 
 
-def decode_keypoints(blob: bytes | None) -> tuple[np.ndarray, np.ndarray]:
+def decode_keypoints(blob: bytes | bytearray | memoryview | None) -> tuple[np.ndarray, np.ndarray]:
     """(n x 2 float32 coordinates, n x 32 uint8 descriptors) from :func:`keypoint_descriptor`'s bytes."""
     if blob is None or (isinstance(blob, float) and np.isnan(blob)):
         raise ValueError("keypoints missing: an image without a descriptor cannot be verified")
@@ -248,8 +248,8 @@ def candidate_pairs(hashes, max_distance: int = DEFAULT_MAX_CROP_PHASH_DISTANCE)
     pairs = pd.DataFrame(
         {"i": np.minimum(i, j)[keep], "j": np.maximum(i, j)[keep], "crop_phash_distance": found["distance"][keep]}
     )
-    pairs = pairs.groupby(["i", "j"], sort=True, as_index=False)["crop_phash_distance"].min()
-    return pairs.astype({"i": np.int64, "j": np.int64, "crop_phash_distance": np.int16})
+    pairs = pairs.groupby(["i", "j"], sort=True)["crop_phash_distance"].min().reset_index()
+    return pairs.astype({"i": "int64", "j": "int64", "crop_phash_distance": "int16"})
 
 
 def verify_pairs(keypoints: Sequence, pairs: pd.DataFrame) -> np.ndarray:

@@ -480,7 +480,7 @@ def _cleanvision_image_scores(perc_99, perc_5, entropy, blurriness, gray_std, as
 
 
 def _failed_row(image_id: str, status: str, reason: str | None, decoded=None) -> dict:
-    row = {col: np.nan for col in METRIC_COLUMNS}
+    row: dict[str, object] = {col: np.nan for col in METRIC_COLUMNS}
     row.update(
         image_id=image_id,
         decode_status=status,
@@ -510,6 +510,8 @@ def assess_image(image_id: str, path: str | os.PathLike | None, config: QualityC
     decoded = decode_image(path, max_pixels=config.max_pixels, min_long_side=config.working_long_side)
     if not decoded.ok:
         return _failed_row(image_id, decoded.status, decoded.reason, decoded)
+    # ok means decoded: the pixels and their size are set (DecodedImage keeps them optional for failures)
+    assert decoded.rgb is not None and decoded.width is not None and decoded.height is not None
     try:
         metrics = image_metrics(
             decoded.rgb,
@@ -751,7 +753,7 @@ def decide_quality(
     reason[dark & ~visible] = "dark"
     reason[low_information & reason.isna()] = "low_information"
     reason[blurry & reason.isna()] = "blurry"
-    reason = reason.where(reason.notna(), None)  # pandas turns the unset entries into NaN; kept means None
+    reason = reason.where(reason.notna(), None)  # pyright: ignore[reportArgumentType]  # pandas-stubs omit None as `other`; pandas turns the unset entries into NaN; kept means None
     return pd.DataFrame(
         {
             "image_id": metrics["image_id"],

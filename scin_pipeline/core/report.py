@@ -148,25 +148,6 @@ def _shares(counts, population: int) -> np.ndarray:
     return counts / population if population else np.full(len(counts), np.nan)
 
 
-def _group_labels(values: pd.Series) -> pd.Series:
-    """Each value as its group name (string); missing values become ``"missing"``.
-
-    Integer-valued columns (Monk tones, stored as Int8) give "1".."10", not "1.0".
-    """
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        values = values.astype(object)
-    return values.map(_group_name).astype(object)
-
-
-def _group_name(value) -> str:
-    if value is None or (np.isscalar(value) and pd.isna(value)):
-        return MISSING_GROUP
-    # A tone read as float (a hand-built or NaN-holding column) is still tone "3", not "3.0".
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def _group_order(column: str, labels: pd.Series) -> list[str]:
     """Natural order: the column's known vocabulary (every known group, even at 0), then values outside
     it (most frequent first, then by name), then "missing" (always shown, even at 0, so a table's shape
@@ -230,7 +211,7 @@ def representation_table(cases: pd.DataFrame) -> pd.DataFrame:
             )
             continue
         column = SINGLE_VALUED_ATTRIBUTES[attribute]
-        labels = _group_labels(cases[column])
+        labels = schema.group_labels(cases[column])
         order = _group_order(column, labels)
         n_cases = labels.value_counts().reindex(order, fill_value=0)
         n_labelled = labels[labelled].value_counts().reindex(order, fill_value=0)
@@ -307,7 +288,7 @@ def label_coverage_table(cases: pd.DataFrame) -> pd.DataFrame:
     the labelled ones."""
     _require_columns(cases, ["has_label", "label_status", "n_label_graders"], "cases")
     total = len(cases)
-    status = _group_labels(cases["label_status"])
+    status = schema.group_labels(cases["label_status"])
     status_order = LABEL_STATUS_ORDER + sorted(set(status) - set(LABEL_STATUS_ORDER) - {MISSING_GROUP})
     if (status == MISSING_GROUP).any():
         status_order.append(MISSING_GROUP)
@@ -350,7 +331,7 @@ def _n_missing(series: pd.Series) -> int:
     # None/NaN/NA only. An empty list is an answer ("no label"), not a missing value, and a check box
     # left unticked is False, not missing: both are counted as present.
     if series.dtype == object:
-        return int(sum(1 for v in series if v is None or (np.isscalar(v) and pd.isna(v))))
+        return int(sum(1 for v in series if schema.is_missing(v)))
     return int(series.isna().sum())
 
 
@@ -402,7 +383,7 @@ def images_summary_table(
                 f"cases with exactly {n_refs} image reference(s)",
             )
         )
-    shots = _group_labels(images["shot_type"])
+    shots = schema.group_labels(images["shot_type"])
     shot_order = schema.SHOT_TYPE_VALUES + sorted(set(shots) - set(schema.SHOT_TYPE_VALUES) - {MISSING_GROUP})
     for shot in shot_order + [MISSING_GROUP]:
         rows.append(

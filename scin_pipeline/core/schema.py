@@ -6,6 +6,11 @@ them is kept (the categorical grows to hold it) and flagged, never dropped: a ne
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
 RACE_COLUMNS = [
     "race_ethnicity_american_indian_or_alaska_native",
     "race_ethnicity_asian",
@@ -182,6 +187,32 @@ MISSING_GROUP = "missing"
 MULTIPLE_GROUP = "multiple"
 # The block over all rows, beside the per-group ones: its attribute and its group name.
 OVERALL = "overall"
+
+
+def is_missing(value: Any) -> bool:
+    """None, NaN, NaT or pd.NA: an absent answer. An empty list ("no label") and an unticked box (False) are
+    answers, not missing values."""
+    return value is None or value is pd.NA or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+
+def group_name(value: Any) -> str:
+    """A value as the reports' group name: missing (and blank text) is MISSING_GROUP; a tone read as float (a
+    hand-built or NaN-holding column) is still tone "3", not "3.0"."""
+    if is_missing(value):
+        return MISSING_GROUP
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return text if text else MISSING_GROUP
+
+
+def group_labels(values: pd.Series) -> pd.Series:
+    """Each value of a column as its group name (object dtype); Int8 Monk tones give "1".."10"."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        values = values.astype(object)
+    return values.map(group_name).astype(object)
+
+
 # Sensitive attributes as the reports title them.
 ATTRIBUTE_TITLES = {
     "monk_skin_tone_us": "Monk skin tone (US lay graders)",

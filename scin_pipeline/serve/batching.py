@@ -65,8 +65,11 @@ def stack_cases(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 def predict_rows(served: ServedModel, rows: list[_Row]) -> np.ndarray:
     """(len(rows), K) probabilities of ``rows`` in one ``predict_proba`` call."""
-    images = np.concatenate([row.images for row in rows]) if served.uses_image else None
-    assert images is None or all(row.images is not None for row in rows)
+    images = None
+    if served.uses_image:
+        parts = [row.images for row in rows if row.images is not None]
+        assert len(parts) == len(rows)  # an image model's request always carries its image
+        images = np.concatenate(parts)
     return served.predict_proba(images, stack_cases([row.cases for row in rows]))
 
 
@@ -193,7 +196,7 @@ class Batchers:
     ends once idle)."""
 
     def __init__(self, *, max_batch_size: int, max_batch_wait_ms: float, max_queued: int) -> None:
-        self.options = dict(max_batch_size=max_batch_size, max_batch_wait_ms=max_batch_wait_ms, max_queued=max_queued)
+        self.max_batch_size, self.max_batch_wait_ms, self.max_queued = max_batch_size, max_batch_wait_ms, max_queued
         self._by_model: dict[int, MicroBatcher] = {}
         self._lock = threading.Lock()
 
@@ -201,7 +204,12 @@ class Batchers:
         with self._lock:
             batcher = self._by_model.get(id(served))
             if batcher is None or batcher.served is not served:
-                batcher = MicroBatcher(served, **self.options)
+                batcher = MicroBatcher(
+                    served,
+                    max_batch_size=self.max_batch_size,
+                    max_batch_wait_ms=self.max_batch_wait_ms,
+                    max_queued=self.max_queued,
+                )
                 for key, other in list(self._by_model.items()):
                     if not other.running:
                         del self._by_model[key]
