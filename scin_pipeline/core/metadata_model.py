@@ -48,6 +48,10 @@ ORDINAL_SCALES: dict[str, list[str]] = {
     "fitzpatrick_skin_type": schema.FST_VALUES,
 }
 CATEGORICAL_COLUMNS = ["age_group", "sex_at_birth", "condition_duration", "fitzpatrick_skin_type", "related_category"]
+# The raw case columns metadata_features reads: the questionnaire a contributor answers (check boxes, True
+# when ticked; single choices, a schema.ENUM_VALUES value). The logged model's input signature declares them.
+QUESTIONNAIRE_FLAG_COLUMNS: list[str] = [flag for flags in FLAG_GROUPS.values() for flag in flags]
+QUESTIONNAIRE_CHOICE_COLUMNS: list[str] = list(CATEGORICAL_COLUMNS)
 
 
 def _feature_columns() -> list[str]:

@@ -20,14 +20,21 @@ Decisions:
   ``metadata_features`` that training used; the package stores the column list it was trained on, and a
   package whose columns the current code no longer produces fails loudly, naming the columns.
 - ``model.joblib`` is a pickle: load packages only from our own store (the MLflow artifact store is one).
-- The pyfunc wrapper gets no ``code_paths``: the ``scin_pipeline`` package is installed in every
-  environment that serves the model (the pipeline's own venv and the serving image), and shipping a copy
-  of it inside each model would let a served model silently run stale preprocessing code. For the same
-  reason ``pip_requirements`` are the pinned versions of the libraries installed here (this also skips
-  MLflow's requirement inference, which loads the model in a subprocess: seconds per logged model).
-- The input signature is left open (only outputs are declared): MLflow's schema enforcement drops every
-  column the signature does not name and rejects 0/1 integers in a boolean column, while the case metadata
-  columns are many and optional. The expected inputs are recorded in the model's ``metadata`` instead.
+- A logged model is self-contained (``core.model_environment``): its ``code/`` folder holds the
+  ``scin_pipeline`` modules the pyfunc imports (MLflow ``code_paths``; the package is not on PyPI) and its
+  pip requirements pin every library those modules import, so ``mlflow models serve`` or a fresh
+  environment loads it without this repository. A process that has already imported ``scin_pipeline``
+  (the pipeline, ``scin-pipeline serve``) keeps its installed code; elsewhere the model's copy runs, i.e.
+  the preprocessing it was logged with. Pinning the requirements ourselves also skips MLflow's requirement
+  inference, which loads the model in a subprocess (seconds per logged model).
+- The input signature is the same for every kind, so a client needs no change when the champion changes
+  kind: ``image`` (binary: the image file's bytes; base64 in a JSON request), required by the Keras kinds
+  and optional for the metadata model, and the questionnaire columns that ``metadata_features`` reads
+  (``core.metadata_model.QUESTIONNAIRE_*``), all optional: check boxes as booleans (``true``/``false``;
+  MLflow refuses 0/1 integers in a boolean column), single choices as strings. Absent columns read as
+  unanswered; columns the signature does not name are dropped by MLflow before ``predict``. Outputs: one
+  double per class. Every model carries an ``input_example`` (a SYNTHETIC 64 px picture and a few answers),
+  which MLflow checks by predicting on it when the model is logged.
 
 ``mlflow.pyfunc`` is imported at module level because ``ScinClassifierPyfunc`` must subclass its
 ``PythonModel`` (and be pickled by reference to this module); Keras, TensorFlow and joblib are imported only
@@ -41,9 +48,8 @@ import binascii
 import importlib
 import json
 import os
-import warnings
+import sys
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -64,20 +70,6 @@ PACKAGE_FORMAT = "scin-packaged-classifier"
 PACKAGE_FORMAT_VERSION = 1
 IMAGE_COLUMN = "image"
 SUM_TOLERANCE = 1e-3
-# Libraries the pyfunc needs at serving time, pinned to the versions installed here (those not installed
-# are left out). scin-pipeline itself is not on PyPI: it is installed in the serving environment.
-SERVING_DISTRIBUTIONS = (
-    "mlflow",
-    "numpy",
-    "pandas",
-    "scikit-learn",
-    "keras",
-    "tensorflow-cpu",
-    "tensorflow",
-    "jax",
-    "pillow",
-    "opencv-python-headless",
-)
 
 
 @dataclass
@@ -364,23 +356,50 @@ class ScinClassifierPyfunc(PythonModel):
         return np.stack(decoded)
 
 
-def serving_requirements() -> list[str]:
-    """``name==version`` of the serving libraries installed here (see SERVING_DISTRIBUTIONS)."""
-    requirements = []
-    for name in SERVING_DISTRIBUTIONS:
-        try:
-            requirements.append(f"{name}=={importlib_metadata.version(name)}")
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    return requirements
-
-
-def output_signature(classes: list[str]):
-    """Outputs only: one double column per class (see the module docstring for why inputs stay open)."""
+def model_signature(kind: str, classes: list[str]):
+    """Inputs: ``image`` (binary; required by the Keras kinds) and the optional questionnaire columns;
+    outputs: one double per class (the module docstring says why every kind has the same inputs)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    return ModelSignature(inputs=None, outputs=Schema([ColSpec("double", c) for c in classes]))
+    from scin_pipeline.core.metadata_model import QUESTIONNAIRE_CHOICE_COLUMNS, QUESTIONNAIRE_FLAG_COLUMNS
+
+    inputs = [ColSpec("binary", IMAGE_COLUMN, required=kind in KERAS_KINDS)]
+    inputs += [ColSpec("boolean", column, required=False) for column in QUESTIONNAIRE_FLAG_COLUMNS]
+    inputs += [ColSpec("string", column, required=False) for column in QUESTIONNAIRE_CHOICE_COLUMNS]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("double", c) for c in classes]))
+
+
+def example_png(size: int = 64) -> bytes:
+    """A SYNTHETIC picture for the input example: a skin-coloured square with a darker round patch."""
+    import io
+
+    import PIL.Image
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    patch = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (size / 4) ** 2
+    pixels = np.empty((size, size, 3), np.uint8)
+    pixels[:] = (224, 172, 140)
+    pixels[patch] = (170, 90, 80)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def input_example() -> pd.DataFrame:
+    """One request row: a SYNTHETIC picture and a few questionnaire answers (the rest unanswered)."""
+    from scin_pipeline.core import schema
+    from scin_pipeline.core.metadata_model import QUESTIONNAIRE_FLAG_COLUMNS
+
+    itch = next(c for c in QUESTIONNAIRE_FLAG_COLUMNS if c.endswith("itching"))
+    return pd.DataFrame(
+        {
+            IMAGE_COLUMN: [example_png()],
+            itch: [True],
+            "age_group": [schema.ENUM_VALUES["age_group"][1]],
+            "sex_at_birth": [schema.ENUM_VALUES["sex_at_birth"][0]],
+        }
+    )
 
 
 def log_packaged_model(
@@ -388,49 +407,53 @@ def log_packaged_model(
     *,
     name: str = "model",
     registered_model_name: str | None = None,
-    input_example: pd.DataFrame | None = None,
     tags: dict | None = None,
 ):
-    """Log the package as an MLflow pyfunc model in the active run; returns MLflow's ``ModelInfo``.
+    """Log the package as a self-contained MLflow pyfunc model in the active run (code, pinned
+    requirements, signature and input example: module docstring); returns MLflow's ``ModelInfo``.
 
     Uses the fluent API: call it inside an active run on the intended tracking URI (``MlflowTracking``'s
     ``TrackedRun.log_model`` does). ``registered_model_name`` registers it through MLflow's fluent registry.
     """
+    import tempfile
+
+    from scin_pipeline.core import model_environment
+
     package_dir = Path(package_dir).expanduser().resolve()
     spec = read_spec(package_dir)
     model_inputs = {}
     if spec["kind"] in KERAS_KINDS:
         model_inputs["image"] = "raw image file bytes (or base64 text), one per row"
     if spec["kind"] in METADATA_KINDS:
-        model_inputs["case metadata"] = "optional raw case columns (scin_pipeline.core.schema); absent = unanswered"
-    with warnings.catch_warnings():
-        # The input side of the signature is left open on purpose (module docstring): no input example.
-        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-        return _log_pyfunc(
-            package_dir,
-            spec,
-            model_inputs,
+        model_inputs["case metadata"] = "optional questionnaire columns (see the signature); absent = unanswered"
+    keras_backend = None
+    if spec["kind"] in KERAS_KINDS:
+        import keras
+
+        keras_backend = keras.backend.backend()
+    roots = [model_environment.PYFUNC_MODULE, *(spec.get("keras_modules") or [])]
+    modules, third_party = model_environment.module_closure(roots)
+    path_before = list(sys.path)
+    with tempfile.TemporaryDirectory(prefix="scin-model-code-") as staging:
+        info = mlflow.pyfunc.log_model(
             name=name,
+            python_model=ScinClassifierPyfunc(),
+            artifacts={"package": str(package_dir)},
+            code_paths=[str(model_environment.stage_code(modules, Path(staging)))],
+            signature=model_signature(spec["kind"], spec["classes"]),
+            input_example=input_example(),
+            pip_requirements=model_environment.pinned_requirements(third_party, keras_backend=keras_backend),
             registered_model_name=registered_model_name,
-            input_example=input_example,
+            metadata={
+                "scin_model_kind": spec["kind"],
+                "scin_classes": spec["classes"],
+                "scin_image_size": spec.get("image_size"),
+                "scin_inputs": model_inputs,
+                "scin_code_modules": modules,
+            },
             tags=tags,
         )
-
-
-def _log_pyfunc(package_dir: Path, spec: dict, model_inputs: dict, *, name, registered_model_name, input_example, tags):
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=ScinClassifierPyfunc(),
-        artifacts={"package": str(package_dir)},
-        signature=output_signature(spec["classes"]),
-        input_example=input_example,
-        pip_requirements=serving_requirements(),
-        registered_model_name=registered_model_name,
-        metadata={
-            "scin_model_kind": spec["kind"],
-            "scin_classes": spec["classes"],
-            "scin_image_size": spec.get("image_size"),
-            "scin_inputs": model_inputs,
-        },
-        tags=tags,
-    )
+    # MLflow checks the input example by loading the model, which puts the model's code/ folder (a
+    # temporary one, gone now) first on sys.path: logging a model must leave the process as it found it.
+    sys.path[:] = [entry for entry in sys.path if entry in path_before]
+    return info

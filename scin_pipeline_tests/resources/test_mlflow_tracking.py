@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from dagster import AssetExecutionContext, asset, materialize
 from sklearn.linear_model import LogisticRegression
 
 from scin_pipeline.core import schema
+from scin_pipeline.core.image_cache import preprocess_image_bytes
 from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
 from scin_pipeline.core.packaged_model import PackagedClassifier
 from scin_pipeline.resources import StoragePaths
@@ -413,23 +415,43 @@ def test_clearing_the_champion_removes_the_alias_and_keeps_the_reason(tracking, 
         tracking.clear_champion(reason="  ")
 
 
+# The child makes the installed scin_pipeline unreachable before it imports anything of ours: it drops every
+# import finder that can find the package (the editable install's finder maps it to the repository) and every
+# sys.path entry that holds it, and checks that nothing finds it any more. What it then imports can only come
+# from a model's code/ folder, which MLflow puts first on sys.path when it loads the model.
 FRESH_PROCESS = textwrap.dedent("""
-    import json, sys
+    import importlib.util, json, sys
+    from importlib.machinery import PathFinder
+    from pathlib import Path
+
+    def finds_package(finder):
+        try:
+            return finder.find_spec("scin_pipeline", None) is not None
+        except Exception:
+            return False
+
+    sys.meta_path = [f for f in sys.meta_path if f is PathFinder or not finds_package(f)]
+    sys.path = [p for p in sys.path if not (Path(p or ".") / "scin_pipeline").exists()]
+    assert importlib.util.find_spec("scin_pipeline") is None, "the installed package is still importable"
+
     import mlflow.pyfunc
     import pandas as pd
-    from scin_pipeline.core import schema
     out = {}
-    cases = pd.DataFrame({"age_group": schema.ENUM_VALUES["age_group"][:3], "sex_at_birth": ["MALE", None, "FEMALE"]})
     metadata_model = mlflow.pyfunc.load_model(sys.argv[1])
-    out["metadata"] = metadata_model.predict(cases).to_dict(orient="split")
+    out["metadata"] = metadata_model.predict(pd.DataFrame(json.loads(sys.argv[3]))).to_dict(orient="split")
     images = [bytes.fromhex(h) for h in json.loads(sys.argv[2])]
     champion = mlflow.pyfunc.load_model("models:/scin-condition-classifier@champion")
     out["champion"] = champion.predict(pd.DataFrame({"image": images})).to_dict(orient="split")
+    import scin_pipeline.core.packaged_model as loaded
+    out["code"] = [m.__file__ for name, m in sys.modules.items() if name.startswith("scin_pipeline")]
+    out["pyfunc_file"] = loaded.__file__
     print("RESULT" + json.dumps(out))
 """)
 
 
-def test_the_champion_predicts_from_a_fresh_process(tracking, tmp_path):
+@pytest.fixture
+def registered_champion(tracking, tmp_path) -> dict[str, str]:
+    """A metadata model and an image model registered, the image model champion: their version numbers."""
     with tracking.training_run(
         run_key="key-metadata", run_name="metadata", tags=tags_for("metadata"), params={}
     ) as run:
@@ -437,22 +459,38 @@ def test_the_champion_predicts_from_a_fresh_process(tracking, tmp_path):
     with tracking.training_run(run_key="key-image", run_name="image", tags=tags_for("image"), params={}) as run:
         _, image_version = run.log_model(keras_image_package(tmp_path / "image_pkg"))
     tracking.set_champion(image_version, reason="synthetic test: the image model")
+    assert metadata_version and image_version
+    return {"metadata": metadata_version, "image": image_version}
 
+
+def outside_the_repository_env(tracking: MlflowTracking) -> dict[str, str]:
+    """This environment without PYTHONPATH, pointed at the test's store, with the venv's scripts on PATH
+    (MLflow's scoring server execs `uvicorn` by name, as it would in an activated environment)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = tracking.resolved_tracking_uri()
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def test_the_champion_loads_and_predicts_outside_the_repository_from_its_logged_code(
+    tracking, tmp_path, registered_champion
+):
     images = [synthetic_png(seed) for seed in range(2)]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.resolved_tracking_uri()}
+    cases = {"age_group": schema.ENUM_VALUES["age_group"][:3], "sex_at_birth": ["MALE", None, "FEMALE"]}
     child = subprocess.run(
         [
             sys.executable,
             "-c",
             FRESH_PROCESS,
-            f"models:/scin-condition-classifier/{metadata_version}",
+            f"models:/scin-condition-classifier/{registered_champion['metadata']}",
             json.dumps([image.hex() for image in images]),
+            json.dumps(cases),
         ],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=tmp_path,
-        env=env,
+        env=outside_the_repository_env(tracking),
     )
     assert child.returncode == 0, child.stderr[-3000:]
     result = json.loads(child.stdout.split("RESULT", 1)[1])
@@ -462,12 +500,143 @@ def test_the_champion_predicts_from_a_fresh_process(tracking, tmp_path):
         probabilities = np.array(frame["data"])
         assert probabilities.shape == (rows, len(CLASSES))
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-9)
-    # The registry's models give the same numbers as the packages they were made from.
-    expected = PackagedClassifier.load(tmp_path / "metadata_pkg").predict_proba(
-        cases=pd.DataFrame({"age_group": schema.ENUM_VALUES["age_group"][:3], "sex_at_birth": ["MALE", None, "FEMALE"]})
+    # Every scin_pipeline module the child ran came from a logged model's code/ folder, none from the repository.
+    repository = Path(__file__).resolve().parents[2]
+    assert result["code"] and Path(result["pyfunc_file"]).parts[-4:] == (
+        "code",
+        "scin_pipeline",
+        "core",
+        "packaged_model.py",
     )
+    for file in result["code"]:
+        assert "code" in Path(file).parts and not Path(file).resolve().is_relative_to(repository), file
+    # The registry's models give the same numbers as the packages they were made from.
+    expected = PackagedClassifier.load(tmp_path / "metadata_pkg").predict_proba(cases=pd.DataFrame(cases))
     np.testing.assert_allclose(np.array(result["metadata"]["data"]), expected, rtol=1e-6)
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_registered_models_declare_inputs_an_example_and_complete_pinned_requirements(
+    tracking, registered_champion, monkeypatch
+):
+    from importlib import metadata as importlib_metadata
+
+    from mlflow.models import Model
+
+    from scin_pipeline.core.metadata_model import QUESTIONNAIRE_CHOICE_COLUMNS, QUESTIONNAIRE_FLAG_COLUMNS
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.resolved_tracking_uri())  # the registry's too
+    for name, version in registered_champion.items():
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/scin-condition-classifier/{version}"))
+        model = Model.load(local / "MLmodel")
+        inputs = {spec.name: (spec.type.name, spec.required) for spec in model.signature.inputs.inputs}
+        assert inputs["image"] == ("binary", name == "image")  # optional for the metadata-only model
+        questionnaire = {c: ("boolean", False) for c in QUESTIONNAIRE_FLAG_COLUMNS}
+        questionnaire |= {c: ("string", False) for c in QUESTIONNAIRE_CHOICE_COLUMNS}
+        assert {c: inputs[c] for c in questionnaire} == questionnaire
+        assert set(inputs) == {"image", *questionnaire}
+        assert model.signature.outputs.input_names() == CLASSES
+        example = model.load_input_example(str(local))
+        assert example["image"].iloc[0][:8] == b"\x89PNG\r\n\x1a\n"
+        requirements = (local / "requirements.txt").read_text().split()
+        pinned = dict(line.split("==") for line in requirements)
+        wanted = {"mlflow", "numpy", "pandas", "pillow", "opencv-python-headless", "scikit-learn", "cloudpickle"}
+        wanted |= {"keras", "tensorflow-cpu"} if name == "image" else set()
+        assert wanted <= set(pinned), requirements
+        assert all(pinned[d] == importlib_metadata.version(d) for d in wanted)
+        shipped = sorted(str(p.relative_to(local / "code")) for p in (local / "code").rglob("*.py"))
+        assert "scin_pipeline/core/packaged_model.py" in shipped and "scin_pipeline/definitions.py" not in shipped
+        assert not any(p.startswith("scin_pipeline/data") for p in (str(q) for q in (local / "code").rglob("*")))
+
+
+def test_logging_a_model_leaves_sys_path_as_it_was(tracking, tmp_path):
+    # MLflow checks the input example by loading the model, which prepends its (temporary) code/ folder.
+    before = list(sys.path)
+    with tracking.training_run(run_key="key-path", run_name="path", tags=tags_for("path"), params={}) as run:
+        run.log_model(metadata_package(tmp_path / "metadata_pkg"), register=False)
+    assert sys.path == before
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations_with_one_probability_per_condition(
+    tracking, tmp_path, registered_champion
+):
+    import base64
+    import signal
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = free_loopback_port()
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/scin-condition-classifier@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        env=outside_the_repository_env(tracking),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the scoring server's workers stop with it
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        images = [synthetic_png(seed) for seed in range(2)]
+        body = {
+            "dataframe_split": {
+                "columns": ["image", "age_group"],
+                "data": [[base64.b64encode(image).decode(), "AGE_18_TO_29"] for image in images],
+            }
+        }
+        request = urllib.request.Request(
+            f"{base}/invocations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            predictions = json.loads(answer.read())["predictions"]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=30)
+        log.close()
+    assert len(predictions) == len(images)
+    for row in predictions:
+        assert list(row) == CLASSES
+        assert sum(row.values()) == pytest.approx(1.0, abs=1e-6)
+    expected = PackagedClassifier.load(tmp_path / "image_pkg").predict_proba(
+        images=np.stack([preprocess_image_bytes(image, 16) for image in images])
+    )
+    np.testing.assert_allclose([[row[c] for c in CLASSES] for row in predictions], expected, rtol=1e-5)
 
 
 def test_run_links_use_the_ui_url_or_an_http_tracking_uri_without_credentials(tracking):
