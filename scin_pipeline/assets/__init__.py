@@ -12,8 +12,8 @@ from dagster import BetaWarning, load_asset_checks_from_modules, load_assets_fro
 # through this package first, so this is the one place it can be raised.
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"Parameter `backfill_policy` of function `asset`", category=BetaWarning)
-    from scin_pipeline.assets import curation, evaluation, fairness, ingest, report, training, unlabelled
+    from scin_pipeline.assets import curation, evaluation, fairness, ingest, patterns, report, training, unlabelled
 
-_MODULES = [ingest, report, curation, unlabelled, training, evaluation, fairness]
+_MODULES = [ingest, report, curation, unlabelled, training, evaluation, fairness, patterns]
 ALL_ASSETS = load_assets_from_modules(_MODULES)
 ALL_ASSET_CHECKS = load_asset_checks_from_modules(_MODULES)
