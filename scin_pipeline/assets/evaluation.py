@@ -136,9 +136,10 @@ def model_evaluation(
     result = result[["model", "split", "metric", "class", "value"]]
     prediction_rows = pd.concat(predictions, ignore_index=True)
     overall = result[result["class"].isna() | (result["class"] == "")]
+    shown = [m for m in OVERALL_METRICS if m != "top3_accuracy" or evaluation.top_k_is_informative(len(classes))]
     wide = (
         overall.pivot_table(index="model", columns=["split", "metric"], values="value")
-        .reindex(columns=pd.MultiIndex.from_product([EVALUATED_SPLITS, OVERALL_METRICS]))
+        .reindex(columns=pd.MultiIndex.from_product([EVALUATED_SPLITS, shown]))
         .round(3)
     )
     wide.columns = [f"{s}_{m}" for s, m in wide.columns]
@@ -251,12 +252,14 @@ def model_comparison(
     config: ComparisonConfig,
     model_evaluation: pd.DataFrame,
     fairness_gates: pd.DataFrame,
+    fairness_report: pd.DataFrame,
     baseline_cnn: pd.DataFrame,
     resnet50_transfer: pd.DataFrame,
     metadata_model: pd.DataFrame,
     multimodal: pd.DataFrame,
     mlflow: MlflowTracking,
 ):
+    from scin_pipeline.core.evaluation import top_k_is_informative
     from scin_pipeline.core.plots import metric_comparison_png
 
     if config.selection_split == "test":
@@ -305,31 +308,38 @@ def model_comparison(
         previous_version = str(previous.version) if previous is not None else "none"
         context.log.warning(f"no champion; alias removed (it was on version {previous_version}): {cleared_reason}")
         cleared_metadata = {"champion_cleared_reason": cleared_reason, "previous_champion_version": previous_version}
+    # With K <= 3 classes every row is a top-3 hit: the column would read 1.0 and say nothing.
+    top3 = ["top3_accuracy"] if top_k_is_informative(n_classes) else []
+    plotted = ["balanced_accuracy", "macro_f1", *top3, "mean_ovr_auc"]
+    in_plot = (fairness_report["attribute"] == "overall") & fairness_report["metric"].isin(plotted)
+    test_overall = fairness_report[in_plot]
+    n_cases = int(test_overall["n"].max()) if len(test_overall) else 0
+    level = float(test_overall["ci_level"].iloc[0]) if len(test_overall) else 0.95
     bars = metric_comparison_png(
-        overall[overall["split"] == "test"],
-        metrics=["balanced_accuracy", "macro_f1", "top3_accuracy", "mean_ovr_auc"],
-        title="test split",
+        test_overall,
+        metrics=plotted,
+        title=f"test split, per case ({n_cases} cases, a case's images averaged): "
+        f"estimate and {level:.0%} bootstrap interval",
     )
-    shown = [
-        c
-        for c in [
-            "rank",
-            "model",
-            "champion",
-            f"val_{config.selection_metric}",
-            "val_balanced_accuracy",
-            "fairness_status",
-            "test_accuracy",
-            "test_balanced_accuracy",
-            "test_macro_f1",
-            "test_top3_accuracy",
-            "test_mean_ovr_auc",
-            "test_ece",
-            "registered_version",
-            "passed_over",
-        ]
-        if c in ranked
-    ]
+    selection = f"{config.selection_split}_{config.selection_metric}"
+    # Two tables, each narrow enough for its metadata cell: the numbers, then eligibility and why.
+    headline = list(
+        dict.fromkeys(
+            [
+                "rank",
+                "model",
+                "champion",
+                selection,
+                "val_balanced_accuracy",
+                "test_balanced_accuracy",
+                "test_macro_f1",
+                *[f"test_{m}" for m in top3],
+                "test_mean_ovr_auc",
+                "test_ece",
+            ]
+        )
+    )
+    eligibility = ["model", "fairness_status", "registered_version", "passed_over"]
     yield Output(
         ranked,
         metadata={
@@ -339,7 +349,8 @@ def model_comparison(
             "unjudged_policy": config.unjudged_policy,
             **flag_metadata,
             **cleared_metadata,
-            "comparison": metric_md(ranked[shown]),
+            "comparison": metric_md(ranked[[c for c in headline if c in ranked]]),
+            "eligibility": metric_md(ranked[[c for c in eligibility if c in ranked]]),
             "test_metrics_plot": MetadataValue.md(f"![comparison]({png_data_uri_bytes(bars)})"),
         },
     )

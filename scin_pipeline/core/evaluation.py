@@ -115,6 +115,12 @@ def top_k_hits(y_true: np.ndarray, proba: np.ndarray, k: int = TOP_K) -> np.ndar
     return (top == np.asarray(y_true)[:, None]).any(axis=1)
 
 
+def top_k_is_informative(n_classes: int, k: int = TOP_K) -> bool:
+    """Whether top-``k`` accuracy can say anything: with ``n_classes <= k`` every row is a hit (1.0 by
+    definition), so displays leave it out."""
+    return k < n_classes
+
+
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean recall over the classes present in ``y_true`` (sklearn; its warning about predicted-only
     classes is expected here and silenced)."""

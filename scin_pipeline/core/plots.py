@@ -47,23 +47,37 @@ def training_curves_png(history: pd.DataFrame, *, title: str) -> bytes:
     return _png(fig)
 
 
-def metric_comparison_png(table: pd.DataFrame, *, metrics: list[str], title: str) -> bytes:
-    """Grouped bars: one group per metric, one bar per model (``table``: model, metric, value)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def metric_comparison_figure(estimates: pd.DataFrame, *, metrics: list[str], title: str):
+    """Grouped bars with intervals: one group per metric, one bar per model, its interval as an error bar
+    (``estimates``: model, metric, value, ci_low, ci_high; a NaN bound draws no bar). A
+    :class:`matplotlib.figure.Figure` (no pyplot state), sized from the number of metrics and models, the
+    model legend under the axes so that it never covers a bar or leaves the canvas."""
     import numpy as np
+    from matplotlib.figure import Figure
 
-    models = list(dict.fromkeys(table["model"]))
-    fig, axis = plt.subplots(figsize=(max(6, 1.6 * len(metrics)), 3.6))
+    models = list(dict.fromkeys(estimates["model"]))
+    width_in = max(7.0, len(metrics) * (0.35 * max(len(models), 1) + 0.6) + 1.5)
+    figure = Figure(figsize=(width_in, 4.6), layout="constrained")
+    axis = figure.add_subplot()
     width = 0.8 / max(len(models), 1)
     x = np.arange(len(metrics))
     for i, model in enumerate(models):
-        part = table[table["model"] == model].set_index("metric")["value"]
-        axis.bar(x + i * width, [float(part.get(m, np.nan)) for m in metrics], width, label=model)
-    axis.set_xticks(x + width * (len(models) - 1) / 2, metrics, rotation=15)
-    axis.set_ylim(0, 1)
-    axis.legend(fontsize=8)
-    axis.set_title(title)
-    return _png(fig)
+        part = estimates[estimates["model"] == model].set_index("metric")
+        values = np.array([float(part["value"].get(m, np.nan)) for m in metrics])
+        low = np.array([float(part["ci_low"].get(m, np.nan)) for m in metrics])
+        high = np.array([float(part["ci_high"].get(m, np.nan)) for m in metrics])
+        has_interval = np.isfinite(low) & np.isfinite(high) & np.isfinite(values)
+        yerr = np.where(has_interval, [np.maximum(values - low, 0.0), np.maximum(high - values, 0.0)], np.nan)
+        axis.bar(x + i * width, values, width, label=model, yerr=yerr, capsize=3, error_kw={"elinewidth": 1})
+    axis.set_xticks(x + width * (len(models) - 1) / 2, metrics)
+    axis.set_ylim(0, 1.05)  # room for an interval that reaches 1
+    axis.set_title(title, fontsize=10, wrap=True)
+    figure.legend(loc="outside lower center", ncols=min(len(models), 4) or 1, fontsize=8, frameon=False)
+    return figure
+
+
+def metric_comparison_png(estimates: pd.DataFrame, *, metrics: list[str], title: str) -> bytes:
+    """:func:`metric_comparison_figure` as PNG bytes."""
+    from scin_pipeline.core.evaluation import figure_png
+
+    return figure_png(metric_comparison_figure(estimates, metrics=metrics, title=title))

@@ -66,6 +66,27 @@ def evaluation_table(val_balanced_accuracy: dict[str, float]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def overall_fairness(models=MODELS) -> pd.DataFrame:
+    """fairness_report's overall block (test split, per case) with bootstrap intervals."""
+    rows = []
+    for model in models:
+        for metric in ("accuracy", "balanced_accuracy", "macro_f1", "mean_ovr_auc", "top3_accuracy"):
+            rows.append(
+                {
+                    "model": model,
+                    "attribute": "overall",
+                    "group": "overall",
+                    "n": 40,
+                    "metric": metric,
+                    "value": 0.5,
+                    "ci_low": 0.38,
+                    "ci_high": 0.61,
+                    "ci_level": 0.95,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def run_comparison(
     registry,
     val_balanced_accuracy: dict[str, float],
@@ -83,6 +104,7 @@ def run_comparison(
             config=config or ComparisonConfig(),
             model_evaluation=evaluation_table(val_balanced_accuracy),
             fairness_gates=gates,
+            fairness_report=overall_fairness(),
             baseline_cnn=frames["baseline_cnn"],
             resnet50_transfer=empty,
             metadata_model=frames["metadata_model"],
@@ -207,3 +229,19 @@ def test_allow_with_flag_names_an_unjudged_champion_and_flags_its_version(regist
         tracking.registered_model_name, frames["baseline_cnn"]["registered_version"][0]
     )
     assert failed.tags[FAIRNESS_STATUS_TAG] == "failed" and FAIRNESS_UNJUDGED_TAG not in failed.tags
+
+
+def test_the_comparison_is_two_narrow_tables_without_top3_on_three_classes_and_an_interval_plot(registry):
+    output, _ = run_comparison(registry, {"baseline_cnn": 0.6, "metadata_model": 0.7})
+    headline = output.metadata["comparison"].value
+    eligibility = output.metadata["eligibility"].value
+    header = headline.splitlines()[0]
+    assert "test_balanced_accuracy" in header and "val_macro_f1" in header
+    # 3 classes: every row is a top-3 hit, so no top-3 column anywhere.
+    assert len(CLASSES) == 3 and "top3" not in headline and "top3" not in eligibility
+    # The fairness and registry columns live in their own table.
+    assert "passed_over" not in header and "fairness_status" not in header
+    assert eligibility.splitlines()[0] == "| model | fairness_status | registered_version | passed_over |"
+    assert len(header.split("|")) - 2 <= 10
+    plot = output.metadata["test_metrics_plot"].value
+    assert plot.startswith("![comparison](data:image/png;base64,")

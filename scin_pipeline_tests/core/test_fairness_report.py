@@ -20,6 +20,7 @@ from scin_pipeline.core.fairness_report import (
     fairness_plots,
 )
 from scin_pipeline_tests.core.fairness_inputs import case_frame, model_output
+from scin_pipeline_tests.core.figure_checks import artists_outside_canvas
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -70,30 +71,6 @@ def test_fairness_plot_png(report_inputs):
         assert image.size[0] >= 500
     with pytest.raises(ValueError, match="no rows"):
         fairness_plot_png(table, "shoe_size", "accuracy")
-
-
-def artists_outside_canvas(figure) -> list[str]:
-    """What reaches past the figure's canvas once drawn: each axes' title, the legends, and each axes with
-    everything drawn on it (tick labels, axis labels)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure)
-    figure.draw_without_rendering()  # runs the layout engine, as saving does
-    renderer = figure.canvas.get_renderer()  # pyright: ignore[reportAttributeAccessIssue]  # Agg's canvas
-    canvas = figure.bbox
-    boxes = [(f"legend {i}", legend.get_window_extent(renderer)) for i, legend in enumerate(figure.legends)]
-    for ax in figure.axes:
-        boxes += [(f"title {ax.get_title()!r}", ax.title.get_window_extent(renderer))]
-        boxes += [(f"axes {ax.get_title()!r} with its labels", ax.get_tightbbox(renderer))]
-    return [
-        name
-        for name, box in boxes
-        if box is None
-        or box.x0 < canvas.x0 - 0.5
-        or box.y0 < canvas.y0 - 0.5
-        or box.x1 > canvas.x1 + 0.5
-        or box.y1 > canvas.y1 + 0.5
-    ]
 
 
 @pytest.mark.parametrize("model", ["multimodal", "resnet50_transfer_with_a_long_candidate_name"])
