@@ -30,6 +30,7 @@ from scin_pipeline.core.champion import (
     FAIRNESS_STATUS_TAG,
     FAIRNESS_UNJUDGED_TAG,
     ChampionRule,
+    blank_split,
     champion_rule_text,
     choose_champion,
     no_champion_reason,
@@ -43,6 +44,7 @@ GROUP = "evaluation"
 CANDIDATES = ("baseline_cnn", "resnet50_transfer", "metadata_model", "multimodal")
 OVERALL_METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "mean_ovr_auc", "ece"]
 EVALUATED_SPLITS = ("val", "test")
+SCORED_SPLITS = ("val", blank_split("val"), "test")  # the splits of model_evaluation's table
 PASSED_OVER_TAG = "scin.passed_over"  # on a candidate's run when no champion is named: why it was not eligible
 
 
@@ -64,9 +66,11 @@ def predict_split(package, rows: pd.DataFrame, images: np.ndarray, cases: pd.Dat
     outs={
         "model_evaluation": AssetOut(
             kinds={"scikitlearn", "mlflow"},
-            code_version="1",
+            code_version="2",  # 2: the val_blank rows
             description="Every candidate on the validation and test splits: accuracy, balanced accuracy, "
-            "macro-F1, top-3 accuracy, per-class one-vs-rest AUC and their mean, expected calibration error. "
+            "macro-F1, top-3 accuracy, per-class one-vs-rest AUC and their mean, expected calibration error; "
+            "and on the validation split with every questionnaire blank, as a blank form is encoded when "
+            "serving (split 'val_blank'; a candidate that reads no questionnaire scores as on 'val'). "
             "Long table (model, split, metric, class, value); confusion matrices in the metadata and in each "
             "model's MLflow run.",
         ),
@@ -92,7 +96,7 @@ def model_evaluation(
     mlflow: MlflowTracking,
 ):
     from scin_pipeline.core import evaluation
-    from scin_pipeline.core.packaged_model import PackagedClassifier
+    from scin_pipeline.core.packaged_model import METADATA_KINDS, PackagedClassifier
 
     candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)
     classes = json.loads(candidates["classes"].iloc[0])
@@ -108,6 +112,14 @@ def model_evaluation(
             proba = predict_split(package, rows, images, cases)
             table = evaluation.evaluation_table(str(candidate.model), y, proba, classes).assign(split=split)
             tables.append(table)
+            if split == "val":
+                # Every questionnaire blank: only the case ids reach the encoding, which reads them as a blank
+                # form. A candidate that reads no questionnaire predicts the same with or without one.
+                blank = table
+                if package.kind in METADATA_KINDS:
+                    blank_proba = predict_split(package, rows, images, cases[["case_id"]])
+                    blank = evaluation.evaluation_table(str(candidate.model), y, blank_proba, classes)
+                tables.append(blank.assign(split=blank_split(split)))
             predictions.append(
                 rows[["image_id", "case_id", "label"]].assign(
                     model=candidate.model,
@@ -139,7 +151,7 @@ def model_evaluation(
     shown = [m for m in OVERALL_METRICS if m != "top3_accuracy" or evaluation.top_k_is_informative(len(classes))]
     wide = (
         overall.pivot_table(index="model", columns=["split", "metric"], values="value")
-        .reindex(columns=pd.MultiIndex.from_product([EVALUATED_SPLITS, shown]))
+        .reindex(columns=pd.MultiIndex.from_product([SCORED_SPLITS, shown]))
         .round(3)
     )
     wide.columns = [f"{s}_{m}" for s, m in wide.columns]
@@ -218,6 +230,13 @@ class ComparisonConfig(Config):
         "block (not eligible; the default, and `scin-pipeline run`'s) or allow_with_flag (eligible, flagged on "
         "the model version, card and page; the demo's, on synthetic images)",
     )
+    blank_questionnaire_weight: float = Field(
+        default=_DEFAULT_RULE.blank_questionnaire_weight,
+        ge=0,
+        le=1,
+        description="weight of the selection metric scored with every questionnaire blank in the ranked score "
+        "(the rest: with the answers); 0.5: a blank form counts as much as an answered one",
+    )
 
     def rule(self) -> ChampionRule:
         return ChampionRule(
@@ -226,13 +245,14 @@ class ComparisonConfig(Config):
             tie_breakers=tuple(self.tie_breakers),
             chance_margin=self.chance_margin,
             unjudged_policy=self.unjudged_policy,
+            blank_questionnaire_weight=self.blank_questionnaire_weight,
         )
 
 
 @asset(
     group_name=GROUP,
     kinds={"mlflow"},
-    code_version="2",
+    code_version="3",  # 3: the rule reads blank-questionnaire scores
     description="Every candidate side by side (validation and test); the champion chosen by the stated rule "
     "(on validation, never test) and set as the MLflow registry alias 'champion': "
     "models:/<registered name>@champion serves it. When no candidate is eligible the alias is removed "
@@ -282,9 +302,11 @@ def model_comparison(
     flag_metadata = {}
     if len(champion):
         best = champion.iloc[0]
+        split, blank = config.selection_split, blank_split(config.selection_split)
         reason = (
-            f"{best['model']}: {rule}; {config.selection_split}_{config.selection_metric}="
-            f"{best[f'{config.selection_split}_{config.selection_metric}']:.3f}"
+            f"{best['model']}: {rule}; {champion_rule.score_column}={best[champion_rule.score_column]:.3f} "
+            f"({split}_{config.selection_metric}={best[f'{split}_{config.selection_metric}']:.3f}, "
+            f"{blank}_{config.selection_metric}={best[f'{blank}_{config.selection_metric}']:.3f})"
         )
         if best["fairness_status"] == "not_judged":
             # Named under unjudged_policy=allow_with_flag: say so wherever the champion is shown.
@@ -329,6 +351,7 @@ def model_comparison(
                 "rank",
                 "model",
                 "champion",
+                champion_rule.score_column,
                 selection,
                 "val_balanced_accuracy",
                 "test_balanced_accuracy",
@@ -340,6 +363,16 @@ def model_comparison(
         )
     )
     eligibility = ["model", "fairness_status", "registered_version", "passed_over"]
+    # The rule's numbers with each case's answers and with blank questionnaires, and the score it ranks by.
+    blank = blank_split(config.selection_split)
+    questionnaire = [
+        "model",
+        champion_rule.score_column,
+        selection,
+        f"{blank}_{config.selection_metric}",
+        f"{config.selection_split}_balanced_accuracy",
+        f"{blank}_balanced_accuracy",
+    ]
     yield Output(
         ranked,
         metadata={
@@ -351,6 +384,7 @@ def model_comparison(
             **cleared_metadata,
             "comparison": metric_md(ranked[[c for c in headline if c in ranked]]),
             "eligibility": metric_md(ranked[[c for c in eligibility if c in ranked]]),
+            "with_and_without_answers": metric_md(ranked[[c for c in questionnaire if c in ranked]]),
             "test_metrics_plot": MetadataValue.md(f"![comparison]({png_data_uri_bytes(bars)})"),
         },
     )

@@ -70,7 +70,7 @@ OOF_COLUMNS = ["model", "case_id", "group_id", "fold", "y_true"]
 @asset(
     group_name=GROUP,
     kinds={"scikitlearn", "pandas"},
-    code_version="1",
+    code_version="2",  # 2: each fold's model trained with the candidate's questionnaire dropout
     pool="cpu",
     description="Out-of-fold predictions for the fairness gate: k-fold cross-validation over the train+val "
     "cases (whole groups of cases linked by shared or near-duplicate images per fold, stratified by label and "
@@ -104,9 +104,13 @@ def cross_validated_predictions(
     features = core_model.metadata_features(frame)
     y = frame["label"].map(index).to_numpy(np.int32)
 
+    # Each fold's model is trained as the candidate was (its modality dropout); a table stored before the
+    # column existed was trained without any.
+    dropout = float(candidates["questionnaire_dropout"].iloc[0]) if "questionnaire_dropout" in candidates else 0.0
+
     def fit_predict(train_rows, held_out):
         model = core_model.fit_single_label_metadata_model(
-            features.iloc[train_rows], y[train_rows], len(classes), seed=config.seed
+            features.iloc[train_rows], y[train_rows], len(classes), seed=config.seed, questionnaire_dropout=dropout
         )
         return model.predict_proba(features.iloc[held_out])
 

@@ -40,6 +40,12 @@ from scin_pipeline.core import image_cache
 from scin_pipeline.core.atomic import atomic_target
 from scin_pipeline.core.image_cache import split_arrays, split_rows
 from scin_pipeline.core.progress import Progress
+from scin_pipeline.core.questionnaire import (
+    DEFAULT_QUESTIONNAIRE_DROPOUT,
+    QUESTIONNAIRE_EXTRA,
+    blank_questionnaires,
+    questionnaire_scores,
+)
 from scin_pipeline.core.rendering import png_data_uri_bytes
 from scin_pipeline.core.splits import splits_data_version
 from scin_pipeline.core.training import TrainConfig
@@ -77,6 +83,7 @@ CANDIDATE_COLUMNS = [
     "resumed",
     "keras_backend",
     "weights",
+    "questionnaire_dropout",
 ]
 
 
@@ -212,8 +219,23 @@ class EmbeddingsConfig(Config):
     batch_size: int = Field(default=32, ge=1)
 
 
+# Modality dropout of the candidates that read the questionnaire (core.questionnaire says why).
+_QUESTIONNAIRE_DROPOUT = Field(
+    default=DEFAULT_QUESTIONNAIRE_DROPOUT,
+    ge=0,
+    lt=1,
+    description="share of training examples whose whole questionnaire is blanked, as a blank form is encoded "
+    "when serving, so that the model also answers from the image alone (0: off)",
+)
+
+
+class MultimodalConfig(TransferConfig):
+    questionnaire_dropout: float = _QUESTIONNAIRE_DROPOUT
+
+
 class MetadataModelConfig(Config):
     seed: int = 0
+    questionnaire_dropout: float = _QUESTIONNAIRE_DROPOUT
 
 
 def _train_config(config: TrainingConfig) -> TrainConfig:
@@ -522,6 +544,7 @@ class CandidateRun:
             "monitor": self.monitor,
             "reused": reused,
             "resumed": resumed,
+            "questionnaire_dropout": float(getattr(self.config, "questionnaire_dropout", 0.0)),
             **row,
         }
         table = pd.DataFrame([record])[CANDIDATE_COLUMNS]
@@ -553,6 +576,7 @@ def candidate_asset(
     ins: tuple[str, ...],
     train: Callable[[CandidateRun], Trained],
     description: str,
+    code_version: str = "1",
 ) -> AssetsDefinition:
     """One candidate classifier as an asset: reuse of an identical finished training, else ``train`` (which
     opens the MLflow run and finishes the package), then the one-row output table. Keras candidates (a
@@ -564,7 +588,7 @@ def candidate_asset(
         ins={input_name: AssetIn(dagster_type=pd.DataFrame) for input_name in ins},
         group_name=GROUP,
         kinds={"keras" if keras_candidate else "scikitlearn", "mlflow"},
-        code_version="1",
+        code_version=code_version,
         pool="gpu" if keras_candidate else "cpu",
         op_tags=GPU_TAGS if keras_candidate else None,
         description=description,
@@ -739,14 +763,26 @@ def _train_metadata_model(candidate: CandidateRun) -> Trained:
         "features": len(METADATA_FEATURE_COLUMNS),
         "classes": len(classes),
     }
+    assert isinstance(config, MetadataModelConfig)  # its candidate_asset's config class
+    blank = blank_questionnaires(int(val.sum()))
     with candidate.training_run({}, params) as run:
-        model = core_model.fit_single_label_metadata_model(features[train], y[train], len(classes), seed=config.seed)
-        val_metrics = (
-            evaluation.classification_metrics(y[val], model.predict_proba(features[val]), classes) if val.any() else {}
+        model = core_model.fit_single_label_metadata_model(
+            features[train],
+            y[train],
+            len(classes),
+            seed=config.seed,
+            questionnaire_dropout=config.questionnaire_dropout,
         )
+        val_metrics, blank_metrics = {}, {}
+        if val.any():
+            val_metrics = evaluation.classification_metrics(y[val], model.predict_proba(features[val]), classes)
+            blank_proba = model.predict_proba(core_model.metadata_features(blank))
+            blank_metrics = evaluation.classification_metrics(y[val], blank_proba, classes)
         run.log_metrics({f"val_{k}": v for k, v in val_metrics.items() if np.isfinite(v)})
+        run.log_metrics({f"val_blank_{k}": v for k, v in blank_metrics.items() if np.isfinite(v)})
         macro_f1 = float(val_metrics.get("macro_f1", float("nan")))
         fitted = SimpleNamespace(history=None, best_epoch=0, best_score=macro_f1)  # one fit, no epochs
+        scores = questionnaire_scores(config.questionnaire_dropout, val_metrics, blank_metrics)
         return candidate.finish(
             run,
             model,
@@ -754,18 +790,28 @@ def _train_metadata_model(candidate: CandidateRun) -> Trained:
             tags={},
             keras_backend="",
             weights="",
-            metadata={"val_metrics": MetadataValue.json({k: round(float(v), 4) for k, v in val_metrics.items()})},
+            metadata={
+                "val_metrics": MetadataValue.json({k: round(float(v), 4) for k, v in val_metrics.items()}),
+                "val_blank_metrics": MetadataValue.json({k: round(float(v), 4) for k, v in blank_metrics.items()}),
+                **questionnaire_metadata(scores),
+            },
+            package_extra={QUESTIONNAIRE_EXTRA: scores},
         )
+
+
+def questionnaire_metadata(scores: dict) -> dict:
+    """The candidate's asset metadata of ``questionnaire_scores`` (a missing score as NaN)."""
+    return {name: float("nan") if value is None else float(value) for name, value in scores.items()}
 
 
 def _train_multimodal(candidate: CandidateRun) -> Trained:
     config, inputs = candidate.config, candidate.inputs
-    assert isinstance(config, TransferConfig)  # its candidate_asset's config class
+    assert isinstance(config, MultimodalConfig)  # its candidate_asset's config class
     described = _prepare_keras(config)
     import keras
 
     from scin_pipeline.core import models, training
-    from scin_pipeline.core.metadata_model import metadata_features
+    from scin_pipeline.core.metadata_model import blank_questionnaire_features, metadata_features
 
     image_embeddings = inputs["image_embeddings"]
     weights = backbone_weights(image_embeddings)
@@ -787,6 +833,7 @@ def _train_multimodal(candidate: CandidateRun) -> Trained:
         "classes": n_classes,
         "metadata_features": m_train.shape[1],
     }
+    blank = blank_questionnaire_features()
     with candidate.training_run(tags, params) as run:
         result = training.train_head_on_embeddings(
             e_train,
@@ -795,6 +842,7 @@ def _train_multimodal(candidate: CandidateRun) -> Trained:
             y_val,
             train_metadata=m_train,
             val_metadata=m_val,
+            blank_metadata=blank,
             head_builder=lambda: models.build_multimodal_head(
                 e_train.shape[1],
                 m_train.shape[1],
@@ -802,6 +850,8 @@ def _train_multimodal(candidate: CandidateRun) -> Trained:
                 dropout=config.dropout,
                 normalize_with=e_train,
                 normalize_metadata_with=m_train,
+                questionnaire_dropout_rate=config.questionnaire_dropout,
+                blank_metadata=blank,
             ),
             config=train_config,
             checkpoint_dir=candidate.checkpoint_dir,
@@ -809,6 +859,12 @@ def _train_multimodal(candidate: CandidateRun) -> Trained:
         )
         backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
         model = models.compose_end_to_end(backbone, result.model, with_metadata=True)
+        # The restored (best) epoch's validation scores, with every case's answers and with none.
+        best = result.history[result.history["epoch"] == result.best_epoch]
+        at_best = best.iloc[0].to_dict() if len(best) else {}
+        full = {name: at_best.get(f"val_{name}") for name in training.BLANK_SCORES}
+        blank_scores = {name: at_best.get(f"val_blank_{name}") for name in training.BLANK_SCORES}
+        scores = questionnaire_scores(config.questionnaire_dropout, full, blank_scores)
         return candidate.finish(
             run,
             model,
@@ -816,8 +872,8 @@ def _train_multimodal(candidate: CandidateRun) -> Trained:
             tags=tags,
             keras_backend=described["backend"],
             weights=weights,
-            metadata={"history": table_md(result.history, rows=40)},
-            package_extra={"weights": weights},
+            metadata={"history": table_md(result.history, rows=40), **questionnaire_metadata(scores)},
+            package_extra={"weights": weights, QUESTIONNAIRE_EXTRA: scores},
         )
 
 
@@ -851,16 +907,23 @@ metadata_model = candidate_asset(
     train=_train_metadata_model,
     description="Metadata-only classifier (the contributor's answers: symptoms, body parts, textures, "
     "duration, age group, sex, self-reported Fitzpatrick type): scikit-learn logistic regression plus "
-    "boosted stumps, class-balanced, one row per case. A floor for the image models.",
+    "boosted stumps, class-balanced, one row per case, with blank-questionnaire copies of the training rows "
+    "(questionnaire_dropout); scored on validation with the answers and with blank forms. A floor for the "
+    "image models.",
+    code_version="2",  # 2: modality dropout, blank-questionnaire validation scores
 )
 
 multimodal = candidate_asset(
     name="multimodal",
     kind="keras_multimodal",
-    config=TransferConfig,
+    config=MultimodalConfig,
     ins=("labeled_splits", "image_tensors", "image_embeddings", "cases"),
     train=_train_multimodal,
     description="Multimodal: the frozen ResNet50 image embedding and a metadata branch (the answers with "
     "their missing-value masks) fused by concatenation, class-balanced, early stopping on validation "
-    "macro-F1. Saved as one model on raw uint8 images plus the metadata vector.",
+    "macro-F1. Modality dropout: each training example's questionnaire is blanked with probability "
+    "questionnaire_dropout, so a blank form gets an answer from the image; every epoch is also scored with "
+    "blank validation questionnaires (val_blank_*). Saved as one model on raw uint8 images plus the metadata "
+    "vector.",
+    code_version="2",  # 2: modality dropout, blank-questionnaire validation scores
 )

@@ -31,6 +31,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.utils.class_weight import compute_sample_weight
 
 from scin_pipeline.core import schema
+from scin_pipeline.core.questionnaire import blank_questionnaires, check_questionnaire_dropout
 from scin_pipeline.core.splits import OTHER
 
 # Check-box answers, used as 0/1 as they are.
@@ -119,6 +120,50 @@ def metadata_features(cases: pd.DataFrame) -> pd.DataFrame:
             out[f"{column}__ordinal"] = np.nan_to_num(ordinal, nan=0.0)
     frame = pd.DataFrame(out, index=cases.index)
     return frame[METADATA_FEATURE_COLUMNS].astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ blank questionnaires
+# Modality dropout and blank forms: core.questionnaire says why. What needs the feature encoding is here.
+
+# The questions of the form (serve.inputs builds its fields from the same lists): one per categorical, one
+# per check-box group. A group with nothing ticked counts as unanswered (see ``__none_ticked``).
+QUESTIONS: tuple[str, ...] = (*CATEGORICAL_COLUMNS, *FLAG_GROUPS)
+
+
+def blank_questionnaire_features() -> np.ndarray:
+    """The float32 ``METADATA_FEATURE_COLUMNS`` vector of a blank form (every box unticked, every answer
+    missing), computed by ``metadata_features`` itself so that training's blank is the service's blank."""
+    return metadata_features(blank_questionnaires(1)).to_numpy(np.float32)[0]
+
+
+def with_blank_questionnaires(
+    X: np.ndarray, y: np.ndarray, weights: np.ndarray, rate: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Modality dropout for a model fitted once on a weighted table (the scikit-learn metadata model): the
+    rows, then a blank-questionnaire copy of each with the same label, weighted ``rate / (1 - rate)`` of its
+    original. Blanks then carry ``rate`` of the weight of each example, as random dropout at ``rate`` would in
+    expectation, without its sampling noise, and the answered rows keep their weight (so a regularised fit
+    weighs them as before). ``rate`` 0: the inputs, unchanged."""
+    rate = check_questionnaire_dropout(rate)
+    if rate == 0.0:
+        return X, y, weights
+    matrix = np.asarray(X, dtype=np.float64)
+    blank = np.broadcast_to(blank_questionnaire_features().astype(np.float64), matrix.shape)
+    return (
+        np.vstack([matrix, blank]),
+        np.concatenate([np.asarray(y), np.asarray(y)]),
+        np.concatenate([weights, weights * (rate / (1.0 - rate))]),
+    )
+
+
+def answered_questions(cases: pd.DataFrame) -> pd.DataFrame:
+    """Per case and question (``QUESTIONS``), whether it was answered: a categorical with a value, a check-box
+    group with at least one box ticked. Read off ``metadata_features``, so the count agrees with what the
+    models see."""
+    features = metadata_features(cases)
+    answered = {column: features[f"{column}__missing"] == 0 for column in CATEGORICAL_COLUMNS}
+    answered.update({group: features[f"{group}__none_ticked"] == 0 for group in FLAG_GROUPS})
+    return pd.DataFrame(answered, index=cases.index)[list(QUESTIONS)]
 
 
 def multilabel_classes(labels: pd.DataFrame) -> list[str]:
@@ -408,13 +453,21 @@ def _feature_matrix(X) -> np.ndarray:
 
 
 def fit_single_label_metadata_model(
-    X, y, num_classes: int, config: MetadataModelConfig | None = None, *, seed: int | None = None
+    X,
+    y,
+    num_classes: int,
+    config: MetadataModelConfig | None = None,
+    *,
+    seed: int | None = None,
+    questionnaire_dropout: float = 0.0,
 ) -> SingleLabelMetadataModel:
     """Fit the single-label (one class per case, ``y`` in [0, num_classes)) metadata classifier.
 
     ``config`` defaults to ``CHOSEN_CONFIG`` (its kind and hyper-parameters; ``seed`` overrides its seed).
     Every class seen in training weighs the same in total (balanced sample weights), as in the multi-label
-    model. Returns an object with ``predict_proba(X) -> (N, num_classes)``, rows summing to 1; picklable.
+    model. ``questionnaire_dropout``: modality dropout, as blank-questionnaire copies of the training rows
+    (``with_blank_questionnaires``). Returns an object with ``predict_proba(X) -> (N, num_classes)``, rows
+    summing to 1; picklable.
     """
     config = config or CHOSEN_CONFIG
     if seed is not None:
@@ -434,7 +487,9 @@ def fit_single_label_metadata_model(
     model = SingleLabelMetadataModel(config=config, num_classes=num_classes, seen_classes=seen)
     if len(seen) == 1:
         return model
-    weights = compute_sample_weight("balanced", labels)
+    matrix, labels, weights = with_blank_questionnaires(
+        matrix, labels, compute_sample_weight("balanced", labels), questionnaire_dropout
+    )
     if config.kind in ("logistic", "logistic_plus_boosting"):
         model.estimators.append(
             LogisticRegression(C=config.C, max_iter=3000).fit(matrix, labels, sample_weight=weights)

@@ -204,6 +204,26 @@ def build_classifier_head(embedding_dim: int, num_classes: int, dropout: float =
     return keras.Model(embedding, _float_softmax(num_classes)(x), name="classifier_head")
 
 
+def questionnaire_dropout(metadata, rate: float, blank, name: str = "questionnaire_dropout"):
+    """Modality dropout on a metadata tensor (N, F): while training, each row is replaced whole by ``blank``
+    (the blank form's feature vector, ``metadata_model.blank_questionnaire_features``) with probability
+    ``rate``; at inference it is the identity.
+
+    Built from a Dropout layer on a column of ones (training: 0 or 1 / (1 - rate); inference: 1), clipped
+    to a 0/1 keep flag, and ``keras.ops``: built-in pieces only, so the saved model needs no custom object.
+    Kept rows pass unscaled (unlike Dropout's own outputs): the answers a model sees in training are those
+    it sees when serving.
+    """
+    from keras import layers, ops
+
+    blank = np.asarray(blank, dtype=np.float32)
+    if blank.shape != (metadata.shape[-1],):
+        raise ValueError(f"blank must be one metadata row of {metadata.shape[-1]} features, got shape {blank.shape}")
+    ones = ops.ones_like(metadata[:, :1])
+    keep = ops.minimum(layers.Dropout(rate, dtype="float32", name=name)(ones), 1.0)
+    return ops.add(ops.multiply(keep, ops.subtract(metadata, blank)), blank)
+
+
 def build_multimodal_head(
     embedding_dim: int,
     n_metadata: int,
@@ -213,6 +233,8 @@ def build_multimodal_head(
     dropout: float = 0.3,
     normalize_with=None,
     normalize_metadata_with=None,
+    questionnaire_dropout_rate: float = 0.0,
+    blank_metadata=None,
 ):
     """Image embedding + case metadata -> softmax.
 
@@ -220,6 +242,11 @@ def build_multimodal_head(
     zero that looks like a real value. A small Dense branch lifts it before it is concatenated with the
     (much wider) embedding. ``normalize_with`` / ``normalize_metadata_with``: training arrays to
     standardise each input with (see ``build_classifier_head``).
+
+    ``questionnaire_dropout_rate`` > 0 (with ``blank_metadata``, the blank form's vector): modality dropout
+    (``questionnaire_dropout``) before the standardisation, which is then adapted on the training metadata
+    plus that share of blank rows, so that a blank form is an ordinary input, not one many standard
+    deviations out.
     """
     import keras
     from keras import layers
@@ -230,6 +257,15 @@ def build_multimodal_head(
     standardise = _standardiser(normalize_with, "embedding_standardise")
     if standardise is not None:
         e = standardise(e)
+    if questionnaire_dropout_rate > 0:
+        if blank_metadata is None:
+            raise ValueError("questionnaire_dropout_rate > 0 needs blank_metadata (the blank form's features)")
+        m = questionnaire_dropout(m, questionnaire_dropout_rate, blank_metadata)
+        if normalize_metadata_with is not None:
+            answered = np.asarray(normalize_metadata_with, dtype=np.float32)
+            n_blank = int(round(len(answered) * questionnaire_dropout_rate / (1 - questionnaire_dropout_rate)))
+            blanks = np.repeat(np.asarray(blank_metadata, dtype=np.float32)[None], n_blank, axis=0)
+            normalize_metadata_with = np.concatenate([answered, blanks])
     standardise = _standardiser(normalize_metadata_with, "metadata_standardise")
     if standardise is not None:
         m = standardise(m)

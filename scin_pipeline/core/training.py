@@ -55,6 +55,8 @@ from scin_pipeline.core.atomic import atomic_target, write_text_atomic
 logger = logging.getLogger(__name__)
 
 MONITORS = ("val_macro_f1", "val_balanced_accuracy")
+# Scored again on validation with every questionnaire blank (models that read one), as val_blank_<name>.
+BLANK_SCORES = ("macro_f1", "balanced_accuracy")
 HISTORY_COLUMNS = (
     "epoch",
     "phase",
@@ -237,12 +239,15 @@ def _macro_metrics_class():
 
     class MacroMetricsCallback(keras.callbacks.Callback):
         """Writes val_loss, val_accuracy, val_balanced_accuracy, val_macro_f1 and learning_rate into the
-        epoch-end logs, from one prediction of the validation inputs. Put it before the callbacks that
-        read these keys (EarlyStopping, ModelCheckpoint, CSVLogger; Keras' History always runs last)."""
+        epoch-end logs, from one prediction of the validation inputs; with ``blank_val_inputs`` (the same
+        rows with every questionnaire blank) also val_blank_macro_f1 and val_blank_balanced_accuracy. Put
+        it before the callbacks that read these keys (EarlyStopping, ModelCheckpoint, CSVLogger; Keras'
+        History always runs last)."""
 
-        def __init__(self, val_inputs, val_y, batch_size: int = 64):
+        def __init__(self, val_inputs, val_y, batch_size: int = 64, blank_val_inputs=None):
             super().__init__()
             self.val_inputs, self.val_y, self.batch_size = val_inputs, np.asarray(val_y), batch_size
+            self.blank_val_inputs = blank_val_inputs
 
         def on_epoch_end(self, epoch, logs=None):
             if logs is None:
@@ -250,6 +255,10 @@ def _macro_metrics_class():
             assert self.model is not None  # fit sets it before the first epoch
             probabilities = predict_in_batches(self.model, self.val_inputs, self.batch_size)
             logs.update(_macro_scores(self.val_y, probabilities))
+            if self.blank_val_inputs is not None:
+                blank_probabilities = predict_in_batches(self.model, self.blank_val_inputs, self.batch_size)
+                blank = _macro_scores(self.val_y, blank_probabilities)
+                logs.update({f"val_blank_{name}": blank[f"val_{name}"] for name in BLANK_SCORES})
             learning_rate = cast(np.ndarray, keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             logs["learning_rate"] = float(learning_rate)
 
@@ -321,6 +330,7 @@ def fit_classifier(
     phase: str = "train",
     callbacks: list | tuple = (),
     verbose: int = 0,
+    blank_val_inputs=None,
 ) -> TrainResult:
     """Compile ``model`` (Adam, sparse categorical cross-entropy) and fit it with macro metrics, early
     stopping on ``config.monitor`` (best weights restored) and, with ``checkpoint_dir``, resume.
@@ -329,7 +339,8 @@ def fit_classifier(
     tuple ``(x, y)`` of arrays (shuffled, ``config.batch_size``). ``val_inputs``: array or {name: array}.
     ``on_epoch_end(epoch, logs)`` gets the 1-based global epoch and the float logs (for MLflow).
     ``learning_rate`` / ``epochs`` default to ``config.learning_rate`` / ``config.epochs``.
-    ``callbacks`` run after ours (they see the finished epoch's logs and backup).
+    ``callbacks`` run after ours (they see the finished epoch's logs and backup). ``blank_val_inputs``: the
+    validation inputs with every questionnaire blank, scored each epoch as val_blank_* (not monitored).
     ``checkpoint_dir`` must belong to this one training (e.g. the run id, or a hash of inputs + config):
     a finished fit found there is loaded, not redone, whatever the arguments.
     """
@@ -359,7 +370,9 @@ def fit_classifier(
                 (ckpt / stale).unlink(missing_ok=True)
 
     early_stopping = _resumable_early_stopping(config.monitor, config.early_stopping_patience, prior)
-    all_callbacks: list[keras.callbacks.Callback] = [_macro_metrics_class()(val_inputs, val_y, config.batch_size)]
+    all_callbacks: list[keras.callbacks.Callback] = [
+        _macro_metrics_class()(val_inputs, val_y, config.batch_size, blank_val_inputs=blank_val_inputs)
+    ]
     if ckpt is not None:
         all_callbacks += [
             keras.callbacks.CSVLogger(str(ckpt / _HISTORY_CSV), append=True),
@@ -641,23 +654,32 @@ def train_head_on_embeddings(
     checkpoint_dir: str | Path | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
     verbose: int = 0,
+    blank_metadata=None,
 ) -> TrainResult:
     """The CPU default: a head trained on precomputed frozen-backbone embeddings (float32 (N, D)).
 
     ``head_builder()`` returns a fresh head (e.g. ``functools.partial(build_classifier_head, 2048, k)``);
     it is called after the seed is set, so initialisation is reproducible. With metadata arrays the head
-    gets {"embedding", "metadata"}. ``config.augment`` does not apply (embeddings are fixed). Compose the
-    result with the backbone (``models.compose_end_to_end``) before saving.
+    gets {"embedding", "metadata"}; with ``blank_metadata`` too (the blank form's feature vector) each epoch
+    is also scored with every validation questionnaire blank (val_blank_*). ``config.augment`` does not
+    apply (embeddings are fixed). Compose the result with the backbone (``models.compose_end_to_end``)
+    before saving.
     """
     import keras
 
     if (train_metadata is None) != (val_metadata is None):
         raise ValueError("pass metadata for both train and validation, or for neither")
+    if blank_metadata is not None and val_metadata is None:
+        raise ValueError("blank_metadata scores blank questionnaires: it needs the metadata arrays")
     keras.utils.set_random_seed(config.seed)
     head = head_builder()
     num_classes = int(head.output_shape[-1])
     train_inputs = _model_inputs(np.asarray(train_emb, dtype=np.float32), train_metadata, "embedding")
     val_inputs = _model_inputs(np.asarray(val_emb, dtype=np.float32), val_metadata, "embedding")
+    blank_val_inputs = None
+    if blank_metadata is not None:
+        blank_rows = np.repeat(np.asarray(blank_metadata, dtype=np.float32)[None], len(val_y), axis=0)
+        blank_val_inputs = _model_inputs(np.asarray(val_emb, dtype=np.float32), blank_rows, "embedding")
     return fit_classifier(
         head,
         (train_inputs, np.asarray(train_y)),
@@ -669,4 +691,5 @@ def train_head_on_embeddings(
         on_epoch_end=on_epoch_end,
         phase="head",
         verbose=verbose,
+        blank_val_inputs=blank_val_inputs,
     )

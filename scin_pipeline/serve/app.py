@@ -103,6 +103,16 @@ PAGE_SECURITY_HEADERS = {
 # ------------------------------------------------------------------------------------------------ schema
 
 
+class QuestionnaireRecord(BaseModel):
+    questionnaire_dropout: float = Field(
+        description="share of training examples whose whole questionnaire was blanked (modality dropout)"
+    )
+    val_macro_f1: float | None = Field(description="validation macro-F1 with each case's answers")
+    val_blank_macro_f1: float | None = Field(description="validation macro-F1 with every questionnaire blank")
+    val_balanced_accuracy: float | None
+    val_blank_balanced_accuracy: float | None
+
+
 class ModelInfo(BaseModel):
     name: str | None = Field(description="registered model name")
     version: str | None = Field(description="registered model version that answers")
@@ -129,6 +139,14 @@ class ModelInfo(BaseModel):
         default=None, description="the groups too small to judge, when not_judged (tag scin.fairness_unjudged)"
     )
     run_id: str | None = Field(description="MLflow run that trained it")
+    questionnaire: QuestionnaireRecord | None = Field(
+        default=None,
+        description="a model that reads the questionnaire: how it was trained to do without it and its "
+        "validation scores with and without answers (null: reads none, or not recorded for this version)",
+    )
+    class_notes: dict[str, str] = Field(
+        default_factory=dict, description="what a class means when it is not one condition's name (e.g. other)"
+    )
 
 
 class MetadataField(BaseModel):
@@ -166,6 +184,17 @@ class RankedCondition(BaseModel):
     probability: float
 
 
+class AnswersSummary(BaseModel):
+    given: int = Field(description="questions answered (a check-box group counts when one box is ticked)")
+    questions: int = Field(description="questions in the questionnaire")
+    missing: list[str] = Field(description="the questions not answered")
+    read_by_model: bool = Field(description="the model reads the questionnaire")
+    warning: str | None = Field(
+        description="set when the model reads the questionnaire, some answers are missing and its validation "
+        "score is lower without answers (or that was not measured); null otherwise"
+    )
+
+
 class PredictionResponse(BaseModel):
     notice: str = Field(description="NOT A DIAGNOSIS, always")
     probabilities: dict[str, float] = Field(description="probability per condition (sums to 1)")
@@ -175,6 +204,7 @@ class PredictionResponse(BaseModel):
     image_used: bool
     metadata_used: bool
     metadata: dict[str, str | list[str]] = Field(description="the questionnaire answers received")
+    answers: AnswersSummary
 
 
 class ErrorResponse(BaseModel):

@@ -32,6 +32,7 @@ from starlette.requests import Request
 
 from scin_pipeline.core import schema
 from scin_pipeline.core.metadata_model import CATEGORICAL_COLUMNS, FLAG_GROUPS
+from scin_pipeline.core.questionnaire import blank_questionnaires
 
 FILE_FIELD = "file"
 ACCEPTED_PART_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream", "")
@@ -63,7 +64,8 @@ class PredictionRequest:
                 row[name] = value
             else:
                 row.update({column: True for column in value})
-        return pd.DataFrame([row], index=[0]) if row else pd.DataFrame(index=[0])
+        # No answer at all: the blank form training's modality dropout used (core.questionnaire).
+        return pd.DataFrame([row], index=[0]) if row else blank_questionnaires(1)
 
 
 def metadata_field_descriptions() -> list[dict]:

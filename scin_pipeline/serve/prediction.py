@@ -22,6 +22,12 @@ why it deserves less trust.
   ``--max-megapixels``) before any pixel buffer exists (422 ``too_many_pixels``).
 - overexposed, low information, blurry: the curation thresholds as they are (measured on the synthetic
   mirror; see QualityConfig).
+
+Answers: every answer says how many of the questionnaire's questions were answered (``answers``) and, for a
+model that reads the questionnaire, warns when some are missing and the model relies on them: its package
+records its validation macro-F1 with every case's answers and with blank questionnaires (core.questionnaire),
+and "relies" means the blank score is the lower one. The warning gives both scores, so a person can judge
+how much it matters. A metadata-only model with no answer at all answers the same for everyone, and says so.
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ import numpy as np
 import pandas as pd
 
 from scin_pipeline.core.image_cache import decode_bytes_rgb, preprocess_image
+from scin_pipeline.core.metadata_model import QUESTIONS, answered_questions
 from scin_pipeline.core.quality import MONK_SWATCH_LIGHTNESS, QualityConfig, decide_quality, image_metrics
+from scin_pipeline.core.questionnaire import QUESTIONNAIRE_EXTRA
+from scin_pipeline.core.splits import OTHER
 from scin_pipeline.serve.inputs import PredictionRequest, RequestError
 from scin_pipeline.serve.limits import DEFAULT_MAX_PIXELS
 from scin_pipeline.serve.model import ServedModel
@@ -57,6 +66,12 @@ ERROR_BY_DECODE_KIND = {
     "decompression_bomb": (422, "too_many_pixels"),
 }
 QUALITY_METRICS_SHOWN = ("brightness_median", "overexposed_fraction", "entropy", "sharpness", "texture")
+# What the class "other" is (core.splits: the conditions with too few cases to be a class of their own).
+OTHER_EXPLAINED = (
+    '"other" is not one condition: it stands for every condition outside the ones this model names, those '
+    "too rare in its training data to be learnt on their own. It does not mean healthy skin, nor that "
+    "nothing was found."
+)
 
 
 def notice_for(served: ServedModel) -> str:
@@ -157,6 +172,67 @@ def quality_verdict(rgb: np.ndarray, config: QualityConfig = DEFAULT_QUALITY) ->
     }
 
 
+def questionnaire_record(served: ServedModel) -> dict | None:
+    """The package's validation scores with and without answers (core.questionnaire), for a model that
+    reads the questionnaire and was trained with them recorded; None otherwise."""
+    record = served.package.extra.get(QUESTIONNAIRE_EXTRA)
+    return dict(record) if served.uses_metadata and isinstance(record, dict) else None
+
+
+def class_notes(served: ServedModel) -> dict[str, str]:
+    """Class name -> what it means, for the classes that are not a condition's name."""
+    return {OTHER: OTHER_EXPLAINED} if OTHER in served.classes else {}
+
+
+def question_words(question: str) -> str:
+    return question.replace("_", " ")
+
+
+def missing_answers_warning(served: ServedModel, missing: list[str]) -> str | None:
+    """The warning for a request whose ``missing`` questions the model would have read; None when the model
+    reads no questionnaire, nothing is missing, or its validation score was no lower without answers."""
+    if not served.uses_metadata or not missing:
+        return None
+    if not served.uses_image and len(missing) == len(QUESTIONS):
+        return (
+            "This model reads only the questionnaire and no question was answered: its answer is the same "
+            "for everyone, not a reading of this case. Answer what you know."
+        )
+    unanswered = (
+        f"{len(missing)} of {len(QUESTIONS)} questions are unanswered ({', '.join(map(question_words, missing))})"
+    )
+    record = questionnaire_record(served) or {}
+    answered, blank = record.get("val_macro_f1"), record.get("val_blank_macro_f1")
+    if answered is None or blank is None:
+        return (
+            f"This model reads the questionnaire and {unanswered}. How much it relies on the answers was not "
+            "measured for this version: its answer may be less reliable than with every answer. Answer what "
+            "you know."
+        )
+    if blank >= answered:
+        return None  # it scored as well with blank questionnaires: it does not rely on the answers
+    synthetic = " (on SYNTHETIC images)" if served.synthetic_data else ""
+    return (
+        f"This model relies on the questionnaire, and {unanswered}. On validation{synthetic} its macro-F1 was "
+        f"{answered:.2f} with each case's answers and {blank:.2f} with none: the fewer the answers, the less "
+        "reliable its answer. Answer what you know; a missing answer is read as not answered, never guessed."
+    )
+
+
+def answers_summary(served: ServedModel, request: PredictionRequest) -> dict:
+    """How many questions the request answered (a check-box group counts when a box is ticked), which are
+    missing, whether the model reads them, and the warning when it relies on missing ones."""
+    answered = answered_questions(request.cases()).iloc[0]
+    missing = [question for question in QUESTIONS if not bool(answered[question])]
+    return {
+        "given": len(QUESTIONS) - len(missing),
+        "questions": len(QUESTIONS),
+        "missing": missing,
+        "read_by_model": served.uses_metadata,
+        "warning": missing_answers_warning(served, missing),
+    }
+
+
 def model_info(served: ServedModel) -> dict:
     return {
         "name": served.name,
@@ -172,6 +248,8 @@ def model_info(served: ServedModel) -> dict:
         "fairness_status": served.fairness_status,
         "fairness_unjudged": served.fairness_unjudged,
         "run_id": served.run_id,
+        "questionnaire": questionnaire_record(served),
+        "class_notes": class_notes(served),
     }
 
 
@@ -216,4 +294,5 @@ def answer(served: ServedModel, request: PredictionRequest, quality: dict | None
         "image_used": served.uses_image,
         "metadata_used": served.uses_metadata,
         "metadata": request.metadata,
+        "answers": answers_summary(served, request),
     }

@@ -57,9 +57,10 @@ def registry(tmp_path, monkeypatch):
 
 
 def evaluation_table(val_balanced_accuracy: dict[str, float]) -> pd.DataFrame:
+    """model_evaluation's long table; each candidate scores the same with blank questionnaires (val_blank)."""
     rows = []
     for model, bacc in val_balanced_accuracy.items():
-        for split in ("val", "test"):
+        for split in ("val", "val_blank", "test"):
             for metric in METRICS:
                 value = bacc if metric == "balanced_accuracy" else 0.4 if metric != "ece" else 0.1
                 rows.append({"model": model, "split": split, "metric": metric, "class": None, "value": value})

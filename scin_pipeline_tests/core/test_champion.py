@@ -1,15 +1,24 @@
-"""The champion rule: eligibility (chance margin, fairness gate), ranking with tie-breakers, the rule's text
-and the reason when no candidate is eligible. Hand-made metric tables, no training."""
+"""The champion rule: eligibility (chance margin with the answers and with blank questionnaires, fairness
+gate), ranking by the weighted score with tie-breakers, the rule's text and the reason when no candidate is
+eligible. Hand-made metric tables, no training."""
 
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from scin_pipeline.core.champion import ChampionRule, champion_rule_text, choose_champion, no_champion_reason
 
 
 def wide(**columns) -> pd.DataFrame:
-    return pd.DataFrame(columns)
+    """A metric table; a split's blank-questionnaire scores not given are its answered ones (a candidate that
+    reads no questionnaire scores the same with a blank one)."""
+    table = pd.DataFrame(columns)
+    for column in list(table.columns):
+        split, _, metric = column.partition("_")
+        if split in ("val", "train") and not metric.startswith("blank_") and f"{split}_blank_{metric}" not in table:
+            table[f"{split}_blank_{metric}"] = table[column]
+    return table
 
 
 def test_a_candidate_failing_the_fairness_gate_is_passed_over():
@@ -86,14 +95,79 @@ def test_the_rule_reads_its_own_split_and_metric():
     assert choose_champion(table, 2, rule).loc[lambda f: f["champion"], "model"].tolist() == ["b"]
 
 
-def test_rule_text_states_split_metric_ties_and_margin():
+def test_rule_text_states_split_metric_weights_ties_and_margin():
     assert champion_rule_text(ChampionRule()) == (
-        "highest val macro_f1 (ties: balanced_accuracy, mean_ovr_auc, then name), among candidates whose val "
-        "balanced accuracy beats chance (1/K) by at least 0.05 and that pass the fairness gate (one it could "
-        "not judge, a gate group too small even at bin level, is not eligible)"
+        "highest val 0.50 x macro_f1 with the questionnaire as answered + 0.50 x macro_f1 with it blank (ties: "
+        "balanced_accuracy, mean_ovr_auc, then name), among candidates whose val balanced accuracy beats chance "
+        "(1/K) by at least 0.05 both with the questionnaire as answered and with it blank (a blank form must get "
+        "its answer from the photo) and that pass the fairness gate (one it could not judge, a gate group too "
+        "small even at bin level, is not eligible)"
     )
-    text = champion_rule_text(ChampionRule(selection_metric="top3_accuracy", tie_breakers=(), chance_margin=0.1))
-    assert "highest val top3_accuracy (ties: , then name)" in text and "at least 0.10" in text
+    text = champion_rule_text(
+        ChampionRule(selection_metric="top3_accuracy", tie_breakers=(), chance_margin=0.1, blank_questionnaire_weight=0)
+    )
+    assert "highest val top3_accuracy with the questionnaire as answered (ties: , then name)" in text
+    assert "at least 0.10" in text
+    assert "0.25 x macro_f1 with the questionnaire as answered + 0.75 x macro_f1 with it blank" in champion_rule_text(
+        ChampionRule(blank_questionnaire_weight=0.75)
+    )
+    assert "highest val macro_f1 with every questionnaire blank" in champion_rule_text(
+        ChampionRule(blank_questionnaire_weight=1)
+    )
+
+
+def test_a_candidate_that_answers_a_blank_form_at_chance_is_passed_over():
+    # "answers" is the best with the questionnaire as answered, but with a blank one its answer is a constant:
+    # balanced accuracy 1/K exactly. It is passed over whatever the weight.
+    table = wide(
+        model=["answers", "image"],
+        val_macro_f1=[0.90, 0.60],
+        val_balanced_accuracy=[0.92, 0.62],
+        val_mean_ovr_auc=[0.95, 0.8],
+        val_blank_macro_f1=[0.10, 0.60],
+        val_blank_balanced_accuracy=[0.25, 0.62],
+    )
+    for weight in (0.0, 0.5):
+        ranked = choose_champion(table, 4, ChampionRule(blank_questionnaire_weight=weight)).set_index("model")
+        assert bool(ranked.loc["image", "champion"]), weight
+        assert ranked.loc["answers", "passed_over"] == (
+            "val balanced accuracy with blank questionnaires (0.250) not above chance (0.250) + 0.05: its answer "
+            "to a blank form barely depends on the photo"
+        )
+        assert pd.isna(ranked.loc["answers", "rank"])
+
+
+def test_the_weighted_score_trades_answered_against_blank_questionnaires():
+    # multimodal: best with answers, weaker than the image model without; both eligible.
+    table = wide(
+        model=["multimodal", "image"],
+        val_macro_f1=[0.80, 0.65],
+        val_balanced_accuracy=[0.80, 0.66],
+        val_mean_ovr_auc=[0.9, 0.85],
+        val_blank_macro_f1=[0.45, 0.65],
+        val_blank_balanced_accuracy=[0.47, 0.66],
+    )
+
+    def ranking(weight: float) -> pd.DataFrame:
+        return choose_champion(table, 4, ChampionRule(blank_questionnaire_weight=weight)).set_index("model")
+
+    assert ranking(0.0).loc["multimodal", "champion"]  # answered score alone: 0.80 > 0.65
+    balanced = ranking(0.5)
+    assert balanced.loc["image", "champion"]  # 0.5 x 0.80 + 0.5 x 0.45 = 0.625 < 0.65
+    assert balanced.loc["multimodal", "val_selection_score"] == pytest.approx(0.625)
+    assert balanced.loc["image", "val_selection_score"] == pytest.approx(0.65)  # the same either way
+    assert ranking(0.3).loc["multimodal", "champion"]  # 0.7 x 0.80 + 0.3 x 0.45 = 0.695 > 0.65
+    # A multimodal candidate that serves blank forms about as well as the image model wins at 0.5.
+    table.loc[0, "val_blank_macro_f1"] = 0.62
+    assert ranking(0.5).loc["multimodal", "champion"]
+
+
+def test_a_table_without_blank_questionnaire_scores_is_refused():
+    table = pd.DataFrame({"model": ["a"], "val_macro_f1": [0.9], "val_balanced_accuracy": [0.9]})
+    with pytest.raises(ValueError, match=r"lacks \['val_blank_macro_f1', 'val_blank_balanced_accuracy'\]"):
+        choose_champion(table, 2, ChampionRule())
+    with pytest.raises(ValueError, match="blank_questionnaire_weight must be in"):
+        ChampionRule(blank_questionnaire_weight=1.5)
 
 
 def test_no_champion_reason_lists_each_passed_over_candidate():
