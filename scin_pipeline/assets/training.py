@@ -15,7 +15,7 @@ Keras BackupAndRestore from the last finished epoch).
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -379,6 +379,13 @@ class Trained:
     metadata: dict  # the candidate's own asset metadata
 
 
+def best_val_metadata(metrics: Mapping[str, float]) -> dict:
+    """The kept weights' validation metrics (``best_val_*``, as the MLflow run has them) as asset metadata:
+    the same names and numbers in Dagster and MLflow."""
+    best = {k: round(float(v), 4) for k, v in metrics.items() if k.startswith("best_val_") and k != "best_val_score"}
+    return {"best_val_metrics": MetadataValue.json(dict(sorted(best.items())))} if best else {}
+
+
 def inputs_version(inputs: dict[str, pd.DataFrame]) -> str:
     """What a candidate trained on besides the splits: the cached pixels and embeddings, then the cases."""
     parts = []
@@ -443,6 +450,7 @@ class CandidateRun:
             "best_val_score": float(run.data.metrics.get("best_val_score", float("nan"))),
             "keras_backend": tags.get(KERAS_BACKEND_TAG, ""),
             "weights": tags.get(WEIGHTS_TAG, ""),
+            "run_metrics": dict(run.data.metrics),
         }
 
     def tags(self, extra: dict | None = None) -> dict:
@@ -492,13 +500,16 @@ class CandidateRun:
         weights: str,
         metadata: dict,
         package_extra: dict | None = None,
+        single_fit_val: Mapping[str, float] | None = None,
     ) -> Trained:
         """Package ``model`` (one file for raw inputs), save it, log it with ``result``'s curves and
-        summary (history, best_epoch, best_score) to the run, register it, and tag the run with the model's
-        URI, its version and ``tags``."""
+        summary (history, best_epoch, best_score, the kept weights' ``best_val_*``) to the run, register it,
+        and tag the run with the model's URI, its version and ``tags``. ``single_fit_val``: the validation
+        metrics (names without ``val_``) of a model fitted once, with no epoch history to take them from."""
         from scin_pipeline.core import plots
         from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS
         from scin_pipeline.core.packaged_model import METADATA_KINDS, PackagedClassifier
+        from scin_pipeline.core.training import restored_epoch_metrics
 
         package = PackagedClassifier(
             kind=self.kind,
@@ -515,7 +526,12 @@ class CandidateRun:
             run.log_figure_png(plots.training_curves_png(history, title=self.name), "training_curves.png")
         for keras_file in self.package_dir.glob("*.keras"):
             run.log_artifact(str(keras_file), "keras")
-        run.log_metrics({"best_epoch": result.best_epoch, "best_val_score": result.best_score})
+        # The kept weights' validation metrics under their own names (val_* per step end at the last epoch).
+        if history is not None:
+            best_val = restored_epoch_metrics(history, result.best_epoch)
+        else:
+            best_val = {f"best_val_{k}": float(v) for k, v in (single_fit_val or {}).items() if np.isfinite(v)}
+        run.log_metrics({"best_epoch": result.best_epoch, "best_val_score": result.best_score, **best_val})
         model_uri, version = run.log_model(str(self.package_dir), register=True)
         self.mlflow.set_run_tags(
             run.run_id, {MODEL_URI_TAG: model_uri, REGISTERED_VERSION_TAG: str(version or ""), **tags}
@@ -530,7 +546,7 @@ class CandidateRun:
             "weights": weights,
         }
         resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
-        return Trained(row=row, resumed=resumed, metadata=metadata)
+        return Trained(row=row, resumed=resumed, metadata={**metadata, **best_val_metadata(best_val)})
 
     def output(self, row: dict, *, reused: bool, resumed: bool, metadata: dict) -> Output:
         record = {
@@ -605,7 +621,8 @@ def candidate_asset(
         previous = run.reusable()
         if previous:
             context.log.info(f"unchanged inputs, code and config: reusing MLflow run {previous['mlflow_run_id']}")
-            return run.output(previous, reused=True, resumed=False, metadata={})
+            metrics = previous.pop("run_metrics")
+            return run.output(previous, reused=True, resumed=False, metadata=best_val_metadata(metrics))
         trained = train(run)
         return run.output(trained.row, reused=False, resumed=trained.resumed, metadata=trained.metadata)
 
@@ -790,6 +807,7 @@ def _train_metadata_model(candidate: CandidateRun) -> Trained:
             tags={},
             keras_backend="",
             weights="",
+            single_fit_val=val_metrics,
             metadata={
                 "val_metrics": MetadataValue.json({k: round(float(v), 4) for k, v in val_metrics.items()}),
                 "val_blank_metrics": MetadataValue.json({k: round(float(v), 4) for k, v in blank_metrics.items()}),

@@ -304,6 +304,22 @@ def _best(history: pd.DataFrame, monitor: str) -> tuple[int, float]:
     return int(history["epoch"].iloc[i]), float(scores[i])
 
 
+def restored_epoch_metrics(history: pd.DataFrame | None, best_epoch: int) -> dict[str, float]:
+    """The validation metrics of the epoch whose weights were restored, named ``best_val_*``.
+
+    Per-epoch ``val_*`` series end at the LAST epoch, while the packaged model holds the BEST epoch's
+    weights (early stopping restores them): these are the numbers the evaluation of the package reproduces,
+    under names that cannot be mistaken for the last epoch's. Empty when there is no such epoch in
+    ``history`` (no history, or a best epoch of 0: no epoch improved)."""
+    if history is None or not len(history) or "epoch" not in history:
+        return {}
+    row = history[history["epoch"] == best_epoch]
+    if row.empty:
+        return {}
+    values = {str(c): float(row[c].iloc[0]) for c in history.columns if str(c).startswith("val_")}
+    return {f"best_{name}": value for name, value in values.items() if np.isfinite(value)}
+
+
 def _compile(model, learning_rate: float):
     import keras
 

@@ -138,6 +138,28 @@ def test_training_runs_are_tagged_with_dagster_run_and_split_version(trained):
     }
 
 
+def test_mlflow_names_the_restored_epochs_metrics_best_val_as_the_comparison_reads_them(trained):
+    data_root, _mirror, _summary, uri = trained
+    client = mlflow.MlflowClient(uri)
+    validation = overall(table(data_root, "model_evaluation"), split="val")
+    comparison = table(data_root, "model_comparison").set_index("model")
+    for name in ("baseline_cnn", "resnet50_transfer", "multimodal"):
+        run = client.get_run(table(data_root, name)["mlflow_run_id"].iloc[0])
+        metrics, best_epoch = run.data.metrics, int(run.data.metrics["best_epoch"])
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_balanced_accuracy")}
+        # val_* per step runs to the last epoch; best_val_* is the epoch whose weights were kept ...
+        assert metrics["val_balanced_accuracy"] == history[max(history)]
+        assert metrics["best_val_balanced_accuracy"] == pytest.approx(history[best_epoch], abs=1e-12), name
+        assert metrics["best_val_macro_f1"] == pytest.approx(metrics["best_val_score"]), name  # the monitor
+        # ... which the package reproduces: the comparison's validation figures are the same numbers.
+        for metric in ("balanced_accuracy", "macro_f1", "accuracy"):
+            packaged = validation.loc[name, metric]
+            assert metrics[f"best_val_{metric}"] == pytest.approx(packaged, abs=1e-6), (name, metric)
+        assert comparison.loc[name, "val_balanced_accuracy"] == pytest.approx(metrics["best_val_balanced_accuracy"])
+    metadata_run = client.get_run(table(data_root, "metadata_model")["mlflow_run_id"].iloc[0])
+    assert metadata_run.data.metrics["best_val_macro_f1"] == metadata_run.data.metrics["val_macro_f1"]  # one fit
+
+
 def test_a_candidates_run_key_is_the_one_recipe_of_its_inputs(trained):
     data_root, _mirror, _summary, uri = trained
     from dagster import AssetKey

@@ -213,6 +213,13 @@ def test_early_stopping_restores_the_best_epoch(monkeypatch, tmp_path, with_chec
     _assert_same_weights(result.model, weights.by_epoch[2])
     assert set(training.HISTORY_COLUMNS) <= set(result.history.columns)
     assert (result.history["phase"] == "train").all() and result.resumed_from_epoch is None
+    # The restored epoch's validation metrics under their own names: epoch 2's, not the last epoch's.
+    best = training.restored_epoch_metrics(result.history, result.best_epoch)
+    epoch_2 = result.history[result.history["epoch"] == 2].iloc[0]
+    assert best["best_val_macro_f1"] == pytest.approx(0.9) != result.history["val_macro_f1"].iloc[-1]
+    assert {k[len("best_") :] for k in best} == {c for c in result.history.columns if c.startswith("val_")}
+    for name, value in best.items():
+        assert value == pytest.approx(float(epoch_2[name[len("best_") :]])), name
 
 
 def test_resume_after_a_kill_continues_at_the_next_epoch(monkeypatch, tmp_path):
@@ -523,3 +530,10 @@ def test_fine_tune_transfer_keeps_fine_tuned_weights_when_they_are_better(monkey
     )
     assert result.fine_tune_kept and (result.best_epoch, result.best_score) == (3, pytest.approx(0.9))
     _assert_same_weights(result.model, weights.by_epoch[3])
+
+
+def test_restored_epoch_metrics_without_the_epoch_are_empty():
+    history = pd.DataFrame({"epoch": [1, 2], "val_macro_f1": [0.2, 0.3], "loss": [1.0, 0.9]})
+    assert training.restored_epoch_metrics(history, 2) == {"best_val_macro_f1": pytest.approx(0.3)}
+    assert training.restored_epoch_metrics(history, 0) == {}  # no epoch improved on the start
+    assert training.restored_epoch_metrics(None, 1) == {}
