@@ -360,6 +360,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from scin_pipeline.core import mlflow_ui
+    from scin_pipeline.resources import MlflowTracking, StoragePaths
     from scin_pipeline.runner import DEFINITIONS_MODULE, embedded_instance, prepare_data_root
 
     root = prepare_data_root(args.data_root)
@@ -372,9 +374,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
         DATA_ROOT_ENV: str(root),
         SOURCE_ENV: args.source,
     }
-    env.setdefault("MLFLOW_TRACKING_URI", layout.mlflow_uri)
-    # MLflow 3's job-execution workers (six idle processes) only slow the UI's start and stop here.
-    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    env = mlflow_ui.ui_environment(env, tracking_uri=layout.mlflow_uri)
+    # The experiment exists (made now if no run made it yet) and carries the UI's tags: the link opens its
+    # runs list in classic-ML mode with metric columns.
+    tracking = MlflowTracking(tracking_uri=env["MLFLOW_TRACKING_URI"], storage=StoragePaths(data_root=str(root)))
+    mlflow_url = f"http://127.0.0.1:{args.mlflow_port}"
+    runs_link = mlflow_ui.runs_url(mlflow_url, tracking.prepare_ui())
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
     bin_dir = Path(sys.executable).parent
     dagster_cmd = [str(bin_dir / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(args.port)]
@@ -382,26 +387,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
     mlflow_exe = bin_dir / "mlflow"
     procs = [subprocess.Popen(dagster_cmd, env=env, start_new_session=True)]
     if mlflow_exe.exists() or shutil.which("mlflow"):
-        procs.append(
-            subprocess.Popen(
-                [
-                    str(mlflow_exe if mlflow_exe.exists() else shutil.which("mlflow")),
-                    "ui",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(args.mlflow_port),
-                    "--backend-store-uri",
-                    env["MLFLOW_TRACKING_URI"],
-                ],
-                env=env,
-                start_new_session=True,
-            )
+        command = mlflow_ui.ui_command(
+            str(mlflow_exe if mlflow_exe.exists() else shutil.which("mlflow")),
+            backend_store_uri=env["MLFLOW_TRACKING_URI"],
+            port=args.mlflow_port,
         )
-    print(f"Dagster UI: http://127.0.0.1:{args.port}   MLflow UI: http://127.0.0.1:{args.mlflow_port}")
+        procs.append(subprocess.Popen(command, env=env, start_new_session=True))
+    print(f"Dagster UI: http://127.0.0.1:{args.port}   MLflow UI: {mlflow_url}")
+    print(f"The candidates' runs: {runs_link}")
     print("Ctrl-C stops both.")
     # A SIGTERM to us must stop the children too (they run in their own process groups).
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while all(p.poll() is None for p in procs):
             time.sleep(1)
@@ -417,6 +413,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
                         proc.wait(timeout=15)
                     except (ProcessLookupError, subprocess.TimeoutExpired):
                         continue
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 

@@ -55,6 +55,7 @@ from scin_pipeline.core.mlflow_registry import (
     fluent_tracking_uri,
     without_credentials,
 )
+from scin_pipeline.core.mlflow_ui import experiment_ui_tags
 from scin_pipeline.resources.storage import StoragePaths
 
 # The tags of a training run (SYNTHETIC_TAG, shared with serve/, lives in core.mlflow_registry).
@@ -228,7 +229,10 @@ class MlflowTracking(ConfigurableResource):
                     folder = re.sub(r"[^A-Za-z0-9_.-]", "_", self.experiment_name)
                     artifact_location = (self.artifact_root / folder).as_uri()
                 try:
-                    return client.create_experiment(self.experiment_name, artifact_location=artifact_location)
+                    # Tagged for the MLflow UI (classic model training, metric columns): core.mlflow_ui.
+                    return client.create_experiment(
+                        self.experiment_name, artifact_location=artifact_location, tags=experiment_ui_tags()
+                    )
                 except MlflowException as exc:
                     if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                         raise
@@ -240,6 +244,15 @@ class MlflowTracking(ConfigurableResource):
                 f"UI (or `mlflow experiments restore`) or set experiment_name"
             )
         return experiment.experiment_id
+
+    def prepare_ui(self) -> str:
+        """The experiment's id, created if need be, with the tags the MLflow UI reads (core.mlflow_ui) set
+        again: an experiment made before they existed, or whose view a user changed, opens as documented."""
+        client = self.client()
+        experiment_id = self.experiment_id(client)
+        for key, value in experiment_ui_tags().items():
+            client.set_experiment_tag(experiment_id, key, value)
+        return experiment_id
 
     # ---------------------------------------------------------------- runs
 
