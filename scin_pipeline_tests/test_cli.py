@@ -298,7 +298,13 @@ def test_demo_on_real_metadata_300_cases(scin_metadata_dir, tmp_path, capsys):
     assert missing_planted and missing_planted <= set(files.loc[files["status"] == "missing", "image_id"])
     # The demo trains all four candidates on CPU, logs them to MLflow and names a champion.
     comparison = pd.read_parquet(out / "tables" / "model_comparison.parquet")
-    assert set(comparison["model"]) == {"baseline_cnn", "resnet50_transfer", "metadata_model", "multimodal"}
+    assert set(comparison["model"]) == {
+        "baseline_cnn",
+        "resnet50_transfer",
+        "resnet50_fixmatch",
+        "metadata_model",
+        "multimodal",
+    }
     assert comparison["champion"].fillna(False).sum() == 1
     assert (out / "mlflow" / "mlflow.db").exists()
     assert "NOT FOR DIAGNOSIS" in (out / "tables" / "model_card" / "model_card.md").read_text().upper()

@@ -41,7 +41,7 @@ from scin_pipeline.resources import MlflowTracking, StoragePaths
 from scin_pipeline.resources.mlflow_tracking import CHAMPION_CLEARED_REASON_TAG
 
 GROUP = "evaluation"
-CANDIDATES = ("baseline_cnn", "resnet50_transfer", "metadata_model", "multimodal")
+CANDIDATES = ("baseline_cnn", "resnet50_transfer", "resnet50_fixmatch", "metadata_model", "multimodal")
 OVERALL_METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "mean_ovr_auc", "ece"]
 EVALUATED_SPLITS = ("val", "test")
 SCORED_SPLITS = ("val", blank_split("val"), "test")  # the splits of model_evaluation's table
@@ -87,6 +87,7 @@ def model_evaluation(
     context: AssetExecutionContext,
     baseline_cnn: pd.DataFrame,
     resnet50_transfer: pd.DataFrame,
+    resnet50_fixmatch: pd.DataFrame,
     metadata_model: pd.DataFrame,
     multimodal: pd.DataFrame,
     labeled_splits: pd.DataFrame,
@@ -98,7 +99,7 @@ def model_evaluation(
     from scin_pipeline.core import evaluation
     from scin_pipeline.core.packaged_model import METADATA_KINDS, PackagedClassifier
 
-    candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)
+    candidates = candidates_table(baseline_cnn, resnet50_transfer, resnet50_fixmatch, metadata_model, multimodal)
     classes = json.loads(candidates["classes"].iloc[0])
     cache_dir = storage.image_tensors_dir
     out_dir = storage.table_files_dir("model_evaluation")
@@ -275,6 +276,7 @@ def model_comparison(
     fairness_report: pd.DataFrame,
     baseline_cnn: pd.DataFrame,
     resnet50_transfer: pd.DataFrame,
+    resnet50_fixmatch: pd.DataFrame,
     metadata_model: pd.DataFrame,
     multimodal: pd.DataFrame,
     mlflow: MlflowTracking,
@@ -284,7 +286,7 @@ def model_comparison(
 
     if config.selection_split == "test":
         raise ValueError("selection_split must not be 'test': the test split only reports")
-    candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)
+    candidates = candidates_table(baseline_cnn, resnet50_transfer, resnet50_fixmatch, metadata_model, multimodal)
     n_classes = len(json.loads(candidates["classes"].iloc[0]))
     overall = model_evaluation[model_evaluation["class"].isna() | (model_evaluation["class"] == "")]
     wide = overall.pivot_table(index="model", columns=["split", "metric"], values="value")

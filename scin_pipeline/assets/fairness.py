@@ -123,7 +123,9 @@ def cross_validated_predictions(
         result,
         metadata={
             "models": ", ".join(CROSS_VALIDATED),
-            "not_cross_validated": "baseline_cnn, resnet50_transfer, multimodal (judged on the test split)",
+            "not_cross_validated": (
+                "baseline_cnn, resnet50_transfer, resnet50_fixmatch, multimodal (judged on the test split)"
+            ),
             "n_folds": config.n_folds,
             "cases_scored": len(result),
             "monk_us_7_10_scored": int(deep.sum()),
@@ -175,6 +177,7 @@ def fairness_report(
     model_predictions: pd.DataFrame,
     baseline_cnn: pd.DataFrame,
     resnet50_transfer: pd.DataFrame,
+    resnet50_fixmatch: pd.DataFrame,
     metadata_model: pd.DataFrame,
     multimodal: pd.DataFrame,
     cross_validated_predictions: pd.DataFrame,
@@ -188,7 +191,7 @@ def fairness_report(
     from scin_pipeline.core.evaluation import case_level_predictions
     from scin_pipeline.core.fairness_report import fairness_html, fairness_markdown, fairness_plots, plot_key
 
-    candidates = candidates_table(baseline_cnn, resnet50_transfer, metadata_model, multimodal)
+    candidates = candidates_table(baseline_cnn, resnet50_transfer, resnet50_fixmatch, metadata_model, multimodal)
     classes = json.loads(candidates["classes"].iloc[0])
     per_case = case_level_predictions(model_predictions)
     synthetic = scin_source.is_synthetic()

@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, cast
 
@@ -208,6 +209,21 @@ class TransferConfig(TrainingConfig):
     dropout: float = Field(default=0.3, ge=0, lt=1)
 
 
+class FixMatchTrainingConfig(TransferConfig):
+    """resnet50_transfer's knobs plus FixMatch's (core.semi_supervised.FixMatchConfig; defaults are its own)."""
+
+    threshold: float = Field(
+        default=0.95, gt=0, le=1, description="pseudo-label kept when its top probability reaches this"
+    )
+    unlabelled_weight: float = Field(default=1.0, ge=0, description="weight of the consistency loss (lambda_u)")
+    unlabelled_ratio: int = Field(default=7, ge=1, description="pool images per labelled image in a step (mu)")
+    weak_views: int = Field(default=1, ge=1, description="head mode: embedded weak views per image (1 = plain)")
+    strong_views: int = Field(default=2, ge=1, description="head mode: embedded strong views per pool image")
+    max_pool_images: int = Field(
+        default=0, ge=0, description="use at most this many pool images (a fixed, hash-ordered sample; 0 = all)"
+    )
+
+
 class EmbeddingsConfig(Config):
     backend: Literal["auto", "tensorflow", "jax", "torch"] = "auto"
     weights: Literal["imagenet", "none"] = Field(
@@ -387,12 +403,15 @@ def best_val_metadata(metrics: Mapping[str, float]) -> dict:
 
 
 def inputs_version(inputs: dict[str, pd.DataFrame]) -> str:
-    """What a candidate trained on besides the splits: the cached pixels and embeddings, then the cases."""
+    """What a candidate trained on besides the splits: the cached pixels and embeddings, then the cases, then
+    the unlabelled pool (semi-supervised candidates)."""
     parts = []
     if "image_tensors" in inputs:
         parts.append(pixels_version(inputs["image_tensors"], inputs.get("image_embeddings")))
     if "cases" in inputs:
         parts.append(frame_version(inputs["cases"], ["case_id"]))
+    if "unlabelled_pool" in inputs:
+        parts.append(frame_version(inputs["unlabelled_pool"], ["case_id", "image_id"]))
     return ":".join(parts)
 
 
@@ -680,6 +699,13 @@ def _train_baseline_cnn(candidate: CandidateRun) -> Trained:
         )
 
 
+def _resolved_mode(config: TransferConfig, described: dict) -> str:
+    """auto: fine-tuning on an accelerator, a head on the frozen embeddings on CPU."""
+    if config.mode != "auto":
+        return config.mode
+    return "fine_tune" if described.get("accelerator") else "head_on_embeddings"
+
+
 def _train_resnet50_transfer(candidate: CandidateRun) -> Trained:
     config, inputs = candidate.config, candidate.inputs
     assert isinstance(config, TransferConfig)  # its candidate_asset's config class
@@ -695,11 +721,7 @@ def _train_resnet50_transfer(candidate: CandidateRun) -> Trained:
         inputs["image_embeddings"],
     )
     weights = backbone_weights(image_embeddings)
-    mode = (
-        config.mode
-        if config.mode != "auto"
-        else ("fine_tune" if described.get("accelerator") else "head_on_embeddings")
-    )
+    mode = _resolved_mode(config, described)
     # Pixels are read only for fine-tuning; a head on embeddings needs the rows alone (on the full release
     # the train split's pixels are ~1.5 GB at 224 px).
     train_rows, y_train = split_rows(labeled_splits, image_tensors, "train", candidate.classes)
@@ -759,6 +781,206 @@ def _train_resnet50_transfer(candidate: CandidateRun) -> Trained:
             weights=weights,
             metadata={"mode": mode, "history": table_md(result.history, rows=40)},
             package_extra={"mode": mode, "weights": weights},
+        )
+
+
+def pool_image_rows(
+    unlabelled_pool: pd.DataFrame, labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, max_images: int = 0
+) -> pd.DataFrame:
+    """The pool's images with cached pixels, one row per image (shard, offset), none that is a labelled
+    image (a file shared with a labelled case stays labelled only), at most ``max_images`` (0: all) taken in
+    the order of a hash of their id (a fixed sample that does not depend on the table's order)."""
+    ok = image_tensors[image_tensors["status"] == "ok"][["image_id", "shard", "offset", "status", "image_size"]]
+    pool = unlabelled_pool[["image_id"]].drop_duplicates()
+    pool = pool[~pool["image_id"].isin(labeled_splits["image_id"])].merge(ok, on="image_id")
+    order = pd.util.hash_pandas_object(pool["image_id"].astype(str), index=False).to_numpy()
+    pool = pool.iloc[np.argsort(order, kind="stable")]
+    if max_images:
+        pool = pool.head(max_images)
+    return pool.sort_values("image_id").reset_index(drop=True)
+
+
+def _cached_views(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """Embedded views kept beside the candidate's checkpoints: a resumed training does not embed them again."""
+    if path.exists():
+        return np.load(path)
+    views = compute()
+    with atomic_target(path) as tmp:
+        np.save(tmp, views)
+    return views
+
+
+def _train_resnet50_fixmatch(candidate: CandidateRun) -> Trained:
+    config, inputs = candidate.config, candidate.inputs
+    assert isinstance(config, FixMatchTrainingConfig)  # its candidate_asset's config class
+    assert candidate.image_size is not None  # set from image_tensors, an input of every Keras candidate
+    described = _prepare_keras(config)
+    import keras
+
+    from scin_pipeline.core import models, semi_supervised, training
+
+    labeled_splits, image_tensors, image_embeddings = (
+        inputs["labeled_splits"],
+        inputs["image_tensors"],
+        inputs["image_embeddings"],
+    )
+    weights = backbone_weights(image_embeddings)
+    mode = _resolved_mode(config, described)
+    train_rows, y_train = split_rows(labeled_splits, image_tensors, "train", candidate.classes)
+    val_rows, y_val = split_rows(labeled_splits, image_tensors, "val", candidate.classes)
+    pool_rows = pool_image_rows(inputs["unlabelled_pool"], labeled_splits, image_tensors, config.max_pool_images)
+    train_config = _train_config(config)
+    fixmatch = semi_supervised.FixMatchConfig(
+        threshold=config.threshold,
+        unlabelled_weight=config.unlabelled_weight,
+        ratio=config.unlabelled_ratio,
+        weak_views=config.weak_views,
+        strong_views=config.strong_views,
+    )
+    n_classes = len(candidate.classes)
+    cache_dir = candidate.storage.image_tensors_dir
+    tags = {KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights}
+    params = {
+        "resolved_mode": mode,
+        "weights": weights,
+        "image_size": candidate.image_size,
+        "n_train": len(y_train),
+        "n_val": len(y_val),
+        "n_pool_images": len(pool_rows),
+        "classes": n_classes,
+    }
+    if pool_rows.empty:
+        candidate.context.log.warning(
+            "resnet50_fixmatch: no unlabelled pool image has cached pixels; trained without the consistency "
+            "term (as its supervised twin)"
+        )
+    metadata: dict = {"mode": mode, "pool_images": len(pool_rows)}
+    with candidate.training_run({**tags, TRAINING_MODE_TAG: mode}, params) as run:
+        if mode == "head_on_embeddings":
+            backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
+            e_train, e_val = load_embeddings(image_embeddings, train_rows), load_embeddings(image_embeddings, val_rows)
+
+            def head_builder():
+                return models.build_classifier_head(e_train.shape[1], n_classes, config.dropout, normalize_with=e_train)
+
+            if pool_rows.empty:
+                result = training.train_head_on_embeddings(
+                    e_train,
+                    y_train,
+                    e_val,
+                    y_val,
+                    head_builder=head_builder,
+                    config=train_config,
+                    checkpoint_dir=candidate.checkpoint_dir,
+                    on_epoch_end=candidate.epoch_logger(run),
+                )
+            else:
+                views_dir = candidate.checkpoint_dir
+                views_dir.mkdir(parents=True, exist_ok=True)
+                # The plain view of a pool image is its image_embeddings row when it has one (every
+                # quality-kept image is embedded); otherwise it is embedded here with the others.
+                in_embeddings = bool(pool_rows["image_id"].isin(image_embeddings["image_id"]).all())
+                pool_plain = load_embeddings(image_embeddings, pool_rows) if in_embeddings else None
+                n_embedded = (fixmatch.weak_views - 1) * len(train_rows) + len(pool_rows) * (
+                    fixmatch.weak_views - int(in_embeddings) + fixmatch.strong_views
+                )
+                progress = Progress("resnet50_fixmatch views", n_embedded, candidate.context.log.info, unit="images")
+
+                def views(images_of: Callable[[], np.ndarray], n: int, augment, seed: int, plain) -> np.ndarray:
+                    if n == 1 and plain is not None:
+                        return plain[None]
+                    return semi_supervised.embed_views(
+                        backbone,
+                        images_of(),
+                        n,
+                        augment,
+                        seed=seed,
+                        plain=plain,
+                        plain_first=augment is semi_supervised.weak_augment_batch,
+                        on_batch=progress.advance,
+                    )
+
+                def train_images() -> np.ndarray:
+                    return image_cache.load_images(train_rows, cache_dir)
+
+                def pool_images() -> np.ndarray:
+                    return image_cache.load_images(pool_rows, cache_dir)
+
+                weak = semi_supervised.weak_augment_batch
+                train_views = _cached_views(
+                    views_dir / "train_weak_views.npy",
+                    lambda: views(train_images, fixmatch.weak_views, weak, config.seed, e_train),
+                )
+                pool_weak = _cached_views(
+                    views_dir / "pool_weak_views.npy",
+                    lambda: views(pool_images, fixmatch.weak_views, weak, config.seed + 1, pool_plain),
+                )
+                pool_strong = _cached_views(
+                    views_dir / "pool_strong_views.npy",
+                    lambda: views(
+                        pool_images, fixmatch.strong_views, semi_supervised.strong_augment_batch, config.seed + 2, None
+                    ),
+                )
+                result = semi_supervised.train_fixmatch_head_on_embeddings(
+                    train_views,
+                    y_train,
+                    pool_weak,
+                    pool_strong,
+                    e_val,
+                    y_val,
+                    head_builder=head_builder,
+                    config=train_config,
+                    fixmatch=fixmatch,
+                    checkpoint_dir=candidate.checkpoint_dir / "fit",
+                    on_epoch_end=candidate.epoch_logger(run),
+                )
+            model = models.compose_end_to_end(backbone, result.model, with_metadata=False)
+        else:
+            x_train = image_cache.load_images(train_rows, cache_dir)
+            x_val = image_cache.load_images(val_rows, cache_dir)
+            backbone = models.build_resnet50_backbone(candidate.image_size, None if weights == "none" else weights)
+            head = models.build_classifier_head(backbone.output_shape[-1], n_classes, config.dropout)
+            if pool_rows.empty:
+                result = training.fine_tune_transfer(
+                    backbone,
+                    head,
+                    x_train,
+                    y_train,
+                    x_val,
+                    y_val,
+                    config=train_config,
+                    checkpoint_dir=candidate.checkpoint_dir,
+                    on_epoch_end=candidate.epoch_logger(run),
+                )
+            else:
+                result = semi_supervised.fine_tune_fixmatch(
+                    backbone,
+                    head,
+                    x_train,
+                    y_train,
+                    image_cache.load_images(pool_rows, cache_dir),
+                    x_val,
+                    y_val,
+                    config=train_config,
+                    fixmatch=fixmatch,
+                    checkpoint_dir=candidate.checkpoint_dir,
+                    on_epoch_end=candidate.epoch_logger(run),
+                )
+            model = result.model
+        history = result.history
+        if "pseudo_label_rate" in history and len(history):
+            metadata["final_pseudo_label_rate"] = float(history["pseudo_label_rate"].iloc[-1])
+        if candidate.synthetic:
+            metadata["note_fixmatch"] = "SYNTHETIC images: the pseudo-labels and their rate say nothing about skin"
+        return candidate.finish(
+            run,
+            model,
+            result,
+            tags=tags,
+            keras_backend=described["backend"],
+            weights=weights,
+            metadata={**metadata, "history": table_md(history, rows=40)},
+            package_extra={"mode": mode, "weights": weights, "semi_supervised": "fixmatch"},
         )
 
 
@@ -915,6 +1137,19 @@ resnet50_transfer = candidate_asset(
     "backbone, then the top layers are unfrozen at a lower learning rate (BatchNorm stays frozen), from the "
     "uint8 cache with bfloat16 on GPU. On CPU (mode=auto) the head is trained on image_embeddings so a full "
     "run stays practical. Saved as one end-to-end model on raw uint8 images.",
+)
+
+resnet50_fixmatch = candidate_asset(
+    name="resnet50_fixmatch",
+    kind="keras_image",
+    config=FixMatchTrainingConfig,
+    ins=("labeled_splits", "image_tensors", "image_embeddings", "unlabelled_pool"),
+    train=_train_resnet50_fixmatch,
+    description="ResNet50 transfer that also learns from the unlabelled pool, FixMatch-style: each step, "
+    "the pseudo-label of a weak view of a pool image (kept above a confidence threshold) is the target of a "
+    "strong view of the same image. Augmentation is GEOMETRY-ONLY (flips, rotations, zoom, shear), never "
+    "colour: skin tone is the fairness attribute. CPU (mode=auto): a head on frozen embeddings of the views; "
+    "accelerator: end-to-end fine-tuning. Its supervised twin is resnet50_transfer on the same split.",
 )
 
 metadata_model = candidate_asset(

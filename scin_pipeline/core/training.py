@@ -242,21 +242,25 @@ def _macro_metrics_class():
         epoch-end logs, from one prediction of the validation inputs; with ``blank_val_inputs`` (the same
         rows with every questionnaire blank) also val_blank_macro_f1 and val_blank_balanced_accuracy. Put
         it before the callbacks that read these keys (EarlyStopping, ModelCheckpoint, CSVLogger; Keras'
-        History always runs last)."""
+        History always runs last). ``predict_model``: the model that scores the validation inputs when it is
+        not the one being fitted (a training wrapper around a classifier, e.g. core.semi_supervised's
+        FixMatch model)."""
 
-        def __init__(self, val_inputs, val_y, batch_size: int = 64, blank_val_inputs=None):
+        def __init__(self, val_inputs, val_y, batch_size: int = 64, blank_val_inputs=None, predict_model=None):
             super().__init__()
             self.val_inputs, self.val_y, self.batch_size = val_inputs, np.asarray(val_y), batch_size
             self.blank_val_inputs = blank_val_inputs
+            self.predict_model = predict_model
 
         def on_epoch_end(self, epoch, logs=None):
             if logs is None:
                 return
             assert self.model is not None  # fit sets it before the first epoch
-            probabilities = predict_in_batches(self.model, self.val_inputs, self.batch_size)
+            scorer = self.predict_model if self.predict_model is not None else self.model
+            probabilities = predict_in_batches(scorer, self.val_inputs, self.batch_size)
             logs.update(_macro_scores(self.val_y, probabilities))
             if self.blank_val_inputs is not None:
-                blank_probabilities = predict_in_batches(self.model, self.blank_val_inputs, self.batch_size)
+                blank_probabilities = predict_in_batches(scorer, self.blank_val_inputs, self.batch_size)
                 blank = _macro_scores(self.val_y, blank_probabilities)
                 logs.update({f"val_blank_{name}": blank[f"val_{name}"] for name in BLANK_SCORES})
             learning_rate = cast(np.ndarray, keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
@@ -345,6 +349,8 @@ def fit_classifier(
     epochs: int | None = None,
     phase: str = "train",
     callbacks: list | tuple = (),
+    metric_callbacks: list | tuple = (),
+    val_model=None,
     verbose: int = 0,
     blank_val_inputs=None,
 ) -> TrainResult:
@@ -357,6 +363,10 @@ def fit_classifier(
     ``learning_rate`` / ``epochs`` default to ``config.learning_rate`` / ``config.epochs``.
     ``callbacks`` run after ours (they see the finished epoch's logs and backup). ``blank_val_inputs``: the
     validation inputs with every questionnaire blank, scored each epoch as val_blank_* (not monitored).
+    ``metric_callbacks`` run right after the validation metrics, before logging and stopping: what they
+    write into the logs is in the history and reaches ``on_epoch_end``. ``val_model`` scores ``val_inputs``
+    when ``model`` is a training wrapper that does not take them (its weights are ``model``'s, so stopping
+    and checkpoints still act on ``model``).
     ``checkpoint_dir`` must belong to this one training (e.g. the run id, or a hash of inputs + config):
     a finished fit found there is loaded, not redone, whatever the arguments.
     """
@@ -387,7 +397,10 @@ def fit_classifier(
 
     early_stopping = _resumable_early_stopping(config.monitor, config.early_stopping_patience, prior)
     all_callbacks: list[keras.callbacks.Callback] = [
-        _macro_metrics_class()(val_inputs, val_y, config.batch_size, blank_val_inputs=blank_val_inputs)
+        _macro_metrics_class()(
+            val_inputs, val_y, config.batch_size, blank_val_inputs=blank_val_inputs, predict_model=val_model
+        ),
+        *metric_callbacks,
     ]
     if ckpt is not None:
         all_callbacks += [

@@ -108,6 +108,7 @@ def run_comparison(
             fairness_report=overall_fairness(),
             baseline_cnn=frames["baseline_cnn"],
             resnet50_transfer=empty,
+            resnet50_fixmatch=empty,
             metadata_model=frames["metadata_model"],
             multimodal=empty,
             mlflow=tracking,

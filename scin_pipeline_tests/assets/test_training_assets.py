@@ -22,7 +22,7 @@ from scin_pipeline.runner import embedded_mlflow_uri, run_pipeline
 
 pytestmark = pytest.mark.slow
 
-CANDIDATES = ["baseline_cnn", "resnet50_transfer", "metadata_model", "multimodal"]
+CANDIDATES = ["baseline_cnn", "resnet50_transfer", "resnet50_fixmatch", "metadata_model", "multimodal"]
 TRAIN = {"epochs": 15, "batch_size": 32, "early_stopping_patience": 5}
 RUN_CONFIG = {
     "ops": {
@@ -35,6 +35,7 @@ RUN_CONFIG = {
         "image_embeddings": {"config": {"weights": "none"}},
         "baseline_cnn": {"config": TRAIN},
         "resnet50_transfer": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
+        "resnet50_fixmatch": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
         "multimodal": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
         "fairness_report": {"config": {"n_bootstrap": 50, "min_group_n": 10}},
         "cross_validated_predictions": {"config": {"n_folds": 3}},
