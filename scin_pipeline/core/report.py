@@ -115,7 +115,10 @@ class DataReport:
     missingness     table, column, n_rows, n_missing, share_missing; most missing first
     images_summary  metric, value, description
     plots           plot name -> PNG file in ``out_dir``
-    markdown        the whole report; plots referenced by file name relative to ``out_dir``
+    markdown        the whole report, headline numbers first; plots referenced by file name relative
+                    to ``out_dir``
+    headline        the headline numbers alone (Markdown, with the synthetic banner when synthetic): short
+                    enough for a viewer to show without opening the whole report
     summary_metadata  headline numbers, for Dagster output metadata
     """
 
@@ -126,6 +129,7 @@ class DataReport:
     images_summary: pd.DataFrame
     plots: dict[str, Path] = field(default_factory=dict)
     markdown: str = ""
+    headline: str = ""
     summary_metadata: dict[str, float | int | str] = field(default_factory=dict)
 
 
@@ -613,32 +617,8 @@ def _image_link(name: str) -> str:
     return f"![{name}]({name}.png)"
 
 
-def _build_markdown(
-    report: DataReport, n_cases: int, n_labelled: int, *, synthetic: bool, source_uri: str, release: str
-) -> str:
-    lines: list[str] = []
-    if synthetic:
-        lines += [
-            SYNTHETIC_BANNER,
-            "",
-            "> **The images of this run are synthetic.** The metadata counts below (cases, "
-            "demographics, skin tones, labels) come from whatever metadata this run was given, "
-            "which may be the real SCIN release; anything computed from pixels describes no real "
-            "skin.",
-            "",
-        ]
-    meta = report.summary_metadata
-    lines += ["# SCIN data report", ""]
-    provenance = [f"source `{source_uri}`" if source_uri else "", f"release `{release}`" if release else ""]
-    if any(provenance):
-        lines += ["Metadata: " + ", ".join(p for p in provenance if p) + ".", ""]
-    lines += [
-        "Conventions: a missing value is shown as the group `missing`, never dropped; answers such as "
-        "`AGE_UNKNOWN` or `NONE_IDENTIFIED` are answers, not missing. `share` is of all cases, "
-        "`share_labelled` of the cases with at least one dermatologist condition label.",
-        "",
-        "## Headline numbers",
-        "",
+def _headline_lines(meta: dict, n_cases: int, n_labelled: int) -> list[str]:
+    return [
         f"- cases: {n_cases:,}",
         f"- labelled cases (at least one dermatologist condition label): {n_labelled:,}"
         + (f" ({n_labelled / n_cases:.1%})" if n_cases else ""),
@@ -650,6 +630,40 @@ def _build_markdown(
         + ": per-group metrics there need confidence intervals",
         f"- distinct top-weighted conditions: {meta['n_conditions_top']:,}; distinct condition names in "
         f"any weighted label: {meta['n_conditions_any']:,}",
+    ]
+
+
+def _headline_markdown(report: DataReport, n_cases: int, n_labelled: int, *, synthetic: bool) -> str:
+    lines = [SYNTHETIC_BANNER, ""] if synthetic else []
+    lines += ["**SCIN data report: headline numbers**", ""]
+    lines += _headline_lines(report.summary_metadata, n_cases, n_labelled)
+    return "\n".join(lines)
+
+
+def _build_markdown(
+    report: DataReport, n_cases: int, n_labelled: int, *, synthetic: bool, source_uri: str, release: str
+) -> str:
+    # The headline numbers come right after the title: a reader (or a viewer that opens the document at
+    # its top) sees them first; provenance and conventions follow.
+    lines: list[str] = [SYNTHETIC_BANNER, ""] if synthetic else []
+    lines += ["# SCIN data report", "", "## Headline numbers", ""]
+    lines += _headline_lines(report.summary_metadata, n_cases, n_labelled)
+    lines += [""]
+    if synthetic:
+        lines += [
+            "> **The images of this run are synthetic.** The metadata counts above and below (cases, "
+            "demographics, skin tones, labels) come from whatever metadata this run was given, "
+            "which may be the real SCIN release; anything computed from pixels describes no real "
+            "skin.",
+            "",
+        ]
+    provenance = [f"source `{source_uri}`" if source_uri else "", f"release `{release}`" if release else ""]
+    if any(provenance):
+        lines += ["Metadata: " + ", ".join(p for p in provenance if p) + ".", ""]
+    lines += [
+        "Conventions: a missing value is shown as the group `missing`, never dropped; answers such as "
+        "`AGE_UNKNOWN` or `NONE_IDENTIFIED` are answers, not missing. `share` is of all cases, "
+        "`share_labelled` of the cases with at least one dermatologist condition label.",
         "",
         "## Representation",
         "",
@@ -803,5 +817,6 @@ def build_data_report(
     report.markdown = _build_markdown(
         report, n_cases, n_labelled, synthetic=synthetic, source_uri=source_uri, release=release
     )
+    report.headline = _headline_markdown(report, n_cases, n_labelled, synthetic=synthetic)
     write_text_atomic(report.markdown, out_dir / REPORT_MARKDOWN_FILE)
     return report

@@ -9,6 +9,7 @@ import pytest
 from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
 
 from scin_pipeline.assets import ALL_ASSET_CHECKS, ALL_ASSETS
+from scin_pipeline.assets.report import DAGSTER_INLINE_MARKDOWN_CHARS
 from scin_pipeline.definitions import build_resources
 from scin_pipeline_tests.tiny_mirror import MISSING_IMAGE, TRAVERSAL, write_tiny_mirror
 
@@ -56,6 +57,11 @@ def test_graph_materialises_every_table_at_its_documented_place(tiny_run):
         assert row.sha256 in row.local_path
     assert (data_root / "tables" / "data_report" / "data_report.md").exists()
     assert list((data_root / "tables" / "data_report").glob("*.png"))
+    # The report's metadata opens with its headline numbers, short enough to be shown in place.
+    report_metadata = result.asset_materializations_for_node("data_report")[0].metadata
+    assert next(iter(report_metadata)) == "headline"
+    headline = report_metadata["headline"].value
+    assert "- cases: 4" in headline and len(headline) < DAGSTER_INLINE_MARKDOWN_CHARS
 
 
 def test_image_files_statuses_and_verified_copies(tiny_run):

@@ -397,6 +397,21 @@ def test_markdown_is_written_links_every_plot_and_opens_with_the_synthetic_banne
     assert written.read_text(encoding="utf-8") == markdown
 
 
+def test_the_report_opens_at_its_headline_numbers(small_report):
+    from scin_pipeline.assets.report import DAGSTER_INLINE_MARKDOWN_CHARS
+
+    lines = [line for line in small_report.markdown.splitlines() if line]
+    # Banner, title, then the headline numbers before anything else (provenance, conventions, tables).
+    assert lines[:3] == [SYNTHETIC_BANNER, "# SCIN data report", "## Headline numbers"]
+    assert lines[3] == "- cases: 5"
+    assert small_report.markdown.index("## Headline numbers") < small_report.markdown.index("Conventions:")
+    # The headline alone, banner first, short enough for Dagster to show in place (no dialog).
+    headline = small_report.headline
+    assert headline.splitlines()[0] == SYNTHETIC_BANNER and "- cases: 5" in headline
+    assert "- labelled cases" in headline and "Monk skin tone 7-10" in headline
+    assert len(headline) < DAGSTER_INLINE_MARKDOWN_CHARS
+
+
 def test_markdown_without_synthetic_has_no_banner(tmp_path):
     report = build_data_report(hand_made_cases(), hand_made_images(), out_dir=tmp_path)
     assert "SYNTHETIC DATA" not in report.markdown
