@@ -207,8 +207,8 @@ def quality_filtered_index(
     refs["keep"] = refs["keep"].fillna(False).astype(bool)
     refs["excluded_by"] = refs["reason"].where(~refs["keep"])
     ungradable = refs["keep"] & ~refs["derm_gradable"].fillna(False).astype(bool)
-    if config.exclude_derm_ungradable:
-        refs.loc[ungradable, "excluded_by"] = "derm_ungradable"
+    dropped_ungradable = ungradable & bool(config.exclude_derm_ungradable)
+    refs.loc[dropped_ungradable, "excluded_by"] = "derm_ungradable"
     refs["kept"] = refs["excluded_by"].isna()
     write_parquet_atomic(refs, out_dir / "all_references.parquet")
 
@@ -216,7 +216,12 @@ def quality_filtered_index(
     per_file = image_quality.drop_duplicates("image_id").reset_index(drop=True)
     failed = per_file["decode_status"].ne("ok")
     quarantined_fraction = float(failed.mean()) if len(per_file) else 0.0
-    rates = quality.exclusion_rates_by_monk_tone(per_file, per_file["monk_tone"])
+    # Files excluded by image quality and, per reference, cases dropped as dermatologist-ungradable: one
+    # table per Monk tone, so a filter that weighs on deep tones shows whichever stage it comes from.
+    rates = quality.exclusions_by_monk_tone(
+        quality.exclusion_rates_by_monk_tone(per_file, per_file["monk_tone"]),
+        quality.derm_ungradable_by_monk_tone(refs, dropped_ungradable),
+    )
     write_parquet_atomic(rates, out_dir / "exclusion_rates_by_monk_tone.parquet")
 
     examples = {
@@ -231,7 +236,7 @@ def quality_filtered_index(
         "files_excluded_by_quality_reason": MetadataValue.json(
             {str(k): int(v) for k, v in per_file["reason"].value_counts().items()}
         ),
-        "references_excluded_derm_ungradable": int(ungradable.sum()) if config.exclude_derm_ungradable else 0,
+        "references_excluded_derm_ungradable": int(dropped_ungradable.sum()),
         "dark_but_diagnostic_kept": int(per_file["dark_but_diagnostic"].fillna(False).sum()),
         "quarantined_fraction": round(quarantined_fraction, 4),
         "exclusion_rate_by_monk_tone": table_md(rates, rows=30),

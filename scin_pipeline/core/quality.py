@@ -773,6 +773,55 @@ def decide_quality(
 # --------------------------------------------------------------------------------------------------------
 
 
+def derm_ungradable_by_monk_tone(references: pd.DataFrame, dropped: pd.Series) -> pd.DataFrame:
+    """Per Monk tone (1-10, and "missing"): the image references that passed image quality
+    (``n_refs_quality_kept``), those of them dropped because their case is not dermatologist-gradable
+    (``n_refs_derm_ungradable``) and that share (``rate_refs_derm_ungradable``).
+
+    ``references``: one row per image reference with ``keep`` (image quality passed) and the case's
+    ``monk_skin_tone_label_us`` / ``_india``; a reference's tone is the US graders', else the India graders'
+    (as :func:`monk_tone_per_image`). ``dropped``: True where the gradability filter removed the reference
+    (all False when the filter is off). Gradability is a per-case filter, so this counts references, not
+    distinct files like :func:`exclusion_rates_by_monk_tone`."""
+    tone = (
+        references["monk_skin_tone_label_us"]
+        .astype("Float64")
+        .fillna(references["monk_skin_tone_label_india"].astype("Float64"))
+    )
+    label = tone.map(lambda t: MISSING_GROUP if pd.isna(t) else str(int(t)))
+    quality_kept = references["keep"].fillna(False).astype(bool)
+    dropped = dropped.reindex(references.index).fillna(False).astype(bool) & quality_kept
+    rows = []
+    for value in [str(t) for t in range(1, 11)] + [MISSING_GROUP]:
+        in_tone = (label == value).to_numpy()
+        if not in_tone.any():
+            continue
+        n_kept, n_dropped = int(quality_kept[in_tone].sum()), int(dropped[in_tone].sum())
+        rows.append(
+            {
+                "monk_tone": value,
+                "n_refs_quality_kept": n_kept,
+                "n_refs_derm_ungradable": n_dropped,
+                "rate_refs_derm_ungradable": n_dropped / n_kept if n_kept else float("nan"),
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["monk_tone", "n_refs_quality_kept", "n_refs_derm_ungradable", "rate_refs_derm_ungradable"]
+    )
+
+
+def exclusions_by_monk_tone(per_file: pd.DataFrame, ungradable: pd.DataFrame) -> pd.DataFrame:
+    """The per-Monk exclusion table: :func:`exclusion_rates_by_monk_tone`'s file columns, then
+    :func:`derm_ungradable_by_monk_tone`'s reference columns, one row per tone either has (counts 0 where
+    a tone has files but no reference, or the reverse)."""
+    merged = per_file.merge(ungradable, on="monk_tone", how="outer")
+    order = {value: i for i, value in enumerate([str(t) for t in range(1, 11)] + [MISSING_GROUP])}
+    merged = merged.sort_values("monk_tone", key=lambda c: c.map(order)).reset_index(drop=True)
+    counts = ["n", "n_excluded", "n_refs_quality_kept", "n_refs_derm_ungradable"]
+    merged[counts] = merged[counts].fillna(0).astype("int64")
+    return merged
+
+
 def exclusion_rates_by_monk_tone(decisions: pd.DataFrame, monk_tone: pd.Series) -> pd.DataFrame:
     """Per Monk tone (1-10, and "missing"): n, n_excluded, rate, and rate_<reason> for each reason seen."""
     tone = pd.to_numeric(monk_tone.reindex(decisions.index), errors="coerce")

@@ -72,6 +72,16 @@ def test_kept_index_has_only_kept_gradable_images(synthetic_run):
     assert quality.loc[kept["image_id"], "keep"].all()
     cases = table(data_root, "cases").set_index("case_id")
     assert cases.loc[kept["case_id"], "derm_gradable"].all()
+    # The per-Monk exclusion table counts the references dropped as dermatologist-ungradable, per tone.
+    files = data_root / "tables" / "quality_filtered_index"
+    references = pd.read_parquet(files / "all_references.parquet")
+    by_tone = pd.read_parquet(files / "exclusion_rates_by_monk_tone.parquet")
+    dropped = references["excluded_by"] == "derm_ungradable"
+    assert dropped.any() and by_tone["n_refs_derm_ungradable"].sum() == dropped.sum()
+    tone = references["monk_skin_tone_label_us"].astype("Float64").fillna(references["monk_skin_tone_label_india"])
+    deep = dropped & tone.isin([7, 8, 9, 10])
+    deep_rows = by_tone[by_tone["monk_tone"].isin(["7", "8", "9", "10"])]
+    assert deep_rows["n_refs_derm_ungradable"].sum() == deep.sum()
     assert kept["local_path"].map(lambda p: Path(p).exists()).all()
 
 

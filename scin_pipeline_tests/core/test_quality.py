@@ -24,7 +24,9 @@ from scin_pipeline.core.quality import (
     assess_images,
     assessments_frame,
     decide_quality,
+    derm_ungradable_by_monk_tone,
     exclusion_rates_by_monk_tone,
+    exclusions_by_monk_tone,
     hash_to_uint64,
     monk_tone_per_image,
 )
@@ -608,3 +610,31 @@ def test_the_written_out_swatch_lightness_is_what_opencv_computes():
     from scin_pipeline.core.schema import MONK_SKIN_TONE_HEX
 
     assert MONK_SWATCH_LIGHTNESS == {tone: hex_lightness(h) for tone, h in MONK_SKIN_TONE_HEX.items()}
+
+
+def test_ungradable_exclusions_are_counted_per_monk_tone_beside_the_quality_ones():
+    # References (one per row): tone US, else India; keep = image quality passed.
+    references = pd.DataFrame(
+        {
+            "monk_skin_tone_label_us": pd.array([9, 9, 9, None, 2, None], dtype="Int8"),
+            "monk_skin_tone_label_india": pd.array([1, None, None, 9, None, None], dtype="Int8"),
+            "keep": [True, True, False, True, True, True],
+        }
+    )
+    # Dropped as dermatologist-ungradable: two deep-tone references (one found through the India tone) and
+    # the quality-excluded one, which the gradability filter never saw (not counted).
+    dropped = pd.Series([True, False, True, True, False, False])
+    ungradable = derm_ungradable_by_monk_tone(references, dropped).set_index("monk_tone")
+    assert list(ungradable.index) == ["2", "9", MISSING_GROUP]
+    assert ungradable.loc["9", "n_refs_quality_kept"] == 3 and ungradable.loc["9", "n_refs_derm_ungradable"] == 2
+    assert ungradable.loc["9", "rate_refs_derm_ungradable"] == pytest.approx(2 / 3)
+    assert ungradable.loc["2", "n_refs_derm_ungradable"] == 0
+    files = exclusion_rates_by_monk_tone(
+        pd.DataFrame({"keep": [True, False, True], "reason": [None, "dark", None]}), pd.Series([1, 9, None])
+    )
+    table = exclusions_by_monk_tone(files, ungradable.reset_index()).set_index("monk_tone")
+    # One row per tone either stage saw, in tone order; the file counts of tone 2 (no file) are 0.
+    assert list(table.index) == ["1", "2", "9", MISSING_GROUP]
+    assert table.loc["9", "n_excluded"] == 1 and table.loc["9", "n_refs_derm_ungradable"] == 2
+    assert table.loc["2", "n"] == 0 and table.loc["1", "n_refs_derm_ungradable"] == 0
+    assert table["n_refs_derm_ungradable"].sum() == 2
