@@ -13,6 +13,7 @@ import pytest
 
 from scin_pipeline.cli import EXIT_UNREACHABLE, EXIT_USAGE, build_parser, main
 from scin_pipeline.core.alerts import read_alerts
+from scin_pipeline_tests.blank_forms import assert_follows_the_image, blank_form_answers
 from scin_pipeline_tests.tiny_mirror import write_tiny_mirror
 
 SCRIPT = str(Path(sys.executable).parent / "scin-pipeline")
@@ -306,6 +307,12 @@ def test_demo_on_real_metadata_300_cases(scin_metadata_dir, tmp_path, capsys):
         "multimodal",
     }
     assert comparison["champion"].fillna(False).sum() == 1
+    # A blank questionnaire: the champion's answer (and the multimodal candidate's, trained with modality
+    # dropout) follows the image across 10 different images, and the rule saw both validation scores.
+    champion = str(comparison.loc[comparison["champion"].fillna(False).astype(bool), "model"].iloc[0])
+    for model in dict.fromkeys([champion, "multimodal"]):
+        assert_follows_the_image(blank_form_answers(out, model), f"demo {model} (champion: {champion})")
+    assert comparison[["val_macro_f1", "val_blank_macro_f1", "val_selection_score"]].notna().all().all()
     assert (out / "mlflow" / "mlflow.db").exists()
     assert "NOT FOR DIAGNOSIS" in (out / "tables" / "model_card" / "model_card.md").read_text().upper()
     # Nothing changed: an --only-stale rerun launches no run.

@@ -19,6 +19,7 @@ import pytest
 
 from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 from scin_pipeline.runner import embedded_mlflow_uri, run_pipeline
+from scin_pipeline_tests.blank_forms import assert_follows_the_image, blank_form_answers
 
 pytestmark = pytest.mark.slow
 
@@ -190,7 +191,8 @@ def test_champion_alias_names_the_rule_winner_and_predicts_in_a_fresh_process(tr
     alias = client.get_model_version_by_alias("scin-condition-classifier", "champion")
     assert str(alias.version) == str(champion["registered_version"].iloc[0])
     eligible = comparison[comparison["passed_over"] == ""]
-    assert champion["val_macro_f1"].iloc[0] == eligible["val_macro_f1"].max()
+    # The rule ranks by the weighted score of the answered and the blank-questionnaire macro-F1.
+    assert champion["val_selection_score"].iloc[0] == eligible["val_selection_score"].max()
     image = next((mirror.root / "dataset" / "images").glob("*.png"))
     case = table(data_root, "cases").iloc[0]
     script = (
@@ -212,6 +214,29 @@ def test_champion_alias_names_the_rule_winner_and_predicts_in_a_fresh_process(tr
     )
     assert set(probabilities) == set(classes)
     assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_candidates_that_read_the_questionnaire_are_scored_with_blank_ones_too(trained):
+    data_root, _mirror, _summary, uri = trained
+    evaluation = table(data_root, "model_evaluation")
+    answered, blank = overall(evaluation, "val"), overall(evaluation, "val_blank")
+    assert set(blank.index) == set(CANDIDATES)
+    # The image-only candidates read no questionnaire: the same scores; the others are scored again.
+    for model in ("baseline_cnn", "resnet50_transfer"):
+        assert blank.loc[model].to_dict() == answered.loc[model].to_dict(), model
+    # The metadata model has nothing else to go on: a blank form gets one answer whatever the image.
+    metadata_only = blank_form_answers(data_root, "metadata_model")
+    assert (metadata_only == metadata_only[0]).all()
+    # Trained with modality dropout, the multimodal model answers a blank form from the image.
+    assert table(data_root, "multimodal")["questionnaire_dropout"].iloc[0] == 0.3
+    assert blank.loc["multimodal", "balanced_accuracy"] > 2 / len(classes_of(data_root)), blank.loc["multimodal"]
+    assert_follows_the_image(blank_form_answers(data_root, "multimodal"), "multimodal")
+    run = mlflow.MlflowClient(uri).get_run(table(data_root, "multimodal")["mlflow_run_id"].iloc[0])
+    assert {"val_blank_macro_f1", "val_blank_balanced_accuracy"} <= set(run.data.metrics)
+
+
+def classes_of(data_root: Path) -> list[str]:
+    return json.loads(table(data_root, "baseline_cnn")["classes"].iloc[0])
 
 
 def test_fairness_report_and_model_card_are_written(trained):
