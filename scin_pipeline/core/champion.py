@@ -161,7 +161,7 @@ def choose_champion(
     low_blank = ~(table[f"{blank}_balanced_accuracy"] >= chance + config.chance_margin) & (table["passed_over"] == "")
     table.loc[low_blank, "passed_over"] = [
         f"{split} balanced accuracy with blank questionnaires ({value:.3f}) not above chance ({chance:.3f}) + "
-        f"{config.chance_margin:.2f}: its answer to a blank form barely depends on the photo"
+        f"{config.chance_margin:.2f}: with a blank form its answer hardly changes from one case to the next"
         for value in table.loc[low_blank, f"{blank}_balanced_accuracy"]
     ]
     keys = [config.score_column, *[f"{split}_{m}" for m in config.tie_breakers]]

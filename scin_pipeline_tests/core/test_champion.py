@@ -131,8 +131,8 @@ def test_a_candidate_that_answers_a_blank_form_at_chance_is_passed_over():
         ranked = choose_champion(table, 4, ChampionRule(blank_questionnaire_weight=weight)).set_index("model")
         assert bool(ranked.loc["image", "champion"]), weight
         assert ranked.loc["answers", "passed_over"] == (
-            "val balanced accuracy with blank questionnaires (0.250) not above chance (0.250) + 0.05: its answer "
-            "to a blank form barely depends on the photo"
+            "val balanced accuracy with blank questionnaires (0.250) not above chance (0.250) + 0.05: with a blank "
+            "form its answer hardly changes from one case to the next"
         )
         assert pd.isna(ranked.loc["answers", "rank"])
 
