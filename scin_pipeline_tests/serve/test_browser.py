@@ -8,6 +8,7 @@ form, it is scrolled into view after Classify, and a refused picture is explaine
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import httpx
@@ -100,3 +101,55 @@ def test_upload_a_photo_and_read_the_prediction_in_chromium(serve_process, regis
     assert "Traceback" not in log and not re.search(r"POST /predict 500", log)
     assert "jane-doe" not in log
     assert not re.search(r"POST /predict.*127\.0\.0\.1", log)  # no client address on request lines
+
+
+@pytest.fixture(scope="module")
+def multimodal_serve_process(registry, tmp_path_factory):
+    """``scin-pipeline serve`` pinned on the registry's multimodal version (it reads the questionnaire)."""
+    from scin_pipeline_tests.deploy import services
+    from scin_pipeline_tests.serve.conftest import run_server_process
+
+    port = services.free_port()
+    command = [
+        str(Path(sys.executable).parent / "scin-pipeline"),
+        "serve",
+        "--data-root",
+        str(registry.data_root),
+        "--model",
+        registry.uri("keras_multimodal"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    yield from run_server_process(command, port, registry, tmp_path_factory.mktemp("serve-log-mm") / "serve.log")
+
+
+def test_the_page_counts_the_answers_and_warns_about_the_missing_ones(multimodal_serve_process):
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = require_chromium()
+    png = encode(synthetic_skin_rgb(6, (320, 240)))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 820})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(multimodal_serve_process.base_url)
+            expect(page.locator("#metadata")).to_be_visible()  # this model asks the questions
+            page.select_option("#field-age_group", "AGE_30_TO_39")
+            page.set_input_files("#file", files=[{"name": "skin.png", "mimeType": "image/png", "buffer": png}])
+            page.click("#submit")
+            expect(page.get_by_test_id("top-condition")).to_be_visible()
+            expect(page.locator("#answers-count")).to_have_text("You answered 1 of 8 questions.")
+            warning = page.get_by_test_id("answers-warning")
+            expect(warning).to_be_visible()
+            # This test model was registered without validation scores: the warning says reliance is unknown.
+            expect(warning).to_contain_text("7 of 8 questions are unanswered")
+            expect(warning).to_contain_text("was not measured for this version")
+            expect(page.get_by_test_id("class-notes")).to_be_hidden()  # no "other" among its classes
+        finally:
+            browser.close()
+    assert errors == []
