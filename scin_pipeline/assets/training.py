@@ -1029,19 +1029,14 @@ def _train_metadata_model(candidate: CandidateRun) -> Trained:
             tags={},
             keras_backend="",
             weights="",
-            single_fit_val=val_metrics,
+            # best_val_* and best_val_blank_*, as the multimodal run's restored epoch has them.
+            single_fit_val={**val_metrics, **{f"blank_{k}": v for k, v in blank_metrics.items()}},
             metadata={
                 "val_metrics": MetadataValue.json({k: round(float(v), 4) for k, v in val_metrics.items()}),
-                "val_blank_metrics": MetadataValue.json({k: round(float(v), 4) for k, v in blank_metrics.items()}),
-                **questionnaire_metadata(scores),
+                "questionnaire_dropout": config.questionnaire_dropout,
             },
             package_extra={QUESTIONNAIRE_EXTRA: scores},
         )
-
-
-def questionnaire_metadata(scores: dict) -> dict:
-    """The candidate's asset metadata of ``questionnaire_scores`` (a missing score as NaN)."""
-    return {name: float("nan") if value is None else float(value) for name, value in scores.items()}
 
 
 def _train_multimodal(candidate: CandidateRun) -> Trained:
@@ -1112,7 +1107,11 @@ def _train_multimodal(candidate: CandidateRun) -> Trained:
             tags=tags,
             keras_backend=described["backend"],
             weights=weights,
-            metadata={"history": table_md(result.history, rows=40), **questionnaire_metadata(scores)},
+            # best_val_metrics (finish) holds the restored epoch's scores with answers and with blank forms.
+            metadata={
+                "history": table_md(result.history, rows=40),
+                "questionnaire_dropout": config.questionnaire_dropout,
+            },
             package_extra={"weights": weights, QUESTIONNAIRE_EXTRA: scores},
         )
 
