@@ -193,7 +193,7 @@ def demo_run_config(image_size: int, epochs: int) -> dict:
             # A few hundred cases hold few cases per condition: a lower bar keeps several classes (the
             # pipeline's default, 20, suits the full release).
             "labeled_splits": {"config": {"min_cases_per_class": 8}},
-            "image_tensors": {"config": {"image_size": image_size}},
+            "image_quality": {"config": {"tensor_sizes": [image_size]}},
             "baseline_cnn": {"config": keras_training},
             "resnet50_transfer": {"config": {**keras_training, "mode": "head_on_embeddings"}},
             "resnet50_fixmatch": {"config": {**keras_training, "mode": "head_on_embeddings"}},

@@ -27,7 +27,7 @@ from dagster import (
 from pydantic import Field
 
 from scin_pipeline.assets._metadata import image_md, table_md, versioned_output
-from scin_pipeline.core import dedup, planted, quality, splits
+from scin_pipeline.core import dedup, image_cache, planted, quality, splits
 from scin_pipeline.core.atomic import write_parquet_atomic
 from scin_pipeline.core.contact_sheet import write_contact_sheet
 from scin_pipeline.core.progress import Progress, tracked
@@ -76,6 +76,12 @@ class ImageQualityConfig(Config):
     min_long_side_px: int = Field(
         default=_DEFAULT_QUALITY.min_long_side_px, ge=1, description="too_small when the long side is under this"
     )
+    tensor_sizes: list[int] = Field(
+        default=[image_cache.DEFAULT_IMAGE_SIZE],
+        description="sides (px) of the square uint8 training tensors written from the same decode, for every "
+        "kept image (image_tensors indexes them; training reads them); [] writes none",
+    )
+    tensor_shard_size: int = Field(default=image_cache.DEFAULT_SHARD_SIZE, ge=1, description="images per .npy shard")
 
     def rule(self) -> quality.QualityConfig:
         return quality.QualityConfig(
@@ -87,13 +93,14 @@ class ImageQualityConfig(Config):
             low_information_entropy_min=self.low_information_entropy_min,
             low_information_structure_min=self.low_information_structure_min,
             min_long_side_px=self.min_long_side_px,
+            tensor_sizes=tuple(self.tensor_sizes),
         )
 
 
 @asset(
     group_name=GROUP,
-    kinds={"opencv", "parquet"},
-    code_version="4",
+    kinds={"opencv", "parquet", "numpy"},
+    code_version="5",
     partitions_def=quality_shards,
     # One run can cover every shard (a process pool inside); a multi-run backfill fans shards out
     # across run workers or machines instead.
@@ -101,8 +108,10 @@ class ImageQualityConfig(Config):
     pool="cpu",
     description="Per image, from one decode: brightness, contrast, exposure, sharpness, redness, texture, "
     "entropy, size, cleanvision-style scores, pHash and dHash, the near-duplicate descriptor (crop pHashes, "
-    "ORB keypoints); keep or exclude with a reason code. "
-    f"Sharded ({N_QUALITY_SHARDS} static partitions by image id); tables/image_quality/<shard>.parquet.",
+    "ORB keypoints); keep or exclude with a reason code. From the same decode, every kept image's uint8 "
+    "training tensor at each of tensor_sizes (cache/image_tensors/<S>px/, where tensor_shard and tensor_offset "
+    f"point; image_tensors is their index). Sharded ({N_QUALITY_SHARDS} static partitions by image id); "
+    "tables/image_quality/<shard>.parquet.",
 )
 def image_quality(
     context: AssetExecutionContext,
@@ -110,6 +119,7 @@ def image_quality(
     image_files: pd.DataFrame,
     images: pd.DataFrame,
     cases: pd.DataFrame,
+    storage: StoragePaths,
 ):
     keys = sorted(context.partition_keys)
     files = image_files[image_files["image_id"].notna()].copy()
@@ -121,21 +131,31 @@ def image_quality(
     progress = Progress(
         f"image_quality ({len(keys)} of {N_QUALITY_SHARDS} shards)", len(files), context.log.info, unit="images"
     )
-    metrics = quality.assessments_frame(
-        tracked(quality.assess_images(items, config=config.rule(), workers=workers), progress)
-    )
-    elapsed = time.perf_counter() - started
-    # A file that never arrived keeps the reason image_files gave (missing, corrupt download).
-    by_id = files.set_index("image_id")
-    not_fetched = by_id["status"].ne("ok").reindex(metrics["image_id"]).to_numpy()
-    metrics.loc[not_fetched, "decode_status"] = "missing"
-    metrics.loc[not_fetched, "decode_reason"] = by_id["reason"].reindex(metrics.loc[not_fetched, "image_id"]).to_numpy()
-    tone = metrics["image_id"].map(quality.monk_tone_per_image(images, cases))
-    decisions = quality.decide_quality(metrics, tone, config.rule())
-    table = pd.concat([metrics, decisions.drop(columns=["image_id"])], axis=1)
-    table["monk_tone"] = tone.astype("Float64")
-    table["local_path"] = by_id["local_path"].reindex(table["image_id"]).to_numpy()
-    table["shard"] = by_id["shard"].reindex(table["image_id"]).to_numpy()
+    rule = config.rule()
+    # The workers' one decode per image also gives its training tensors: spooled as they come, copied
+    # into the cache's shards once the rule has decided which images are kept (core.image_cache).
+    with image_cache.TensorSpool(storage.image_tensors_dir, rule.tensor_sizes) as spool:
+        rows = spool.take(quality.assess_images(items, config=rule, workers=workers))
+        metrics = quality.assessments_frame(tracked(rows, progress))
+        elapsed = time.perf_counter() - started
+        # A file that never arrived keeps the reason image_files gave (missing, corrupt download).
+        by_id = files.set_index("image_id")
+        not_fetched = by_id["status"].ne("ok").reindex(metrics["image_id"]).to_numpy()
+        metrics.loc[not_fetched, "decode_status"] = "missing"
+        metrics.loc[not_fetched, "decode_reason"] = (
+            by_id["reason"].reindex(metrics.loc[not_fetched, "image_id"]).to_numpy()
+        )
+        tone = metrics["image_id"].map(quality.monk_tone_per_image(images, cases))
+        decisions = quality.decide_quality(metrics, tone, rule)
+        table = pd.concat([metrics, decisions.drop(columns=["image_id"])], axis=1)
+        table["monk_tone"] = tone.astype("Float64")
+        table["local_path"] = by_id["local_path"].reindex(table["image_id"]).to_numpy()
+        table["shard"] = by_id["shard"].reindex(table["image_id"]).to_numpy()
+        placed = spool.write_shards(
+            table[["image_id", "local_path", "shard", "keep"]].rename(columns={"shard": "partition"}),
+            shard_size=config.tensor_shard_size,
+        )
+    table = pd.concat([table, placed.drop(columns=["image_id"])], axis=1)
     reasons = table["reason"].value_counts().to_dict()
     context.add_output_metadata(
         {
@@ -145,6 +165,9 @@ def image_quality(
             "excluded_by_reason": MetadataValue.json({str(k): int(v) for k, v in reasons.items()}),
             "images_per_second": round(len(table) / elapsed, 1) if elapsed > 0 else 0.0,
             "workers": workers,
+            "tensor_sizes": ", ".join(f"{s} px" for s in rule.tensor_sizes) or "none",
+            "tensors_cached": int((table["tensor_status"] == "ok").sum()),
+            "tensors_failed": int((table["tensor_status"] == "failed").sum()),
         }
     )
     by_shard = {key: table[table["shard"] == key].reset_index(drop=True) for key in keys}

@@ -385,7 +385,13 @@ def model_card(
     counts = labeled_splits.groupby("split", observed=True)["case_id"].nunique().to_dict()
     data_summary = {
         "cases_per_split": {str(k): int(v) for k, v in counts.items()},
-        "images_with_pixels": int((image_tensors["status"] == "ok").sum()),
+        # image_tensors covers every kept image, labelled or not: the card counts the labelled ones
+        "images_with_pixels": int(
+            labeled_splits["image_id"]
+            .drop_duplicates()
+            .isin(image_tensors.loc[image_tensors["status"] == "ok", "image_id"])
+            .sum()
+        ),
         "fairness_gate": gate.reason,
     }
     if len(exclusions):

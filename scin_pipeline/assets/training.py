@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal, cast
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -103,47 +103,62 @@ def class_names(labeled_splits: pd.DataFrame) -> list[str]:
 
 
 class ImageTensorsConfig(Config):
-    image_size: int = Field(default=224, ge=32, le=1024, description="side of the square cached image (px)")
-    shard_size: int = Field(default=512, ge=1, description="images per .npy shard")
-    workers: int = Field(default=2, ge=1, description="decode threads")
+    image_size: int | None = Field(
+        default=None,
+        description="which of the sizes image_quality cached (its tensor_sizes) training reads; default: "
+        "the first of them",
+    )
 
 
 @asset(
     group_name=GROUP,
     kinds={"numpy", "parquet"},
-    code_version="1",
-    description="Every kept image of labeled_splits decoded once, resized (shorter side) and centre-cropped "
-    "to a square, stored as uint8 .npy shards under <data-root>/cache/image_tensors/<size>px/. The table is "
-    "the index (image_id, split, shard, offset, status): training and evaluation read pixels from the "
-    "shards, never from PNGs.",
+    code_version="2",
+    description="The index of the uint8 training tensors of every image the quality rule keeps "
+    "(image_quality.keep), labelled or not, derm-ungradable included: every image of quality_filtered_index "
+    "and of unlabelled_pool (no split column: join on image_id). The pixels were written by image_quality from its "
+    "one decode per image (shorter side resized and centre-cropped to a square, uint8 .npy shards under "
+    "<data-root>/cache/image_tensors/<size>px/); nothing is decoded here. Training and evaluation read pixels "
+    "from the shards, never from PNGs.",
 )
 def image_tensors(
-    context: AssetExecutionContext, config: ImageTensorsConfig, labeled_splits: pd.DataFrame, storage: StoragePaths
+    context: AssetExecutionContext,
+    config: ImageTensorsConfig,
+    image_quality: pd.DataFrame,
+    storage: StoragePaths,
 ):
-    rows = labeled_splits.drop_duplicates("image_id")[["image_id", "local_path", "split"]]
     cache_dir = storage.image_tensors_dir
-    progress = Progress(f"image_tensors {config.image_size} px", len(rows), context.log.info, unit="images")
-    index = image_cache.build_image_cache(
-        rows,
-        cache_dir,
-        image_size=config.image_size,
-        shard_size=config.shard_size,
-        workers=config.workers,
-        on_shard=progress.advance,
-    )
+    sizes = image_cache.cached_sizes(image_quality)
+    size = config.image_size or (sizes[0] if sizes else None)
+    if size is None or size not in sizes:
+        raise Failure(
+            f"image_tensors: image_quality cached no {size or ''} px training tensors (cached: "
+            f"{', '.join(f'{s} px' for s in sizes) or 'none'}); set image_quality's tensor_sizes "
+            f"(e.g. --set image_quality.tensor_sizes=[{size or image_cache.DEFAULT_IMAGE_SIZE}]) and materialise "
+            "it again",
+            allow_retries=False,
+        )
+    # Every image the quality rule keeps: the gradability filter (quality_filtered_index) and the splits are
+    # applied by the consumers, so changing either re-indexes nothing.
+    kept = image_quality.loc[image_quality["keep"].fillna(False).astype(bool), "image_id"].sort_values()
+    index = image_cache.tensor_index(kept, image_quality, cache_dir, size)
+    # After the new index exists: shards the current quality table no longer names (an older run's, a size
+    # dropped from tensor_sizes, the former split-keyed layout) go.
+    removed = image_cache.remove_unreferenced_shards(cache_dir, image_cache.referenced_shards(image_quality))
     failed = index[index["status"] != "ok"]
     ok = index[index["status"] == "ok"]
     shard_bytes = sum((cache_dir / s).stat().st_size for s in ok["shard"].unique() if (cache_dir / s).exists())
-    preview = image_cache.load_images(ok.groupby("split").head(4), cache_dir) if len(ok) else None
-    version = frame_version(index, ["image_id", "split", "shard", "offset", "status"])
+    preview = image_cache.load_images(ok.head(12), cache_dir) if len(ok) else None
+    version = frame_version(index, ["image_id", "shard", "offset", "status"])
     metadata = {
         "data_version": version,
-        "image_size": config.image_size,
-        "images_per_split": MetadataValue.json(cast(dict[str, int], ok["split"].value_counts().astype(int).to_dict())),
+        "image_size": size,
+        "images": len(ok),
         "failed": len(failed),
-        "failures": table_md(failed, ["image_id", "split", "reason"], rows=20),
+        "failures": table_md(failed, ["image_id", "reason"], rows=20),
         "cache_dir": MetadataValue.path(str(cache_dir)),
         "cache_megabytes": round(shard_bytes / 1e6, 1),
+        "stale_files_removed": len(removed),
     }
     if preview is not None and len(preview):
         metadata["preview"] = MetadataValue.md(f"![cached images]({png_data_uri_bytes(_grid(preview))})")
@@ -233,6 +248,11 @@ class EmbeddingsConfig(Config):
         default=True, description="when the ImageNet weights cannot be downloaded, warn and use weights=None"
     )
     batch_size: int = Field(default=32, ge=1)
+    seed: int = Field(
+        default=0,
+        description="seeds the backbone's random initialisation (weights none, or the offline fallback), so "
+        "its embeddings do not depend on what ran before in the process",
+    )
 
 
 # Modality dropout of the candidates that read the questionnaire (core.questionnaire says why).
@@ -294,12 +314,13 @@ def _prepare_keras(config) -> dict:
 @asset(
     group_name=GROUP,
     kinds={"keras", "numpy"},
-    code_version="1",
+    code_version="2",
     pool="gpu",
     op_tags=GPU_TAGS,
     description="ResNet50 (ImageNet weights where reachable; random init offline, flagged) embeddings of every "
-    "cached image, the pooled conv3, conv4 and conv5 stages (3,584-d), computed once: the CPU default trains "
-    "heads on them, and the multimodal model fuses them with the metadata. The backbone is saved beside them.",
+    "cached image (every image image_tensors indexes, labelled or not; join on image_id), the pooled conv3, "
+    "conv4 and conv5 stages (3,584-d), computed once: the CPU default trains heads on them, "
+    "and the multimodal model fuses them with the metadata. The backbone is saved beside them.",
 )
 def image_embeddings(
     context: AssetExecutionContext, config: EmbeddingsConfig, image_tensors: pd.DataFrame, storage: StoragePaths
@@ -322,6 +343,9 @@ def image_embeddings(
             "(embeddings carry far less signal; do not compare with ImageNet runs)"
         )
     if not (emb_path.exists() and backbone_path.exists()):
+        import keras
+
+        keras.utils.set_random_seed(config.seed)
         backbone = models.build_resnet50_backbone(image_size, weights)
         images = image_cache.load_images(ok, storage.image_tensors_dir)
         progress = Progress("image_embeddings", len(images), context.log.info, unit="images")
@@ -339,7 +363,7 @@ def image_embeddings(
     for stale in out_dir.glob("*"):
         if key not in stale.name and not stale.name.startswith("."):
             stale.unlink(missing_ok=True)
-    table = ok[["image_id", "split"]].assign(
+    table = ok[["image_id"]].assign(
         row=np.arange(len(ok)),
         embeddings_file=str(emb_path),
         backbone_file=str(backbone_path),

@@ -11,37 +11,42 @@ sees pixels prepared differently from the ones it was trained on:
   mostly background (the photographer centres the lesion). ``cv2.INTER_AREA`` when shrinking (it
   averages every source pixel, no aliasing of skin texture), ``cv2.INTER_LINEAR`` when enlarging (AREA
   degenerates to nearest-neighbour-like steps there).
-- :func:`preprocess_image_bytes` (uploads) and :func:`preprocess_image_file` (the cache builder) run the
-  same guarded decode (the rules of :mod:`scin_pipeline.core.imageio`: zero bytes, wrong magic,
+- :func:`preprocess_image_bytes` (uploads) and :func:`preprocess_image_file` (one file) run the same
+  guarded decode (the rules of :mod:`scin_pipeline.core.imageio`: zero bytes, wrong magic,
   header-declared decompression bomb, truncation, all refused before any pixel buffer exists) and raise
   :class:`ImagePreprocessError` naming the upload or file. Both decode at full size, never OpenCV's
   reduced decode, so a file and its bytes give bit-identical pixels (no train/serve skew).
 
-The cache (:func:`build_image_cache`), one folder per image size::
+The cache, one folder per image size::
 
-    <cache_dir>/<S>px/<split>-<content key>.npy   uint8 (n, S, S, 3), one per shard, grouped by split
-    <cache_dir>/<S>px/manifest.json               shards, and per image: its key, offset or failure
+    <cache_dir>/<S>px/q<partition>-<content key>.npy   uint8 (n, S, S, 3): kept images of one quality partition
 
-- A shard's file name carries its *content key*: a hash of ``CACHE_FORMAT_VERSION``, S, the split and,
-  per image, the image id, its resolved path, file size and mtime (stat only: hashing the bytes would cost
-  a fair share of the decode it is meant to save; a file rewritten with the same size inside the same
-  mtime tick would go unnoticed, which atomic writers such as the ingest stage never do). Bump
-  ``CACHE_FORMAT_VERSION`` whenever :func:`preprocess_image` changes what it produces.
-- Rows are chunked per split in image-id order (not input order, so a reordered table reuses
-  everything). A rerun with the same inputs finds every shard by name and decodes nothing. After a
-  change, an unchanged shard is reused as is; a changed shard is rewritten, but only its new or changed
-  images are decoded, the others are copied from the old shards (memory-mapped), so decode work is
-  proportional to what changed. Failures are remembered by the same per-image key and not retried.
-- Shards are written to a temp file (``core.atomic``), fsynced and renamed into place, then the manifest
-  the same way, and only then are shard files of this size folder that the manifest does not name
-  removed. A crash leaves either the old manifest with its shards or the new one with its shards. One
-  builder per folder at a time (the Dagster asset materialisation); concurrent builders are not
-  coordinated.
-- At most one shard of pixels is held in memory (plus one full-size photo per decode thread).
-- A file that does not decode becomes an index row with status "failed" and a reason ("<kind>: <reason
-  naming the file>"); it is absent from the shards and nothing else is affected.
-- Decoding runs in a thread pool: OpenCV releases the GIL inside imdecode/resize, so threads scale
-  without the pickling and start-up cost of processes.
+- Written by the quality stage from its one decode per image (``core.quality.assess_image`` with
+  ``tensor_sizes``: the tensor is ``preprocess_image`` of the full-size pixels, exactly what
+  :func:`preprocess_image_file` gives): the pipeline decodes each image once. Its workers hand each
+  image's tensors back with its row; :class:`TensorSpool` appends them to a spool and, once the quality
+  rule has decided, copies the kept images into shards (excluded images are not cached). The quality
+  table records, per image, where its tensors are (``TENSOR_COLUMNS``: status, reason, shard, offset,
+  sizes); ``image_tensors`` is an index over them (:func:`tensor_index`), one row per kept image,
+  labelled or not, with no split: an image re-split is the same pixels in the same shard.
+- A shard's file name carries its *content key*: a hash of ``CACHE_FORMAT_VERSION``, the quality
+  partition and, per image (:func:`tensor_item_key`), the image id, its resolved path, file size and
+  mtime (stat only: hashing the bytes would cost a fair share of a decode; a file rewritten with the
+  same size inside the same mtime tick would go unnoticed, which atomic writers such as the ingest stage
+  never do); S is the folder. Bump ``CACHE_FORMAT_VERSION`` whenever :func:`preprocess_image` changes
+  what it produces.
+- Rows are chunked per partition in image-id order (not input order). A shard already on disk under
+  its name is kept as it is, not rewritten; ``image_tensors`` never decodes (a rerun of it reads the
+  quality table and checks each shard's header). A quality partition re-run decodes its images for its
+  metrics anyway, so nothing is saved by reusing single images from old shards.
+- Shards are written to a temp file (``core.atomic``), fsynced and renamed into place. Shards no quality
+  row names any more are removed by ``image_tensors`` (:func:`remove_unreferenced_shards`) after it has
+  read the new quality table, so an index stays readable until the next index replaces it. One writer
+  per folder at a time (the Dagster materialisations); concurrent writers are not coordinated.
+- A file that does not decode is excluded by the quality rule (its decode status is the reason) and
+  never reaches the cache; a kept image whose tensor could not be made or whose shard is unreadable is
+  an index row with status "failed" and a reason; it is absent from the shards and nothing else is
+  affected.
 
 Readers: :func:`load_images` (index order, memory-mapped shard reads), :func:`augment_batch` (geometry
 only: flips, quarter turns, a small crop-zoom; never brightness, contrast, hue or saturation, so skin
@@ -55,34 +60,41 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import json
 import math
 import os
+import re
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
 import pandas as pd
 import PIL.Image
 
-from scin_pipeline.core.atomic import TMP_PREFIX, atomic_target, remove_orphaned_temp_files
+from scin_pipeline.core.atomic import TMP_PREFIX, atomic_target, remove_orphaned_temp_files, temp_path
 from scin_pipeline.core.imageio import (
     DEFAULT_MAX_PIXELS,
     decode_image,
+    log_decode,
     pixel_limit_guard,
     read_png_layout,
     sniff_format,
 )
 
-CACHE_FORMAT_VERSION = 1  # bump when preprocess_image's output changes: every shard is then rebuilt
+# Bump when preprocess_image's output changes: every shard is then rebuilt. 2: shards per quality
+# partition, written by the quality stage (1: per split, decoded a second time by image_tensors).
+CACHE_FORMAT_VERSION = 2
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_SHARD_SIZE = 512
-MANIFEST_NAME = "manifest.json"
-INDEX_COLUMNS = ("image_id", "split", "shard", "offset", "status", "reason", "image_size")
+# image_tensors' table: one row per image kept by quality_filtered_index, labelled or not (no split:
+# consumers join on image_id)
+INDEX_COLUMNS = ("image_id", "shard", "offset", "status", "reason", "image_size")
+# image_quality's columns saying where the quality stage put each image's tensors (TensorSpool.write_shards)
+TENSOR_COLUMNS = ("tensor_status", "tensor_reason", "tensor_shard", "tensor_offset", "tensor_sizes")
+TENSORS_KEY = "tensors"  # in a quality row (core.quality.assess_image): {size: (S, S, 3) uint8}
+TENSOR_ERROR_KEY = "tensor_error"  # ... or why they could not be made
 SERVABLE_FORMATS = ("PNG", "JPEG")  # what an upload may be; the cache reads whatever decode_image accepts
 AUGMENT_MIN_CROP_FRACTION = 0.85
 # counter-clockwise quarter turns, as np.rot90 counts them
@@ -90,6 +102,9 @@ _QUARTER_TURNS = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.R
 
 _MAX_PNG_DIMENSION = 2**31 - 1
 _TMP_MARK = ".tmp-"  # in temp names of the former form <file>.tmp-<pid>-<thread>; swept
+_FORMER_MANIFEST = "manifest.json"  # format 1's per-size manifest; swept
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+")
+_COPY_BLOCK = 64  # spool rows copied into a shard at a time (bounds memory at any image size)
 _UNREADABLE_NPY = (OSError, ValueError, EOFError)  # what np.load raises for a missing, torn or foreign file
 
 
@@ -202,6 +217,7 @@ def decode_bytes_rgb(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXEL
         if bytes(buf[-2:]) != b"\xff\xd9" and b"\xff\xd9" not in bytes(buf[-64:]):
             raise ImagePreprocessError(f"{name}: truncated JPEG: no end-of-image marker in the last bytes", "truncated")
     _ensure_pixel_limit_guard()
+    log_decode(name)
     try:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as err:
@@ -242,7 +258,7 @@ def preprocess_image_file(path: str | os.PathLike, image_size: int) -> np.ndarra
 
 
 # --------------------------------------------------------------------------------------------------
-# the cache
+# the cache: written by the quality stage from its one decode, indexed by image_tensors
 
 
 def _size_folder(cache_dir: Path, image_size: int) -> Path:
@@ -257,60 +273,22 @@ def _sha(*parts: object) -> str:
     return h.hexdigest()
 
 
-def _item_key(image_id: str, local_path: Any, image_size: int) -> str:
-    """What identifies one image's cached pixels: id, path, size + mtime of the file, S, format version."""
+def tensor_item_key(image_id: str, local_path: Any) -> str:
+    """What identifies one image's cached pixels: format version, id, resolved path, size + mtime of the
+    file (the side S is the folder's name)."""
     if not isinstance(local_path, (str, os.PathLike)) or not str(local_path):
-        return _sha(CACHE_FORMAT_VERSION, image_size, image_id, "no-path")
+        return _sha(CACHE_FORMAT_VERSION, image_id, "no-path")[:32]
     path = os.path.abspath(os.fspath(local_path))
     try:
         st = os.stat(path)
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
     except OSError as err:
         stamp = f"stat-error:{type(err).__name__}"
-    return _sha(CACHE_FORMAT_VERSION, image_size, image_id, path, stamp)[:32]
-
-
-def _validate_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    missing = {"image_id", "local_path", "split"} - set(rows.columns)
-    if missing:
-        raise ValueError(f"build_image_cache: rows lack column(s) {sorted(missing)}")
-    ids = rows["image_id"].astype(str)
-    dup = ids[ids.duplicated()]
-    if len(dup):
-        raise ValueError(f"build_image_cache: duplicate image_id(s) {sorted(set(dup))[:5]}")
-    bad_split = rows["split"].isna() | (rows["split"].astype(str).str.len() == 0)
-    if bad_split.any():
-        raise ValueError(f"build_image_cache: image_id {ids[bad_split].iloc[0]!r} has no split")
-    splits = rows["split"].astype(str)
-    unsafe = splits[~splits.str.fullmatch(r"[A-Za-z0-9_]+")]
-    if len(unsafe):  # the split becomes part of a file name
-        raise ValueError(f"build_image_cache: split {unsafe.iloc[0]!r} is not a plain name ([A-Za-z0-9_])")
-    return pd.DataFrame(
-        {"image_id": ids.to_numpy(), "split": splits.to_numpy(), "local_path": rows["local_path"].to_numpy()}
-    )
-
-
-def _decode_one(local_path: Any, image_id: str, image_size: int) -> tuple[np.ndarray | None, str | None]:
-    if not isinstance(local_path, (str, os.PathLike)) or not str(local_path):
-        return None, f"missing: image {image_id!r} has no local_path"
-    try:
-        return preprocess_image_file(local_path, image_size), None
-    except ImagePreprocessError as err:
-        return None, f"{err.kind}: {err}"
-
-
-def _read_manifest(folder: Path, image_size: int) -> dict | None:
-    try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    if manifest.get("cache_format_version") != CACHE_FORMAT_VERSION or manifest.get("image_size") != image_size:
-        return None
-    return manifest
+    return _sha(CACHE_FORMAT_VERSION, image_id, path, stamp)[:32]
 
 
 def _shard_matches(path: Path, n_ok: int, image_size: int) -> bool:
-    """The file is there and its header says what the manifest expects (guards against a torn file)."""
+    """The file is there and its header says what its name promises (guards against a torn file)."""
     try:
         arr = np.load(path, mmap_mode="r")
     except _UNREADABLE_NPY:
@@ -318,110 +296,254 @@ def _shard_matches(path: Path, n_ok: int, image_size: int) -> bool:
     return arr.dtype == np.uint8 and arr.shape == (n_ok, image_size, image_size, 3)
 
 
-def _atomic_write(target: Path, write) -> None:
-    """``write(handle)`` into a temp file beside ``target`` (core.atomic), flushed to disk, renamed into place."""
-    with atomic_target(target) as tmp, open(tmp, "xb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def build_image_cache(
-    rows: pd.DataFrame,
-    cache_dir: Path,
-    *,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    workers: int = 2,
-    on_shard: Callable[[int], None] | None = None,
+def _write_shard(target: Path, spool: np.ndarray, slots: list[int], image_size: int) -> None:
+    """Rows ``slots`` of the spool as one .npy shard: a temp file (core.atomic) filled through a memory map
+    a block at a time, flushed to disk, renamed into place."""
+    with atomic_target(target, sweep=False) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(slots), image_size, image_size, 3))
+        for start in range(0, len(slots), _COPY_BLOCK):
+            out[start : start + _COPY_BLOCK] = spool[slots[start : start + _COPY_BLOCK]]
+        out.flush()
+        del out
+        _fsync(tmp)
+
+
+def _plain_name(value: str, what: str) -> str:
+    if not _PLAIN_NAME.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not a plain name ([A-Za-z0-9_]): it becomes part of a file name")
+    return value
+
+
+class TensorSpool:
+    """The training tensors of a quality run, from its one decode per image, into the shards of the cache.
+
+    The quality rule decides which images it keeps only once every image is measured (an image of unknown
+    Monk tone is judged against the run's median lightness), while the tensors come out of its workers
+    image by image, and excluded images are not cached. So the tensors are first appended to a spool,
+    one temp file per size in its size folder (core.atomic's naming: a killed run's spool is swept by the
+    next writer), and :meth:`write_shards` then copies the kept ones into the shards; the spool is removed
+    when the ``with`` block ends. Memory: one image at a time in, a block of rows at a time out (both files
+    memory-mapped); disk: the spool holds every decoded image until the shards are written.
+
+    Use: ``with TensorSpool(cache_dir, sizes) as spool:``, ``rows = spool.take(assess_images(...))`` (pops
+    each row's tensors, ``TENSORS_KEY``, and remembers ``TENSOR_ERROR_KEY``), then
+    ``spool.write_shards(decided)``.
+    """
+
+    def __init__(self, cache_dir: Path, sizes: Iterable[int]):
+        self.cache_dir = Path(cache_dir)
+        self.sizes = tuple(dict.fromkeys(_check_image_size(s) for s in sizes))  # config order, no repeats
+        self._slots: dict[str, int] = {}
+        self._errors: dict[str, str] = {}
+        self._files: dict[int, tuple[Path, BinaryIO]] = {}
+
+    def __enter__(self) -> TensorSpool:
+        try:
+            for size in self.sizes:
+                folder = _size_folder(self.cache_dir, size)
+                folder.mkdir(parents=True, exist_ok=True)
+                remove_orphaned_temp_files(folder)  # a killed run's spool; live writers' files stay
+                path = temp_path(folder, suffix=".spool", label="spool")
+                self._files[size] = (path, open(path, "xb"))  # noqa: SIM115 - closed in __exit__
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for path, fh in self._files.values():
+            fh.close()
+            path.unlink(missing_ok=True)
+        self._files.clear()
+
+    def add(self, image_id: str, tensors: dict[int, np.ndarray]) -> None:
+        """Append one image's tensors, one per size."""
+        if image_id in self._slots:
+            raise ValueError(f"TensorSpool: image {image_id!r} was already added")
+        for size in self.sizes:
+            arr = tensors.get(size)
+            if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.shape != (size, size, 3):
+                desc = f"{arr.shape} {arr.dtype}" if isinstance(arr, np.ndarray) else repr(arr)
+                raise ValueError(f"TensorSpool: image {image_id!r} has no ({size}, {size}, 3) uint8 tensor: {desc}")
+            self._files[size][1].write(np.ascontiguousarray(arr).data)
+        self._slots[image_id] = len(self._slots)
+
+    def take(self, rows: Iterable[dict]) -> Iterator[dict]:
+        """The rows of ``quality.assess_images``, their tensors moved into the spool (never held in a list)."""
+        for row in rows:
+            tensors = row.pop(TENSORS_KEY, None)
+            error = row.pop(TENSOR_ERROR_KEY, None)
+            if tensors is not None and self.sizes:
+                self.add(str(row["image_id"]), tensors)
+            elif error:
+                self._errors[str(row["image_id"])] = str(error)
+            yield row
+
+    def _spool_arrays(self) -> dict[int, np.ndarray]:
+        n = len(self._slots)
+        arrays = {}
+        for size, (path, fh) in self._files.items():
+            fh.flush()
+            if n:
+                arrays[size] = np.memmap(path, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
+        return arrays
+
+    def write_shards(self, decided: pd.DataFrame, *, shard_size: int = DEFAULT_SHARD_SIZE) -> pd.DataFrame:
+        """Write the kept images' tensors into shards; return, per row of ``decided``, ``TENSOR_COLUMNS``.
+
+        ``decided``: image_id, local_path, partition (the quality stage's shard of the image: shards never
+        mix partitions, so a partition re-run alone rewrites only its own), keep. Per partition, the kept
+        images in image-id order, ``shard_size`` per shard, the same shard file name in every size folder:
+        ``q<partition>-<content key>.npy``, the key a hash of the format version, the partition and every
+        image's :func:`tensor_item_key`. A shard already there under its name (same inputs: same pixels) is
+        kept as it is, not rewritten. Excluded images and images without tensors get no row in any shard.
+        """
+        missing = {"image_id", "local_path", "partition", "keep"} - set(decided.columns)
+        if missing:
+            raise ValueError(f"write_shards: decided lacks column(s) {sorted(missing)}")
+        if int(shard_size) < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        ids = decided["image_id"].astype(str)
+        if ids.duplicated().any():
+            raise ValueError(f"write_shards: duplicate image_id(s) {sorted(set(ids[ids.duplicated()]))[:5]}")
+        keep = decided["keep"].fillna(False).astype(bool).to_numpy()
+        sizes_text = ",".join(str(s) for s in self.sizes)
+        not_cached = (
+            "not_cached: no tensor was made from this image (it did not decode)"
+            if self.sizes
+            else "not_cached: image_quality.tensor_sizes is empty"
+        )
+        status: list[str] = ["not_cached" if k else "excluded" for k in keep]
+        reason: list[str | None] = [
+            not_cached if k else "excluded by the quality rule: excluded images are not cached" for k in keep
+        ]
+        shard: list[str | None] = [None] * len(decided)
+        offset: list[int] = [-1] * len(decided)
+        position = {image_id: k for k, image_id in enumerate(ids)}
+        for image_id, error in self._errors.items():
+            k = position.get(image_id)
+            if k is not None and keep[k]:
+                status[k], reason[k] = "failed", error
+        if self.sizes:
+            spools = self._spool_arrays()
+            cached = decided.assign(image_id=ids)[keep & ids.isin(self._slots).to_numpy()]
+            for partition in sorted(cached["partition"].astype(str).unique()):
+                _plain_name(partition, "partition")
+                part = cached[cached["partition"].astype(str) == partition].sort_values("image_id", kind="stable")
+                for start in range(0, len(part), int(shard_size)):
+                    chunk = part.iloc[start : start + int(shard_size)]
+                    keys = [tensor_item_key(i, p) for i, p in zip(chunk["image_id"], chunk["local_path"])]
+                    file = f"q{partition}-{_sha(CACHE_FORMAT_VERSION, partition, *keys)[:20]}.npy"
+                    slots = [self._slots[i] for i in chunk["image_id"]]
+                    for size in self.sizes:
+                        target = _size_folder(self.cache_dir, size) / file
+                        if not _shard_matches(target, len(slots), size):
+                            _write_shard(target, spools[size], slots, size)
+                    for k, image_id in enumerate(chunk["image_id"]):
+                        row = position[image_id]
+                        status[row], reason[row], shard[row], offset[row] = "ok", None, file, k
+            spools.clear()
+        frame = pd.DataFrame(
+            {
+                "image_id": ids.to_numpy(),
+                "tensor_status": status,
+                "tensor_reason": reason,
+                "tensor_shard": shard,
+                "tensor_offset": offset,
+                "tensor_sizes": [sizes_text if st == "ok" else None for st in status],
+            }
+        )
+        frame["tensor_offset"] = frame["tensor_offset"].astype("int64")
+        return frame
+
+
+def cached_sizes(image_quality: pd.DataFrame) -> list[int]:
+    """The tensor sizes image_quality wrote, in its configured order (the most common list first)."""
+    if "tensor_sizes" not in image_quality:
+        return []
+    lists = image_quality.loc[image_quality["tensor_status"] == "ok", "tensor_sizes"].dropna().astype(str)
+    sizes: dict[int, None] = {}
+    for text in lists.value_counts().index:
+        sizes.update({int(s): None for s in text.split(",") if s})
+    return list(sizes)
+
+
+def _sizes_of(text: Any) -> set[int]:
+    return {int(s) for s in text.split(",") if s.isdigit()} if isinstance(text, str) else set()
+
+
+def tensor_index(
+    kept_ids: Iterable[str], image_quality: pd.DataFrame, cache_dir: Path, image_size: int
 ) -> pd.DataFrame:
-    """Decode and preprocess every row's ``local_path`` once into uint8 shards; return the index.
+    """The index (``INDEX_COLUMNS``) of the ``image_size`` px tensors of every image in ``kept_ids`` (first
+    occurrence order, repeats dropped), from where the quality stage put them (its ``TENSOR_COLUMNS``).
 
-    ``rows``: image_id, local_path, split (other columns ignored). The index has one row per input row,
-    in input order, with columns ``INDEX_COLUMNS``: shard (path relative to ``cache_dir``) and offset
-    (row in that shard) for status "ok"; shard None, offset -1 and a reason for status "failed".
-    ``on_shard(n)`` is called after each shard with its number of rows (progress).
+    Status "ok" with shard (path relative to ``cache_dir``) and offset; "failed" (shard None, offset -1)
+    with the reason: the quality stage could not make the tensor, did not cache this size, never assessed
+    the image, or its shard is missing or torn (every shard named is checked, header only).
     """
     size = _check_image_size(image_size)
-    if int(shard_size) < 1 or int(workers) < 1:
-        raise ValueError(f"shard_size and workers must be >= 1, got {shard_size} and {workers}")
-    table = _validate_rows(rows)
+    missing = {"image_id", *TENSOR_COLUMNS} - set(image_quality.columns)
+    if missing:
+        raise ValueError(
+            f"tensor_index: image_quality lacks column(s) {sorted(missing)}: it was materialised before it wrote "
+            "the training tensors; materialise image_quality again"
+        )
+    ids = pd.Series(list(kept_ids), dtype=object).astype(str).drop_duplicates().reset_index(drop=True)
+    placed = image_quality.drop_duplicates("image_id").assign(image_id=lambda f: f["image_id"].astype(str))
+    placed = placed.set_index("image_id").reindex(ids)
     folder = _size_folder(Path(cache_dir), size)
-    folder.mkdir(parents=True, exist_ok=True)
-
-    old = _read_manifest(folder, size)
-    old_shards = {s["key"]: s for s in (old or {}).get("shards", [])}
-    old_items: dict[str, tuple[str, int | None, str | None]] = {}  # item key -> (file, offset, reason)
-    for shard in (old or {}).get("shards", []):
-        for item in shard["items"]:
-            old_items[item["item_key"]] = (shard["file"], item["offset"], item["reason"])
-
-    table["item_key"] = [_item_key(i, p, size) for i, p in zip(table["image_id"], table["local_path"])]
-    new_shards: list[dict] = []
-    placement: dict[str, tuple[str | None, int, str | None]] = {}  # image_id -> (file, offset, reason)
-    pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="image-cache") if workers > 1 else None
-    try:
-        for split in sorted(table["split"].unique()):
-            part = table[table["split"] == split].sort_values("image_id", kind="stable")
-            for start in range(0, len(part), int(shard_size)):
-                chunk = part.iloc[start : start + int(shard_size)]
-                key = _sha(CACHE_FORMAT_VERSION, size, split, *chunk["item_key"])[:20]
-                file = f"{split}-{key}.npy"
-                previous = old_shards.get(key)
-                if (
-                    previous is not None
-                    and previous["file"] == file
-                    and _shard_matches(folder / file, previous["n_ok"], size)
-                ):
-                    entry = previous  # identical inputs: nothing to decode or write
-                else:
-                    entry = _write_shard(folder, file, key, split, chunk, size, old_items, pool)
-                new_shards.append(entry)
-                if on_shard is not None:
-                    on_shard(len(chunk))
-                for item in entry["items"]:
-                    placement[item["image_id"]] = (
-                        file if item["offset"] is not None else None,
-                        item["offset"],
-                        item["reason"],
-                    )
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
-
-    manifest = {
-        "cache_format_version": CACHE_FORMAT_VERSION,
-        "image_size": size,
-        "shard_size": int(shard_size),
-        "n_images": int(len(table)),
-        "n_ok": int(sum(s["n_ok"] for s in new_shards)),
-        "shards": new_shards,
-    }
-    _atomic_write(
-        folder / MANIFEST_NAME, lambda fh: fh.write(json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
-    )
-    referenced = {s["file"] for s in new_shards}
-    remove_orphaned_temp_files(folder)  # core.atomic's temp files go when their writer is dead, not before
-    for stale in folder.iterdir():
-        if stale.name.startswith(TMP_PREFIX):
-            continue
-        # unreferenced shards, and temp files of the former naming (<file>.tmp-<pid>-<thread>)
-        if stale.is_file() and ((stale.suffix == ".npy" and stale.name not in referenced) or _TMP_MARK in stale.name):
-            stale.unlink(missing_ok=True)
-
-    shard_rel = {f: f"{folder.name}/{f}" for f in referenced}
+    shard_ok: dict[str, str | None] = {}  # shard file -> None when readable, else why not
+    ok_rows = placed.loc[placed["tensor_status"] == "ok"]
+    rows_needed = {str(f): int(n) + 1 for f, n in ok_rows.groupby("tensor_shard")["tensor_offset"].max().items()}
     records = []
-    for image_id, split in zip(table["image_id"], table["split"]):
-        file, offset, reason = placement[image_id]
-        ok = offset is not None
+    for image_id, status, reason_given, file, offset, sizes_text in zip(
+        ids.tolist(),
+        placed["tensor_status"].tolist(),
+        placed["tensor_reason"].tolist(),
+        placed["tensor_shard"].tolist(),
+        placed["tensor_offset"].tolist(),
+        placed["tensor_sizes"].tolist(),
+    ):
+        sizes = _sizes_of(sizes_text)
+        reason = None
+        if not isinstance(status, str):
+            reason = f"not_assessed: image {image_id} has no image_quality row"
+        elif status != "ok":
+            reason = str(reason_given or status)
+        elif size not in sizes:
+            reason = (
+                f"not_cached: image_quality cached image {image_id} at {sorted(sizes)} px, not {size} px "
+                "(add it to image_quality's tensor_sizes)"
+            )
+        else:
+            if file not in shard_ok:
+                shard_ok[file] = None
+                path = folder / str(file)
+                try:
+                    arr = np.load(path, mmap_mode="r")
+                    if arr.dtype != np.uint8 or arr.shape[1:] != (size, size, 3) or len(arr) < rows_needed[file]:
+                        shard_ok[file] = f"shard_unreadable: {path} holds {arr.shape} {arr.dtype}"
+                    del arr
+                except _UNREADABLE_NPY as err:
+                    shard_ok[file] = f"shard_unreadable: {path}: {err}"
+            reason = shard_ok[file]
+        ok = reason is None
         records.append(
             (
                 image_id,
-                split,
-                shard_rel[file] if ok else None,
+                f"{folder.name}/{file}" if ok else None,
                 int(offset) if ok else -1,
                 "ok" if ok else "failed",
-                None if ok else reason,
+                reason,
                 size,
             )
         )
@@ -431,69 +553,31 @@ def build_image_cache(
     return index
 
 
-def _write_shard(
-    folder: Path,
-    file: str,
-    key: str,
-    split: str,
-    chunk: pd.DataFrame,
-    size: int,
-    old_items: dict,
-    pool: ThreadPoolExecutor | None,
-) -> dict:
-    """Fill one shard: reuse old pixels/failures by item key, decode the rest; write it atomically."""
-    n = len(chunk)
-    # Every image goes straight into its slot of the one shard-sized buffer; failures are squeezed out
-    # at the end (in place), so no second shard-sized list of images ever exists.
-    pixels = np.empty((n, size, size, 3), dtype=np.uint8)
-    reasons: list[str | None] = [None] * n
-    to_decode: list[int] = []
-    old_arrays: dict[str, np.ndarray | None] = {}
-    for i, item_key in enumerate(chunk["item_key"]):
-        known = old_items.get(item_key)
-        if known is None:
-            to_decode.append(i)
-            continue
-        old_file, old_offset, old_reason = known
-        if old_offset is None:
-            reasons[i] = old_reason  # failed before with identical inputs: same verdict, not retried
-            continue
-        if old_file not in old_arrays:
-            try:
-                old_arrays[old_file] = np.load(folder / old_file, mmap_mode="r")
-            except _UNREADABLE_NPY:
-                old_arrays[old_file] = None
-        arr = old_arrays[old_file]
-        if arr is None or old_offset >= len(arr) or arr.shape[1:] != (size, size, 3):
-            to_decode.append(i)
-        else:
-            pixels[i] = arr[old_offset]
-    old_arrays.clear()
+def referenced_shards(image_quality: pd.DataFrame) -> set[str]:
+    """Every shard file image_quality's rows name, as ``<S>px/<file>`` for each size they were cached at."""
+    if "tensor_shard" not in image_quality:
+        return set()
+    ok = image_quality[image_quality["tensor_status"] == "ok"]
+    pairs = ok[["tensor_sizes", "tensor_shard"]].drop_duplicates()
+    return {f"{size}px/{file}" for text, file in pairs.itertuples(index=False) for size in str(text).split(",") if size}
 
-    paths = chunk["local_path"].to_numpy()
-    ids = chunk["image_id"].to_numpy()
-    args = [(paths[i], ids[i], size) for i in to_decode]
-    decoded = pool.map(lambda a: _decode_one(*a), args) if pool is not None else (_decode_one(*a) for a in args)
-    for i, (rgb, reason) in zip(to_decode, decoded):
-        if rgb is None:
-            reasons[i] = reason
-        else:
-            pixels[i] = rgb
 
-    items = []
-    n_ok = 0
-    for i, (image_id, item_key) in enumerate(zip(ids, chunk["item_key"])):
-        if reasons[i] is None:
-            if n_ok != i:
-                pixels[n_ok] = pixels[i]  # n_ok < i: the slot is already consumed
-            items.append({"image_id": image_id, "item_key": item_key, "offset": n_ok, "status": "ok", "reason": None})
-            n_ok += 1
-        else:
-            items.append(
-                {"image_id": image_id, "item_key": item_key, "offset": None, "status": "failed", "reason": reasons[i]}
-            )
-    _atomic_write(folder / file, lambda fh: np.save(fh, pixels[:n_ok], allow_pickle=False))
-    return {"file": file, "key": key, "split": split, "n_ok": n_ok, "items": items}
+def remove_unreferenced_shards(cache_dir: Path, referenced: set[str]) -> list[Path]:
+    """Delete the .npy files of every ``<S>px`` folder of ``cache_dir`` not in ``referenced`` (as
+    ``<S>px/<file>``), a manifest of the former split-keyed layout, and dead writers' temp files; return
+    what was removed. Live writers' temp files (a quality run's spool) stay. One writer per cache folder at
+    a time: a shard written by a quality run that this index has not read yet would be removed."""
+    removed = []
+    for folder in sorted(p for p in Path(cache_dir).glob("*px") if p.is_dir() and p.name[:-2].isdigit()):
+        removed += remove_orphaned_temp_files(folder)
+        for path in folder.iterdir():
+            if path.name.startswith(TMP_PREFIX) or not path.is_file():
+                continue
+            stale_shard = path.suffix == ".npy" and f"{folder.name}/{path.name}" not in referenced
+            if stale_shard or path.name == _FORMER_MANIFEST or _TMP_MARK in path.name:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def load_images(index: pd.DataFrame, cache_dir: Path) -> np.ndarray:
@@ -537,7 +621,8 @@ def split_rows(
     labeled_splits: pd.DataFrame, image_tensors: pd.DataFrame, split: str, classes: list[str]
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Rows of one split that have cached pixels (one row per image and case, with shard and offset) and
-    their class indices, in a fixed order."""
+    their class indices, in a fixed order. The split comes from ``labeled_splits``; ``image_tensors`` (every
+    kept image, labelled or not) is joined on image_id."""
     ok = image_tensors[image_tensors["status"] == "ok"][["image_id", "shard", "offset", "status", "image_size"]]
     rows = labeled_splits[labeled_splits["split"].astype(str) == split][["image_id", "case_id", "label"]]
     rows = rows.merge(ok, on="image_id").sort_values(["case_id", "image_id"]).reset_index(drop=True)

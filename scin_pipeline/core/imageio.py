@@ -19,6 +19,11 @@ cheapest first and nothing big is allocated before the file has shown that it is
 
 ``missing`` (no such file) and ``unreadable`` (an OS error, e.g. permission or a directory) come from
 reading the bytes; the file is read exactly once (``np.fromfile``) and decoded from that buffer.
+
+Counting decodes: with the environment variable ``SCIN_PIPELINE_DECODE_LOG`` set to a file path, every
+pixel decode (here and in ``core.image_cache.decode_bytes_rgb``) appends one line, ``<pid>\t<file>``, to
+that file; worker processes inherit it. ``bench/image_cache.py`` and the tests count the pipeline's
+decodes per image with it (the pipeline's promise: one). Unset, it costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 import PIL.Image
 
 DEFAULT_MAX_PIXELS = 50_000_000  # a 48 MP phone photo passes; 30000 x 30000 (900 MP) does not
+DECODE_LOG_ENV = "SCIN_PIPELINE_DECODE_LOG"
 
 DECODE_STATUSES = (
     "ok",
@@ -187,6 +193,32 @@ def pixel_limit_guard(max_pixels: int = DEFAULT_MAX_PIXELS) -> int | None:
     return previous
 
 
+def log_decode(name: str) -> None:
+    """One line per pixel decode in the file named by ``SCIN_PIPELINE_DECODE_LOG``, when it is set."""
+    log = os.environ.get(DECODE_LOG_ENV)
+    if log:
+        with open(log, "a", encoding="utf-8") as fh:  # O_APPEND: lines of concurrent workers stay whole
+            fh.write(f"{os.getpid()}\t{name}\n")
+
+
+def reduced_decode_applies(fmt: str | None, width: int, height: int, min_long_side: int | None) -> bool:
+    """Whether :func:`decode_image` decodes at half size for a caller that needs ``min_long_side`` px: a
+    PNG whose long side is at least twice that (see ``decode_image``)."""
+    return fmt == "PNG" and min_long_side is not None and max(width, height) >= 2 * min_long_side
+
+
+def halve_as_reduced_decode(rgb: np.ndarray) -> np.ndarray:
+    """What ``cv2.IMREAD_REDUCED_COLOR_2`` returns for a PNG, from its full-size decode, bit for bit.
+
+    OpenCV's PNG decoder cannot decode at a reduced scale: imdecode decodes at full size, then resizes to
+    (width // 2, height // 2) with ``INTER_LINEAR_EXACT`` (imgcodecs/loadsave.cpp). A caller that needs
+    the full-size pixels as well (the quality stage writing the training tensors) decodes once at full
+    size and halves with this, and gets the pixels a reduced decode would have given.
+    """
+    height, width = rgb.shape[:2]
+    return cv2.resize(rgb, (width // 2, height // 2), interpolation=cv2.INTER_LINEAR_EXACT)
+
+
 def _header_size_via_pil(data: np.ndarray) -> tuple[int, int, str]:
     # PIL's open() reads only the header (lazy decode); it raises DecompressionBombError itself above
     # 2 x MAX_IMAGE_PIXELS, which the caller treats like our own refusal.
@@ -307,7 +339,8 @@ def decode_image(
                 mode,
             )
 
-    halve = fmt == "PNG" and min_long_side is not None and max(width, height) >= 2 * min_long_side
+    halve = reduced_decode_applies(fmt, width, height, min_long_side)
+    log_decode(name)
     try:
         bgr = cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_2 if halve else cv2.IMREAD_COLOR)
     except cv2.error as err:

@@ -53,7 +53,14 @@ import pandas as pd
 from PIL import Image, ImageFilter, ImageStat
 
 from scin_pipeline.core import near_duplicates
-from scin_pipeline.core.imageio import DEFAULT_MAX_PIXELS, decode_image, pixel_limit_guard
+from scin_pipeline.core.image_cache import TENSOR_ERROR_KEY, TENSORS_KEY, preprocess_image
+from scin_pipeline.core.imageio import (
+    DEFAULT_MAX_PIXELS,
+    decode_image,
+    halve_as_reduced_decode,
+    pixel_limit_guard,
+    reduced_decode_applies,
+)
 from scin_pipeline.core.schema import MISSING_GROUP
 
 
@@ -149,6 +156,9 @@ class QualityConfig:
     low_information_entropy_min: float = 1.0
     low_information_structure_min: float = 0.44
     min_long_side_px: int = 160
+    # Sides (px) of the square uint8 training tensors made from the same decode (core.image_cache's
+    # preprocess_image); () makes none and lets the decoder halve big PNGs (see assess_image).
+    tensor_sizes: tuple[int, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -498,23 +508,46 @@ def _failed_row(image_id: str, status: str, reason: str | None, decoded=None) ->
     return {col: row[col] for col in ROW_COLUMNS}
 
 
+def _training_tensors(rgb: np.ndarray, sizes: tuple[int, ...]) -> tuple[dict[int, np.ndarray] | None, str | None]:
+    try:
+        return {int(size): preprocess_image(rgb, int(size)) for size in sizes}, None
+    except Exception as err:  # noqa: BLE001 - the metrics may still be good; the reason says what failed
+        return None, f"tensor_failed: preprocessing failed: {type(err).__name__}: {err}"
+
+
 def assess_image(image_id: str, path: str | os.PathLike | None, config: QualityConfig = QualityConfig()) -> dict:
     """One flat row (ROW_COLUMNS) for one image: decode once, then every metric and both hashes.
 
     Never raises: a file that cannot be decoded gives its decode status and reason with empty metrics; a
     failure while computing metrics (a bug, not the file's fault) gives ``unreadable`` with the error text.
     ``path`` None means there is no local file (the fetch stage reported it missing).
+
+    With ``config.tensor_sizes``, the same decode also gives the training tensors (the pipeline decodes
+    each image once): the row carries ``TENSORS_KEY`` ({size: uint8 array}, from the full-size pixels,
+    exactly what ``core.image_cache.preprocess_image_file`` gives) or ``TENSOR_ERROR_KEY``. The file is
+    then decoded at full size and halved as OpenCV's reduced decode would (``halve_as_reduced_decode``,
+    bit-identical), so the metrics are the same as without tensors.
     """
     if path is None:
         return _failed_row(image_id, "missing", f"image {image_id}: no local file")
-    decoded = decode_image(path, max_pixels=config.max_pixels, min_long_side=config.working_long_side)
+    sizes = tuple(config.tensor_sizes)
+    # With tensors to make, a full-size decode (halved below for the metrics); else the decoder may halve.
+    reduce_for = None if sizes else config.working_long_side
+    decoded = decode_image(path, max_pixels=config.max_pixels, min_long_side=reduce_for)
     if not decoded.ok:
         return _failed_row(image_id, decoded.status, decoded.reason, decoded)
     # ok means decoded: the pixels and their size are set (DecodedImage keeps them optional for failures)
     assert decoded.rgb is not None and decoded.width is not None and decoded.height is not None
+    rgb = decoded.rgb
+    extra: dict = {}
+    if sizes:
+        tensors, error = _training_tensors(rgb, sizes)
+        extra = {TENSORS_KEY: tensors, TENSOR_ERROR_KEY: error}
+        if reduced_decode_applies(decoded.format, decoded.width, decoded.height, config.working_long_side):
+            rgb = halve_as_reduced_decode(rgb)
     try:
         metrics = image_metrics(
-            decoded.rgb,
+            rgb,
             original_size=(decoded.width, decoded.height),
             source_mode=decoded.source_mode,
             working_long_side=config.working_long_side,
@@ -537,7 +570,7 @@ def assess_image(image_id: str, path: str | os.PathLike | None, config: QualityC
         source_mode=decoded.source_mode,
         **metrics,
     )
-    return {col: row[col] for col in ROW_COLUMNS}
+    return {**{col: row[col] for col in ROW_COLUMNS}, **extra}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ RUN_CONFIG = {
         # Only the conditions with their own synthetic pattern, each with enough cases: "other" would pool
         # several patterns (and nonspecific marks) into one class.
         "labeled_splits": {"config": {"min_cases_per_class": 15, "rare_classes": "drop"}},
-        "image_tensors": {"config": {"image_size": 64}},
+        "image_quality": {"config": {"tensor_sizes": [64]}},
         "image_embeddings": {"config": {"weights": "none"}},
         "baseline_cnn": {"config": TRAIN},
         "resnet50_transfer": {"config": {**TRAIN, "mode": "head_on_embeddings"}},

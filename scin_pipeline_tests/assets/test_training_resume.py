@@ -39,7 +39,7 @@ UPSTREAM = "group:ingest or group:curation or key:image_tensors"
 RUN_CONFIG = {
     "ops": {
         "labeled_splits": {"config": {"min_cases_per_class": 8, "rare_classes": "drop"}},
-        "image_tensors": {"config": {"image_size": 32}},
+        "image_quality": {"config": {"tensor_sizes": [32]}},
         # patience = epochs: early stopping must not end the fit before the kill or between kill and rerun.
         "baseline_cnn": {"config": {"epochs": EPOCHS, "early_stopping_patience": EPOCHS, "batch_size": 16}},
     }

@@ -6,7 +6,6 @@ at 32 px.
 
 from __future__ import annotations
 
-import json
 import os
 
 import cv2
@@ -18,16 +17,22 @@ from scin_pipeline.core import image_cache
 from scin_pipeline.core.atomic import TMP_PREFIX, writer_namespace
 from scin_pipeline.core.image_cache import (
     INDEX_COLUMNS,
+    TENSOR_ERROR_KEY,
+    TENSORS_KEY,
     ImagePreprocessError,
+    TensorSpool,
     augment_batch,
-    build_image_cache,
     load_images,
     preprocess_image,
     preprocess_image_bytes,
     preprocess_image_file,
+    referenced_shards,
+    remove_unreferenced_shards,
     split_arrays,
     split_rows,
+    tensor_index,
 )
+from scin_pipeline.core.quality import QualityConfig, assess_images, assessments_frame
 from scin_pipeline.core.synthetic.encoding import decompression_bomb_png
 from scin_pipeline.core.synthetic.lesions import render_skin_image
 
@@ -53,28 +58,17 @@ def jpeg_bytes(rgb: np.ndarray) -> bytes:
 
 
 def write_images(folder, n: int, split_of=lambda i: ("train", "val", "test")[i % 3]) -> pd.DataFrame:
+    """n PNGs, landscape and portrait; rows with image_id, local_path, split and a quality partition."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
         size = (96, 72) if i % 2 else (64, 80)  # landscape and portrait
         path = folder / f"{1000 + i}.png"
         path.write_bytes(png_bytes(synthetic_skin(i, size)))
-        rows.append({"image_id": str(1000 + i), "local_path": str(path), "split": split_of(i)})
+        rows.append(
+            {"image_id": str(1000 + i), "local_path": str(path), "split": split_of(i), "partition": f"0{i % 2}"}
+        )
     return pd.DataFrame(rows)
-
-
-class DecodeCounter:
-    """Wraps image_cache.decode_image to count calls (threads append to one list; the GIL keeps it whole)."""
-
-    def __init__(self, monkeypatch):
-        self.paths: list[str] = []
-        real = image_cache.decode_image
-
-        def counting(path, *args, **kwargs):
-            self.paths.append(str(path))
-            return real(path, *args, **kwargs)
-
-        monkeypatch.setattr(image_cache, "decode_image", counting)
 
 
 # ---------------------------------------------------------------------------------------- preprocessing
@@ -186,180 +180,194 @@ def test_upload_of_wrong_type_is_an_error():
 # ---------------------------------------------------------------------------------------- the cache
 
 
-def test_build_image_cache_index_shards_and_load_order(tmp_path):
+def quality_run(cache, rows: pd.DataFrame, *, sizes=(S,), keep=None, shard_size: int = 512):
+    """What the quality stage does: assess every row (in this process) with tensors, spool them, write the
+    kept ones into shards; its table with ``TENSOR_COLUMNS``. ``keep``: image ids kept (default all that
+    decoded)."""
+    config = QualityConfig(tensor_sizes=tuple(sizes))
+    items = list(zip(rows["image_id"], rows["local_path"]))
+    with TensorSpool(cache, config.tensor_sizes) as spool:
+        frame = assessments_frame(spool.take(assess_images(items, config=config, workers=0)))
+        decided = frame.assign(
+            local_path=rows["local_path"].to_numpy(),
+            partition=rows["partition"].to_numpy(),
+            keep=frame["decode_status"].eq("ok") if keep is None else frame["image_id"].isin(keep),
+        )
+        placed = spool.write_shards(decided[["image_id", "local_path", "partition", "keep"]], shard_size=shard_size)
+    return pd.concat([decided, placed.drop(columns=["image_id"])], axis=1)
+
+
+def shard_names(cache, size=S) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (cache / f"{size}px").iterdir()}
+
+
+def test_kept_images_go_into_partition_shards_bit_identical_to_a_separate_decode(tmp_path):
     rows = write_images(tmp_path / "img", 10)
-    index = build_image_cache(rows, tmp_path / "cache", image_size=S, shard_size=2, workers=2)
-    assert list(index.columns) == list(INDEX_COLUMNS)
-    assert list(index["image_id"]) == list(rows["image_id"])  # input order
-    assert (index["status"] == "ok").all() and index["reason"].isna().all()
-    assert (index["image_size"] == S).all()
-    # grouped by split: a shard holds one split only, at most shard_size images
-    for shard, group in index.groupby("shard"):
-        assert group["split"].nunique() == 1 and len(group) <= 2
-        assert os.path.basename(shard).startswith(group["split"].iloc[0] + "-")
-        assert sorted(group["offset"]) == list(range(len(group)))
-    images = load_images(index, tmp_path / "cache")
-    assert images.shape == (10, S, S, 3) and images.dtype == np.uint8
-    for k, path in enumerate(rows["local_path"]):
-        assert np.array_equal(images[k], preprocess_image_file(path, S))
-    # any subset, in any order, comes back in that order
-    subset = index.iloc[[7, 2, 5]]
-    assert np.array_equal(load_images(subset, tmp_path / "cache"), images[[7, 2, 5]])
-    manifest = json.loads((tmp_path / "cache" / f"{S}px" / "manifest.json").read_text())
-    assert manifest["image_size"] == S and manifest["n_ok"] == 10
-    assert sorted(f"{S}px/{s['file']}" for s in manifest["shards"]) == sorted(index["shard"].unique())
+    cache = tmp_path / "cache"
+    quality = quality_run(cache, rows, sizes=(S, 16), shard_size=2)
+    assert (quality["tensor_status"] == "ok").all() and (quality["tensor_sizes"] == f"{S},16").all()
+    for (shard, partition), group in quality.groupby(["tensor_shard", "partition"]):
+        assert shard.startswith(f"q{partition}-") and len(group) <= 2  # one partition per shard, shard_size
+        assert sorted(group["tensor_offset"]) == list(range(len(group)))
+        assert list(group.sort_values("tensor_offset")["image_id"]) == sorted(group["image_id"])  # id order
+    assert quality.groupby("tensor_shard")["partition"].nunique().max() == 1
+    for size in (S, 16):
+        index = tensor_index(rows["image_id"], quality, cache, size)
+        assert list(index.columns) == list(INDEX_COLUMNS) and list(index["image_id"]) == list(rows["image_id"])
+        assert (index["status"] == "ok").all() and index["reason"].isna().all() and (index["image_size"] == size).all()
+        images = load_images(index, cache)
+        assert images.shape == (10, size, size, 3) and images.dtype == np.uint8
+        for k, path in enumerate(rows["local_path"]):
+            assert np.array_equal(images[k], preprocess_image_file(path, size))  # the old path's pixels
+        subset = index.iloc[[7, 2, 5]]  # any subset, in any order, comes back in that order
+        assert np.array_equal(load_images(subset, cache), images[[7, 2, 5]])
+    # the spool is gone: only shards remain
+    assert all(name.endswith(".npy") and name.startswith("q") for name in shard_names(cache))
 
 
-def test_shard_files_are_uint8_arrays_of_the_images(tmp_path):
-    rows = write_images(tmp_path / "img", 4, split_of=lambda i: "train")
-    index = build_image_cache(rows, tmp_path / "cache", image_size=S, shard_size=8, workers=1)
-    (shard,) = index["shard"].unique()
-    arr = np.load(tmp_path / "cache" / shard)
-    assert arr.dtype == np.uint8 and arr.shape == (4, S, S, 3)
+def test_excluded_and_undecodable_images_are_not_cached(tmp_path):
+    rows = write_images(tmp_path / "img", 6)
+    bad = tmp_path / "img" / "9000.png"
+    bad.write_bytes(png_bytes(synthetic_skin(9))[:100])
+    rows.loc[len(rows)] = {"image_id": "9000", "local_path": str(bad), "split": "train", "partition": "01"}
+    cache = tmp_path / "cache"
+    quality = quality_run(cache, rows, keep={"1000", "1002", "1003", "1005", "9000"}).set_index("image_id")
+    assert quality.loc["9000", "decode_status"] == "truncated"
+    # 9000 is "kept" by the caller's table, but it never decoded: nothing to cache
+    assert list(quality["tensor_status"]) == ["ok", "excluded", "ok", "ok", "excluded", "ok", "not_cached"]
+    assert quality.loc[["1001", "1004"], "tensor_shard"].isna().all()
+    assert sum(np.load(cache / f"{S}px" / f).shape[0] for f in shard_names(cache)) == 4
+    index = tensor_index(["1000", "1001", "9000"], quality.reset_index(), cache, S).set_index("image_id")
+    assert list(index["status"]) == ["ok", "failed", "failed"]
+    assert index.loc["1001", "reason"].startswith("excluded by the quality rule")
+    assert index.loc["9000", "reason"] == "not_cached: no tensor was made from this image (it did not decode)"
 
 
-def test_failed_files_get_reasons_and_the_rest_is_intact(tmp_path):
-    rows = write_images(tmp_path / "img", 6, split_of=lambda i: "train")
-    bad_dir = tmp_path / "bad"
-    bad_dir.mkdir()
-    good_png = png_bytes(synthetic_skin(9))
-    bad = {
-        "zero": (b"", "empty_file"),
-        "cut": (good_png[: len(good_png) // 2], "truncated"),
-        "jpeg": (jpeg_bytes(synthetic_skin(8)), "wrong_format"),
-        "bomb": (decompression_bomb_png(30000, 30000), "decompression_bomb"),
-    }
-    extra = []
-    # ids sort between the good ones ("1000" < "1000-zero" < "1001"), so shards mix failures and
-    # good images, failures first in some: the good images behind them must move up without loss
-    for k, (name, (data, _)) in enumerate(bad.items()):
-        (bad_dir / f"{name}.png").write_bytes(data)
-        extra.append({"image_id": f"{1000 + k}-{name}", "local_path": str(bad_dir / f"{name}.png"), "split": "train"})
-    extra.append({"image_id": "1004-gone", "local_path": str(bad_dir / "gone.png"), "split": "train"})
-    extra.append({"image_id": "1005-nopath", "local_path": None, "split": "train"})
-    all_rows = pd.concat([rows.iloc[:3], pd.DataFrame(extra), rows.iloc[3:]], ignore_index=True)
-    index = build_image_cache(all_rows, tmp_path / "cache", image_size=S, shard_size=4, workers=2)
-
-    by_id = index.set_index("image_id")
-    for k, (name, (_, kind)) in enumerate(bad.items()):
-        row = by_id.loc[f"{1000 + k}-{name}"]
-        assert row["status"] == "failed" and row["shard"] is None and row["offset"] == -1
-        assert row["reason"].startswith(kind + ": ") and f"{name}.png" in row["reason"]
-    assert by_id.loc["1004-gone", "reason"].startswith("missing: ")
-    assert (
-        by_id.loc["1005-nopath", "reason"].startswith("missing: ")
-        and "1005-nopath" in by_id.loc["1005-nopath", "reason"]
-    )
-    # first shard: 1000, 1000-zero (failed), 1001, 1001-cut (failed): 1001 moved up into slot 1
-    assert by_id.loc["1001", "offset"] == 1 and by_id.loc["1001", "shard"] == by_id.loc["1000", "shard"]
-    assert np.load(tmp_path / "cache" / by_id.loc["1001", "shard"]).shape == (2, S, S, 3)
-    ok = index[index["status"] == "ok"]
-    assert list(ok["image_id"]) == list(rows["image_id"])
-    images = load_images(index, tmp_path / "cache")
-    assert images.shape == (6, S, S, 3)
-    for k, path in enumerate(rows["local_path"]):
-        assert np.array_equal(images[k], preprocess_image_file(path, S))
-
-
-def test_rerun_with_same_inputs_decodes_nothing_and_rewrites_nothing(tmp_path, monkeypatch):
+def test_same_inputs_find_their_shards_and_write_nothing(tmp_path):
     rows = write_images(tmp_path / "img", 7)
-    rows.loc[len(rows)] = {"image_id": "zero", "local_path": str(tmp_path / "zero.png"), "split": "train"}
-    (tmp_path / "zero.png").write_bytes(b"")
     cache = tmp_path / "cache"
-    first = build_image_cache(rows, cache, image_size=S, shard_size=2, workers=2)
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (cache / f"{S}px").glob("*.npy")}
-
-    counter = DecodeCounter(monkeypatch)
-    shuffled = rows.sample(frac=1.0, random_state=3)  # row order does not matter either
-    second = build_image_cache(shuffled, cache, image_size=S, shard_size=2, workers=2)
-    assert counter.paths == []
-    assert {p.name: p.stat().st_mtime_ns for p in (cache / f"{S}px").glob("*.npy")} == mtimes
-    reordered = second.set_index("image_id").loc[first["image_id"]].reset_index()
-    pd.testing.assert_frame_equal(reordered, first)
-    first_pixels = dict(zip(first.loc[first["status"] == "ok", "image_id"], load_images(first, cache)))
-    for image_id, pixels in zip(second.loc[second["status"] == "ok", "image_id"], load_images(second, cache)):
-        assert np.array_equal(pixels, first_pixels[image_id])
+    first = quality_run(cache, rows, shard_size=2)
+    before = shard_names(cache)
+    second = quality_run(cache, rows.sample(frac=1.0, random_state=3).reset_index(drop=True), shard_size=2)
+    assert shard_names(cache) == before  # every shard found under its name, none rewritten
+    columns = ["image_id", "tensor_status", "tensor_shard", "tensor_offset"]
+    pd.testing.assert_frame_equal(
+        second[columns].sort_values("image_id").reset_index(drop=True),
+        first[columns].sort_values("image_id").reset_index(drop=True),
+    )
 
 
-def test_changed_input_decodes_only_what_changed_and_never_serves_stale_pixels(tmp_path, monkeypatch):
-    rows = write_images(tmp_path / "img", 8, split_of=lambda i: "train")
+def test_a_changed_file_gets_a_new_shard_and_the_index_sweeps_the_stale_one(tmp_path):
+    rows = write_images(tmp_path / "img", 8)
     cache = tmp_path / "cache"
-    build_image_cache(rows, cache, image_size=S, shard_size=3, workers=2)
-    old_shards = {p.name for p in (cache / f"{S}px").glob("*.npy")}
+    quality_run(cache, rows, sizes=(S, 16), shard_size=3)
+    before = set(shard_names(cache))
+    (cache / f"{S}px" / "manifest.json").write_text("{}")  # format 1's layout
+    (cache / f"{S}px" / "train-0123.npy").write_bytes(b"junk")
+    (cache / f"{S}px" / "train-x.npy.tmp-1-2").write_bytes(b"junk")  # a temp file of the former naming
+    dead = cache / f"{S}px" / f"{TMP_PREFIX}4194399@{writer_namespace()}-spool-abc.spool"  # a killed run's spool
+    dead.write_bytes(b"junk")
 
     changed = rows.loc[4, "local_path"]
     new_rgb = synthetic_skin(99, (80, 80))
     with open(changed, "wb") as fh:
         fh.write(png_bytes(new_rgb))
     os.utime(changed, ns=(1, 1))  # a different mtime even on coarse-clock filesystems
-    new_file = tmp_path / "img" / "new.png"
-    new_file.write_bytes(png_bytes(synthetic_skin(50)))
-    rows.loc[len(rows)] = {"image_id": "2000", "local_path": str(new_file), "split": "train"}
+    quality = quality_run(cache, rows, sizes=(S,), shard_size=3)  # 16 px dropped from the sizes
+    index = tensor_index(rows["image_id"], quality, cache, S)
+    assert np.array_equal(load_images(index, cache)[4], preprocess_image(new_rgb, S))
+    now = set(shard_names(cache))
+    assert before & now and now - before  # unchanged shards kept, the changed one written anew
 
-    counter = DecodeCounter(monkeypatch)
-    index = build_image_cache(rows, cache, image_size=S, shard_size=3, workers=2)
-    assert sorted(counter.paths) == sorted([changed, str(new_file)])
-    images = load_images(index, cache)
-    assert np.array_equal(images[4], preprocess_image(new_rgb, S))
-    for k, path in enumerate(rows["local_path"]):
-        assert np.array_equal(images[k], preprocess_image_file(path, S))
-    # stale shards (those whose inputs changed) are gone; unchanged ones kept; only referenced files remain
-    now = {p.name for p in (cache / f"{S}px").glob("*.npy")}
-    assert now == {os.path.basename(s) for s in index["shard"].unique()}
-    assert old_shards - now and old_shards & now
+    removed = remove_unreferenced_shards(cache, referenced_shards(quality))
+    kept = {f"{S}px/{f}" for f in quality["tensor_shard"].unique()}
+    left = {f"{p.parent.name}/{p.name}" for p in cache.glob("*px/*")}
+    assert left == kept and not dead.exists()
+    assert {p.name for p in removed} >= {"manifest.json", "train-0123.npy", "train-x.npy.tmp-1-2"}
+    assert not list((cache / "16px").iterdir())  # a size no quality row names any more
+    assert np.array_equal(load_images(index, cache)[4], preprocess_image(new_rgb, S))
 
 
-def test_stale_shards_of_this_size_are_removed_and_other_sizes_kept(tmp_path):
+def test_a_torn_shard_is_rewritten_not_reused(tmp_path):
+    rows = write_images(tmp_path / "img", 3)
+    cache = tmp_path / "cache"
+    quality = quality_run(cache, rows)
+    for shard in quality["tensor_shard"].unique():
+        (cache / f"{S}px" / shard).write_bytes(b"")
+    again = quality_run(cache, rows)
+    assert load_images(tensor_index(rows["image_id"], again, cache, S), cache).shape == (3, S, S, 3)
+
+
+def test_index_rows_for_what_could_not_be_served_say_why(tmp_path):
     rows = write_images(tmp_path / "img", 6, split_of=lambda i: "train")
+    rows["partition"] = "00"
     cache = tmp_path / "cache"
-    other = build_image_cache(rows, cache, image_size=16, shard_size=4, workers=1)
-    first = build_image_cache(rows, cache, image_size=S, shard_size=4, workers=1)
-    (cache / f"{S}px" / "train-leftover.npy").write_bytes(b"junk")
-    (cache / f"{S}px" / "train-x.npy.tmp-1-2").write_bytes(b"junk")  # a temp file of the former naming
-    (cache / f"{S}px" / f"{TMP_PREFIX}4194399@{writer_namespace()}-abc.npy").write_bytes(b"junk")  # dead writer's
-    second = build_image_cache(rows.iloc[:3], cache, image_size=S, shard_size=4, workers=1)
-    files = sorted(p.name for p in (cache / f"{S}px").iterdir())
-    assert files == sorted([os.path.basename(s) for s in second["shard"].unique()] + ["manifest.json"])
-    assert not set(first["shard"]) & set(second["shard"])  # the 6-image shards were not reused for 3
-    assert load_images(other, cache).shape == (6, 16, 16, 3)  # the 16 px folder untouched
+    quality = quality_run(cache, rows.iloc[:4], shard_size=2)
+    quality.loc[quality["image_id"] == "1003", ["tensor_status", "tensor_reason"]] = [
+        "failed",
+        "tensor_failed: preprocessing failed: ValueError: boom",
+    ]
+    kept = ["1000", "1001", "1002", "1003", "1005", "1000"]  # a repeat (a file shared by two cases) is one row
+    index = tensor_index(kept, quality, cache, S).set_index("image_id")
+    assert list(index.index) == ["1000", "1001", "1002", "1003", "1005"]
+    assert index.loc["1003", "reason"] == "tensor_failed: preprocessing failed: ValueError: boom"
+    assert index.loc["1005", "reason"] == "not_assessed: image 1005 has no image_quality row"
+    failed = index[index["status"] == "failed"]
+    assert failed["shard"].isna().all() and (failed["offset"] == -1).all()
+    # a size the quality stage did not cache, and a shard that went missing
+    assert tensor_index(["1000"], quality, cache, 16)["reason"].iloc[0].startswith("not_cached: ")
+    # shards of two: (1000, 1001) and (1002, 1003); the second goes missing under an index made before
+    lost = quality.set_index("image_id").loc["1002", "tensor_shard"]
+    stale = tensor_index(["1000", "1002"], quality, cache, S)
+    (cache / f"{S}px" / lost).unlink()
+    with pytest.raises(FileNotFoundError, match=lost):
+        load_images(stale, cache)
+    index = tensor_index(kept, quality, cache, S).set_index("image_id")
+    assert index.loc["1002", "reason"].startswith("shard_unreadable: ") and lost in index.loc["1002", "reason"]
+    assert index.loc["1000", "status"] == "ok"
 
 
-def test_a_torn_shard_is_rebuilt_not_reused(tmp_path, monkeypatch):
-    rows = write_images(tmp_path / "img", 3, split_of=lambda i: "train")
+def test_a_tensor_error_from_the_worker_is_a_failure_record_and_the_rest_is_cached(tmp_path):
+    rows = write_images(tmp_path / "img", 3)
     cache = tmp_path / "cache"
-    index = build_image_cache(rows, cache, image_size=S, shard_size=8, workers=1)
-    (shard,) = index["shard"].unique()
-    (cache / shard).write_bytes(b"")
-    counter = DecodeCounter(monkeypatch)
-    again = build_image_cache(rows, cache, image_size=S, shard_size=8, workers=1)
-    assert len(counter.paths) == 3
-    assert load_images(again, cache).shape == (3, S, S, 3)
+    with TensorSpool(cache, (S,)) as spool:
+        assessed = [
+            {"image_id": "1000", TENSORS_KEY: {S: preprocess_image_file(rows.loc[0, "local_path"], S)}},
+            {"image_id": "1001", TENSORS_KEY: None, TENSOR_ERROR_KEY: "tensor_failed: preprocessing failed: boom"},
+            {"image_id": "1002", TENSORS_KEY: {S: preprocess_image_file(rows.loc[2, "local_path"], S)}},
+        ]
+        taken = list(spool.take(assessed))
+        assert all(set(row) == {"image_id"} for row in taken)  # the pixels stay in the spool
+        placed = spool.write_shards(rows.assign(keep=True)[["image_id", "local_path", "partition", "keep"]])
+    by_id = placed.set_index("image_id")
+    assert list(by_id["tensor_status"]) == ["ok", "failed", "ok"]
+    assert by_id.loc["1001", "tensor_reason"] == "tensor_failed: preprocessing failed: boom"
 
 
-def test_bad_rows_tables_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="local_path"):
-        build_image_cache(pd.DataFrame({"image_id": ["1"], "split": ["train"]}), tmp_path, image_size=S)
-    dup = pd.DataFrame({"image_id": ["1", "1"], "local_path": ["a", "b"], "split": ["train", "val"]})
-    with pytest.raises(ValueError, match="duplicate image_id.*'1'"):
-        build_image_cache(dup, tmp_path, image_size=S)
-    unsafe = pd.DataFrame({"image_id": ["1"], "local_path": ["a"], "split": ["../x"]})
-    with pytest.raises(ValueError, match="not a plain name"):
-        build_image_cache(unsafe, tmp_path, image_size=S)
-
-
-def test_load_images_names_a_missing_shard(tmp_path):
-    rows = write_images(tmp_path / "img", 2, split_of=lambda i: "train")
-    index = build_image_cache(rows, tmp_path / "cache", image_size=S, workers=1)
-    (tmp_path / "cache" / index["shard"].iloc[0]).unlink()
-    with pytest.raises(FileNotFoundError, match=index["shard"].iloc[0]):
-        load_images(index, tmp_path / "cache")
+def test_bad_inputs_are_refused_naming_what_is_wrong(tmp_path):
+    rows = write_images(tmp_path / "img", 2)
+    with TensorSpool(tmp_path / "cache", (S,)) as spool:
+        with pytest.raises(ValueError, match=r"image '1000' has no \(32, 32, 3\) uint8 tensor"):
+            spool.add("1000", {S: np.zeros((16, 16, 3), np.uint8)})
+        spool.add("1000", {S: np.zeros((S, S, 3), np.uint8)})
+        with pytest.raises(ValueError, match="already added"):
+            spool.add("1000", {S: np.zeros((S, S, 3), np.uint8)})
+        with pytest.raises(ValueError, match="partition"):
+            spool.write_shards(rows[["image_id", "local_path"]])
+        with pytest.raises(ValueError, match="not a plain name"):
+            spool.write_shards(
+                rows.assign(keep=True, partition="../x")[["image_id", "local_path", "partition", "keep"]]
+            )
+    with pytest.raises(ValueError, match="materialise image_quality again"):
+        tensor_index(["1"], pd.DataFrame({"image_id": ["1"]}), tmp_path, S)
 
 
 def _labeled_cache(tmp_path):
     """A cache of six images and a labeled_splits table over them: image 1001 is shared by two cases,
-    1002's decode failed, 9999 was never cached."""
-    rows = write_images(tmp_path / "img", 6, split_of=lambda i: "train" if i < 4 else "val")
-    index = build_image_cache(rows, tmp_path / "cache", image_size=S, shard_size=2, workers=1)
+    1002's tensor failed, 9999 was never cached."""
+    rows = write_images(tmp_path / "img", 6)
+    quality = quality_run(tmp_path / "cache", rows, shard_size=2)
+    index = tensor_index(rows["image_id"], quality, tmp_path / "cache", S)
     index.loc[index["image_id"] == "1002", "status"] = "failed"
     labeled = pd.DataFrame(
         {

@@ -256,3 +256,39 @@ def test_min_long_side_halves_big_pngs_by_2x2_means_and_keeps_the_file_size(tmp_
     odd.write_bytes(_png_bytes(big[:399, :599]))
     out = decode_image(odd, min_long_side=256)
     assert out.status == "ok" and out.rgb.shape == (199, 299, 3) and (out.width, out.height) == (599, 399)
+
+
+@pytest.mark.parametrize("shape", [(400, 600), (399, 601), (513, 1025)])
+@pytest.mark.parametrize("kind", ["rgb", "rgb16", "grey", "rgba"])
+def test_halving_a_full_decode_is_the_reduced_decode_bit_for_bit(tmp_path, shape, kind):
+    """The quality stage decodes at full size (for the training tensors) and halves for its metrics: the
+    pixels must be exactly what the reduced decode gave, or the metrics would move."""
+    rng = np.random.default_rng(7)
+    rgb = cv2.GaussianBlur(rng.integers(0, 256, (*shape, 3), dtype=np.uint8), (0, 0), 2)
+    pixels = {
+        "rgb": rgb,
+        "rgb16": rgb.astype(np.uint16) * 257 + rng.integers(0, 257, rgb.shape).astype(np.uint16),
+        "grey": rgb[..., 0],
+        "rgba": np.dstack([rgb, rgb[..., 1]]),
+    }[kind]
+    path = tmp_path / "17.png"
+    path.write_bytes(_png_bytes(pixels))
+    min_long_side = max(shape) // 2
+    assert imageio.reduced_decode_applies("PNG", shape[1], shape[0], min_long_side)
+    reduced = decode_image(path, min_long_side=min_long_side)
+    full = decode_image(path)
+    assert reduced.ok and full.ok and reduced.rgb.shape == (shape[0] // 2, shape[1] // 2, 3)
+    assert np.array_equal(imageio.halve_as_reduced_decode(full.rgb), reduced.rgb)
+
+
+def test_the_decode_log_counts_pixel_decodes_only(tmp_path, rgb, monkeypatch):
+    log = tmp_path / "decodes.log"
+    monkeypatch.setenv(imageio.DECODE_LOG_ENV, str(log))
+    good = tmp_path / "18.png"
+    good.write_bytes(_png_bytes(rgb))
+    empty = tmp_path / "19.png"
+    empty.write_bytes(b"")
+    decode_image(good)
+    decode_image(empty)  # refused before any pixel is decoded: not a decode
+    decode_image(good, min_long_side=40)
+    assert [line.split("\t")[1] for line in log.read_text().splitlines()] == [str(good), str(good)]

@@ -638,3 +638,29 @@ def test_ungradable_exclusions_are_counted_per_monk_tone_beside_the_quality_ones
     assert table.loc["9", "n_excluded"] == 1 and table.loc["9", "n_refs_derm_ungradable"] == 2
     assert table.loc["2", "n"] == 0 and table.loc["1", "n_refs_derm_ungradable"] == 0
     assert table["n_refs_derm_ungradable"].sum() == 2
+
+
+@pytest.mark.parametrize("size", [(1300, 975), (641, 480)])  # halved by the decoder, and not
+def test_training_tensors_come_from_the_same_decode_without_moving_any_metric(tmp_path, size):
+    from scin_pipeline.core.image_cache import TENSORS_KEY, preprocess_image_file
+
+    path = _save_png(tmp_path / "1.png", render_skin_image("t", 8, "psoriasis_plaques", size, 0))
+    plain = assess_image("1", path)
+    with_tensors = assess_image("1", path, QualityConfig(tensor_sizes=(64, 224)))
+    tensors = with_tensors.pop(TENSORS_KEY)
+    assert with_tensors.pop("tensor_error") is None
+    assert set(with_tensors) == set(plain) == set(ROW_COLUMNS)
+    for column in ROW_COLUMNS:  # bit-identical metrics, hashes and descriptor
+        assert with_tensors[column] == plain[column] or (
+            isinstance(plain[column], float) and np.isnan(plain[column]) and np.isnan(with_tensors[column])
+        ), column
+    assert sorted(tensors) == [64, 224]
+    for side, tensor in tensors.items():  # what image_tensors' own decode + resize gave before
+        assert np.array_equal(tensor, preprocess_image_file(path, side))
+
+
+def test_failed_decodes_carry_no_tensors(tmp_path):
+    path = tmp_path / "2.png"
+    path.write_bytes(b"")
+    row = assess_image("2", str(path), QualityConfig(tensor_sizes=(64,)))
+    assert row["decode_status"] == "empty_file" and "tensors" not in row
