@@ -42,7 +42,15 @@ from scin_pipeline.resources.mlflow_tracking import CHAMPION_CLEARED_REASON_TAG
 
 GROUP = "evaluation"
 CANDIDATES = ("baseline_cnn", "resnet50_transfer", "resnet50_fixmatch", "metadata_model", "multimodal")
-OVERALL_METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "mean_ovr_auc", "ece"]
+OVERALL_METRICS = [
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "top3_accuracy",
+    "mean_ovr_auc",
+    "ece",
+    "ece_uncalibrated",
+]
 EVALUATED_SPLITS = ("val", "test")
 SCORED_SPLITS = ("val", blank_split("val"), "test")  # the splits of model_evaluation's table
 PASSED_OVER_TAG = "scin.passed_over"  # on a candidate's run when no champion is named: why it was not eligible
@@ -52,13 +60,25 @@ def candidates_table(*frames: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([f for f in frames if f is not None and len(f)], ignore_index=True)
 
 
-def predict_split(package, rows: pd.DataFrame, images: np.ndarray, cases: pd.DataFrame) -> np.ndarray:
-    """Probabilities of one packaged candidate for ``rows`` (images from the cache, metadata from cases)."""
-    case_rows = rows[["case_id"]].merge(cases, on="case_id", how="left")
-    uses_images = package.kind != "sklearn_metadata"
-    return package.predict_proba(
-        images=images if uses_images else None, cases=case_rows if package.kind != "keras_image" else None
-    )
+def calibration_table(candidates: pd.DataFrame, packages: dict, overall: pd.DataFrame) -> pd.DataFrame:
+    """Per candidate: its calibration (method, temperature, validation rows it was fitted on) and the test
+    ECE before (ece_uncalibrated) and after (ece) it."""
+    test = overall[overall["split"] == "test"].pivot_table(index="model", columns="metric", values="value")
+    rows = []
+    for model in candidates["model"]:
+        calibration = packages[model].calibration
+        rows.append(
+            {
+                "model": model,
+                "calibration": "none" if calibration is None else calibration.method,
+                "temperature": calibration.temperature if calibration is not None else float("nan"),
+                "fitted_on_val_rows": calibration.fitted_rows if calibration is not None else 0,
+                "note": calibration.note if calibration is not None else "not calibrated (not an image model)",
+                "ece_uncalibrated": test["ece_uncalibrated"].get(model, float("nan")),
+                "ece": test["ece"].get(model, float("nan")),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 @multi_asset(
@@ -71,6 +91,8 @@ def predict_split(package, rows: pd.DataFrame, images: np.ndarray, cases: pd.Dat
             "macro-F1, top-3 accuracy, per-class one-vs-rest AUC and their mean, expected calibration error; "
             "and on the validation split with every questionnaire blank, as a blank form is encoded when "
             "serving (split 'val_blank'; a candidate that reads no questionnaire scores as on 'val'). "
+            "Probabilities are the calibrated ones the packaged model serves (temperature scaling, fitted on "
+            "validation); ece_uncalibrated is the expected calibration error of the model's own output, before. "
             "Long table (model, split, metric, class, value); confusion matrices in the metadata and in each "
             "model's MLflow run.",
         ),
@@ -104,26 +126,34 @@ def model_evaluation(
     cache_dir = storage.image_tensors_dir
     out_dir = storage.table_files_dir("model_evaluation")
     data = {split: split_arrays(labeled_splits, image_tensors, cache_dir, split, classes) for split in EVALUATED_SPLITS}
-    tables, predictions, metadata = [], [], {}
-    for candidate in candidates.itertuples():
-        package = PackagedClassifier.load(str(candidate.package_dir))
+    tables, predictions, metadata, packages = [], [], {}, {}
+    for name, package_dir, run_id in zip(
+        candidates["model"].astype(str), candidates["package_dir"].astype(str), candidates["mlflow_run_id"].astype(str)
+    ):
+        package = PackagedClassifier.load(package_dir)
+        packages[name] = package
         if list(package.classes) != classes:
-            raise ValueError(f"{candidate.model}: trained on classes {package.classes}, splits have {classes}")
+            raise ValueError(f"{name}: trained on classes {package.classes}, splits have {classes}")
         for split, (rows, images, y) in data.items():
-            proba = predict_split(package, rows, images, cases)
-            table = evaluation.evaluation_table(str(candidate.model), y, proba, classes).assign(split=split)
+            # One model call: the calibrated probabilities are the package's calibration of the raw ones.
+            raw = package.predict_rows(rows, images, cases, calibrated=False)
+            proba = package.calibrate(raw)
+            table = evaluation.evaluation_table(name, y, proba, classes, uncalibrated_proba=raw)
+            table = table.assign(split=split)
             tables.append(table)
             if split == "val":
                 # Every questionnaire blank: only the case ids reach the encoding, which reads them as a blank
                 # form. A candidate that reads no questionnaire predicts the same with or without one.
                 blank = table
                 if package.kind in METADATA_KINDS:
-                    blank_proba = predict_split(package, rows, images, cases[["case_id"]])
-                    blank = evaluation.evaluation_table(str(candidate.model), y, blank_proba, classes)
+                    blank_raw = package.predict_rows(rows, images, cases[["case_id"]], calibrated=False)
+                    blank = evaluation.evaluation_table(
+                        name, y, package.calibrate(blank_raw), classes, uncalibrated_proba=blank_raw
+                    )
                 tables.append(blank.assign(split=blank_split(split)))
             predictions.append(
                 rows[["image_id", "case_id", "label"]].assign(
-                    model=candidate.model,
+                    model=name,
                     split=split,
                     y_true=y,
                     y_pred=proba.argmax(axis=1),
@@ -132,19 +162,15 @@ def model_evaluation(
             )
             if split != "test":
                 continue
-            confusion = evaluation.confusion_matrix_png(
-                y, proba.argmax(axis=1), classes, title=f"{candidate.model} (test)"
-            )
-            write_bytes_atomic(confusion, out_dir / f"confusion_{candidate.model}.png")
+            confusion = evaluation.confusion_matrix_png(y, proba.argmax(axis=1), classes, title=f"{name} (test)")
+            write_bytes_atomic(confusion, out_dir / f"confusion_{name}.png")
             overall = table[table["class"].isna() | (table["class"] == "")]
             overall_values = overall.set_index("metric")["value"].astype(float)
-            with mlflow.log_to_run(str(candidate.mlflow_run_id)) as run:
+            with mlflow.log_to_run(run_id) as run:
                 run.log_metrics({f"test_{m}": float(v) for m, v in overall_values.items() if np.isfinite(v)})
                 run.log_figure_png(confusion, "evaluation/confusion_test.png")
                 run.log_table(table, "evaluation/test_metrics.csv")
-            metadata[f"confusion_{candidate.model}"] = MetadataValue.md(
-                f"![{candidate.model}]({png_data_uri_bytes(confusion)})"
-            )
+            metadata[f"confusion_{name}"] = MetadataValue.md(f"![{name}]({png_data_uri_bytes(confusion)})")
     result = pd.concat(tables, ignore_index=True)
     result = result[["model", "split", "metric", "class", "value"]]
     prediction_rows = pd.concat(predictions, ignore_index=True)
@@ -156,12 +182,21 @@ def model_evaluation(
         .round(3)
     )
     wide.columns = [f"{s}_{m}" for s, m in wide.columns]
+    calibrations = calibration_table(candidates, packages, overall)
     per_class = result[(result["split"] == "test") & result["class"].notna() & (result["class"] != "")]
     metadata.update(
         {
             "classes": len(classes),
             "rows_per_split": MetadataValue.json({s: int(len(d[0])) for s, d in data.items()}),
             "overall": metric_md(wide.reset_index()),
+            "calibration": metric_md(calibrations),
+            # Flat floats, so that Dagster plots them over materialisations.
+            **{
+                f"{r.model}_test_{column}": float(getattr(r, column))
+                for r in calibrations.itertuples()
+                for column in ("ece_uncalibrated", "ece")
+                if np.isfinite(getattr(r, column))
+            },
             "per_class_test": metric_md(
                 per_class.pivot_table(index=["class"], columns=["model", "metric"], values="value")
                 .round(3)
@@ -360,6 +395,7 @@ def model_comparison(
                 "test_macro_f1",
                 *[f"test_{m}" for m in top3],
                 "test_mean_ovr_auc",
+                "test_ece_uncalibrated",
                 "test_ece",
             ]
         )

@@ -5,7 +5,10 @@ and the splits' data version); its output is a one-row table pointing at the pac
 takes raw uint8 images and/or case metadata) and its registered version. The rules (models, training
 loop, cache, packaging) live in scin_pipeline.core; these assets feed them and record what happened.
 Every candidate is declared through one skeleton, ``candidate_asset`` (reuse, the MLflow run, packaging,
-registration, the output table); all that differs between candidates is their training function.
+registration, the output table); all that differs between candidates is their training function. The
+skeleton also calibrates every image candidate (keras_image, keras_multimodal): one temperature fitted on the
+validation split through the packaged model itself (core.calibration), stored in the package, applied by its
+predict_proba wherever it predicts.
 
 Idempotent by construction: a candidate's MLflow run is keyed by (asset, code version, config, splits data
 version, inputs' versions). A rerun with the same key finds the FINISHED run and its packaged model and
@@ -20,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -62,6 +65,9 @@ from scin_pipeline.resources.mlflow_tracking import (
     dagster_tags,
     run_key_for,
 )
+
+if TYPE_CHECKING:
+    from scin_pipeline.core.calibration import TemperatureScaling
 
 GROUP = "training"
 # One training per GPU (the deployment sets the pool's limit); Kubernetes gets a GPU request per step.
@@ -551,7 +557,7 @@ class CandidateRun:
         metrics (names without ``val_``) of a model fitted once, with no epoch history to take them from."""
         from scin_pipeline.core import plots
         from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS
-        from scin_pipeline.core.packaged_model import METADATA_KINDS, PackagedClassifier
+        from scin_pipeline.core.packaged_model import KERAS_KINDS, METADATA_KINDS, PackagedClassifier
         from scin_pipeline.core.training import restored_epoch_metrics
 
         package = PackagedClassifier(
@@ -562,6 +568,9 @@ class CandidateRun:
             model=model,
             extra={"candidate": self.name, **(package_extra or {})},
         )
+        if self.kind in KERAS_KINDS:
+            package.calibration = self.fit_calibration(package)
+            run.log_metrics(calibration_metrics(package.calibration))
         package.save(self.package_dir)  # swapped in whole: a kill here leaves the old package or none
         history = result.history
         if history is not None and len(history):
@@ -591,6 +600,20 @@ class CandidateRun:
         resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
         return Trained(row=row, resumed=resumed, metadata={**metadata, **best_val_metadata(best_val)})
 
+    def fit_calibration(self, package) -> "TemperatureScaling":
+        """Temperature scaling of ``package`` on the validation split, fitted on the package's own
+        uncalibrated predict_proba: the temperature is fitted to exactly the function that is served."""
+        from scin_pipeline.core.calibration import TemperatureScaling, fit_temperature
+
+        splits, tensors = self.inputs["labeled_splits"], self.inputs["image_tensors"]
+        rows, images, y = split_arrays(splits, tensors, self.storage.image_tensors_dir, "val", self.classes)
+        if not len(rows):
+            return TemperatureScaling(note="no validation rows with cached pixels")
+        probabilities = package.predict_rows(rows, images, self.inputs.get("cases"), calibrated=False)
+        fitted = fit_temperature(probabilities, y)
+        self.context.log.info(f"{self.name}: {fitted.describe()} ({fitted.fitted_rows} rows)")
+        return fitted
+
     def output(self, row: dict, *, reused: bool, resumed: bool, metadata: dict) -> Output:
         record = {
             "model": self.name,
@@ -617,6 +640,7 @@ class CandidateRun:
             "classes": len(self.classes),
             "best_val_score": row["best_val_score"],
             "best_epoch": row["best_epoch"],
+            **calibration_metadata(self.package_dir),
             **metadata,
         }
         url = self.mlflow.run_url(row["mlflow_run_id"])
@@ -625,6 +649,26 @@ class CandidateRun:
         if self.synthetic:
             meta["note"] = "SYNTHETIC images: these figures say nothing about skin conditions"
         return versioned_output(table, self.run_key, metadata=meta)
+
+
+def calibration_metrics(calibration: "TemperatureScaling") -> dict[str, float]:
+    """The fit as MLflow run metrics (the temperature, and the validation NLL at T = 1 and at T)."""
+    metrics = {"calibration_temperature": calibration.temperature}
+    if calibration.nll_before is not None and calibration.nll_after is not None:
+        metrics.update(val_nll_uncalibrated=calibration.nll_before, val_nll_calibrated=calibration.nll_after)
+    return metrics
+
+
+def calibration_metadata(package_dir) -> dict:
+    """The package's calibration as asset metadata (read from its spec: the package owns the fact)."""
+    from scin_pipeline.core.calibration import TemperatureScaling
+    from scin_pipeline.core.packaged_model import read_spec
+
+    stored = read_spec(package_dir).get("calibration")
+    if stored is None:
+        return {"calibration": "none (the model's own probabilities)"}
+    calibration = TemperatureScaling.from_dict(stored)
+    return {"calibration": calibration.describe(), "calibration_temperature": float(calibration.temperature)}
 
 
 def candidate_asset(
@@ -1146,6 +1190,7 @@ baseline_cnn = candidate_asset(
     config=TrainingConfig,
     ins=("labeled_splits", "image_tensors"),
     train=_train_baseline_cnn,
+    code_version="2",  # 2: calibrated (a temperature in the package)
     description="The student notebooks' two-layer CNN (32 and 64 filters), trained from the uint8 cache "
     "with class weights and early stopping on validation macro-F1: the baseline every model must beat.",
 )
@@ -1156,6 +1201,7 @@ resnet50_transfer = candidate_asset(
     config=TransferConfig,
     ins=("labeled_splits", "image_tensors", "image_embeddings"),
     train=_train_resnet50_transfer,
+    code_version="2",  # 2: calibrated (a temperature in the package)
     description="ResNet50 transfer: on an accelerator (or mode=fine_tune) the head is trained on a frozen "
     "backbone, then the top layers are unfrozen at a lower learning rate (BatchNorm stays frozen), from the "
     "uint8 cache with bfloat16 on GPU. On CPU (mode=auto) the head is trained on image_embeddings so a full "
@@ -1168,6 +1214,7 @@ resnet50_fixmatch = candidate_asset(
     config=FixMatchTrainingConfig,
     ins=("labeled_splits", "image_tensors", "image_embeddings", "unlabelled_pool"),
     train=_train_resnet50_fixmatch,
+    code_version="2",  # 2: calibrated (a temperature in the package)
     description="ResNet50 transfer that also learns from the unlabelled pool, FixMatch-style: each step, "
     "the pseudo-label of a weak view of a pool image (kept above a confidence threshold) is the target of a "
     "strong view of the same image. Augmentation is GEOMETRY-ONLY (flips, rotations, zoom, shear), never "
@@ -1201,5 +1248,5 @@ multimodal = candidate_asset(
     "questionnaire_dropout, so a blank form gets an answer from the image; every epoch is also scored with "
     "blank validation questionnaires (val_blank_*). Saved as one model on raw uint8 images plus the metadata "
     "vector.",
-    code_version="2",  # 2: modality dropout, blank-questionnaire validation scores
+    code_version="3",  # 2: modality dropout, blank-questionnaire validation scores; 3: calibrated
 )

@@ -237,11 +237,18 @@ def per_class_table(y_true, proba, classes: Sequence[str]) -> pd.DataFrame:
     )
 
 
-def evaluation_table(model_name: str, y_true, proba, classes: Sequence[str]) -> pd.DataFrame:
+def evaluation_table(
+    model_name: str, y_true, proba, classes: Sequence[str], *, uncalibrated_proba=None
+) -> pd.DataFrame:
     """Long form for the asset metadata: model, metric, value, class. Overall rows (the metrics of
     :func:`classification_metrics` and ``n``) have class ""; then per class auc, f1, recall, precision
-    and n. An undefined value is NaN, never dropped."""
+    and n. An undefined value is NaN, never dropped. ``proba`` is what the model serves (calibrated);
+    with ``uncalibrated_proba`` (the model's own output before calibration) an overall row
+    ``ece_uncalibrated`` says what the calibration changed."""
     metrics = classification_metrics(y_true, proba, classes)
+    if uncalibrated_proba is not None:
+        y, raw = validate_predictions(y_true, uncalibrated_proba, classes)
+        metrics["ece_uncalibrated"] = expected_calibration_error(y, raw)
     rows = [(model_name, name, float(value), "") for name, value in metrics.items()]
     rows.append((model_name, "n", float(len(np.asarray(y_true))), ""))
     table = per_class_table(y_true, proba, classes)

@@ -2,9 +2,9 @@
 and the MLflow pyfunc wrapper that the registry serves (``models:/scin-condition-classifier@champion``).
 
 A package folder holds ``spec.json`` (kind, class names in output order, image size, metadata feature
-columns, free-form ``extra``) and the model file: ``model.keras`` (one end-to-end Keras model that takes raw
-uint8 images, and metadata when it uses it) or ``model.joblib`` (a fitted scikit-learn-style object with
-``predict_proba``). Three kinds:
+columns, the calibration, free-form ``extra``) and the model file: ``model.keras`` (one end-to-end Keras
+model that takes raw uint8 images, and metadata when it uses it) or ``model.joblib`` (a fitted
+scikit-learn-style object with ``predict_proba``). Three kinds:
 
 - ``keras_image``: input ``images`` uint8 (N, S, S, 3);
 - ``keras_multimodal``: ``{"image": images, "metadata": metadata_features(cases)[metadata_columns]}``;
@@ -19,6 +19,12 @@ Decisions:
 - Metadata features are rebuilt from raw case columns at prediction time by the same
   ``metadata_features`` that training used; the package stores the column list it was trained on, and a
   package whose columns the current code no longer produces fails loudly, naming the columns.
+- Calibration: ``calibration`` is a fitted :class:`~scin_pipeline.core.calibration.TemperatureScaling`
+  (the training skeleton fits one on the validation split for every image candidate) or None.
+  ``predict_proba`` applies it, so evaluation, the web service and the pyfunc all see the calibrated
+  probabilities; ``predict_proba(..., calibrated=False)`` gives the model's own (evaluation reports both).
+  Format version 2 added the field; version 1 packages (no calibration) still load, as uncalibrated, while
+  older code refuses a version 2 package instead of silently serving it uncalibrated.
 - ``model.joblib`` is a pickle: load packages only from our own store (the MLflow artifact store is one).
 - A logged model is self-contained (``core.model_environment``): its ``code/`` folder holds the
   ``scin_pipeline`` modules the pyfunc imports (MLflow ``code_paths``; the package is not on PyPI) and its
@@ -59,6 +65,7 @@ import pandas as pd
 from mlflow.pyfunc.model import PythonModel
 
 from scin_pipeline.core.atomic import atomic_directory
+from scin_pipeline.core.calibration import TemperatureScaling
 
 KINDS = ("keras_image", "keras_multimodal", "sklearn_metadata")
 KERAS_KINDS = ("keras_image", "keras_multimodal")
@@ -67,7 +74,8 @@ SPEC_FILE = "spec.json"
 KERAS_FILE = "model.keras"
 SKLEARN_FILE = "model.joblib"
 PACKAGE_FORMAT = "scin-packaged-classifier"
-PACKAGE_FORMAT_VERSION = 1
+PACKAGE_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # 1: before calibration (read as uncalibrated)
 IMAGE_COLUMN = "image"
 SUM_TOLERANCE = 1e-3
 
@@ -84,6 +92,7 @@ class PackagedClassifier:
     extra: dict = field(default_factory=dict)
     # Modules to import before loading the Keras file (they register custom layers); scin_pipeline.* only.
     keras_modules: list[str] = field(default_factory=list)
+    calibration: TemperatureScaling | None = None  # applied by predict_proba (module docstring)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -119,6 +128,7 @@ class PackagedClassifier:
             "metadata_columns": self.metadata_columns,
             "model_file": self.model_file,
             "keras_modules": list(self.keras_modules),
+            "calibration": self.calibration.to_dict() if self.calibration is not None else None,
             "extra": self.extra,
         }
 
@@ -180,6 +190,7 @@ class PackagedClassifier:
             metadata_columns=spec.get("metadata_columns"),
             extra=spec.get("extra") or {},
             keras_modules=spec.get("keras_modules") or [],
+            calibration=_calibration_from_spec(spec, directory),
         )
 
     # ---------------------------------------------------------------- prediction
@@ -216,8 +227,34 @@ class PackagedClassifier:
             raise ValueError(f"images must be uint8 (raw pixels; scaling happens inside the model), got {images.dtype}")
         return images
 
-    def predict_proba(self, images: np.ndarray | None = None, cases: pd.DataFrame | None = None) -> np.ndarray:
-        """(N, K) float64 class probabilities, columns in ``classes`` order, rows summing to 1."""
+    def calibrate(self, probabilities: np.ndarray) -> np.ndarray:
+        """The package's calibration applied to uncalibrated ``probabilities`` (unchanged without one)."""
+        return self.calibration.apply(probabilities) if self.calibration is not None else probabilities
+
+    def predict_proba(
+        self, images: np.ndarray | None = None, cases: pd.DataFrame | None = None, *, calibrated: bool = True
+    ) -> np.ndarray:
+        """(N, K) float64 class probabilities, columns in ``classes`` order, rows summing to 1; calibrated
+        by the package's temperature unless ``calibrated=False`` (the model's own output)."""
+        probabilities = self._predict_uncalibrated(images, cases)
+        return self.calibrate(probabilities) if calibrated else probabilities
+
+    def predict_rows(
+        self, rows: pd.DataFrame, images: np.ndarray | None, cases: pd.DataFrame | None, *, calibrated: bool = True
+    ) -> np.ndarray:
+        """:meth:`predict_proba` for per-image ``rows`` of a split (a ``case_id`` column) and their cached
+        ``images`` in row order, each row's metadata looked up in ``cases`` by case_id; only the inputs
+        this kind uses are passed."""
+        case_rows = None
+        if self.kind in METADATA_KINDS:
+            if cases is None:
+                raise ValueError(f"{self.kind} model needs `cases` (case metadata by case_id), got None")
+            case_rows = rows[["case_id"]].merge(cases, on="case_id", how="left")
+        return self.predict_proba(
+            images=images if self.kind in KERAS_KINDS else None, cases=case_rows, calibrated=calibrated
+        )
+
+    def _predict_uncalibrated(self, images: np.ndarray | None, cases: pd.DataFrame | None) -> np.ndarray:
         if self.kind == "keras_image":
             x = self._check_images(images)
             n = len(x)
@@ -263,6 +300,16 @@ def _as_distribution(raw, n: int, classes: list[str]) -> np.ndarray:
     return probabilities / sums[:, None]
 
 
+def _calibration_from_spec(spec: dict, directory: Path) -> TemperatureScaling | None:
+    stored = spec.get("calibration")
+    if stored is None:
+        return None
+    try:
+        return TemperatureScaling.from_dict(stored)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{directory / SPEC_FILE}: calibration is not readable: {exc}") from exc
+
+
 def read_spec(directory: str | os.PathLike) -> dict:
     """The validated ``spec.json`` of a package folder (clear errors naming the file)."""
     path = Path(directory) / SPEC_FILE
@@ -274,10 +321,10 @@ def read_spec(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not readable JSON: {exc}") from exc
     if not isinstance(spec, dict) or spec.get("format") != PACKAGE_FORMAT:
         raise ValueError(f"{path}: not a {PACKAGE_FORMAT} spec")
-    if spec.get("format_version") != PACKAGE_FORMAT_VERSION:
+    if spec.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise ValueError(
             f"{path}: format_version {spec.get('format_version')!r} is not supported "
-            f"(this code reads {PACKAGE_FORMAT_VERSION})"
+            f"(this code reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))})"
         )
     if spec.get("kind") not in KINDS:
         raise ValueError(f"{path}: kind must be one of {KINDS}, got {spec.get('kind')!r}")
@@ -450,6 +497,7 @@ def log_packaged_model(
                 "scin_image_size": spec.get("image_size"),
                 "scin_inputs": model_inputs,
                 "scin_code_modules": modules,
+                "scin_calibration": spec.get("calibration"),
             },
             tags=tags,
         )

@@ -113,6 +113,17 @@ class QuestionnaireRecord(BaseModel):
     val_blank_balanced_accuracy: float | None
 
 
+class CalibrationInfo(BaseModel):
+    calibrated: bool = Field(description="the probabilities served are calibrated (a fitted temperature)")
+    method: Literal["temperature_scaling"] | None = Field(description="null: not calibrated")
+    temperature: float | None = Field(
+        description="T of softmax(logits / T), fitted on the validation split by minimising the negative "
+        "log-likelihood; T > 1 softens an over-confident model, T < 1 sharpens an under-confident one"
+    )
+    fitted_on: str | None = Field(description="the split T was fitted on (val)")
+    text: str = Field(description="one sentence for people, shown on the page")
+
+
 class ModelInfo(BaseModel):
     name: str | None = Field(description="registered model name")
     version: str | None = Field(description="registered model version that answers")
@@ -147,6 +158,7 @@ class ModelInfo(BaseModel):
     class_notes: dict[str, str] = Field(
         default_factory=dict, description="what a class means when it is not one condition's name (e.g. other)"
     )
+    calibration: CalibrationInfo = Field(description="whether and how the probabilities are calibrated")
 
 
 class MetadataField(BaseModel):
@@ -197,7 +209,9 @@ class AnswersSummary(BaseModel):
 
 class PredictionResponse(BaseModel):
     notice: str = Field(description="NOT A DIAGNOSIS, always")
-    probabilities: dict[str, float] = Field(description="probability per condition (sums to 1)")
+    probabilities: dict[str, float] = Field(
+        description="probability per condition (sums to 1); calibrated when model.calibration.calibrated"
+    )
     top: list[RankedCondition] = Field(description="the most probable conditions, best first")
     model: ModelInfo
     quality: QualityVerdict | None = Field(description="the image's quality check (null: no image sent)")

@@ -79,24 +79,34 @@ def notice_for(served: ServedModel) -> str:
 
 
 def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The full-size RGB pixels of uploaded PNG/JPEG bytes (:func:`decode_photo`, named ``upload``: never the
+    client's file name); RequestError when refused."""
+    try:
+        return decode_photo(data, UPLOAD_NAME, max_pixels)
+    except RequestError as exc:
+        if exc.error != "too_many_pixels":
+            raise
+        advice = f". This service takes pictures of up to {max_pixels:,} pixels: send a smaller copy of the photo"
+        raise RequestError(exc.status, exc.error, exc.detail + advice) from None
+
+
+def decode_photo(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The full-size RGB pixels of PNG/JPEG bytes (training's guarded decoder, its header check at
-    ``max_pixels``); RequestError when refused, or when a side is under ``MIN_SIDE`` px."""
+    ``max_pixels``); RequestError (HTTP status, error code, a message starting with ``name``) when the
+    decoder refuses them, or when a side is under ``MIN_SIDE`` px."""
     from scin_pipeline.core.image_cache import ImagePreprocessError
 
     try:
-        rgb = decode_bytes_rgb(bytes(data), UPLOAD_NAME, max_pixels=max_pixels)
+        rgb = decode_bytes_rgb(bytes(data), name, max_pixels=max_pixels)
     except ImagePreprocessError as exc:
         status, error = ERROR_BY_DECODE_KIND.get(exc.kind, (422, exc.kind))
-        detail = str(exc)
-        if error == "too_many_pixels":
-            detail += f". This service takes pictures of up to {max_pixels:,} pixels: send a smaller copy of the photo"
-        raise RequestError(status, error, detail) from None
+        raise RequestError(status, error, str(exc)) from None
     height, width = rgb.shape[:2]
     if min(width, height) < MIN_SIDE:
         raise RequestError(
             422,
             "too_small",
-            f"{UPLOAD_NAME}: the picture is {width} x {height} px, too small to look at: each side must be at "
+            f"{name}: the picture is {width} x {height} px, too small to look at: each side must be at "
             f"least {MIN_SIDE} px (a photo of the skin is usually hundreds of pixels wide)",
         )
     return rgb
@@ -233,6 +243,28 @@ def answers_summary(served: ServedModel, request: PredictionRequest) -> dict:
     }
 
 
+def calibration_info(served: ServedModel) -> dict:
+    """Whether the probabilities served are calibrated, and how, with one sentence for people."""
+    calibration = served.package.calibration
+    if calibration is None or not calibration.fitted:
+        why = "this model version carries no calibration" if calibration is None else calibration.note
+        return {
+            "calibrated": False,
+            "method": None,
+            "temperature": None,
+            "fitted_on": None,
+            "text": f"The probabilities are the model's own outputs, not calibrated ({why}).",
+        }
+    return {
+        "calibrated": True,
+        "method": calibration.method,
+        "temperature": calibration.temperature,
+        "fitted_on": calibration.fitted_on,
+        "text": f"The probabilities are calibrated by temperature scaling (T = {calibration.temperature:.2f}, "
+        f"fitted on the {'validation' if calibration.fitted_on == 'val' else calibration.fitted_on} split).",
+    }
+
+
 def model_info(served: ServedModel) -> dict:
     return {
         "name": served.name,
@@ -250,6 +282,7 @@ def model_info(served: ServedModel) -> dict:
         "run_id": served.run_id,
         "questionnaire": questionnaire_record(served),
         "class_notes": class_notes(served),
+        "calibration": calibration_info(served),
     }
 
 

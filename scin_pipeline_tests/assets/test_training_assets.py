@@ -110,6 +110,37 @@ def test_image_models_learn_the_planted_signal(trained):
     assert scores.loc["resnet50_transfer", "balanced_accuracy"] > cnn + 0.15, scores["balanced_accuracy"].to_dict()
 
 
+def test_image_candidates_are_calibrated_on_validation_and_evaluated_before_and_after(trained):
+    from scin_pipeline.core.calibration import mean_nll
+    from scin_pipeline.core.packaged_model import read_spec
+
+    data_root, _mirror, _summary, uri = trained
+    scores = overall(table(data_root, "model_evaluation"))
+    predictions = table(data_root, "model_predictions")
+    client = mlflow.MlflowClient(uri)
+    for name in CANDIDATES:
+        row = table(data_root, name).iloc[0]
+        calibration = read_spec(row["package_dir"])["calibration"]
+        assert scores.loc[name, ["ece", "ece_uncalibrated"]].notna().all(), name
+        if row["kind"] == "sklearn_metadata":
+            assert calibration is None
+            assert scores.loc[name, "ece"] == pytest.approx(scores.loc[name, "ece_uncalibrated"])
+            continue
+        assert (calibration["method"], calibration["fitted_on"]) == ("temperature_scaling", "val"), name
+        assert calibration["nll_after"] <= calibration["nll_before"], name
+        # model_predictions holds the served (calibrated) probabilities of the very rows the fit saw: their
+        # NLL is the fit's validation NLL after calibration.
+        val = predictions[(predictions["model"] == name) & (predictions["split"] == "val")]
+        p_columns = sorted((c for c in val.columns if c.startswith("p_")), key=lambda c: int(c[2:]))
+        assert calibration["fitted_rows"] == len(val), name
+        assert mean_nll(val[p_columns].to_numpy(), val["y_true"].to_numpy()) == pytest.approx(
+            calibration["nll_after"], rel=1e-6
+        ), name
+        metrics = client.get_run(row["mlflow_run_id"]).data.metrics
+        assert metrics["calibration_temperature"] == pytest.approx(calibration["temperature"]), name
+        assert "test_ece_uncalibrated" in metrics and "test_ece" in metrics, name
+
+
 def test_training_runs_are_tagged_with_dagster_run_and_split_version(trained):
     data_root, _mirror, summary, uri = trained
     from scin_pipeline.core.splits import splits_data_version

@@ -212,6 +212,23 @@ def test_evaluation_table_long_form():
     assert recall_a.iloc[0] == pytest.approx(2 / 3)
 
 
+def test_evaluation_table_reports_the_ece_before_calibration_beside_the_served_one():
+    from scin_pipeline.core.calibration import scale_probabilities
+    from scin_pipeline.core.evaluation import expected_calibration_error
+
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 1])
+    raw = proba_for([0, 1, 1, 1, 1, 2, 0, 1], k=3, top=0.95)  # over-confident: 5 of 8 right at 0.95
+    calibrated = scale_probabilities(raw, 3.0)
+    table = evaluation_table("cnn", y, calibrated, list("abc"), uncalibrated_proba=raw)
+    overall = table[table["class"] == ""].set_index("metric")["value"]
+    assert overall["ece_uncalibrated"] == pytest.approx(expected_calibration_error(y, raw))
+    assert overall["ece"] == pytest.approx(expected_calibration_error(y, calibrated))
+    assert overall["ece"] < overall["ece_uncalibrated"]
+    assert "ece_uncalibrated" not in set(evaluation_table("cnn", y, raw, list("abc"))["metric"])
+    with pytest.raises(ValueError, match="shape"):
+        evaluation_table("cnn", y, calibrated, list("abc"), uncalibrated_proba=raw[:, :2])
+
+
 # ------------------------------------------------------------------------------ per case (fairness unit)
 
 

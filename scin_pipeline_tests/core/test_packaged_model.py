@@ -303,3 +303,50 @@ def test_pyfunc_on_a_metadata_model_accepts_frames_without_an_image_column(tmp_p
     # An image column is ignored by a metadata-only model.
     with_images = pyfunc.predict(None, cases.head(5).assign(image=b"not looked at"))
     np.testing.assert_allclose(with_images.to_numpy(), predicted.to_numpy())
+
+
+def test_the_package_stores_its_temperature_and_predict_proba_applies_it(tmp_path):
+    from scin_pipeline.core.calibration import TemperatureScaling, scale_probabilities
+
+    model = tiny_keras_image_model()
+    images = synthetic_images(6)
+    calibration = TemperatureScaling(temperature=2.5, fitted_rows=40, nll_before=1.2, nll_after=0.9)
+    package = PackagedClassifier(
+        kind="keras_image", classes=CLASSES, model=model, image_size=16, calibration=calibration
+    )
+    raw = package.predict_proba(images=images, calibrated=False)
+    np.testing.assert_allclose(raw, PackagedClassifier("keras_image", CLASSES, model, 16).predict_proba(images=images))
+    calibrated = package.predict_proba(images=images)
+    np.testing.assert_allclose(calibrated, scale_probabilities(raw, 2.5))
+    assert not np.allclose(calibrated, raw)
+    assert (calibrated.argmax(axis=1) == raw.argmax(axis=1)).all()
+
+    folder = package.save(tmp_path / "pkg")
+    assert read_spec(folder)["calibration"]["temperature"] == 2.5
+    loaded = PackagedClassifier.load(folder)
+    assert loaded.calibration == calibration
+    np.testing.assert_allclose(loaded.predict_proba(images=images), calibrated, rtol=1e-5, atol=1e-7)
+    # The pyfunc (what `mlflow models serve` and the registry's users call) answers calibrated too.
+    pyfunc = ScinClassifierPyfunc()
+    pyfunc.load_context(SimpleNamespace(artifacts={"package": str(folder)}))
+    predicted = pyfunc.predict(None, pd.DataFrame({"image": [png_bytes(image) for image in images]}))
+    np.testing.assert_allclose(predicted.to_numpy(), calibrated, rtol=1e-5, atol=1e-6)
+
+
+def test_a_format_1_package_without_calibration_loads_as_uncalibrated(tmp_path):
+    import json
+
+    package, cases = fitted_metadata_package()
+    folder = package.save(tmp_path / "pkg")
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    del spec["calibration"]
+    (folder / SPEC_FILE).write_text(json.dumps({**spec, "format_version": 1}))
+    loaded = PackagedClassifier.load(folder)
+    assert loaded.calibration is None
+    np.testing.assert_allclose(loaded.predict_proba(cases=cases), loaded.predict_proba(cases=cases, calibrated=False))
+    (folder / SPEC_FILE).write_text(json.dumps({**spec, "format_version": 3}))
+    with pytest.raises(ValueError, match="format_version 3 is not supported"):
+        read_spec(folder)
+    (folder / SPEC_FILE).write_text(json.dumps({**spec, "calibration": {"temperature": -1.0}}))
+    with pytest.raises(ValueError, match="calibration is not readable"):
+        PackagedClassifier.load(folder)

@@ -1,6 +1,7 @@
 """Fixtures of the serving tests: a registry under a temporary data root holding three tiny, really trained
 models (keras_image as the champion, sklearn_metadata, keras_multimodal; SYNTHETIC inputs, tagged so), and
-``scin-pipeline serve`` started as a subprocess on a free loopback port.
+``scin-pipeline serve`` started as a subprocess on a free loopback port. The champion carries a temperature
+fitted on held-out images, as the training skeleton fits one on the validation split; the others carry none.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def _train_packages(folder: Path) -> dict[str, Path]:
     import keras
     from sklearn.linear_model import LogisticRegression
 
+    from scin_pipeline.core.calibration import fit_temperature
     from scin_pipeline.core.image_cache import preprocess_image
     from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
     from scin_pipeline.core.models import build_baseline_cnn
@@ -86,6 +88,10 @@ def _train_packages(folder: Path) -> dict[str, Path]:
     packages["keras_image"] = PackagedClassifier(
         kind="keras_image", classes=CLASSES, model=cnn, image_size=IMAGE_SIZE, extra={"data": "synthetic"}
     )
+    held_out = np.stack([preprocess_image(synthetic_skin_rgb(i), IMAGE_SIZE) for i in range(n, n + 30)])
+    fitted = fit_temperature(packages["keras_image"].predict_proba(held_out), np.arange(n, n + 30) % 3)
+    assert fitted.fitted, fitted.note
+    packages["keras_image"].calibration = fitted
 
     logistic = LogisticRegression(max_iter=500).fit(features, y_cases)
     packages["sklearn_metadata"] = PackagedClassifier(

@@ -87,6 +87,29 @@ def test_the_champion_answers_with_probabilities_top_conditions_version_and_noti
     np.testing.assert_allclose([answer["probabilities"][c] for c in CLASSES], direct, rtol=1e-6, atol=1e-7)
 
 
+def test_the_answer_holds_the_calibrated_probabilities_and_says_so(image_app, multimodal_app):
+    app, client = image_app
+    data = good_png(2)
+    answer = post_image(client, data).json()
+    package = app.state.model_source.served.package
+    raw = package.predict_proba(preprocess_image_bytes(data, IMAGE_SIZE)[None], calibrated=False)[0]
+    served = np.array([answer["probabilities"][c] for c in CLASSES])
+    np.testing.assert_allclose(served, package.calibrate(raw[None])[0], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(served, raw, atol=1e-4)  # the temperature moved them
+    calibration = answer["model"]["calibration"]
+    assert calibration["calibrated"] is True and calibration["method"] == "temperature_scaling"
+    assert calibration["temperature"] == pytest.approx(package.calibration.temperature)
+    assert calibration["fitted_on"] == "val"
+    assert f"T = {package.calibration.temperature:.2f}" in calibration["text"]
+    assert "calibrated by temperature scaling" in calibration["text"]
+    assert client.get("/model").json()["calibration"] == calibration
+    # A version without a temperature says its numbers are the model's own.
+    _, other = multimodal_app
+    uncalibrated = other.get("/model").json()["calibration"]
+    assert uncalibrated["calibrated"] is False and uncalibrated["temperature"] is None
+    assert "not calibrated" in uncalibrated["text"]
+
+
 def test_served_pixels_are_bit_identical_to_training_preprocessing():
     from scin_pipeline.core.image_cache import preprocess_image
 

@@ -71,6 +71,7 @@ def test_upload_a_photo_and_read_the_prediction_in_chromium(serve_process, regis
             expect(page.locator("#result-notice")).to_contain_text("NOT A DIAGNOSIS")
             expect(page.locator("#quality-verdict")).to_contain_text("no problem found (320 x 240 px)")
             expect(page.locator("#result-model")).to_contain_text("SYNTHETIC")
+            expect(page.get_by_test_id("calibration")).to_contain_text("calibrated by temperature scaling (T = ")
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
             # A phone-sized window: the answer area is below the form and comes into view by itself.

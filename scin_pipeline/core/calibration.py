@@ -1,0 +1,151 @@
+"""Temperature scaling (Guo et al., 2017, "On Calibration of Modern Neural Networks"): one parameter T > 0
+that divides the logits, fitted by minimising the negative log-likelihood (NLL) on the validation split.
+
+``softmax(z / T)``: T > 1 softens over-confident outputs, T < 1 sharpens under-confident ones; the predicted
+class never changes (dividing by a positive T keeps the order of each row's logits), so accuracy,
+balanced accuracy and F1 are untouched and only the probabilities move.
+
+Decisions:
+
+- The packaged models output probabilities, not logits. ``log p`` is the logit vector up to a constant per
+  row, and softmax ignores that constant, so ``softmax(log p / T)`` is temperature scaling exactly. A float32
+  softmax can underflow to 0; probabilities are floored at ``PROBABILITY_FLOOR`` (1e-12) before the log, for
+  the fit and for every application alike, so the fitted T is the T of the transform that is applied.
+- The fit minimises the mean NLL over ``log T`` in ``[log T_MIN, log T_MAX]`` (0.1 to 10) with scipy's
+  bounded Brent search. The NLL is convex in ``1/T``, hence unimodal in ``log T``, so a bounded scalar search
+  finds the optimum. A fit that ends on a bound is flagged (``at_bound``).
+- No finite optimum exists when every validation row is predicted correctly: the NLL then keeps falling as
+  T -> 0 (the derivative in 1/T is ``mean(E_p[z] - z_y) < 0`` for every row whose true logit is the row's
+  strict maximum). Such a fit, and one on fewer than ``MIN_FIT_ROWS`` rows, is not done: T stays 1 and
+  ``note`` says why, rather than a bound pretending to be a measurement.
+- The fitted T is kept only when it lowers the validation NLL (it always does unless the search tolerance
+  says otherwise; then T = 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+
+METHOD = "temperature_scaling"
+PROBABILITY_FLOOR = 1e-12
+T_MIN, T_MAX = 0.1, 10.0
+MIN_FIT_ROWS = 20
+FITTED_ON = "val"
+_BOUND_TOLERANCE = 1e-3  # relative: a T this close to a bound is "at the bound"
+
+
+def _log_probabilities(proba) -> np.ndarray:
+    p = np.asarray(proba, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ValueError(f"probabilities must have shape (N, K) with K >= 2, got {p.shape}")
+    return np.log(np.maximum(p, PROBABILITY_FLOOR))
+
+
+def scale_probabilities(proba, temperature: float) -> np.ndarray:
+    """``softmax(log p / T)`` row by row, float64 (N, K); T == 1 returns ``proba`` unchanged (as float64)."""
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    p = np.asarray(proba, dtype=np.float64)
+    if temperature == 1.0 or len(p) == 0:
+        return p
+    return np.exp(log_softmax(_log_probabilities(p) / temperature, axis=1))
+
+
+def mean_nll(proba, y_true, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true classes under ``softmax(log p / T)`` (nats per row)."""
+    log_p, y = _validated(proba, y_true)
+    return _nll(log_p, y, temperature)
+
+
+@dataclass(frozen=True)
+class TemperatureScaling:
+    """A fitted (or deliberately unfitted, T = 1) temperature and what the fit saw."""
+
+    temperature: float = 1.0
+    fitted_rows: int = 0
+    nll_before: float | None = None  # validation NLL at T = 1
+    nll_after: float | None = None  # validation NLL at the fitted T
+    at_bound: bool = False
+    note: str = ""  # why T stayed 1 ("" when fitted)
+    method: str = METHOD
+    fitted_on: str = FITTED_ON
+
+    def __post_init__(self):
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {self.temperature!r}")
+        if self.method != METHOD:
+            raise ValueError(f"calibration method {self.method!r} is not supported (only {METHOD!r})")
+
+    @property
+    def fitted(self) -> bool:
+        return not self.note
+
+    def apply(self, proba) -> np.ndarray:
+        return scale_probabilities(proba, self.temperature)
+
+    def describe(self) -> str:
+        if not self.fitted:
+            return f"temperature scaling not fitted ({self.note}): probabilities are the model's own"
+        return f"temperature scaling, T = {self.temperature:.3f}, fitted on the {self.fitted_on} split"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TemperatureScaling:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"calibration has unknown fields {unknown}")
+        return cls(**data)
+
+
+def fit_temperature(proba, y_true, *, min_rows: int = MIN_FIT_ROWS) -> TemperatureScaling:
+    """The NLL-minimising temperature of validation probabilities ``proba`` (N, K) with true classes
+    ``y_true`` (N,) (module docstring for the rules)."""
+    log_p, y = _validated(proba, y_true)
+    n = len(y)
+    if n < min_rows:
+        return TemperatureScaling(fitted_rows=n, note=f"{n} validation rows, fewer than {min_rows}")
+    before = _nll(log_p, y, 1.0)
+    true_logit = log_p[np.arange(n), y]
+    others = log_p.copy()
+    others[np.arange(n), y] = -np.inf
+    if (true_logit > others.max(axis=1)).all():
+        return TemperatureScaling(
+            fitted_rows=n,
+            nll_before=before,
+            nll_after=before,
+            note="every validation row is predicted correctly: the NLL falls as T -> 0, no finite optimum",
+        )
+    result = minimize_scalar(
+        lambda log_t: _nll(log_p, y, float(np.exp(log_t))),
+        bounds=(np.log(T_MIN), np.log(T_MAX)),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    temperature = float(np.exp(result.x))
+    after = _nll(log_p, y, temperature)
+    if not after < before:
+        return TemperatureScaling(fitted_rows=n, nll_before=before, nll_after=before, note="no T lowers the NLL")
+    at_bound = min(abs(temperature / T_MIN - 1), abs(temperature / T_MAX - 1)) < _BOUND_TOLERANCE
+    return TemperatureScaling(
+        temperature=temperature, fitted_rows=n, nll_before=before, nll_after=after, at_bound=at_bound
+    )
+
+
+def _validated(proba, y_true) -> tuple[np.ndarray, np.ndarray]:
+    log_p, y = _log_probabilities(proba), np.asarray(y_true, dtype=np.int64)
+    if y.shape != (len(log_p),):
+        raise ValueError(f"y_true must have shape ({len(log_p)},) like the probabilities' rows, got {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= log_p.shape[1]):
+        raise ValueError(f"y_true holds class indices outside [0, {log_p.shape[1]})")
+    return log_p, y
+
+
+def _nll(log_p: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    return float(-log_softmax(log_p / temperature, axis=1)[np.arange(len(y)), y].mean())
