@@ -1,4 +1,4 @@
-"""The ``scin-pipeline`` console script: run, demo, ui, serve.
+"""The ``scin-pipeline`` console script: run, demo, ui, serve, predict.
 
 Errors a user can fix (unreachable bucket, unwritable data root, bad arguments) are printed as one clear
 message with a non-zero exit; set SCIN_DEBUG=1 to see tracebacks.
@@ -31,6 +31,7 @@ DEMO_DEFAULT_OUT = "scin-demo"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_SKIPPED_FILES = 4  # predict: every readable image classified, some files skipped (rows with their error)
 
 
 def _fail(message: str, code: int) -> int:
@@ -166,6 +167,41 @@ def build_parser() -> argparse.ArgumentParser:
     from scin_pipeline.serve.limits import add_limit_arguments  # argparse only: no FastAPI import
 
     add_limit_arguments(serve)  # --max-upload-mb, --max-megapixels, timeouts, ... (docs/serving.md, Limits)
+
+    predict = sub.add_parser(
+        "predict",
+        help="classify image files and folders with the champion into a CSV (NOT A DIAGNOSIS)",
+        description="Classify PNG/JPEG files, and folders searched recursively for them, with a registered "
+        "model (the serve command's model, preprocessing and quality verdict); one CSV row per image. "
+        f"Exit status: 0 every image classified; {EXIT_SKIPPED_FILES} some files could not be read (each has "
+        f"a row with its error); {EXIT_USAGE} bad arguments or no MLflow store; {EXIT_FAILED} the model "
+        "cannot be loaded or used.",
+    )
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    predict.add_argument(
+        "--model",
+        default="models:/scin-condition-classifier@champion",
+        help="models:/NAME@ALIAS or models:/NAME/VERSION (default: the champion)",
+    )
+    predict.add_argument(
+        "--data-root",
+        default=default_data_root(),
+        help="where the embedded MLflow store is (ignored when MLFLOW_TRACKING_URI is set)",
+    )
+    predict.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv)")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    predict.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads (default: up to 4)"
+    )
+    predict.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=25.0,
+        help="refuse (as an error row) a picture whose header declares more pixels, before decoding (default 25)",
+    )
+    predict.add_argument(
+        "--max-file-mb", type=float, default=64.0, help="refuse (as an error row) a larger file (default 64)"
+    )
     return parser
 
 
@@ -175,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with quiet_console(getattr(args, "verbose", 1)):
-            return {"run": cmd_run, "demo": cmd_demo, "ui": cmd_ui, "serve": cmd_serve}[args.command](args)
+            commands = {"run": cmd_run, "demo": cmd_demo, "ui": cmd_ui, "serve": cmd_serve, "predict": cmd_predict}
+            return commands[args.command](args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clear line for the user; the traceback only on request
@@ -418,6 +455,22 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def registry_uri(data_root: str) -> str | None:
+    """$MLFLOW_TRACKING_URI, else the data root's embedded store; None when that store does not exist."""
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking_uri:
+        return tracking_uri
+    layout = DataRootLayout.of(data_root)
+    return layout.mlflow_uri if layout.mlflow_db.is_file() else None
+
+
+def no_store_message(data_root: str) -> str:
+    return (
+        f"no MLflow store at {DataRootLayout.of(data_root).mlflow_db}: no model has been trained under "
+        f"--data-root {data_root}; run `scin-pipeline demo --out {data_root}` first (or set MLFLOW_TRACKING_URI)"
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """uvicorn on the FastAPI app of scin_pipeline.serve; the model (if the alias has one) is loaded before the
     port opens, and the alias is followed while it runs."""
@@ -431,17 +484,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc), EXIT_USAGE)
     if not 0 <= args.alias_poll_s <= 86400:
         return _fail("--alias-poll-s must be in [0, 86400] seconds", EXIT_USAGE)
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not tracking_uri:
-        layout = DataRootLayout.of(args.data_root)
-        if not layout.mlflow_db.is_file():
-            return _fail(
-                f"no MLflow store at {layout.mlflow_db}: no model has been trained under "
-                f"--data-root {args.data_root}; run `scin-pipeline demo --out {args.data_root}` first "
-                f"(or set MLFLOW_TRACKING_URI)",
-                EXIT_USAGE,
-            )
-        tracking_uri = layout.mlflow_uri
+    tracking_uri = registry_uri(args.data_root)
+    if tracking_uri is None:
+        return _fail(no_store_message(args.data_root), EXIT_USAGE)
     from scin_pipeline.serve import ServeError, create_app
     from scin_pipeline.serve.server import configure_logging, run_server
 
@@ -463,6 +508,79 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # No access log (it would record client addresses): the app logs method, path, status and time only.
     run_server(app, host=args.host, port=args.port, limits=limits)
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify the images under ``args.paths`` into a CSV (scin_pipeline.serve.file_prediction)."""
+    if args.batch_size < 1 or args.workers < 1:
+        return _fail("--batch-size and --workers must be at least 1", EXIT_USAGE)
+    if not (args.max_megapixels > 0 and args.max_file_mb > 0):
+        return _fail("--max-megapixels and --max-file-mb must be positive", EXIT_USAGE)
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        return _fail(f"--out {out} is a folder: name the CSV file to write", EXIT_USAGE)
+    from scin_pipeline.serve.file_prediction import PathsError, find_images
+
+    try:
+        files = find_images(args.paths)
+    except PathsError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    tracking_uri = registry_uri(args.data_root)
+    if tracking_uri is None:
+        return _fail(no_store_message(args.data_root), EXIT_USAGE)
+    import csv
+
+    from tqdm import tqdm
+
+    from scin_pipeline.core.atomic import atomic_target
+    from scin_pipeline.serve.file_prediction import check_image_model, classify_files, output_columns
+    from scin_pipeline.serve.model import ServeError, load_served_model
+    from scin_pipeline.serve.prediction import notice_for
+
+    try:
+        served = load_served_model(args.model, tracking_uri=tracking_uri)
+    except ServeError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    try:
+        check_image_model(served)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    print(f"{len(files)} image file(s); model {served.loaded_uri} ({served.kind})", file=sys.stderr, flush=True)
+    started, skipped = time.perf_counter(), 0
+    # The progress bar shows on a terminal only (tqdm's disable=None); the CSV appears whole or not at all.
+    with (
+        tqdm(total=len(files), unit="img", file=sys.stderr, disable=None, desc="predict") as progress,
+        atomic_target(out) as tmp,
+        open(tmp, "w", newline="", encoding="utf-8") as stream,
+    ):
+        writer = csv.DictWriter(stream, fieldnames=output_columns(served.classes), restval="")
+        writer.writeheader()
+        rows = classify_files(
+            served,
+            files,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            max_pixels=int(args.max_megapixels * 1e6),
+            max_file_bytes=int(args.max_file_mb * 2**20),
+            on_batch=progress.update,
+        )
+        for row in rows:
+            skipped += row["status"] != "ok"
+            writer.writerow(row)
+    seconds = time.perf_counter() - started
+    classified = len(files) - skipped
+    print(
+        f"classified {classified} of {len(files)} image(s) in {seconds:.1f} s ({len(files) / max(seconds, 1e-9):.1f}"
+        f" img/s) -> {out}",
+        file=sys.stderr,
+    )
+    if skipped:
+        print(
+            f"skipped {skipped} file(s) that could not be read: their rows in {out} have status=error and the reason",
+            file=sys.stderr,
+        )
+    print(notice_for(served), file=sys.stderr)
+    return EXIT_SKIPPED_FILES if skipped else 0
 
 
 if __name__ == "__main__":
