@@ -25,6 +25,7 @@ from scin_pipeline.core.data_root import (
     DataRootLayout,
     default_data_root,
 )
+from scin_pipeline.core.mlflow_registry import MLFLOW_UI_URL_ENV
 
 DEMO_DEFAULT_OUT = "scin-demo"
 
@@ -423,8 +424,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     dagster_cmd = [str(bin_dir / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(args.port)]
     dagster_cmd += ["-w", str(workspace)] if workspace.exists() else ["-m", DEFINITIONS_MODULE]
     mlflow_exe = bin_dir / "mlflow"
+    mlflow_found = mlflow_exe.exists() or shutil.which("mlflow")
+    if mlflow_found:
+        # The candidates' asset metadata links to their runs in the MLflow UI started here.
+        env.setdefault(MLFLOW_UI_URL_ENV, mlflow_url)
     procs = [subprocess.Popen(dagster_cmd, env=env, start_new_session=True)]
-    if mlflow_exe.exists() or shutil.which("mlflow"):
+    if mlflow_found:
         command = mlflow_ui.ui_command(
             str(mlflow_exe if mlflow_exe.exists() else shutil.which("mlflow")),
             backend_store_uri=env["MLFLOW_TRACKING_URI"],

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from scin_pipeline.core.alerts import DAGSTER_URL_ENV, WEBHOOK_URL_ENV
+from scin_pipeline.core.mlflow_registry import MLFLOW_UI_URL_ENV
 from scin_pipeline.orchestration import AUTOMATION_ENV, RELEASE_SENSOR_INTERVAL_ENV
 from scin_pipeline_tests.test_orchestration import gpu_pool
 
@@ -101,8 +102,11 @@ def test_dagster_services_share_the_instance_and_postgres_credentials(compose):
     assert env["SCIN_DATA_ROOT"] == "/data" and "scin-data:/data" in user_code["volumes"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     # The names the code reads are the names compose sets.
-    for name in (AUTOMATION_ENV, RELEASE_SENSOR_INTERVAL_ENV, WEBHOOK_URL_ENV, DAGSTER_URL_ENV):
+    for name in (AUTOMATION_ENV, RELEASE_SENSOR_INTERVAL_ENV, WEBHOOK_URL_ENV, DAGSTER_URL_ENV, MLFLOW_UI_URL_ENV):
         assert name in env, name
+    # Run links point at the MLflow UI as a browser reaches it (the published port), not the network name.
+    published = compose["services"]["mlflow"]["ports"][0]
+    assert published.endswith(":5000") and env[MLFLOW_UI_URL_ENV].endswith("localhost:5000}")
     assert env[AUTOMATION_ENV] == "on"
     daemon = command_text(compose["services"]["dagster-daemon"])
     # The pool the GPU steps declare is the pool whose limit the daemon sets (the number of GPUs).

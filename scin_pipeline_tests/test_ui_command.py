@@ -104,6 +104,7 @@ def test_ui_starts_mlflow_with_telemetry_off_on_the_runs_list_with_metric_column
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
     monkeypatch.delenv("DO_NOT_TRACK", raising=False)
+    monkeypatch.delenv("SCIN_MLFLOW_UI_URL", raising=False)
     monkeypatch.setattr(cli.subprocess, "Popen", FinishedProcess)
     FinishedProcess.started = []
     root = tmp_path / "data"
@@ -111,6 +112,8 @@ def test_ui_starts_mlflow_with_telemetry_off_on_the_runs_list_with_metric_column
 
     dagster, server = FinishedProcess.started
     assert dagster.command[1:3] == ["dev", "-h"]
+    # Dagster knows the MLflow UI's address: the candidates' asset metadata links to their runs there.
+    assert dagster.env["SCIN_MLFLOW_UI_URL"] == "http://127.0.0.1:5123"
     db = root.resolve() / "mlflow" / "mlflow.db"
     assert server.command[1:] == [
         "ui",

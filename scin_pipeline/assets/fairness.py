@@ -31,6 +31,7 @@ from pydantic import Field
 from scin_pipeline.assets._metadata import metric_md, table_md
 from scin_pipeline.assets.evaluation import candidates_table
 from scin_pipeline.core.atomic import write_parquet_atomic, write_text_atomic
+from scin_pipeline.core.champion import FAIRNESS_REASON_TAG, FAIRNESS_STATUS_TAG
 from scin_pipeline.core.rendering import png_data_uri_bytes
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
 
@@ -258,8 +259,11 @@ def fairness_report(
                     "fairness_gate_passed": float(gate.passed),
                     "fairness_gate_not_judged": float(gate.status == "not_judged"),
                     "fairness_worst_gap": float(gate.gap) if gate.gap is not None else float("nan"),
+                    # Every group's figures under stable names, for MLflow's run comparison.
+                    **fairness.run_metrics(table),
                 }
             )
+            run.set_tags({FAIRNESS_STATUS_TAG: gate.status, FAIRNESS_REASON_TAG: gate.reason})
         tables.append(table)
         gates[model] = gate
         monk = plot_key("monk_us_bin", config.gate_metric)

@@ -51,7 +51,7 @@ from scin_pipeline.core.questionnaire import (
     questionnaire_scores,
 )
 from scin_pipeline.core.rendering import png_data_uri_bytes
-from scin_pipeline.core.splits import splits_data_version
+from scin_pipeline.core.splits import SPLITS_VERSION_COLUMNS, splits_data_version
 from scin_pipeline.core.training import TrainConfig
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
 from scin_pipeline.resources.mlflow_tracking import (
@@ -70,6 +70,8 @@ if TYPE_CHECKING:
     from scin_pipeline.core.calibration import TemperatureScaling
 
 GROUP = "training"
+# The artifact of a candidate's run that its Dagster metadata shows (again, when the run is reused).
+TRAINING_CURVES_ARTIFACT = "training_curves.png"
 # One training per GPU (the deployment sets the pool's limit); Kubernetes gets a GPU request per step.
 GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
 CANDIDATE_COLUMNS = [
@@ -426,10 +428,11 @@ class Trained:
 
 
 def best_val_metadata(metrics: Mapping[str, float]) -> dict:
-    """The kept weights' validation metrics (``best_val_*``, as the MLflow run has them) as asset metadata:
-    the same names and numbers in Dagster and MLflow."""
-    best = {k: round(float(v), 4) for k, v in metrics.items() if k.startswith("best_val_") and k != "best_val_score"}
-    return {"best_val_metrics": MetadataValue.json(dict(sorted(best.items())))} if best else {}
+    """The kept weights' validation metrics (``best_val_*``, as the MLflow run has them) as asset metadata,
+    one float entry each (Dagster plots a float entry over materialisations; a JSON blob it cannot): the
+    same names and numbers in Dagster and MLflow. ``best_val_score`` is the output's own entry."""
+    best = {k: float(v) for k, v in metrics.items() if k.startswith("best_val_") and k != "best_val_score"}
+    return {name: MetadataValue.float(value) for name, value in sorted(best.items())}
 
 
 def inputs_version(inputs: dict[str, pd.DataFrame]) -> str:
@@ -523,6 +526,13 @@ class CandidateRun:
             tags=self.tags(tags),
             params={**self.config.model_dump(), **params},
         ) as run:
+            run.log_dataset(
+                self.inputs["labeled_splits"][SPLITS_VERSION_COLUMNS],
+                name="labeled_splits",
+                digest=self.splits_version,
+                source=self.storage.layout.table_file("labeled_splits"),
+                context="training",
+            )
             yield run
 
     def epoch_logger(self, run):
@@ -554,7 +564,9 @@ class CandidateRun:
         """Package ``model`` (one file for raw inputs), save it, log it with ``result``'s curves and
         summary (history, best_epoch, best_score, the kept weights' ``best_val_*``) to the run, register it,
         and tag the run with the model's URI, its version and ``tags``. ``single_fit_val``: the validation
-        metrics (names without ``val_``) of a model fitted once, with no epoch history to take them from."""
+        metrics (names without ``val_``) of a model fitted once, with no epoch history to take them from.
+        The asset metadata gets the curves as an image and each ``best_val_*`` as a float entry
+        (``plots_metadata``)."""
         from scin_pipeline.core import plots
         from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS
         from scin_pipeline.core.packaged_model import KERAS_KINDS, METADATA_KINDS, PackagedClassifier
@@ -573,9 +585,11 @@ class CandidateRun:
             run.log_metrics(calibration_metrics(package.calibration))
         package.save(self.package_dir)  # swapped in whole: a kill here leaves the old package or none
         history = result.history
+        curves = None
         if history is not None and len(history):
             run.log_table(history, "history.csv")
-            run.log_figure_png(plots.training_curves_png(history, title=self.name), "training_curves.png")
+            curves = plots.training_curves_png(history, title=self.name)
+            run.log_figure_png(curves, TRAINING_CURVES_ARTIFACT)
         for keras_file in self.package_dir.glob("*.keras"):
             run.log_artifact(str(keras_file), "keras")
         # The kept weights' validation metrics under their own names (val_* per step end at the last epoch).
@@ -598,7 +612,21 @@ class CandidateRun:
             "weights": weights,
         }
         resumed = bool(run.resumed or getattr(result, "resumed_from_epoch", None))
-        return Trained(row=row, resumed=resumed, metadata={**metadata, **best_val_metadata(best_val)})
+        metadata = {**metadata, **self.plots_metadata(curves, best_val)}
+        return Trained(row=row, resumed=resumed, metadata=metadata)
+
+    def plots_metadata(self, curves: bytes | None, metrics: Mapping[str, float]) -> dict:
+        """The training curves as an image, and the kept weights' validation metrics (``best_val_*``, as the
+        MLflow run has them) each as its own float entry: Dagster plots a float entry over materialisations."""
+        meta = best_val_metadata(metrics)
+        if curves:
+            meta["training_curves"] = MetadataValue.md(f"![{self.name} training curves]({png_data_uri_bytes(curves)})")
+        return meta
+
+    def recorded_metadata(self, run_id: str, run_metrics: Mapping[str, float]) -> dict:
+        """``plots_metadata`` from what a finished run recorded (a reused run trains nothing, but its
+        materialisation shows the same curves and figures); no image for a run that predates it."""
+        return self.plots_metadata(self.mlflow.read_artifact(run_id, TRAINING_CURVES_ARTIFACT), run_metrics)
 
     def fit_calibration(self, package) -> "TemperatureScaling":
         """Temperature scaling of ``package`` on the validation split, fitted on the package's own
@@ -644,7 +672,7 @@ class CandidateRun:
             **metadata,
         }
         url = self.mlflow.run_url(row["mlflow_run_id"])
-        if url:  # known when the MLflow UI's address is (resource field ui_url, or an http tracking URI)
+        if url:  # known whenever the MLflow UI's address is (MlflowTracking.run_url says how)
             meta["mlflow_run_url"] = MetadataValue.url(url)
         if self.synthetic:
             meta["note"] = "SYNTHETIC images: these figures say nothing about skin conditions"
@@ -709,7 +737,8 @@ def candidate_asset(
         if previous:
             context.log.info(f"unchanged inputs, code and config: reusing MLflow run {previous['mlflow_run_id']}")
             metrics = previous.pop("run_metrics")
-            return run.output(previous, reused=True, resumed=False, metadata=best_val_metadata(metrics))
+            metadata = run.recorded_metadata(previous["mlflow_run_id"], metrics)
+            return run.output(previous, reused=True, resumed=False, metadata=metadata)
         trained = train(run)
         return run.output(trained.row, reused=False, resumed=trained.resumed, metadata=trained.metadata)
 
@@ -1097,12 +1126,10 @@ def _train_metadata_model(candidate: CandidateRun) -> Trained:
             tags={},
             keras_backend="",
             weights="",
-            # best_val_* and best_val_blank_*, as the multimodal run's restored epoch has them.
+            # best_val_* and best_val_blank_*, as the multimodal run's restored epoch has them; finish shows
+            # them as float entries.
             single_fit_val={**val_metrics, **{f"blank_{k}": v for k, v in blank_metrics.items()}},
-            metadata={
-                "val_metrics": MetadataValue.json({k: round(float(v), 4) for k, v in val_metrics.items()}),
-                "questionnaire_dropout": config.questionnaire_dropout,
-            },
+            metadata={"questionnaire_dropout": config.questionnaire_dropout},
             package_extra={QUESTIONNAIRE_EXTRA: scores},
         )
 
@@ -1175,7 +1202,7 @@ def _train_multimodal(candidate: CandidateRun) -> Trained:
             tags=tags,
             keras_backend=described["backend"],
             weights=weights,
-            # best_val_metrics (finish) holds the restored epoch's scores with answers and with blank forms.
+            # best_val_* (finish: one float entry each) hold the restored epoch's scores with and without answers.
             metadata={
                 "history": table_md(result.history, rows=40),
                 "questionnaire_dropout": config.questionnaire_dropout,

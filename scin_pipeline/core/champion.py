@@ -44,6 +44,9 @@ UNJUDGED_POLICIES = ("block", "allow_with_flag")
 # not judged, which gate groups were too small. The served page reads them (serve.model).
 FAIRNESS_STATUS_TAG = "scin.fairness_status"
 FAIRNESS_UNJUDGED_TAG = "scin.fairness_unjudged"
+# On every candidate's MLflow run (fairness_report sets them with FAIRNESS_STATUS_TAG): the gate's reason,
+# so MLflow's run comparison shows why a candidate passed or failed beside its per-group metrics.
+FAIRNESS_REASON_TAG = "scin.fairness_reason"
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ Decisions:
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -956,3 +957,58 @@ def representation_by_split(
     table = pd.concat(parts, ignore_index=True)
     table["share_ratio"] = table["share"] / table["share_in_dataset"]
     return table[REPRESENTATION_COLUMNS]
+
+
+# ------------------------------------------------------------------------------- MLflow run metrics
+
+RUN_METRIC_PREFIX = "fair"
+RUN_METRIC_INTERVAL = ("ci_low", "ci_high")
+# MLflow metric names take letters, digits, "_", "-", ".", " ", ":" and "/"; a dot separates the parts here,
+# so anything but letters, digits, "_" and "-" inside a part becomes "_".
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def _name_part(text: object) -> str:
+    part = _UNSAFE_IN_NAME.sub("_", str(text)).strip("_")
+    if not part:
+        raise ValueError(f"{text!r} leaves nothing usable in an MLflow metric name")
+    return part
+
+
+def run_metric_name(attribute: str, group: str, metric: str, bound: str | None = None) -> str:
+    """The one name of a group's figure among a run's MLflow metrics, the same in every run, so MLflow's run
+    comparison charts it across candidates: ``fair.<attribute>.<group>.<metric>`` (e.g.
+    ``fair.monk_us_bin.7-10.balanced_accuracy``), ``...<metric>.ci_low`` / ``.ci_high`` for its interval,
+    metric ``n`` for the group's size; the overall block is ``fair.overall.<metric>``."""
+    if bound is not None and bound not in RUN_METRIC_INTERVAL:
+        raise ValueError(f"bound must be one of {RUN_METRIC_INTERVAL} or None, got {bound!r}")
+    parts = [RUN_METRIC_PREFIX, _name_part(attribute)]
+    if not (attribute == OVERALL and group == OVERALL):
+        parts.append(_name_part(group))
+    parts.append(_name_part(metric))
+    if bound is not None:
+        parts.append(bound)
+    return ".".join(parts)
+
+
+def run_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """A :func:`fairness_table` as MLflow run metrics (:func:`run_metric_name`): each group's value and
+    interval bounds per metric, and its ``n``. Undefined figures (NaN: a metric a group cannot have) are left
+    out rather than logged as NaN, which MLflow's charts draw as gaps anyway."""
+    missing = [c for c in ("attribute", "group", "n", "metric", "value", "ci_low", "ci_high") if c not in table]
+    if missing:
+        raise ValueError(f"not a fairness table: columns {missing} are missing")
+    metrics: dict[str, float] = {}
+    columns = zip(
+        table["attribute"].astype(str),
+        table["group"].astype(str),
+        table["metric"].astype(str),
+        table["n"].to_numpy(dtype=float),
+        table[["value", "ci_low", "ci_high"]].to_numpy(dtype=float),
+    )
+    for attribute, group, metric, n, (value, low, high) in columns:
+        metrics[run_metric_name(attribute, group, "n")] = float(n)
+        for bound, number in ((None, value), ("ci_low", low), ("ci_high", high)):
+            if math.isfinite(number):
+                metrics[run_metric_name(attribute, group, metric, bound)] = float(number)
+    return metrics

@@ -18,6 +18,9 @@ CHAMPION_CLEARED_REASON_TAG = "scin.champion_cleared_reason"
 CHAMPION_CLEARED_AT_TAG = "scin.champion_cleared_at"
 # On every training run (and so on its registered version): "true" when the images were synthetic.
 SYNTHETIC_TAG = "scin.synthetic_data"
+# The MLflow UI's address as a browser reaches it, for run links in Dagster metadata (MlflowTracking.run_url):
+# `scin-pipeline ui` sets it for the UI it starts; docker/compose.yaml for its published port.
+MLFLOW_UI_URL_ENV = "SCIN_MLFLOW_UI_URL"
 
 
 @contextlib.contextmanager

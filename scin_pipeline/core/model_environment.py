@@ -136,7 +136,7 @@ def pinned_requirements(third_party_modules: Iterable[str], *, keras_backend: st
     """``name==version`` for the installed distributions of ``third_party_modules`` (and of the Keras
     backend's modules), MLflow's pyfunc defaults added. A module no installed distribution provides is an
     error naming it: a model that imports it could not be installed anywhere from these requirements."""
-    import mlflow.pyfunc
+    from mlflow.pyfunc.model import get_default_pip_requirements
 
     provided_by = importlib_metadata.packages_distributions()
     modules = set(third_party_modules)
@@ -154,6 +154,6 @@ def pinned_requirements(third_party_modules: Iterable[str], *, keras_backend: st
         requirements[distribution] = f"{distribution}=={importlib_metadata.version(distribution)}"
     if unprovided:
         raise ValueError(f"no installed distribution provides the modules {unprovided}: cannot pin them")
-    for default in mlflow.pyfunc.get_default_pip_requirements():
+    for default in get_default_pip_requirements():
         requirements.setdefault(canonical_name(re.split(r"[=<>!~ ;\[]", default, maxsplit=1)[0]), default)
     return [requirements[name] for name in sorted(requirements)]

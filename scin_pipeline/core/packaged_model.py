@@ -411,10 +411,14 @@ def model_signature(kind: str, classes: list[str]):
 
     from scin_pipeline.core.metadata_model import QUESTIONNAIRE_CHOICE_COLUMNS, QUESTIONNAIRE_FLAG_COLUMNS
 
-    inputs = [ColSpec("binary", IMAGE_COLUMN, required=kind in KERAS_KINDS)]
-    inputs += [ColSpec("boolean", column, required=False) for column in QUESTIONNAIRE_FLAG_COLUMNS]
-    inputs += [ColSpec("string", column, required=False) for column in QUESTIONNAIRE_CHOICE_COLUMNS]
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("double", c) for c in classes]))
+    inputs = Schema(
+        [
+            ColSpec("binary", IMAGE_COLUMN, required=kind in KERAS_KINDS),
+            *[ColSpec("boolean", column, required=False) for column in QUESTIONNAIRE_FLAG_COLUMNS],
+            *[ColSpec("string", column, required=False) for column in QUESTIONNAIRE_CHOICE_COLUMNS],
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double", c) for c in classes]))
 
 
 def example_png(size: int = 64) -> bytes:

@@ -164,10 +164,14 @@ def make_splits(labels: pd.DataFrame, case_groups: pd.Series, config: SplitConfi
     return frame
 
 
+# Who is in which split with which label: the columns the splits' data version covers.
+SPLITS_VERSION_COLUMNS = ["image_id", "case_id", "split", "label"]
+
+
 def splits_data_version(table: pd.DataFrame) -> str:
     """A short content hash of who is in which split with which label: the data version every trained
     model is tagged with, so a model is traceable to the exact split it saw."""
-    key = table[["image_id", "case_id", "split", "label"]].astype(str)
+    key = table[SPLITS_VERSION_COLUMNS].astype(str)
     return hashlib.sha256(pd.util.hash_pandas_object(key, index=False).to_numpy().tobytes()).hexdigest()[:16]
 
 

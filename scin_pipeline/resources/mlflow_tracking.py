@@ -51,6 +51,7 @@ from scin_pipeline.core.mlflow_registry import (
     CHAMPION_CLEARED_AT_TAG,
     CHAMPION_CLEARED_REASON_TAG,
     DEFAULT_REGISTERED_MODEL_NAME,
+    MLFLOW_UI_URL_ENV,
     SYNTHETIC_TAG,
     fluent_tracking_uri,
     without_credentials,
@@ -167,7 +168,7 @@ class MlflowTracking(ConfigurableResource):
     ui_url: str | None = Field(
         default=None,
         description="base URL of the MLflow UI, for run links in asset "
-        "metadata (unset: the tracking URI when it is http)",
+        "metadata (unset: $SCIN_MLFLOW_UI_URL, else the tracking URI when it is http)",
     )
 
     # ---------------------------------------------------------------- where
@@ -352,6 +353,16 @@ class MlflowTracking(ConfigurableResource):
         for key, value in tags.items():
             client.set_tag(run_id, str(key), str(value))
 
+    def read_artifact(self, run_id: str, path: str) -> bytes | None:
+        """The bytes of the run's artifact file ``path``, or None when the run has no such file."""
+        path = _safe_artifact_file(path)
+        client = self.client()
+        folder = path.rpartition("/")[0] or None
+        if path not in {item.path for item in client.list_artifacts(run_id, folder)}:
+            return None
+        with tempfile.TemporaryDirectory(prefix="scin-mlflow-") as tmp:
+            return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+
     # ---------------------------------------------------------------- registry
 
     def model_uri_for_alias(self, alias: str = CHAMPION_ALIAS) -> str:
@@ -432,8 +443,11 @@ class MlflowTracking(ConfigurableResource):
     # ---------------------------------------------------------------- links
 
     def run_url(self, run_id: str, experiment_id: str | None = None) -> str | None:
-        """A link to the run in the MLflow UI: under ``ui_url``, or the tracking URI when it is http(s)."""
-        base = self.ui_url
+        """A link to the run in the MLflow UI, under the first address known: ``ui_url``, then
+        ``$SCIN_MLFLOW_UI_URL`` (set by ``scin-pipeline ui`` and the compose file), then the tracking URI
+        when it is http(s) (without credentials). None only with no UI address at all (a SQLite store and
+        no UI started by us)."""
+        base = self.ui_url or os.environ.get(MLFLOW_UI_URL_ENV) or None
         if base is None:
             uri = self.resolved_tracking_uri()
             base = without_credentials(uri) if uri.startswith(("http://", "https://")) else None
@@ -517,6 +531,31 @@ class TrackedRun:
     def log_epoch(self, epoch: int, logs: Mapping[str, Any]) -> None:
         """Per-epoch metrics (Keras ``logs``) at step ``epoch``."""
         self.log_metrics(logs or {}, step=int(epoch))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values as text, cut to MLflow's limit with "...")."""
+        self._check_open()
+        for key, value in tags.items():
+            text = str(value)
+            text = text if len(text) <= _MAX_TAG_VALUE else text[: _MAX_TAG_VALUE - 3] + "..."
+            self.client.set_tag(self.run_id, str(key), text)
+
+    def log_dataset(
+        self, frame: pd.DataFrame, *, name: str, digest: str, source: str | os.PathLike, context: str
+    ) -> None:
+        """Record ``frame`` as an input dataset of the run (MLflow's dataset tracking: name, digest, source,
+        schema and size; not the rows). ``digest`` is the caller's data version, so the run names the exact
+        data it used; logging the same (name, digest) again leaves one input."""
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+        from mlflow.data.pandas_dataset import from_pandas
+        from mlflow.entities import DatasetInput, InputTag
+
+        self._check_open()
+        # A local file, said so: resolving a bare path makes MLflow guess between two "local" sources (warning).
+        local = get_dataset_source_from_json(json.dumps({"uri": str(source)}), source_type="local")
+        dataset = from_pandas(frame, source=local, name=name, digest=digest)
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Log a file, or a folder's files, under ``artifact_path``."""

@@ -23,6 +23,7 @@ from scin_pipeline_tests.blank_forms import assert_follows_the_image, blank_form
 
 pytestmark = pytest.mark.slow
 
+MLFLOW_UI = "http://127.0.0.1:5999"
 CANDIDATES = ["baseline_cnn", "resnet50_transfer", "resnet50_fixmatch", "metadata_model", "multimodal"]
 TRAIN = {"epochs": 15, "batch_size": 32, "early_stopping_patience": 5}
 RUN_CONFIG = {
@@ -51,15 +52,18 @@ def trained(tmp_path_factory):
     mirror = write_synthetic_mirror(root / "mirror", n_cases=600, seed=5, image_size=(160, 120), defect_rate=0.0)
     data_root = root / "data"
     uri = embedded_mlflow_uri(data_root)
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    # The address of an MLflow UI (as `scin-pipeline ui` sets it): the candidates' metadata links to their runs.
+    setting = {"MLFLOW_TRACKING_URI": uri, "SCIN_MLFLOW_UI_URL": MLFLOW_UI}
+    previous = {name: os.environ.get(name) for name in setting}
+    os.environ.update(setting)
     try:
         summary = run_pipeline(data_root=data_root, source=str(mirror.root), log_level="WARNING", run_config=RUN_CONFIG)
     finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return data_root, mirror, summary, uri
 
 
@@ -191,6 +195,84 @@ def test_mlflow_names_the_restored_epochs_metrics_best_val_as_the_comparison_rea
         assert comparison.loc[name, "val_balanced_accuracy"] == pytest.approx(metrics["best_val_balanced_accuracy"])
     metadata_run = client.get_run(table(data_root, "metadata_model")["mlflow_run_id"].iloc[0])
     assert metadata_run.data.metrics["best_val_macro_f1"] == metadata_run.data.metrics["val_macro_f1"]  # one fit
+
+
+def latest_metadata(data_root: Path, asset: str) -> dict:
+    from dagster import AssetKey
+
+    from scin_pipeline.runner import embedded_instance
+
+    event = embedded_instance(data_root).get_latest_materialization_event(AssetKey(asset))
+    assert event is not None and event.asset_materialization is not None, asset
+    return dict(event.asset_materialization.metadata)
+
+
+def test_each_candidate_shows_its_curves_validation_figures_and_run_link_in_dagster(trained):
+    from dagster import FloatMetadataValue, MarkdownMetadataValue, UrlMetadataValue
+
+    data_root, _mirror, _summary, uri = trained
+    client = mlflow.MlflowClient(uri)
+    for name in CANDIDATES:
+        metadata = latest_metadata(data_root, name)
+        run_id = table(data_root, name)["mlflow_run_id"].iloc[0]
+        run = client.get_run(run_id)
+        link = metadata["mlflow_run_url"]
+        assert isinstance(link, UrlMetadataValue)
+        assert link.url == f"{MLFLOW_UI}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        # Flat float entries (Dagster plots them over materialisations), not a JSON blob: the kept weights'
+        # validation metrics, the same names and numbers as the run's.
+        assert not {"val_metrics", "best_val_metrics", "val_blank_metrics"} & set(metadata)
+        best_val = {k: v for k, v in run.data.metrics.items() if k.startswith("best_val_") and k != "best_val_score"}
+        assert {"best_val_macro_f1", "best_val_balanced_accuracy", "best_val_accuracy"} <= set(best_val), name
+        for figure, value in best_val.items():
+            assert isinstance(metadata[figure], FloatMetadataValue), (name, figure)
+            assert metadata[figure].value == value, (name, figure)
+        if name == "metadata_model":  # one fit, no epochs: no curves
+            assert "training_curves" not in metadata
+            continue
+        curves = metadata["training_curves"]
+        assert isinstance(curves, MarkdownMetadataValue) and curves.md_str
+        assert curves.md_str.startswith(f"![{name} training curves](data:image/png;base64,")
+
+
+def test_fairness_figures_the_gate_and_the_splits_reach_each_candidates_mlflow_run(trained):
+    import math
+
+    from scin_pipeline.core.fairness import run_metric_name
+    from scin_pipeline.core.splits import splits_data_version
+
+    data_root, _mirror, _summary, uri = trained
+    client = mlflow.MlflowClient(uri)
+    report = table(data_root, "fairness_report")
+    gates = table(data_root, "fairness_gates").set_index("model")
+    splits_version = splits_data_version(table(data_root, "labeled_splits"))
+    deep_tones_seen = 0
+    for name in CANDIDATES:
+        run = client.get_run(table(data_root, name)["mlflow_run_id"].iloc[0])
+        metrics = run.data.metrics
+        rows = report[
+            (report["model"] == name)
+            & (report["attribute"] == "monk_us_bin")
+            & (report["metric"] == "balanced_accuracy")
+        ]
+        assert len(rows)
+        for row in rows.itertuples():
+            key = run_metric_name("monk_us_bin", str(row.group), "balanced_accuracy")
+            deep_tones_seen += key == "fair.monk_us_bin.7-10.balanced_accuracy"
+            assert metrics[run_metric_name("monk_us_bin", str(row.group), "n")] == row.n
+            for bound, expected in ((None, row.value), ("ci_low", row.ci_low), ("ci_high", row.ci_high)):
+                name_of = run_metric_name("monk_us_bin", str(row.group), "balanced_accuracy", bound)
+                if math.isfinite(expected):
+                    assert metrics[name_of] == pytest.approx(expected), name_of
+                else:
+                    assert name_of not in metrics
+        assert run.data.tags["scin.fairness_status"] == gates.loc[name, "status"]
+        assert run.data.tags["scin.fairness_reason"] == gates.loc[name, "reason"][:4000]
+        (splits,) = [d for d in run.inputs.dataset_inputs if d.dataset.name == "labeled_splits"]
+        assert splits.dataset.digest == splits_version
+        assert json.loads(splits.dataset.source)["uri"].endswith("labeled_splits.parquet")
+        assert {(t.key, t.value) for t in splits.tags} == {("mlflow.data.context", "training")}
+    assert deep_tones_seen == len(CANDIDATES)  # the example name of the issue, on every run
 
 
 def test_a_candidates_run_key_is_the_one_recipe_of_its_inputs(trained):
@@ -339,6 +421,14 @@ def test_rerun_with_unchanged_inputs_trains_nothing_and_opens_no_mlflow_run(trai
     assert after == before
     assert table(data_root, "baseline_cnn")["reused"].iloc[0]
     assert table(data_root, "metadata_model")["reused"].iloc[0]
+    # A reused run's materialisation shows what the run recorded: the same curves and figures.
+    reused = latest_metadata(data_root, "baseline_cnn")
+    assert reused["reused_finished_run"].value is True
+    assert reused["training_curves"].md_str.startswith("![baseline_cnn training curves](data:image/png;base64,")
+    assert reused["best_val_macro_f1"].value == pytest.approx(
+        client.get_run(table(data_root, "baseline_cnn")["mlflow_run_id"].iloc[0]).data.metrics["best_val_score"]
+    )
+    assert "best_val_balanced_accuracy" in latest_metadata(data_root, "metadata_model")
 
 
 def test_only_stale_rerun_launches_nothing_when_everything_is_up_to_date(trained):

@@ -29,6 +29,8 @@ from scin_pipeline.core.fairness import (
     group_order,
     metric_interval,
     representation_by_split,
+    run_metric_name,
+    run_metrics,
     sensitive_features,
     weighted_metrics,
     wilson_interval,
@@ -619,3 +621,40 @@ def test_representation_by_split():
     assert list(table["split"].unique()) == ["train", "val", "test", "all_splits"]
     with pytest.raises(ValueError, match="'c9' is not in cases"):
         representation_by_split(pd.DataFrame({"case_id": ["c9"], "split": ["test"]}), cases)
+
+
+# ------------------------------------------------------------------------------ MLflow run metrics
+
+
+def test_run_metric_names_are_stable_and_safe():
+    assert run_metric_name("monk_us_bin", "7-10", "balanced_accuracy") == "fair.monk_us_bin.7-10.balanced_accuracy"
+    assert run_metric_name("monk_us_bin", "7-10", "balanced_accuracy", "ci_low") == (
+        "fair.monk_us_bin.7-10.balanced_accuracy.ci_low"
+    )
+    assert run_metric_name(OVERALL, OVERALL, "macro_f1", "ci_high") == "fair.overall.macro_f1.ci_high"
+    assert run_metric_name("fst_dermatologist_bin", "FST5-6", "n") == "fair.fst_dermatologist_bin.FST5-6.n"
+    # A dot or a space inside a group would split or break the name: they become "_".
+    assert run_metric_name("race_ethnicity", "two or.more", "accuracy") == "fair.race_ethnicity.two_or_more.accuracy"
+    with pytest.raises(ValueError, match="bound must be one of"):
+        run_metric_name("monk_us_bin", "7-10", "accuracy", "median")
+    with pytest.raises(ValueError, match="nothing usable"):
+        run_metric_name("monk_us_bin", "...", "accuracy")
+
+
+def test_run_metrics_carry_every_groups_value_interval_and_n():
+    y, proba, sensitive = hand_fixture()
+    table = fairness_table("m", y, proba, list("abc"), sensitive, n_bootstrap=50, min_group_n=1)
+    metrics = run_metrics(table)
+    assert metrics["fair.colour.B.balanced_accuracy"] == pytest.approx(4 / 9)
+    assert metrics["fair.overall.balanced_accuracy"] == pytest.approx(53 / 90)
+    assert metrics["fair.colour.A.n"] == 6 and metrics["fair.overall.n"] == 12
+    low, high = metrics["fair.colour.B.accuracy.ci_low"], metrics["fair.colour.B.accuracy.ci_high"]
+    assert low == value(table, "colour", "B", "accuracy", "ci_low") and high >= low
+    groups = table[["attribute", "group"]].drop_duplicates()
+    assert len(metrics) == len(groups) + 3 * len(table.dropna(subset=["value", "ci_low", "ci_high"]))
+    # An undefined figure is left out, not logged as NaN.
+    undefined = table.assign(value=np.where(table["group"] == "A", np.nan, table["value"]))
+    assert "fair.colour.A.accuracy" not in run_metrics(undefined)
+    assert "fair.colour.A.accuracy.ci_low" in run_metrics(undefined)
+    with pytest.raises(ValueError, match="not a fairness table"):
+        run_metrics(table.drop(columns=["ci_low"]))

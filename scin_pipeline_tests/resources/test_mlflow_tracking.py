@@ -213,6 +213,27 @@ def test_run_keys_are_deterministic_and_checked():
         tracking.runs_with_key("x' OR '1'='1")
 
 
+def test_the_splits_are_the_runs_input_dataset_and_tags_are_cut_to_mlflows_limit(tracking, tmp_path):
+    splits = pd.DataFrame(
+        {"image_id": ["1", "2", "3"], "case_id": ["a", "a", "b"], "split": ["train", "train", "val"], "label": "X"}
+    )
+    source = tmp_path / "data" / "tables" / "labeled_splits.parquet"
+    with tracking.training_run(run_key="key-data", run_name="data", tags={}, params={}) as run:
+        for _ in range(2):  # a resumed run logs its input again: still one input
+            run.log_dataset(splits, name="labeled_splits", digest="splits-3f2a", source=source, context="training")
+        run.set_tags({"scin.fairness_status": "passed", "scin.fairness_reason": "x" * 6000})
+    stored = tracking.client().get_run(run.run_id)
+    (dataset_input,) = stored.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert (dataset.name, dataset.digest, dataset.source_type) == ("labeled_splits", "splits-3f2a", "local")
+    assert json.loads(dataset.source)["uri"] == str(source)
+    assert json.loads(dataset.profile)["num_rows"] == 3
+    assert [(t.key, t.value) for t in dataset_input.tags] == [("mlflow.data.context", "training")]
+    assert stored.data.tags["scin.fairness_status"] == "passed"
+    assert len(stored.data.tags["scin.fairness_reason"]) == 4000
+    assert stored.data.tags["scin.fairness_reason"].endswith("...")
+
+
 def test_artifact_names_may_not_leave_the_run_folder(tracking):
     with tracking.training_run(run_key="k-names", run_name="n", tags={}, params={}) as run:
         with pytest.raises(ValueError, match="relative path"):
@@ -639,10 +660,15 @@ def test_mlflow_models_serve_answers_invocations_with_one_probability_per_condit
     np.testing.assert_allclose([[row[c] for c in CLASSES] for row in predictions], expected, rtol=1e-5)
 
 
-def test_run_links_use_the_ui_url_or_an_http_tracking_uri_without_credentials(tracking):
+def test_run_links_use_the_ui_url_or_an_http_tracking_uri_without_credentials(tracking, monkeypatch):
+    monkeypatch.delenv("SCIN_MLFLOW_UI_URL", raising=False)
     assert tracking.run_url("abc", experiment_id="1") is None  # SQLite: no UI address is known
+    # The UI `scin-pipeline ui` started (or compose publishes) is announced in the environment.
+    monkeypatch.setenv("SCIN_MLFLOW_UI_URL", "http://127.0.0.1:5001")
+    assert tracking.run_url("abc", experiment_id="1") == "http://127.0.0.1:5001/#/experiments/1/runs/abc"
     with_ui = MlflowTracking(storage=StoragePaths(data_root="unused"), ui_url="http://127.0.0.1:5000/")
-    assert with_ui.run_url("abc", experiment_id="1") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
+    assert with_ui.run_url("abc", experiment_id="1") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"  # field first
+    monkeypatch.delenv("SCIN_MLFLOW_UI_URL")
     server = MlflowTracking(
         storage=StoragePaths(data_root="unused"), tracking_uri="https://user:secret@mlflow.example:8443"
     )
