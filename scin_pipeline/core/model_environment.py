@@ -4,8 +4,9 @@ pyfunc runs (MLflow ``code_paths``) and the pinned pip requirements of the libra
 Which modules. The pyfunc (``core.packaged_model``) and every ``scin_pipeline`` module it imports,
 transitively, read from the source with ``ast`` (imports inside functions included: a lazy import still
 runs when its branch does), plus the package's ``__init__`` files. Today that is ``core.packaged_model``,
-``core.image_cache``, ``core.imageio``, ``core.atomic``, ``core.metadata_model``, ``core.schema``,
-``core.splits`` and this module: about 150 kB of source, where the whole package is 3.3 MB (2.2 MB of it the
+``core.image_cache``, ``core.imageio``, ``core.atomic``, ``core.calibration``, ``core.metadata_model``,
+``core.questionnaire``, ``core.schema``, ``core.splits`` and this module (each logged model lists its own in
+its metadata, ``scin_code_modules``): about 155 kB of source, where the whole package is 3.3 MB (2.2 MB of the
 bundled SCIN metadata, which no prediction reads). Reading the closure from the code, rather than listing it,
 means a new import in the prediction path ships itself; the fresh-process test in
 ``scin_pipeline_tests/resources/test_mlflow_tracking.py`` loads a model with the installed package hidden,
