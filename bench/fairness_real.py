@@ -23,6 +23,7 @@ from __future__ import annotations
 import html
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +82,28 @@ def group_table(table: pd.DataFrame, attribute: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    source = Path(os.environ.get("SCIN_METADATA_DIR", REPO / "../shared/data/scin"))
+@dataclass
+class PipelineTask:
+    """The pipeline's single-label task on the real metadata, as the ``metadata_model`` asset trains it:
+    every parsed case and image reference, the labels and the split, and one row per labelled case
+    (``frame``) with its features and class index. bench/self_training_real.py uses the very same split."""
+
+    cases: pd.DataFrame
+    images: pd.DataFrame
+    labels: pd.DataFrame
+    classes: list[str]
+    frame: pd.DataFrame
+    features: pd.DataFrame
+    y: np.ndarray
+
+
+def metadata_source() -> Path:
+    return Path(os.environ.get("SCIN_METADATA_DIR", REPO / "../shared/data/scin"))
+
+
+def pipeline_task(source: Path) -> PipelineTask:
     parsed = parse_metadata((source / "scin_cases.csv").read_bytes(), (source / "scin_labels.csv").read_bytes())
     cases = parsed.cases.assign(case_id=parsed.cases["case_id"].astype(str))
-
     labels = assign_labels(cases, LabelPolicy())
     split = make_splits(labels, pd.Series(dtype=object), SplitConfig())
     classes = sorted(labels["label"].astype(str).unique())
@@ -96,8 +113,14 @@ def main() -> None:
         .astype({"case_id": str, "split": str, "label": str})
         .merge(cases, on="case_id", how="left", validate="one_to_one")
     )
-    features = metadata_features(frame)
     y = frame["label"].map(index).to_numpy(np.int32)
+    return PipelineTask(cases, parsed.images, labels, classes, frame, metadata_features(frame), y)
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    task = pipeline_task(metadata_source())
+    labels, classes, frame, features, y = task.labels, task.classes, task.frame, task.features, task.y
     train, test = (frame["split"] == "train").to_numpy(), (frame["split"] == "test").to_numpy()
 
     model = fit_single_label_metadata_model(features[train], y[train], len(classes), CHOSEN_CONFIG, seed=0)

@@ -297,15 +297,20 @@ def test_demo_on_real_metadata_300_cases(scin_metadata_dir, tmp_path, capsys):
     plants = pd.read_csv(out / "synthetic_mirror" / "synthetic_plants.csv", dtype=str)
     missing_planted = set(plants.loc[plants["planted"] == "missing", "image_id"])
     assert missing_planted and missing_planted <= set(files.loc[files["status"] == "missing", "image_id"])
-    # The demo trains all four candidates on CPU, logs them to MLflow and names a champion.
+    # The demo trains all six candidates on CPU, logs them to MLflow and names a champion.
     comparison = pd.read_parquet(out / "tables" / "model_comparison.parquet")
     assert set(comparison["model"]) == {
         "baseline_cnn",
         "resnet50_transfer",
         "resnet50_fixmatch",
         "metadata_model",
+        "metadata_model_self_trained",
         "multimodal",
     }
+    assert comparison.set_index("model").loc["metadata_model_self_trained", "twin"] == "metadata_model"
+    for name in ("unlabelled_pool", "labelling_queue"):
+        assert (out / "tables" / f"{name}.parquet").exists(), name
+    assert (out / "tables" / "labelling_queue" / "labelling_queue.csv").exists()
     assert comparison["champion"].fillna(False).sum() == 1
     # A blank questionnaire: the champion's answer (and the multimodal candidate's, trained with modality
     # dropout) follows the image across 10 different images, and the rule saw both validation scores.

@@ -34,6 +34,7 @@ from scin_pipeline.core.champion import (
     champion_rule_text,
     choose_champion,
     no_champion_reason,
+    twin_comparison,
 )
 from scin_pipeline.core.image_cache import split_arrays
 from scin_pipeline.core.rendering import png_data_uri_bytes
@@ -41,7 +42,17 @@ from scin_pipeline.resources import MlflowTracking, StoragePaths
 from scin_pipeline.resources.mlflow_tracking import CHAMPION_CLEARED_REASON_TAG
 
 GROUP = "evaluation"
-CANDIDATES = ("baseline_cnn", "resnet50_transfer", "resnet50_fixmatch", "metadata_model", "multimodal")
+CANDIDATES = (
+    "baseline_cnn",
+    "resnet50_transfer",
+    "resnet50_fixmatch",
+    "metadata_model",
+    "metadata_model_self_trained",
+    "multimodal",
+)
+# A semi-supervised candidate -> its supervised twin: the same model on the same labelled rows and split,
+# without the unlabelled cases. model_comparison shows each pair side by side (column twin, metadata twins).
+TWINS = {"metadata_model_self_trained": "metadata_model", "resnet50_fixmatch": "resnet50_transfer"}
 OVERALL_METRICS = [
     "accuracy",
     "balanced_accuracy",
@@ -111,6 +122,7 @@ def model_evaluation(
     resnet50_transfer: pd.DataFrame,
     resnet50_fixmatch: pd.DataFrame,
     metadata_model: pd.DataFrame,
+    metadata_model_self_trained: pd.DataFrame,
     multimodal: pd.DataFrame,
     labeled_splits: pd.DataFrame,
     image_tensors: pd.DataFrame,
@@ -121,7 +133,9 @@ def model_evaluation(
     from scin_pipeline.core import evaluation
     from scin_pipeline.core.packaged_model import METADATA_KINDS, PackagedClassifier
 
-    candidates = candidates_table(baseline_cnn, resnet50_transfer, resnet50_fixmatch, metadata_model, multimodal)
+    candidates = candidates_table(
+        baseline_cnn, resnet50_transfer, resnet50_fixmatch, metadata_model, metadata_model_self_trained, multimodal
+    )
     classes = json.loads(candidates["classes"].iloc[0])
     cache_dir = storage.image_tensors_dir
     out_dir = storage.table_files_dir("model_evaluation")
@@ -313,6 +327,7 @@ def model_comparison(
     resnet50_transfer: pd.DataFrame,
     resnet50_fixmatch: pd.DataFrame,
     metadata_model: pd.DataFrame,
+    metadata_model_self_trained: pd.DataFrame,
     multimodal: pd.DataFrame,
     mlflow: MlflowTracking,
 ):
@@ -321,7 +336,9 @@ def model_comparison(
 
     if config.selection_split == "test":
         raise ValueError("selection_split must not be 'test': the test split only reports")
-    candidates = candidates_table(baseline_cnn, resnet50_transfer, resnet50_fixmatch, metadata_model, multimodal)
+    candidates = candidates_table(
+        baseline_cnn, resnet50_transfer, resnet50_fixmatch, metadata_model, metadata_model_self_trained, multimodal
+    )
     n_classes = len(json.loads(candidates["classes"].iloc[0]))
     overall = model_evaluation[model_evaluation["class"].isna() | (model_evaluation["class"] == "")]
     wide = overall.pivot_table(index="model", columns=["split", "metric"], values="value")
@@ -332,6 +349,8 @@ def model_comparison(
         candidates[["model", "kind", "registered_version", "model_uri", "mlflow_run_id"]], on="model"
     )
     ranked["champion"] = ranked["champion"].fillna(False).astype(bool)
+    ranked["twin"] = ranked["model"].map(TWINS).fillna("")
+    twins = twin_comparison(ranked, TWINS)
     champion = ranked[ranked["champion"]]
     rule = champion_rule_text(champion_rule)
     alias_uri = None
@@ -387,6 +406,7 @@ def model_comparison(
             [
                 "rank",
                 "model",
+                "twin",
                 "champion",
                 champion_rule.score_column,
                 selection,
@@ -423,6 +443,7 @@ def model_comparison(
             "comparison": metric_md(ranked[[c for c in headline if c in ranked]]),
             "eligibility": metric_md(ranked[[c for c in eligibility if c in ranked]]),
             "with_and_without_answers": metric_md(ranked[[c for c in questionnaire if c in ranked]]),
+            "twins": metric_md(twins) if len(twins) else "no semi-supervised candidate with its twin evaluated",
             "test_metrics_plot": MetadataValue.md(f"![comparison]({png_data_uri_bytes(bars)})"),
         },
     )

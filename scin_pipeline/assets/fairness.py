@@ -62,22 +62,24 @@ class CrossValidationConfig(Config):
     seed: int = Field(default=0, description="fold order (hash seed) and each fold model's seed")
 
 
-# Candidates refitted per fold: the metadata model is a CPU fit of seconds. The Keras candidates are not
+# Candidates refitted per fold: the metadata models are CPU fits. The Keras candidates are not
 # cross-validated (yet); their gate reads the test split, and the report says so.
-CROSS_VALIDATED = ("metadata_model",)
+CROSS_VALIDATED = ("metadata_model", "metadata_model_self_trained")
 OOF_COLUMNS = ["model", "case_id", "group_id", "fold", "y_true"]
 
 
 @asset(
     group_name=GROUP,
     kinds={"scikitlearn", "pandas"},
-    code_version="2",  # 2: each fold's model trained with the candidate's questionnaire dropout
+    code_version="3",  # 2: the candidate's questionnaire dropout per fold; 3: the self-trained twin too
     pool="cpu",
     description="Out-of-fold predictions for the fairness gate: k-fold cross-validation over the train+val "
     "cases (whole groups of cases linked by shared or near-duplicate images per fold, stratified by label and "
     "US Monk bin), each case scored once by a model refitted on the other folds, so a small skin-tone group "
-    "is judged on ~85 % of its cases instead of the test split's ~15 %. metadata_model only (the Keras "
-    "candidates are judged on the test split). One row per (model, case): fold, y_true, p_0..p_K-1.",
+    "is judged on ~85 % of its cases instead of the test split's ~15 %. The metadata models only "
+    "(metadata_model, and metadata_model_self_trained, whose fold models self-train on the unlabelled pool "
+    "less any case linked to the held-out fold); the Keras candidates are judged on the test split. One row "
+    "per (model, case): fold, y_true, p_0..p_K-1.",
 )
 def cross_validated_predictions(
     context: AssetExecutionContext,
@@ -85,15 +87,18 @@ def cross_validated_predictions(
     labeled_splits: pd.DataFrame,
     cases: pd.DataFrame,
     metadata_model: pd.DataFrame,
+    metadata_model_self_trained: pd.DataFrame,
+    unlabelled_pool: pd.DataFrame,
 ) -> Output:
     import numpy as np
 
     from scin_pipeline.core import crossval, fairness
     from scin_pipeline.core import metadata_model as core_model
+    from scin_pipeline.core.packaged_model import read_spec
 
-    if metadata_model is None or metadata_model.empty:
+    candidates = candidates_table(metadata_model, metadata_model_self_trained)
+    if candidates.empty:
         return Output(pd.DataFrame(columns=OOF_COLUMNS), metadata={"models": "none"})
-    candidates = candidates_table(metadata_model)
     classes = json.loads(candidates["classes"].iloc[0])
     index = {c: i for i, c in enumerate(classes)}
     per_case = labeled_splits.drop_duplicates("case_id")
@@ -104,31 +109,67 @@ def cross_validated_predictions(
     folds = crossval.assign_folds(frame, config.n_folds, seed=config.seed).to_numpy()
     features = core_model.metadata_features(frame)
     y = frame["label"].map(index).to_numpy(np.int32)
+    pool = unlabelled_pool.drop_duplicates("case_id")[["case_id", "group_id"]].astype(str).reset_index(drop=True)
+    pool_features = core_model.metadata_features(
+        pool.merge(cases.assign(case_id=cases["case_id"].astype(str)), on="case_id", how="left")
+    )
 
-    # Each fold's model is trained as the candidate was (its modality dropout); a table stored before the
-    # column existed was trained without any.
-    dropout = float(candidates["questionnaire_dropout"].iloc[0]) if "questionnaire_dropout" in candidates else 0.0
+    def supervised(dropout: float):
+        def fit_predict(train_rows, held_out):
+            model = core_model.fit_single_label_metadata_model(
+                features.iloc[train_rows], y[train_rows], len(classes), seed=config.seed, questionnaire_dropout=dropout
+            )
+            return model.predict_proba(features.iloc[held_out])
 
-    def fit_predict(train_rows, held_out):
-        model = core_model.fit_single_label_metadata_model(
-            features.iloc[train_rows], y[train_rows], len(classes), seed=config.seed, questionnaire_dropout=dropout
+        return fit_predict
+
+    def self_trained(rule, dropout: float):
+        def fit_predict(train_rows, held_out):
+            # A pool case linked to a held-out case (shared or near-duplicate images) would bring it into the
+            # fold's training through its pseudo-label: left out of this fold's pool.
+            usable = ~pool["group_id"].isin(set(frame["group_id"].iloc[held_out])).to_numpy()
+            result = core_model.fit_self_trained_metadata_model(
+                features.iloc[train_rows],
+                y[train_rows],
+                pool_features[usable],
+                len(classes),
+                rule,
+                seed=config.seed,
+                questionnaire_dropout=dropout,
+            )
+            return result.model.predict_proba(features.iloc[held_out])
+
+        return fit_predict
+
+    parts, scored = [], []
+    for candidate in candidates.to_dict("records"):
+        # Each fold's model is trained as the candidate was (its modality dropout); a table stored before the
+        # column existed was trained without any.
+        dropout = float(candidate.get("questionnaire_dropout", 0.0) or 0.0)
+        if candidate["model"] == "metadata_model":
+            fit_predict = supervised(dropout)
+        else:
+            # The fold models self-train with the candidate's own settings, as its package records them.
+            settings = read_spec(str(candidate["package_dir"]))["extra"]["self_training"]
+            fit_predict = self_trained(core_model.SelfTrainingConfig(**settings), dropout)
+        proba = crossval.out_of_fold_proba(folds, frame["group_id"].to_numpy(), fit_predict, len(classes))
+        parts.append(
+            frame[["case_id", "group_id"]].assign(
+                model=candidate["model"], fold=folds, y_true=y, **{f"p_{i}": proba[:, i] for i in range(len(classes))}
+            )[OOF_COLUMNS + [f"p_{i}" for i in range(len(classes))]]
         )
-        return model.predict_proba(features.iloc[held_out])
-
-    proba = crossval.out_of_fold_proba(folds, frame["group_id"].to_numpy(), fit_predict, len(classes))
-    result = frame[["case_id", "group_id"]].assign(
-        model="metadata_model", fold=folds, y_true=y, **{f"p_{i}": proba[:, i] for i in range(len(classes))}
-    )[OOF_COLUMNS + [f"p_{i}" for i in range(len(classes))]]
+        scored.append(str(candidate["model"]))
+    result = pd.concat(parts, ignore_index=True)
     deep = frame["monk_bin"] == "7-10"
     return Output(
         result,
         metadata={
-            "models": ", ".join(CROSS_VALIDATED),
+            "models": ", ".join(scored),
             "not_cross_validated": (
                 "baseline_cnn, resnet50_transfer, resnet50_fixmatch, multimodal (judged on the test split)"
             ),
             "n_folds": config.n_folds,
-            "cases_scored": len(result),
+            "cases_scored": len(frame),
             "monk_us_7_10_scored": int(deep.sum()),
             "fold_sizes": MetadataValue.json({str(k): int(v) for k, v in zip(*np.unique(folds, return_counts=True))}),
         },
@@ -180,6 +221,7 @@ def fairness_report(
     resnet50_transfer: pd.DataFrame,
     resnet50_fixmatch: pd.DataFrame,
     metadata_model: pd.DataFrame,
+    metadata_model_self_trained: pd.DataFrame,
     multimodal: pd.DataFrame,
     cross_validated_predictions: pd.DataFrame,
     labeled_splits: pd.DataFrame,
@@ -192,7 +234,9 @@ def fairness_report(
     from scin_pipeline.core.evaluation import case_level_predictions
     from scin_pipeline.core.fairness_report import fairness_html, fairness_markdown, fairness_plots, plot_key
 
-    candidates = candidates_table(baseline_cnn, resnet50_transfer, resnet50_fixmatch, metadata_model, multimodal)
+    candidates = candidates_table(
+        baseline_cnn, resnet50_transfer, resnet50_fixmatch, metadata_model, metadata_model_self_trained, multimodal
+    )
     classes = json.loads(candidates["classes"].iloc[0])
     per_case = case_level_predictions(model_predictions)
     synthetic = scin_source.is_synthetic()

@@ -20,7 +20,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Literal
@@ -280,6 +280,28 @@ class MultimodalConfig(TransferConfig):
 class MetadataModelConfig(Config):
     seed: int = 0
     questionnaire_dropout: float = _QUESTIONNAIRE_DROPOUT
+
+
+class SelfTrainedMetadataModelConfig(MetadataModelConfig):
+    """Self-training of the metadata model on the unlabelled pool (core.metadata_model.SelfTrainingConfig)."""
+
+    threshold: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="a pool case is pseudo-labelled when the model's top class probability is at least this",
+    )
+    max_rounds: int = Field(default=3, ge=0, description="pseudo-labelling rounds (0: the supervised model)")
+    pseudo_label_weight: float = Field(
+        default=0.5, gt=0, le=1, description="a pseudo-label weighs this much of a dermatologist's label"
+    )
+
+    def rule(self):
+        from scin_pipeline.core.metadata_model import SelfTrainingConfig
+
+        return SelfTrainingConfig(
+            threshold=self.threshold, max_rounds=self.max_rounds, pseudo_label_weight=self.pseudo_label_weight
+        )
 
 
 def _train_config(config: TrainingConfig) -> TrainConfig:
@@ -1082,6 +1104,9 @@ def _train_resnet50_fixmatch(candidate: CandidateRun) -> Trained:
 
 
 def _train_metadata_model(candidate: CandidateRun) -> Trained:
+    """metadata_model and, with a SelfTrainedMetadataModelConfig, its self-trained twin: one function, so the
+    twins share their labelled rows, model, seed, modality dropout and validation scoring; the self-trained one
+    adds the unlabelled pool's pseudo-labels."""
     from scin_pipeline.core import evaluation
     from scin_pipeline.core import metadata_model as core_model
     from scin_pipeline.core.metadata_model import METADATA_FEATURE_COLUMNS, metadata_features
@@ -1093,22 +1118,62 @@ def _train_metadata_model(candidate: CandidateRun) -> Trained:
     features = metadata_features(frame)
     y = frame["label"].astype(str).map(index).to_numpy(np.int32)
     train, val = (frame["split"].astype(str) == "train").to_numpy(), (frame["split"].astype(str) == "val").to_numpy()
-    params = {
+    params: dict[str, int | str] = {
         "n_train_cases": int(train.sum()),
         "n_val_cases": int(val.sum()),
         "features": len(METADATA_FEATURE_COLUMNS),
         "classes": len(classes),
     }
     assert isinstance(config, MetadataModelConfig)  # its candidate_asset's config class
-    blank = blank_questionnaires(int(val.sum()))
-    with candidate.training_run({}, params) as run:
-        model = core_model.fit_single_label_metadata_model(
-            features[train],
-            y[train],
-            len(classes),
-            seed=config.seed,
-            questionnaire_dropout=config.questionnaire_dropout,
+    self_training = config.rule() if isinstance(config, SelfTrainedMetadataModelConfig) else None
+    run_tags: dict = {}
+    if self_training is not None:
+        pool_cases = inputs["unlabelled_pool"].drop_duplicates("case_id")[["case_id", "reason"]].astype(str)
+        pool_features = metadata_features(
+            pool_cases.merge(inputs["cases"].assign(case_id=inputs["cases"]["case_id"].astype(str)), on="case_id")
         )
+        params.update(n_pool_cases=len(pool_cases), twin="metadata_model")
+        run_tags = {"scin.twin": "metadata_model"}
+    blank = blank_questionnaires(int(val.sum()))
+    extra_metadata, extra_package = {}, {}
+    with candidate.training_run(run_tags, params) as run:
+        if self_training is None:
+            model = core_model.fit_single_label_metadata_model(
+                features[train],
+                y[train],
+                len(classes),
+                seed=config.seed,
+                questionnaire_dropout=config.questionnaire_dropout,
+            )
+        else:
+            result = core_model.fit_self_trained_metadata_model(
+                features[train],
+                y[train],
+                pool_features,
+                len(classes),
+                self_training,
+                seed=config.seed,
+                questionnaire_dropout=config.questionnaire_dropout,
+            )
+            model = result.model
+            accepted = result.pseudo_labels >= 0
+            run.log_metrics({"pseudo_labelled_cases": int(accepted.sum()), "self_training_rounds": len(result.history)})
+            run.log_table(result.history, "self_training/history.csv")
+            pseudo = pool_cases.assign(
+                pseudo_label=[classes[k] if k >= 0 else "" for k in result.pseudo_labels],
+                accepted_round=result.accepted_round,
+            )
+            run.log_table(pseudo, "self_training/pseudo_labels.csv")
+            by_class = pseudo.loc[accepted, "pseudo_label"].value_counts()
+            extra_metadata = {
+                "twin": "metadata_model (the same model, labelled rows and seed, no pseudo-labels)",
+                "pool_cases": len(pool_cases),
+                "pseudo_labelled_cases": int(accepted.sum()),
+                "rounds": table_md(result.history, rows=20),
+                "pseudo_labels_by_class": MetadataValue.json({str(k): int(v) for k, v in by_class.items()}),
+            }
+            # The cross-validation refits it per fold with these settings (read from the package's spec).
+            extra_package = {"self_training": asdict(self_training)}
         val_metrics, blank_metrics = {}, {}
         if val.any():
             val_metrics = evaluation.classification_metrics(y[val], model.predict_proba(features[val]), classes)
@@ -1129,8 +1194,8 @@ def _train_metadata_model(candidate: CandidateRun) -> Trained:
             # best_val_* and best_val_blank_*, as the multimodal run's restored epoch has them; finish shows
             # them as float entries.
             single_fit_val={**val_metrics, **{f"blank_{k}": v for k, v in blank_metrics.items()}},
-            metadata={"questionnaire_dropout": config.questionnaire_dropout},
-            package_extra={QUESTIONNAIRE_EXTRA: scores},
+            metadata={**extra_metadata, "questionnaire_dropout": config.questionnaire_dropout},
+            package_extra={QUESTIONNAIRE_EXTRA: scores, **extra_package},
         )
 
 
@@ -1261,6 +1326,18 @@ metadata_model = candidate_asset(
     "(questionnaire_dropout); scored on validation with the answers and with blank forms. A floor for the "
     "image models.",
     code_version="2",  # 2: modality dropout, blank-questionnaire validation scores
+)
+
+metadata_model_self_trained = candidate_asset(
+    name="metadata_model_self_trained",
+    kind="sklearn_metadata",
+    config=SelfTrainedMetadataModelConfig,
+    ins=("labeled_splits", "cases", "unlabelled_pool"),
+    train=_train_metadata_model,
+    description="The metadata model self-trained on the unlabelled pool: fitted on the labelled training "
+    "cases, it pseudo-labels the pool cases it is confident about (threshold), refits with them (each weighing "
+    "pseudo_label_weight of a dermatologist's label), for max_rounds rounds. Its supervised twin is "
+    "metadata_model (same labelled rows, same split); model_comparison shows them side by side.",
 )
 
 multimodal = candidate_asset(

@@ -180,3 +180,24 @@ def no_champion_reason(ranked: pd.DataFrame, rule: str) -> str:
     """Why no candidate is champion: the rule and each candidate's reason for being passed over."""
     passed_over = "; ".join(f"{model}: {why}" for model, why in zip(ranked["model"], ranked["passed_over"]) if why)
     return f"no eligible candidate by the rule ({rule}); {passed_over or 'no candidate was evaluated'}"
+
+
+TWIN_METRICS = ("val_macro_f1", "val_balanced_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_mean_ovr_auc")
+
+
+def twin_comparison(wide: pd.DataFrame, twins: dict[str, str], metrics: Sequence[str] = TWIN_METRICS) -> pd.DataFrame:
+    """Each semi-supervised candidate beside its supervised twin (the same model on the same labelled rows and
+    split, without the unlabelled cases): one row per (candidate, metric) with both values and the
+    difference (candidate - twin). Pairs whose candidate or twin was not evaluated are left out."""
+    by_model = wide.set_index(wide["model"].astype(str))
+    rows = []
+    for model, twin in twins.items():
+        if model not in by_model.index or twin not in by_model.index:
+            continue
+        for metric in metrics:
+            if metric not in by_model.columns:
+                continue
+            column = by_model[metric].astype(float).to_dict()
+            value, twin_value = float(column[model]), float(column[twin])
+            rows.append((model, twin, metric, value, twin_value, value - twin_value))
+    return pd.DataFrame(rows, columns=["model", "twin", "metric", "value", "twin_value", "difference"])

@@ -7,6 +7,7 @@ the CLI and the alerts use it directly, without Dagster. Paths only: nothing her
     tables/<asset>.parquet                      every table asset (stable, documented)
     tables/<asset>/<partition>.parquet          a partitioned table asset, one file per partition
     tables/<asset>/                             files that belong to a table asset (plots, reports)
+    tables/labelling_queue/labelling_queue.csv  the cases to hand to dermatologists next (labelling_queue)
     raw/<sha256>/<file>                         verbatim metadata files, content-addressed
     images/<image_id>.png                       verified local copies of the images
     quarantine/<stage>/                         rejected or corrupt inputs, each with its reason
@@ -81,6 +82,11 @@ class DataRootLayout:
     def table_files(self, asset_name: str) -> Path:
         """The folder of a table asset's own files (and of its partitions)."""
         return self.tables / _name(asset_name, "asset name")
+
+    @property
+    def labelling_queue_csv(self) -> Path:
+        """The labelling queue as a CSV a curator hands to graders (what labelling_queue writes)."""
+        return self.table_files("labelling_queue") / "labelling_queue.csv"
 
     # ------------------------------------------------------------------ inputs
 

@@ -460,12 +460,14 @@ def fit_single_label_metadata_model(
     *,
     seed: int | None = None,
     questionnaire_dropout: float = 0.0,
+    row_weight: np.ndarray | None = None,
 ) -> SingleLabelMetadataModel:
     """Fit the single-label (one class per case, ``y`` in [0, num_classes)) metadata classifier.
 
     ``config`` defaults to ``CHOSEN_CONFIG`` (its kind and hyper-parameters; ``seed`` overrides its seed).
     Every class seen in training weighs the same in total (balanced sample weights), as in the multi-label
-    model. ``questionnaire_dropout``: modality dropout, as blank-questionnaire copies of the training rows
+    model; ``row_weight`` (one factor per row, e.g. less for a pseudo-label) multiplies those weights.
+    ``questionnaire_dropout``: modality dropout, as blank-questionnaire copies of the training rows
     (``with_blank_questionnaires``). Returns an object with ``predict_proba(X) -> (N, num_classes)``, rows
     summing to 1; picklable.
     """
@@ -487,9 +489,13 @@ def fit_single_label_metadata_model(
     model = SingleLabelMetadataModel(config=config, num_classes=num_classes, seen_classes=seen)
     if len(seen) == 1:
         return model
-    matrix, labels, weights = with_blank_questionnaires(
-        matrix, labels, compute_sample_weight("balanced", labels), questionnaire_dropout
-    )
+    weights = compute_sample_weight("balanced", labels)
+    if row_weight is not None:
+        factors = np.asarray(row_weight, dtype=np.float64)
+        if factors.shape != labels.shape or (factors <= 0).any():
+            raise ValueError(f"row_weight must be {len(labels)} positive factors, got shape {factors.shape}")
+        weights = weights * factors
+    matrix, labels, weights = with_blank_questionnaires(matrix, labels, weights, questionnaire_dropout)
     if config.kind in ("logistic", "logistic_plus_boosting"):
         model.estimators.append(
             LogisticRegression(C=config.C, max_iter=3000).fit(matrix, labels, sample_weight=weights)
@@ -507,3 +513,118 @@ def fit_single_label_metadata_model(
             ).fit(matrix, labels, sample_weight=weights)
         )
     return model
+
+
+# ------------------------------------------------------------------------------------------ self-training
+
+
+@dataclass(frozen=True)
+class SelfTrainingConfig:
+    """Pseudo-labels for the unlabelled cases, round by round (the semantics of scikit-learn's
+    ``SelfTrainingClassifier`` with ``criterion="threshold"``): fit on the labelled rows and the pseudo-labels
+    accepted so far, predict the rest of the pool, accept each case whose top class probability is at least
+    ``threshold`` (its label is that class, and stays), until a round accepts none or ``max_rounds`` have run;
+    then one final fit. ``max_rounds=0`` is the supervised model itself.
+
+    ``pseudo_label_weight``: a pseudo-labelled row weighs this much of a dermatologist-labelled row of the
+    same class (after class balancing over labelled and pseudo-labelled rows together).
+    """
+
+    threshold: float = 0.5
+    max_rounds: int = 3
+    pseudo_label_weight: float = 0.5
+
+    def __post_init__(self):
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be within (0, 1], got {self.threshold}")
+        if self.max_rounds < 0:
+            raise ValueError(f"max_rounds must be >= 0, got {self.max_rounds}")
+        if not 0 < self.pseudo_label_weight <= 1:
+            raise ValueError(f"pseudo_label_weight must be within (0, 1], got {self.pseudo_label_weight}")
+
+
+SELF_TRAINING_HISTORY_COLUMNS = ["round", "accepted", "pseudo_labelled", "still_unlabelled", "mean_confidence"]
+
+
+@dataclass
+class SelfTrainedMetadataModel:
+    """The final model (a ``SingleLabelMetadataModel`` fitted on labelled + pseudo-labelled rows), each
+    unlabelled row's pseudo-label (-1: never confident enough) and the round it was accepted in (-1),
+    and one history row per round (``SELF_TRAINING_HISTORY_COLUMNS``)."""
+
+    model: SingleLabelMetadataModel
+    pseudo_labels: np.ndarray
+    accepted_round: np.ndarray
+    history: pd.DataFrame
+
+
+def fit_self_trained_metadata_model(
+    X,
+    y,
+    X_unlabelled,
+    num_classes: int,
+    self_training: SelfTrainingConfig = SelfTrainingConfig(),
+    config: MetadataModelConfig | None = None,
+    *,
+    seed: int | None = None,
+    questionnaire_dropout: float = 0.0,
+) -> SelfTrainedMetadataModel:
+    """Self-training of the single-label metadata model (see :class:`SelfTrainingConfig`).
+
+    Why not ``sklearn.semi_supervised.SelfTrainingClassifier`` itself: the model is two estimators averaged
+    (``fit_single_label_metadata_model``) with class-balanced sample weights, and a pseudo-label must weigh
+    less than a dermatologist's label; SelfTrainingClassifier fits one estimator, gives every pseudo-label
+    full weight, and routes sample weights only with scikit-learn's process-wide metadata-routing switch.
+    The loop is short and keeps its semantics (threshold criterion, labels kept once assigned, a final fit).
+    ``config``, ``seed`` and ``questionnaire_dropout`` go to every fit, as to the supervised twin's.
+    """
+    labelled = _feature_matrix(X)
+    pool = _feature_matrix(X_unlabelled) if len(X_unlabelled) else np.zeros((0, labelled.shape[1]))
+    labels = np.asarray(y)
+    pseudo = np.full(len(pool), -1, dtype=np.int64)
+    accepted_round = np.full(len(pool), -1, dtype=np.int64)
+    history = []
+
+    def fit() -> SingleLabelMetadataModel:
+        taken = pseudo >= 0
+        rows = np.vstack([labelled, pool[taken]])
+        targets = np.concatenate([labels, pseudo[taken]]).astype(labels.dtype)
+        factors = np.concatenate([np.ones(len(labels)), np.full(int(taken.sum()), self_training.pseudo_label_weight)])
+        return fit_single_label_metadata_model(
+            rows,
+            targets,
+            num_classes,
+            config,
+            seed=seed,
+            row_weight=factors,
+            questionnaire_dropout=questionnaire_dropout,
+        )
+
+    model = fit()
+    for round_number in range(1, self_training.max_rounds + 1):
+        open_rows = np.flatnonzero(pseudo < 0)
+        if len(open_rows) == 0:
+            break
+        proba = model.predict_proba(pool[open_rows])
+        confidence = proba.max(axis=1)
+        confident = confidence >= self_training.threshold
+        pseudo[open_rows[confident]] = proba[confident].argmax(axis=1)
+        accepted_round[open_rows[confident]] = round_number
+        history.append(
+            (
+                round_number,
+                int(confident.sum()),
+                int((pseudo >= 0).sum()),
+                int((pseudo < 0).sum()),
+                float(confidence[confident].mean()) if confident.any() else float("nan"),
+            )
+        )
+        if not confident.any():
+            break
+        model = fit()
+    return SelfTrainedMetadataModel(
+        model=model,
+        pseudo_labels=pseudo,
+        accepted_round=accepted_round,
+        history=pd.DataFrame(history, columns=SELF_TRAINING_HISTORY_COLUMNS),
+    )

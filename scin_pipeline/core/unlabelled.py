@@ -122,9 +122,10 @@ def build_unlabelled_pool(
 ) -> PoolResult:
     """The unlabelled pool (see the module docstring for the rule).
 
-    ``kept_references``: :func:`quality_kept_references`. ``cases``: case_id, label_status. ``labeled_splits``:
-    image_id, case_id, split (every labelled case the models use). ``clusters``: ``dedup_clusters``
-    (image_id, case_id, cluster_id) over every image that passed quality, labelled or not.
+    ``kept_references``: :func:`quality_kept_references` (local_path and shot_type optional). ``cases``:
+    case_id, label_status. ``labeled_splits``: image_id, case_id, split (every labelled case the models use).
+    ``clusters``: ``dedup_clusters`` (image_id, case_id, cluster_id) over every image that passed quality,
+    labelled or not.
     """
     _require(kept_references, "kept_references", ["image_id", "case_id"])
     _require(cases, "cases", ["case_id", "label_status"])
@@ -138,6 +139,9 @@ def build_unlabelled_pool(
     if unknown.any():
         image_id, case_id = refs.loc[unknown, "image_id"].iloc[0], refs.loc[unknown, "case_id"].iloc[0]
         raise ValueError(f"image {image_id}: case_id {case_id} is not in cases")
+    for optional in ("local_path", "shot_type"):  # absent where there are no files (metadata-only benches)
+        if optional not in refs:
+            refs[optional] = None
     labelled_cases = set(labeled_splits["case_id"].astype(str))
     candidates = refs[~refs["case_id"].isin(labelled_cases)].copy()
     candidates["label_status"] = candidates["case_id"].map(status).to_numpy()

@@ -81,6 +81,13 @@ class StoragePaths(ConfigurableResource):
         return self._folder(self.layout.table_files(asset_name))
 
     @property
+    def labelling_queue_csv(self) -> Path:
+        """The graders' CSV of labelling_queue; its folder is created, the file is written atomically."""
+        path = self.layout.labelling_queue_csv
+        self._folder(path.parent)
+        return path
+
+    @property
     def images_dir(self) -> Path:
         return self._folder(self.layout.images)
 

@@ -110,6 +110,7 @@ def run_comparison(
             resnet50_transfer=empty,
             resnet50_fixmatch=empty,
             metadata_model=frames["metadata_model"],
+            metadata_model_self_trained=empty,
             multimodal=empty,
             mlflow=tracking,
         )

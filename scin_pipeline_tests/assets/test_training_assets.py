@@ -24,7 +24,14 @@ from scin_pipeline_tests.blank_forms import assert_follows_the_image, blank_form
 pytestmark = pytest.mark.slow
 
 MLFLOW_UI = "http://127.0.0.1:5999"
-CANDIDATES = ["baseline_cnn", "resnet50_transfer", "resnet50_fixmatch", "metadata_model", "multimodal"]
+CANDIDATES = [
+    "baseline_cnn",
+    "resnet50_transfer",
+    "resnet50_fixmatch",
+    "metadata_model",
+    "metadata_model_self_trained",
+    "multimodal",
+]
 TRAIN = {"epochs": 15, "batch_size": 32, "early_stopping_patience": 5}
 RUN_CONFIG = {
     "ops": {

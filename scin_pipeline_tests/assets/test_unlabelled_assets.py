@@ -1,4 +1,5 @@
-"""The unlabelled cases in the graph, on a small SYNTHETIC mirror: unlabelled_pool and its blocking leak check.
+"""The unlabelled cases in the graph, on a small SYNTHETIC mirror: unlabelled_pool and its blocking leak check,
+metadata_model_self_trained beside its twin, their out-of-fold predictions, and labelling_queue.
 
 The synthetic mirror leaves ~40 % of its cases unlabelled (judged ungradable), as the real release does;
 their images pass the quality rule, so they are the pool. No figure here says anything about skin conditions.
@@ -16,7 +17,19 @@ from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 from scin_pipeline.runner import run_pipeline
 
 SELECTION = "group:ingest or group:curation"
+LEARNING = (
+    "key:metadata_model or key:metadata_model_self_trained or key:cross_validated_predictions or key:labelling_queue"
+)
 RUN_CONFIG = {"ops": {"labeled_splits": {"config": {"min_cases_per_class": 4}}}}
+# The synthetic questionnaire carries no condition signal, so its model is never confident: a bar every top
+# class reaches (K <= 20 classes) pseudo-labels the whole pool in round 1 and exercises the plumbing.
+LEARNING_CONFIG = {
+    "ops": {
+        **RUN_CONFIG["ops"],
+        "metadata_model_self_trained": {"config": {"threshold": 0.05, "max_rounds": 2}},
+        "cross_validated_predictions": {"config": {"n_folds": 3}},
+    }
+}
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +107,62 @@ def test_a_test_image_planted_in_the_pool_turns_the_blocking_check_red(pooled, t
     evaluations = result.get_asset_check_evaluations()
     assert [(e.check_name, e.passed) for e in evaluations] == [("unlabelled_pool_no_evaluation_leak", False)]
     assert evaluations[0].metadata["leaking_rows"].value == 1
+
+
+@pytest.fixture(scope="module")
+def learnt(pooled):
+    data_root, mirror, _summary = pooled
+    summary = run_pipeline(
+        data_root=data_root, source=str(mirror.root), log_level="WARNING", select=LEARNING, run_config=LEARNING_CONFIG
+    )
+    return data_root, summary
+
+
+def test_the_self_trained_model_learns_from_the_pool_beside_its_twin(learnt):
+    import mlflow
+
+    from scin_pipeline.core.data_root import DataRootLayout
+    from scin_pipeline.core.packaged_model import read_spec
+
+    data_root, summary = learnt
+    assert summary.success, summary.render()
+    row = table(data_root, "metadata_model_self_trained").iloc[0]
+    twin = table(data_root, "metadata_model").iloc[0]
+    assert row["kind"] == twin["kind"] == "sklearn_metadata" and row["classes"] == twin["classes"]
+    assert row["splits_data_version"] == twin["splits_data_version"]  # the same split
+    assert read_spec(row["package_dir"])["extra"]["self_training"] == {
+        "threshold": 0.05,
+        "max_rounds": 2,
+        "pseudo_label_weight": 0.5,
+    }
+    client = mlflow.MlflowClient(DataRootLayout.of(data_root).mlflow_uri)
+    run = client.get_run(row["mlflow_run_id"])
+    assert run.data.tags["scin.twin"] == "metadata_model"
+    assert int(run.data.params["n_pool_cases"]) == table(data_root, "unlabelled_pool")["case_id"].nunique()
+    assert run.data.metrics["pseudo_labelled_cases"] == int(run.data.params["n_pool_cases"])
+    assert run.data.metrics["self_training_rounds"] == 1  # nobody was left for round 2
+    artifacts = {a.path for a in client.list_artifacts(row["mlflow_run_id"], "self_training")}
+    assert {"self_training/history.csv", "self_training/pseudo_labels.csv"} <= artifacts
+    # Both metadata models are scored out of fold on every train+val case, once each.
+    oof = table(data_root, "cross_validated_predictions")
+    splits = table(data_root, "labeled_splits")
+    fitted = set(splits.loc[splits["split"].astype(str).isin(["train", "val"]), "case_id"])
+    for model in ("metadata_model", "metadata_model_self_trained"):
+        part = oof[oof["model"] == model]
+        assert set(part["case_id"]) == fitted and part["case_id"].is_unique
+
+
+def test_the_labelling_queue_ranks_the_pool_and_writes_the_graders_csv(learnt):
+    from scin_pipeline.core.data_root import DataRootLayout
+    from scin_pipeline.core.labelling_queue import CSV_COLUMNS
+
+    data_root, summary = learnt
+    assert "labelling_queue" in summary.materialized, summary.render()
+    queue, pool = table(data_root, "labelling_queue"), table(data_root, "unlabelled_pool")
+    assert len(queue) > 0 and set(queue["case_id"]) <= set(pool["case_id"])
+    assert queue["priority"].is_monotonic_decreasing and queue["rank"].tolist() == list(range(1, len(queue) + 1))
+    assert queue["uncertainty"].between(0, 1).all() and queue["reason"].str.contains("model uncertainty").all()
+    # The synthetic pool is the ungradable cases: each at the default ungradable weight.
+    assert (queue["status_weight"][queue["status"] == "ungradable"] == 0.5).all()
+    csv = pd.read_csv(DataRootLayout.of(data_root).labelling_queue_csv, dtype={"case_id": str})
+    assert list(csv.columns) == CSV_COLUMNS and csv["case_id"].tolist() == queue["case_id"].tolist()

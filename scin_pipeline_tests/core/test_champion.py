@@ -7,7 +7,13 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from scin_pipeline.core.champion import ChampionRule, champion_rule_text, choose_champion, no_champion_reason
+from scin_pipeline.core.champion import (
+    ChampionRule,
+    champion_rule_text,
+    choose_champion,
+    no_champion_reason,
+    twin_comparison,
+)
 
 
 def wide(**columns) -> pd.DataFrame:
@@ -222,3 +228,25 @@ def test_gates_stored_before_the_three_outcomes_still_read():
     table, gates = unjudged_fixture()
     ranked = choose_champion(table, 4, ChampionRule(), gates.drop(columns=["status"])).set_index("model")
     assert ranked.loc["unjudged", "fairness_status"] == "failed"
+
+
+def test_a_semi_supervised_candidate_is_set_beside_its_twin():
+    wide = pd.DataFrame(
+        {
+            "model": ["metadata_model", "metadata_model_self_trained", "baseline_cnn"],
+            "val_macro_f1": [0.20, 0.18, 0.30],
+            "test_mean_ovr_auc": [0.70, 0.72, 0.60],
+        }
+    )
+    table = twin_comparison(
+        wide,
+        {"metadata_model_self_trained": "metadata_model", "fixmatch": "resnet50_transfer"},
+        ["val_macro_f1", "test_mean_ovr_auc"],
+    )
+    # The pair whose candidate was not evaluated is left out; each metric once, with the difference.
+    assert table[["model", "twin", "metric"]].values.tolist() == [
+        ["metadata_model_self_trained", "metadata_model", "val_macro_f1"],
+        ["metadata_model_self_trained", "metadata_model", "test_mean_ovr_auc"],
+    ]
+    assert table["difference"].tolist() == pytest.approx([-0.02, 0.02])
+    assert table["twin_value"].tolist() == [0.20, 0.70]
