@@ -211,33 +211,35 @@ def main() -> None:
     top_pseudo = ", ".join(
         f"{k} {v / max(accepted.sum(), 1):.0%} ({train_prior.get(k, 0):.0%})" for k, v in pseudo_classes.head(8).items()
     )
+    reasons = ", ".join(f"{n:,} {r}" for r, n in pool["reason"].value_counts().items())
     text = f"""# Self-training the metadata model on SCIN's unlabelled cases (real metadata)
 
 Produced by `{command}` on the real SCIN 1.0.0 metadata and dermatologist labels. Metadata only: no image was used.
 
 **Verdict: self-training {verdict}.** Test mean one-vs-rest AUC {overall["supervised"]:.3f} supervised,
 {overall["self_trained"]:.3f} self-trained: difference {overall["difference"]:+.3f}, 95 % paired bootstrap
-interval [{overall["diff_low"]:+.3f}, {overall["diff_high"]:+.3f}] ({int(overall["n"])} test cases,
-{args.bootstrap} resamples).
+interval [{overall["diff_low"]:+.3f}, {overall["diff_high"]:+.3f}] ({int(overall["n"])} test cases, {args.bootstrap}
+resamples).
 
 ## Setup
 
 - Task and split: `bench/fairness_real.py`'s, the pipeline's single-label task ({len(task.labels):,} labelled
   cases, {len(classes)} classes incl. "other"; cases {sizes}).
 - Supervised twin: `fit_single_label_metadata_model` (CHOSEN_CONFIG: logistic regression C=0.03 averaged with
-  150 boosted stumps, class-balanced, seed 0) on the train cases ({supervised_s:.0f} s).
+  150 boosted stumps, class-balanced, seed 0, no modality dropout, as in `bench/fairness_real.py`) on the
+  train cases ({supervised_s:.0f} s on the loaded 2-core development machine).
 - Unlabelled pool: {len(pool):,} cases without a usable label (`core.unlabelled.build_unlabelled_pool`;
-  {pool["reason"].value_counts().to_dict()}), less cases sharing an image file with a validation or test case.
+  {reasons}), less cases sharing an image file with a validation or test case.
   Offline there are no pixels: no quality rule, no near-duplicate search (the pipeline's pool applies both).
 - Self-training (`fit_self_trained_metadata_model`): threshold {args.threshold}, at most {args.rounds} rounds,
-  a pseudo-label weighs {args.weight} of a dermatologist's label ({self_s:.0f} s).
+  a pseudo-label weighs {args.weight} of a dermatologist's label, the same model and seed ({self_s:.0f} s).
 
 ## Why this threshold (validation split only)
 
 The supervised model's top class, on the validation cases whose top probability reaches each threshold
 (precision = how often it is the dermatologists' label), and how many pool cases reach it:
 
-{precision.to_markdown(index=False, floatfmt=".3f")}
+{precision.to_markdown(index=False, floatfmt=(".2f", ".0f", ".3f", ".0f"))}
 
 No threshold gives pseudo-labels that are mostly right: with {len(classes)} classes the questionnaire alone
 rarely makes one class likely (the pipeline's default, 0.5, is reached by
@@ -247,7 +249,7 @@ one). {args.threshold} pseudo-labels a good part of the pool at a validation pre
 
 ## Pseudo-labels
 
-{result.history.to_markdown(index=False, floatfmt=".3f")}
+{result.history.to_markdown(index=False, floatfmt=(".0f", ".0f", ".0f", ".0f", ".3f"))}
 
 {int(accepted.sum()):,} of {len(pool):,} pool cases pseudo-labelled. Most frequent pseudo-labels (share of
 pseudo-labels; the class's share of train labels):
