@@ -377,10 +377,10 @@ def test_the_bucket_answering_503_to_a_share_of_requests_still_completes_through
     retried = files[files["attempts"] > 1]
     assert len(retried) > 0  # some images needed more than one attempt, and still arrived intact
     for row in files.itertuples():
-        assert Path(row.local_path).read_bytes() == images[row.object_path]
+        assert (data_root / row.local_path).read_bytes() == images[row.object_path]
     raw = pd.read_parquet(data_root / "tables" / "raw_metadata.parquet").set_index("object_path")
     for object_path in (CASES_OBJECT, LABELS_OBJECT):
-        assert Path(raw.loc[object_path, "local_path"]).read_bytes() == uploaded[object_path]
+        assert (data_root / raw.loc[object_path, "local_path"]).read_bytes() == uploaded[object_path]
 
 
 # ---- an unwritable data root --------------------------------------------------------------------------------

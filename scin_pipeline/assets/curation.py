@@ -125,7 +125,11 @@ def image_quality(
     files = image_files[image_files["image_id"].notna()].copy()
     files["shard"] = files["image_id"].map(lambda i: splits.stable_shard(str(i), N_QUALITY_SHARDS))
     files = files[files["shard"].isin(keys)]
-    items = ((str(r.image_id), str(r.local_path) if r.status == "ok" else None) for r in files.itertuples())
+    # Stored relative to the data root: read under this run's root.
+    items = (
+        (str(r.image_id), storage.resolve_or_none(r.local_path) if r.status == "ok" else None)
+        for r in files.itertuples()
+    )
     workers = config.workers or os.cpu_count() or 1
     started = time.perf_counter()
     progress = Progress(
@@ -151,8 +155,10 @@ def image_quality(
         table["monk_tone"] = tone.astype("Float64")
         table["local_path"] = by_id["local_path"].reindex(table["image_id"]).to_numpy()
         table["shard"] = by_id["shard"].reindex(table["image_id"]).to_numpy()
+        decided = table[["image_id", "local_path", "shard", "keep"]].rename(columns={"shard": "partition"})
         placed = spool.write_shards(
-            table[["image_id", "local_path", "shard", "keep"]].rename(columns={"shard": "partition"}),
+            # The files under this run's data root (the table keeps their paths relative to it).
+            decided.assign(local_path=decided["local_path"].map(storage.resolve_or_none)),
             shard_size=config.tensor_shard_size,
         )
     table = pd.concat([table, placed.drop(columns=["image_id"])], axis=1)
@@ -248,7 +254,7 @@ def quality_filtered_index(
     write_parquet_atomic(rates, out_dir / "exclusion_rates_by_monk_tone.parquet")
 
     examples = {
-        str(reason): group["local_path"].head(6).tolist()
+        str(reason): [storage.resolve_or_none(p) for p in group["local_path"].head(6)]
         for reason, group in per_file[per_file["reason"].notna()].groupby("reason")
     }
     sheet = write_contact_sheet(examples, out_dir / "contact_sheet.png", title="Excluded images, by reason")

@@ -144,7 +144,7 @@ def model_evaluation(
     for name, package_dir, run_id in zip(
         candidates["model"].astype(str), candidates["package_dir"].astype(str), candidates["mlflow_run_id"].astype(str)
     ):
-        package = PackagedClassifier.load(package_dir)
+        package = PackagedClassifier.load(storage.resolve(package_dir))  # stored relative to the root
         packages[name] = package
         if list(package.classes) != classes:
             raise ValueError(f"{name}: trained on classes {package.classes}, splits have {classes}")

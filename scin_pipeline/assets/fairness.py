@@ -349,7 +349,7 @@ def fairness_report(
             "representation_monk_us_bin": table_md(
                 representation[representation["attribute"] == "monk_us_bin"], rows=30
             ),
-            "reports": MetadataValue.path(str(out_dir)),
+            "reports": MetadataValue.path(storage.stored(out_dir)),
         }
     )
     if synthetic:
@@ -475,8 +475,8 @@ def model_card(
             {
                 "model": name,
                 "registered_version": str(champion["registered_version"]),
-                "model_card_md": str(out_dir / "model_card.md"),
-                "model_card_json": str(out_dir / "model_card.json"),
+                "model_card_md": storage.stored(out_dir / "model_card.md"),  # relative to the data root
+                "model_card_json": storage.stored(out_dir / "model_card.json"),
             }
         ]
     )

@@ -110,7 +110,7 @@ def _raw_metadata(scin_source: ScinSourceResource, storage: StoragePaths) -> Out
             {
                 "object_path": object_path,
                 "file_name": Path(object_path).name,
-                "local_path": str(local),
+                "local_path": storage.stored(local),  # relative to the data root
                 "bytes": len(data),
                 "sha256": digest,
                 "crc32c": info.crc32c,
@@ -140,12 +140,12 @@ def _raw_metadata(scin_source: ScinSourceResource, storage: StoragePaths) -> Out
 
 
 @asset_check(asset=raw_metadata, blocking=True, description="Both CSVs are readable and carry every required column.")
-def metadata_required_columns(raw_metadata: pd.DataFrame) -> AssetCheckResult:
+def metadata_required_columns(raw_metadata: pd.DataFrame, storage: StoragePaths) -> AssetCheckResult:
     required = {CASES_FILE: schema.REQUIRED_CASE_COLUMNS, LABELS_FILE: schema.REQUIRED_LABEL_COLUMNS}
     problems = {}
     for row in raw_metadata.itertuples():
         file_name, local_path = cast(str, row.file_name), cast(str, row.local_path)
-        data = Path(local_path).read_bytes()
+        data = storage.resolve(local_path).read_bytes()
         try:
             read_csv_bytes(file_name, data, required[file_name])
         except ValueError as exc:
@@ -216,8 +216,10 @@ class CasesConfig(Config):
         ),
     ],
 )
-def parsed_metadata(context: AssetExecutionContext, config: CasesConfig, raw_metadata: pd.DataFrame):
-    files = {row.file_name: Path(cast(str, row.local_path)) for row in raw_metadata.itertuples()}
+def parsed_metadata(
+    context: AssetExecutionContext, config: CasesConfig, raw_metadata: pd.DataFrame, storage: StoragePaths
+):
+    files = {row.file_name: storage.resolve(cast(str, row.local_path)) for row in raw_metadata.itertuples()}
     parsed = parse_metadata(
         files[CASES_FILE].read_bytes(),
         files[LABELS_FILE].read_bytes(),
@@ -362,6 +364,7 @@ def _image_files(
         for r in rejected.itertuples()
     ]
     table = pd.DataFrame(rows, columns=list(FetchResult.__dataclass_fields__))
+    table["local_path"] = table["local_path"].map(storage.stored_or_none)  # relative to the data root
     table["image_id"] = table["image_id"].astype("string")
     table["bytes"] = pd.to_numeric(table["bytes"]).astype("Int64")
     table["fetched"] = table["fetched"].astype(bool)

@@ -58,7 +58,7 @@ def case_patterns(
     )
     embeddings, image_rows = None, None
     if len(image_embeddings):
-        embeddings = np.load(image_embeddings["embeddings_file"].iloc[0], mmap_mode="r")
+        embeddings = np.load(storage.resolve(str(image_embeddings["embeddings_file"].iloc[0])), mmap_mode="r")
         image_rows = images[["image_id", "case_id"]].merge(image_embeddings[["image_id", "row"]], on="image_id")
     patterns = core.find_case_patterns(cases, pattern_config, embeddings=embeddings, image_rows=image_rows)
     synthetic = scin_source.is_synthetic()
@@ -100,7 +100,7 @@ def case_patterns(
         "summary": metric_md(summary),
         "cross_view_ari": float(patterns.cross_view_ari) if np.isfinite(patterns.cross_view_ari) else "n/a",
         "report": MetadataValue.md(inline),
-        "report_path": MetadataValue.path(str(out_dir / REPORT_FILE)),
+        "report_path": MetadataValue.path(storage.stored(out_dir / REPORT_FILE)),
         "clusters": table_md(
             table.groupby("questionnaire_cluster", dropna=True).size().rename("cases").reset_index(), rows=20
         ),

@@ -48,7 +48,7 @@ def data_report(
             **report.summary_metadata,
             "synthetic_images": synthetic,
             "report": MetadataValue.md(markdown_with_inline_images(report)),
-            "report_path": MetadataValue.path(str(out_dir / "data_report.md")),
+            "report_path": MetadataValue.path(storage.stored(out_dir / "data_report.md")),
         }
     )
     return report.representation

@@ -164,7 +164,7 @@ def image_tensors(
         "images": len(ok),
         "failed": len(failed),
         "failures": table_md(failed, ["image_id", "reason"], rows=20),
-        "cache_dir": MetadataValue.path(str(cache_dir)),
+        "cache_dir": MetadataValue.path(storage.stored(cache_dir)),
         "cache_megabytes": round(shard_bytes / 1e6, 1),
         "stale_files_removed": len(removed),
     }
@@ -395,8 +395,8 @@ def image_embeddings(
             stale.unlink(missing_ok=True)
     table = ok[["image_id"]].assign(
         row=np.arange(len(ok)),
-        embeddings_file=str(emb_path),
-        backbone_file=str(backbone_path),
+        embeddings_file=storage.stored(emb_path),  # relative to the data root
+        backbone_file=storage.stored(backbone_path),
         weights=weights or "none",
         image_size=image_size,
     )
@@ -410,7 +410,7 @@ def image_embeddings(
             "weights": weights or "none (random init)",
             "reused_cached_embeddings": reused,
             "keras_backend": described["backend"],
-            "embeddings_file": MetadataValue.path(str(emb_path)),
+            "embeddings_file": MetadataValue.path(storage.stored(emb_path)),
         },
     )
 
@@ -427,11 +427,17 @@ def backbone_weights(image_embeddings: pd.DataFrame) -> str:
     return str(image_embeddings["weights"].iloc[0]) if len(image_embeddings) else "none"
 
 
-def load_embeddings(image_embeddings: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+def embeddings_files(image_embeddings: pd.DataFrame, storage: StoragePaths) -> tuple[Path, Path]:
+    """The embeddings (.npy) and the backbone (.keras) files, under this run's data root."""
+    first = image_embeddings.iloc[0]
+    return storage.resolve(str(first["embeddings_file"])), storage.resolve(str(first["backbone_file"]))
+
+
+def load_embeddings(image_embeddings: pd.DataFrame, rows: pd.DataFrame, storage: StoragePaths) -> np.ndarray:
     """Embeddings for ``rows`` (one per image and case) in row order."""
     if image_embeddings.empty:
         return np.zeros((len(rows), 0), np.float32)
-    matrix = np.load(image_embeddings["embeddings_file"].iloc[0], mmap_mode="r")
+    matrix = np.load(embeddings_files(image_embeddings, storage)[0], mmap_mode="r")
     position = image_embeddings.set_index("image_id")["row"]
     return np.asarray(matrix[position.reindex(rows["image_id"]).to_numpy()], dtype=np.float32)
 
@@ -552,7 +558,7 @@ class CandidateRun:
                 self.inputs["labeled_splits"][SPLITS_VERSION_COLUMNS],
                 name="labeled_splits",
                 digest=self.splits_version,
-                source=self.storage.layout.table_file("labeled_splits"),
+                source=self.storage.stored(self.storage.layout.table_file("labeled_splits")),  # relative to the root
                 context="training",
             )
             yield run
@@ -670,7 +676,7 @@ class CandidateRun:
             "kind": self.kind,
             "classes": json.dumps(self.classes),
             "image_size": self.image_size or 0,
-            "package_dir": str(self.package_dir),
+            "package_dir": self.storage.stored(self.package_dir),  # relative to the data root
             "run_key": self.run_key,
             "splits_data_version": self.splits_version,
             "monitor": self.monitor,
@@ -858,8 +864,11 @@ def _train_resnet50_transfer(candidate: CandidateRun) -> Trained:
     }
     with candidate.training_run({**tags, TRAINING_MODE_TAG: mode}, params) as run:
         if mode == "head_on_embeddings":
-            backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
-            e_train, e_val = load_embeddings(image_embeddings, train_rows), load_embeddings(image_embeddings, val_rows)
+            backbone = keras.saving.load_model(embeddings_files(image_embeddings, candidate.storage)[1])
+            e_train, e_val = (
+                load_embeddings(image_embeddings, train_rows, candidate.storage),
+                load_embeddings(image_embeddings, val_rows, candidate.storage),
+            )
             result = training.train_head_on_embeddings(
                 e_train,
                 y_train,
@@ -976,8 +985,11 @@ def _train_resnet50_fixmatch(candidate: CandidateRun) -> Trained:
     metadata: dict = {"mode": mode, "pool_images": len(pool_rows)}
     with candidate.training_run({**tags, TRAINING_MODE_TAG: mode}, params) as run:
         if mode == "head_on_embeddings":
-            backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
-            e_train, e_val = load_embeddings(image_embeddings, train_rows), load_embeddings(image_embeddings, val_rows)
+            backbone = keras.saving.load_model(embeddings_files(image_embeddings, candidate.storage)[1])
+            e_train, e_val = (
+                load_embeddings(image_embeddings, train_rows, candidate.storage),
+                load_embeddings(image_embeddings, val_rows, candidate.storage),
+            )
 
             def head_builder():
                 return models.build_classifier_head(e_train.shape[1], n_classes, config.dropout, normalize_with=e_train)
@@ -999,7 +1011,7 @@ def _train_resnet50_fixmatch(candidate: CandidateRun) -> Trained:
                 # The plain view of a pool image is its image_embeddings row when it has one (every
                 # quality-kept image is embedded); otherwise it is embedded here with the others.
                 in_embeddings = bool(pool_rows["image_id"].isin(image_embeddings["image_id"]).all())
-                pool_plain = load_embeddings(image_embeddings, pool_rows) if in_embeddings else None
+                pool_plain = load_embeddings(image_embeddings, pool_rows, candidate.storage) if in_embeddings else None
                 n_embedded = (fixmatch.weak_views - 1) * len(train_rows) + len(pool_rows) * (
                     fixmatch.weak_views - int(in_embeddings) + fixmatch.strong_views
                 )
@@ -1214,7 +1226,7 @@ def _train_multimodal(candidate: CandidateRun) -> Trained:
     parts = {}
     for split in ("train", "val"):
         rows, y = split_rows(inputs["labeled_splits"], inputs["image_tensors"], split, classes)
-        emb = load_embeddings(image_embeddings, rows)
+        emb = load_embeddings(image_embeddings, rows, candidate.storage)
         meta = metadata_features(rows[["case_id"]].merge(inputs["cases"], on="case_id", how="left"))
         parts[split] = (emb, meta.to_numpy(np.float32), y)
     (e_train, m_train, y_train), (e_val, m_val, y_val) = parts["train"], parts["val"]
@@ -1252,7 +1264,7 @@ def _train_multimodal(candidate: CandidateRun) -> Trained:
             checkpoint_dir=candidate.checkpoint_dir,
             on_epoch_end=candidate.epoch_logger(run),
         )
-        backbone = keras.saving.load_model(image_embeddings["backbone_file"].iloc[0])
+        backbone = keras.saving.load_model(embeddings_files(image_embeddings, candidate.storage)[1])
         model = models.compose_end_to_end(backbone, result.model, with_metadata=True)
         # The restored (best) epoch's validation scores, with every case's answers and with none.
         best = result.history[result.history["epoch"] == result.best_epoch]

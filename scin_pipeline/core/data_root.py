@@ -67,6 +67,28 @@ class DataRootLayout:
     def of(cls, data_root: str | os.PathLike) -> DataRootLayout:
         return cls(Path(data_root).expanduser().resolve())
 
+    # ------------------------------------------------------------------ paths as tables store them
+
+    def relative(self, path: str | os.PathLike) -> str:
+        """``path`` (a file or folder under this root) as tables and metadata store it: relative to the root,
+        POSIX. Stored this way, a copied or moved data root reads its own files (:meth:`resolve`), never the
+        original's. A path outside the root is an error naming it."""
+        absolute = Path(os.path.abspath(os.fspath(path)))
+        for candidate in (absolute, absolute.resolve()):
+            if candidate == self.root or self.root in candidate.parents:
+                return candidate.relative_to(self.root).as_posix()
+        raise ValueError(f"{path} is not under the data root {self.root}: only paths inside it are stored")
+
+    def resolve(self, stored: str | os.PathLike) -> Path:
+        """A stored path read back, under THIS root: relative (as :meth:`relative` writes) -> ``root / stored``.
+        An absolute one (a table written before paths were stored relative) is returned as it is."""
+        path = Path(os.fspath(stored))
+        if path.is_absolute():
+            return path
+        if ".." in path.parts:
+            raise ValueError(f"stored path {stored!r} leaves the data root {self.root}")
+        return self.root / path
+
     # ------------------------------------------------------------------ tables (the IO manager's)
 
     @property

@@ -221,14 +221,23 @@ class MlflowTracking(ConfigurableResource):
         """The id of ``experiment_name``, created on first use (artifacts under the data root for SQLite)."""
         from mlflow.exceptions import MlflowException
 
+        import scin_mlflow_store
+
         client = client or self.client()
         with self._store_lock():
             experiment = client.get_experiment_by_name(self.experiment_name)
             if experiment is None:
                 artifact_location = None
-                if _sqlite_path(self.resolved_tracking_uri()) is not None:
+                uri = self.resolved_tracking_uri()
+                if _sqlite_path(uri) is not None:
                     folder = re.sub(r"[^A-Za-z0-9_.-]", "_", self.experiment_name)
                     artifact_location = (self.artifact_root / folder).as_uri()
+                    store = scin_mlflow_store.store_folder(uri)
+                    if store is not None and store in self.artifact_root.parents:
+                        # The data root's own store: locations relative to the store's folder (scin_mlflow_store),
+                        # so a copied or moved data root reads and writes its own artifacts.
+                        relative = (self.artifact_root / folder).relative_to(store)
+                        artifact_location = scin_mlflow_store.store_relative_uri(relative.as_posix())
                 try:
                     # Tagged for the MLflow UI (classic model training, metric columns): core.mlflow_ui.
                     return client.create_experiment(

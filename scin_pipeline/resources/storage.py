@@ -64,6 +64,23 @@ class StoragePaths(ConfigurableResource):
     def root(self) -> Path:
         return self.layout.root
 
+    def stored(self, path: str | Path) -> str:
+        """``path`` under the data root as tables and metadata store it: relative to the root (see
+        :meth:`DataRootLayout.relative`), so a copied or moved root works."""
+        return self.layout.relative(path)
+
+    def stored_or_none(self, path) -> str | None:
+        """:meth:`stored`, passing a missing path (None, NaN, "") through as None."""
+        return None if path is None or pd.isna(path) or not str(path) else self.stored(str(path))
+
+    def resolve(self, stored: str | Path) -> Path:
+        """A path a table stored, under this data root (see :meth:`DataRootLayout.resolve`)."""
+        return self.layout.resolve(stored)
+
+    def resolve_or_none(self, stored) -> str | None:
+        """:meth:`resolve` as text, passing a missing path (None, NaN, "") through as None."""
+        return None if stored is None or pd.isna(stored) or not str(stored) else str(self.resolve(str(stored)))
+
     def _folder(self, path: Path) -> Path:
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -219,7 +236,10 @@ class ParquetTableIOManager(ConfigurableIOManager):
         if not context.has_asset_partitions:
             self._write(context, obj, self._table_path(context))
             context.add_output_metadata(
-                {"table_path": MetadataValue.path(str(self._table_path(context))), **table_metadata(obj, len(obj))}
+                {
+                    "table_path": MetadataValue.path(self.storage.stored(self._table_path(context))),
+                    **table_metadata(obj, len(obj)),
+                }
             )
             return
         keys = list(context.asset_partition_keys)
@@ -233,7 +253,7 @@ class ParquetTableIOManager(ConfigurableIOManager):
             self._write(context, _stable_text_columns(frame), self._table_path(context, key))
         context.add_output_metadata(
             {
-                "table_path": MetadataValue.path(str(self._table_path(context, keys[0]).parent)),
+                "table_path": MetadataValue.path(self.storage.stored(self._table_path(context, keys[0]).parent)),
                 **table_metadata(next(iter(frames.values())), int(sum(len(f) for f in frames.values()))),
             }
         )

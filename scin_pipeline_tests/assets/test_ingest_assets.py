@@ -53,8 +53,9 @@ def test_graph_materialises_every_table_at_its_documented_place(tiny_run):
     raw = pd.read_parquet(data_root / "tables" / "raw_metadata.parquet")
     assert set(raw["file_name"]) == {"scin_cases.csv", "scin_labels.csv"}
     for row in raw.itertuples():  # verbatim copies, content-addressed
-        assert Path(row.local_path).read_bytes() == (_mirror / "dataset" / row.file_name).read_bytes()
-        assert row.sha256 in row.local_path
+        # Stored relative to the data root (a copied root reads its own copy).
+        assert row.local_path == f"raw/{row.sha256}/{row.file_name}"
+        assert (data_root / row.local_path).read_bytes() == (_mirror / "dataset" / row.file_name).read_bytes()
     assert (data_root / "tables" / "data_report" / "data_report.md").exists()
     assert list((data_root / "tables" / "data_report").glob("*.png"))
     # The report's metadata opens with its headline numbers, short enough to be shown in place.
@@ -75,8 +76,8 @@ def test_image_files_statuses_and_verified_copies(tiny_run):
     for image_id in ("1", "2", "3", "4"):
         row = files.loc[f"dataset/images/{image_id}.png"]
         assert row["status"] == "ok"
-        local = Path(row["local_path"])
-        assert local.parent == data_root / "images"
+        assert row["local_path"] == f"images/{image_id}.png"  # relative to the data root
+        local = data_root / row["local_path"]
         assert local.read_bytes() == (mirror / "dataset" / "images" / f"{image_id}.png").read_bytes()
         assert row["bytes"] == local.stat().st_size
 
@@ -154,7 +155,7 @@ def test_graph_on_the_gcs_path_through_the_emulator(gcs_emulator, tmp_path):
     files = pd.read_parquet(data_root / "tables" / "image_files.parquet").set_index("object_path")
     assert files.loc["dataset/images/1.png", "status"] == "ok"
     assert (
-        Path(files.loc["dataset/images/1.png", "local_path"]).read_bytes()
+        (data_root / files.loc["dataset/images/1.png", "local_path"]).read_bytes()
         == (mirror / "dataset" / "images" / "1.png").read_bytes()
     )
     assert files.loc[MISSING_IMAGE, "status"] == "missing"

@@ -120,3 +120,18 @@ def test_a_name_is_one_path_segment_never_a_way_out(tmp_path, bad):
     ):
         with pytest.raises(ValueError, match="one non-empty path segment"):
             build()
+
+
+def test_paths_are_stored_relative_to_the_root_and_read_back_under_the_current_one(tmp_path):
+    original, copy = DataRootLayout.of(tmp_path / "a"), DataRootLayout.of(tmp_path / "b")
+    stored = original.relative(original.images / "123.png")
+    assert stored == "images/123.png"
+    assert original.relative(original.root) == "."
+    # Read back under whichever root reads it: a copied root reads its own file.
+    assert copy.resolve(stored) == copy.root / "images" / "123.png"
+    # A table written before paths were stored relative keeps its absolute path.
+    assert copy.resolve("/elsewhere/x.png") == Path("/elsewhere/x.png")
+    with pytest.raises(ValueError, match="not under the data root"):
+        original.relative(tmp_path / "outside.png")
+    with pytest.raises(ValueError, match="leaves the data root"):
+        copy.resolve("images/../../x.png")

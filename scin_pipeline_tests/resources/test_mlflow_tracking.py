@@ -152,9 +152,13 @@ def test_a_training_materialisation_is_one_tagged_run_with_params_epochs_and_art
     assert "note" not in run.data.metrics
 
     # Artifacts live under <data_root>/mlflow/artifacts, and nothing appeared in the working directory.
+    # Recorded relative to the store's folder (scin_mlflow_store), resolved under the root that reads it.
+    from scin_mlflow_store import SCHEME, resolve
+
     artifact_root = (tmp_path / "data" / "mlflow" / "artifacts").resolve()
-    assert run.info.artifact_uri.startswith(artifact_root.as_uri())
-    run_dir = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert run.info.artifact_uri == f"{SCHEME}:/artifacts/scin-pipeline/{run_id}/artifacts"
+    run_dir = resolve(run.info.artifact_uri, f"sqlite:///{tmp_path.resolve()}/data/mlflow/mlflow.db")
+    assert artifact_root in run_dir.parents
     stored = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
     assert stored == ["README.txt", "plots/confusion_matrix.png", "tables/per_class.csv", "training/history.json"]
     assert pd.read_csv(run_dir / "tables/per_class.csv")["class"].tolist() == CLASSES
@@ -451,6 +455,9 @@ FRESH_PROCESS = textwrap.dedent("""
         except Exception:
             return False
 
+    # The store's artifact plugin stays (the data root's store names its artifacts relative to itself, see
+    # scin_mlflow_store: a standalone module, installed beside MLflow by whoever opens such a store).
+    import scin_mlflow_store
     sys.meta_path = [f for f in sys.meta_path if f is PathFinder or not finds_package(f)]
     sys.path = [p for p in sys.path if not (Path(p or ".") / "scin_pipeline").exists()]
     assert importlib.util.find_spec("scin_pipeline") is None, "the installed package is still importable"

@@ -150,7 +150,11 @@ def test_the_data_root_set_once_on_storage_moves_tables_caches_and_the_mlflow_st
     assert layout.mlflow_db.is_file()
     run = mlflow.MlflowClient(layout.mlflow_uri).get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.info.artifact_uri.startswith(layout.mlflow_artifacts.as_uri())
+    # Recorded relative to the store's folder (scin_mlflow_store), resolved under the root that reads it.
+    from scin_mlflow_store import SCHEME, resolve
+
+    assert run.info.artifact_uri.startswith(f"{SCHEME}:")
+    assert layout.mlflow_artifacts in resolve(run.info.artifact_uri, layout.mlflow_uri).parents
     assert list(layout.mlflow_artifacts.rglob("probe.txt"))
 
 
