@@ -89,6 +89,7 @@ def cross_validated_predictions(
     metadata_model: pd.DataFrame,
     metadata_model_self_trained: pd.DataFrame,
     unlabelled_pool: pd.DataFrame,
+    storage: StoragePaths,
 ) -> Output:
     import numpy as np
 
@@ -150,7 +151,7 @@ def cross_validated_predictions(
             fit_predict = supervised(dropout)
         else:
             # The fold models self-train with the candidate's own settings, as its package records them.
-            settings = read_spec(str(candidate["package_dir"]))["extra"]["self_training"]
+            settings = read_spec(storage.resolve(str(candidate["package_dir"])))["extra"]["self_training"]
             fit_predict = self_trained(core_model.SelfTrainingConfig(**settings), dropout)
         proba = crossval.out_of_fold_proba(folds, frame["group_id"].to_numpy(), fit_predict, len(classes))
         parts.append(

@@ -173,7 +173,7 @@ def labelling_queue(
     pool_cases = pool_cases_table(unlabelled_pool)
     pool_rows = pool_cases[["case_id"]].merge(by_case, on="case_id", how="left")
     labelled_rows = labeled_splits[["case_id"]].astype(str).drop_duplicates().merge(by_case, on="case_id", how="left")
-    package = PackagedClassifier.load(metadata_model["package_dir"].iloc[0])
+    package = PackagedClassifier.load(storage.resolve(str(metadata_model["package_dir"].iloc[0])))  # stored relative
     proba = package.predict_proba(cases=pool_rows) if len(pool_rows) else None
     queue = rank_cases(
         pool_cases,
@@ -195,7 +195,7 @@ def labelling_queue(
             "pool_cases": len(pool_cases),
             "left_out_weight_0": len(pool_cases) - len(queue),
             "model": f"metadata_model (registered version {metadata_model['registered_version'].iloc[0]})",
-            "csv": MetadataValue.path(str(csv_path)),
+            "csv": MetadataValue.path(storage.stored(csv_path)),
             "by_monk_us_bin_top_100": MetadataValue.json(
                 {str(k): int(v) for k, v in queue.head(100)["monk_us_bin"].value_counts().items()}
             ),

@@ -131,7 +131,7 @@ def test_image_candidates_are_calibrated_on_validation_and_evaluated_before_and_
     client = mlflow.MlflowClient(uri)
     for name in CANDIDATES:
         row = table(data_root, name).iloc[0]
-        calibration = read_spec(row["package_dir"])["calibration"]
+        calibration = read_spec(data_root / row["package_dir"])["calibration"]  # relative to the data root
         assert scores.loc[name, ["ece", "ece_uncalibrated"]].notna().all(), name
         if row["kind"] == "sklearn_metadata":
             assert calibration is None

@@ -130,7 +130,7 @@ def test_the_self_trained_model_learns_from_the_pool_beside_its_twin(learnt):
     twin = table(data_root, "metadata_model").iloc[0]
     assert row["kind"] == twin["kind"] == "sklearn_metadata" and row["classes"] == twin["classes"]
     assert row["splits_data_version"] == twin["splits_data_version"]  # the same split
-    assert read_spec(row["package_dir"])["extra"]["self_training"] == {
+    assert read_spec(data_root / row["package_dir"])["extra"]["self_training"] == {  # relative to the root
         "threshold": 0.05,
         "max_rounds": 2,
         "pseudo_label_weight": 0.5,
