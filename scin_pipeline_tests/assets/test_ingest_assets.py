@@ -154,10 +154,9 @@ def test_graph_on_the_gcs_path_through_the_emulator(gcs_emulator, tmp_path):
     assert result.success
     files = pd.read_parquet(data_root / "tables" / "image_files.parquet").set_index("object_path")
     assert files.loc["dataset/images/1.png", "status"] == "ok"
-    assert (
-        (data_root / files.loc["dataset/images/1.png", "local_path"]).read_bytes()
-        == (mirror / "dataset" / "images" / "1.png").read_bytes()
-    )
+    assert (data_root / files.loc["dataset/images/1.png", "local_path"]).read_bytes() == (
+        mirror / "dataset" / "images" / "1.png"
+    ).read_bytes()
     assert files.loc[MISSING_IMAGE, "status"] == "missing"
     assert files.loc["dataset/images/4.png", "status"] == "corrupt"
     assert "crc32c" in files.loc["dataset/images/4.png", "reason"]
