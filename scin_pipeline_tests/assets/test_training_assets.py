@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -150,6 +151,33 @@ def test_image_candidates_are_calibrated_on_validation_and_evaluated_before_and_
         metrics = client.get_run(row["mlflow_run_id"]).data.metrics
         assert metrics["calibration_temperature"] == pytest.approx(calibration["temperature"]), name
         assert "test_ece_uncalibrated" in metrics and "test_ece" in metrics, name
+
+
+def test_fixmatch_candidate_learns_from_the_unlabelled_pool(trained):
+    data_root, _mirror, _summary, uri = trained
+    pool = table(data_root, "unlabelled_pool")
+    labelled_images = set(table(data_root, "labeled_splits")["image_id"])
+    assert len(pool)
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`scin.candidate` = 'resnet50_fixmatch'",
+    )
+    assert len(runs) == 1
+    run = runs[0]
+    # Every pool image has cached pixels and an embedding: the candidate trained on them (none of them a
+    # labelled image), not as its supervised twin.
+    expected = len(set(pool["image_id"]) - labelled_images)
+    assert int(run.data.params["n_pool_images"]) == expected > 0
+    assert run.data.params["resolved_mode"] == "head_on_embeddings"
+    assert client.get_metric_history(run.info.run_id, "pseudo_label_rate")
+    # Its weak and strong views were embedded once, beside its checkpoints (a resumed run reuses them).
+    views = np.load(next((data_root / "checkpoints" / "resnet50_fixmatch").glob("*/pool_strong_views.npy")))
+    assert views.shape[:2] == (2, expected)
+    # SYNTHETIC images with a planted pattern per class: far above chance, as its twin.
+    chance = 1 / len(json.loads(table(data_root, "resnet50_fixmatch")["classes"].iloc[0]))
+    scores = overall(table(data_root, "model_evaluation"))
+    assert scores.loc["resnet50_fixmatch", "balanced_accuracy"] > 2.5 * chance, scores["balanced_accuracy"].to_dict()
 
 
 def test_training_runs_are_tagged_with_dagster_run_and_split_version(trained):
