@@ -20,10 +20,13 @@ whether the code learns from unlabelled images and what it costs; they say NOTHI
    ``resnet50_transfer`` runs on CPU) and the FixMatch candidate (``semi_supervised``'s head on embedded
    views, what ``resnet50_fixmatch`` runs on CPU, FixMatchConfig defaults) train on the same kept labels
    with the same TrainConfig; test macro-F1 and balanced accuracy per image, as model_evaluation scores.
-3. Labelling queue: the twin's probabilities on every unlabelled case (mean over its images) ranked by
-   ``core.labelling_queue.labelling_queue`` (hidden-label cases enter as ``gradable_unlabelled``); among
-   its top K cases, the share that are hidden-label cases whose true class is one of the ``--worst`` classes
-   with the lowest test recall, against the same share in the whole queue (what a random pick gives).
+3. Labelling queue: every unlabelled case (hidden-label and real pool) ranked by
+   ``core.labelling_queue.labelling_queue`` (hidden-label cases enter as ``gradable_unlabelled``, the real
+   pool's with their own status), once with the image twin's probabilities (mean over a case's images) and
+   once with the metadata model's (what the ``labelling_queue`` asset ranks by), each fitted on the kept
+   labels; among the top K, the share that are hidden-label cases whose true class is one of the ``--worst``
+   classes with the lowest test recall of that model, against the same share in the whole queue (what a
+   random pick gives).
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def run_config(image_size: int) -> dict:
         "ops": {
             "quality_filtered_index": {"config": {"max_quarantined_fraction": 0.2}},
             "labeled_splits": {"config": {"min_cases_per_class": 15, "rare_classes": "drop"}},
-            "image_tensors": {"config": {"image_size": image_size}},
+            "image_quality": {"config": {"tensor_sizes": [image_size]}},
             "image_embeddings": {"config": {"weights": "none"}},
             "baseline_cnn": {"config": RUN_CONFIG_TRAIN},
             "resnet50_transfer": {"config": train},
@@ -157,6 +160,7 @@ def cost_report(costs: pd.DataFrame) -> pd.DataFrame:
             row["twin_seconds"] = by_step.loc[twin, "seconds"]
             row["seconds_ratio"] = by_step.loc[asset, "seconds"] / by_step.loc[twin, "seconds"]
             row["twin_peak_rss_mb"] = by_step.loc[twin, "peak_rss_mb"]
+            row["twin_growth_mb"] = by_step.loc[twin, "growth_mb"]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -198,7 +202,6 @@ def learning_curves(
     import keras
 
     from scin_pipeline.core import evaluation, semi_supervised
-    from scin_pipeline.core.fairness import sensitive_features
     from scin_pipeline.core.image_cache import load_images, split_rows
     from scin_pipeline.core.models import build_classifier_head
     from scin_pipeline.core.training import TrainConfig, predict_in_batches, train_head_on_embeddings
@@ -273,7 +276,27 @@ def learning_curves(
                 fixmatch=fixmatch,
             )
             semi_s = time.time() - began
-            for name, result, seconds in (("supervised twin", twin, twin_s), ("fixmatch", semi, semi_s)):
+            # The same with the hidden-label images alone as the unlabelled stream: images of the very classes
+            # being learnt, without the real pool's cases (conditions outside the label set, no condition).
+            n_hidden = int((~kept).sum())
+            began = time.time()
+            semi_hidden = semi_supervised.train_fixmatch_head_on_embeddings(
+                e_train[kept][None],
+                y_train[kept],
+                e_train[~kept][None],
+                strong_train[:, ~kept],
+                e_val,
+                y_val,
+                head_builder=head_builder,
+                config=config_seeded,
+                fixmatch=fixmatch,
+            )
+            hidden_s = time.time() - began
+            for name, result, seconds, n_unlabelled in (
+                ("supervised twin", twin, twin_s, 0),
+                ("fixmatch", semi, semi_s, len(unl_plain)),
+                ("fixmatch, hidden-label images only", semi_hidden, hidden_s, n_hidden),
+            ):
                 predicted = predict_in_batches(result.model, e_test).argmax(axis=1)
                 curve_rows.append(
                     {
@@ -281,7 +304,7 @@ def learning_curves(
                         "seed": seed,
                         "model": name,
                         "labelled_train_images": int(kept.sum()),
-                        "unlabelled_images": len(unl_plain) if name == "fixmatch" else 0,
+                        "unlabelled_images": n_unlabelled,
                         "test_macro_f1": evaluation.macro_f1(y_test, predicted),
                         "test_balanced_accuracy": evaluation.balanced_accuracy(y_test, predicted),
                         "final_pseudo_label_rate": float(result.history["pseudo_label_rate"].iloc[-1])
@@ -292,83 +315,118 @@ def learning_curves(
                 )
             if not with_queue:
                 continue
+            # The unlabelled cases (hidden-label train cases and the real pool's), their images' order.
+            hidden = train_rows[~kept]
+            image_case = np.concatenate(
+                [
+                    hidden["case_id"].astype(str).to_numpy(),
+                    pool_case.reindex(pool_rows["image_id"]).astype(str).to_numpy(),
+                ]
+            )
+            hidden_label = hidden.drop_duplicates("case_id").assign(case_id=lambda f: f["case_id"].astype(str))
+            hidden_label = hidden_label.set_index("case_id")["label"].astype(str)
+            labelled_ids = train_rows.loc[kept, "case_id"].astype(str).unique()
+            common = dict(
+                image_case=image_case,
+                hidden_label=hidden_label,
+                pool_table=t["unlabelled_pool"],
+                cases=cases,
+                labelled_ids=labelled_ids,
+                classes=classes,
+                worst=worst,
+                top_k=top_k,
+            )
+            # The image twin: its probabilities per case (mean over the case's images), recall per test image.
+            test_pred = predict_in_batches(twin.model, e_test).argmax(axis=1)
+            image_proba = pd.DataFrame(predict_in_batches(twin.model, unl_plain)).groupby(image_case).mean()
             queue_rows.append(
-                queue_hits(
-                    twin.model,
-                    train_rows,
-                    kept,
-                    unl_plain,
-                    pool_rows,
-                    pool_case,
-                    t["unlabelled_pool"],
-                    cases,
-                    test_rows,
-                    y_test,
-                    e_test,
-                    classes,
-                    worst=worst,
-                    top_k=top_k,
-                    sensitive_features=sensitive_features,
-                )
-                | {"kept_fraction": fraction, "seed": seed}
+                queue_hits(image_proba, class_recall(y_test, test_pred, classes), **common)
+                | {"kept_fraction": fraction, "seed": seed, "ranked_by": "image twin (resnet50_transfer, CPU)"}
+            )
+            # The metadata model (what the labelling_queue asset ranks by), fitted on the kept cases.
+            metadata_proba, metadata_recall = metadata_model_scores(
+                cases, train_rows[kept], test_rows, y_test, image_proba.index, classes, seed
+            )
+            queue_rows.append(
+                queue_hits(metadata_proba, metadata_recall, **common)
+                | {"kept_fraction": fraction, "seed": seed, "ranked_by": "metadata_model"}
             )
     return pd.DataFrame(curve_rows), pd.DataFrame(queue_rows)
 
 
-def queue_hits(
-    model,
-    train_rows,
-    kept,
-    unl_plain,
-    pool_rows,
-    pool_case,
-    pool_table,
-    cases,
-    test_rows,
-    y_test,
-    e_test,
-    classes,
-    *,
-    worst: int,
-    top_k: int,
-    sensitive_features,
-) -> dict:
-    """Rank every unlabelled case with the labelling queue's rule; how many of the top ``top_k`` are
-    hidden-label cases of the ``worst`` classes (lowest test recall of ``model``)."""
-    from scin_pipeline.core import labelling_queue as queue
-    from scin_pipeline.core.training import predict_in_batches
-
-    predicted = predict_in_batches(model, e_test).argmax(axis=1)
-    recall = pd.Series(
-        [float((predicted[y_test == k] == k).mean()) if (y_test == k).any() else np.nan for k in range(len(classes))],
+def class_recall(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.Series:
+    """Recall of each class on the test split (NaN for a class with no test row)."""
+    return pd.Series(
+        [float((y_pred[y_true == k] == k).mean()) if (y_true == k).any() else np.nan for k in range(len(classes))],
         index=classes,
     )
+
+
+def metadata_model_scores(
+    cases: pd.DataFrame,
+    kept_rows: pd.DataFrame,
+    test_rows: pd.DataFrame,
+    y_test: np.ndarray,
+    unlabelled_ids: pd.Index,
+    classes: list[str],
+    seed: int,
+) -> tuple[pd.DataFrame, pd.Series]:
+    """The metadata model fitted on the kept train cases: its probabilities for the unlabelled cases and its
+    recall per class on the test cases (one row per case)."""
+    from scin_pipeline.core.metadata_model import fit_single_label_metadata_model, metadata_features
+
+    index = {c: i for i, c in enumerate(classes)}
+    train = kept_rows.drop_duplicates("case_id")
+    model = fit_single_label_metadata_model(
+        metadata_features(cases.loc[train["case_id"].astype(str)].reset_index()),
+        train["label"].astype(str).map(index).to_numpy(np.int64),
+        len(classes),
+        seed=seed,
+    )
+    test = test_rows.drop_duplicates("case_id")
+    predicted = model.predict_proba(metadata_features(cases.loc[test["case_id"].astype(str)].reset_index()))
+    y_case = test["label"].astype(str).map(index).to_numpy()
+    proba = model.predict_proba(metadata_features(cases.loc[unlabelled_ids.astype(str)].reset_index()))
+    return pd.DataFrame(proba, index=unlabelled_ids), class_recall(y_case, predicted.argmax(axis=1), classes)
+
+
+def queue_hits(
+    case_proba: pd.DataFrame,
+    recall: pd.Series,
+    *,
+    image_case: np.ndarray,
+    hidden_label: pd.Series,
+    pool_table: pd.DataFrame,
+    cases: pd.DataFrame,
+    labelled_ids: np.ndarray,
+    classes: list[str],
+    worst: int,
+    top_k: int,
+) -> dict:
+    """Rank the unlabelled cases (rows of ``case_proba``) by the labelling queue's rule; how many of its top
+    ``top_k`` are hidden-label cases of the ``worst`` classes (lowest ``recall``), against a random pick."""
+    from scin_pipeline.core import labelling_queue as queue
+    from scin_pipeline.core.fairness import sensitive_features
+
     worst_classes = set(recall.dropna().sort_values(kind="stable").index[:worst])
-    hidden = train_rows[~kept]
-    image_case = pd.concat([hidden["case_id"].astype(str), pool_case.reindex(pool_rows["image_id"]).astype(str)])
-    proba = predict_in_batches(model, unl_plain)
-    per_case = pd.DataFrame(proba).groupby(image_case.to_numpy(), sort=True).mean()
-    hidden_label = hidden.drop_duplicates("case_id").set_index(hidden["case_id"].drop_duplicates().astype(str))["label"]
-    pool_status = pool_table.drop_duplicates("case_id").set_index(pool_table["case_id"].drop_duplicates().astype(str))[
-        "reason"
-    ]
-    case_ids = per_case.index.astype(str)
+    pool_status = pool_table.assign(case_id=pool_table["case_id"].astype(str)).drop_duplicates("case_id")
+    pool_status = pool_status.set_index("case_id")["reason"].astype(str)
+    case_ids = case_proba.index.astype(str)
     pool_cases = pd.DataFrame(
         {
             "case_id": case_ids,
-            # A hidden-label case is a gradable case nobody has labelled yet, as far as the queue knows.
+            # A hidden-label case is, as far as the queue knows, a gradable case nobody has labelled yet.
             "status": [
-                pool_status.get(c, "gradable_unlabelled") if c not in hidden_label.index else "gradable_unlabelled"
+                "gradable_unlabelled" if c in hidden_label.index else pool_status.get(c, "gradable_unlabelled")
                 for c in case_ids
             ],
-            "n_images": pd.Series(image_case).value_counts().reindex(case_ids).to_numpy(),
+            "n_images": pd.Series(image_case).value_counts().reindex(case_ids).fillna(0).astype(int).to_numpy(),
             "image_ids": [""] * len(case_ids),
         }
     )
-    labelled_ids = train_rows.loc[kept, "case_id"].astype(str).unique()
     ranked = queue.labelling_queue(
         pool_cases,
-        per_case.to_numpy(),
+        case_proba.to_numpy(),
         classes,
         sensitive_features(cases.loc[case_ids].reset_index()),
         sensitive_features(cases.loc[labelled_ids].reset_index()),
@@ -383,6 +441,11 @@ def queue_hits(
         "top_k_hits": int(target.head(k).sum()),
         "precision_at_k": float(target.head(k).mean()) if k else float("nan"),
         "random_pick_rate": float(target.mean()) if len(target) else float("nan"),
+        # The same share among the hidden-label cases alone: the queue also favours them by status (a hidden
+        # case enters as gradable_unlabelled, most of the real pool is ungradable, weighted lower).
+        "random_hidden_pick_rate": float(target[ranked["case_id"].isin(hidden_label.index)].mean())
+        if ranked["case_id"].isin(hidden_label.index).any()
+        else float("nan"),
     }
 
 
@@ -399,15 +462,21 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="folder for the mirror and data root (temp)")
     parser.add_argument("--mirror-seed", type=int, default=5)
     parser.add_argument("--skip-queue", action="store_true", help="learning curves and cost only")
+    parser.add_argument(
+        "--reuse", type=Path, default=None, help="the data root of an earlier run of this bench: curves only, no cost"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     work = args.work or Path(tempfile.mkdtemp(prefix="scin-semi-"))
     print(BANNER)
-    data_root, costs = pipeline_run(work, args.cases, args.image_size, args.mirror_seed)
-    pd.set_option("display.width", 200)
+    pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 20)
-    print("\nCost of the new assets in one pipeline run (SYNTHETIC mirror, in-process, 2-core machine):")
-    print(cost_report(costs).round(2).to_string(index=False))
+    if args.reuse:
+        data_root = args.reuse
+    else:
+        data_root, costs = pipeline_run(work, args.cases, args.image_size, args.mirror_seed)
+        print("\nCost of the new assets in one pipeline run (SYNTHETIC mirror, in-process, 2-core machine):")
+        print(cost_report(costs).round(2).to_string(index=False))
     curves, queue = learning_curves(
         data_root, args.fractions, args.seeds, args.worst, args.top_k, args.epochs, args.batch_size, not args.skip_queue
     )
