@@ -113,7 +113,7 @@ def test_an_image_only_model_counts_the_answers_it_does_not_read(registry):
 
 def test_other_is_explained_in_the_model_description_and_on_the_page():
     def served(classes: list[str]) -> ServedModel:
-        package = SimpleNamespace(kind="keras_image", classes=classes, image_size=32, extra={})
+        package = SimpleNamespace(kind="keras_image", classes=classes, image_size=32, extra={}, calibration=None)
         return ServedModel(package=package, requested_uri="models:/m/1", loaded_uri="models:/m/1")  # type: ignore[arg-type]
 
     info = ModelInfo.model_validate(model_info(served(["Eczema", "other"])))

@@ -13,7 +13,7 @@ from scin_pipeline.serve.prediction import model_info
 
 
 def served_with(tags: dict[str, str]) -> ServedModel:
-    package = SimpleNamespace(kind="sklearn_metadata", classes=["a", "b"], image_size=None, extra={})
+    package = SimpleNamespace(kind="sklearn_metadata", classes=["a", "b"], image_size=None, extra={}, calibration=None)
     return ServedModel(package=package, requested_uri="models:/m@champion", loaded_uri="models:/m/3", tags=tags)  # type: ignore[arg-type]
 
 
