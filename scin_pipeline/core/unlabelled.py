@@ -231,18 +231,16 @@ def pool_composition(
     wide = table[table["split"].isin(["labelled", "unlabelled_pool"])].pivot_table(
         index=["attribute", "group"], columns="split", values=["n", "share"], sort=False
     )
+    # Either set may be empty (a tiny run whose splits hold no case, or an empty pool): both columns still exist.
+    wide = wide.reindex(columns=pd.MultiIndex.from_product([["n", "share"], ["labelled", "unlabelled_pool"]]))
     out = pd.DataFrame(
         {
             "attribute": [a for a, _ in wide.index],
             "group": [g for _, g in wide.index],
             "labelled_n": wide[("n", "labelled")].fillna(0).astype(int).to_numpy(),
             "labelled_share": wide[("share", "labelled")].to_numpy(),
-            "pool_n": wide[("n", "unlabelled_pool")].fillna(0).astype(int).to_numpy()
-            if ("n", "unlabelled_pool") in wide
-            else 0,
-            "pool_share": wide[("share", "unlabelled_pool")].to_numpy()
-            if ("share", "unlabelled_pool") in wide
-            else np.nan,
+            "pool_n": wide[("n", "unlabelled_pool")].fillna(0).astype(int).to_numpy(),
+            "pool_share": wide[("share", "unlabelled_pool")].to_numpy(),
         }
     )
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -132,6 +132,16 @@ def test_composition_sets_the_pool_beside_the_labelled_set():
     assert {"fst_dermatologist", "fst_self_reported", "monk_india_bin"} <= set(table["attribute"])
 
 
+def test_the_composition_of_a_run_whose_splits_hold_no_case_counts_the_pool_alone():
+    # A tiny run (or one killed before splitting) has no labelled case: the labelled columns are zeros, not a
+    # KeyError that fails unlabelled_pool.
+    images, quality, cases, splits, clusters = inputs()
+    table = pool_composition(build().pool, splits.iloc[0:0], cases)
+    assert (table["labelled_n"] == 0).all()
+    monk = table[table["attribute"] == "monk_us_bin"].set_index("group")
+    assert monk.loc["7-10", "pool_n"] == 3
+
+
 def test_a_reference_to_an_unknown_case_is_named():
     images, quality, cases, splits, clusters = inputs()
     with pytest.raises(ValueError, match="case_id U1 is not in cases"):
