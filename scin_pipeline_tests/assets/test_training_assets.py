@@ -262,7 +262,7 @@ def test_each_candidate_shows_its_curves_validation_figures_and_run_link_in_dags
         for figure, value in best_val.items():
             assert isinstance(metadata[figure], FloatMetadataValue), (name, figure)
             assert metadata[figure].value == value, (name, figure)
-        if name == "metadata_model":  # one fit, no epochs: no curves
+        if table(data_root, name)["kind"].iloc[0] == "sklearn_metadata":  # one fit, no epochs: no curves
             assert "training_curves" not in metadata
             continue
         curves = metadata["training_curves"]
@@ -414,16 +414,20 @@ def test_fairness_report_and_model_card_are_written(trained):
     assert version.tags["scin.fairness_status"] == champion["fairness_status"]
 
 
-def test_the_gate_of_the_metadata_model_reads_out_of_fold_predictions(trained):
+def test_the_gate_of_the_metadata_models_reads_out_of_fold_predictions(trained):
     data_root, _mirror, _summary, _uri = trained
     oof = table(data_root, "cross_validated_predictions")
     splits = table(data_root, "labeled_splits").drop_duplicates("case_id")
     train_val = splits[splits["split"].astype(str).isin(["train", "val"])]
-    # Every train+val case scored exactly once; a duplicate group never spans two folds.
-    assert sorted(oof["case_id"].astype(str)) == sorted(train_val["case_id"].astype(str))
+    # Per metadata model (the supervised one and its self-trained twin): every train+val case scored exactly
+    # once; a duplicate group never spans two folds.
+    assert set(oof["model"]) == {"metadata_model", "metadata_model_self_trained"}
+    for _model, part in oof.groupby("model"):
+        assert sorted(part["case_id"].astype(str)) == sorted(train_val["case_id"].astype(str))
     assert set(oof["fold"]) == {0, 1, 2} and (oof.groupby("group_id")["fold"].nunique() == 1).all()
     gates = table(data_root, "fairness_gates").set_index("model")
-    assert gates.loc["metadata_model", "source"].startswith("out-of-fold predictions, 3-fold")
+    for model in ("metadata_model", "metadata_model_self_trained"):
+        assert gates.loc[model, "source"].startswith("out-of-fold predictions, 3-fold"), model
     assert gates.loc["multimodal", "source"].startswith("test split")
     assert set(gates["status"]) <= {"passed", "failed", "not_judged"}
     estimates = table(data_root, "fairness_gate_estimates")
