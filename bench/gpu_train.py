@@ -1,6 +1,7 @@
 """Training throughput of the transfer-learning path on a GPU host (JAX, mixed_bfloat16), with a peer.
 
     python bench/gpu_train.py                        # ResNet50, 224 px, batch 256, 40 steps per phase
+    python bench/gpu_train.py --backbone efficientnetv2_b0   # efficientnet_transfer's backbone
     python bench/gpu_train.py --small                # CPU sanity run: 64 px, batch 16, 6 steps
     python bench/gpu_train.py --image-size 160 --batch-size 128 --steps 30 --workers 8
 
@@ -21,7 +22,7 @@ augment -> device) is included. ratio = ours img/s / peer img/s.
 Imports: keras, numpy and scin_pipeline.core.{backend,models,training,image_cache}; none of them imports
 tensorflow or dagster at module level. Where tensorflow is installed, ``keras.utils.set_random_seed``
 imports it to seed it too; with tensorflow blocked from import (a meta-path hook raising ImportError)
-the --small run completes, so a JAX-only GPU host needs no tensorflow. ResNet50 weights=None (no
+the --small run completes, so a JAX-only GPU host needs no tensorflow. Backbone weights=None (no
 download; speed does not depend on them). A --small run on CPU is a sanity check only: its ratios
 (6 steps, 2 warm-up, shared 2-core machine) are noise.
 """
@@ -43,6 +44,7 @@ from scin_pipeline.core.backend import apply_mixed_precision, describe_backend, 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="resnet50", help="a key of core.models.BACKBONES")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=40, help="train steps per phase (one epoch)")
@@ -119,8 +121,9 @@ def main() -> None:
     import keras
 
     from scin_pipeline.core.models import (
+        backbone_spec,
+        build_backbone,
         build_classifier_head,
-        build_resnet50_backbone,
         compose_end_to_end,
         unfreeze_top,
     )
@@ -146,7 +149,7 @@ def main() -> None:
         loader = f"in-memory PyDataset (no augmentation, {args.workers} threads)"
 
     keras.utils.set_random_seed(0)
-    backbone = build_resnet50_backbone(args.image_size, weights=None)
+    backbone = build_backbone(args.backbone, args.image_size, weights=None)
     head = build_classifier_head(backbone.output_shape[-1], args.classes)
     timer = _timer_class()(args.warmup, args.steps, args.batch_size)
     config = TrainConfig(
@@ -191,7 +194,8 @@ def main() -> None:
     peer_wall = time.perf_counter() - started
 
     print(
-        f"\nResNet50 {args.image_size} px, batch {args.batch_size}, {args.steps} steps per phase, "
+        f"\n{backbone_spec(args.backbone).label} {args.image_size} px, batch {args.batch_size}, "
+        f"{args.steps} steps per phase, "
         f"first {args.warmup} excluded (compile + warm-up); loader: {loader}"
     )
     print(f"{'phase':<10} {'ours img/s':>11} {'peer img/s':>11} {'ratio':>7}")

@@ -297,12 +297,13 @@ def test_demo_on_real_metadata_300_cases(scin_metadata_dir, tmp_path, capsys):
     plants = pd.read_csv(out / "synthetic_mirror" / "synthetic_plants.csv", dtype=str)
     missing_planted = set(plants.loc[plants["planted"] == "missing", "image_id"])
     assert missing_planted and missing_planted <= set(files.loc[files["status"] == "missing", "image_id"])
-    # The demo trains all six candidates on CPU, logs them to MLflow and names a champion.
+    # The demo trains every candidate on CPU, logs them to MLflow and names a champion.
     comparison = pd.read_parquet(out / "tables" / "model_comparison.parquet")
     assert set(comparison["model"]) == {
         "baseline_cnn",
         "resnet50_transfer",
         "resnet50_fixmatch",
+        "efficientnet_transfer",
         "metadata_model",
         "metadata_model_self_trained",
         "multimodal",

@@ -46,6 +46,7 @@ CANDIDATES = (
     "baseline_cnn",
     "resnet50_transfer",
     "resnet50_fixmatch",
+    "efficientnet_transfer",
     "metadata_model",
     "metadata_model_self_trained",
     "multimodal",
@@ -121,6 +122,7 @@ def model_evaluation(
     baseline_cnn: pd.DataFrame,
     resnet50_transfer: pd.DataFrame,
     resnet50_fixmatch: pd.DataFrame,
+    efficientnet_transfer: pd.DataFrame,
     metadata_model: pd.DataFrame,
     metadata_model_self_trained: pd.DataFrame,
     multimodal: pd.DataFrame,
@@ -134,7 +136,13 @@ def model_evaluation(
     from scin_pipeline.core.packaged_model import METADATA_KINDS, PackagedClassifier
 
     candidates = candidates_table(
-        baseline_cnn, resnet50_transfer, resnet50_fixmatch, metadata_model, metadata_model_self_trained, multimodal
+        baseline_cnn,
+        resnet50_transfer,
+        resnet50_fixmatch,
+        efficientnet_transfer,
+        metadata_model,
+        metadata_model_self_trained,
+        multimodal,
     )
     classes = json.loads(candidates["classes"].iloc[0])
     cache_dir = storage.image_tensors_dir
@@ -326,6 +334,7 @@ def model_comparison(
     baseline_cnn: pd.DataFrame,
     resnet50_transfer: pd.DataFrame,
     resnet50_fixmatch: pd.DataFrame,
+    efficientnet_transfer: pd.DataFrame,
     metadata_model: pd.DataFrame,
     metadata_model_self_trained: pd.DataFrame,
     multimodal: pd.DataFrame,
@@ -337,7 +346,13 @@ def model_comparison(
     if config.selection_split == "test":
         raise ValueError("selection_split must not be 'test': the test split only reports")
     candidates = candidates_table(
-        baseline_cnn, resnet50_transfer, resnet50_fixmatch, metadata_model, metadata_model_self_trained, multimodal
+        baseline_cnn,
+        resnet50_transfer,
+        resnet50_fixmatch,
+        efficientnet_transfer,
+        metadata_model,
+        metadata_model_self_trained,
+        multimodal,
     )
     n_classes = len(json.loads(candidates["classes"].iloc[0]))
     overall = model_evaluation[model_evaluation["class"].isna() | (model_evaluation["class"] == "")]

@@ -167,7 +167,8 @@ def cross_validated_predictions(
         metadata={
             "models": ", ".join(scored),
             "not_cross_validated": (
-                "baseline_cnn, resnet50_transfer, resnet50_fixmatch, multimodal (judged on the test split)"
+                "baseline_cnn, resnet50_transfer, resnet50_fixmatch, efficientnet_transfer, multimodal "
+                "(judged on the test split)"
             ),
             "n_folds": config.n_folds,
             "cases_scored": len(frame),
@@ -221,6 +222,7 @@ def fairness_report(
     baseline_cnn: pd.DataFrame,
     resnet50_transfer: pd.DataFrame,
     resnet50_fixmatch: pd.DataFrame,
+    efficientnet_transfer: pd.DataFrame,
     metadata_model: pd.DataFrame,
     metadata_model_self_trained: pd.DataFrame,
     multimodal: pd.DataFrame,
@@ -236,7 +238,13 @@ def fairness_report(
     from scin_pipeline.core.fairness_report import fairness_html, fairness_markdown, fairness_plots, plot_key
 
     candidates = candidates_table(
-        baseline_cnn, resnet50_transfer, resnet50_fixmatch, metadata_model, metadata_model_self_trained, multimodal
+        baseline_cnn,
+        resnet50_transfer,
+        resnet50_fixmatch,
+        efficientnet_transfer,
+        metadata_model,
+        metadata_model_self_trained,
+        multimodal,
     )
     classes = json.loads(candidates["classes"].iloc[0])
     per_case = case_level_predictions(model_predictions)

@@ -12,7 +12,7 @@ the CLI and the alerts use it directly, without Dagster. Paths only: nothing her
     images/<image_id>.png                       verified local copies of the images
     quarantine/<stage>/                         rejected or corrupt inputs, each with its reason
     cache/image_tensors/<S>px/                  decoded, resized uint8 image shards + manifest
-    cache/image_embeddings/                     frozen-backbone embeddings and the backbone beside them
+    cache/image_embeddings/<backbone>/          frozen-backbone embeddings and the backbone beside them
     models/<candidate>/<run key>/               each trained candidate's packaged model
     checkpoints/<candidate>/<run key>/          training checkpoints, to resume a killed training
     mlflow/mlflow.db                            the embedded MLflow store (tracking + registry)
@@ -136,6 +136,10 @@ class DataRootLayout:
     @property
     def image_embeddings(self) -> Path:
         return self.cache / "image_embeddings"
+
+    def backbone_embeddings(self, backbone: str) -> Path:
+        """One backbone's embeddings and saved backbone (core.models.BACKBONES names the backbones)."""
+        return self.image_embeddings / _name(backbone, "backbone")
 
     def model_package(self, candidate: str, run_key: str) -> Path:
         return self.root / "models" / _name(candidate, "candidate") / _name(run_key, "run key")

@@ -1,10 +1,14 @@
-"""Backend-agnostic Keras 3 models: the baseline CNN, the ResNet50 backbone and the heads trained on it.
+"""Backend-agnostic Keras 3 models: the baseline CNN, the pretrained backbones (ResNet50, EfficientNetV2-B0)
+and the heads trained on them.
 
 Conventions (docs: CONTRACTS.md, "Keras model conventions"):
 
-- Images enter as ``uint8`` (S, S, 3) through an input named ``"image"``; the cast to float and the
-  scaling / ``resnet50.preprocess_input`` happen INSIDE the model, so a saved ``.keras`` file takes raw
-  cache or upload pixels and training and serving cannot disagree on preprocessing.
+- Images enter as ``uint8`` (S, S, 3) through an input named ``"image"``; the cast to float and each
+  backbone's own preprocessing happen INSIDE the model, so a saved ``.keras`` file takes raw cache or
+  upload pixels and training and serving cannot disagree on preprocessing. The preprocessing differs per
+  backbone (:data:`BACKBONES`): ResNet50 wants Caffe-style input (``resnet50.preprocess_input``: RGB->BGR
+  minus the ImageNet channel means, applied here), EfficientNetV2 carries its own rescaling layers and
+  takes 0-255 floats as they come.
 - The preprocessing runs in float32 even under ``mixed_bfloat16`` (bfloat16 keeps 8 bits of mantissa:
   ``x - 123.68`` would be rounded to ~0.5); the network body follows the global dtype policy.
 - Heads on frozen embeddings take ``"embedding"`` (float32, D); the multimodal head also ``"metadata"``
@@ -16,11 +20,11 @@ Conventions (docs: CONTRACTS.md, "Keras model conventions"):
 Only built-in layers and ``keras.ops`` are used, so a saved model loads in any process with keras (no
 custom-object registration, ``safe_mode`` stays on).
 
-ImageNet weights: ``keras.applications.ResNet50`` downloads them itself and fails with a bare URL error
+ImageNet weights: ``keras.applications`` download them themselves and fail with a bare URL error
 offline; we fetch the same file with ``keras.utils.get_file`` first (same URL, hash and cache,
 ``~/.keras/models`` or ``$KERAS_HOME/models``), so an offline run gets ``WeightsUnavailableError`` saying
 what failed and how to pre-seed the file or choose ``weights: none``. ``resolve_weights`` turns that
-into a logged fallback to random initialisation where a config allows it.
+into a logged fallback to random initialisation where a config allows it. Same rule for every backbone.
 
 keras is imported inside functions (the backend is chosen at keras import time, see core.backend).
 """
@@ -29,13 +33,84 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-RESNET50_EMBEDDING_DIM = 512 + 1024 + 2048  # the pooled stages of build_resnet50_backbone (POOLED_STAGES)
-RESNET50_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One pretrained backbone: which keras.applications network, which of its stages are pooled into the
+    embedding, how its input is preprocessed, and where keras keeps its no-top ImageNet weights."""
+
+    name: str  # the key in BACKBONES, in asset names, cache folders and MLflow params
+    label: str  # as people write it
+    application: str  # the keras.applications constructor
+    weights_module: str  # keras.src.applications module holding BASE_WEIGHTS_PATH and WEIGHTS_HASHES
+    weights_hash_key: str  # its WEIGHTS_HASHES key (no-top hash: the second entry)
+    notop_file: str  # the no-top weights file keras caches under ~/.keras/models
+    caffe_preprocessing: bool  # True: apply resnet50.preprocess_input here; False: the network rescales itself
+    stage_channels: dict[str, int]  # every stage that may be pooled, with its channel count
+    pooled_stages: tuple[str, ...]  # the default embedding: these stages, global-average-pooled, concatenated
+
+    @property
+    def embedding_dim(self) -> int:
+        return sum(self.stage_channels[stage] for stage in self.pooled_stages)
+
+
+# Pooled stages. Skin lesions are largely texture and colour: mid-level features transfer across domains
+# better than the last, most ImageNet-specific block, and with random weights (offline) they are the only
+# ones that carry signal. ResNet50, measured on the 600-case synthetic mirror at 64 px, logistic probe on
+# random-init features, val balanced accuracy: conv3 0.67, conv4 0.48, conv5 0.38. EfficientNetV2-B0 takes
+# the same strides (8, 16, 32): block3b, block5e (the last of stride 16) and the top activation.
+RESNET50 = BackboneSpec(
+    name="resnet50",
+    label="ResNet50",
+    application="ResNet50",
+    weights_module="resnet",
+    weights_hash_key="resnet50",
+    notop_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    caffe_preprocessing=True,
+    stage_channels={
+        "conv2_block3_out": 256,
+        "conv3_block4_out": 512,
+        "conv4_block6_out": 1024,
+        "conv5_block3_out": 2048,
+    },
+    pooled_stages=("conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
+)
+EFFICIENTNETV2_B0 = BackboneSpec(
+    name="efficientnetv2_b0",
+    label="EfficientNetV2-B0",
+    application="EfficientNetV2B0",
+    weights_module="efficientnet_v2",
+    weights_hash_key="b0",
+    notop_file="efficientnetv2-b0_notop.h5",
+    caffe_preprocessing=False,
+    stage_channels={
+        "block2b_add": 32,
+        "block3b_add": 48,
+        "block4c_add": 96,
+        "block5e_add": 112,
+        "top_activation": 1280,
+    },
+    pooled_stages=("block3b_add", "block5e_add", "top_activation"),
+)
+BACKBONES = {spec.name: spec for spec in (RESNET50, EFFICIENTNETV2_B0)}
+
+POOLED_STAGES = RESNET50.pooled_stages
+STAGE_CHANNELS = RESNET50.stage_channels
+RESNET50_EMBEDDING_DIM = RESNET50.embedding_dim  # 512 + 1024 + 2048
+RESNET50_NOTOP_FILE = RESNET50.notop_file
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}: one of {', '.join(BACKBONES)}") from None
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -57,29 +132,33 @@ def _normalise_weights(weights: str | None) -> str | None:
     raise ValueError(f"weights={weights!r}: use 'imagenet', None ('none') or the path of a weights file")
 
 
-def imagenet_weights_file() -> str:
-    """Local path of the ResNet50 no-top ImageNet weights, downloading them once if needed.
+def imagenet_weights_file(backbone: str = RESNET50.name) -> str:
+    """Local path of a backbone's no-top ImageNet weights, downloading them once if needed.
 
     Raises ``WeightsUnavailableError`` when they are neither cached nor downloadable.
     """
-    import keras
-    from keras.src.applications import resnet as keras_resnet  # the URL and hash keras itself uses
+    import importlib
 
-    origin = keras_resnet.BASE_WEIGHTS_PATH + RESNET50_NOTOP_FILE
+    import keras
+
+    spec = backbone_spec(backbone)
+    # The URL and hash keras itself uses, so the file lands where keras.applications would look for it.
+    source = importlib.import_module(f"keras.src.applications.{spec.weights_module}")
+    origin = source.BASE_WEIGHTS_PATH + spec.notop_file
     try:
         return keras.utils.get_file(
-            RESNET50_NOTOP_FILE, origin, cache_subdir="models", file_hash=keras_resnet.WEIGHTS_HASHES["resnet50"][1]
+            spec.notop_file, origin, cache_subdir="models", file_hash=source.WEIGHTS_HASHES[spec.weights_hash_key][1]
         )
     except Exception as exc:  # get_file raises bare Exception subclasses for network and hash failures
         raise WeightsUnavailableError(
-            f"ResNet50 ImageNet weights are not cached and could not be downloaded from {origin} "
-            f"({type(exc).__name__}: {exc}). Offline? Copy {RESNET50_NOTOP_FILE} from a machine with "
+            f"{spec.label} ImageNet weights are not cached and could not be downloaded from {origin} "
+            f"({type(exc).__name__}: {exc}). Offline? Copy {spec.notop_file} from a machine with "
             f"internet into {_keras_models_dir()} (the Keras cache; $KERAS_HOME moves it), or set the "
             "training config to weights: none (random initialisation; far weaker features)."
         ) from exc
 
 
-def resolve_weights(requested: str | None, allow_fallback: bool) -> str | None:
+def resolve_weights(requested: str | None, allow_fallback: bool, backbone: str = RESNET50.name) -> str | None:
     """``"imagenet"`` (weights now cached), a weights-file path, or None (random init).
 
     When ImageNet weights cannot be obtained: returns None with a logged warning if ``allow_fallback``,
@@ -89,11 +168,11 @@ def resolve_weights(requested: str | None, allow_fallback: bool) -> str | None:
     if weights != "imagenet":
         return weights
     try:
-        imagenet_weights_file()
+        imagenet_weights_file(backbone)
     except WeightsUnavailableError as exc:
         if not allow_fallback:
             raise
-        logger.warning("falling back to randomly initialised ResNet50 weights: %s", exc)
+        logger.warning("falling back to randomly initialised %s weights: %s", backbone_spec(backbone).label, exc)
         return None
     return "imagenet"
 
@@ -127,48 +206,59 @@ def build_baseline_cnn(num_classes: int, image_size: int):
     return keras.Model(image, _float_softmax(num_classes)(x), name="baseline_cnn")
 
 
-# Pooled stages of the embedding. Skin lesions are largely texture and colour: mid-level ResNet features
-# transfer across domains better than the last, most ImageNet-specific block, and with random weights
-# (offline) they are the only ones that carry signal. Measured on the 600-case synthetic mirror at 64 px,
-# logistic probe on random-init features, val balanced accuracy: conv3 0.67, conv4 0.48, conv5 0.38.
-POOLED_STAGES = ("conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
-STAGE_CHANNELS = {"conv2_block3_out": 256, "conv3_block4_out": 512, "conv4_block6_out": 1024, "conv5_block3_out": 2048}
+def build_backbone(
+    backbone: str,
+    image_size: int,
+    weights: str | None = "imagenet",
+    *,
+    pooled_stages: tuple[str, ...] | None = None,
+):
+    """A pretrained network without top: uint8 "image" (S,S,3) -> the global-average-pooled outputs of
+    ``pooled_stages`` (default: the spec's) concatenated, float32.
+
+    ``backbone``: a key of :data:`BACKBONES`. ``weights``: "imagenet", None / "none" (random init) or a
+    weights-file path. The layers form one flat model (preprocessing included), so ``unfreeze_top`` counts
+    from the real top of the network.
+    """
+    import keras
+    from keras import layers
+
+    spec = backbone_spec(backbone)
+    pooled_stages = tuple(pooled_stages or spec.pooled_stages)
+    unknown = set(pooled_stages) - set(spec.stage_channels)
+    if not pooled_stages or unknown:
+        raise ValueError(
+            f"pooled_stages must be a non-empty subset of {sorted(spec.stage_channels)}, got {pooled_stages}"
+        )
+    weights = _normalise_weights(weights)
+    weights_path = imagenet_weights_file(spec.name) if weights == "imagenet" else weights
+    image = _image_input(image_size)
+    # Rescaling(1.0) is the built-in cast uint8 -> float; float32 so preprocessing is exact (see module doc).
+    x = layers.Rescaling(1.0, dtype="float32", name="to_float")(image)
+    if spec.caffe_preprocessing:
+        x = keras.applications.resnet50.preprocess_input(x)  # RGB -> BGR, minus the ImageNet channel means
+    # weights=None here and the file loaded below: keras would download it itself, with a bare URL error.
+    network = getattr(keras.applications, spec.application)(include_top=False, weights=None, input_tensor=x)
+    pooled = [
+        layers.GlobalAveragePooling2D(name=f"pool_{stage}")(network.get_layer(stage).output) for stage in pooled_stages
+    ]
+    joined = pooled[0] if len(pooled) == 1 else layers.Concatenate(name="pooled_stages")(pooled)
+    # float32 embeddings under any policy: they are cached, compared and fed to float32 heads.
+    embedding = layers.Activation("linear", dtype="float32", name="embedding")(joined)
+    model = keras.Model(image, embedding, name=f"{spec.name}_backbone")
+    if weights_path is not None:
+        # The keras .h5 files are matched layer by layer among layers that hold weights; our extra
+        # preprocessing and pooling layers hold none.
+        model.load_weights(weights_path)
+    return model
 
 
 def build_resnet50_backbone(
     image_size: int, weights: str | None = "imagenet", *, pooled_stages: tuple[str, ...] = POOLED_STAGES
 ):
-    """ResNet50 without top: uint8 "image" (S,S,3) -> the global-average-pooled outputs of
-    ``pooled_stages`` concatenated (3,584-d by default; ``("conv5_block3_out",)`` gives the classic 2048-d).
-
-    ``weights``: "imagenet", None / "none" (random init) or a weights-file path. The layers form one flat
-    model (preprocessing included), so ``unfreeze_top`` counts from the real top of the network.
-    """
-    import keras
-    from keras import layers
-
-    unknown = set(pooled_stages) - set(STAGE_CHANNELS)
-    if not pooled_stages or unknown:
-        raise ValueError(f"pooled_stages must be a non-empty subset of {sorted(STAGE_CHANNELS)}, got {pooled_stages}")
-    weights = _normalise_weights(weights)
-    weights_path = imagenet_weights_file() if weights == "imagenet" else weights
-    image = _image_input(image_size)
-    # Rescaling(1.0) is the built-in cast uint8 -> float; float32 so preprocessing is exact (see module doc).
-    x = layers.Rescaling(1.0, dtype="float32", name="to_float")(image)
-    x = keras.applications.resnet50.preprocess_input(x)  # RGB -> BGR, minus the ImageNet channel means
-    resnet = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x, pooling=None)  # pyright: ignore[reportArgumentType]  # Keras: untyped; None is documented
-    pooled = [
-        layers.GlobalAveragePooling2D(name=f"pool_{stage}")(resnet.get_layer(stage).output) for stage in pooled_stages
-    ]
-    joined = pooled[0] if len(pooled) == 1 else layers.Concatenate(name="pooled_stages")(pooled)
-    # float32 embeddings under any policy: they are cached, compared and fed to float32 heads.
-    embedding = layers.Activation("linear", dtype="float32", name="embedding")(joined)
-    backbone = keras.Model(image, embedding, name="resnet50_backbone")
-    if weights_path is not None:
-        # The keras .h5 files are matched layer by layer among layers that hold weights; our extra
-        # preprocessing and pooling layers hold none.
-        backbone.load_weights(weights_path)
-    return backbone
+    """:func:`build_backbone` for ResNet50 (3,584-d by default; ``("conv5_block3_out",)`` gives the classic
+    2048-d)."""
+    return build_backbone(RESNET50.name, image_size, weights, pooled_stages=pooled_stages)
 
 
 def _standardiser(data, name: str):

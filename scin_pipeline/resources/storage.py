@@ -13,7 +13,7 @@ Layout under the data root (documented in the README; users and scripts may rely
     images/<image_id>.png               verified local copies of the images
     quarantine/<stage>/                 rejected or corrupt inputs, each with its reason
     cache/image_tensors/<S>px/          decoded, resized uint8 image shards (image_tensors)
-    cache/image_embeddings/             frozen-backbone embeddings and the backbone (image_embeddings)
+    cache/image_embeddings/<backbone>/  frozen-backbone embeddings and the backbone (image_embeddings, ...)
     models/<candidate>/<run key>/       each trained candidate's packaged model
     checkpoints/<candidate>/<run key>/  training checkpoints (a killed training resumes from them)
     mlflow/mlflow.db, mlflow/artifacts/ the embedded MLflow store and its artifacts
@@ -122,6 +122,9 @@ class StoragePaths(ConfigurableResource):
     @property
     def image_embeddings_dir(self) -> Path:
         return self._folder(self.layout.image_embeddings)
+
+    def backbone_embeddings_dir(self, backbone: str) -> Path:
+        return self._folder(self.layout.backbone_embeddings(backbone))
 
     def model_package_dir(self, candidate: str, run_key: str) -> Path:
         """Where a candidate's package goes; the candidate's folder is created, not the package's own (it is

@@ -109,6 +109,7 @@ def run_comparison(
             baseline_cnn=frames["baseline_cnn"],
             resnet50_transfer=empty,
             resnet50_fixmatch=empty,
+            efficientnet_transfer=empty,
             metadata_model=frames["metadata_model"],
             metadata_model_self_trained=empty,
             multimodal=empty,

@@ -29,6 +29,7 @@ CANDIDATES = [
     "baseline_cnn",
     "resnet50_transfer",
     "resnet50_fixmatch",
+    "efficientnet_transfer",
     "metadata_model",
     "metadata_model_self_trained",
     "multimodal",
@@ -43,9 +44,11 @@ RUN_CONFIG = {
         "labeled_splits": {"config": {"min_cases_per_class": 15, "rare_classes": "drop"}},
         "image_quality": {"config": {"tensor_sizes": [64]}},
         "image_embeddings": {"config": {"weights": "none"}},
+        "efficientnet_embeddings": {"config": {"weights": "none"}},
         "baseline_cnn": {"config": TRAIN},
         "resnet50_transfer": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
         "resnet50_fixmatch": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
+        "efficientnet_transfer": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
         "multimodal": {"config": {**TRAIN, "mode": "head_on_embeddings"}},
         "fairness_report": {"config": {"n_bootstrap": 50, "min_group_n": 10}},
         "cross_validated_predictions": {"config": {"n_folds": 3}},
@@ -91,6 +94,7 @@ def test_every_candidate_is_trained_evaluated_and_compared(trained):
     for name in (
         "image_tensors",
         "image_embeddings",
+        "efficientnet_embeddings",
         *CANDIDATES,
         "model_evaluation",
         "model_comparison",
@@ -111,7 +115,13 @@ def test_image_models_learn_the_planted_signal(trained):
     scores = overall(table(data_root, "model_evaluation"))
     assert len(classes) >= 5
     # Far above chance on the held-out test split: each synthetic condition has its own lesion pattern.
-    # Measured at this size: resnet50_transfer 0.53, multimodal 0.46 (chance 0.14).
+    # Measured at this size: resnet50_transfer 0.53, multimodal 0.53 (chance 0.14).
+    # Both backbones side by side (weights=None, the embeddings seeded): resnet50_transfer 0.53 test / 0.63 val
+    # balanced accuracy, efficientnet_transfer 0.15 / 0.18. Random-init EfficientNetV2-B0 features carry almost
+    # nothing about these lesion patterns (a logistic probe on any of its pooled stages, three init seeds:
+    # 0.17-0.32 test; ResNet50's stages 0.46-0.71), so efficientnet_transfer is not asserted above chance
+    # here; core/test_training.py shows it learning the coarser planted patterns, and its real test is
+    # with ImageNet weights. Not a dermatology result: SYNTHETIC images.
     for model in ("resnet50_transfer", "multimodal"):
         assert scores.loc[model, "balanced_accuracy"] > 2.5 * chance, (model, scores.loc[model].to_dict(), chance)
     # The notebooks' CNN (no translation invariance, ~500 images) stays near chance: its test balanced
@@ -178,6 +188,37 @@ def test_fixmatch_candidate_learns_from_the_unlabelled_pool(trained):
     chance = 1 / len(json.loads(table(data_root, "resnet50_fixmatch")["classes"].iloc[0]))
     scores = overall(table(data_root, "model_evaluation"))
     assert scores.loc["resnet50_fixmatch", "balanced_accuracy"] > 2.5 * chance, scores["balanced_accuracy"].to_dict()
+
+
+@pytest.mark.parametrize(
+    ("candidate", "embeddings_asset", "backbone"),
+    [
+        ("resnet50_transfer", "image_embeddings", "resnet50"),
+        ("efficientnet_transfer", "efficientnet_embeddings", "efficientnetv2_b0"),
+    ],
+)
+def test_each_transfer_candidate_packs_its_own_backbone_for_raw_uint8_images(
+    trained, candidate, embeddings_asset, backbone
+):
+    """The packaged model takes raw uint8 pixels and applies, inside, exactly the preprocessing and backbone
+    that made the embeddings its head was trained on (ResNet50: Caffe preprocessing added in front;
+    EfficientNetV2-B0: its own rescaling), each from its own embeddings asset and cache folder."""
+    import numpy as np
+
+    from scin_pipeline.core import image_cache
+    from scin_pipeline.core.packaged_model import PackagedClassifier
+
+    data_root, _mirror, _summary, _uri = trained
+    package = PackagedClassifier.load(data_root / table(data_root, candidate)["package_dir"].iloc[0])
+    assert package.extra["backbone"] == backbone and package.model.input.dtype == "uint8"
+    embeddings = table(data_root, embeddings_asset)
+    embeddings_file = data_root / embeddings["embeddings_file"].iloc[0]  # relative to the data root
+    assert embeddings_file.parent == data_root / "cache" / "image_embeddings" / backbone
+    rows = embeddings.head(8)
+    tensors = table(data_root, "image_tensors").set_index("image_id").loc[rows["image_id"]].reset_index()
+    images = image_cache.load_images(tensors, data_root / "cache" / "image_tensors")
+    inside = package.model.get_layer(f"{backbone}_backbone").predict(images, verbose=0)
+    np.testing.assert_allclose(inside, np.load(embeddings_file)[rows["row"].to_numpy()], rtol=1e-4, atol=1e-4)
 
 
 def test_training_runs_are_tagged_with_dagster_run_and_split_version(trained):

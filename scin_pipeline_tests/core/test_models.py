@@ -10,7 +10,9 @@ import pytest
 
 from scin_pipeline.core import models
 from scin_pipeline.core.models import (
+    EFFICIENTNETV2_B0,
     WeightsUnavailableError,
+    build_backbone,
     build_baseline_cnn,
     build_classifier_head,
     build_multimodal_head,
@@ -41,6 +43,12 @@ def bfloat16_policy():
 def backbone():
     keras.utils.set_random_seed(0)
     return build_resnet50_backbone(SIZE, weights=None)
+
+
+@pytest.fixture(scope="module")
+def efficientnet():
+    keras.utils.set_random_seed(0)
+    return build_backbone("efficientnetv2_b0", SIZE, weights=None)
 
 
 def test_baseline_cnn_takes_uint8_images_and_outputs_float32_probabilities():
@@ -85,6 +93,23 @@ def test_backbone_maps_uint8_images_to_pooled_float32_embeddings(backbone):
     assert np.isfinite(embeddings).all()
 
 
+def test_efficientnet_backbone_maps_uint8_images_to_pooled_float32_embeddings(efficientnet):
+    assert efficientnet.input.dtype == "uint8" and efficientnet.input.name == "image"
+    embeddings = efficientnet.predict(_images(3), verbose=0)
+    assert embeddings.shape == (3, EFFICIENTNETV2_B0.embedding_dim) == (3, 48 + 112 + 1280)
+    assert embeddings.dtype == np.float32 and np.isfinite(embeddings).all()
+    # No Caffe preprocessing in front: the network's own rescaling is the first thing after the cast.
+    names = [layer.name for layer in efficientnet.layers[:4]]
+    assert names[1] == "to_float" and not any("subtract" in n or "preprocess" in n for n in names), names
+
+
+def test_unknown_backbone_or_stage_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="one of resnet50, efficientnetv2_b0"):
+        build_backbone("vgg16", SIZE, weights=None)
+    with pytest.raises(ValueError, match="block3b_add"):
+        build_backbone("efficientnetv2_b0", SIZE, weights=None, pooled_stages=("conv3_block4_out",))
+
+
 def _plain_keras_resnet50_h5(tmp_path):
     """A keras ResNet50 (no top) with random weights saved in the legacy .h5 layout the ImageNet file uses."""
     keras.utils.set_random_seed(7)
@@ -109,6 +134,32 @@ def test_imagenet_weights_are_loaded_and_preprocess_input_runs_inside(tmp_path, 
     expected = plain.predict(keras.applications.resnet50.preprocess_input(images.astype("float32")), verbose=0)
     # The last pooled stage (conv5, the classic 2048-d embedding) is the tail of ours.
     np.testing.assert_allclose(backbone.predict(images, verbose=0)[:, -2048:], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_efficientnet_imagenet_weights_load_and_its_own_rescaling_runs_inside(tmp_path, monkeypatch):
+    """The no-top file keras would download, loaded into our backbone: the same features as keras' own network
+    fed raw 0-255 floats (so nothing else rescales them), from raw uint8 images."""
+    keras.utils.set_random_seed(7)
+    plain = keras.applications.EfficientNetV2B0(
+        include_top=False, weights=None, input_shape=(SIZE, SIZE, 3), pooling="avg"
+    )
+    path = tmp_path / EFFICIENTNETV2_B0.notop_file
+    plain.save(str(path))  # legacy whole-model .h5, the layout of the ImageNet file
+    requests = []
+
+    def fake_get_file(fname, origin, **kwargs):
+        requests.append((fname, origin, kwargs.get("file_hash")))
+        return str(path)
+
+    monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
+    backbone = build_backbone("efficientnetv2_b0", SIZE, weights="imagenet")
+    fname, origin, file_hash = requests[0]
+    assert fname == "efficientnetv2-b0_notop.h5" and origin.endswith("/efficientnet_v2/efficientnetv2-b0_notop.h5")
+    assert file_hash  # keras' own hash, so a damaged download is refused
+    images = _images(3, seed=1)
+    expected = plain.predict(images.astype("float32"), verbose=0)
+    # The top activation, pooled (the classic 1280-d embedding), is the tail of ours.
+    np.testing.assert_allclose(backbone.predict(images, verbose=0)[:, -1280:], expected, rtol=1e-4, atol=1e-4)
 
 
 def _offline(monkeypatch):
@@ -138,6 +189,19 @@ def test_resolve_weights_falls_back_to_random_init_only_when_allowed(monkeypatch
     assert resolve_weights(None, allow_fallback=False) is None
     with pytest.raises(ValueError, match="weights="):
         resolve_weights("imagenet21k", allow_fallback=True)
+
+
+def test_offline_efficientnet_falls_back_or_fails_like_resnet(monkeypatch, caplog):
+    _offline(monkeypatch)
+    with pytest.raises(WeightsUnavailableError) as error:
+        build_backbone("efficientnetv2_b0", SIZE, weights="imagenet")
+    message = str(error.value)
+    assert "EfficientNetV2-B0" in message and EFFICIENTNETV2_B0.notop_file in message and "weights: none" in message
+    with caplog.at_level(logging.WARNING, logger="scin_pipeline.core.models"):
+        assert resolve_weights("imagenet", allow_fallback=True, backbone="efficientnetv2_b0") is None
+    assert "randomly initialised EfficientNetV2-B0" in caplog.text
+    with pytest.raises(WeightsUnavailableError, match="EfficientNetV2-B0"):
+        resolve_weights("imagenet", allow_fallback=False, backbone="efficientnetv2_b0")
 
 
 def test_resolve_weights_keeps_imagenet_when_the_file_is_cached(monkeypatch, tmp_path):
@@ -229,3 +293,16 @@ def test_unfreeze_top_unfreezes_the_top_layers_but_never_batch_normalization():
     assert trainable_paths and all("_bn/" not in p for p in trainable_paths)
     assert any(p.startswith("conv5_block3_3_conv/") for p in trainable_paths)
     assert unfreeze_top(backbone, 0) == 0 and not backbone.trainable_weights
+
+
+def test_unfreeze_top_of_efficientnet_never_unfreezes_batch_normalization(efficientnet):
+    n = 30
+    unfrozen = unfreeze_top(efficientnet, n)
+    top = efficientnet.layers[-n:]
+    top_bn = [layer for layer in top if isinstance(layer, keras.layers.BatchNormalization)]
+    assert top_bn and not any(layer.trainable for layer in top_bn)
+    assert unfrozen == len(top) - len(top_bn)
+    trainable_paths = {v.path for v in efficientnet.trainable_weights}
+    assert any(p.startswith("top_conv/") for p in trainable_paths)
+    assert all("_bn/" not in p and not p.startswith("top_bn/") for p in trainable_paths)
+    unfreeze_top(efficientnet, 0)

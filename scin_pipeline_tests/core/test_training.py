@@ -20,11 +20,11 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 from scin_pipeline.core import training
 from scin_pipeline.core.atomic import TMP_PREFIX
 from scin_pipeline.core.models import (
-    RESNET50_EMBEDDING_DIM,
+    BACKBONES,
+    build_backbone,
     build_baseline_cnn,
     build_classifier_head,
     build_multimodal_head,
-    build_resnet50_backbone,
 )
 from scin_pipeline.core.training import (
     TrainConfig,
@@ -388,14 +388,23 @@ def test_baseline_cnn_learns_a_planted_pattern():
     assert balanced_accuracy_score(test_y, predicted) > 0.8  # chance is 1/3
 
 
-def test_head_on_frozen_random_resnet50_embeddings_learns_a_planted_pattern():
+# Both backbones side by side on the same planted patterns, random (offline) weights, 64 px; test balanced
+# accuracy measured here at seed 0: ResNet50 0.87, EfficientNetV2-B0 0.71 (0.82 and 0.80 at init seeds 1 and 2;
+# EfficientNet-B0, the alternative, 0.67 / 0.76 / 0.62). Random-init features favour ResNet's plain
+# convolutions; with ImageNet weights the comparison is for the real images to decide. Chance is 1/3.
+HEAD_LEARNS_ABOVE = {"resnet50": 0.8, "efficientnetv2_b0": 0.6}
+
+
+@pytest.mark.parametrize("backbone_name", sorted(HEAD_LEARNS_ABOVE))
+def test_head_on_frozen_random_backbone_embeddings_learns_a_planted_pattern(backbone_name):
     images, y = synthetic_pattern_images(300, 64, seed=0)
     val_images, val_y = synthetic_pattern_images(120, 64, seed=1)
     keras.utils.set_random_seed(0)
-    backbone = build_resnet50_backbone(64, weights=None)
+    backbone = build_backbone(backbone_name, 64, weights=None)
+    dim = BACKBONES[backbone_name].embedding_dim
     train_emb = extract_embeddings(backbone, images, batch_size=64)
     val_emb = extract_embeddings(backbone, val_images, batch_size=64)
-    assert train_emb.shape == (300, RESNET50_EMBEDDING_DIM) and train_emb.dtype == np.float32
+    assert train_emb.shape == (300, dim) and train_emb.dtype == np.float32
     config = TrainConfig(epochs=15, batch_size=32, early_stopping_patience=15, seed=0)
     result = train_head_on_embeddings(
         train_emb,
@@ -403,12 +412,12 @@ def test_head_on_frozen_random_resnet50_embeddings_learns_a_planted_pattern():
         val_emb,
         val_y,
         config=config,
-        head_builder=functools.partial(build_classifier_head, RESNET50_EMBEDDING_DIM, 3, 0.2, normalize_with=train_emb),
+        head_builder=functools.partial(build_classifier_head, dim, 3, 0.2, normalize_with=train_emb),
     )
     assert result.history["phase"].eq("head").all()
     test_images, test_y = synthetic_pattern_images(120, 64, seed=2)  # held out from model selection
     predicted = result.model.predict(extract_embeddings(backbone, test_images), verbose=0).argmax(axis=1)
-    assert balanced_accuracy_score(test_y, predicted) > 0.8  # chance is 1/3
+    assert balanced_accuracy_score(test_y, predicted) > HEAD_LEARNS_ABOVE[backbone_name]
 
 
 def test_multimodal_head_trains_on_embeddings_and_metadata():
