@@ -52,7 +52,7 @@ CANDIDATES = (
     "multimodal",
 )
 # A semi-supervised candidate -> its supervised twin: the same model on the same labelled rows and split,
-# without the unlabelled cases. model_comparison shows each pair side by side (column twin, metadata twins).
+# without the unlabelled cases. model_comparison stores the pair (column twin) and shows it side by side (metadata twins).
 TWINS = {"metadata_model_self_trained": "metadata_model", "resnet50_fixmatch": "resnet50_transfer"}
 OVERALL_METRICS = [
     "accuracy",
@@ -415,13 +415,12 @@ def model_comparison(
         f"estimate and {level:.0%} bootstrap interval",
     )
     selection = f"{config.selection_split}_{config.selection_metric}"
-    # Two tables, each narrow enough for its metadata cell: the numbers, then eligibility and why.
+    # Tables each narrow enough for its metadata cell: the numbers, eligibility and why, calibration.
     headline = list(
         dict.fromkeys(
             [
                 "rank",
                 "model",
-                "twin",
                 "champion",
                 champion_rule.score_column,
                 selection,
@@ -430,12 +429,12 @@ def model_comparison(
                 "test_macro_f1",
                 *[f"test_{m}" for m in top3],
                 "test_mean_ovr_auc",
-                "test_ece_uncalibrated",
-                "test_ece",
             ]
         )
     )
     eligibility = ["model", "fairness_status", "registered_version", "passed_over"]
+    # Calibration before and after the val-fitted temperature, on the test split (expected calibration error).
+    calibration = ["model", "test_ece_uncalibrated", "test_ece"]
     # The rule's numbers with each case's answers and with blank questionnaires, and the score it ranks by.
     blank = blank_split(config.selection_split)
     questionnaire = [
@@ -457,6 +456,7 @@ def model_comparison(
             **cleared_metadata,
             "comparison": metric_md(ranked[[c for c in headline if c in ranked]]),
             "eligibility": metric_md(ranked[[c for c in eligibility if c in ranked]]),
+            "calibration": metric_md(ranked[[c for c in calibration if c in ranked]]),
             "with_and_without_answers": metric_md(ranked[[c for c in questionnaire if c in ranked]]),
             "twins": metric_md(twins) if len(twins) else "no semi-supervised candidate with its twin evaluated",
             "test_metrics_plot": MetadataValue.md(f"![comparison]({png_data_uri_bytes(bars)})"),

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scin_pipeline.core.data_root import DataRootLayout
 from scin_pipeline.core.image_cache import load_images, preprocess_image_file
 from scin_pipeline.core.imageio import DECODE_LOG_ENV
 from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
@@ -55,8 +56,14 @@ def tensors_run(tmp_path_factory):
         else:
             os.environ[DECODE_LOG_ENV] = previous
     assert summary.success, summary.render()
-    decodes = Counter(line.split("\t", 1)[1] for line in log.read_text().splitlines()) if log.exists() else Counter()
+    logged = [line.split("\t", 1)[1] for line in log.read_text().splitlines()] if log.exists() else []
+    decodes = Counter(os.path.realpath(p) for p in logged)
     return data_root, mirror, decodes
+
+
+def decode_count(decodes: Counter, data_root: Path, stored_path: str) -> int:
+    """How often the file a table names was decoded: tables store paths relative to the data root."""
+    return decodes[os.path.realpath(DataRootLayout.of(data_root).resolve(stored_path))]
 
 
 def table(data_root: Path, name: str) -> pd.DataFrame:
@@ -69,11 +76,13 @@ def test_every_kept_image_is_decoded_exactly_once_by_the_whole_pipeline(tensors_
     kept = quality[quality["keep"]]
     assert len(kept) >= 50
     # Decoded once for metrics, hashes and the tensor together; image_tensors decodes nothing.
-    assert [decodes[str(p)] for p in kept["local_path"]] == [1] * len(kept)
+    assert [decode_count(decodes, data_root, p) for p in kept["local_path"]] == [1] * len(kept)
     # Excluded images: once by the quality stage, plus at most the contact sheet's thumbnail (<= 6 per reason).
     excluded = quality[~quality["keep"] & quality["decode_status"].eq("ok")]
-    assert len(excluded) and all(decodes[str(p)] in (1, 2) for p in excluded["local_path"])
-    per_reason = excluded.groupby("reason")["local_path"].apply(lambda paths: sum(decodes[str(p)] - 1 for p in paths))
+    assert len(excluded) and all(decode_count(decodes, data_root, p) in (1, 2) for p in excluded["local_path"])
+    per_reason = excluded.groupby("reason")["local_path"].apply(
+        lambda paths: sum(decode_count(decodes, data_root, p) - 1 for p in paths)
+    )
     assert (per_reason <= 6).all()
 
 
@@ -92,10 +101,11 @@ def test_image_tensors_covers_every_kept_image_labelled_or_not_bit_identical_to_
     assert kept_ids - labelled_ids, "the mirror must have kept images outside the splits (unlabelled)"
     assert (index["status"] == "ok").all() and (index["image_size"] == S).all()
     images = load_images(index, data_root / "cache" / "image_tensors")
+    layout = DataRootLayout.of(data_root)
     paths = table(data_root, "image_files").set_index("image_id")["local_path"]
     for k, image_id in enumerate(index["image_id"]):
         # the separate decode + resize that image_tensors did before (core.image_cache.preprocess_image_file)
-        assert np.array_equal(images[k], preprocess_image_file(paths[image_id], S)), image_id
+        assert np.array_equal(images[k], preprocess_image_file(layout.resolve(paths[image_id]), S)), image_id
 
 
 def test_excluded_images_are_not_cached_and_shards_hold_one_partition_each(tensors_run):

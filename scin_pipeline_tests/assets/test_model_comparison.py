@@ -235,7 +235,7 @@ def test_allow_with_flag_names_an_unjudged_champion_and_flags_its_version(regist
     assert failed.tags[FAIRNESS_STATUS_TAG] == "failed" and FAIRNESS_UNJUDGED_TAG not in failed.tags
 
 
-def test_the_comparison_is_two_narrow_tables_without_top3_on_three_classes_and_an_interval_plot(registry):
+def test_the_comparison_is_narrow_tables_without_top3_on_three_classes_and_an_interval_plot(registry):
     output, _ = run_comparison(registry, {"baseline_cnn": 0.6, "metadata_model": 0.7})
     headline = output.metadata["comparison"].value
     eligibility = output.metadata["eligibility"].value
@@ -247,5 +247,9 @@ def test_the_comparison_is_two_narrow_tables_without_top3_on_three_classes_and_a
     assert "passed_over" not in header and "fairness_status" not in header
     assert eligibility.splitlines()[0] == "| model | fairness_status | registered_version | passed_over |"
     assert len(header.split("|")) - 2 <= 10
+    # Calibration (ECE before and after the temperature) is a table of its own, keyed by model.
+    calibration = output.metadata["calibration"].value.splitlines()
+    assert "ece" not in header and calibration[0].startswith("| model |") and "test_ece" in calibration[0]
+    assert len(calibration) == 2 + 2  # header, rule, one row per candidate
     plot = output.metadata["test_metrics_plot"].value
     assert plot.startswith("![comparison](data:image/png;base64,")
