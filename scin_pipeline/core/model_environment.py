@@ -20,7 +20,8 @@ serve``, a user's script, a fresh environment) MLflow puts the model's ``code/``
 Which requirements. The distributions that provide the third-party top-level modules those modules import
 (``importlib.metadata.packages_distributions``), each pinned to the version installed here, plus MLflow's own
 pyfunc defaults (cloudpickle, which pickled the wrapper) and, for a Keras model, the installed distribution
-of the Keras backend it was trained under (Keras imports its backend by name, which ``ast`` cannot see).
+of the Keras backend it was trained under (Keras imports its backend by name, which ``ast`` cannot see). A
+scikit-learn (metadata-only) model leaves Keras and every backend out: its prediction never imports them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ PACKAGE = "scin_pipeline"
 PYFUNC_MODULE = "scin_pipeline.core.packaged_model"
 # Keras backends by their import name; jax needs its compiled half too.
 _BACKEND_MODULES = {"tensorflow": ("tensorflow",), "jax": ("jax", "jaxlib"), "torch": ("torch",)}
+# Third-party modules only a Keras model's prediction imports: left out of a scikit-learn model's requirements.
+KERAS_ONLY_MODULES = ("keras", *sorted({m for modules in _BACKEND_MODULES.values() for m in modules}))
 
 
 def package_root() -> Path:

@@ -484,6 +484,10 @@ def log_packaged_model(
         keras_backend = keras.backend.backend()
     roots = [model_environment.PYFUNC_MODULE, *(spec.get("keras_modules") or [])]
     modules, third_party = model_environment.module_closure(roots)
+    if spec["kind"] not in KERAS_KINDS:
+        # The pyfunc imports Keras only on its Keras branch, which a scikit-learn model never takes: serving a
+        # metadata-only model must not install Keras and a backend (TensorFlow alone is ~600 MB).
+        third_party -= set(model_environment.KERAS_ONLY_MODULES)
     path_before = list(sys.path)
     with tempfile.TemporaryDirectory(prefix="scin-model-code-") as staging:
         info = mlflow.pyfunc.log_model(

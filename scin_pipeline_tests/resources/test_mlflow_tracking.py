@@ -465,8 +465,18 @@ FRESH_PROCESS = textwrap.dedent("""
     import mlflow.pyfunc
     import pandas as pd
     out = {}
+
+    class NoKeras:
+        # The metadata-only model's requirements leave Keras and its backends out: it must run without them.
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"keras", "tensorflow", "jax", "torch"}:
+                raise ImportError(f"{name} is blocked: a metadata-only model must not import it")
+            return None
+
+    sys.meta_path.insert(0, NoKeras())
     metadata_model = mlflow.pyfunc.load_model(sys.argv[1])
     out["metadata"] = metadata_model.predict(pd.DataFrame(json.loads(sys.argv[3]))).to_dict(orient="split")
+    sys.meta_path = [f for f in sys.meta_path if not isinstance(f, NoKeras)]
     images = [bytes.fromhex(h) for h in json.loads(sys.argv[2])]
     champion = mlflow.pyfunc.load_model("models:/scin-condition-classifier@champion")
     out["champion"] = champion.predict(pd.DataFrame({"image": images})).to_dict(orient="split")
@@ -569,8 +579,11 @@ def test_registered_models_declare_inputs_an_example_and_complete_pinned_require
         requirements = (local / "requirements.txt").read_text().split()
         pinned = dict(line.split("==") for line in requirements)
         wanted = {"mlflow", "numpy", "pandas", "pillow", "opencv-python-headless", "scikit-learn", "cloudpickle"}
-        wanted |= {"keras", "tensorflow-cpu"} if name == "image" else set()
+        keras_stack = {"keras", "tensorflow-cpu"}
+        wanted |= keras_stack if name == "image" else set()
         assert wanted <= set(pinned), requirements
+        if name == "metadata":  # a scikit-learn model: no Keras, no backend to install where it is served
+            assert not keras_stack & set(pinned) and not {"tensorflow", "jax", "torch"} & set(pinned), requirements
         assert all(pinned[d] == importlib_metadata.version(d) for d in wanted)
         shipped = sorted(str(p.relative_to(local / "code")) for p in (local / "code").rglob("*.py"))
         assert "scin_pipeline/core/packaged_model.py" in shipped and "scin_pipeline/definitions.py" not in shipped
