@@ -41,8 +41,8 @@ import PIL.Image
 DEFAULT_MAX_PIXELS = 50_000_000  # a 48 MP phone photo passes; 30000 x 30000 (900 MP) does not
 DECODE_LOG_ENV = "SCIN_PIPELINE_DECODE_LOG"
 
-DECODE_STATUSES = (
-    "ok",
+# Every way a file can fail to decode; core.quality's keep/exclude rule uses these as its exclusion reasons.
+DECODE_FAILURE_STATUSES = (
     "empty_file",
     "truncated",
     "corrupt",
@@ -51,6 +51,7 @@ DECODE_STATUSES = (
     "unreadable",
     "missing",
 )
+DECODE_STATUSES = ("ok", *DECODE_FAILURE_STATUSES)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_COLOR_TYPE_MODE = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}  # named as PIL names the modes
@@ -146,35 +147,27 @@ def read_png_layout(buf: np.ndarray | bytes) -> PngLayout | None:
     if n < 33 or bytes(data[8:16]) != b"\x00\x00\x00\x0dIHDR":
         return None
     width, height, bit_depth, color_type = struct.unpack(">IIBB", data[16:26])
+
+    def layout(complete: bool, problem: str | None) -> PngLayout:
+        return PngLayout(width, height, bit_depth, color_type, complete, problem)
+
     pos = 8
     saw_idat = False
     while True:
         if pos + 8 > n:
-            return PngLayout(
-                width,
-                height,
-                bit_depth,
-                color_type,
-                False,
-                f"file ends after {n} bytes, inside a chunk header at offset {pos} (no IEND)",
-            )
+            return layout(False, f"file ends after {n} bytes, inside a chunk header at offset {pos} (no IEND)")
         length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
         end = pos + 12 + length  # length + type + data + CRC
         if end > n:
             name = ctype.decode("latin-1")
-            return PngLayout(
-                width,
-                height,
-                bit_depth,
-                color_type,
+            return layout(
                 False,
                 f"chunk {name!r} at offset {pos} declares {length} bytes but the file ends after {n} bytes (no IEND)",
             )
         if ctype == b"IDAT":
             saw_idat = True
         if ctype == b"IEND":
-            problem = None if saw_idat else "no IDAT chunk before IEND"
-            return PngLayout(width, height, bit_depth, color_type, True, problem)
+            return layout(True, None if saw_idat else "no IDAT chunk before IEND")
         pos = end
 
 
@@ -240,147 +233,80 @@ def decode_image(
     per axis instead of averaging them. ``width`` and ``height`` always report the file's own size.
     """
     name = str(path)
+    # What the checks have learnt so far; a refusal carries exactly that (the fields stay None until known).
+    n_bytes: int | None = None
+    fmt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None
+
+    def refuse(status: str, detail: str) -> DecodedImage:
+        # Reads the variables above when called, so each refusal reports what was known at that check.
+        return DecodedImage(status, f"{name}: {detail}", None, width, height, fmt, n_bytes, mode)
+
     try:
         data = np.fromfile(name, dtype=np.uint8)  # one read; everything below works on this buffer
     except FileNotFoundError:
-        return DecodedImage("missing", f"{name}: no such file", None, None, None, None, None)
+        return refuse("missing", "no such file")
     except (OSError, ValueError) as err:  # a directory, no permission, an I/O error
-        return DecodedImage("unreadable", f"{name}: cannot read: {err}", None, None, None, None, None)
+        return refuse("unreadable", f"cannot read: {err}")
     n_bytes = int(data.size)
     if n_bytes == 0:
-        return DecodedImage("empty_file", f"{name}: empty file (0 bytes)", None, None, None, None, 0)
+        return refuse("empty_file", "empty file (0 bytes)")
 
     fmt = sniff_format(data)
     expected = _FORMAT_OF_EXTENSION.get(Path(name).suffix.lower())
     if fmt is None:
-        head = bytes(data[:8]).hex(" ")
-        return DecodedImage(
-            "corrupt", f"{name}: not an image (no known signature; first bytes {head})", None, None, None, None, n_bytes
-        )
+        return refuse("corrupt", f"not an image (no known signature; first bytes {bytes(data[:8]).hex(' ')})")
     if expected is not None and fmt != expected:
-        return DecodedImage(
-            "wrong_format", f"{name}: {fmt} bytes named {Path(name).suffix.lower()}", None, None, None, fmt, n_bytes
-        )
+        return refuse("wrong_format", f"{fmt} bytes named {Path(name).suffix.lower()}")
 
-    mode: str | None = None
+    layout: PngLayout | None = None  # PNG only: its chunk walk, for the truncation checks below
     if fmt == "PNG":
         if n_bytes < 33:  # signature (8) + IHDR chunk (25)
-            return DecodedImage(
-                "truncated",
-                f"{name}: truncated PNG: file ends after {n_bytes} bytes, inside the header",
-                None,
-                None,
-                None,
-                fmt,
-                n_bytes,
-            )
+            return refuse("truncated", f"truncated PNG: file ends after {n_bytes} bytes, inside the header")
         layout = read_png_layout(data)
         if layout is None:
-            return DecodedImage("corrupt", f"{name}: PNG signature but no IHDR chunk", None, None, None, fmt, n_bytes)
+            return refuse("corrupt", "PNG signature but no IHDR chunk")
         width, height, mode = layout.width, layout.height, layout.mode
         if not (0 < width <= _MAX_PNG_DIMENSION and 0 < height <= _MAX_PNG_DIMENSION):
-            return DecodedImage(
-                "corrupt",
-                f"{name}: IHDR declares an invalid size {width} x {height}",
-                None,
-                width,
-                height,
-                fmt,
-                n_bytes,
-                mode,
-            )
-        if width * height > max_pixels:
-            return DecodedImage(
-                "decompression_bomb",
-                f"{name}: IHDR declares {width} x {height} = {width * height:,} pixels, over the limit of "
-                f"{max_pixels:,} ({n_bytes:,} bytes on disk); not decoded",
-                None,
-                width,
-                height,
-                fmt,
-                n_bytes,
-                mode,
-            )
-        if not layout.complete:
-            return DecodedImage(
-                "truncated", f"{name}: truncated PNG: {layout.problem}", None, width, height, fmt, n_bytes, mode
-            )
-        if layout.problem:
-            return DecodedImage("corrupt", f"{name}: {layout.problem}", None, width, height, fmt, n_bytes, mode)
+            return refuse("corrupt", f"IHDR declares an invalid size {width} x {height}")
     else:
         try:
             width, height, mode = _header_size_via_pil(data)
         except PIL.Image.DecompressionBombError as err:
-            return DecodedImage("decompression_bomb", f"{name}: {err}; not decoded", None, None, None, fmt, n_bytes)
+            return refuse("decompression_bomb", f"{err}; not decoded")
         except Exception as err:  # noqa: BLE001 - any header parse failure means the bytes are bad
-            return DecodedImage("corrupt", f"{name}: unreadable {fmt} header: {err}", None, None, None, fmt, n_bytes)
-        if width * height > max_pixels:
-            return DecodedImage(
-                "decompression_bomb",
-                f"{name}: header declares {width} x {height} = {width * height:,} pixels, over the limit of "
-                f"{max_pixels:,}; not decoded",
-                None,
-                width,
-                height,
-                fmt,
-                n_bytes,
-                mode,
-            )
-        # libjpeg fills a cut-off JPEG with grey and only warns, so test for the end-of-image marker.
-        if fmt == "JPEG" and bytes(data[-2:]) != b"\xff\xd9" and b"\xff\xd9" not in bytes(data[-64:]):
-            return DecodedImage(
-                "truncated",
-                f"{name}: truncated JPEG: no end-of-image marker in the last bytes",
-                None,
-                width,
-                height,
-                fmt,
-                n_bytes,
-                mode,
-            )
+            return refuse("corrupt", f"unreadable {fmt} header: {err}")
+    if width * height > max_pixels:
+        declared_by, on_disk = ("IHDR", f" ({n_bytes:,} bytes on disk)") if layout is not None else ("header", "")
+        return refuse(
+            "decompression_bomb",
+            f"{declared_by} declares {width} x {height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,}{on_disk}; not decoded",
+        )
+    if layout is not None:
+        if not layout.complete:
+            return refuse("truncated", f"truncated PNG: {layout.problem}")
+        if layout.problem:
+            return refuse("corrupt", layout.problem)
+    # libjpeg fills a cut-off JPEG with grey and only warns, so test for the end-of-image marker.
+    if fmt == "JPEG" and bytes(data[-2:]) != b"\xff\xd9" and b"\xff\xd9" not in bytes(data[-64:]):
+        return refuse("truncated", "truncated JPEG: no end-of-image marker in the last bytes")
 
     halve = reduced_decode_applies(fmt, width, height, min_long_side)
     log_decode(name)
     try:
         bgr = cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_2 if halve else cv2.IMREAD_COLOR)
     except cv2.error as err:
-        return DecodedImage(
-            "corrupt", f"{name}: decoder error: {str(err).strip()}", None, width, height, fmt, n_bytes, mode
-        )
+        return refuse("corrupt", f"decoder error: {str(err).strip()}")
     if bgr is None:
-        return DecodedImage(
-            "corrupt",
-            f"{name}: {fmt} decoder failed (bad CRC or compressed data)",
-            None,
-            width,
-            height,
-            fmt,
-            n_bytes,
-            mode,
-        )
+        return refuse("corrupt", f"{fmt} decoder failed (bad CRC or compressed data)")
     if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
-        return DecodedImage(
-            "corrupt",
-            f"{name}: decoder returned shape {bgr.shape} {bgr.dtype}",
-            None,
-            width,
-            height,
-            fmt,
-            n_bytes,
-            mode,
-        )
+        return refuse("corrupt", f"decoder returned shape {bgr.shape} {bgr.dtype}")
     expected_shape = (width // 2, height // 2) if halve else (width, height)
     if fmt == "PNG" and (bgr.shape[1], bgr.shape[0]) != expected_shape:
-        return DecodedImage(
-            "corrupt",
-            f"{name}: decoded {bgr.shape[1]} x {bgr.shape[0]}, header says {width} x {height}",
-            None,
-            width,
-            height,
-            fmt,
-            n_bytes,
-            mode,
-        )
+        return refuse("corrupt", f"decoded {bgr.shape[1]} x {bgr.shape[0]}, header says {width} x {height}")
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     if fmt != "PNG":  # the decoder applies EXIF orientation: report the size as decoded
         width, height = int(rgb.shape[1]), int(rgb.shape[0])

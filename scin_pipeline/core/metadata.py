@@ -144,34 +144,20 @@ def _issue(file: str, line: int | None, case_id: str | None, column: str | None,
 def _dedupe_case_ids(table: CsvTable) -> pd.DataFrame:
     """Drop rows with an invalid or repeated case_id (the first occurrence wins), quarantining the rest."""
     frame = table.frame
+
+    def drop_row(row: pd.Series, reason: str) -> None:
+        table.issues.append(_issue(table.name, row["line"], row["case_id"], "case_id", "row_dropped", reason))
+
     frame["case_id"] = frame["case_id"].str.strip()
     valid = frame["case_id"].str.fullmatch(_INT64.pattern)
     for _, row in frame[~valid].iterrows():
-        table.issues.append(
-            _issue(
-                table.name,
-                row["line"],
-                row["case_id"],
-                "case_id",
-                "row_dropped",
-                "case_id is not a signed 64-bit integer",
-            )
-        )
+        drop_row(row, "case_id is not a signed 64-bit integer")
     frame = frame[valid]
     dup = frame.duplicated("case_id", keep="first")
     if dup.any():
         first_line = frame[~dup].set_index("case_id")["line"]
         for _, row in frame[dup].iterrows():
-            table.issues.append(
-                _issue(
-                    table.name,
-                    row["line"],
-                    row["case_id"],
-                    "case_id",
-                    "row_dropped",
-                    f"duplicate case_id, first seen at line {first_line[row['case_id']]}",
-                )
-            )
+            drop_row(row, f"duplicate case_id, first seen at line {first_line[row['case_id']]}")
     return frame[~dup].reset_index(drop=True)
 
 

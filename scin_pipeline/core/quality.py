@@ -55,6 +55,7 @@ from PIL import Image, ImageFilter, ImageStat
 from scin_pipeline.core import near_duplicates
 from scin_pipeline.core.image_cache import TENSOR_ERROR_KEY, TENSORS_KEY, preprocess_image
 from scin_pipeline.core.imageio import (
+    DECODE_FAILURE_STATUSES,
     DEFAULT_MAX_PIXELS,
     decode_image,
     halve_as_reduced_decode,
@@ -85,15 +86,7 @@ MONK_SWATCH_LIGHTNESS = {
     10: 14.56298828125,
 }
 
-DECODE_FAILURE_REASONS = (
-    "empty_file",
-    "truncated",
-    "corrupt",
-    "wrong_format",
-    "decompression_bomb",
-    "unreadable",
-    "missing",
-)
+DECODE_FAILURE_REASONS = DECODE_FAILURE_STATUSES  # rule 1: a file that did not decode is excluded for its status
 QUALITY_REASONS = ("too_small", "overexposed", "dark", "low_information", "blurry")
 
 # cleanvision 0.3.7 defaults (ImagePropertyIssueManager.get_default_params), for the per-image scores.

@@ -435,36 +435,51 @@ def _no_data(ax, message: str = "no data") -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=12)
 
 
-def _paired_bars(ax, x: np.ndarray, left, right, left_style: dict, right_style: dict, width: float = 0.4) -> None:
-    """Two bars per group, side by side, each labelled with its count."""
+def _paired_bar_chart(
+    path: Path,
+    groups: list[str],
+    left,
+    right,
+    left_style: dict,
+    right_style: dict,
+    *,
+    title: str,
+    xlabel: str | None = None,
+) -> Path:
+    """Cases per group from two sources of one attribute: two bars per group, side by side, each labelled
+    with its count."""
+    figure = _new_figure(10, 5)
+    ax = figure.add_subplot()
+    x = np.arange(len(groups))
+    width = 0.4
     for offset, values, style in ((-width / 2, left, left_style), (width / 2, right, right_style)):
         ax.bar_label(ax.bar(x + offset, values, width, **style), fontsize=7, padding=1)
+    ax.set_xticks(x, groups, fontsize=9)
+    ax.set_ylabel("cases")
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.margins(y=0.1)
+    return _save(figure, path)
 
 
 def _plot_monk(representation: pd.DataFrame, n_cases: int, path: Path) -> Path:
     us = _attribute(representation, "monk_skin_tone_us")
     india = _attribute(representation, "monk_skin_tone_india")
-    figure = _new_figure(10, 5)
-    ax = figure.add_subplot()
-    x = np.arange(len(us))
     colours = [schema.MONK_SKIN_TONE_HEX.get(int(g), "#bdbdbd") if g.isdigit() else "#bdbdbd" for g in us["group"]]
     # Same swatch colour for both grader pools (the bar *is* the tone); hatching tells them apart, and a
     # dark edge keeps the near-white swatches visible.
-    _paired_bars(
-        ax,
-        x,
+    return _paired_bar_chart(
+        path,
+        [f"tone {g}" if g.isdigit() else g for g in us["group"]],
         us["n_cases"],
         india["n_cases"],
         dict(color=colours, edgecolor="#333333", linewidth=0.8, label="US graders"),
         dict(color=colours, edgecolor="#333333", linewidth=0.8, hatch="///", label="India graders"),
+        title=f"Monk skin tone by grader pool (n = {n_cases:,} cases)",
+        xlabel="Monk skin tone (1 lightest .. 10 deepest), estimated by lay graders",
     )
-    ax.set_xticks(x, [f"tone {g}" if g.isdigit() else g for g in us["group"]], fontsize=9)
-    ax.set_ylabel("cases")
-    ax.set_xlabel("Monk skin tone (1 lightest .. 10 deepest), estimated by lay graders")
-    ax.set_title(f"Monk skin tone by grader pool (n = {n_cases:,} cases)")
-    ax.legend()
-    ax.margins(y=0.1)
-    return _save(figure, path)
 
 
 def _plot_fitzpatrick(representation: pd.DataFrame, n_cases: int, path: Path) -> Path:
@@ -477,23 +492,15 @@ def _plot_fitzpatrick(representation: pd.DataFrame, n_cases: int, path: Path) ->
             + [MISSING_GROUP]
         )
     )
-    figure = _new_figure(10, 5)
-    ax = figure.add_subplot()
-    x = np.arange(len(groups))
-    _paired_bars(
-        ax,
-        x,
+    return _paired_bar_chart(
+        path,
+        [g.replace("_", " ") for g in groups],
         self_reported.reindex(groups, fill_value=0),
         dermatologist.reindex(groups, fill_value=0),
         dict(color="#4c72b0", label="self-reported"),
         dict(color="#dd8452", label="dermatologist (grader 1)"),
+        title=f"Fitzpatrick skin type: self-reported vs dermatologist (n = {n_cases:,} cases)",
     )
-    ax.set_xticks(x, [g.replace("_", " ") for g in groups], fontsize=9)
-    ax.set_ylabel("cases")
-    ax.set_title(f"Fitzpatrick skin type: self-reported vs dermatologist (n = {n_cases:,} cases)")
-    ax.legend()
-    ax.margins(y=0.1)
-    return _save(figure, path)
 
 
 def _plot_race(representation: pd.DataFrame, n_cases: int, path: Path) -> Path:
