@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the embedded MLflow store is (ignored when MLFLOW_TRACKING_URI is set)",
     )
     predict.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv)")
+    predict.add_argument(
+        "--answers",
+        metavar="CSV",
+        help="questionnaire answers per image: a `path` column (as the output CSV writes it) and any of the "
+        "web form's fields (check-box groups comma-separated); images without a row are unanswered",
+    )
     predict.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     predict.add_argument(
         "--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads (default: up to 4)"
@@ -525,10 +531,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.is_dir():
         return _fail(f"--out {out} is a folder: name the CSV file to write", EXIT_USAGE)
-    from scin_pipeline.serve.file_prediction import PathsError, find_images
+    from scin_pipeline.serve.file_prediction import PathsError, find_images, read_answers
 
     try:
         files = find_images(args.paths)
+        answers = read_answers(args.answers, files) if args.answers else {}
     except PathsError as exc:
         return _fail(str(exc), EXIT_USAGE)
     tracking_uri = registry_uri(args.data_root)
@@ -552,6 +559,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc), EXIT_FAILED)
     print(f"{len(files)} image file(s); model {served.loaded_uri} ({served.kind})", file=sys.stderr, flush=True)
+    if answers and not served.uses_metadata:
+        print(
+            f"{served.kind} model: the questionnaire answers of {len(answers)} image(s) are not used (it reads "
+            "images only; column questionnaire = not used)",
+            file=sys.stderr,
+        )
     started, skipped = time.perf_counter(), 0
     # The progress bar shows on a terminal only (tqdm's disable=None); the CSV appears whole or not at all.
     with (
@@ -569,6 +582,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             max_pixels=int(args.max_megapixels * 1e6),
             max_file_bytes=int(args.max_file_mb * 2**20),
             on_batch=progress.update,
+            answers=answers,
         )
         for row in rows:
             skipped += row["status"] != "ok"

@@ -309,6 +309,9 @@ def test_demo_on_real_metadata_300_cases(scin_metadata_dir, tmp_path, capsys):
         "multimodal",
     }
     assert comparison.set_index("model").loc["metadata_model_self_trained", "twin"] == "metadata_model"
+    # Every candidate registered, with its test ECE before and after the val-fitted temperature.
+    assert comparison["registered_version"].astype(str).str.fullmatch(r"\d+").all(), comparison["registered_version"]
+    assert comparison[["test_ece_uncalibrated", "test_ece"]].notna().all().all()
     for name in ("unlabelled_pool", "labelling_queue"):
         assert (out / "tables" / f"{name}.parquet").exists(), name
     assert (out / "tables" / "labelling_queue" / "labelling_queue.csv").exists()

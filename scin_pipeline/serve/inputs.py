@@ -126,7 +126,10 @@ def _declared_length(request: Request) -> int | None:
     return length
 
 
-def _validated_metadata(fields: dict[str, list[str]]) -> dict[str, str | list[str]]:
+def validated_metadata(fields: dict[str, list[str]]) -> dict[str, str | list[str]]:
+    """The questionnaire answers in ``fields`` (form field -> its values), checked against the vocabularies;
+    RequestError (422) naming the field for an unknown field or value. The form and ``predict --answers``
+    both read answers through it."""
     unknown = sorted(set(fields) - set(METADATA_FIELDS))
     if unknown:
         raise RequestError(
@@ -213,4 +216,4 @@ async def read_prediction_request(request: Request, *, max_upload_bytes: int) ->
                 fields.setdefault(name, []).append(value)
     finally:
         await form.close()
-    return PredictionRequest(image=image, metadata=_validated_metadata(fields))
+    return PredictionRequest(image=image, metadata=validated_metadata(fields))

@@ -11,7 +11,8 @@ import pytest
 
 from scin_pipeline.cli import EXIT_FAILED, EXIT_SKIPPED_FILES, EXIT_USAGE, main
 from scin_pipeline.core.image_cache import preprocess_image_bytes
-from scin_pipeline.serve.file_prediction import PathsError, find_images
+from scin_pipeline.serve.file_prediction import PathsError, find_images, read_answers
+from scin_pipeline.serve.inputs import PredictionRequest
 from scin_pipeline.serve.model import load_served_model
 from scin_pipeline_tests.serve.conftest import CLASSES, IMAGE_SIZE, MODEL_NAME, encode, synthetic_skin_rgb
 
@@ -185,3 +186,95 @@ def test_find_images_keeps_the_given_paths_and_tries_a_named_file_whatever_its_s
     assert found == sorted([folder / "2.PNG", folder / "x" / "1.jpeg", named], key=str)
     with pytest.raises(PathsError, match="no image files"):
         find_images([write(tmp_path / "g" / "a.txt", b"").parent])
+
+
+ANSWERS = {"age_group": "AGE_40_TO_49", "symptoms": "condition_symptoms_bleeding,condition_symptoms_darkening"}
+
+
+def test_answers_csv_reaches_a_multimodal_model_per_image_and_an_image_model_ignores_it(
+    registry, photos, tmp_path, capsys
+):
+    a, c = photos / "a.png", photos / "sub" / "deeper" / "c.png"
+    answers = tmp_path / "answers.csv"
+    # a.png answered (named by another path to the same file); c.png has no row: unanswered.
+    other_name = tmp_path / ".." / tmp_path.name / "photos" / "a.png"
+    pd.DataFrame([{"path": str(other_name), **ANSWERS, "sex_at_birth": ""}]).to_csv(answers, index=False)
+    root = ["--data-root", str(registry.data_root)]
+    multimodal = registry.uri("keras_multimodal")
+    out = tmp_path / "answered.csv"
+    assert (
+        main(["predict", str(a), str(c), "--model", multimodal, *root, "--answers", str(answers), "--out", str(out)])
+        == 0
+    )
+    rows = pd.read_csv(out).set_index("path")
+    assert rows["questionnaire"].to_dict() == {str(a): "answered", str(c): "blank"}
+    served = load_served_model(multimodal, tracking_uri=registry.tracking_uri)
+    columns = [f"probability_{k}" for k in CLASSES]
+    for path, request in (
+        (a, PredictionRequest(None, {"age_group": ANSWERS["age_group"], "symptoms": ANSWERS["symptoms"].split(",")})),
+        (c, PredictionRequest(None)),
+    ):
+        image = preprocess_image_bytes(path.read_bytes(), IMAGE_SIZE)[None]
+        direct = served.predict_proba(image, request.cases())[0]
+        np.testing.assert_allclose(rows.loc[str(path), columns].astype(float), direct, rtol=1e-5, atol=1e-6)
+    blank = served.predict_proba(
+        preprocess_image_bytes(a.read_bytes(), IMAGE_SIZE)[None], PredictionRequest(None).cases()
+    )[0]
+    assert not np.allclose(rows.loc[str(a), columns].astype(float), blank, atol=1e-6)  # the answers changed it
+
+    # The image model reads no questionnaire: the rows say so, and so does stderr.
+    capsys.readouterr()
+    out = tmp_path / "image_only.csv"
+    assert main(["predict", str(a), *root, "--answers", str(answers), "--out", str(out)]) == 0
+    assert (pd.read_csv(out)["questionnaire"] == "not used").all()
+    assert "not used" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"file": "a.png"}], "no `path` column"),
+        ([{"path": "{a}", "itching": "yes"}], "unknown column(s) ['itching']"),
+        ([{"path": "{a}", "age_group": "AGE_1000"}], "line 2: age_group: 'AGE_1000' is not one of"),
+        ([{"path": "{a}"}, {"path": "{photos}/nowhere.png"}], "line 3: "),
+        ([{"path": "{a}"}, {"path": "{a}"}], "line 3: "),
+        ([{"path": "{a}", "textures": "textures_flat,textures_shiny"}], "textures: ['textures_shiny'] not among"),
+    ],
+)
+def test_answers_csv_problems_are_one_line_usage_errors_naming_the_line(
+    registry, photos, tmp_path, capsys, rows, message
+):
+    answers = tmp_path / "answers.csv"
+    fill = {"a": str(photos / "a.png"), "photos": str(photos)}
+    pd.DataFrame([{k: v.format(**fill) for k, v in row.items()} for row in rows]).to_csv(answers, index=False)
+    out = tmp_path / "never.csv"
+    code = main(
+        [
+            "predict",
+            str(photos / "a.png"),
+            "--data-root",
+            str(registry.data_root),
+            "--answers",
+            str(answers),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == EXIT_USAGE and not out.exists()
+    err = capsys.readouterr().err
+    assert str(answers) in err and message in err, err
+
+
+def test_read_answers_says_why_a_path_is_refused(tmp_path):
+    image = write(tmp_path / "p" / "1.png", b"x")
+    answers = tmp_path / "answers.csv"
+    answers.write_text(f"path,age_group\n{image},AGE_18_TO_29\n{tmp_path / 'p' / '2.png'},\n")
+    with pytest.raises(PathsError, match=r"line 3: .*2\.png' is not among the images to classify"):
+        read_answers(answers, [image])
+    answers.write_text(f"path,age_group\n{image},AGE_18_TO_29\n{image},\n")
+    with pytest.raises(PathsError, match="line 3: .* has answers on an earlier line too"):
+        read_answers(answers, [image])
+    answers.write_text(f"path,age_group\n{image},AGE_18_TO_29\n")
+    assert read_answers(answers, [image]) == {image: PredictionRequest(None, {"age_group": "AGE_18_TO_29"})}
+    with pytest.raises(PathsError, match="absent.csv"):
+        read_answers(tmp_path / "absent.csv", [image])
