@@ -52,7 +52,8 @@ CANDIDATES = (
     "multimodal",
 )
 # A semi-supervised candidate -> its supervised twin: the same model on the same labelled rows and split,
-# without the unlabelled cases. model_comparison stores the pair (column twin) and shows it side by side (metadata twins).
+# without the unlabelled cases. model_comparison stores the pair (column twin) and shows it side by side
+# (metadata twins).
 TWINS = {"metadata_model_self_trained": "metadata_model", "resnet50_fixmatch": "resnet50_transfer"}
 OVERALL_METRICS = [
     "accuracy",
