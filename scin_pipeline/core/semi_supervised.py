@@ -51,9 +51,8 @@ from scin_pipeline.core.training import (
     TrainResult,
     TransferResult,
     _class_weights_for,
-    _restore,
-    _snapshot,
     fit_classifier,
+    frozen_then_fine_tuned,
     predict_in_batches,
 )
 
@@ -486,7 +485,7 @@ def fine_tune_fixmatch(
     ``learning_rate``, ``epochs``; phase "fine_tune": the top ``unfreeze_layers`` unfrozen (BatchNorm stays
     frozen), ``fine_tune_learning_rate``, ``fine_tune_epochs``; the frozen phase's weights are restored when
     fine-tuning does not beat it. Returns the end-to-end classifier on raw uint8 images (the file to save)."""
-    from scin_pipeline.core.models import compose_end_to_end, unfreeze_top
+    from scin_pipeline.core.models import compose_end_to_end
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     backbone.trainable = False
@@ -511,7 +510,7 @@ def fine_tune_fixmatch(
             seed=phase_seed,
         )
 
-    def fit(phase: str, phase_seed: int, **kwargs) -> TrainResult:
+    def fit(phase: str, phase_seed: int, **phase_overrides) -> TrainResult:
         return fit_classifier(
             wrapper,
             batches(phase_seed),
@@ -525,44 +524,7 @@ def fine_tune_fixmatch(
             metric_callbacks=[rate],
             val_model=classifier,
             verbose=verbose,
-            **kwargs,
+            **phase_overrides,
         )
 
-    frozen = fit("frozen", config.seed)
-    phases = {"frozen": frozen}
-    if config.fine_tune_epochs == 0 or config.unfreeze_layers == 0:
-        return TransferResult(
-            model=classifier,
-            history=frozen.history,
-            best_epoch=frozen.best_epoch,
-            best_score=frozen.best_score,
-            monitor=config.monitor,
-            fine_tune_kept=False,
-            phases=phases,
-        )
-    frozen_weights = _snapshot(classifier)
-    unfreeze_top(backbone, config.unfreeze_layers)
-    tuned = fit(
-        "fine_tune",
-        config.seed + 1,
-        initial_epoch_offset=int(frozen.history["epoch"].max()),
-        learning_rate=config.fine_tune_learning_rate,
-        epochs=config.fine_tune_epochs,
-    )
-    phases["fine_tune"] = tuned
-    kept = bool(tuned.best_score > frozen.best_score)
-    if not kept:
-        _restore(classifier, frozen_weights)
-    backbone.trainable = False
-    best = tuned if kept else frozen
-    import pandas as pd
-
-    return TransferResult(
-        model=classifier,
-        history=pd.concat([frozen.history, tuned.history], ignore_index=True),
-        best_epoch=best.best_epoch,
-        best_score=best.best_score,
-        monitor=config.monitor,
-        fine_tune_kept=kept,
-        phases=phases,
-    )
+    return frozen_then_fine_tuned(classifier, backbone, fit, config=config)

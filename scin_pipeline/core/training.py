@@ -579,7 +579,7 @@ def fine_tune_transfer(
     threads). Metadata arrays switch on the multimodal inputs (``head`` must then take "embedding" and
     "metadata"). ``callbacks`` are passed to both phases' ``fit_classifier``.
     """
-    from scin_pipeline.core.models import compose_end_to_end, unfreeze_top
+    from scin_pipeline.core.models import compose_end_to_end
 
     with_metadata = train_metadata is not None
     if with_metadata != (val_metadata is not None):
@@ -604,19 +604,37 @@ def fine_tune_transfer(
             metadata=train_metadata,
         )
 
-    frozen = fit_classifier(
-        model,
-        batches(config.seed),
-        val_inputs,
-        val_y,
-        config=config,
-        class_weight=class_weight,
-        checkpoint_dir=ckpt / "frozen" if ckpt else None,
-        on_epoch_end=on_epoch_end,
-        phase="frozen",
-        callbacks=callbacks,
-        verbose=verbose,
-    )
+    def fit(phase: str, phase_seed: int, **phase_overrides) -> TrainResult:
+        return fit_classifier(
+            model,
+            batches(phase_seed),
+            val_inputs,
+            val_y,
+            config=config,
+            class_weight=class_weight,
+            checkpoint_dir=ckpt / phase if ckpt else None,
+            on_epoch_end=on_epoch_end,
+            phase=phase,
+            callbacks=callbacks,
+            verbose=verbose,
+            **phase_overrides,
+        )
+
+    return frozen_then_fine_tuned(model, backbone, fit, config=config)
+
+
+def frozen_then_fine_tuned(model, backbone, fit: Callable[..., TrainResult], *, config: TrainConfig) -> TransferResult:
+    """The two phases of every end-to-end transfer fine-tune (``fine_tune_transfer``, and FixMatch's in
+    ``core.semi_supervised.fine_tune_fixmatch``), on ``model``, an end-to-end model around ``backbone``
+    (frozen by the caller). ``fit(phase, phase_seed, **overrides)`` runs one phase's ``fit_classifier``
+    (checkpoints under the phase's name); phase "frozen" with ``config.seed``; phase "fine_tune" with
+    ``config.seed + 1`` after the top ``unfreeze_layers`` are unfrozen (BatchNormalization stays frozen), at
+    ``fine_tune_learning_rate`` for ``fine_tune_epochs``, its epochs numbered after the frozen phase's. When
+    fine-tuning does not beat the frozen phase's best score, the frozen phase's weights are restored. The
+    backbone is left frozen (the returned model is for inference / saving)."""
+    from scin_pipeline.core.models import unfreeze_top
+
+    frozen = fit("frozen", config.seed)
     phases = {"frozen": frozen}
     if config.fine_tune_epochs == 0 or config.unfreeze_layers == 0:
         return TransferResult(
@@ -631,21 +649,12 @@ def fine_tune_transfer(
 
     frozen_weights = _snapshot(model)
     unfreeze_top(backbone, config.unfreeze_layers)
-    tuned = fit_classifier(
-        model,
-        batches(config.seed + 1),
-        val_inputs,
-        val_y,
-        config=config,
-        class_weight=class_weight,
-        checkpoint_dir=ckpt / "fine_tune" if ckpt else None,
-        on_epoch_end=on_epoch_end,
+    tuned = fit(
+        "fine_tune",
+        config.seed + 1,
         initial_epoch_offset=int(frozen.history["epoch"].max()),
         learning_rate=config.fine_tune_learning_rate,
         epochs=config.fine_tune_epochs,
-        phase="fine_tune",
-        callbacks=callbacks,
-        verbose=verbose,
     )
     phases["fine_tune"] = tuned
     kept = bool(tuned.best_score > frozen.best_score)
