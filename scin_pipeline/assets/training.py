@@ -710,15 +710,29 @@ class CandidateRun:
 
     def fit_calibration(self, package) -> "TemperatureScaling":
         """Temperature scaling of ``package`` on the validation split, fitted on the package's own
-        uncalibrated predict_proba: the temperature is fitted to exactly the function that is served."""
-        from scin_pipeline.core.calibration import TemperatureScaling, fit_temperature
+        uncalibrated predict_proba: the temperature is fitted to exactly the function that is served. A
+        package that reads the questionnaire is served with answers and with blank forms: its one
+        temperature is fitted on both (core.calibration.fit_temperature_answered_and_blank)."""
+        from scin_pipeline.core.calibration import (
+            TemperatureScaling,
+            fit_temperature,
+            fit_temperature_answered_and_blank,
+        )
+        from scin_pipeline.core.packaged_model import METADATA_KINDS
 
         splits, tensors = self.inputs["labeled_splits"], self.inputs["image_tensors"]
         rows, images, y = split_arrays(splits, tensors, self.storage.image_tensors_dir, "val", self.classes)
         if not len(rows):
             return TemperatureScaling(note="no validation rows with cached pixels")
-        probabilities = package.predict_rows(rows, images, self.inputs.get("cases"), calibrated=False)
-        fitted = fit_temperature(probabilities, y)
+        cases = self.inputs.get("cases")
+        probabilities = package.predict_rows(rows, images, cases, calibrated=False)
+        if package.kind in METADATA_KINDS:
+            assert cases is not None  # predict_rows above refuses a questionnaire model without cases
+            # Only the case ids reach the encoding: every questionnaire blank (as model_evaluation's val_blank).
+            blank = package.predict_rows(rows, images, cases[["case_id"]], calibrated=False)
+            fitted = fit_temperature_answered_and_blank(probabilities, blank, y)
+        else:
+            fitted = fit_temperature(probabilities, y)
         self.context.log.info(f"{self.name}: {fitted.describe()} ({fitted.fitted_rows} rows)")
         return fitted
 
@@ -1446,5 +1460,5 @@ multimodal = candidate_asset(
     "questionnaire_dropout, so a blank form gets an answer from the image; every epoch is also scored with "
     "blank validation questionnaires (val_blank_*). Saved as one model on raw uint8 images plus the metadata "
     "vector.",
-    code_version="3",  # 2: modality dropout, blank-questionnaire validation scores; 3: calibrated
+    code_version="4",  # 2: modality dropout, blank-questionnaire validation scores; 3: calibrated; 4: T on both forms
 )

@@ -20,11 +20,15 @@ Decisions:
   ``note`` says why, rather than a bound pretending to be a measurement.
 - The fitted T is kept only when it lowers the validation NLL (it always does unless the search tolerance
   says otherwise; then T = 1).
+- A model that reads the questionnaire is served both with answers and with a blank form, and its
+  confidence differs between the two. One T is fitted on the validation rows twice, as answered and blank
+  (:func:`fit_temperature_answered_and_blank`, ``questionnaire = "answered+blank"``), rather than on the
+  answered rows alone: it then serves an empty form as well as a filled one.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -73,6 +77,7 @@ class TemperatureScaling:
     note: str = ""  # why T stayed 1 ("" when fitted)
     method: str = METHOD
     fitted_on: str = FITTED_ON
+    questionnaire: str = ""  # "answered+blank": the split's rows twice, each form (module docstring)
 
     def __post_init__(self):
         if not (np.isfinite(self.temperature) and self.temperature > 0):
@@ -90,7 +95,8 @@ class TemperatureScaling:
     def describe(self) -> str:
         if not self.fitted:
             return f"temperature scaling not fitted ({self.note}): probabilities are the model's own"
-        return f"temperature scaling, T = {self.temperature:.3f}, fitted on the {self.fitted_on} split"
+        forms = " (each case as answered and with a blank questionnaire)" if self.questionnaire else ""
+        return f"temperature scaling, T = {self.temperature:.3f}, fitted on the {self.fitted_on} split{forms}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,6 +142,18 @@ def fit_temperature(proba, y_true, *, min_rows: int = MIN_FIT_ROWS) -> Temperatu
     return TemperatureScaling(
         temperature=temperature, fitted_rows=n, nll_before=before, nll_after=after, at_bound=at_bound
     )
+
+
+def fit_temperature_answered_and_blank(answered, blank, y_true, *, min_rows: int = MIN_FIT_ROWS) -> TemperatureScaling:
+    """One temperature for a model that reads the questionnaire: fitted on the validation probabilities with
+    every case's answers (``answered``) and with blank questionnaires (``blank``), the same rows and true
+    classes ``y_true`` twice; ``fitted_rows`` counts both. ``min_rows`` applies to the split's rows."""
+    answered, blank = np.asarray(answered, dtype=np.float64), np.asarray(blank, dtype=np.float64)
+    if answered.shape != blank.shape:
+        raise ValueError(f"answered and blank probabilities differ in shape: {answered.shape} vs {blank.shape}")
+    y = np.asarray(y_true, dtype=np.int64)
+    fitted = fit_temperature(np.concatenate([answered, blank]), np.concatenate([y, y]), min_rows=2 * min_rows)
+    return replace(fitted, questionnaire="answered+blank")
 
 
 def _validated(proba, y_true) -> tuple[np.ndarray, np.ndarray]:

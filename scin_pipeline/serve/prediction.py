@@ -261,7 +261,8 @@ def calibration_info(served: ServedModel) -> dict:
         "temperature": calibration.temperature,
         "fitted_on": calibration.fitted_on,
         "text": f"The probabilities are calibrated by temperature scaling (T = {calibration.temperature:.2f}, "
-        f"fitted on the {'validation' if calibration.fitted_on == 'val' else calibration.fitted_on} split).",
+        f"fitted on the {'validation' if calibration.fitted_on == 'val' else calibration.fitted_on} split"
+        + (", each case with its answers and with a blank questionnaire)." if calibration.questionnaire else ")."),
     }
 
 

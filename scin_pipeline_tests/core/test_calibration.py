@@ -14,6 +14,7 @@ from scin_pipeline.core.calibration import (
     T_MIN,
     TemperatureScaling,
     fit_temperature,
+    fit_temperature_answered_and_blank,
     mean_nll,
     scale_probabilities,
 )
@@ -108,3 +109,33 @@ def test_round_trips_through_a_dict_and_refuses_bad_values():
         fit_temperature(proba, y[:-1])
     with pytest.raises(ValueError, match="outside"):
         fit_temperature(proba, np.full(len(y), 7))
+
+
+def test_one_temperature_for_both_forms_serves_answered_and_blank_better_than_either_alone():
+    # The same cases and labels (drawn from softmax(z)); with answers the model is over-confident
+    # (softmax(2 z): T ~ 2), with a blank form under-confident (softmax(z / 2): T ~ 0.5).
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0.0, 2.0, (20_000, 4))
+    y = (rng.random((len(logits), 1)) > softmax(logits, axis=1).cumsum(axis=1)).sum(axis=1)
+    answered, blank = softmax(2 * logits, axis=1), softmax(logits / 2, axis=1)
+    both = fit_temperature_answered_and_blank(answered, blank, y)
+    alone = {"answered": fit_temperature(answered, y), "blank": fit_temperature(blank, y)}
+    assert alone["answered"].temperature == pytest.approx(2.0, rel=0.05)
+    assert alone["blank"].temperature == pytest.approx(0.5, rel=0.05)
+    assert alone["blank"].temperature < both.temperature < alone["answered"].temperature
+    assert both.fitted_rows == 2 * len(y) and both.questionnaire == "answered+blank" and both.fitted
+
+    def served_nll(t: float) -> float:  # a served form is either: the NLL over both
+        return (mean_nll(answered, y, t) + mean_nll(blank, y, t)) / 2
+
+    assert served_nll(both.temperature) < min(served_nll(fit.temperature) for fit in alone.values())
+    assert both.nll_after == pytest.approx(served_nll(both.temperature))
+    assert "answered and with a blank questionnaire" in both.describe()
+    assert TemperatureScaling.from_dict(both.to_dict()) == both
+    # A package written before the field existed still loads (the field defaults to one form).
+    old = {k: v for k, v in alone["answered"].to_dict().items() if k != "questionnaire"}
+    assert TemperatureScaling.from_dict(old).questionnaire == ""
+    with pytest.raises(ValueError, match="differ in shape"):
+        fit_temperature_answered_and_blank(answered, blank[:-1], y)
+    few = fit_temperature_answered_and_blank(answered[:12], blank[:12], y[:12])
+    assert not few.fitted and few.fitted_rows == 24  # 12 cases: under MIN_FIT_ROWS (20) per form
