@@ -53,7 +53,7 @@ from scin_pipeline.core.questionnaire import (
 )
 from scin_pipeline.core.rendering import png_data_uri_bytes
 from scin_pipeline.core.splits import SPLITS_VERSION_COLUMNS, splits_data_version
-from scin_pipeline.core.training import TrainConfig
+from scin_pipeline.core.training import TrainConfig, TrainResult, TransferResult
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
 from scin_pipeline.resources.mlflow_tracking import (
     CANDIDATE_TAG,
@@ -907,87 +907,173 @@ def transfer_training(embeddings_input: str) -> Callable[[CandidateRun], Trained
     return train
 
 
-def _train_transfer(candidate: CandidateRun, embeddings_input: str) -> Trained:
+@dataclass(frozen=True, eq=False)
+class TransferSetup:
+    """What every transfer candidate (resnet50_transfer, efficientnet_transfer, resnet50_fixmatch) prepares
+    the same way before it trains: Keras, its backbone's embeddings and weights, the resolved mode, the train
+    and val rows (pixels are read only for fine-tuning: on the full release the train split's are ~1.5 GB at
+    224 px), and the MLflow tags and params they share. Each training keeps only what differs."""
+
+    candidate: CandidateRun
+    config: TransferConfig
+    described: dict
+    train_config: TrainConfig
+    image_embeddings: pd.DataFrame
+    backbone_name: str
+    weights: str
+    mode: str
+    image_size: int
+    train_rows: pd.DataFrame
+    y_train: np.ndarray
+    val_rows: pd.DataFrame
+    y_val: np.ndarray
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.candidate.classes)
+
+    @property
+    def tags(self) -> dict:
+        """The tags the finished run is given (the mode is a tag of the run from its start)."""
+        return {KERAS_BACKEND_TAG: self.described["backend"], WEIGHTS_TAG: self.weights}
+
+    def training_run(self, **params):
+        """The candidate's MLflow run with the params every transfer candidate logs, plus ``params``."""
+        common = {
+            "resolved_mode": self.mode,
+            "weights": self.weights,
+            "image_size": self.image_size,
+            "n_train": len(self.y_train),
+            "n_val": len(self.y_val),
+            "classes": self.n_classes,
+        }
+        return self.candidate.training_run({**self.tags, TRAINING_MODE_TAG: self.mode}, {**common, **params})
+
+    def frozen_embeddings(self) -> tuple:
+        """head_on_embeddings: the embeddings' saved backbone, and the train and val rows' embeddings."""
+        import keras
+
+        storage = self.candidate.storage
+        backbone = keras.saving.load_model(embeddings_files(self.image_embeddings, storage)[1])
+        e_train = load_embeddings(self.image_embeddings, self.train_rows, storage)
+        e_val = load_embeddings(self.image_embeddings, self.val_rows, storage)
+        return backbone, e_train, e_val
+
+    def head_builder(self, e_train: np.ndarray) -> Callable:
+        """head_on_embeddings: a fresh classifier head standardised on the train embeddings."""
+        from scin_pipeline.core import models
+
+        return lambda: models.build_classifier_head(
+            e_train.shape[1], self.n_classes, self.config.dropout, normalize_with=e_train
+        )
+
+    def supervised_head(self, run, e_train: np.ndarray, e_val: np.ndarray) -> TrainResult:
+        """head_on_embeddings, supervised: the head trained on the train embeddings."""
+        from scin_pipeline.core import training
+
+        return training.train_head_on_embeddings(
+            e_train,
+            self.y_train,
+            e_val,
+            self.y_val,
+            head_builder=self.head_builder(e_train),
+            config=self.train_config,
+            checkpoint_dir=self.candidate.checkpoint_dir,
+            on_epoch_end=self.candidate.epoch_logger(run),
+        )
+
+    def fine_tune_start(self) -> tuple:
+        """fine_tune: a fresh backbone (the embeddings' weights), a classifier head for it, and the train and
+        val pixels."""
+        from scin_pipeline.core import models
+
+        cache_dir = self.candidate.storage.image_tensors_dir
+        x_train = image_cache.load_images(self.train_rows, cache_dir)
+        x_val = image_cache.load_images(self.val_rows, cache_dir)
+        backbone = models.build_backbone(
+            self.backbone_name, self.image_size, None if self.weights == "none" else self.weights
+        )
+        head = models.build_classifier_head(backbone.output_shape[-1], self.n_classes, self.config.dropout)
+        return backbone, head, x_train, x_val
+
+    def supervised_fine_tune(self, run, backbone, head, x_train: np.ndarray, x_val: np.ndarray) -> TransferResult:
+        """fine_tune, supervised: frozen, then the top layers unfrozen (core.training.fine_tune_transfer)."""
+        from scin_pipeline.core import training
+
+        return training.fine_tune_transfer(
+            backbone,
+            head,
+            x_train,
+            self.y_train,
+            x_val,
+            self.y_val,
+            config=self.train_config,
+            checkpoint_dir=self.candidate.checkpoint_dir,
+            on_epoch_end=self.candidate.epoch_logger(run),
+        )
+
+    def finish(self, run, model, result, *, metadata: dict, package_extra: dict) -> Trained:
+        """CandidateRun.finish with the shared tags, backend and weights; the history ends the metadata."""
+        return self.candidate.finish(
+            run,
+            model,
+            result,
+            tags=self.tags,
+            keras_backend=self.described["backend"],
+            weights=self.weights,
+            metadata={**metadata, "history": table_md(result.history, rows=40)},
+            package_extra=package_extra,
+        )
+
+
+def _transfer_setup(candidate: CandidateRun, embeddings_input: str) -> TransferSetup:
     config, inputs = candidate.config, candidate.inputs
-    assert isinstance(config, TransferConfig)  # its candidate_asset's config class
+    assert isinstance(config, TransferConfig)  # its candidate_asset's config class (or a subclass)
     assert candidate.image_size is not None  # set from image_tensors, an input of every Keras candidate
     described = _prepare_keras(config)
-    import keras
-
-    from scin_pipeline.core import models, training
-
     labeled_splits, image_tensors, image_embeddings = (
         inputs["labeled_splits"],
         inputs["image_tensors"],
         inputs[embeddings_input],
     )
-    backbone_name = EMBEDDINGS_ASSETS[embeddings_input]
-    weights = backbone_weights(image_embeddings)
-    mode = _resolved_mode(config, described)
-    # Pixels are read only for fine-tuning; a head on embeddings needs the rows alone (on the full release
-    # the train split's pixels are ~1.5 GB at 224 px).
     train_rows, y_train = split_rows(labeled_splits, image_tensors, "train", candidate.classes)
     val_rows, y_val = split_rows(labeled_splits, image_tensors, "val", candidate.classes)
-    train_config = _train_config(config)
-    n_classes = len(candidate.classes)
-    tags = {KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights}
-    params = {
-        "resolved_mode": mode,
-        "backbone": backbone_name,
-        "weights": weights,
-        "image_size": candidate.image_size,
-        "n_train": len(y_train),
-        "n_val": len(y_val),
-        "classes": n_classes,
-    }
-    with candidate.training_run({**tags, TRAINING_MODE_TAG: mode}, params) as run:
-        if mode == "head_on_embeddings":
-            backbone = keras.saving.load_model(embeddings_files(image_embeddings, candidate.storage)[1])
-            e_train, e_val = (
-                load_embeddings(image_embeddings, train_rows, candidate.storage),
-                load_embeddings(image_embeddings, val_rows, candidate.storage),
-            )
-            result = training.train_head_on_embeddings(
-                e_train,
-                y_train,
-                e_val,
-                y_val,
-                head_builder=lambda: models.build_classifier_head(
-                    e_train.shape[1], n_classes, config.dropout, normalize_with=e_train
-                ),
-                config=train_config,
-                checkpoint_dir=candidate.checkpoint_dir,
-                on_epoch_end=candidate.epoch_logger(run),
-            )
+    return TransferSetup(
+        candidate=candidate,
+        config=config,
+        described=described,
+        train_config=_train_config(config),
+        image_embeddings=image_embeddings,
+        backbone_name=EMBEDDINGS_ASSETS[embeddings_input],
+        weights=backbone_weights(image_embeddings),
+        mode=_resolved_mode(config, described),
+        image_size=candidate.image_size,
+        train_rows=train_rows,
+        y_train=y_train,
+        val_rows=val_rows,
+        y_val=y_val,
+    )
+
+
+def _train_transfer(candidate: CandidateRun, embeddings_input: str) -> Trained:
+    setup = _transfer_setup(candidate, embeddings_input)
+    from scin_pipeline.core import models
+
+    with setup.training_run(backbone=setup.backbone_name) as run:
+        result: TrainResult | TransferResult
+        if setup.mode == "head_on_embeddings":
+            backbone, e_train, e_val = setup.frozen_embeddings()
+            result = setup.supervised_head(run, e_train, e_val)
             model = models.compose_end_to_end(backbone, result.model, with_metadata=False)
         else:
-            cache_dir = candidate.storage.image_tensors_dir
-            x_train = image_cache.load_images(train_rows, cache_dir)
-            x_val = image_cache.load_images(val_rows, cache_dir)
-            backbone = models.build_backbone(
-                backbone_name, candidate.image_size, None if weights == "none" else weights
-            )
-            head = models.build_classifier_head(backbone.output_shape[-1], n_classes, config.dropout)
-            result = training.fine_tune_transfer(
-                backbone,
-                head,
-                x_train,
-                y_train,
-                x_val,
-                y_val,
-                config=train_config,
-                checkpoint_dir=candidate.checkpoint_dir,
-                on_epoch_end=candidate.epoch_logger(run),
-            )
+            result = setup.supervised_fine_tune(run, *setup.fine_tune_start())
             model = result.model
-        return candidate.finish(
+        mode, backbone_name, weights = setup.mode, setup.backbone_name, setup.weights
+        return setup.finish(
             run,
             model,
             result,
-            tags=tags,
-            keras_backend=described["backend"],
-            weights=weights,
-            metadata={"mode": mode, "backbone": backbone_name, "history": table_md(result.history, rows=40)},
+            metadata={"mode": mode, "backbone": backbone_name},
             package_extra={"mode": mode, "backbone": backbone_name, "weights": weights},
         )
 
@@ -1019,25 +1105,17 @@ def _cached_views(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
 
 
 def _train_resnet50_fixmatch(candidate: CandidateRun) -> Trained:
+    setup = _transfer_setup(candidate, "image_embeddings")
     config, inputs = candidate.config, candidate.inputs
     assert isinstance(config, FixMatchTrainingConfig)  # its candidate_asset's config class
-    assert candidate.image_size is not None  # set from image_tensors, an input of every Keras candidate
-    described = _prepare_keras(config)
-    import keras
+    from scin_pipeline.core import models, semi_supervised
 
-    from scin_pipeline.core import models, semi_supervised, training
-
-    labeled_splits, image_tensors, image_embeddings = (
-        inputs["labeled_splits"],
-        inputs["image_tensors"],
-        inputs["image_embeddings"],
+    image_embeddings, mode, weights = setup.image_embeddings, setup.mode, setup.weights
+    train_rows, y_train, y_val = setup.train_rows, setup.y_train, setup.y_val
+    train_config = setup.train_config
+    pool_rows = pool_image_rows(
+        inputs["unlabelled_pool"], inputs["labeled_splits"], inputs["image_tensors"], config.max_pool_images
     )
-    weights = backbone_weights(image_embeddings)
-    mode = _resolved_mode(config, described)
-    train_rows, y_train = split_rows(labeled_splits, image_tensors, "train", candidate.classes)
-    val_rows, y_val = split_rows(labeled_splits, image_tensors, "val", candidate.classes)
-    pool_rows = pool_image_rows(inputs["unlabelled_pool"], labeled_splits, image_tensors, config.max_pool_images)
-    train_config = _train_config(config)
     fixmatch = semi_supervised.FixMatchConfig(
         threshold=config.threshold,
         unlabelled_weight=config.unlabelled_weight,
@@ -1045,46 +1123,18 @@ def _train_resnet50_fixmatch(candidate: CandidateRun) -> Trained:
         weak_views=config.weak_views,
         strong_views=config.strong_views,
     )
-    n_classes = len(candidate.classes)
     cache_dir = candidate.storage.image_tensors_dir
-    tags = {KERAS_BACKEND_TAG: described["backend"], WEIGHTS_TAG: weights}
-    params = {
-        "resolved_mode": mode,
-        "weights": weights,
-        "image_size": candidate.image_size,
-        "n_train": len(y_train),
-        "n_val": len(y_val),
-        "n_pool_images": len(pool_rows),
-        "classes": n_classes,
-    }
     if pool_rows.empty:
         candidate.context.log.warning(
             "resnet50_fixmatch: no unlabelled pool image has cached pixels; trained without the consistency "
             "term (as its supervised twin)"
         )
     metadata: dict = {"mode": mode, "pool_images": len(pool_rows)}
-    with candidate.training_run({**tags, TRAINING_MODE_TAG: mode}, params) as run:
+    with setup.training_run(n_pool_images=len(pool_rows)) as run:
         if mode == "head_on_embeddings":
-            backbone = keras.saving.load_model(embeddings_files(image_embeddings, candidate.storage)[1])
-            e_train, e_val = (
-                load_embeddings(image_embeddings, train_rows, candidate.storage),
-                load_embeddings(image_embeddings, val_rows, candidate.storage),
-            )
-
-            def head_builder():
-                return models.build_classifier_head(e_train.shape[1], n_classes, config.dropout, normalize_with=e_train)
-
+            backbone, e_train, e_val = setup.frozen_embeddings()
             if pool_rows.empty:
-                result = training.train_head_on_embeddings(
-                    e_train,
-                    y_train,
-                    e_val,
-                    y_val,
-                    head_builder=head_builder,
-                    config=train_config,
-                    checkpoint_dir=candidate.checkpoint_dir,
-                    on_epoch_end=candidate.epoch_logger(run),
-                )
+                result = setup.supervised_head(run, e_train, e_val)
             else:
                 views_dir = candidate.checkpoint_dir
                 views_dir.mkdir(parents=True, exist_ok=True)
@@ -1139,7 +1189,7 @@ def _train_resnet50_fixmatch(candidate: CandidateRun) -> Trained:
                     pool_strong,
                     e_val,
                     y_val,
-                    head_builder=head_builder,
+                    head_builder=setup.head_builder(e_train),
                     config=train_config,
                     fixmatch=fixmatch,
                     checkpoint_dir=candidate.checkpoint_dir / "fit",
@@ -1147,22 +1197,9 @@ def _train_resnet50_fixmatch(candidate: CandidateRun) -> Trained:
                 )
             model = models.compose_end_to_end(backbone, result.model, with_metadata=False)
         else:
-            x_train = image_cache.load_images(train_rows, cache_dir)
-            x_val = image_cache.load_images(val_rows, cache_dir)
-            backbone = models.build_resnet50_backbone(candidate.image_size, None if weights == "none" else weights)
-            head = models.build_classifier_head(backbone.output_shape[-1], n_classes, config.dropout)
+            backbone, head, x_train, x_val = setup.fine_tune_start()
             if pool_rows.empty:
-                result = training.fine_tune_transfer(
-                    backbone,
-                    head,
-                    x_train,
-                    y_train,
-                    x_val,
-                    y_val,
-                    config=train_config,
-                    checkpoint_dir=candidate.checkpoint_dir,
-                    on_epoch_end=candidate.epoch_logger(run),
-                )
+                result = setup.supervised_fine_tune(run, backbone, head, x_train, x_val)
             else:
                 result = semi_supervised.fine_tune_fixmatch(
                     backbone,
@@ -1183,14 +1220,11 @@ def _train_resnet50_fixmatch(candidate: CandidateRun) -> Trained:
             metadata["final_pseudo_label_rate"] = float(history["pseudo_label_rate"].iloc[-1])
         if candidate.synthetic:
             metadata["note_fixmatch"] = "SYNTHETIC images: the pseudo-labels and their rate say nothing about skin"
-        return candidate.finish(
+        return setup.finish(
             run,
             model,
             result,
-            tags=tags,
-            keras_backend=described["backend"],
-            weights=weights,
-            metadata={**metadata, "history": table_md(history, rows=40)},
+            metadata=metadata,
             package_extra={"mode": mode, "weights": weights, "semi_supervised": "fixmatch"},
         )
 
