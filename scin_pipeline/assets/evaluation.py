@@ -7,6 +7,7 @@ validation split by a stated rule; test figures are reported, never used to choo
 """
 
 import json
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -15,6 +16,7 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetIn,
     AssetOut,
     Config,
     MetadataValue,
@@ -69,8 +71,21 @@ SCORED_SPLITS = ("val", blank_split("val"), "test")  # the splits of model_evalu
 PASSED_OVER_TAG = "scin.passed_over"  # on a candidate's run when no champion is named: why it was not eligible
 
 
+# Every candidate's training table as an input, for the assets that read them all (model_evaluation,
+# model_comparison, fairness_report): they take them as **candidate_frames, so a candidate added to
+# CANDIDATES reaches all three.
+CANDIDATE_INS = {name: AssetIn(dagster_type=pd.DataFrame) for name in CANDIDATES}
+
+
 def candidates_table(*frames: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([f for f in frames if f is not None and len(f)], ignore_index=True)
+
+
+def every_candidate(candidate_frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The training tables of CANDIDATE_INS (one row per trained candidate) in CANDIDATES order."""
+    if set(candidate_frames) != set(CANDIDATES):
+        raise TypeError(f"expected one training table per candidate {list(CANDIDATES)}, got {sorted(candidate_frames)}")
+    return candidates_table(*(candidate_frames[name] for name in CANDIDATES))
 
 
 def calibration_table(candidates: pd.DataFrame, packages: dict, overall: pd.DataFrame) -> pd.DataFrame:
@@ -117,34 +132,21 @@ def calibration_table(candidates: pd.DataFrame, packages: dict, overall: pd.Data
             "the candidates' order). What the fairness report is computed from.",
         ),
     },
+    ins=CANDIDATE_INS,
 )
 def model_evaluation(
     context: AssetExecutionContext,
-    baseline_cnn: pd.DataFrame,
-    resnet50_transfer: pd.DataFrame,
-    resnet50_fixmatch: pd.DataFrame,
-    efficientnet_transfer: pd.DataFrame,
-    metadata_model: pd.DataFrame,
-    metadata_model_self_trained: pd.DataFrame,
-    multimodal: pd.DataFrame,
     labeled_splits: pd.DataFrame,
     image_tensors: pd.DataFrame,
     cases: pd.DataFrame,
     storage: StoragePaths,
     mlflow: MlflowTracking,
+    **candidate_frames: pd.DataFrame,
 ):
     from scin_pipeline.core import evaluation
     from scin_pipeline.core.packaged_model import METADATA_KINDS, PackagedClassifier
 
-    candidates = candidates_table(
-        baseline_cnn,
-        resnet50_transfer,
-        resnet50_fixmatch,
-        efficientnet_transfer,
-        metadata_model,
-        metadata_model_self_trained,
-        multimodal,
-    )
+    candidates = every_candidate(candidate_frames)
     classes = json.loads(candidates["classes"].iloc[0])
     cache_dir = storage.image_tensors_dir
     out_dir = storage.table_files_dir("model_evaluation")
@@ -325,6 +327,7 @@ class ComparisonConfig(Config):
             "alias points at it; blocks the model card otherwise.",
         )
     ],
+    ins=CANDIDATE_INS,
 )
 def model_comparison(
     context: AssetExecutionContext,
@@ -332,29 +335,15 @@ def model_comparison(
     model_evaluation: pd.DataFrame,
     fairness_gates: pd.DataFrame,
     fairness_report: pd.DataFrame,
-    baseline_cnn: pd.DataFrame,
-    resnet50_transfer: pd.DataFrame,
-    resnet50_fixmatch: pd.DataFrame,
-    efficientnet_transfer: pd.DataFrame,
-    metadata_model: pd.DataFrame,
-    metadata_model_self_trained: pd.DataFrame,
-    multimodal: pd.DataFrame,
     mlflow: MlflowTracking,
+    **candidate_frames: pd.DataFrame,
 ):
     from scin_pipeline.core.evaluation import top_k_is_informative
     from scin_pipeline.core.plots import metric_comparison_png
 
     if config.selection_split == "test":
         raise ValueError("selection_split must not be 'test': the test split only reports")
-    candidates = candidates_table(
-        baseline_cnn,
-        resnet50_transfer,
-        resnet50_fixmatch,
-        efficientnet_transfer,
-        metadata_model,
-        metadata_model_self_trained,
-        multimodal,
-    )
+    candidates = every_candidate(candidate_frames)
     n_classes = len(json.loads(candidates["classes"].iloc[0]))
     overall = model_evaluation[model_evaluation["class"].isna() | (model_evaluation["class"] == "")]
     wide = overall.pivot_table(index="model", columns=["split", "metric"], values="value")

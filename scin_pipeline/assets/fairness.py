@@ -29,7 +29,7 @@ from dagster import (
 from pydantic import Field
 
 from scin_pipeline.assets._metadata import metric_md, table_md
-from scin_pipeline.assets.evaluation import candidates_table
+from scin_pipeline.assets.evaluation import CANDIDATE_INS, candidates_table, every_candidate
 from scin_pipeline.core.atomic import write_parquet_atomic, write_text_atomic
 from scin_pipeline.core.champion import FAIRNESS_REASON_TAG, FAIRNESS_STATUS_TAG
 from scin_pipeline.core.rendering import png_data_uri_bytes
@@ -214,38 +214,25 @@ def cross_validated_predictions(
             "interval overlaps overall's. A failing candidate cannot become champion (model_comparison).",
         )
     ],
+    ins=CANDIDATE_INS,
 )
 def fairness_report(
     context: AssetExecutionContext,
     config: FairnessConfig,
     model_predictions: pd.DataFrame,
-    baseline_cnn: pd.DataFrame,
-    resnet50_transfer: pd.DataFrame,
-    resnet50_fixmatch: pd.DataFrame,
-    efficientnet_transfer: pd.DataFrame,
-    metadata_model: pd.DataFrame,
-    metadata_model_self_trained: pd.DataFrame,
-    multimodal: pd.DataFrame,
     cross_validated_predictions: pd.DataFrame,
     labeled_splits: pd.DataFrame,
     cases: pd.DataFrame,
     storage: StoragePaths,
     mlflow: MlflowTracking,
     scin_source: ScinSourceResource,
+    **candidate_frames: pd.DataFrame,
 ):
     from scin_pipeline.core import crossval, fairness
     from scin_pipeline.core.evaluation import case_level_predictions
     from scin_pipeline.core.fairness_report import fairness_html, fairness_markdown, fairness_plots, plot_key
 
-    candidates = candidates_table(
-        baseline_cnn,
-        resnet50_transfer,
-        resnet50_fixmatch,
-        efficientnet_transfer,
-        metadata_model,
-        metadata_model_self_trained,
-        multimodal,
-    )
+    candidates = every_candidate(candidate_frames)
     classes = json.loads(candidates["classes"].iloc[0])
     per_case = case_level_predictions(model_predictions)
     synthetic = scin_source.is_synthetic()

@@ -14,7 +14,13 @@ import pandas as pd
 import pytest
 from dagster import AssetCheckResult, Output, build_asset_context
 
-from scin_pipeline.assets.evaluation import PASSED_OVER_TAG, ComparisonConfig, model_comparison
+from scin_pipeline.assets.evaluation import (
+    CANDIDATES,
+    PASSED_OVER_TAG,
+    ComparisonConfig,
+    every_candidate,
+    model_comparison,
+)
 from scin_pipeline.resources import MlflowTracking, StoragePaths
 from scin_pipeline.resources.mlflow_tracking import (
     CHAMPION_CLEARED_AT_TAG,
@@ -253,3 +259,19 @@ def test_the_comparison_is_narrow_tables_without_top3_on_three_classes_and_an_in
     assert len(calibration) == 2 + 2  # header, rule, one row per candidate
     plot = output.metadata["test_metrics_plot"].value
     assert plot.startswith("![comparison](data:image/png;base64,")
+
+
+def test_every_candidate_reads_the_trained_ones_in_candidates_order_and_refuses_a_missing_one():
+    """The candidate tables reach model_evaluation, model_comparison and fairness_report as keyword inputs:
+    their order must not depend on the keywords' (the candidates' order is the tables' row order)."""
+
+    def row(model: str) -> pd.DataFrame:
+        return pd.DataFrame([{"model": model, "classes": json.dumps(CLASSES)}])
+
+    frames = {name: row(name) if name != "resnet50_fixmatch" else pd.DataFrame() for name in reversed(CANDIDATES)}
+
+    table = every_candidate(frames)
+
+    assert list(table["model"]) == [name for name in CANDIDATES if name != "resnet50_fixmatch"]
+    with pytest.raises(TypeError, match="one training table per candidate"):
+        every_candidate({name: row(name) for name in CANDIDATES if name != "multimodal"})
