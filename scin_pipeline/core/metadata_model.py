@@ -220,6 +220,20 @@ class MetadataModel:
     estimators: list = field(default_factory=list)
 
 
+def boosted_trees(config: MetadataModelConfig) -> HistGradientBoostingClassifier:
+    """The unfitted boosted-trees half of a model of ``config`` (kind hist_gradient_boosting or
+    logistic_plus_boosting), for the multi-label and the single-label model alike."""
+    return HistGradientBoostingClassifier(
+        max_depth=config.max_depth,
+        learning_rate=config.learning_rate,
+        max_iter=config.max_iter,
+        l2_regularization=config.l2_regularization,
+        min_samples_leaf=config.min_samples_leaf,
+        early_stopping=False,  # pyright: ignore[reportArgumentType]  # sklearn takes 'auto' or a bool; str is inferred from the default
+        random_state=config.seed,
+    )
+
+
 def train_metadata_model(
     X_train, Y_train: np.ndarray, config: MetadataModelConfig = MetadataModelConfig()
 ) -> MetadataModel:
@@ -237,15 +251,7 @@ def train_metadata_model(
         if config.kind in ("logistic", "logistic_plus_boosting"):
             fitted.append(LogisticRegression(C=config.C, class_weight="balanced", max_iter=2000).fit(X, y))
         if config.kind in ("hist_gradient_boosting", "logistic_plus_boosting"):
-            boosting = HistGradientBoostingClassifier(
-                max_depth=config.max_depth,
-                learning_rate=config.learning_rate,
-                max_iter=config.max_iter,
-                l2_regularization=config.l2_regularization,
-                min_samples_leaf=config.min_samples_leaf,
-                early_stopping=False,  # pyright: ignore[reportArgumentType]  # sklearn takes 'auto' or a bool; str is inferred from the default
-                random_state=config.seed,
-            )
+            boosting = boosted_trees(config)
             # HGB's class_weight would do the same; sample weights keep it explicit: each side weighs half.
             fitted.append(boosting.fit(X, y, sample_weight=compute_sample_weight("balanced", y)))
         model.estimators.append(fitted)
@@ -493,17 +499,7 @@ def fit_single_label_metadata_model(
             LogisticRegression(C=config.C, max_iter=3000).fit(matrix, labels, sample_weight=weights)
         )
     if config.kind in ("hist_gradient_boosting", "logistic_plus_boosting"):
-        model.estimators.append(
-            HistGradientBoostingClassifier(
-                max_depth=config.max_depth,
-                learning_rate=config.learning_rate,
-                max_iter=config.max_iter,
-                l2_regularization=config.l2_regularization,
-                min_samples_leaf=config.min_samples_leaf,
-                early_stopping=False,  # pyright: ignore[reportArgumentType]  # sklearn takes 'auto' or a bool; str is inferred from the default
-                random_state=config.seed,
-            ).fit(matrix, labels, sample_weight=weights)
-        )
+        model.estimators.append(boosted_trees(config).fit(matrix, labels, sample_weight=weights))
     return model
 
 
