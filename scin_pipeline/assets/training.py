@@ -53,7 +53,7 @@ from scin_pipeline.core.questionnaire import (
 )
 from scin_pipeline.core.rendering import png_data_uri_bytes
 from scin_pipeline.core.splits import SPLITS_VERSION_COLUMNS, splits_data_version
-from scin_pipeline.core.training import TrainConfig, TrainResult, TransferResult
+from scin_pipeline.core.training import TrainConfig, TrainResult, TransferResult, monitored_key
 from scin_pipeline.resources import MlflowTracking, ScinSourceResource, StoragePaths
 from scin_pipeline.resources.mlflow_tracking import (
     CANDIDATE_TAG,
@@ -555,7 +555,12 @@ class CandidateRun:
             )
         tensors = inputs.get("image_tensors")
         self.image_size = int(tensors["image_size"].iloc[0]) if tensors is not None else None
-        self.monitor = config.monitor if isinstance(config, TrainingConfig) else "val_macro_f1"
+        # A Keras model that reads the questionnaire is stopped on its both-forms score (core.training).
+        self.monitor = (
+            monitored_key(config.monitor, reads_questionnaire=kind == "keras_multimodal")
+            if isinstance(config, TrainingConfig)
+            else "val_macro_f1"
+        )
         self.splits_version = splits_data_version(labeled_splits)
         self.code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or "none"
         self.run_key = run_key_for(
@@ -1494,5 +1499,5 @@ multimodal = candidate_asset(
     "questionnaire_dropout, so a blank form gets an answer from the image; every epoch is also scored with "
     "blank validation questionnaires (val_blank_*). Saved as one model on raw uint8 images plus the metadata "
     "vector.",
-    code_version="4",  # 2: modality dropout, blank-questionnaire validation scores; 3: calibrated; 4: T on both forms
+    code_version="5",  # 2: questionnaire dropout; 3: calibrated; 4: T and 5: early stopping on both forms
 )

@@ -51,12 +51,18 @@ import numpy as np
 import pandas as pd
 
 from scin_pipeline.core.atomic import atomic_target, write_text_atomic
+from scin_pipeline.core.champion import ChampionRule
 
 logger = logging.getLogger(__name__)
 
 MONITORS = ("val_macro_f1", "val_balanced_accuracy")
 # Scored again on validation with every questionnaire blank (models that read one), as val_blank_<name>.
 BLANK_SCORES = ("macro_f1", "balanced_accuracy")
+# A model that reads the questionnaire is ranked by the champion rule on both forms (core.champion:
+# (1 - w) x answered + w x blank). It stops early, and keeps its best epoch, by the same score, logged as
+# val_both_forms_<name> with the rule's default weight: stopping on the answered score alone kept epochs
+# that answered blank forms worse than the rule would have chosen.
+BOTH_FORMS_WEIGHT = ChampionRule().blank_questionnaire_weight
 HISTORY_COLUMNS = (
     "epoch",
     "phase",
@@ -73,6 +79,14 @@ _BEST_WEIGHTS = "best.weights.h5"
 _FINAL_WEIGHTS = "final.weights.h5"
 _COMPLETED = "completed.json"
 _BACKUP_DIR = "backup"
+
+
+def monitored_key(monitor: str, reads_questionnaire: bool) -> str:
+    """The epoch-log key early stopping and checkpoints follow: ``monitor`` (one of ``MONITORS``) or, for a
+    model scored with blank questionnaires too, its both-forms score ``val_both_forms_<metric>``."""
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor={monitor!r}: choose one of {', '.join(MONITORS)}")
+    return "val_both_forms_" + monitor.removeprefix("val_") if reads_questionnaire else monitor
 
 
 @dataclass
@@ -240,7 +254,8 @@ def _macro_metrics_class():
     class MacroMetricsCallback(keras.callbacks.Callback):
         """Writes val_loss, val_accuracy, val_balanced_accuracy, val_macro_f1 and learning_rate into the
         epoch-end logs, from one prediction of the validation inputs; with ``blank_val_inputs`` (the same
-        rows with every questionnaire blank) also val_blank_macro_f1 and val_blank_balanced_accuracy. Put
+        rows with every questionnaire blank) also val_blank_macro_f1 and val_blank_balanced_accuracy, and
+        the both-forms scores val_both_forms_* (``BOTH_FORMS_WEIGHT``) that such a model is stopped on. Put
         it before the callbacks that read these keys (EarlyStopping, ModelCheckpoint, CSVLogger; Keras'
         History always runs last). ``predict_model``: the model that scores the validation inputs when it is
         not the one being fitted (a training wrapper around a classifier, e.g. core.semi_supervised's
@@ -262,7 +277,10 @@ def _macro_metrics_class():
             if self.blank_val_inputs is not None:
                 blank_probabilities = predict_in_batches(scorer, self.blank_val_inputs, self.batch_size)
                 blank = _macro_scores(self.val_y, blank_probabilities)
-                logs.update({f"val_blank_{name}": blank[f"val_{name}"] for name in BLANK_SCORES})
+                w = BOTH_FORMS_WEIGHT
+                for name in BLANK_SCORES:
+                    logs[f"val_blank_{name}"] = blank[f"val_{name}"]
+                    logs[f"val_both_forms_{name}"] = (1 - w) * logs[f"val_{name}"] + w * blank[f"val_{name}"]
             learning_rate = cast(np.ndarray, keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             logs["learning_rate"] = float(learning_rate)
 
@@ -362,7 +380,8 @@ def fit_classifier(
     ``on_epoch_end(epoch, logs)`` gets the 1-based global epoch and the float logs (for MLflow).
     ``learning_rate`` / ``epochs`` default to ``config.learning_rate`` / ``config.epochs``.
     ``callbacks`` run after ours (they see the finished epoch's logs and backup). ``blank_val_inputs``: the
-    validation inputs with every questionnaire blank, scored each epoch as val_blank_* (not monitored).
+    validation inputs with every questionnaire blank, scored each epoch as val_blank_*; with them, stopping
+    and the kept epoch follow the both-forms score (``monitored_key``; ``TrainResult.monitor`` names it).
     ``metric_callbacks`` run right after the validation metrics, before logging and stopping: what they
     write into the logs is in the history and reaches ``on_epoch_end``. ``val_model`` scores ``val_inputs``
     when ``model`` is a training wrapper that does not take them (its weights are ``model``'s, so stopping
@@ -374,6 +393,7 @@ def fit_classifier(
 
     learning_rate = config.learning_rate if learning_rate is None else learning_rate
     epochs = config.epochs if epochs is None else epochs
+    monitor = monitored_key(config.monitor, reads_questionnaire=blank_val_inputs is not None)
     keras.utils.set_random_seed(config.seed)
     _compile(model, learning_rate)
 
@@ -382,20 +402,20 @@ def fit_classifier(
     resumed_from = None
     if ckpt is not None:
         if (ckpt / _COMPLETED).exists() and (ckpt / _FINAL_WEIGHTS).exists():
-            return _load_completed(model, ckpt, config.monitor, phase)
+            return _load_completed(model, ckpt, monitor, phase)
         ckpt.mkdir(parents=True, exist_ok=True)
         state_file = ckpt / _BACKUP_DIR / "training_metadata.json"
         if state_file.exists():
             finished = int(json.loads(state_file.read_text())["epoch"])  # Keras epochs done (absolute)
             resumed_from = finished
-            prior = _truncate_history(ckpt / _HISTORY_CSV, finished, config.monitor)
+            prior = _truncate_history(ckpt / _HISTORY_CSV, finished, monitor)
             if hasattr(train_data, "set_epoch"):  # CachedImageSequence: continue its shuffle/augment stream
                 train_data.set_epoch(finished - initial_epoch_offset)
         else:
             for stale in (_HISTORY_CSV, _BEST_WEIGHTS):
                 (ckpt / stale).unlink(missing_ok=True)
 
-    early_stopping = _resumable_early_stopping(config.monitor, config.early_stopping_patience, prior)
+    early_stopping = _resumable_early_stopping(monitor, config.early_stopping_patience, prior)
     all_callbacks: list[keras.callbacks.Callback] = [
         _macro_metrics_class()(
             val_inputs, val_y, config.batch_size, blank_val_inputs=blank_val_inputs, predict_model=val_model
@@ -407,7 +427,7 @@ def fit_classifier(
             keras.callbacks.CSVLogger(str(ckpt / _HISTORY_CSV), append=True),
             keras.callbacks.ModelCheckpoint(
                 str(ckpt / _BEST_WEIGHTS),
-                monitor=config.monitor,
+                monitor=monitor,
                 mode="max",
                 save_best_only=True,
                 save_weights_only=True,
@@ -452,13 +472,13 @@ def fit_classifier(
     if records.empty:
         raise RuntimeError(f"fit of {model.name!r} ran no epoch (epochs={epochs}, checkpoint_dir={ckpt})")
     history = _history_frame(records, phase)
-    best_epoch, best_score = _best(history, config.monitor)
+    best_epoch, best_score = _best(history, monitor)
     result = TrainResult(
         model=model,
         history=history,
         best_epoch=best_epoch,
         best_score=best_score,
-        monitor=config.monitor,
+        monitor=monitor,
         stopped_early=early_stopping.stopped_epoch > 0,
         resumed_from_epoch=resumed_from,
     )

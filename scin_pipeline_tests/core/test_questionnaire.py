@@ -15,6 +15,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score
 
 from scin_pipeline.core import schema
+from scin_pipeline.core.champion import ChampionRule
 from scin_pipeline.core.metadata_model import (
     METADATA_FEATURE_COLUMNS,
     QUESTIONS,
@@ -26,7 +27,7 @@ from scin_pipeline.core.metadata_model import (
 )
 from scin_pipeline.core.models import build_multimodal_head, questionnaire_dropout
 from scin_pipeline.core.questionnaire import blank_questionnaires, check_questionnaire_dropout, questionnaire_scores
-from scin_pipeline.core.training import TrainConfig, train_head_on_embeddings
+from scin_pipeline.core.training import BOTH_FORMS_WEIGHT, TrainConfig, monitored_key, train_head_on_embeddings
 from scin_pipeline.serve.inputs import PredictionRequest
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -167,6 +168,13 @@ def test_a_multimodal_head_trained_with_dropout_answers_a_blank_form_from_the_im
             ),
         )
         assert {"val_blank_macro_f1", "val_blank_balanced_accuracy"} <= set(result.history.columns)
+        # Stopped, and its epoch kept, on the score the champion rule ranks it by: both forms, equal weight.
+        history = result.history
+        assert result.monitor == "val_both_forms_macro_f1"
+        np.testing.assert_allclose(
+            history["val_both_forms_macro_f1"], (history["val_macro_f1"] + history["val_blank_macro_f1"]) / 2
+        )
+        assert result.best_epoch == history["epoch"].iloc[int(history["val_both_forms_macro_f1"].argmax())]
         answered = result.model.predict({"embedding": e_val, "metadata": m_val}, verbose=0).argmax(axis=1)
         assert balanced_accuracy_score(val_y, answered) > 0.95, rate  # the answers decide the class
         p_blank = result.model.predict(blank_val, verbose=0)
@@ -189,3 +197,11 @@ def test_questionnaire_scores_record_both_scores_and_none_where_unmeasured():
         "val_blank_balanced_accuracy": None,
     }
     assert questionnaire_scores(0.0, {"macro_f1": float("nan")}, {})["val_macro_f1"] is None
+
+
+def test_the_monitored_key_is_the_both_forms_score_for_a_model_that_reads_the_questionnaire():
+    assert monitored_key("val_macro_f1", reads_questionnaire=False) == "val_macro_f1"
+    assert monitored_key("val_balanced_accuracy", reads_questionnaire=True) == "val_both_forms_balanced_accuracy"
+    assert BOTH_FORMS_WEIGHT == ChampionRule().blank_questionnaire_weight  # the rule's default weight
+    with pytest.raises(ValueError, match="choose one of"):
+        monitored_key("val_loss", reads_questionnaire=True)
