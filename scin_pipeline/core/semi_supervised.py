@@ -487,7 +487,6 @@ def fine_tune_fixmatch(
     fine-tuning does not beat it. Returns the end-to-end classifier on raw uint8 images (the file to save)."""
     from scin_pipeline.core.models import compose_end_to_end
 
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     backbone.trainable = False
     classifier = compose_end_to_end(backbone, head, with_metadata=False)
     num_classes = int(classifier.output_shape[-1])
@@ -510,21 +509,18 @@ def fine_tune_fixmatch(
             seed=phase_seed,
         )
 
-    def fit(phase: str, phase_seed: int, **phase_overrides) -> TrainResult:
-        return fit_classifier(
-            wrapper,
-            batches(phase_seed),
-            val_images,
-            val_y,
-            config=config,
-            class_weight=class_weight,
-            checkpoint_dir=ckpt / phase if ckpt else None,
-            on_epoch_end=on_epoch_end,
-            phase=phase,
-            metric_callbacks=[rate],
-            val_model=classifier,
-            verbose=verbose,
-            **phase_overrides,
-        )
-
-    return frozen_then_fine_tuned(classifier, backbone, fit, config=config)
+    return frozen_then_fine_tuned(
+        classifier,
+        backbone,
+        batches,
+        val_images,
+        val_y,
+        config=config,
+        class_weight=class_weight,
+        checkpoint_dir=checkpoint_dir,
+        on_epoch_end=on_epoch_end,
+        verbose=verbose,
+        trained_model=wrapper,
+        metric_callbacks=[rate],
+        val_model=classifier,
+    )

@@ -605,7 +605,6 @@ def fine_tune_transfer(
     if with_metadata != (val_metadata is not None):
         raise ValueError("pass metadata for both train and validation, or for neither")
     dataset_factory = dataset_factory or functools.partial(default_dataset_factory, workers=config.loader_workers)
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     backbone.trainable = False
     model = compose_end_to_end(backbone, head, with_metadata=with_metadata)
@@ -624,9 +623,53 @@ def fine_tune_transfer(
             metadata=train_metadata,
         )
 
+    return frozen_then_fine_tuned(
+        model,
+        backbone,
+        batches,
+        val_inputs,
+        val_y,
+        config=config,
+        class_weight=class_weight,
+        checkpoint_dir=checkpoint_dir,
+        on_epoch_end=on_epoch_end,
+        verbose=verbose,
+        callbacks=callbacks,
+    )
+
+
+def frozen_then_fine_tuned(
+    model,
+    backbone,
+    batches: Callable[[int], Any],
+    val_inputs,
+    val_y,
+    *,
+    config: TrainConfig,
+    class_weight: dict | None,
+    checkpoint_dir: str | Path | None,
+    on_epoch_end: Callable[[int, dict], None] | None,
+    verbose: int,
+    trained_model=None,
+    **fit_options,
+) -> TransferResult:
+    """The two phases of every end-to-end transfer fine-tune (``fine_tune_transfer``, and FixMatch's in
+    ``core.semi_supervised.fine_tune_fixmatch``), on ``model``, an end-to-end model around ``backbone``
+    (frozen by the caller). Each phase is one ``fit_classifier`` of ``trained_model`` (default ``model``;
+    FixMatch trains a wrapper around it) on ``batches(phase_seed)``, checkpointed under the phase's name,
+    with ``fit_options`` (callbacks, metric_callbacks, val_model). Phase "frozen": ``config.seed``,
+    ``learning_rate``, ``epochs``; phase "fine_tune": ``config.seed + 1`` after the top ``unfreeze_layers``
+    are unfrozen (BatchNormalization stays frozen), ``fine_tune_learning_rate``, ``fine_tune_epochs``, its
+    epochs numbered after the frozen phase's. When fine-tuning does not beat the frozen phase's best score,
+    the frozen phase's weights are restored. The backbone is left frozen (the returned model is for
+    inference / saving)."""
+    from scin_pipeline.core.models import unfreeze_top
+
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
     def fit(phase: str, phase_seed: int, **phase_overrides) -> TrainResult:
         return fit_classifier(
-            model,
+            model if trained_model is None else trained_model,
             batches(phase_seed),
             val_inputs,
             val_y,
@@ -635,24 +678,10 @@ def fine_tune_transfer(
             checkpoint_dir=ckpt / phase if ckpt else None,
             on_epoch_end=on_epoch_end,
             phase=phase,
-            callbacks=callbacks,
             verbose=verbose,
+            **fit_options,
             **phase_overrides,
         )
-
-    return frozen_then_fine_tuned(model, backbone, fit, config=config)
-
-
-def frozen_then_fine_tuned(model, backbone, fit: Callable[..., TrainResult], *, config: TrainConfig) -> TransferResult:
-    """The two phases of every end-to-end transfer fine-tune (``fine_tune_transfer``, and FixMatch's in
-    ``core.semi_supervised.fine_tune_fixmatch``), on ``model``, an end-to-end model around ``backbone``
-    (frozen by the caller). ``fit(phase, phase_seed, **overrides)`` runs one phase's ``fit_classifier``
-    (checkpoints under the phase's name); phase "frozen" with ``config.seed``; phase "fine_tune" with
-    ``config.seed + 1`` after the top ``unfreeze_layers`` are unfrozen (BatchNormalization stays frozen), at
-    ``fine_tune_learning_rate`` for ``fine_tune_epochs``, its epochs numbered after the frozen phase's. When
-    fine-tuning does not beat the frozen phase's best score, the frozen phase's weights are restored. The
-    backbone is left frozen (the returned model is for inference / saving)."""
-    from scin_pipeline.core.models import unfreeze_top
 
     frozen = fit("frozen", config.seed)
     phases = {"frozen": frozen}
