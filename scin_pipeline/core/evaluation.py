@@ -25,7 +25,7 @@ Decisions, so that every number has one meaning across models, groups and bootst
   probability; 15 equal-width bins over [0, 1], right-closed ``(lo, hi]`` with 0 in the first bin;
   ``sum_b n_b / N * |accuracy_b - mean confidence_b|``. Empty bins contribute nothing.
 
-sklearn is used wherever it has the metric; own code only for top-k hits per row and the ECE binning
+sklearn is used wherever it has the metric; own code only for top-k hits per row and the ECE (core.calibration)
 (needed per row by the vectorised bootstrap in :mod:`scin_pipeline.core.fairness`, which must agree
 with these definitions exactly).
 
@@ -53,7 +53,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-ECE_BINS = 15
+# The ECE lives beside the temperature fit, which checks it (numpy only: it ships inside every model).
+from scin_pipeline.core.calibration import ECE_BINS, ece_bin_index, expected_calibration_error
+
 TOP_K = 3
 PROBA_SUM_TOLERANCE = 1e-2
 METRIC_NAMES = ["accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "mean_ovr_auc", "ece"]
@@ -154,24 +156,6 @@ def mean_ovr_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
     """Mean of the defined one-vs-rest AUCs; NaN when no class has one (a single class present)."""
     aucs, _ = ovr_auc_per_class(y_true, proba)
     return float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
-
-
-def ece_bin_index(confidence: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
-    """Bin of each confidence: right-closed equal-width bins ``(lo, hi]`` over [0, 1], 0 in bin 0."""
-    return np.clip(np.ceil(np.asarray(confidence) * n_bins).astype("int64") - 1, 0, n_bins - 1)
-
-
-def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """ECE of the top prediction (module docstring); own code because sklearn has no ECE."""
-    confidence = np.asarray(proba).max(axis=1)
-    correct = predicted_class(proba) == np.asarray(y_true)
-    bins = ece_bin_index(confidence, n_bins)
-    # Per bin |sum(correct) - sum(confidence)| / N equals n_b / N * |accuracy_b - confidence_b|.
-    gap = np.abs(
-        np.bincount(bins, weights=correct.astype("float64"), minlength=n_bins)
-        - np.bincount(bins, weights=confidence, minlength=n_bins)
-    )
-    return float(gap.sum() / len(confidence))
 
 
 def reliability_bins(y_true: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS) -> pd.DataFrame:

@@ -18,7 +18,7 @@ from scin_pipeline.core.calibration import (
     mean_nll,
     scale_probabilities,
 )
-from scin_pipeline.core.evaluation import expected_calibration_error
+from scin_pipeline.core.evaluation import evaluation_table, expected_calibration_error
 
 
 def miscalibrated_toy(true_temperature: float, n: int = 40_000, k: int = 5, seed: int = 0):
@@ -112,30 +112,73 @@ def test_round_trips_through_a_dict_and_refuses_bad_values():
 
 
 def test_one_temperature_for_both_forms_serves_answered_and_blank_better_than_either_alone():
-    # The same cases and labels (drawn from softmax(z)); with answers the model is over-confident
-    # (softmax(2 z): T ~ 2), with a blank form under-confident (softmax(z / 2): T ~ 0.5).
+    # The same cases and labels (drawn from softmax(z)); over-confident with answers (softmax(1.5 z): T ~ 1.5)
+    # and more so with a blank form (softmax(3 z): T ~ 3).
     rng = np.random.default_rng(5)
     logits = rng.normal(0.0, 2.0, (20_000, 4))
     y = (rng.random((len(logits), 1)) > softmax(logits, axis=1).cumsum(axis=1)).sum(axis=1)
-    answered, blank = softmax(2 * logits, axis=1), softmax(logits / 2, axis=1)
+    answered, blank = softmax(1.5 * logits, axis=1), softmax(3 * logits, axis=1)
     both = fit_temperature_answered_and_blank(answered, blank, y)
     alone = {"answered": fit_temperature(answered, y), "blank": fit_temperature(blank, y)}
-    assert alone["answered"].temperature == pytest.approx(2.0, rel=0.05)
-    assert alone["blank"].temperature == pytest.approx(0.5, rel=0.05)
-    assert alone["blank"].temperature < both.temperature < alone["answered"].temperature
+    assert alone["answered"].temperature == pytest.approx(1.5, rel=0.05)
+    assert alone["blank"].temperature == pytest.approx(3.0, rel=0.05)
+    assert alone["answered"].temperature < both.temperature < alone["blank"].temperature
     assert both.fitted_rows == 2 * len(y) and both.questionnaire == "answered+blank" and both.fitted
 
     def served_nll(t: float) -> float:  # a served form is either: the NLL over both
         return (mean_nll(answered, y, t) + mean_nll(blank, y, t)) / 2
 
+    def served_ece(t: float) -> float:  # the guard's figure: each form's ECE, averaged
+        forms = (answered, blank)
+        return sum(expected_calibration_error(y, scale_probabilities(p, t)) for p in forms) / 2
+
     assert served_nll(both.temperature) < min(served_nll(fit.temperature) for fit in alone.values())
     assert both.nll_after == pytest.approx(served_nll(both.temperature))
+    assert both.ece_before == pytest.approx(served_ece(1.0)) and both.ece_after == pytest.approx(
+        served_ece(both.temperature)
+    )
+    assert both.ece_after < both.ece_before
     assert "answered and with a blank questionnaire" in both.describe()
     assert TemperatureScaling.from_dict(both.to_dict()) == both
-    # A package written before the field existed still loads (the field defaults to one form).
-    old = {k: v for k, v in alone["answered"].to_dict().items() if k != "questionnaire"}
+    # A package written before these fields existed still loads (one form, no ECE recorded).
+    old = {
+        k: v for k, v in alone["answered"].to_dict().items() if k not in ("questionnaire", "ece_before", "ece_after")
+    }
     assert TemperatureScaling.from_dict(old).questionnaire == ""
+
+    # Over-confident with answers, under-confident blank: pooled, the two forms' gaps cancel in shared bins
+    # (pooled ECE 0.109 at T = 1); per form, the NLL's compromise T serves neither better: not applied.
+    opposite = fit_temperature_answered_and_blank(softmax(2 * logits, axis=1), softmax(logits / 2, axis=1), y)
+    assert not opposite.fitted and opposite.temperature == 1.0 and opposite.ece_after > opposite.ece_before
+    assert opposite.ece_before > 0.15  # each form's own miscalibration, which a pooled ECE would hide
+
     with pytest.raises(ValueError, match="differ in shape"):
         fit_temperature_answered_and_blank(answered, blank[:-1], y)
     few = fit_temperature_answered_and_blank(answered[:12], blank[:12], y[:12])
     assert not few.fitted and few.fitted_rows == 24  # 12 cases: under MIN_FIT_ROWS (20) per form
+
+
+def test_a_temperature_that_would_raise_the_validation_ece_is_not_applied():
+    # 50 rows answered at 0.6 and right 60 % of the time (calibrated), 5 wrong at ~1 with the true class at
+    # 1e-9: those dominate the NLL, whose optimum flattens every row towards 1/K, away from the accuracy.
+    proba = np.array([[0.6, 0.2, 0.1, 0.1]] * 50 + [[1 - 3e-9, 1e-9, 1e-9, 1e-9]] * 5)
+    y = np.array([0] * 30 + [1] * 25)
+    fit = fit_temperature(proba, y)
+    assert not fit.fitted and fit.temperature == 1.0
+    assert fit.ece_before == pytest.approx(expected_calibration_error(y, proba))
+    assert fit.ece_after > fit.ece_before and fit.nll_after == fit.nll_before == pytest.approx(mean_nll(proba, y))
+    assert "would raise the validation ECE from 0.091 to" in fit.note and "not applied" in fit.describe()
+    np.testing.assert_array_equal(fit.apply(proba), proba)
+    # The rejected T is the NLL's optimum, and it does raise the ECE on these rows.
+    grid = np.exp(np.linspace(np.log(T_MIN), np.log(T_MAX), 801))
+    best = grid[np.argmin([mean_nll(proba, y, t) for t in grid])]
+    assert expected_calibration_error(y, scale_probabilities(proba, best)) == pytest.approx(fit.ece_after, abs=0.01)
+
+
+def test_the_ece_the_fit_checks_is_the_ece_model_evaluation_reports():
+    proba, y = miscalibrated_toy(2.0, n=2_000, seed=4)
+    fit = fit_temperature(proba, y)
+    table = evaluation_table("toy", y, fit.apply(proba), [f"c{i}" for i in range(5)], uncalibrated_proba=proba)
+    overall = table[table["class"].isna() | (table["class"] == "")].set_index("metric")["value"]
+    assert overall["ece_uncalibrated"] == pytest.approx(fit.ece_before)
+    assert overall["ece"] == pytest.approx(fit.ece_after) and fit.ece_after < fit.ece_before
