@@ -99,6 +99,8 @@ def calibration_table(candidates: pd.DataFrame, packages: dict, overall: pd.Data
             {
                 "model": model,
                 "calibration": "none" if calibration is None else calibration.method,
+                # False where no T was fitted or the fitted one was refused (the note says which and why).
+                "applied": calibration is not None and calibration.fitted,
                 "temperature": calibration.temperature if calibration is not None else float("nan"),
                 "fitted_on_val_rows": calibration.fitted_rows if calibration is not None else 0,
                 "note": calibration.note if calibration is not None else "not calibrated (not an image model)",
@@ -120,7 +122,8 @@ def calibration_table(candidates: pd.DataFrame, packages: dict, overall: pd.Data
             "and on the validation split with every questionnaire blank, as a blank form is encoded when "
             "serving (split 'val_blank'; a candidate that reads no questionnaire scores as on 'val'). "
             "Probabilities are the calibrated ones the packaged model serves (temperature scaling, fitted on "
-            "validation); ece_uncalibrated is the expected calibration error of the model's own output, before. "
+            "validation; T = 1 where a fitted T would raise the validation ECE); ece_uncalibrated is the "
+            "expected calibration error of the model's own output, before. "
             "Long table (model, split, metric, class, value); confusion matrices in the metadata and in each "
             "model's MLflow run.",
         ),

@@ -18,6 +18,7 @@ from scin_pipeline.assets.evaluation import (
     CANDIDATES,
     PASSED_OVER_TAG,
     ComparisonConfig,
+    calibration_table,
     every_candidate,
     model_comparison,
 )
@@ -275,3 +276,28 @@ def test_every_candidate_reads_the_trained_ones_in_candidates_order_and_refuses_
     assert list(table["model"]) == [name for name in CANDIDATES if name != "resnet50_fixmatch"]
     with pytest.raises(TypeError, match="one training table per candidate"):
         every_candidate({name: row(name) for name in CANDIDATES if name != "multimodal"})
+
+
+def test_the_calibration_table_says_whether_each_temperature_is_applied():
+    from types import SimpleNamespace
+
+    from scin_pipeline.core.calibration import TemperatureScaling
+
+    packages = {
+        "fitted": SimpleNamespace(calibration=TemperatureScaling(temperature=2.0, fitted_rows=40)),
+        "refused": SimpleNamespace(
+            calibration=TemperatureScaling(fitted_rows=69, note="the NLL-optimal T = 5.42 would raise ...")
+        ),
+        "sklearn": SimpleNamespace(calibration=None),
+    }
+    overall = pd.DataFrame(
+        [
+            {"model": m, "split": "test", "metric": metric, "value": v}
+            for m in packages
+            for metric, v in (("ece", 0.1), ("ece_uncalibrated", 0.2))
+        ]
+    )
+    table = calibration_table(pd.DataFrame({"model": list(packages)}), packages, overall).set_index("model")
+    assert table["applied"].to_dict() == {"fitted": True, "refused": False, "sklearn": False}
+    assert table.loc["refused", "temperature"] == 1.0 and "would raise" in table.loc["refused", "note"]
+    assert table.loc["fitted", "fitted_on_val_rows"] == 40 and table.loc["sklearn", "calibration"] == "none"
