@@ -40,9 +40,8 @@ def tensors_run(tmp_path_factory):
     mirror = write_synthetic_mirror(root / "mirror", n_cases=70, seed=11, image_size=(200, 160), defect_rate=0.15)
     data_root = root / "data"
     log = root / "decodes.log"
-    previous = os.environ.get(DECODE_LOG_ENV)
-    os.environ[DECODE_LOG_ENV] = str(log)
-    try:
+    with pytest.MonkeyPatch.context() as env:  # the decode log only for this run
+        env.setenv(DECODE_LOG_ENV, str(log))
         summary = run_pipeline(
             data_root=data_root,
             source=str(mirror.root),
@@ -50,11 +49,6 @@ def tensors_run(tmp_path_factory):
             run_config=RUN_CONFIG,
             select=UPTO_TENSORS,
         )
-    finally:
-        if previous is None:
-            os.environ.pop(DECODE_LOG_ENV, None)
-        else:
-            os.environ[DECODE_LOG_ENV] = previous
     assert summary.success, summary.render()
     logged = [line.split("\t", 1)[1] for line in log.read_text().splitlines()] if log.exists() else []
     decodes = Counter(os.path.realpath(p) for p in logged)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scin_pipeline.assets.evaluation import CANDIDATES  # the seven the demo test lists by name
 from scin_pipeline.core.synthetic.mirror import write_synthetic_mirror
 from scin_pipeline.runner import embedded_mlflow_uri, run_pipeline
 from scin_pipeline_tests.blank_forms import assert_follows_the_image, blank_form_answers
@@ -25,15 +26,6 @@ from scin_pipeline_tests.blank_forms import assert_follows_the_image, blank_form
 pytestmark = pytest.mark.slow
 
 MLFLOW_UI = "http://127.0.0.1:5999"
-CANDIDATES = [
-    "baseline_cnn",
-    "resnet50_transfer",
-    "resnet50_fixmatch",
-    "efficientnet_transfer",
-    "metadata_model",
-    "metadata_model_self_trained",
-    "multimodal",
-]
 TRAIN = {"epochs": 15, "batch_size": 32, "early_stopping_patience": 5}
 RUN_CONFIG = {
     "ops": {
@@ -64,17 +56,10 @@ def trained(tmp_path_factory):
     data_root = root / "data"
     uri = embedded_mlflow_uri(data_root)
     # The address of an MLflow UI (as `scin-pipeline ui` sets it): the candidates' metadata links to their runs.
-    setting = {"MLFLOW_TRACKING_URI": uri, "SCIN_MLFLOW_UI_URL": MLFLOW_UI}
-    previous = {name: os.environ.get(name) for name in setting}
-    os.environ.update(setting)
-    try:
+    with pytest.MonkeyPatch.context() as env:  # restored on exit: no test leaves the variables behind
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.setenv("SCIN_MLFLOW_UI_URL", MLFLOW_UI)
         summary = run_pipeline(data_root=data_root, source=str(mirror.root), log_level="WARNING", run_config=RUN_CONFIG)
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     return data_root, mirror, summary, uri
 
 
@@ -496,9 +481,8 @@ def test_rerun_with_unchanged_inputs_trains_nothing_and_opens_no_mlflow_run(trai
     client = mlflow.MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     before = {r.info.run_id for r in client.search_runs(experiments)}
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
         again = run_pipeline(
             data_root=data_root,
             source=str(mirror.root),
@@ -506,11 +490,6 @@ def test_rerun_with_unchanged_inputs_trains_nothing_and_opens_no_mlflow_run(trai
             run_config=RUN_CONFIG,
             select="key:baseline_cnn or key:metadata_model",
         )
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
     assert again.success, again.render()
     after = {r.info.run_id for r in client.search_runs(experiments)}
     assert after == before

@@ -185,17 +185,15 @@ def serve_process(registry, tmp_path_factory) -> ServerProcess:
     """``scin-pipeline serve --data-root <registry>`` (default limits) on a free loopback port, in its own
     process group; the whole group is stopped (SIGTERM, then SIGKILL) at the end."""
     port = services.free_port()
-    command = [
-        str(Path(sys.executable).parent / "scin-pipeline"),
-        "serve",
-        "--data-root",
-        str(registry.data_root),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    command = serve_command(registry, port)
     yield from run_server_process(command, port, registry, tmp_path_factory.mktemp("serve-log") / "serve.log")
+
+
+def serve_command(registry: Registry, port: int, *options: str) -> list[str]:
+    """``scin-pipeline serve`` on the registry's data root and loopback ``port``, plus ``options``."""
+    scin_pipeline = str(Path(sys.executable).parent / "scin-pipeline")
+    root = ["--data-root", str(registry.data_root)]
+    return [scin_pipeline, "serve", *root, *options, "--host", "127.0.0.1", "--port", str(port)]
 
 
 def run_server_process(command: list[str], port: int, registry: Registry, log_path: Path):

@@ -8,7 +8,6 @@ form, it is scrolled into view after Classify, and a refused picture is explaine
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import httpx
@@ -108,21 +107,10 @@ def test_upload_a_photo_and_read_the_prediction_in_chromium(serve_process, regis
 def multimodal_serve_process(registry, tmp_path_factory):
     """``scin-pipeline serve`` pinned on the registry's multimodal version (it reads the questionnaire)."""
     from scin_pipeline_tests.deploy import services
-    from scin_pipeline_tests.serve.conftest import run_server_process
+    from scin_pipeline_tests.serve.conftest import run_server_process, serve_command
 
     port = services.free_port()
-    command = [
-        str(Path(sys.executable).parent / "scin-pipeline"),
-        "serve",
-        "--data-root",
-        str(registry.data_root),
-        "--model",
-        registry.uri("keras_multimodal"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    command = serve_command(registry, port, "--model", registry.uri("keras_multimodal"))
     yield from run_server_process(command, port, registry, tmp_path_factory.mktemp("serve-log-mm") / "serve.log")
 
 
